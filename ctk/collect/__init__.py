@@ -1,0 +1,1 @@
+"""Collect: record agent runs (mini-swe-agent, BFCL, a recording proxy) into the trace store."""

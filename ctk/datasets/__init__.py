@@ -1,0 +1,1 @@
+"""Datasets: trace and trajectory formats, bundled sample traces and sample tasks."""

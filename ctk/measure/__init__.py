@@ -1,0 +1,1 @@
+"""Measure: replay recorded programs against a live server, compare policies, report."""

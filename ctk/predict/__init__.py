@@ -1,0 +1,1 @@
+"""Predict: tool-duration predictors, the pin cost model, TTL tables and the model file."""
