@@ -153,10 +153,27 @@ TABLES = ("runs", "programs", "llm_calls", "tool_calls")
 
 #: Column order of ``ctk export --table tool_calls``: the names of the shared agent-traces CSV first.
 TOOL_CALL_EXPORT_COLUMNS = [
-    "source", "program_id", "turn_index", "tool_name", "main_program", "command_or_args", "duration_s",
-    "quality_flag", "exit_status", "call_index", "censored", "injected", "is_final", "start_unix_s",
-    "end_unix_s", "start_wallclock_utc", "observation_chars", "context_tokens", "llm_output_tokens",
-    "llm_output_chars", "duration_method",
+    "source",
+    "program_id",
+    "turn_index",
+    "tool_name",
+    "main_program",
+    "command_or_args",
+    "duration_s",
+    "quality_flag",
+    "exit_status",
+    "call_index",
+    "censored",
+    "injected",
+    "is_final",
+    "start_unix_s",
+    "end_unix_s",
+    "start_wallclock_utc",
+    "observation_chars",
+    "context_tokens",
+    "llm_output_tokens",
+    "llm_output_chars",
+    "duration_method",
 ]
 
 
@@ -197,7 +214,9 @@ class TraceStore:
         self.close()
 
     def _check_or_create_schema(self) -> None:
-        tables = {r[0] for r in self._con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        tables = {
+            r[0] for r in self._con.execute("SELECT table_name FROM information_schema.tables").fetchall()
+        }
         if "ctk_meta" in tables:
             row = self._con.execute("SELECT value FROM ctk_meta WHERE key = 'schema_version'").fetchone()
             try:
@@ -215,7 +234,9 @@ class TraceStore:
                 raise StoreError(f"{self.path}: unknown schema version {version}")
             return
         if tables:
-            raise StoreError(f"{self.path}: a DuckDB file but not a ctk trace store (tables: {sorted(tables)})")
+            raise StoreError(
+                f"{self.path}: a DuckDB file but not a ctk trace store (tables: {sorted(tables)})"
+            )
         if self.read_only:
             raise StoreError(f"{self.path}: empty file, not a ctk trace store")
         with self._transaction():
@@ -264,7 +285,9 @@ class TraceStore:
         """
         progs = programs if isinstance(programs, pd.DataFrame) else records_frame(programs, "programs")
         llm = llm_calls if isinstance(llm_calls, pd.DataFrame) else records_frame(llm_calls, "llm_calls")
-        tools = tool_calls if isinstance(tool_calls, pd.DataFrame) else records_frame(tool_calls, "tool_calls")
+        tools = (
+            tool_calls if isinstance(tool_calls, pd.DataFrame) else records_frame(tool_calls, "tool_calls")
+        )
         if progs.empty:
             return 0
         with self._transaction():
@@ -322,7 +345,11 @@ class TraceStore:
             self._insert_frame("tool_calls", records_frame(calls, "tool_calls"))
 
     def finish_program(
-        self, program_id: str, outcome: str | None, end_unix_s: float | None = None, n_turns: int | None = None
+        self,
+        program_id: str,
+        outcome: str | None,
+        end_unix_s: float | None = None,
+        n_turns: int | None = None,
     ) -> None:
         with self._transaction():
             if n_turns is None:
@@ -356,6 +383,19 @@ class TraceStore:
             return None
         return "complete" if row[0] else "incomplete"
 
+    def existing_program_ids(self, program_ids: Iterable[str]) -> set[str]:
+        """Which of ``program_ids`` are already stored."""
+        ids = pd.DataFrame({"program_id": list(program_ids)})
+        with self._lock:
+            self._con.register("_ids", ids)
+            try:
+                rows = self._con.execute(
+                    "SELECT p.program_id FROM programs p SEMI JOIN _ids i USING (program_id)"
+                )
+                return {r[0] for r in rows.fetchall()}
+            finally:
+                self._con.unregister("_ids")
+
     def program_ids(self, complete: bool | None = None) -> set[str]:
         sql = "SELECT program_id FROM programs"
         if complete is not None:
@@ -376,8 +416,12 @@ class TraceStore:
         if sources and table != "runs":
             sql += " WHERE source IN (" + ", ".join("?" * len(sources)) + ")"
             params = list(sources)
-        order = {"programs": "program_id", "llm_calls": "program_id, turn_index",
-                 "tool_calls": "program_id, turn_index, call_index", "runs": "created_unix_s"}[table]
+        order = {
+            "programs": "program_id",
+            "llm_calls": "program_id, turn_index",
+            "tool_calls": "program_id, turn_index, call_index",
+            "runs": "created_unix_s",
+        }[table]
         return self.query(f"{sql} ORDER BY {order}", params)
 
     def tool_calls(self, sources: Sequence[str] | None = None, usable_only: bool = True) -> pd.DataFrame:
@@ -401,7 +445,7 @@ class TraceStore:
         return f"{n}:{int(h):016x}"
 
     def stats(self, by: Sequence[str] = ("source", "main_program")) -> pd.DataFrame:
-        """Per group: count, p50/p90/p99 of duration (linear interpolation, as pandas), shares, censored share.
+        """Per group: count, p50/p90/p99 (linear interpolation, as pandas), shares under 1/2/10 s, censored.
 
         Rows flagged as clock errors (:data:`EXCLUDED_QUALITY_FLAGS`) are left out.
         """

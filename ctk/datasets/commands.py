@@ -1,0 +1,183 @@
+"""CLI: ``ctk import``, ``ctk stats``, ``ctk export`` (the trace store's own commands)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ctk.store import TABLES, StoreError, TraceStore
+
+# Piped output (CI logs, tests) gets a wide console instead of rich's 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+DbOption = Annotated[Path, typer.Option("--db", help="DuckDB trace store (created if missing).")]
+
+
+def open_store(path: Path, read_only: bool = False) -> TraceStore:
+    """Open a trace store or exit with a clear message (shared by every command that takes --db)."""
+    try:
+        return TraceStore(path, read_only=read_only)
+    except StoreError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def import_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="Trajectory files/folders or agent-traces CSVs.")],
+    db: DbOption = Path("traces.duckdb"),
+    fmt: Annotated[str, typer.Option("--format", help="auto | mswea-traj | agent-traces-csv")] = "auto",
+    source: Annotated[str, typer.Option(help="Source label for trajectories (CSV rows carry their own).")] = (
+        "mini-swe-agent"
+    ),
+    batch_programs: Annotated[int, typer.Option(help="Programs per committed transaction.", min=1)] = 200,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every committed batch.")] = False,
+) -> None:
+    """Import mini-swe-agent trajectories or agent-traces CSVs into the trace store (idempotent)."""
+    from ctk.datasets.importer import discover, import_paths
+
+    if fmt not in ("auto", "mswea-traj", "agent-traces-csv"):
+        err_console.print(f"[red]error:[/red] unknown --format {fmt!r}")
+        raise typer.Exit(2)
+    store = open_store(db)
+    total = len(discover(paths, fmt))  # type: ignore[arg-type]
+    with Progress(
+        TextColumn("importing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal,
+    ) as progress:
+        task = progress.add_task("", total=total)
+
+        def advance(path: Path) -> None:
+            progress.update(task, advance=1, description=path.name[:40])
+
+        def committed(n_programs: int) -> None:
+            if verbose:
+                err_console.print(f"committed {n_programs} programs", highlight=False)
+
+        summary = import_paths(
+            store,
+            paths,
+            fmt,
+            source=source,
+            on_file=advance,  # type: ignore[arg-type]
+            batch_programs=batch_programs,
+            on_commit=committed,
+        )
+    counts = store.counts()
+    store.close()
+
+    for path, reason in summary.skipped_files:
+        err_console.print(f"[yellow]skipped[/yellow] {path}: {reason}")
+    table = Table(title=f"import into {db}")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for label, value in [
+        ("files read", summary.files_read),
+        ("files skipped", len(summary.skipped_files)),
+        ("rows skipped (no key / duration)", summary.rows_skipped),
+        ("programs added", summary.programs_added),
+        ("programs already present", summary.programs_already_present),
+        ("tool calls added", summary.tool_calls_added),
+        ("llm calls added", summary.llm_calls_added),
+        ("programs in store", counts["programs"]),
+        ("tool calls in store", counts["tool_calls"]),
+    ]:
+        table.add_row(label, str(value))
+    console.print(table)
+
+
+def _fmt_s(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
+def stats_cmd(
+    db: DbOption = Path("traces.duckdb"),
+    by: Annotated[str, typer.Option(help="Group by: tool (source + main program) | source")] = "tool",
+    min_count: Annotated[int, typer.Option(help="Hide groups with fewer calls (table only).")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON records instead of a table.")] = False,
+) -> None:
+    """Tool-call duration statistics per source and tool: count, p50/p90/p99, shares, censored share."""
+    if by not in ("tool", "source"):
+        err_console.print("[red]error:[/red] --by must be 'tool' or 'source'")
+        raise typer.Exit(2)
+    store = open_store(db, read_only=True)
+    keys = ("source", "main_program") if by == "tool" else ("source",)
+    df = store.stats(keys)
+    store.close()
+    if as_json:
+        sys.stdout.write(df.to_json(orient="records", indent=2) + "\n")
+        return
+    table = Table(title=f"tool-call durations in {db} (seconds)")
+    for col in [*keys, "n", "p50", "p90", "p99", "<1s", "<2s", "<10s", "censored"]:
+        table.add_column(col, justify="left" if col in keys else "right")
+    for row in df[df["n"] >= min_count].itertuples(index=False):
+        r = row._asdict()
+        table.add_row(
+            *[str(r[k]) if r[k] is not None else "-" for k in keys],
+            str(r["n"]),
+            _fmt_s(r["p50_s"]),
+            _fmt_s(r["p90_s"]),
+            _fmt_s(r["p99_s"]),
+            f"{r['share_lt_1s']:.0%}",
+            f"{r['share_lt_2s']:.0%}",
+            f"{r['share_lt_10s']:.0%}",
+            f"{r['censored_share']:.0%}",
+        )
+    console.print(table)
+    hidden = int((df["n"] < min_count).sum())
+    if hidden:
+        console.print(
+            f"({hidden} groups with fewer than {min_count} calls not shown; --min-count 1 shows all)"
+        )
+
+
+def export_cmd(
+    db: DbOption = Path("traces.duckdb"),
+    table: Annotated[str, typer.Option(help=f"One of: {', '.join(TABLES)}")] = "tool_calls",
+    output: Annotated[Path, typer.Option("-o", "--output", help="FILE.csv or FILE.parquet")] = Path(
+        "tool_calls.csv"
+    ),
+) -> None:
+    """Export a table of the trace store to CSV or Parquet (tool calls use the agent-traces CSV names)."""
+    if table not in TABLES:
+        err_console.print(f"[red]error:[/red] unknown table {table!r}; choose one of {', '.join(TABLES)}")
+        raise typer.Exit(2)
+    suffix = output.suffix.lower()
+    if suffix not in (".csv", ".parquet"):
+        err_console.print("[red]error:[/red] output must end in .csv or .parquet")
+        raise typer.Exit(2)
+    store = open_store(db, read_only=True)
+    df = store.export_frame(table)
+    store.close()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".partial")
+    if suffix == ".csv":
+        df.to_csv(tmp, index=False)
+    else:
+        df.to_parquet(tmp, index=False)
+    tmp.replace(output)  # never leave a half-written file under the final name
+    console.print(json.dumps({"table": table, "rows": len(df), "output": str(output)}))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("import", help="Import mini-swe-agent trajectories or agent-traces CSVs into a trace store.")(
+        import_cmd
+    )
+    app.command("stats", help="Per-source, per-tool duration statistics of a trace store.")(stats_cmd)
+    app.command("export", help="Export a trace-store table to CSV or Parquet.")(export_cmd)
