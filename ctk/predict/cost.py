@@ -1,0 +1,188 @@
+"""The pin cost model: what a prefix-cache hit saves, what holding KV blocks costs, and the TTL that pays.
+
+Choose τ to maximise ``J(τ) = F(τ)·B − c·E[min(T, τ)]`` with ``E[min(T, τ)] = ∫₀^τ (1 − F(s)) ds``, where
+``B`` is the time a hit saves (re-prefill of the context plus the re-queue delay after an eviction) and
+``c = λ(pressure)·M`` the price per second of holding ``M`` KV blocks. ``F`` is the predicted CDF given by
+quantiles, interpolated linearly between them (``F(0) = 0``). Between two quantile knots F is linear, so
+``dJ/dτ = f·B − c·(1 − F(τ))`` rises within the segment: J is convex there and its maximum over τ is at a
+knot. :func:`choose_ttl` therefore only has to compare ``τ = 0`` (no pin) with the quantiles themselves.
+
+Pure Python (no numpy): the engine's scheduler process imports this module.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+#: Shortest pin worth tabulating; quantiles below it are raised to it (a zero-length pin never hits).
+MIN_TTL_S = 0.001
+
+#: Default prefill-time profile (context tokens -> seconds): an 8B model on one datacenter GPU, roughly
+#: linear with a quadratic attention term. Replace it with a measurement (``ctk profile``) of your engine.
+DEFAULT_PREFILL_TOKENS = (0, 512, 2048, 8192, 32768, 131072)
+DEFAULT_PREFILL_S = (0.0, 0.04, 0.15, 0.65, 3.0, 16.0)
+#: KV usage fractions at which the price of a block-second is given, ascending.
+DEFAULT_PRESSURE_LEVELS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0)
+#: Price of holding one KV block for one second, in seconds of saved work, per pressure level. Free memory
+#: is nearly free to hold; near exhaustion a held block displaces running work.
+DEFAULT_BLOCK_SECOND_PRICE = (2e-7, 2e-6, 1e-5, 4e-5, 2e-4, 6e-4, 2e-3)
+
+
+def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Piecewise-linear interpolation, extrapolating linearly beyond the last point (prefill grows on)."""
+    if len(xs) == 1:
+        return float(ys[0])
+    i = bisect.bisect_right(xs, x)
+    if i <= 0:
+        return float(ys[0])
+    if i >= len(xs):
+        i = len(xs) - 1
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    if x1 == x0:
+        return float(y1)
+    return float(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+@dataclass
+class CostModel:
+    """Benefit of a hit and price of holding blocks; all times in seconds.
+
+    ``requeue_delay_s`` is the queueing delay an evicted program suffers when its next turn arrives (it
+    re-enters the waiting queue behind newer work); ``block_second_price[i]`` is λ at
+    ``pressure_levels[i]`` (interpolated between levels).
+    """
+
+    prefill_tokens: tuple[int, ...] = DEFAULT_PREFILL_TOKENS
+    prefill_s: tuple[float, ...] = DEFAULT_PREFILL_S
+    block_size_tokens: int = 16
+    requeue_delay_s: float = 0.25
+    pressure_levels: tuple[float, ...] = DEFAULT_PRESSURE_LEVELS
+    block_second_price: tuple[float, ...] = DEFAULT_BLOCK_SECOND_PRICE
+    profile_source: str = "default"
+
+    def __post_init__(self) -> None:
+        self.prefill_tokens = tuple(int(t) for t in self.prefill_tokens)
+        self.prefill_s = tuple(float(s) for s in self.prefill_s)
+        self.pressure_levels = tuple(float(p) for p in self.pressure_levels)
+        self.block_second_price = tuple(float(p) for p in self.block_second_price)
+        self.validate()
+
+    def validate(self) -> None:
+        if not self.prefill_tokens or len(self.prefill_tokens) != len(self.prefill_s):
+            raise ValueError("prefill profile: tokens and seconds must be non-empty and of equal length")
+        if list(self.prefill_tokens) != sorted(set(self.prefill_tokens)):
+            raise ValueError("prefill profile: token counts must be strictly ascending")
+        if any(s < 0 or not math.isfinite(s) for s in self.prefill_s):
+            raise ValueError("prefill profile: seconds must be finite and >= 0")
+        if self.block_size_tokens <= 0:
+            raise ValueError("block_size_tokens must be > 0")
+        if self.requeue_delay_s < 0 or not math.isfinite(self.requeue_delay_s):
+            raise ValueError("requeue_delay_s must be finite and >= 0")
+        if not self.pressure_levels or len(self.pressure_levels) != len(self.block_second_price):
+            raise ValueError("pressure levels and block-second prices must be non-empty and of equal length")
+        if list(self.pressure_levels) != sorted(set(self.pressure_levels)):
+            raise ValueError("pressure levels must be strictly ascending")
+        if any(p < 0 or not math.isfinite(p) for p in self.block_second_price):
+            raise ValueError("block-second prices must be finite and >= 0")
+
+    def prefill_time_s(self, context_tokens: int | None) -> float:
+        return max(0.0, _interp(float(context_tokens or 0), self.prefill_tokens, self.prefill_s))
+
+    def blocks(self, context_tokens: int | None) -> int:
+        return max(1, -(-int(context_tokens or 0) // self.block_size_tokens))
+
+    def benefit_s(self, context_tokens: int | None) -> float:
+        """B: seconds a hit saves (re-prefill of the context + re-queue delay)."""
+        return self.prefill_time_s(context_tokens) + self.requeue_delay_s
+
+    def block_second_price_at(self, pressure: float) -> float:
+        p = min(max(float(pressure), self.pressure_levels[0]), self.pressure_levels[-1])
+        return _interp(p, self.pressure_levels, self.block_second_price)
+
+    def holding_cost_per_s(self, context_tokens: int | None, pressure: float) -> float:
+        """c = λ(pressure)·M: seconds of saved work lost per second of holding the context's blocks."""
+        return self.block_second_price_at(pressure) * self.blocks(context_tokens)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("prefill_tokens", "prefill_s", "pressure_levels", "block_second_price"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CostModel:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def _cdf_knots(levels: Sequence[float], quantiles_s: Sequence[float]) -> tuple[list[float], list[float]]:
+    """Knots (t, F(t)) of the piecewise-linear CDF, starting at (0, 0), non-crossing and de-duplicated."""
+    if len(levels) != len(quantiles_s) or not levels:
+        raise ValueError("levels and quantiles_s must be non-empty and of equal length")
+    ts = [0.0]
+    fs = [0.0]
+    q_prev = MIN_TTL_S
+    for lvl, q in sorted(zip(levels, quantiles_s, strict=True)):
+        q = float(q)
+        if not math.isfinite(q):  # an infinite upper quantile: F never reaches this level in finite time
+            break
+        q = max(q, q_prev)  # non-crossing
+        q_prev = q
+        if q == ts[-1]:
+            fs[-1] = max(fs[-1], float(lvl))
+        else:
+            ts.append(q)
+            fs.append(max(float(lvl), fs[-1]))
+    return ts, fs
+
+
+def choose_ttl(
+    levels: Sequence[float], quantiles_s: Sequence[float], benefit_s: float, holding_cost_per_s: float
+) -> tuple[float, float]:
+    """``(ttl_s, p_hit)`` maximising ``F(τ)·B − c·E[min(T, τ)]``; ``(0.0, 0.0)`` means do not pin.
+
+    ``p_hit = F(ttl_s)`` is the predicted probability that the tool returns within the pin.
+    """
+    ts, fs = _cdf_knots(levels, quantiles_s)
+    best_j, best_t, best_f = 0.0, 0.0, 0.0
+    held = 0.0  # E[min(T, τ)] at the current knot
+    for i in range(1, len(ts)):
+        held += (ts[i] - ts[i - 1]) * (1.0 - 0.5 * (fs[i] + fs[i - 1]))
+        j = fs[i] * benefit_s - holding_cost_per_s * held
+        if j > best_j + 1e-12:
+            best_j, best_t, best_f = j, ts[i], fs[i]
+    return best_t, best_f
+
+
+def expected_holding_s(levels: Sequence[float], quantiles_s: Sequence[float], ttl_s: float) -> float:
+    """E[min(T, ttl)] under the piecewise-linear CDF of the quantiles (for reports)."""
+    ts, fs = _cdf_knots(levels, quantiles_s)
+    held = 0.0
+    for i in range(1, len(ts)):
+        if ttl_s <= ts[i - 1]:
+            break
+        t1 = min(ts[i], ttl_s)
+        f1 = fs[i - 1] + (fs[i] - fs[i - 1]) * (t1 - ts[i - 1]) / (ts[i] - ts[i - 1])
+        held += (t1 - ts[i - 1]) * (1.0 - 0.5 * (f1 + fs[i - 1]))
+    if ttl_s > ts[-1]:
+        held += (ttl_s - ts[-1]) * (1.0 - fs[-1])
+    return held
+
+
+def realized_cost(ttl_s: float, duration_s: float, benefit_s: float, holding_cost_per_s: float) -> float:
+    """The cost-model loss of pinning for ``ttl_s`` when the tool really takes ``duration_s``.
+
+    Loss = lost benefit (B if the pin did not cover the call) + the price of the time the blocks were held.
+    The oracle (knowing T) pins exactly T when ``c·T < B`` and otherwise does not pin: loss ``min(B, c·T)``.
+    """
+    if ttl_s <= 0:
+        return benefit_s
+    hit = duration_s <= ttl_s
+    return (0.0 if hit else benefit_s) + holding_cost_per_s * min(duration_s, ttl_s)
+
+
+def oracle_cost(duration_s: float, benefit_s: float, holding_cost_per_s: float) -> float:
+    return min(benefit_s, holding_cost_per_s * duration_s)

@@ -1,0 +1,501 @@
+"""Command parsing and features of a tool call.
+
+:func:`command_keys` is the serve-time half: pure Python, no third-party imports, called by the scheduler for
+every finished request, and used identically when training the TTL tables. It parses the command text only
+(serving does not know the store's ``tool_name`` / ``main_program`` columns).
+
+:func:`text_features` is the training-time half: numeric features of the command text, used by the
+LightGBM predictor (numpy/pandas are imported lazily by the callers, not here).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+#: Only the head of a command is parsed: heredoc bodies and long scripts carry no more key information.
+PARSE_CHARS = 400
+
+_TOKEN_RE = re.compile(r"""'[^']*'?|"(?:\\.|[^"\\])*"?|&&|\|\||<<-?|>>|[;|&\n()]|[<>]|[^\s;|&<>()'"]+""")
+_SEPARATORS = {"&&", "||", ";", "|", "&", "\n", "(", ")"}
+_REDIRECTS = {"<", ">", ">>", "<<", "<<-"}
+_ASSIGN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+_VERSION_SUFFIX_RE = re.compile(r"^(python|pip|pytest|node|ruby|perl|php|gcc|g\+\+|clang|java)[0-9.]*$")
+_LABEL_RE = re.compile(r"^\[([A-Za-z][A-Za-z0-9_.-]*?)(?:_[0-9_]+)?\]$")
+
+#: Segments that only set up the shell; the main program is the first segment after them.
+_SETUP = {
+    "cd",
+    "pushd",
+    "popd",
+    "export",
+    "set",
+    "source",
+    ".",
+    "unset",
+    "alias",
+    "true",
+    "shopt",
+    "umask",
+    "ulimit",
+    "clear",
+}
+#: Wrappers whose argument is the real command (``timeout 60 pip install x`` -> ``pip install``).
+_WRAPPERS = {
+    "sudo",
+    "env",
+    "nohup",
+    "time",
+    "nice",
+    "ionice",
+    "stdbuf",
+    "xvfb-run",
+    "exec",
+    "command",
+    "builtin",
+    "caffeinate",
+    "chronic",
+    "unbuffer",
+    "timeout",
+    "gtimeout",
+}
+#: Shells whose ``-c`` string is parsed recursively.
+_SHELLS = {"bash", "sh", "zsh", "dash", "ksh"}
+#: Programs keyed by their first non-option argument (``git status`` vs ``git clone``).
+_SUBCOMMAND_PROGRAMS = {
+    "git",
+    "pip",
+    "pipx",
+    "uv",
+    "poetry",
+    "conda",
+    "mamba",
+    "micromamba",
+    "npm",
+    "npx",
+    "yarn",
+    "pnpm",
+    "bun",
+    "cargo",
+    "go",
+    "make",
+    "cmake",
+    "apt",
+    "apt-get",
+    "yum",
+    "dnf",
+    "apk",
+    "brew",
+    "docker",
+    "podman",
+    "kubectl",
+    "helm",
+    "gem",
+    "bundle",
+    "mvn",
+    "gradle",
+    "dotnet",
+    "systemctl",
+    "service",
+    "tmux",
+    "rustup",
+    "terraform",
+    "aws",
+    "gcloud",
+    "az",
+    "hf",
+    "huggingface-cli",
+    "ollama",
+    "rails",
+    "django-admin",
+    "flask",
+    "deno",
+    "nix",
+    "tox",
+    "nox",
+    "supervisorctl",
+    "redis-cli",
+    "psql",
+    "mysql",
+    "sqlite3",
+    "ffmpeg",
+}
+#: Writers: with an output redirection they write a file (``cat <<EOF > f``) and are always fast.
+_WRITERS = {"cat", "echo", "printf", "tee"}
+#: Quick programs: when a command chains several programs, the first one NOT in this set is the main one
+#: (``printf 5 | python3 sol.py`` -> ``python``); a command of only quick programs keys by its first.
+_QUICK = _WRITERS | {
+    "ls",
+    "pwd",
+    "head",
+    "tail",
+    "grep",
+    "egrep",
+    "rg",
+    "wc",
+    "sort",
+    "uniq",
+    "tr",
+    "cut",
+    "sed",
+    "awk",
+    "mkdir",
+    "rm",
+    "cp",
+    "mv",
+    "touch",
+    "chmod",
+    "chown",
+    "which",
+    "type",
+    "stat",
+    "file",
+    "du",
+    "df",
+    "basename",
+    "dirname",
+    "realpath",
+    "readlink",
+    "ln",
+    "nl",
+    "od",
+    "xxd",
+    "diff",
+    "tree",
+    "date",
+    "whoami",
+    "id",
+    "uname",
+    "test",
+    "[",
+    "[[",
+    "xargs",
+    "column",
+    "less",
+    "more",
+    "jq",
+    "printenv",
+    "hostname",
+    "ps",
+    "kill",
+    "true",
+    "false",
+    ":",
+}
+_HEREDOC_RE = re.compile(r"<<-?\s*(['\"]?)([A-Za-z_][A-Za-z0-9_]*)\1")
+_SHELL_TOOL_NAMES = {
+    "bash",
+    "sh",
+    "shell",
+    "terminal",
+    "exec",
+    "execute",
+    "execute_bash",
+    "run",
+    "run_command",
+    "cmd",
+    "command",
+    "local",
+    "sandbox",
+}
+_MAX_SUB_LEN = 40
+
+
+def _unquote(tok: str) -> str:
+    if len(tok) >= 2 and tok[0] == tok[-1] and tok[0] in "'\"":
+        return tok[1:-1]
+    if tok[:1] in "'\"":
+        return tok[1:]
+    return tok
+
+
+def _normalize_program(word: str) -> str:
+    word = _unquote(word).strip()
+    word = word.split(None, 1)[0] if word else word
+    label = _LABEL_RE.match(word)
+    if label:  # "[train_code_improve_1_7_1]": a labelled generated script
+        return label.group(1).lower()
+    word = word.rstrip("/").rsplit("/", 1)[-1].lower() if "/" in word else word.lower()
+    m = _VERSION_SUFFIX_RE.match(word)
+    if m:
+        return m.group(1)
+    return word
+
+
+def _strip_heredocs(text: str) -> str:
+    """Remove heredoc bodies (``cat <<'EOF' > f ... EOF``): their lines are data, not commands."""
+    pos = 0
+    while True:
+        m = _HEREDOC_RE.search(text, pos)
+        if not m:
+            return text
+        nl = text.find("\n", m.end())
+        if nl < 0:
+            return text
+        end = re.search(r"^[ \t]*" + re.escape(m.group(2)) + r"[ \t]*$", text[nl + 1 :], re.M)
+        rest = text[nl + 1 + end.end() :] if end else ""
+        text = text[: nl + 1] + rest
+        pos = nl + 1
+
+
+def _tokens(text: str) -> list[str]:
+    return _TOKEN_RE.findall(_strip_heredocs(text[: 4 * PARSE_CHARS])[:PARSE_CHARS])
+
+
+def _segments(tokens: list[str]) -> list[list[str]]:
+    segs: list[list[str]] = [[]]
+    for tok in tokens:
+        if tok in _SEPARATORS:
+            if segs[-1]:
+                segs.append([])
+        else:
+            segs[-1].append(tok)
+    return [s for s in segs if s]
+
+
+def _strip_wrappers(seg: list[str]) -> list[str]:
+    """Drop ``VAR=x``, ``sudo``, ``timeout 30`` ... so ``seg[0]`` is the real program."""
+    i = 0
+    while i < len(seg):
+        tok = _unquote(seg[i])
+        if _ASSIGN_RE.match(tok):
+            i += 1
+            continue
+        name = _normalize_program(tok)
+        if name in _WRAPPERS:
+            i += 1
+            # skip the wrapper's options and (timeout) its duration argument
+            while i < len(seg) and (seg[i].startswith("-") or _ASSIGN_RE.match(seg[i])):
+                i += 1
+            if name in ("timeout", "gtimeout") and i < len(seg) and re.match(r"^[0-9.]+[smhd]?$", seg[i]):
+                i += 1
+            continue
+        break
+    return seg[i:]
+
+
+def _program_words(seg: list[str]) -> list[str]:
+    """The program's words (redirections and their targets removed)."""
+    out: list[str] = []
+    skip = False
+    for tok in seg:
+        if skip:
+            skip = False
+            continue
+        if tok in _REDIRECTS:
+            skip = True
+            continue
+        if re.match(r"^[0-9]*>&?[0-9]*$", tok):
+            continue
+        out.append(tok)
+    return out
+
+
+def _subcommand(prog: str, words: list[str], seg: list[str]) -> str | None:
+    args = [_unquote(w) for w in words[1:]]
+    if prog == "python":
+        for j, a in enumerate(args):
+            if a == "-m" and j + 1 < len(args):
+                return args[j + 1].split(".")[0].lower()
+            if a == "-c":
+                return "-c"
+            if a == "-":
+                return "stdin"
+            if a.startswith("-"):
+                continue
+            return "script"
+        return "stdin" if "<<" in seg or "<" in seg or "<<-" in seg else None
+    if prog in _WRITERS:
+        if ">" in seg or ">>" in seg or prog == "tee":
+            return "write"
+        return None
+    if prog in _SUBCOMMAND_PROGRAMS:
+        for a in args:
+            if a.startswith("-") or _ASSIGN_RE.match(a):
+                continue
+            a = a.lower()
+            return a if 0 < len(a) <= _MAX_SUB_LEN and re.match(r"^[a-z0-9][a-z0-9_.:-]*$", a) else None
+    return None
+
+
+def parse_command(command: str) -> tuple[str | None, str | None]:
+    """``(main program, sub-command)`` of a shell command, e.g. ``("python", "pytest")``; ``(None, None)``.
+
+    The main program is the first one after shell set-up (``cd``, ``export``, ``VAR=``, ``source``) and
+    wrappers (``sudo``, ``timeout 60``, ``bash -c``) that is not a quick utility (``echo``, ``ls``, ``grep``);
+    a command made only of quick utilities keys by its first one.
+    """
+    return _parse_cached(command[: 4 * PARSE_CHARS])
+
+
+@lru_cache(maxsize=8192)
+def _parse_cached(head: str) -> tuple[str | None, str | None]:
+    segs = _segments(_tokens(head))
+    first: tuple[str | None, str | None] = (None, None)
+    quick: tuple[str | None, str | None] = (None, None)
+    for seg in segs:
+        seg = _strip_wrappers(seg)
+        words = _program_words(seg)
+        if not words:
+            continue
+        prog = _normalize_program(words[0])
+        if not prog or not re.match(r"^[a-z0-9_.+\[-]", prog):
+            continue
+        if prog in _SHELLS:
+            for j, w in enumerate(words[1:], start=1):
+                if w.startswith("-") and "c" in w and j + 1 < len(words):
+                    inner = _parse_cached(_unquote(words[j + 1])[: 4 * PARSE_CHARS])
+                    if inner[0] in _QUICK and quick[0] is None:
+                        quick = inner
+                        break
+                    if inner[0] is not None and inner[0] not in _QUICK:
+                        return inner
+                    break
+            else:
+                if len(words) > 1 and not words[1].startswith("-"):
+                    return prog, "script"
+            continue
+        if prog in _SETUP:
+            if first[0] is None:
+                first = (prog, None)
+            continue
+        if prog in _QUICK:
+            if quick[0] is None:
+                quick = (prog, _subcommand(prog, words, seg))
+            continue
+        return prog, _subcommand(prog, words, seg)
+    return quick if quick[0] is not None else first
+
+
+def _looks_like_args(command: str) -> bool:
+    s = command.lstrip()
+    return s[:1] in "{[" and not _LABEL_RE.match(s.split(None, 1)[0] if s.split() else "")
+
+
+def command_keys(command: str | None, tool_name: str | None = None) -> list[str]:
+    """The back-off chain of table keys for one tool call, most specific first, always ending with ``"*"``.
+
+    ``"cd /r && python -m pytest -k x"`` -> ``["python:pytest", "python", "*"]``. A function-calling tool
+    (``tool_name`` given, ``command`` its JSON arguments) keys by the tool name. A tool name that is neither a
+    shell tool nor the parsed program adds one more back-off level after the program.
+    """
+    keys: list[str] = []
+    tool = _normalize_program(tool_name) if tool_name else None
+    if tool and tool.startswith("functions."):
+        tool = tool[len("functions.") :]
+    prog = sub = None
+    if command and _looks_like_args(command):
+        return [tool, "*"] if tool else ["*"]
+    if command and command.strip():
+        prog, sub = parse_command(command)
+    if prog:
+        if sub:
+            keys.append(f"{prog}:{sub}")
+        keys.append(prog)
+    if (
+        tool
+        and tool not in _SHELL_TOOL_NAMES
+        and tool not in _SETUP
+        and tool not in _WRAPPERS
+        and tool not in keys
+        and (not command or not command.lstrip().lower().startswith(tool))
+    ):
+        keys.append(tool)
+    keys.append("*")
+    return keys
+
+
+# -- features for the learned predictor ---------------------------------------------------------------------
+
+_PATH_EXT_RE = re.compile(r"\.([A-Za-z0-9]{1,6})(?=[\s'\"]|$)")
+_HEAVY_RE = re.compile(
+    r"\b(pip3? install|conda install|apt(?:-get)? install|npm (?:install|ci)|yarn install|"
+    r"cargo (?:build|test)|"
+    r"make\b|cmake\b|pytest|unittest|tox\b|go (?:build|test)|mvn\b|gradle\b|train|fit\b|epoch|docker build|"
+    r"git clone|wget|curl|download|compile|gcc|g\+\+)"
+)
+_NETWORK_RE = re.compile(r"(https?://|\bpip3? install|\bgit clone|\bwget\b|\bcurl\b|\bapt(?:-get)? )")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Names of the features :func:`call_features` returns, and which are categorical."""
+
+    categorical: tuple[str, ...] = ("key0", "key1", "source")
+    numeric: tuple[str, ...] = (
+        "n_chars",
+        "n_lines",
+        "n_args",
+        "n_segments",
+        "n_pipes",
+        "n_redirects",
+        "has_heredoc",
+        "has_timeout",
+        "timeout_s",
+        "n_paths",
+        "ext_py",
+        "ext_sh",
+        "ext_data",
+        "has_heavy",
+        "has_network",
+        "is_write",
+        "is_background",
+        "turn_index",
+        "context_tokens",
+        "llm_output_chars",
+        "prev_duration_log",
+        "prev_mean_log",
+        "prev_max_log",
+        "prev_same_key_log",
+        "n_prev",
+    )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.categorical + self.numeric
+
+    def to_dict(self) -> dict:
+        return {"categorical": list(self.categorical), "numeric": list(self.numeric)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FeatureSpec:
+        return cls(categorical=tuple(d["categorical"]), numeric=tuple(d["numeric"]))
+
+
+def text_features(command: str | None) -> dict[str, float]:
+    """Features of the command text alone (see :class:`FeatureSpec`)."""
+    text = command or ""
+    head = text[:PARSE_CHARS]
+    toks = _tokens(head)
+    segs = _segments(toks)
+    timeout_s = 0.0
+    m = re.search(r"\btimeout\s+(?:-\S+\s+)*([0-9.]+)([smhd]?)", head)
+    if m:
+        try:
+            timeout_s = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        except ValueError:
+            timeout_s = 0.0
+    exts = [e.lower() for e in _PATH_EXT_RE.findall(head)]
+    prog, sub = parse_command(text) if text.strip() else (None, None)
+    return {
+        "n_chars": float(len(text)),
+        "n_lines": float(text.count("\n") + 1 if text else 0),
+        "n_args": float(len(segs[0]) - 1 if segs else 0),
+        "n_segments": float(len(segs)),
+        "n_pipes": float(toks.count("|")),
+        "n_redirects": float(sum(t in _REDIRECTS for t in toks)),
+        "has_heredoc": float("<<" in toks or "<<-" in toks),
+        "has_timeout": float(m is not None),
+        "timeout_s": timeout_s,
+        "n_paths": float(sum("/" in t for t in toks)),
+        "ext_py": float("py" in exts),
+        "ext_sh": float("sh" in exts),
+        "ext_data": float(
+            any(e in ("csv", "json", "txt", "parquet", "pkl", "npy", "bin", "gz") for e in exts)
+        ),
+        "has_heavy": float(_HEAVY_RE.search(head) is not None),
+        "has_network": float(_NETWORK_RE.search(head) is not None),
+        "is_write": float(sub == "write"),
+        "is_background": float("&" in toks),
+    }
