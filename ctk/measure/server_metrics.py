@@ -1,0 +1,57 @@
+"""Read a vLLM server's Prometheus ``/metrics`` and reduce it to the counters the benchmark reports."""
+
+from __future__ import annotations
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+#: Short name -> Prometheus sample names (first found wins; counters appear with ``_total``).
+COUNTERS = {
+    "prefix_cache_queries": ("vllm:prefix_cache_queries_total",),
+    "prefix_cache_hits": ("vllm:prefix_cache_hits_total",),
+    "prompt_tokens": ("vllm:prompt_tokens_total",),
+    "prompt_tokens_cached": ("vllm:prompt_tokens_cached_total",),
+    "preemptions": ("vllm:num_preemptions_total",),
+    "queue_time_sum_s": ("vllm:request_queue_time_seconds_sum",),
+    "queue_time_count": ("vllm:request_queue_time_seconds_count",),
+}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """All samples summed over their labels, keyed by sample name (``ctk:*`` and ``vllm:*`` alike)."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[s.name] = out.get(s.name, 0.0) + float(s.value)
+    return out
+
+
+def scrape(base_url: str, timeout: float = 10.0) -> dict[str, float]:
+    """Raw samples from ``base_url/metrics``; an empty dict when the server has no metrics endpoint."""
+    url = base_url.rstrip("/").removesuffix("/v1") + "/metrics"
+    try:
+        r = httpx.get(url, timeout=timeout)
+        r.raise_for_status()
+    except httpx.HTTPError:
+        return {}
+    return parse_metrics(r.text)
+
+
+def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Counter increases over a run, under short names, plus every ``ctk*`` counter (pins and friends).
+
+    The serve part's pin counters are reported under their names without prefix and ``_total`` suffix
+    (``ctk:pins_total`` -> ``pins``).
+    """
+    out: dict[str, float] = {}
+    for short, names in COUNTERS.items():
+        for name in names:
+            if name in after:
+                out[short] = after[name] - before.get(name, 0.0)
+                break
+    for name, value in after.items():
+        if name.startswith("ctk") and name.endswith("_total"):
+            short = name.split(":", 1)[-1].removesuffix("_total")
+            short = short.removeprefix("ctk_")
+            out[short] = value - before.get(name, 0.0)
+    return out

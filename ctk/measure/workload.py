@@ -1,0 +1,227 @@
+"""Replay workloads: recorded programs from a trace store turned into token-exact synthetic programs.
+
+A recorded program is a sequence of turns (one LLM request, then usually a tool call). The replay keeps its
+shape: how many turns, how many tokens each turn adds (the model's output plus the tool's observation) and how
+long each tool pause lasts. The content itself is synthetic token ids drawn from a seeded generator, so the
+same seed gives the same prompts, and turn k's prompt is exactly turn k-1's prompt + its output + the
+observation (the prefix cache sees what it would see in the original run).
+
+Sizes come from the trace: token counts when the store has them, else characters / ``chars_per_token``.
+``token_scale`` and the caps shrink them so a tiny CPU model stays practical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ctk.store import EXCLUDED_QUALITY_FLAGS, TraceStore
+
+
+class WorkloadError(ValueError):
+    """The store holds nothing that can be replayed, or the configuration is inconsistent."""
+
+
+@dataclass
+class WorkloadConfig:
+    """How recorded programs become synthetic ones (sizes in tokens, times in seconds)."""
+
+    n_programs: int | None = 16  # None: every replayable program
+    seed: int = 0
+    sources: list[str] | None = None  # only programs of these sources
+    min_turns: int = 2
+    max_turns: int | None = 24
+    chars_per_token: float = 4.0
+    token_scale: float = 1.0  # multiply every size taken from the trace
+    system_prompt_tokens: int = 512  # shared by all programs (the agent's system prompt)
+    task_prompt_tokens: int = 512  # per program, when the trace has no first prompt size
+    default_output_tokens: int = 64
+    default_observation_tokens: int = 32
+    max_output_tokens: int = 96
+    min_output_tokens: int = 4
+    max_observation_tokens: int = 512
+    max_context_tokens: int = 6144  # a program is cut (its last kept turn becomes the last) past this
+    max_pause_s: float = 120.0  # tool pauses longer than this are cut (before time scaling)
+    token_id_low: int = 300  # synthetic ids are drawn from [low, high): ordinary tokens of any vocabulary
+    token_id_high: int = 3800
+
+    def validate(self) -> None:
+        if self.token_id_low < 0 or self.token_id_high <= self.token_id_low:
+            raise WorkloadError("token_id_low must be >= 0 and below token_id_high")
+        if self.token_scale <= 0 or self.chars_per_token <= 0:
+            raise WorkloadError("token_scale and chars_per_token must be positive")
+        if self.n_programs is not None and self.n_programs < 1:
+            raise WorkloadError("n_programs must be at least 1")
+        if self.max_context_tokens <= self.system_prompt_tokens + self.task_prompt_tokens:
+            raise WorkloadError("max_context_tokens must exceed the first prompt (system + task tokens)")
+
+
+@dataclass
+class TurnSpec:
+    """One turn of a synthetic program: the request, then the tool pause and its observation."""
+
+    turn_index: int
+    output_tokens: int
+    observation_tokens: int  # appended after the output (0 on the last turn)
+    tool_duration_s: float  # recorded pause after this turn (0 on the last turn or without a tool)
+    tool: str | None  # command or tool name run after this turn
+    last_turn: bool = False
+
+
+@dataclass
+class ProgramSpec:
+    """A synthetic program: its first prompt size and its turns."""
+
+    program_id: str  # the recorded program it mirrors
+    source: str
+    first_prompt_tokens: int
+    turns: list[TurnSpec] = field(default_factory=list)
+
+    @property
+    def total_tool_s(self) -> float:
+        return sum(t.tool_duration_s for t in self.turns)
+
+    @property
+    def final_context_tokens(self) -> int:
+        return self.first_prompt_tokens + sum(t.output_tokens + t.observation_tokens for t in self.turns)
+
+
+def _tokens(value, chars, cfg: WorkloadConfig, default: int) -> int:
+    if value is not None and not _isnan(value):
+        n = float(value)
+    elif chars is not None and not _isnan(chars):
+        n = float(chars) / cfg.chars_per_token
+    else:
+        return default
+    return int(round(n * cfg.token_scale))
+
+
+def _isnan(x) -> bool:
+    try:
+        return x is pd.NA or (isinstance(x, float) and math.isnan(x))
+    except TypeError:
+        return False
+
+
+def stable_seed(*parts: object) -> int:
+    h = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little")
+
+
+def synthetic_ids(cfg: WorkloadConfig, n: int, *key: object) -> list[int]:
+    """``n`` token ids, a pure function of ``cfg.seed`` and ``key`` (same key, same ids)."""
+    if n <= 0:
+        return []
+    rng = np.random.default_rng(stable_seed(cfg.seed, *key))
+    return rng.integers(cfg.token_id_low, cfg.token_id_high, size=n).tolist()
+
+
+def _program_turns(
+    pid: str, llm: pd.DataFrame, tools: pd.DataFrame, cfg: WorkloadConfig
+) -> ProgramSpec | None:
+    turn_ids = sorted(set(llm["turn_index"].tolist()) | set(tools["turn_index"].tolist()))
+    if cfg.max_turns is not None:
+        turn_ids = turn_ids[: cfg.max_turns]
+    if len(turn_ids) < cfg.min_turns:
+        return None
+    llm_by_turn = {int(r.turn_index): r for r in llm.itertuples(index=False)}
+    tools_by_turn = {int(k): g for k, g in tools.groupby("turn_index")}
+    source = (tools["source"].iloc[0] if len(tools) else llm["source"].iloc[0]) or ""
+
+    first = llm_by_turn.get(int(turn_ids[0]))
+    first_prompt = cfg.system_prompt_tokens + cfg.task_prompt_tokens
+    if (
+        first is not None
+        and getattr(first, "prompt_tokens", None) is not None
+        and not _isnan(first.prompt_tokens)
+    ):
+        first_prompt = max(first_prompt, int(round(float(first.prompt_tokens) * cfg.token_scale)))
+        first_prompt = min(first_prompt, cfg.max_context_tokens // 2)
+    spec = ProgramSpec(program_id=pid, source=str(source), first_prompt_tokens=first_prompt)
+
+    context = first_prompt
+    for t in turn_ids:
+        call = llm_by_turn.get(int(t))
+        calls = tools_by_turn.get(int(t))
+        out_tok = out_chars = None
+        if call is not None:
+            out_tok, out_chars = call.completion_tokens, call.response_chars
+        if (out_tok is None or _isnan(out_tok)) and calls is not None:
+            out_tok = (
+                calls["llm_output_tokens"].dropna().max()
+                if calls["llm_output_tokens"].notna().any()
+                else None
+            )
+            if out_chars is None or _isnan(out_chars):
+                out_chars = (
+                    calls["llm_output_chars"].dropna().max()
+                    if calls["llm_output_chars"].notna().any()
+                    else None
+                )
+        output = _tokens(out_tok, out_chars, cfg, cfg.default_output_tokens)
+        output = max(cfg.min_output_tokens, min(cfg.max_output_tokens, output))
+        if calls is not None and len(calls):
+            obs_chars = calls["output_chars"].dropna().sum() if calls["output_chars"].notna().any() else None
+            observation = _tokens(None, obs_chars, cfg, cfg.default_observation_tokens)
+            duration = float(calls["duration_s"].fillna(0.0).clip(lower=0.0).sum())
+            first_call = calls.sort_values("call_index").iloc[0]
+            tool = first_call["command_or_args"]
+            if tool is None or _isnan(tool) or not str(tool).strip():
+                tool = first_call["tool_name"]
+            tool = None if tool is None or _isnan(tool) else str(tool)[:500]
+        else:  # a turn without a tool call (e.g. a format error): the agent answers at once
+            observation, duration, tool = _tokens(None, None, cfg, cfg.default_observation_tokens), 0.0, None
+        observation = max(1, min(cfg.max_observation_tokens, observation))
+        duration = min(duration, cfg.max_pause_s)
+        if spec.turns and context + output > cfg.max_context_tokens:
+            break
+        spec.turns.append(TurnSpec(int(t), output, observation, duration, tool))
+        context += output + observation
+        if context + cfg.min_output_tokens > cfg.max_context_tokens:
+            break
+    if len(spec.turns) < cfg.min_turns:
+        return None
+    last = spec.turns[-1]
+    last.last_turn, last.observation_tokens, last.tool_duration_s, last.tool = True, 0, 0.0, None
+    return spec
+
+
+def load_programs(store: TraceStore, cfg: WorkloadConfig) -> list[ProgramSpec]:
+    """Pick ``cfg.n_programs`` recorded programs (seeded sample, stable order) and synthesise them."""
+    cfg.validate()
+    tools = store.table("tool_calls", cfg.sources)
+    tools = tools[~tools["quality_flag"].isin(EXCLUDED_QUALITY_FLAGS)]
+    llm = store.table("llm_calls", cfg.sources)
+    if tools.empty and llm.empty:
+        where = f" for sources {cfg.sources}" if cfg.sources else ""
+        raise WorkloadError(f"{store.path}: no LLM or tool calls to replay{where}")
+    complete = store.program_ids(complete=True)
+    ids = sorted((set(tools["program_id"]) | set(llm["program_id"])) & complete)
+    tools_by = dict(tuple(tools.groupby("program_id")))
+    llm_by = dict(tuple(llm.groupby("program_id")))
+    empty_t, empty_l = tools.iloc[0:0], llm.iloc[0:0]
+    specs = []
+    for pid in ids:
+        spec = _program_turns(pid, llm_by.get(pid, empty_l), tools_by.get(pid, empty_t), cfg)
+        if spec is not None:
+            specs.append(spec)
+    if not specs:
+        raise WorkloadError(
+            f"{store.path}: no program has {cfg.min_turns}+ turns "
+            f"within {cfg.max_context_tokens} context tokens"
+        )
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(len(specs))
+    if cfg.n_programs is not None:
+        order = order[: cfg.n_programs]
+    return [specs[i] for i in order]
+
+
+def split_program_ids(store: TraceStore, replayed: list[ProgramSpec]) -> tuple[set[str], set[str]]:
+    """(ids to train on, ids replayed): training data never includes a replayed program."""
+    held = {p.program_id for p in replayed}
+    return store.program_ids(complete=True) - held, held
