@@ -118,16 +118,14 @@ def read_tool_calls_csv(path: Path, llm_path: Path | None = None) -> TraceFrames
         }
     ).drop_duplicates(["program_id", "turn_index", "call_index"])
 
-    llm = _read_llm_calls(llm_path if llm_path is not None else path.parent / "llm_calls.csv", path)
+    if llm_path is None:  # tool_calls.csv -> llm_calls.csv, tool_calls.csv.gz -> llm_calls.csv.gz
+        llm_path = path.with_name(path.name.replace("tool_calls", "llm_calls", 1))
+    llm = _read_llm_calls(llm_path, path)
     llm = llm[llm["program_id"].isin(set(tools["program_id"]))]
 
     per_program = tools.groupby("program_id", sort=False)
     first = raw.assign(_pid=raw["program_id"].astype(str)).groupby("_pid", sort=False).first()
-    programs = pd.DataFrame(
-        {
-            "program_id": list(per_program.groups.keys()),
-        }
-    )
+    programs = pd.DataFrame({"program_id": list(per_program.groups.keys())})
     programs["source"] = programs["program_id"].map(first["source"]).astype(str)
     programs["task_id"] = programs["program_id"].map(_opt(first, "task_id"))
     programs["agent"] = programs["program_id"].map(_opt(first, "agent"))

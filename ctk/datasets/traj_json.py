@@ -122,6 +122,8 @@ def read_trajectory(
                 exit_msg = messages[j]
             elif role in OBSERVATION_ROLES and "timestamp" in obs_extra and "returncode" in obs_extra:
                 observations.append(messages[j])
+            if role in OBSERVATION_ROLES and isinstance(obs_extra.get("timestamp"), int | float):
+                last_obs_ts = float(obs_extra["timestamp"])  # the next turn's request starts after this
             j += 1
         prev_end = ts
         for k, action in enumerate(actions):
