@@ -45,6 +45,7 @@ class ReplayConfig:
     request_timeout_s: float = 600.0
     temperature: float = 1.0
     progress: bool = True
+    sample_interval_s: float = 1.0  # /metrics gauges (KV usage, queue, pins) over time; 0: off
 
     def validate(self) -> None:
         if self.concurrency is not None and self.concurrency < 1:
@@ -213,6 +214,20 @@ class Replayer:
             if gate is not None:
                 gate.release()
 
+    async def _sample(self, client: httpx.AsyncClient) -> None:
+        """Poll ``/metrics`` gauges into :attr:`ReplayResult.timeline` until cancelled."""
+        t0 = self.result.started_unix_s
+        while True:
+            try:
+                r = await client.get("/metrics", timeout=5.0)
+                if r.status_code == 200:
+                    row = server_metrics.gauges(server_metrics.parse_metrics(r.text))
+                    row["t_s"] = round(time.time() - t0, 3)
+                    self.result.timeline.append(row)
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(self.cfg.sample_interval_s)
+
     # -- the run -----------------------------------------------------------------------------------
 
     async def run(self) -> ReplayResult:
@@ -245,6 +260,7 @@ class Replayer:
                     asyncio.create_task(self._program(client, model, i, p, float(arrivals[i]), gate))
                     for i, p in enumerate(self.programs)
                 ]
+                sampler = asyncio.create_task(self._sample(client)) if cfg.sample_interval_s > 0 else None
                 try:
                     await asyncio.gather(*tasks)
                 except asyncio.CancelledError:
@@ -252,6 +268,10 @@ class Replayer:
                     for t in tasks:
                         t.cancel()
                     await asyncio.gather(*tasks, return_exceptions=True)
+                finally:
+                    if sampler is not None:
+                        sampler.cancel()
+                        await asyncio.gather(sampler, return_exceptions=True)
         finally:
             if progress is not None:
                 progress.stop()

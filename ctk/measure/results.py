@@ -58,6 +58,7 @@ class ReplayResult:
     config: dict[str, Any] = field(default_factory=dict)
     programs: list[ProgramResult] = field(default_factory=list)
     server_metrics: dict[str, float] = field(default_factory=dict)  # /metrics deltas over the run
+    timeline: list[dict[str, float]] = field(default_factory=list)  # /metrics gauges sampled during the run
     started_unix_s: float = field(default_factory=time.time)
     finished_unix_s: float | None = None
     interrupted: bool = False

@@ -55,3 +55,20 @@ def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
             short = short.removeprefix("ctk_")
             out[short] = value - before.get(name, 0.0)
     return out
+
+
+#: Gauges sampled over time: short name -> sample name.
+GAUGES = {
+    "kv_usage": "vllm:kv_cache_usage_perc",
+    "running": "vllm:num_requests_running",
+    "waiting": "vllm:num_requests_waiting",
+}
+
+
+def gauges(samples: dict[str, float]) -> dict[str, float]:
+    """The sampled gauges, plus every ``ctk*`` gauge (e.g. pinned blocks) under its short name."""
+    out = {short: samples[name] for short, name in GAUGES.items() if name in samples}
+    for name, value in samples.items():
+        if name.startswith("ctk") and not name.endswith(("_total", "_created", "_sum", "_count", "_bucket")):
+            out[name.split(":", 1)[-1].removeprefix("ctk_")] = value
+    return out

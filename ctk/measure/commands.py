@@ -1,0 +1,97 @@
+"""CLI of the measure part: ``ctk replay``, ``ctk compare``, ``ctk report`` and ``ctk demo``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def _fail(msg: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {msg}", err=True)
+    return typer.Exit(code)
+
+
+def replay(
+    db: Path = typer.Option(..., "--db", help="trace store to take the programs from"),
+    base_url: str = typer.Option(
+        ..., "--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000"
+    ),
+    out: Path = typer.Option(Path("replay-results.json"), "-o", "--out", help="results JSON"),
+    record_db: Path | None = typer.Option(None, "--record-db", help="also write the replayed calls here"),
+    label: str = typer.Option("replay", help="name of this run (e.g. the server's policy)"),
+    programs: int = typer.Option(16, "-n", "--programs", help="programs to replay (0: all)"),
+    source: list[str] | None = typer.Option(
+        None, "--source", help="only programs of this source (repeatable)"
+    ),
+    seed: int = typer.Option(0, help="sampling and synthetic-content seed"),
+    concurrency: int = typer.Option(8, help="programs in flight at most (0: unbounded, needs --rate)"),
+    rate: float | None = typer.Option(None, help="Poisson arrivals, programs per second"),
+    time_scale: float = typer.Option(1.0, "--time-scale", help="tool pause = recorded duration x this"),
+    max_turns: int = typer.Option(24, help="turns per program at most"),
+    token_scale: float = typer.Option(1.0, help="multiply every token count taken from the trace"),
+    max_context: int = typer.Option(6144, help="context tokens per program at most (the program is cut)"),
+    max_output: int = typer.Option(96, help="output tokens per turn at most"),
+    max_observation: int = typer.Option(512, help="observation tokens per turn at most"),
+    max_pause: float = typer.Option(120.0, help="tool pause at most, seconds before scaling"),
+    model: str | None = typer.Option(None, help="model name (default: the first the server lists)"),
+    no_oracle: bool = typer.Option(False, "--no-oracle-hint", help="do not send the true tool durations"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Replay recorded programs against a live server and record JCT, TTFT, queue wait and cache hits."""
+    from ctk.measure.replay import ReplayConfig, ReplayError, run_replay
+    from ctk.measure.workload import WorkloadConfig, WorkloadError, load_programs
+    from ctk.store import StoreError, TraceStore
+
+    wcfg = WorkloadConfig(
+        n_programs=programs or None,
+        seed=seed,
+        sources=source or None,
+        max_turns=max_turns,
+        token_scale=token_scale,
+        max_context_tokens=max_context,
+        max_output_tokens=max_output,
+        max_observation_tokens=max_observation,
+        max_pause_s=max_pause,
+    )
+    rcfg = ReplayConfig(
+        base_url=base_url,
+        model=model,
+        concurrency=concurrency or None,
+        rate=rate,
+        time_scale=time_scale,
+        seed=seed,
+        label=label,
+        send_oracle_duration=not no_oracle,
+        progress=progress,
+    )
+    try:
+        with TraceStore(db, read_only=True) as store:
+            specs = load_programs(store, wcfg)
+        result = run_replay(specs, wcfg, rcfg)
+    except (StoreError, WorkloadError, ReplayError) as exc:
+        raise _fail(str(exc)) from None
+    result.save(out)
+    if record_db is not None:
+        try:
+            with TraceStore(record_db) as store:
+                result.to_store(store)
+        except StoreError as exc:
+            typer.echo(f"warning: results kept in {out}, not recorded in the store: {exc}", err=True)
+    s = result.summary()
+    state = "interrupted, kept" if result.interrupted else "done"
+    typer.echo(
+        f"{state}: {s['programs']} programs ({s['failed_programs']} failed), "
+        f"mean JCT {_f(s['mean_jct_s'])} s, "
+        f"p99 TTFT {_f(s['p99_ttft_s'])} s, hit rate {_f(s['hit_rate'])} -> {out}"
+    )
+    if s["programs"] == 0 and not result.interrupted:
+        raise typer.Exit(1)
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("replay")(replay)
