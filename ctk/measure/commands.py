@@ -89,9 +89,35 @@ def replay(
         raise typer.Exit(1)
 
 
+def report(
+    db: Path | None = typer.Option(None, "--db", help="trace store (tool-duration plots)"),
+    results: list[Path] | None = typer.Option(
+        None, "--results", help="replay JSON or compare-results.json (repeatable)"
+    ),
+    model: Path | None = typer.Option(None, "--model", help="model.pkl (calibration and TTL plots)"),
+    time_scale: float = typer.Option(
+        1.0, "--time-scale", help="the model's clock / the store's (a comparison trains on scaled durations)"
+    ),
+    out: Path = typer.Option(Path("report"), "-o", "--out", help="output folder"),
+) -> None:
+    """Write an HTML report with PNG plots: durations, calibration, TTLs, JCT and TTFT per policy, pins."""
+    from ctk.measure.report import ReportInputs, build_report, load_inputs
+    from ctk.measure.results import ResultsError
+
+    if db is None and not results:
+        raise _fail("give --db and/or --results")
+    try:
+        inputs: ReportInputs = load_inputs(db, results or [], model, time_scale)
+    except (ResultsError, ValueError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    page = build_report(inputs, out)
+    typer.echo(str(page))
+
+
 def _f(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
 def register(app: typer.Typer) -> None:
     app.command("replay")(replay)
+    app.command("report")(report)
