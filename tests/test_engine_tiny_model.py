@@ -29,8 +29,13 @@ def test_chat_template_renders_tool_calls(tiny_model_dir):  # noqa: F811
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     messages = [
         {"role": "user", "content": "weather?"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+            ],
+        },
         {"role": "tool", "content": "sunny"},
     ]
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
@@ -43,8 +48,21 @@ def test_chat_template_renders_tool_calls(tiny_model_dir):  # noqa: F811
 
 def test_cli_sizes_and_bad_sizes(tmp_path):
     runner = CliRunner()
-    res = runner.invoke(app, ["tiny-model", str(tmp_path / "m"), "--hidden-size", "128", "--num-layers", "2",
-                              "--vocab-size", "1024", "--dtype", "float32"])
+    res = runner.invoke(
+        app,
+        [
+            "tiny-model",
+            str(tmp_path / "m"),
+            "--hidden-size",
+            "128",
+            "--num-layers",
+            "2",
+            "--vocab-size",
+            "1024",
+            "--dtype",
+            "float32",
+        ],
+    )
     assert res.exit_code == 0, res.output
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]) == (128, 2, 1024)

@@ -24,9 +24,16 @@ def tiny_model(
 
     try:
         out = build_tiny_model(
-            path, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-            num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, vocab_size=vocab_size,
-            max_position_embeddings=max_position_embeddings, dtype=dtype, seed=seed,
+            path,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            intermediate_size=intermediate_size,
+            vocab_size=vocab_size,
+            max_position_embeddings=max_position_embeddings,
+            dtype=dtype,
+            seed=seed,
         )
     except (ValueError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)

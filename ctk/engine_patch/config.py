@@ -95,7 +95,7 @@ class ServeConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServeConfig:
         environ = os.environ if environ is None else environ
-        data = {k[len(ENV_PREFIX):].lower(): v for k, v in environ.items() if k.startswith(ENV_PREFIX)}
+        data = {k[len(ENV_PREFIX) :].lower(): v for k, v in environ.items() if k.startswith(ENV_PREFIX)}
         data = {k: v for k, v in data.items() if k in {f.name for f in fields(cls)} and k != "extra"}
         return cls.from_mapping(data)
 

@@ -109,8 +109,9 @@ def launch_server(
     ConfigError / ModelFileError before starting anything when the settings or the model file are bad.
     Wait with :func:`wait_ready`; stop with ``proc.terminate(); proc.wait()``.
     """
-    cfg = ServeConfig(policy=policy, ttl_model=str(ttl_model) if ttl_model else None,
-                      record=str(record) if record else None)
+    cfg = ServeConfig(
+        policy=policy, ttl_model=str(ttl_model) if ttl_model else None, record=str(record) if record else None
+    )
     if settings:
         cfg = ServeConfig.from_mapping(settings, base=cfg)
     check_model_file(cfg)
@@ -122,8 +123,9 @@ def launch_server(
     args = vllm_args(str(model_path), port, cfg, extra_args)
     cmd = [sys.executable, "-m", "ctk.engine_patch.server", *args]
     try:
-        proc = subprocess.Popen(cmd, env=server_env(cfg, env), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=server_env(cfg, env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     finally:
         log.close()
     proc.log_path = str(log_path)  # type: ignore[attr-defined]
@@ -139,8 +141,9 @@ def wait_ready(base_url: str, timeout: float = 180.0, proc: subprocess.Popen | N
     last = ""
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise ServerError(f"server exited with code {proc.returncode} before it was ready"
-                              + _log_tail(proc))
+            raise ServerError(
+                f"server exited with code {proc.returncode} before it was ready" + _log_tail(proc)
+            )
         try:
             r = httpx.get(url + "/models", timeout=2.0)
             if r.status_code == 200:

@@ -24,7 +24,7 @@ CHAT_TEMPLATE = (
     "{% if messages and messages[0].role == 'system' %}{{ messages[0].content }}\n\n{% endif %}"
     "# Tools\nYou may call one or more functions. Signatures:\n<tools>\n"
     "{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools>\n"
-    "Return each call as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>.<|im_end|>\n"
+    'Return each call as <tool_call>{"name": ..., "arguments": ...}</tool_call>.<|im_end|>\n'
     "{% endif %}"
     "{% for message in messages %}"
     "{% if not (tools and loop.first and message.role == 'system') %}"
@@ -35,7 +35,7 @@ CHAT_TEMPLATE = (
     "{% endif %}"
     "{% if message.tool_calls %}{% for tc in message.tool_calls %}"
     "{% set fn = tc.function if tc.function is defined else tc %}"
-    "\n<tool_call>{\"name\": {{ fn.name | tojson }}, \"arguments\": "
+    '\n<tool_call>{"name": {{ fn.name | tojson }}, "arguments": '
     "{% if fn.arguments is string %}{{ fn.arguments }}{% else %}{{ fn.arguments | tojson }}{% endif %}"
     "}</tool_call>"
     "{% endfor %}{% endif %}"

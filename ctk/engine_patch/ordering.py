@@ -1,0 +1,69 @@
+"""Program-level FCFS with an age bound: the order of the waiting queue.
+
+Key of a waiting request, smallest first:
+
+1. overdue requests (waited longer than the age bound), oldest arrival first — nobody starves;
+2. requests whose program holds a pin (their prefix is in memory: admitting them frees the pin), by
+   program first arrival;
+3. everyone else by their program's first arrival, then their own arrival (older programs finish first).
+
+The age bound is ``max(age_min_s, age_factor × W)``, with W an exponentially weighted mean of recent
+waits (arrival -> admission): a request may be overtaken by younger programs for at most ``age_factor``
+times what FCFS would have made it wait. Continuum's strict program FCFS is ``age_factor = inf``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WaitingItem:
+    request_id: str
+    program_id: str | None
+    arrival: float  # monotonic seconds
+
+
+class ProgramOrder:
+    def __init__(self, age_factor: float = 4.0, age_min_s: float = 2.0, ewma_alpha: float = 0.1):
+        self.age_factor = age_factor
+        self.age_min_s = age_min_s
+        self.alpha = ewma_alpha
+        self.mean_wait_s = 0.0
+        self.n_waits = 0
+
+    def record_wait(self, wait_s: float) -> None:
+        if wait_s < 0 or not math.isfinite(wait_s):
+            return
+        self.n_waits += 1
+        a = max(self.alpha, 1.0 / self.n_waits)
+        self.mean_wait_s += a * (wait_s - self.mean_wait_s)
+
+    @property
+    def age_bound_s(self) -> float:
+        if math.isinf(self.age_factor):
+            return math.inf
+        return max(self.age_min_s, self.age_factor * self.mean_wait_s)
+
+    def order(
+        self,
+        items: Sequence[WaitingItem],
+        now: float,
+        first_arrival: Callable[[str | None], float | None],
+        has_pin: Callable[[str | None], bool],
+    ) -> list[int]:
+        """Indices of ``items`` in scheduling order (stable for equal keys)."""
+        bound = self.age_bound_s
+        keys = []
+        for i, it in enumerate(items):
+            if now - it.arrival > bound:
+                keys.append((0, it.arrival, 0.0, i))
+                continue
+            fa = first_arrival(it.program_id)
+            prog_t = it.arrival if fa is None else min(fa, it.arrival)
+            tier = 1 if has_pin(it.program_id) else 2
+            keys.append((tier, prog_t, it.arrival, i))
+        keys.sort()
+        return [k[3] for k in keys]

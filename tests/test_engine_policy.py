@@ -1,0 +1,394 @@
+"""The policy core (no vLLM): identity, detection, pin decisions, release rules, valve, ordering, online."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from ctk.engine_patch.config import ConfigError, ServeConfig
+from ctk.engine_patch.detect import detect_tool_call
+from ctk.engine_patch.events import EngineState, Finished
+from ctk.engine_patch.hints import RequestHints, parse_hints
+from ctk.engine_patch.online import OnlineDurations, blend_quantiles
+from ctk.engine_patch.policy import PolicyCore
+from ctk.predict.tables import TTLTables
+
+LEVELS = [0.1, 0.5, 0.9]
+
+
+def tables() -> TTLTables:
+    """One context bucket, pressure levels 0.5 and 1.0: ``ls`` pins 5 s, ``sleep`` 1 s at low pressure."""
+    return TTLTables(
+        context_edges=[1_000_000],
+        pressure_levels=[0.5, 1.0],
+        quantile_levels=LEVELS,
+        ttl_s={"ls": [[5.0, 5.0]], "sleep": [[1.0, 0.0]], "*": [[0.0, 0.0]]},
+        p_hit={"ls": [[0.9, 0.9]], "sleep": [[0.5, 0.0]], "*": [[0.0, 0.0]]},
+        quantiles_s={"ls": [0.01, 0.02, 0.1], "sleep": [0.5, 1.0, 3.0], "*": [1.0, 10.0, 100.0]},
+        n_samples={"ls": 100, "sleep": 10, "*": 1000},
+    )
+
+
+def core(policy="ttl", **kw) -> PolicyCore:
+    cfg = ServeConfig(policy=policy, ttl_model="x.pkl", **kw)
+    return PolicyCore(cfg, tables() if policy == "ttl" else None, block_size=16)
+
+
+def state(now=0.0, free=90, total=100) -> EngineState:
+    return EngineState(now=now, free_blocks=free, total_blocks=total)
+
+
+def hints(program="p1", **kw) -> RequestHints:
+    return parse_hints(None, {"program_id": program, **kw})
+
+
+def fin(rid, h, text="", tokens=320, blocks=20, natural=True) -> Finished:
+    return Finished(
+        rid,
+        h,
+        text,
+        prompt_tokens=tokens - 10,
+        num_tokens=tokens,
+        output_tokens=10,
+        blocks=blocks,
+        natural=natural,
+    )
+
+
+# -- hints and detection --------------------------------------------------------------------------------
+
+
+def test_program_identity_precedence_and_garbage():
+    assert parse_hints("s1", {"program_id": "p"}).program_id == "s1"
+    assert parse_hints(None, {"session_id": "s2", "program_id": "p"}).program_id == "s2"
+    assert parse_hints(None, {"program_id": "p"}).program_id == "p"
+    bad = parse_hints(
+        None,
+        {
+            "program_id": {"x": 1},
+            "turn_index": "abc",
+            "last_turn": "maybe",
+            "tool": 5,
+            "tool_duration_s": "nan",
+        },
+    )
+    assert bad == RequestHints()  # everything ignored ...
+    assert len(bad.warnings) == 5  # ... with a warning each
+    assert parse_hints(None, ["not", "a", "dict"]).warnings
+    h = parse_hints(
+        None,
+        {"program_id": 7, "turn_index": 3.0, "last_turn": 1, "tool": " ls -la ", "tool_duration_s": "2.5"},
+    )
+    assert (h.program_id, h.turn_index, h.last_turn, h.tool, h.tool_duration_s) == (
+        "7",
+        3,
+        True,
+        "ls -la",
+        2.5,
+    )
+
+
+def test_detect_fenced_bash_tool_call_and_openai_json():
+    t = detect_tool_call("THOUGHT: look\n```bash\ncd /repo && ls -la\n```\n")
+    assert (t.kind, t.command) == ("bash", "cd /repo && ls -la")
+    t = detect_tool_call('ok <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>')
+    assert (t.kind, t.name, t.command) == ("tool_call", "get_weather", '{"city": "Paris"}')
+    t = detect_tool_call(
+        '{"tool_calls": [{"type": "function", "function": {"name": "cd", "arguments": "{}"}}]}'
+    )
+    assert (t.kind, t.name) == ("openai", "cd")
+    t = detect_tool_call('<tool_call>{"name": "trunc", "argu')  # truncated by max_tokens
+    assert t.name == "trunc"
+    assert detect_tool_call("The answer is 42.") is None
+    assert detect_tool_call("```python\nprint(1)\n```") is None
+    # configurable: only the detectors asked for
+    assert detect_tool_call("```bash\nls\n```", detectors=("tool_call",)) is None
+    assert detect_tool_call("x" * 10**6 + "```bash\nls\n```").command == "ls"
+
+
+# -- pin decision and release rules --------------------------------------------------------------------
+
+
+def test_ttl_pin_from_table_and_pressure():
+    c = core()
+    c.arrived("r1", hints())
+    pinned, rel = c.finished(fin("r1", hints(), "```bash\nls -la\n```"), state(now=10))
+    assert pinned and not rel
+    pin = c.pins["r1"]
+    assert (pin.ttl_s, pin.expires, pin.key) == (5.0, 15.0, "ls")
+    assert c.pinned_blocks == 20
+    # sleep: pinned at low pressure, not at high pressure (the table says 0 there)
+    c.arrived("r2", hints("p2"))
+    assert c.finished(fin("r2", hints("p2"), "```bash\nsleep 1\n```"), state(free=90))[0]
+    c.arrived("r3", hints("p3"))
+    assert not c.finished(fin("r3", hints("p3"), "```bash\nsleep 1\n```"), state(free=20))[0]
+    # unknown tool falls back to '*' whose TTL is 0; no tool call: no pin
+    c.arrived("r4", hints("p4"))
+    assert not c.finished(fin("r4", hints("p4"), "```bash\nmake all\n```"), state())[0]
+    c.arrived("r5", hints("p5"))
+    assert not c.finished(fin("r5", hints("p5"), "final answer"), state())[0]
+
+
+def test_client_tool_hint_overrides_output_parsing():
+    c = core()
+    h = hints(tool="ls")
+    c.arrived("r1", h)
+    assert c.finished(fin("r1", h, "no tool call in this text"), state())[0]
+    h2 = hints("p2", tool="make all")
+    c.arrived("r2", h2)
+    assert not c.finished(fin("r2", h2, "```bash\nls\n```"), state())[0]
+
+
+def test_no_pin_without_program_after_last_turn_or_abort():
+    c = core()
+    anon = parse_hints(None, {})
+    c.arrived("a", anon)
+    assert not c.finished(fin("a", anon, "```bash\nls\n```"), state())[0]
+    last = hints(last_turn=True)
+    c.arrived("b", last)
+    assert not c.finished(fin("b", last, "```bash\nls\n```"), state())[0]
+    c.arrived("c", hints("p9"))
+    assert not c.finished(fin("c", hints("p9"), "```bash\nls\n```", natural=False), state())[0]
+    assert not c.pins
+
+
+def test_release_on_admission_hit_and_miss():
+    c = core()
+    c.arrived("r1", hints())
+    c.finished(fin("r1", hints(), "```bash\nls\n```", tokens=330), state(now=0))
+    c.arrived("r2", hints(), now=0.2)
+    assert c.pins["r1"].next_request_id == "r2"
+    assert c.tick(now=100) == []  # next turn is here: no expiry while it waits
+    rel = c.admitted("r2", cached_tokens=320, now=0.3)  # 320 = the pinned full blocks (330 // 16 * 16)
+    assert [(r.request_id, r.reason) for r in rel] == [("r1", "hit")]
+    assert c.stats.pin_hits == 1 and c.pinned_blocks == 0
+    c.finished(fin("r2", hints(), "```bash\nls\n```", tokens=400), state(now=1))
+    c.arrived("r3", hints(), now=1.1)
+    assert c.admitted("r3", cached_tokens=16)[0].reason == "miss"
+
+
+def test_expiry_abort_and_last_turn_release():
+    c = core()
+    c.arrived("r1", hints())
+    c.finished(fin("r1", hints(), "```bash\nls\n```"), state(now=0))
+    assert c.next_deadline() == 5.0
+    assert c.tick(now=4.9) == []
+    assert [r.reason for r in c.tick(now=5.0)] == ["expired"]
+    assert not c.pins and c.next_deadline() is None
+    # abort of the program's next request frees the program's pin
+    c.finished(fin("r2", hints(), "```bash\nls\n```"), state(now=10))
+    c.arrived("r3", hints(), now=10.5)
+    assert [(r.request_id, r.reason) for r in c.aborted("r3")] == [("r2", "abort")]
+    # last turn: its own finish never pins, and a pin still held by the program is released
+    c.arrived("r4", hints("q"))
+    c.finished(fin("r4", hints("q"), "```bash\nls\n```"), state(now=20))
+    last = hints("q", last_turn=True)
+    c.arrived("r5", last, now=20.1)
+    pinned, rel = c.finished(fin("r5", last, "```bash\nls\n```"), state(now=21))
+    assert not pinned and [r.request_id for r in rel] == ["r4"]
+    assert c.pinned_blocks == 0
+
+
+def test_pin_budget_share_and_value_order():
+    c = core(max_pin_share=0.5)
+    for i in range(3):  # 3 x 20 blocks of 'sleep' (p_hit 0.5) = 60 > 50
+        h = hints(f"p{i}")
+        c.arrived(f"r{i}", h)
+        c.finished(fin(f"r{i}", h, "```bash\nsleep 1\n```"), state(now=0))
+    assert c.pinned_blocks <= 50 and len(c.pins) == 2 and c.stats.pins_skipped_budget == 1
+    # an 'ls' pin (p_hit 0.9) is worth more per block: it displaces a 'sleep' pin
+    h = hints("px")
+    c.arrived("rx", h)
+    pinned, rel = c.finished(fin("rx", h, "```bash\nls\n```"), state(now=0.1))
+    assert pinned and [r.reason for r in rel] == ["budget"]
+    assert c.pinned_blocks <= 50
+
+
+def test_pressure_valve_releases_lowest_value_first():
+    c = core(max_pin_share=1.0)
+    for i, cmd in enumerate(["ls", "sleep 1", "ls"]):
+        h = hints(f"p{i}")
+        c.arrived(f"r{i}", h)
+        c.finished(fin(f"r{i}", h, f"```bash\n{cmd}\n```"), state(now=0))
+    first = c.release_for_pressure(now=0.1)
+    assert (first.request_id, first.reason) == ("r1", "pressure")  # the sleep pin (lowest p_hit)
+    assert c.release_for_pressure(now=0.1) is not None
+    assert c.release_for_pressure(now=0.1) is not None
+    assert c.release_for_pressure(now=0.1) is None and c.pinned_blocks == 0
+
+
+def test_vllm_policy_never_pins_nor_reorders():
+    c = PolicyCore(ServeConfig(policy="vllm"))
+    c.arrived("r1", hints())
+    assert not c.finished(fin("r1", hints(), "```bash\nls\n```"), state())[0]
+    c.arrived("r2", hints("b"))
+    assert c.order_waiting(["r1", "r2"]) is None
+
+
+def test_continuum_running_mean_fixed_ttl_release_on_next_finish():
+    c = PolicyCore(ServeConfig(policy="continuum"), block_size=16)
+    h = hints()
+    c.arrived("r1", h, now=0)
+    assert c.finished(fin("r1", h, "```bash\npython train.py\n```"), state(now=1))[0]  # no history yet
+    assert c.pins["r1"].ttl_s == 2.0
+    c.arrived("r2", h, now=6)  # the tool took 5 s: mean 5 > 2 from now on
+    assert c.admitted("r2", 320) == []  # continuum does not release at admission ...
+    pinned, rel = c.finished(fin("r2", h, "```bash\npython train.py\n```"), state(now=7))
+    assert [r.request_id for r in rel] == ["r1"]  # ... but when the next request finishes
+    assert not pinned  # running mean 5 s > 2 s: no pin
+    assert c.tool_means["python"] == (5.0, 1)
+
+
+def test_oracle_pins_true_duration_when_it_pays():
+    c = PolicyCore(ServeConfig(policy="oracle", oracle_slack_s=0.1), block_size=16)
+    short = hints(tool_duration_s=0.5)
+    c.arrived("r1", short)
+    assert c.finished(fin("r1", short, "", tokens=2000), state())[0]  # no tool text needed: hint...
+    assert math.isclose(c.pins["r1"].ttl_s, 0.6)
+    long = hints("p2", tool_duration_s=10_000.0)
+    c.arrived("r2", long)
+    assert not c.finished(fin("r2", long, "```bash\nls\n```", tokens=2000), state(free=1))[0]
+
+
+def test_oracle_without_duration_never_pins():
+    c = PolicyCore(ServeConfig(policy="oracle"), block_size=16)
+    c.arrived("r1", hints())
+    assert not c.finished(fin("r1", hints(), "```bash\nls\n```"), state())[0]
+
+
+# -- ordering -------------------------------------------------------------------------------------------
+
+
+def test_program_fcfs_pinned_first_and_age_bound():
+    c = core(age_factor=2.0, age_min_s=5.0)
+    c.arrived("old1", hints("old"), now=0)
+    c.finished(fin("old1", hints("old"), "final"), state(now=1))
+    c.arrived("new1", hints("new"), now=2)
+    c.arrived("old2", hints("old"), now=3)  # a later turn of an older program
+    assert c.order_waiting(["new1", "old2"], now=3.5) == [1, 0]  # older program first
+    # a program holding a pin goes before older programs
+    c.arrived("pin1", hints("pinned"), now=3.6)
+    c.finished(fin("pin1", hints("pinned"), "```bash\nls\n```"), state(now=3.7))
+    c.arrived("pin2", hints("pinned"), now=3.8)
+    assert c.order_waiting(["new1", "old2", "pin2"], now=3.9) == [2, 1, 0]
+    # age bound: after 5 s of waiting new1 is overdue and goes first
+    assert c.order_waiting(["new1", "old2", "pin2"], now=7.5) == [0, 2, 1]
+
+
+def test_no_starvation_under_a_stream_of_older_programs():
+    """A young program's request is served within the age bound although older programs keep coming."""
+    c = core(age_factor=2.0, age_min_s=1.0)
+    for i in range(5):
+        c.arrived(f"o{i}", hints(f"old{i}"), now=0)
+    c.arrived("y", hints("young"), now=1)
+    waiting, now, served_at = [f"o{i}" for i in range(5)] + ["y"], 1.0, None
+    k = 0
+    while served_at is None and now < 100:
+        order = c.order_waiting(waiting, now=now)
+        rid = waiting.pop(order[0])
+        c.admitted(rid, 0, now=now)
+        if rid == "y":
+            served_at = now
+        k += 1
+        c.arrived(f"o{k}b", hints(f"old{k % 5}"), now=now)  # older programs' next turns keep arriving
+        waiting.append(f"o{k}b")
+        now += 0.5
+    assert served_at is not None and served_at - 1 <= c.order.age_bound_s + 0.5
+
+
+def test_strict_fcfs_for_continuum_can_starve():
+    c = PolicyCore(ServeConfig(policy="continuum"))
+    c.arrived("o", hints("old"), now=0)
+    c.arrived("y", hints("young"), now=1)
+    c.arrived("o2", hints("old"), now=2)
+    assert c.order_waiting(["y", "o2"], now=1000) == [1, 0]
+
+
+# -- online adaptation ----------------------------------------------------------------------------------
+
+
+def test_blend_quantiles_moves_from_prior_to_observations():
+    prior = [1.0, 10.0, 100.0]
+    assert blend_quantiles(LEVELS, prior, 20, []) == pytest.approx(prior, rel=0.05)
+    obs = [0.2] * 200
+    q = blend_quantiles(LEVELS, prior, 20, obs)
+    assert q[1] == pytest.approx(0.2) and q[0] <= q[1] <= q[2]
+
+
+def test_online_observations_refresh_the_table():
+    t = tables()
+    on = OnlineDurations(t, min_samples=5, prior_weight=5, min_interval_s=0.0)
+    assert t.lookup(["make", "*"], 100, 0.1).ttl_s == 0.0
+    for i in range(50):
+        on.observe(["make", "*"], 0.05, now=i)
+    d = t.lookup(["make", "*"], 100, 0.1)
+    assert d.key == "make" and d.ttl_s > 0  # 'make' proved fast here: now pinned
+
+
+def test_core_measures_tool_durations_and_adapts():
+    c = core(online_min_samples=3)
+    seen = []
+    c.sink.tool_observed = seen.append  # type: ignore[method-assign]
+    now = 0.0
+    for turn in range(6):
+        rid = f"r{turn}"
+        c.arrived(rid, hints(), now=now)
+        c.admitted(rid, 0, now=now)
+        c.finished(fin(rid, hints(), "```bash\nmake all\n```"), state(now=now + 0.1))
+        now += 0.1 + 0.3  # the tool takes 0.3 s
+    assert len(seen) == 5 and all(o.duration_s == pytest.approx(0.3) for o in seen)
+    assert seen[0].keys[0] == "make:all" and seen[0].turn_index == 0
+    assert c.tables.lookup(["make:all", "make", "*"], 320, 0.1).ttl_s > 0
+
+
+# -- invariants -----------------------------------------------------------------------------------------
+
+
+def test_random_workload_invariants():
+    """Pinned-block accounting stays exact and every pin is gone after the longest TTL."""
+    rng = random.Random(7)
+    c = core(max_pin_share=0.4)
+    now, rid, live = 0.0, 0, {}
+    for _ in range(2000):
+        now += rng.random() * 0.2
+        op = rng.random()
+        prog = f"p{rng.randrange(12)}"
+        if op < 0.35:
+            rid += 1
+            live[f"r{rid}"] = hints(prog, last_turn=rng.random() < 0.1)
+            c.arrived(f"r{rid}", live[f"r{rid}"], now=now)
+        elif op < 0.6 and live:
+            r = rng.choice(sorted(live))
+            c.admitted(r, rng.choice([0, 320]), now=now)
+        elif op < 0.85 and live:
+            r = rng.choice(sorted(live))
+            text = rng.choice(["```bash\nls\n```", "```bash\nsleep 2\n```", "done", ""])
+            c.finished(
+                fin(r, live.pop(r), text, blocks=rng.randint(1, 30)), state(now=now, free=rng.randint(0, 100))
+            )
+        elif op < 0.95 and live:
+            c.aborted(live.pop(rng.choice(sorted(live))))
+        elif rng.random() < 0.3 and c.pins:
+            c.release_for_pressure(now=now)
+        c.tick(now=now)
+        assert c.pinned_blocks == sum(p.blocks for p in c.pins.values())
+        assert c.pinned_blocks <= 40
+        assert all(p.program_id in c.programs and c.programs[p.program_id].pin is p for p in c.pins.values())
+    for r in list(live):
+        c.aborted(r)
+    c.tick(now=now + 6)
+    assert not c.pins and c.pinned_blocks == 0
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ConfigError, match="policy must be one of"):
+        ServeConfig(policy="fast").validate()
+    with pytest.raises(ConfigError, match="needs a TTL model"):
+        ServeConfig(policy="ttl").validate()
+    with pytest.raises(ConfigError, match="unknown ctk setting"):
+        ServeConfig.from_mapping({"nope": 1})
+    cfg = ServeConfig.from_env({"CTK_POLICY": "oracle", "CTK_MAX_PIN_SHARE": "0.3", "CTK_DETECTORS": "bash"})
+    assert (cfg.policy, cfg.max_pin_share, cfg.detectors) == ("oracle", 0.3, ("bash",))
+    assert ServeConfig.from_env(cfg.to_env()) == cfg
