@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -83,64 +80,28 @@ class CompareConfig:
 
 
 class Launcher(Protocol):
-    """Starts a server for one policy and returns its process (stopped by :func:`stop_server`)."""
+    """Starts a server for one policy and returns its process (stopped with ``stop_server``)."""
 
     def __call__(
-        self, model_path: Path, port: int, policy: str, ttl_model: Path | None, extra_args: list[str]
+        self,
+        model_path: Path,
+        port: int,
+        policy: str,
+        ttl_model: Path | None,
+        extra_args: list[str],
+        log_path: Path,
     ) -> subprocess.Popen: ...
 
 
 def default_launcher(
-    model_path: Path, port: int, policy: str, ttl_model: Path | None, extra_args: list[str]
+    model_path: Path, port: int, policy: str, ttl_model: Path | None, extra_args: list[str], log_path: Path
 ) -> subprocess.Popen:
     """``ctk serve``'s launcher (the serve part's ``launch_server``)."""
     from ctk.engine_patch.server import launch_server
 
-    return launch_server(model_path, port, policy, ttl_model=ttl_model, extra_args=tuple(extra_args))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(base_url: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    """Poll ``/v1/models`` until the server answers; fail early when the process dies."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise CompareError(f"the server exited with code {proc.returncode} before it was ready")
-        try:
-            if httpx.get(base_url + "/v1/models", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise CompareError(f"the server at {base_url} was not ready within {timeout_s:.0f} s")
-
-
-def stop_server(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    """SIGINT, then SIGTERM, then SIGKILL the server's process group (its engine core runs as a child)."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGINT, timeout_s), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig) if _own_group(proc) else proc.send_signal(sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _own_group(proc: subprocess.Popen) -> bool:
-    try:
-        return os.getpgid(proc.pid) == proc.pid
-    except ProcessLookupError:
-        return False
+    return launch_server(
+        model_path, port, policy, ttl_model=ttl_model, extra_args=tuple(extra_args), log_path=log_path
+    )
 
 
 def warm_up(base_url: str, model: str | None = None) -> None:
@@ -303,18 +264,27 @@ def run_policy(
     launcher: Launcher = default_launcher,
     log: Callable[[str], None] = print,
 ) -> ReplayResult:
+    from ctk.engine_patch.server import ServerError, free_port, stop_server, wait_ready
+
     port = cfg.port or free_port()
     base_url = f"http://127.0.0.1:{port}"
+    log_path = out_dir / f"server-{policy}.log"
     t0 = time.monotonic()
-    proc = launcher(Path(model_dir), port, policy, ttl_model if policy == "ttl" else None, cfg.server.args())
+    proc = launcher(
+        Path(model_dir), port, policy, ttl_model if policy == "ttl" else None, cfg.server.args(), log_path
+    )
     try:
-        wait_ready(base_url, proc, cfg.server.startup_timeout_s)
+        try:
+            wait_ready(base_url, cfg.server.startup_timeout_s, proc)
+        except ServerError as exc:
+            raise CompareError(f"[{policy}] {exc}") from None
         warm_up(base_url)
         log(f"[{policy}] server ready in {time.monotonic() - t0:.0f} s; replaying")
         rcfg = dataclasses.replace(cfg.replay, base_url=base_url, label=policy)
         result = run_replay(programs, cfg.workload, rcfg)
     finally:
         stop_server(proc)
+    result.config["server_log"] = str(log_path)
     result.save(out_dir / f"replay-{policy}.json")
     s = result.summary()
     log(

@@ -72,7 +72,8 @@ def plot_tool_durations(tools: pd.DataFrame, out_dir: Path, top: int = 12) -> Fi
     plt = _plt()
     fig, ax = plt.subplots(figsize=(9, 0.42 * len(tools_top) + 1.6))
     data = [np.log10(df.loc[df["tool"] == t, "duration_s"].to_numpy()) for t in tools_top]
-    ax.boxplot(data, vert=False, showfliers=True, flierprops={"markersize": 2, "alpha": 0.4}, widths=0.6)
+    fliers = {"markersize": 2, "alpha": 0.4}
+    ax.boxplot(data, orientation="horizontal", showfliers=True, flierprops=fliers, widths=0.6)
     ax.set_yticks(range(1, len(tools_top) + 1), [f"{t} (n={counts[t]})" for t in tools_top])
     ax.invert_yaxis()
     ticks = [-3, -2, -1, 0, 1, 2, 3]
