@@ -1,0 +1,175 @@
+"""CLI: ``ctk collect swebench``, ``ctk collect bfcl`` and ``ctk proxy``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+collect_app = typer.Typer(help="Record real agent runs into a trace store.", no_args_is_help=True)
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.secho(f"error: {msg}", err=True, fg="red")
+    raise typer.Exit(code)
+
+
+class _Progress:
+    """A rich progress bar over programs, with a running count of outcomes."""
+
+    def __init__(self, total: int, label: str):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"),
+            transient=False,
+        )
+        self.task = self.progress.add_task(label, total=total, status="")
+        self.ok = self.failed = self.running = 0
+
+    def on_start(self, key: str) -> None:
+        self.running += 1
+        self._update()
+
+    def on_done(self, res) -> None:
+        self.running -= 1
+        if res.ok:
+            self.ok += 1
+        else:
+            self.failed += 1
+        self.progress.advance(self.task)
+        self._update()
+
+    def _update(self) -> None:
+        self.progress.update(self.task, status=f"running {self.running}, ok {self.ok}, failed {self.failed}")
+
+    def __enter__(self) -> _Progress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+def _print_summary(summary, db: Path) -> None:
+    typer.echo(
+        f"{summary.completed} programs recorded, {summary.failed} failed, {summary.skipped_complete} already "
+        f"complete (skipped), {summary.redone_incomplete} unfinished redone; "
+        f"{summary.n_llm_calls} LLM calls, {summary.n_tool_calls} tool calls -> {db}"
+    )
+    if summary.outcomes:
+        typer.echo("outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.outcomes.items())))
+    for err in summary.errors[:20]:
+        typer.secho(f"  {err}", err=True, fg="yellow")
+    if len(summary.errors) > 20:
+        typer.secho(f"  ... and {len(summary.errors) - 20} more", err=True, fg="yellow")
+    if summary.interrupted:
+        typer.secho(
+            "interrupted: unfinished programs stay marked incomplete; re-run with --resume",
+            err=True,
+            fg="yellow",
+        )
+
+
+@collect_app.command("swebench")
+def swebench(
+    db: Path = typer.Option(..., "--db", help="trace store (DuckDB file; created if missing)"),
+    base_url: str = typer.Option(
+        None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"
+    ),
+    model: str = typer.Option("default", "--model", "-m", help="model name sent to the endpoint"),
+    api_key: str = typer.Option(None, "--api-key", envvar="CTK_API_KEY", help="API key (never logged)"),
+    instances: str = typer.Option(
+        None, "--instances", help="JSON/JSONL file or folder of instances, or 'bundled'"
+    ),
+    subset: str = typer.Option(
+        None, "--subset", help="SWE-bench subset from the hub: verified|lite|full|..."
+    ),
+    split: str = typer.Option("test", "--split"),
+    slice_spec: str = typer.Option("", "--slice", help="start:stop[:step] over the selected instances"),
+    filter_spec: str = typer.Option("", "--filter", help="regex on instance ids"),
+    env: str = typer.Option("local", "--env", help="local (a git working copy per instance) or docker"),
+    repo_dir: Path = typer.Option(
+        None, "--repo-dir", help="local env: folder of repositories/archives by name"
+    ),
+    config: list[str] = typer.Option(
+        [], "--config", "-c", help="mini-swe-agent config spec(s); default swebench.yaml"
+    ),
+    model_class: str = typer.Option(
+        None, "--model-class", help="mini-swe-agent model class (default litellm)"
+    ),
+    step_limit: int = typer.Option(None, "--step-limit", help="max LLM calls per program"),
+    timeout: int = typer.Option(None, "--timeout", help="seconds per tool call before it is killed"),
+    workers: int = typer.Option(1, "--workers", "-w", help="programs run concurrently"),
+    arrival: str = typer.Option("fixed", "--arrival", help="fixed (concurrency = workers) or poisson"),
+    rate: float = typer.Option(None, "--rate", help="poisson arrivals: programs per second"),
+    seed: int = typer.Option(0, "--seed"),
+    repeats: int = typer.Option(1, "--repeats", help="runs per instance (program ids get #k)"),
+    resume: bool = typer.Option(False, "--resume", help="skip complete programs, redo unfinished ones"),
+    source: str = typer.Option(
+        "collect-swebench", "--source", help="source label; program ids are SOURCE/ID"
+    ),
+    workdir: Path = typer.Option(
+        None, "--workdir", help="local env: where working copies go (default: temp)"
+    ),
+    keep_workdirs: bool = typer.Option(False, "--keep-workdirs"),
+    traj_dir: Path = typer.Option(None, "--traj-dir", help="also save mini-swe-agent *.traj.json files here"),
+    send_metadata: bool = typer.Option(
+        True,
+        "--send-metadata/--no-send-metadata",
+        help="send session_id / vllm_xargs (turn this off for non-vLLM APIs)",
+    ),
+) -> None:
+    """Run mini-swe-agent over SWE-bench instances and record every LLM and tool call."""
+    from ctk.collect.arrival import ArrivalError
+    from ctk.collect.swebench import CollectError, SwebenchOptions, collect_swebench
+    from ctk.datasets.instances import InstanceError, load_instances
+    from ctk.store import StoreError
+
+    try:
+        rows = load_instances(instances, subset, split, filter_spec, slice_spec)
+    except InstanceError as exc:
+        _fail(str(exc))
+    if not rows:
+        _fail("no instances selected (check --filter / --slice)")
+    opts = SwebenchOptions(
+        db=db,
+        base_url=base_url,
+        model=model,
+        api_key=api_key,
+        model_class=model_class,
+        env=env,
+        configs=list(config),
+        step_limit=step_limit,
+        timeout=timeout,
+        workers=workers,
+        arrival=arrival,
+        rate=rate,
+        seed=seed,
+        resume=resume,
+        repeats=repeats,
+        source=source,
+        repo_dir=repo_dir,
+        workdir=workdir,
+        keep_workdirs=keep_workdirs,
+        traj_dir=traj_dir,
+        send_metadata=send_metadata,
+    )
+    try:
+        with _Progress(len(rows) * repeats, "swebench") as prog:
+            summary = collect_swebench(opts, rows, on_start=prog.on_start, on_done=prog.on_done)
+    except (CollectError, ArrivalError, StoreError) as exc:
+        _fail(str(exc))
+    _print_summary(summary, db)
+    if summary.interrupted:
+        raise typer.Exit(130)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(collect_app, name="collect")

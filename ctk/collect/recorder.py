@@ -1,0 +1,436 @@
+"""Timing wrappers and store writes shared by the collectors.
+
+The agent's thread only takes clock readings and enqueues records; a single background
+:class:`StoreWriter` thread commits them to the :class:`~ctk.store.TraceStore` in order (one DuckDB
+transaction per step costs tens of milliseconds, far more than the ≤ 1 ms budget per step). A kill
+loses only what is still queued (normally nothing or the step in flight); :meth:`StoreWriter.close`
+drains the queue on Ctrl-C and normal exit.
+
+Durations come from ``time.monotonic()``; wall-clock ``*_unix_s`` stamps are stored alongside.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shlex
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ctk.store import LLMCallRecord, ProgramRecord, ToolCallRecord, TraceStore
+
+log = logging.getLogger(__name__)
+
+#: Leading words that do not name the program a shell command runs.
+_PREFIX_WORDS = {"cd", "export", "source", ".", "set", "env", "time", "timeout", "nohup", "sudo", "exec"}
+_SEPARATORS = {"&&", "||", ";", "|", "&"}
+MAX_COMMAND_CHARS = 2000
+
+
+def command_names(command: str | None) -> tuple[str | None, str | None]:
+    """``(tool_name, main_program)`` of a shell command.
+
+    ``tool_name`` is the first word (basename); ``main_program`` the first program after leading
+    ``cd``/``export``/``VAR=value`` segments, e.g. ``"cd /r && python -m pytest"`` -> ``("cd", "python")``.
+    """
+    if not command or not command.strip():
+        return None, None
+    try:
+        lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        words = list(lexer)
+    except ValueError:  # unbalanced quotes: fall back to plain splitting
+        words = command.split()
+    if not words:
+        return None, None
+    tool = words[0].rsplit("/", 1)[-1]
+    main: str | None = None
+    skip_segment = False
+    expect_program = True
+    for word in words:
+        if word in _SEPARATORS:
+            skip_segment, expect_program = False, True
+            continue
+        if skip_segment or not expect_program:
+            continue
+        if "=" in word and not word.startswith("=") and word.split("=", 1)[0].isidentifier():
+            continue  # VAR=value prefix
+        name = word.rsplit("/", 1)[-1]
+        if name in ("cd", "export", "source", ".", "set"):
+            skip_segment = True
+            continue
+        if name in _PREFIX_WORDS:
+            continue  # `time python x` -> python (arguments of timeout are skipped below)
+        if name.replace(".", "").isdigit() or name.startswith("-"):
+            continue  # `timeout 30 python ...`
+        main = name
+        expect_program = False
+        break
+    return tool, main or tool
+
+
+@dataclass
+class Stamp:
+    """A pair of clock readings: monotonic for durations, wall-clock for alignment."""
+
+    mono: float
+    unix: float
+
+    @classmethod
+    def now(cls) -> Stamp:
+        return cls(time.monotonic(), time.time())
+
+
+class StoreWriter:
+    """Commits records to a trace store from one background thread, in submission order."""
+
+    def __init__(self, store: TraceStore):
+        self.store = store
+        self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue()
+        self.errors: list[str] = []
+        self.n_written = 0
+        self._thread = threading.Thread(target=self._run, name="ctk-store-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, op: str, payload: Any) -> None:
+        """Queue one write: ``op`` is ``begin``, ``llm``, ``tool``, ``finish`` or ``call`` (a callable)."""
+        self._queue.put((op, payload))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                op, payload = item
+                if op == "tool":  # coalesce consecutive tool calls into one transaction
+                    batch = [payload]
+                    while True:
+                        try:
+                            nxt = self._queue.get_nowait()
+                        except queue.Empty:
+                            break
+                        if nxt is not None and nxt[0] == "tool":
+                            batch.append(nxt[1])
+                            self._queue.task_done()
+                            continue
+                        self._write("tools", batch)
+                        batch = []
+                        if nxt is None:
+                            self._queue.task_done()
+                            return
+                        self._write(*nxt)
+                        self._queue.task_done()
+                        break
+                    if batch:
+                        self._write("tools", batch)
+                else:
+                    self._write(op, payload)
+            finally:
+                self._queue.task_done()
+
+    def _write(self, op: str, payload: Any) -> None:
+        try:
+            if op == "begin":
+                self.store.begin_program(payload)
+            elif op == "llm":
+                self.store.add_llm_call(payload)
+            elif op == "tools":
+                self.store.add_tool_calls(payload)
+            elif op == "finish":
+                self.store.finish_program(**payload)
+            elif op == "call":
+                payload()
+            else:
+                raise ValueError(f"unknown write {op!r}")
+            self.n_written += 1
+        except Exception as exc:  # keep writing the rest; report at close
+            msg = f"store write {op} failed: {exc}"
+            log.error(msg)
+            self.errors.append(msg)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything queued so far is committed."""
+        if timeout is None:
+            self._queue.join()
+            return
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class ProgramRecorder:
+    """Records one program (agent run) step by step through a :class:`StoreWriter`."""
+
+    writer: StoreWriter
+    program: ProgramRecord
+    provenance: str = "ctk-collect"
+    turn: int = -1
+    last_prompt_tokens: int | None = None
+    last_completion_tokens: int | None = None
+    last_response_chars: int | None = None
+    n_tool_calls: int = 0
+    _call_index: int = 0
+    _finished: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.program.start_unix_s is None:
+            self.program.start_unix_s = time.time()
+        self.writer.submit("begin", self.program)
+
+    @property
+    def program_id(self) -> str:
+        return self.program.program_id
+
+    def next_turn(self) -> int:
+        self.turn += 1
+        self._call_index = 0
+        return self.turn
+
+    def llm_call(
+        self,
+        sent: Stamp,
+        finished: Stamp,
+        *,
+        first_token: Stamp | None = None,
+        usage: dict[str, Any] | None = None,
+        finish_reason: str | None = None,
+        response_chars: int | None = None,
+        quality_flag: str = "ok",
+        turn: int | None = None,
+    ) -> LLMCallRecord:
+        usage = usage or {}
+        details = usage.get("prompt_tokens_details") or {}
+        rec = LLMCallRecord(
+            program_id=self.program_id,
+            turn_index=self.turn if turn is None else turn,
+            source=self.program.source,
+            sent_unix_s=sent.unix,
+            first_token_unix_s=first_token.unix if first_token else None,
+            finished_unix_s=finished.unix,
+            latency_s=finished.mono - sent.mono,
+            ttft_s=(first_token.mono - sent.mono) if first_token else None,
+            prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
+            completion_tokens=_int_or_none(usage.get("completion_tokens")),
+            cached_tokens=_int_or_none(details.get("cached_tokens") if isinstance(details, dict) else None),
+            finish_reason=finish_reason,
+            response_chars=response_chars,
+            quality_flag=quality_flag,
+            provenance=self.provenance,
+        )
+        self.last_prompt_tokens = rec.prompt_tokens
+        self.last_completion_tokens = rec.completion_tokens
+        self.last_response_chars = response_chars
+        self.writer.submit("llm", rec)
+        return rec
+
+    def tool_call(
+        self,
+        start: Stamp,
+        end: Stamp,
+        *,
+        command: str | None,
+        tool_name: str | None = None,
+        exit_status: str | None = None,
+        output_chars: int | None = None,
+        censored: bool = False,
+        injected: bool = False,
+        is_final: bool = False,
+        provenance: str | None = None,
+        quality_flag: str = "ok",
+        turn: int | None = None,
+    ) -> ToolCallRecord:
+        tool, main = command_names(command)
+        if tool_name is not None:  # a named tool (function call): the command is its arguments
+            tool, main = tool_name, tool_name
+        rec = ToolCallRecord(
+            program_id=self.program_id,
+            turn_index=self.turn if turn is None else turn,
+            source=self.program.source,
+            tool_name=tool,
+            main_program=main,
+            command_or_args=command[:MAX_COMMAND_CHARS] if command else command,
+            duration_s=end.mono - start.mono,
+            call_index=self._call_index,
+            start_unix_s=start.unix,
+            end_unix_s=end.unix,
+            exit_status=exit_status,
+            output_chars=output_chars,
+            censored=censored,
+            quality_flag=quality_flag,
+            provenance=provenance or self.provenance,
+            injected=injected,
+            is_final=is_final,
+            context_tokens=self.last_prompt_tokens,
+            llm_output_tokens=self.last_completion_tokens,
+            llm_output_chars=self.last_response_chars,
+        )
+        self._call_index += 1
+        self.n_tool_calls += 1
+        self.writer.submit("tool", rec)
+        return rec
+
+    def finish(self, outcome: str | None) -> None:
+        """Mark the program complete (only call when the agent ended on its own terms)."""
+        if self._finished:
+            return
+        self._finished = True
+        self.writer.submit(
+            "finish",
+            {
+                "program_id": self.program_id,
+                "outcome": outcome,
+                "end_unix_s": time.time(),
+                "n_turns": self.turn + 1,
+            },
+        )
+
+
+def _int_or_none(v: Any) -> int | None:
+    try:
+        return int(v) if v is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+# -- mini-swe-agent wrappers (duck-typed: no mini-swe-agent import at module load) ---------------------
+
+
+def _to_dict(obj: Any) -> dict:
+    if obj is None:
+        return {}
+    if isinstance(obj, dict):
+        return obj
+    for name in ("model_dump", "dict"):
+        fn = getattr(obj, name, None)
+        if callable(fn):
+            try:
+                return fn()
+            except Exception:  # noqa: S112 - try the next representation
+                continue
+    return {}
+
+
+def _response_facts(message: dict) -> tuple[dict, str | None, int]:
+    """(usage, finish_reason, response_chars) from a mini-swe-agent model message."""
+    extra = message.get("extra") or {}
+    response = _to_dict(extra.get("response"))
+    usage = _to_dict(response.get("usage"))
+    finish = None
+    choices = response.get("choices") or []
+    if choices:
+        finish = _to_dict(choices[0]).get("finish_reason")
+    chars = len(message.get("content") or "")
+    for tc in message.get("tool_calls") or []:
+        fn = _to_dict(tc).get("function") or {}
+        chars += len(_to_dict(fn).get("arguments") or "")
+    return usage, finish, chars
+
+
+class RecordingModel:
+    """Wraps a mini-swe-agent model: times ``query`` and passes program metadata to the endpoint.
+
+    ``request_kwargs(turn)`` returns extra keyword arguments for the model's ``query`` (e.g. litellm's
+    ``extra_body`` / ``extra_headers`` carrying the vLLM ``session_id`` and ``vllm_xargs``).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        recorder: ProgramRecorder,
+        request_kwargs: Callable[[int], dict[str, Any]] | None = None,
+    ):
+        self._model = model
+        self._recorder = recorder
+        self._request_kwargs = request_kwargs
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def query(self, messages: list[dict], **kwargs: Any) -> dict:
+        rec = self._recorder
+        turn = rec.next_turn()
+        if self._request_kwargs is not None:
+            kwargs = {**self._request_kwargs(turn), **kwargs}
+        sent = Stamp.now()
+        try:
+            message = self._model.query(messages, **kwargs)
+        except Exception as exc:
+            end = Stamp.now()
+            inner = (getattr(exc, "messages", None) or [None])[0]
+            if type(exc).__name__ == "FormatError" and isinstance(inner, dict):
+                usage, finish, chars = _response_facts(inner)
+                rec.llm_call(
+                    sent, end, usage=usage, finish_reason=finish or "format_error", response_chars=chars
+                )
+            else:
+                rec.llm_call(sent, end, finish_reason="error", quality_flag="error")
+            raise
+        end = Stamp.now()
+        usage, finish, chars = _response_facts(message)
+        rec.llm_call(sent, end, usage=usage, finish_reason=finish, response_chars=chars)
+        return message
+
+
+class RecordingEnvironment:
+    """Wraps a mini-swe-agent environment: times every ``execute`` call on the monotonic clock."""
+
+    def __init__(self, env: Any, recorder: ProgramRecorder):
+        self._env = env
+        self._recorder = recorder
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._env, name)
+
+    def execute(self, action: dict, *args: Any, **kwargs: Any) -> dict:
+        command = action.get("command", "") if isinstance(action, dict) else str(action)
+        start = Stamp.now()
+        try:
+            output = self._env.execute(action, *args, **kwargs)
+        except Exception as exc:
+            end = Stamp.now()
+            if type(exc).__name__ == "Submitted":  # the submit step: ran fine, ends the program
+                inner = (getattr(exc, "messages", None) or [{}])[0]
+                self._recorder.tool_call(
+                    start,
+                    end,
+                    command=command,
+                    exit_status="0",
+                    is_final=True,
+                    output_chars=len(_to_dict(inner).get("content") or ""),
+                )
+            else:
+                self._recorder.tool_call(
+                    start, end, command=command, exit_status="error", quality_flag="error"
+                )
+            raise
+        end = Stamp.now()
+        extra = output.get("extra") or {}
+        timed_out = extra.get("exception_type") in ("TimeoutExpired", "TimeoutError") or (
+            "timeout" in str(extra.get("exception_type", "")).lower()
+        )
+        rc = output.get("returncode")
+        self._recorder.tool_call(
+            start,
+            end,
+            command=command,
+            exit_status="timeout" if timed_out else (str(rc) if rc is not None else None),
+            output_chars=len(output.get("output") or ""),
+            censored=timed_out,
+        )
+        return output
