@@ -222,8 +222,9 @@ class Replayer:
                 r = await client.get("/metrics", timeout=5.0)
                 if r.status_code == 200:
                     row = server_metrics.gauges(server_metrics.parse_metrics(r.text))
-                    row["t_s"] = round(time.time() - t0, 3)
-                    self.result.timeline.append(row)
+                    if row:  # a fresh server exports its gauges only after the first engine step
+                        row["t_s"] = round(time.time() - t0, 3)
+                        self.result.timeline.append(row)
             except httpx.HTTPError:
                 pass
             await asyncio.sleep(self.cfg.sample_interval_s)
