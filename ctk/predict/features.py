@@ -420,7 +420,7 @@ _NETWORK_RE = re.compile(r"(https?://|\bpip3? install|\bgit clone|\bwget\b|\bcur
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """Names of the features :func:`call_features` returns, and which are categorical."""
+    """Feature columns of the learned predictor (text: :func:`text_features`; rest: ``dataset``)."""
 
     categorical: tuple[str, ...] = ("key0", "key1", "source")
     numeric: tuple[str, ...] = (
@@ -442,7 +442,7 @@ class FeatureSpec:
         "is_write",
         "is_background",
         "turn_index",
-        "context_tokens",
+        "context_est",
         "llm_output_chars",
         "prev_duration_log",
         "prev_mean_log",

@@ -1,0 +1,432 @@
+"""CLI: ``ctk train``, ``ctk evaluate``, ``ctk predict``, ``ctk inspect``, ``ctk profile``.
+
+Heavy libraries (pandas, lightgbm, matplotlib) are imported inside the commands so ``ctk --help`` stays fast.
+Every expected failure (bad store, bad model file, bad input) ends with a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+DEFAULT_LEVELS_TEXT = "0.1,0.25,0.5,0.75,0.9,0.95,0.99"
+
+
+def _fail(msg: str) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {msg}")
+    return typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Turn the expected error types into a clear message and exit code 2 (never a traceback)."""
+    from ctk.predict.dataset import DataError
+    from ctk.predict.modelfile import ModelFileError
+    from ctk.predict.profile import ProfileError
+    from ctk.store import StoreError
+
+    try:
+        yield
+    except (ModelFileError, StoreError, DataError, ProfileError) as exc:
+        raise _fail(str(exc)) from None
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        raise _fail(f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def _progress() -> Iterator:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal,
+    ) as prog:
+        tasks: dict[str, int] = {}
+
+        def update(step: str, done: int, total: int) -> None:
+            if step not in tasks:
+                tasks[step] = prog.add_task(step, total=total)
+            prog.update(tasks[step], completed=done, total=total)
+
+        yield update
+
+
+def _levels(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(sorted({float(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise _fail(f"--levels: not a comma-separated list of numbers: {text!r}") from None
+
+
+def _cost(profile: Path | None, block_size: int | None, requeue_delay: float | None):
+    from ctk.predict.profile import cost_model_from
+
+    return cost_model_from(profile, block_size_tokens=block_size, requeue_delay_s=requeue_delay)
+
+
+def _open_rows(path: Path, sources: list[str] | None):
+    """Tool-call rows from a trace store (.duckdb) or an agent-traces CSV."""
+    import pandas as pd
+
+    from ctk.predict.train import load_rows
+
+    if not path.exists():
+        raise _fail(f"{path}: no such file")
+    if path.suffix.lower() in (".csv", ".gz"):
+        try:
+            df = pd.read_csv(path)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise _fail(f"{path}: not a readable CSV ({exc})") from None
+        if sources and "source" in df.columns:
+            df = df[df["source"].isin(sources)]
+        return df, None
+    return load_rows(path, sources)
+
+
+# -- train -----------------------------------------------------------------------------------------------
+
+
+def train(
+    db: Annotated[Path, typer.Option("--db", help="Trace store to train on.")] = Path("traces.duckdb"),
+    predictor: Annotated[str, typer.Option(help="lightgbm | histogram | running-mean")] = "lightgbm",
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write.")] = Path("model.pkl"),
+    levels: Annotated[
+        str, typer.Option(help="Quantile levels (must include 0.5 and 0.9).")
+    ] = DEFAULT_LEVELS_TEXT,
+    source: Annotated[
+        list[str] | None, typer.Option(help="Train on these sources only (repeatable).")
+    ] = None,
+    folds: Annotated[
+        int, typer.Option(help="Evaluation: 1 = one 25% program hold-out; k = k-fold.", min=1)
+    ] = 1,
+    loso: Annotated[bool, typer.Option(help="Also evaluate leave-one-source-out.")] = False,
+    profile: Annotated[Path | None, typer.Option(help="Prefill profile JSON from `ctk profile`.")] = None,
+    block_size: Annotated[int | None, typer.Option(help="KV block size in tokens (cost model).")] = None,
+    requeue_delay: Annotated[float | None, typer.Option(help="Re-queue delay after eviction, s.")] = None,
+    plots: Annotated[Path | None, typer.Option(help="Write calibration / per-tool PNG plots here.")] = None,
+    seed: Annotated[int, typer.Option(help="Split / boosting seed.")] = 0,
+) -> None:
+    """Train a tool-duration predictor, evaluate it on held-out programs, write model.pkl with TTL tables."""
+    from ctk.predict.evaluate import plot, render
+    from ctk.predict.modelfile import save_model
+    from ctk.predict.train import TrainConfig, train_from_store
+
+    with _errors():
+        cost = _cost(profile, block_size, requeue_delay)
+        config = TrainConfig(
+            predictor=predictor, levels=_levels(levels), eval_folds=folds, loso=loso, seed=seed
+        )
+        config.validate()
+        if not db.exists():
+            raise _fail(f"{db}: no such trace store")
+        with _progress() as update:
+            model, evaluation = train_from_store(db, config, cost, source, update)
+        render(evaluation, console)
+        save_model(model, output)
+        if plots:
+            for p in plot(evaluation, plots):
+                console.print(f"plot: {p}")
+    td = model["training_data"]
+    tables = model["ttl_tables"]
+    console.print(
+        f"wrote {output}: {predictor}, {td['rows']} calls from {td['programs']} programs "
+        f"(fingerprint {td['fingerprint']}), {len(tables['ttl_s'])} table keys"
+    )
+
+
+# -- evaluate --------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    db: Annotated[Path, typer.Option("--db", help="Trace store (or agent-traces CSV) to evaluate on.")],
+    model: Annotated[
+        Path | None, typer.Option(help="Evaluate this trained model on ALL rows of --db.")
+    ] = None,
+    predictors: Annotated[str, typer.Option(help="Without --model: predictors to compare.")] = (
+        "running-mean,histogram,lightgbm"
+    ),
+    folds: Annotated[
+        int, typer.Option(help="Without --model: k-fold by program (1 = one 25% hold-out).", min=1)
+    ] = 5,
+    loso: Annotated[bool, typer.Option(help="Without --model: also leave-one-source-out.")] = True,
+    levels: Annotated[str, typer.Option(help="Quantile levels.")] = DEFAULT_LEVELS_TEXT,
+    source: Annotated[list[str] | None, typer.Option(help="Only these sources (repeatable).")] = None,
+    profile: Annotated[Path | None, typer.Option(help="Prefill profile JSON (cost model).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")] = False,
+    plots: Annotated[Path | None, typer.Option(help="Write calibration / per-tool PNG plots here.")] = None,
+    seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
+) -> None:
+    """Evaluate predictors on held-out programs, or a trained model on another store's programs."""
+    from ctk.predict.dataset import prepare_frame
+    from ctk.predict.evaluate import evaluate_fitted, evaluate_frame, plot, render
+    from ctk.predict.modelfile import load_model
+    from ctk.predict.predictors import PREDICTOR_NAMES
+    from ctk.predict.train import model_cost, model_tables, predictors_from_model
+
+    with _errors():
+        rows, _ = _open_rows(db, source)
+        frame, skipped = prepare_frame(rows)
+        if model is not None:
+            m = load_model(model)
+            fitted = predictors_from_model(m, str(model))
+            cost = _cost(profile, None, None) if profile else model_cost(m)
+            result = evaluate_fitted(frame, fitted, cost, {m.get("predictor"): model_tables(m, str(model))})
+            result["model"] = {
+                "path": str(model),
+                "predictor": m.get("predictor"),
+                "training_data": m.get("training_data", {}),
+            }
+        else:
+            names = [n.strip() for n in predictors.split(",") if n.strip()]
+            bad = [n for n in names if n not in PREDICTOR_NAMES]
+            if bad or not names:
+                raise _fail(f"unknown predictor(s) {bad}; choose from {', '.join(PREDICTOR_NAMES)}")
+            lv = _levels(levels)
+            with _progress() as update:
+                result = evaluate_frame(
+                    frame,
+                    names,
+                    _cost(profile, None, None),
+                    folds=folds,
+                    seed=seed,
+                    loso=loso,
+                    params={n: {"levels": lv} for n in names},
+                    progress=update,
+                )
+        result["skipped_rows"] = skipped
+        if as_json:
+            sys.stdout.write(json.dumps(_jsonable(result), indent=1) + "\n")
+        else:
+            render(result, console)
+        if plots:
+            paths = plot(result, plots)
+            if not as_json:
+                for p in paths:
+                    console.print(f"plot: {p}")
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+# -- predict ---------------------------------------------------------------------------------------------
+
+
+def predict(
+    input_path: Annotated[
+        Path, typer.Argument(metavar="INPUT", help="tool_calls CSV or trace store (.duckdb).")
+    ],
+    model: Annotated[Path, typer.Option(help="Model file from `ctk train`.")] = Path("model.pkl"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output CSV (or .parquet).")] = Path(
+        "predictions.csv"
+    ),
+    pressure: Annotated[float, typer.Option(help="KV-cache usage (0..1) the TTL is chosen for.")] = 0.9,
+    predictor: Annotated[str | None, typer.Option(help="Use this predictor of the model file.")] = None,
+) -> None:
+    """Predict duration quantiles, the TTL and P(T <= TTL) for every tool call of INPUT."""
+    import numpy as np
+    import pandas as pd
+
+    from ctk.predict.dataset import prepare_frame
+    from ctk.predict.evaluate import row_costs
+    from ctk.predict.modelfile import load_model
+    from ctk.predict.train import model_cost, model_tables, predictors_from_model
+
+    with _errors():
+        m = load_model(model)
+        fitted = predictors_from_model(m, str(model))
+        name = predictor or m.get("predictor")
+        if name not in fitted:
+            raise _fail(f"{model}: holds no predictor {name!r} (has {', '.join(fitted)})")
+        pr = fitted[name]
+        cost = model_cost(m)
+        tables = model_tables(m, str(model))
+        rows, _ = _open_rows(input_path, None)
+        if "duration_s" not in rows.columns:
+            rows = rows.assign(duration_s=np.nan)
+        frame, skipped = prepare_frame(rows, keep_unlabelled=True)
+        q = pr.predict_quantiles(frame)
+        b, c = row_costs(frame, cost, pressure)
+        ttl, hit = pr.choose_ttls(frame, q, b, c)
+        out = pd.DataFrame(
+            {
+                "program_id": frame["program_id"],
+                "turn_index": frame["turn_index"],
+                "call_index": frame["call_index"],
+                "key": frame["key0"],
+            }
+        )
+        for j, lv in enumerate(pr.levels):
+            out[f"q{lv:g}"] = q[:, j]
+        out["ttl_s"] = ttl
+        out["p_hit"] = hit
+        ctx = frame["context_est"].fillna(0).astype(int).tolist()
+        dec = [tables.lookup(k, x, pressure) for k, x in zip(frame["keys"], ctx, strict=True)]
+        out["table_ttl_s"] = [d.ttl_s for d in dec]
+        out["table_p_hit"] = [d.p_hit for d in dec]
+        out["table_key"] = [d.key for d in dec]
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.with_name(f".{output.name}.tmp")
+        if output.suffix.lower() == ".parquet":
+            out.to_parquet(tmp, index=False)
+        else:
+            out.to_csv(tmp, index=False)
+        tmp.replace(output)
+    console.print(
+        json.dumps({"rows": len(out), "skipped_rows": skipped, "predictor": name, "output": str(output)})
+    )
+
+
+# -- inspect ---------------------------------------------------------------------------------------------
+
+
+def inspect(
+    model: Annotated[Path, typer.Argument(help="Model file to describe.")],
+    keys: Annotated[int, typer.Option(help="How many table keys to list.")] = 15,
+    as_json: Annotated[bool, typer.Option("--json", help="Print metadata as JSON.")] = False,
+) -> None:
+    """Print what is inside a model file (refuses anything but plain data; never runs code)."""
+    from ctk.predict.evaluate import render
+    from ctk.predict.modelfile import load_model
+    from ctk.predict.train import model_tables
+
+    with _errors():
+        m = load_model(model)
+        tables = model_tables(m, str(model))
+    meta = {
+        k: m.get(k) for k in ("format_version", "ctk_version", "created_utc", "predictor", "quantile_levels")
+    }
+    meta["training_data"] = m.get("training_data", {})
+    meta["cost_model"] = m.get("cost_model", {})
+    meta["calibration"] = m.get("calibration", {})
+    meta["predictors"] = sorted(m.get("predictors", {}))
+    meta["table_keys"] = len(tables.ttl_s)
+    if as_json:
+        meta["feature_importance"] = m.get("feature_importance", {})
+        meta["evaluation"] = m.get("evaluation", {})
+        sys.stdout.write(json.dumps(_jsonable(meta), indent=1, default=str) + "\n")
+        return
+    t = Table(title=f"{model}", show_header=False)
+    for k in ("format_version", "ctk_version", "created_utc", "predictor", "quantile_levels", "predictors"):
+        t.add_row(k, str(meta[k]))
+    for k, v in meta["training_data"].items():
+        t.add_row(f"training_data.{k}", str(v))
+    cm = meta["cost_model"]
+    t.add_row(
+        "cost_model",
+        f"block {cm.get('block_size_tokens')} tokens, re-queue {cm.get('requeue_delay_s')} s, "
+        f"profile {cm.get('profile_source')}",
+    )
+    cal = meta["calibration"]
+    if cal:
+        t.add_row(
+            "calibration",
+            f"{cal.get('method')}; {cal.get('rows')} rows; shifts (log s) "
+            f"{[round(s, 3) for s in cal.get('shifts_log', [])]}",
+        )
+    console.print(t)
+    tt = Table(
+        title=f"TTL tables: {len(tables.ttl_s)} keys x {len(tables.context_edges)} context buckets "
+        f"(edges {tables.context_edges}) x pressure {tables.pressure_levels}"
+    )
+    tt.add_column("key")
+    tt.add_column("n", justify="right")
+    for lv in (0.5, 0.9):
+        if lv in tables.quantile_levels:
+            tt.add_column(f"q{lv:g} s", justify="right")
+    mid = min(1, len(tables.context_edges) - 1)
+    shown_p = [p for p in (0.5, 0.9, 0.95) if p in tables.pressure_levels]
+    for p in shown_p:
+        tt.add_column(f"TTL s @{p:g} ({tables.context_edges[mid]} tok)", justify="right")
+    top = sorted(tables.ttl_s, key=lambda k: -tables.n_samples.get(k, 0))[:keys]
+    for k in top:
+        q = tables.quantiles_s.get(k, [])
+        qcells = [
+            f"{q[tables.quantile_levels.index(lv)]:.3g}"
+            for lv in (0.5, 0.9)
+            if lv in tables.quantile_levels and q
+        ]
+        ttls = [f"{tables.ttl_s[k][mid][tables.pressure_levels.index(p)]:.3g}" for p in shown_p]
+        tt.add_row(k, str(tables.n_samples.get(k, 0)), *qcells, *ttls)
+    console.print(tt)
+    fi = m.get("feature_importance") or {}
+    if fi:
+        console.print(
+            "feature importance (gain, q0.5): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in sorted(fi.items(), key=lambda kv: -kv[1])[:8])
+        )
+    if m.get("evaluation", {}).get("program_split"):
+        render(m["evaluation"], console)
+
+
+# -- profile ---------------------------------------------------------------------------------------------
+
+
+def profile(
+    url: Annotated[str, typer.Option(help="Base URL of a running OpenAI-compatible server.")] = (
+        "http://127.0.0.1:8000/v1"
+    ),
+    model: Annotated[str | None, typer.Option(help="Served model name (default: the first listed).")] = None,
+    lengths: Annotated[str, typer.Option(help="Prompt lengths in tokens.")] = "16,256,1024,2048,4096",
+    repeats: Annotated[int, typer.Option(help="Requests per length (median taken).", min=1)] = 3,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Profile JSON to write.")] = Path(
+        "prefill_profile.json"
+    ),
+) -> None:
+    """Time prefill at several prompt lengths against a running server (input for `ctk train --profile`)."""
+    from ctk.predict.profile import measure_prefill, save_profile
+
+    with _errors():
+        try:
+            lens = [int(x) for x in lengths.split(",") if x.strip()]
+        except ValueError:
+            raise _fail(f"--lengths: not a comma-separated list of integers: {lengths!r}") from None
+        with _progress() as update:
+            prof = measure_prefill(url, model, lens, repeats, progress=update)
+        save_profile(prof, output)
+    t = Table(
+        title=f"Prefill profile of {prof['model']} at {prof['url']} (overhead {prof['overhead_s']:.4f} s)"
+    )
+    t.add_column("prompt tokens", justify="right")
+    t.add_column("prefill s", justify="right")
+    for n, s in zip(prof["prefill_tokens"], prof["prefill_s"], strict=True):
+        t.add_row(str(n), f"{s:.4f}")
+    console.print(t)
+    console.print(f"wrote {output}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train", help="Train a tool-duration predictor and write model.pkl with TTL tables.")(train)
+    app.command("evaluate", help="Evaluate predictors on held-out programs (or a model on another store).")(
+        evaluate
+    )
+    app.command(
+        "predict", help="Predict duration quantiles and TTLs for tool calls in a CSV or trace store."
+    )(predict)
+    app.command("inspect", help="Show what is inside a model file (safe: plain data only).")(inspect)
+    app.command("profile", help="Measure prefill time vs prompt length against a running server.")(profile)

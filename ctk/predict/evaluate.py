@@ -1,0 +1,471 @@
+"""Evaluation of predictors on held-out programs, shared by ``ctk train`` and ``ctk evaluate``.
+
+Splits: grouped K-fold by program (no program on both sides; every row is predicted once, by a model that
+never saw its program) and leave-one-source-out. Metrics per predictor, overall and per tool:
+
+- pinball loss per quantile level (seconds; censored rows scored with Powell's censored loss
+  ``level * max(c - q, 0)``: a prediction at or above the timeout is not penalised, one below it is);
+- coverage per level: share of rows with ``duration <= q`` (for a timed-out row: the timeout was covered);
+- MAE of the median (same censoring rule);
+- decision regret: the cost-model loss of the TTL the predictor chooses, minus the loss of an oracle that
+  knows the true duration (it pins exactly T when that pays, else not), per memory-pressure level. Regret
+  uses the recorded duration, i.e. what the engine experiences (a timed-out tool returns at the timeout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ctk.predict.cost import CostModel
+from ctk.predict.dataset import program_fold
+from ctk.predict.predictors import (
+    CONTINUUM_PIN_S,
+    Predictor,
+    RunningMeanPredictor,
+    build_tables,
+    make_predictor,
+)
+
+HEADLINE_LEVELS = (0.5, 0.9)
+EVAL_PRESSURES = (0.5, 0.8, 0.9, 0.95)
+TOP_TOOLS = 12
+
+Progress = Callable[[str, int, int], None]
+
+
+def pinball(y: np.ndarray, q: np.ndarray, level: float, censored: np.ndarray) -> np.ndarray:
+    d = y - q
+    exact = np.maximum(level * d, (level - 1.0) * d)
+    return np.where(censored, level * np.maximum(d, 0.0), exact)
+
+
+def tool_of(frame: pd.DataFrame) -> pd.Series:
+    """The per-tool grouping of reports: the main program (or tool) level of the command-key chain."""
+    return frame["keys"].map(lambda ks: ks[-2] if len(ks) >= 2 else "*")
+
+
+def score_rows(frame: pd.DataFrame, q: np.ndarray, levels: Sequence[float]) -> dict:
+    """Pinball / coverage per level, mean pinball over the headline levels, MAE of the median."""
+    y = frame["y"].to_numpy()
+    cens = frame["censored"].to_numpy(dtype=bool)
+    out: dict = {"n": len(y), "pinball": {}, "coverage": {}}
+    for j, lvl in enumerate(levels):
+        out["pinball"][f"{lvl:g}"] = float(pinball(y, q[:, j], lvl, cens).mean()) if len(y) else float("nan")
+        out["coverage"][f"{lvl:g}"] = float((y <= q[:, j]).mean()) if len(y) else float("nan")
+    head = [out["pinball"][f"{lv:g}"] for lv in HEADLINE_LEVELS if f"{lv:g}" in out["pinball"]]
+    out["pinball_mean"] = float(np.mean(head)) if head else float("nan")
+    if 0.5 in levels:
+        med = q[:, list(levels).index(0.5)]
+        err = np.where(cens, np.maximum(y - med, 0.0), np.abs(y - med))
+        out["mae_median"] = float(err.mean()) if len(y) else float("nan")
+    return out
+
+
+def row_costs(frame: pd.DataFrame, cost: CostModel, pressure: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: benefit B of a hit and holding cost c per second, at the row's (estimated) context."""
+    ctx = frame["context_est"].fillna(0).to_numpy(dtype=float)
+    uniq, inv = np.unique(ctx.astype(np.int64), return_inverse=True)
+    b = np.array([cost.benefit_s(int(c)) for c in uniq])[inv]
+    c = np.array([cost.holding_cost_per_s(int(x), pressure) for x in uniq])[inv]
+    return b, c
+
+
+def regret_of(ttl: np.ndarray, frame: pd.DataFrame, b: np.ndarray, c: np.ndarray) -> float:
+    """Mean of (cost-model loss of ``ttl``) - (oracle's loss), see :func:`ctk.predict.cost.realized_cost`."""
+    d = frame["duration_s"].to_numpy(dtype=float)
+    if not len(d):
+        return float("nan")
+    ttl = np.asarray(ttl, dtype=float)
+    loss = np.where(ttl > 0, np.where(d <= ttl, 0.0, b) + c * np.minimum(d, ttl), b)
+    best = np.minimum(b, c * d)
+    return float((loss - best).mean())
+
+
+@dataclass
+class Predictions:
+    """Out-of-sample quantiles and TTL decisions of one predictor for the rows of a frame."""
+
+    name: str
+    levels: tuple[float, ...]
+    q: np.ndarray
+    ttl: dict[float, np.ndarray] = field(default_factory=dict)  # pressure -> per-row TTL (row model)
+    ttl_table: dict[float, np.ndarray] = field(default_factory=dict)  # pressure -> TTL from the tables
+
+
+def predict_all(
+    predictor: Predictor,
+    train: pd.DataFrame | None,
+    test: pd.DataFrame,
+    cost: CostModel,
+    pressures: Sequence[float] = EVAL_PRESSURES,
+    tables: bool = True,
+) -> Predictions:
+    """Quantiles and decisions of a fitted predictor on ``test`` (tables are built from ``train``)."""
+    q = predictor.predict_quantiles(test)
+    pred = Predictions(predictor.name, tuple(predictor.levels), q)
+    for p in pressures:
+        b, c = row_costs(test, cost, p)
+        pred.ttl[p] = predictor.choose_ttls(test, q, b, c)[0]
+    if tables and train is not None and not isinstance(predictor, RunningMeanPredictor):
+        t = build_tables(predictor, train, cost)
+        ctx = test["context_est"].fillna(0).astype(int).tolist()
+        for p in pressures:
+            pred.ttl_table[p] = np.array(
+                [t.lookup(k, x, p).ttl_s for k, x in zip(test["keys"], ctx, strict=True)]
+            )
+    return pred
+
+
+def _merge(parts: list[tuple[np.ndarray, Predictions]], n: int) -> Predictions:
+    first = parts[0][1]
+    q = np.zeros((n, len(first.levels)))
+    out = Predictions(first.name, first.levels, q)
+    for idx, pr in parts:
+        q[idx] = pr.q
+        for src, dst in ((pr.ttl, out.ttl), (pr.ttl_table, out.ttl_table)):
+            for p, v in src.items():
+                dst.setdefault(p, np.zeros(n))[idx] = v
+    return out
+
+
+def cross_predict(
+    frame: pd.DataFrame,
+    names: Sequence[str],
+    folds: int,
+    cost: CostModel,
+    seed: int = 0,
+    params: dict[str, dict] | None = None,
+    progress: Progress | None = None,
+    tables: bool = True,
+    max_eval_rows: int = 100_000,
+) -> tuple[dict[str, Predictions], np.ndarray]:
+    """Out-of-fold predictions by program. ``folds`` >= 2: grouped K-fold; 1: one 25 % held-out split.
+
+    Returns the predictions (arrays over all rows of ``frame``) and the mask of rows that were predicted
+    (held out, and at most ``max_eval_rows`` of them, sampled, to bound evaluation time on large stores).
+    """
+    fold = fold_ids(frame, folds, seed)
+    rounds = list(range(folds)) if folds >= 2 else [0]
+    held = np.flatnonzero(fold >= 0)
+    if len(held) > max_eval_rows:
+        keep = np.zeros(len(frame), dtype=bool)
+        keep[np.random.default_rng(seed).choice(held, max_eval_rows, replace=False)] = True
+    else:
+        keep = fold >= 0
+    parts: dict[str, list] = {n: [] for n in names}
+    total = len(rounds) * len(names)
+    done = 0
+    for f in rounds:
+        test_idx = np.flatnonzero((fold == f) & keep)
+        train = frame[fold != f]
+        test = frame.iloc[test_idx]
+        if len(test) == 0 or len(train) == 0:
+            continue
+        for name in names:
+            pr = make_predictor(name, **(params or {}).get(name, {})).fit(train)
+            parts[name].append((test_idx, predict_all(pr, train, test, cost, tables=tables)))
+            done += 1
+            if progress:
+                progress("held-out evaluation", done, total)
+    return {n: _merge(p, len(frame)) for n, p in parts.items() if p}, keep
+
+
+def fold_ids(frame: pd.DataFrame, folds: int, seed: int = 0) -> np.ndarray:
+    """Fold of each row by program (hash-based, stable); ``folds == 1``: 0 = held out (25 %), -1 = train."""
+    if folds <= 1:
+        return np.where(program_fold(frame["program_id"], 0.25, seed), 0, -1)
+    ids = frame["program_id"].astype(str)
+    uniq = ids.unique()
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(uniq))
+    return ids.map(dict(zip(uniq, perm % folds, strict=True))).to_numpy()
+
+
+def report_for(
+    frame: pd.DataFrame,
+    preds: dict[str, Predictions],
+    cost: CostModel,
+    pressures: Sequence[float] = EVAL_PRESSURES,
+) -> dict:
+    """Plain-data report: overall and per-tool scores, regret per pressure (row model and table)."""
+    tools = tool_of(frame)
+    top = tools.value_counts().index[:TOP_TOOLS].tolist()
+    tool_group = tools.where(tools.isin(top), "(other)")
+    out: dict = {
+        "rows": len(frame),
+        "programs": int(frame["program_id"].nunique()),
+        "censored_rows": int(frame["censored"].sum()),
+        "pressures": list(pressures),
+        "predictors": {},
+    }
+    costs = {p: row_costs(frame, cost, p) for p in pressures}
+    ref: dict = {}
+    for p in pressures:
+        b, c = costs[p]
+        ref.setdefault("never-pin", {})[f"{p:g}"] = regret_of(np.zeros(len(frame)), frame, b, c)
+        ref.setdefault("always-2s", {})[f"{p:g}"] = regret_of(
+            np.full(len(frame), CONTINUUM_PIN_S), frame, b, c
+        )
+    out["reference_regret"] = {k: {**v, "mean": float(np.mean(list(v.values())))} for k, v in ref.items()}
+    for name, pr in preds.items():
+        entry = score_rows(frame, pr.q, pr.levels)
+        entry["levels"] = list(pr.levels)
+        reg = {f"{p:g}": regret_of(pr.ttl[p], frame, *costs[p]) for p in pressures if p in pr.ttl}
+        reg["mean"] = float(np.mean(list(reg.values()))) if reg else float("nan")
+        entry["regret"] = reg
+        if pr.ttl_table:
+            regt = {
+                f"{p:g}": regret_of(pr.ttl_table[p], frame, *costs[p]) for p in pressures if p in pr.ttl_table
+            }
+            regt["mean"] = float(np.mean(list(regt.values())))
+            entry["regret_table"] = regt
+        per_tool = {}
+        for tool in [*top, "(other)"]:
+            m = (tool_group == tool).to_numpy()
+            if m.any():
+                s = score_rows(frame[m], pr.q[m], pr.levels)
+                per_tool[tool] = {
+                    "n": s["n"],
+                    "pinball_mean": s["pinball_mean"],
+                    "coverage_0.9": s["coverage"].get("0.9"),
+                    "mae_median": s.get("mae_median"),
+                }
+        entry["per_tool"] = per_tool
+        out["predictors"][name] = entry
+    return out
+
+
+def evaluate_frame(
+    frame: pd.DataFrame,
+    names: Sequence[str],
+    cost: CostModel,
+    folds: int = 5,
+    seed: int = 0,
+    loso: bool = True,
+    params: dict[str, dict] | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """The full evaluation: program split (K-fold or one held-out split) and leave-one-source-out."""
+    preds, mask = cross_predict(frame, names, folds, cost, seed, params, progress)
+    if not preds:
+        raise ValueError("too few programs to hold any out; add traces or use more folds")
+    held = frame[mask]
+    preds = {n: _subset(p, mask) for n, p in preds.items()}
+    result = {
+        "split": f"{folds}-fold by program" if folds >= 2 else "25% of programs held out",
+        "program_split": report_for(held, preds, cost),
+    }
+    sources = sorted(frame["source"].unique())
+    if loso and len(sources) >= 2:
+        result["leave_one_source_out"] = {}
+        for src in sources:
+            test_m = (frame["source"] == src).to_numpy()
+            train, test = frame[~test_m], frame[test_m]
+            if train.empty:
+                continue
+            lp = {}
+            for name in names:
+                pr = make_predictor(name, **(params or {}).get(name, {})).fit(train)
+                lp[name] = predict_all(pr, None, test, cost, tables=False)
+            rep = report_for(test, lp, cost)
+            result["leave_one_source_out"][src] = {
+                n: {
+                    "n": e["n"],
+                    "pinball_mean": e["pinball_mean"],
+                    "coverage_0.9": e["coverage"].get("0.9"),
+                    "mae_median": e.get("mae_median"),
+                    "regret_mean": e["regret"]["mean"],
+                }
+                for n, e in rep["predictors"].items()
+            }
+            if progress:
+                progress("leave-one-source-out", sources.index(src) + 1, len(sources))
+    return result
+
+
+def _subset(pr: Predictions, mask: np.ndarray) -> Predictions:
+    return Predictions(
+        pr.name,
+        pr.levels,
+        pr.q[mask],
+        {p: v[mask] for p, v in pr.ttl.items()},
+        {p: v[mask] for p, v in pr.ttl_table.items()},
+    )
+
+
+def evaluate_fitted(
+    frame: pd.DataFrame, predictors: dict[str, Predictor], cost: CostModel, tables: dict | None = None
+) -> dict:
+    """Evaluate already trained predictors on all rows of ``frame`` (e.g. another deployment's store)."""
+    preds = {}
+    for name, pr in predictors.items():
+        preds[name] = predict_all(pr, None, frame, cost, tables=False)
+        if tables and name in tables:
+            t = tables[name]
+            ctx = frame["context_est"].fillna(0).astype(int).tolist()
+            for p in EVAL_PRESSURES:
+                preds[name].ttl_table[p] = np.array(
+                    [t.lookup(k, x, p).ttl_s for k, x in zip(frame["keys"], ctx, strict=True)]
+                )
+    return {
+        "split": "trained model on all rows of the given store",
+        "program_split": report_for(frame, preds, cost),
+    }
+
+
+# -- rendering -----------------------------------------------------------------------------------------------
+
+
+def _f(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "-"
+    return f"{x:.{digits}f}"
+
+
+def render(result: dict, console=None) -> None:
+    """Rich tables of an evaluation result."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    rep = result["program_split"]
+    console.print(
+        f"[bold]Held-out programs[/] ({result['split']}): {rep['rows']} calls, {rep['programs']} programs, "
+        f"{rep['censored_rows']} censored"
+    )
+    names = list(rep["predictors"])
+    if not names:
+        return
+    levels = rep["predictors"][names[0]]["levels"]
+    t = Table(title="Quantile quality on held-out programs (pinball loss in s, lower is better)")
+    t.add_column("predictor")
+    t.add_column("pinball mean q0.5,q0.9", justify="right")
+    t.add_column("q0.5", justify="right")
+    t.add_column("q0.9", justify="right")
+    t.add_column("MAE median", justify="right")
+    t.add_column("cov q0.9", justify="right")
+    for n in names:
+        e = rep["predictors"][n]
+        t.add_row(
+            n,
+            _f(e["pinball_mean"]),
+            _f(e["pinball"].get("0.5")),
+            _f(e["pinball"].get("0.9")),
+            _f(e.get("mae_median")),
+            _f(e["coverage"].get("0.9")),
+        )
+    console.print(t)
+    c = Table(title="Calibration: share of held-out calls at or below each stated quantile")
+    c.add_column("predictor")
+    for lv in levels:
+        c.add_column(f"q{lv:g}", justify="right")
+    for n in names:
+        e = rep["predictors"][n]
+        c.add_row(n, *[_f(e["coverage"].get(f"{lv:g}"), 2) for lv in levels])
+    console.print(c)
+    r = Table(title="Decision regret vs oracle (s per tool call, cost model; lower is better)")
+    r.add_column("decision")
+    for p in rep["pressures"]:
+        r.add_column(f"KV {p:g}", justify="right")
+    r.add_column("mean", justify="right")
+    for n in names:
+        e = rep["predictors"][n]
+        label = f"{n} (2 s rule)" if n == "running-mean" else f"{n} (per call)"
+        r.add_row(
+            label, *[_f(e["regret"].get(f"{p:g}"), 4) for p in rep["pressures"]], _f(e["regret"]["mean"], 4)
+        )
+        if "regret_table" in e:
+            r.add_row(
+                f"{n} (TTL table)",
+                *[_f(e["regret_table"].get(f"{p:g}"), 4) for p in rep["pressures"]],
+                _f(e["regret_table"]["mean"], 4),
+            )
+    for n, v in rep.get("reference_regret", {}).items():
+        r.add_row(f"[dim]{n}[/]", *[_f(v.get(f"{p:g}"), 4) for p in rep["pressures"]], _f(v["mean"], 4))
+    console.print(r)
+    pt = Table(title="Per tool: pinball mean{0.5,0.9} (s) / q0.9 coverage")
+    pt.add_column("tool")
+    pt.add_column("n", justify="right")
+    for n in names:
+        pt.add_column(n, justify="right")
+    tools = list(rep["predictors"][names[0]]["per_tool"])
+    for tool in tools:
+        cells = []
+        for n in names:
+            e = rep["predictors"][n]["per_tool"].get(tool)
+            cells.append(f"{_f(e['pinball_mean'])} / {_f(e['coverage_0.9'], 2)}" if e else "-")
+        pt.add_row(tool, str(rep["predictors"][names[0]]["per_tool"][tool]["n"]), *cells)
+    console.print(pt)
+    loso = result.get("leave_one_source_out")
+    if loso:
+        lt = Table(title="Leave one source out: pinball mean (s) / q0.9 coverage / regret mean")
+        lt.add_column("held-out source")
+        lt.add_column("n", justify="right")
+        for n in names:
+            lt.add_column(n, justify="right")
+        for src, per in loso.items():
+            first = next(iter(per.values()))
+            lt.add_row(
+                src,
+                str(first["n"]),
+                *[
+                    f"{_f(per[n]['pinball_mean'])} / {_f(per[n]['coverage_0.9'], 2)}"
+                    f" / {_f(per[n]['regret_mean'], 4)}"
+                    if n in per
+                    else "-"
+                    for n in names
+                ],
+            )
+        console.print(lt)
+
+
+def plot(result: dict, out_dir) -> list:
+    """PNG plots: calibration curve (nominal vs empirical coverage) and per-tool pinball loss."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rep = result["program_split"]
+    paths = []
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="ideal")
+    for n, e in rep["predictors"].items():
+        lv = e["levels"]
+        ax.plot(lv, [e["coverage"][f"{x:g}"] for x in lv], marker="o", label=n)
+    ax.set_xlabel("stated quantile level")
+    ax.set_ylabel("share of held-out calls at or below it")
+    ax.set_title("Calibration on held-out programs")
+    ax.legend()
+    fig.tight_layout()
+    p = out_dir / "calibration.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    names = list(rep["predictors"])
+    tools = list(rep["predictors"][names[0]]["per_tool"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(tools) * len(names)), 4))
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+        vals = [rep["predictors"][n]["per_tool"].get(t, {}).get("pinball_mean", np.nan) for t in tools]
+        ax.bar(np.arange(len(tools)) + i * width, vals, width, label=n)
+    ax.set_xticks(np.arange(len(tools)) + 0.4 - width / 2)
+    ax.set_xticklabels(tools, rotation=45, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel("pinball mean{0.5,0.9} (s, log scale)")
+    ax.set_title("Per-tool error on held-out programs")
+    ax.legend()
+    fig.tight_layout()
+    p = out_dir / "per_tool_error.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths

@@ -1,0 +1,560 @@
+"""Tool-duration predictors with a scikit-learn-style interface.
+
+Each predictor takes the frame of :func:`ctk.predict.dataset.prepare_frame`, ``fit(frame)`` and then
+``predict_quantiles(frame)`` -> array ``(n_rows, n_levels)`` of seconds, non-decreasing along each row. It
+also gives per-key prior quantiles (``key_quantiles``) from which the TTL tables are built, and serializes
+to plain data (``to_dict`` / :func:`predictor_from_dict`).
+
+- ``running-mean``: the public Continuum behaviour, the baseline to beat.
+- ``histogram``: per-key Kaplan–Meier distribution with back-off along the command-key chain.
+- ``lightgbm``: LightGBM quantile regression on the call's features, non-crossing by rearrangement,
+  conformally calibrated on a held-out program fold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from ctk.predict.cost import CostModel, choose_ttl
+from ctk.predict.dataset import program_fold
+from ctk.predict.features import FeatureSpec
+from ctk.predict.survival import KaplanMeier
+from ctk.predict.tables import DEFAULT_CONTEXT_EDGES, TTLTables
+
+DEFAULT_LEVELS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+PREDICTOR_NAMES = ("running-mean", "histogram", "lightgbm")
+#: The public Continuum rule: pin for this long when the tool's mean duration is at most this long.
+CONTINUUM_PIN_S = 2.0
+
+
+class Predictor(Protocol):
+    name: str
+    levels: tuple[float, ...]
+
+    def fit(self, frame: pd.DataFrame) -> Predictor: ...
+
+    def predict_quantiles(self, frame: pd.DataFrame) -> np.ndarray: ...
+
+    def choose_ttls(
+        self, frame: pd.DataFrame, quantiles: np.ndarray, benefit_s: np.ndarray, cost_per_s: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def key_quantiles(self, frame: pd.DataFrame) -> dict[str, tuple[list[float], int]]: ...
+
+    def to_dict(self) -> dict: ...
+
+
+def cost_model_ttls(
+    levels: Sequence[float], quantiles: np.ndarray, benefit_s: np.ndarray, cost_per_s: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the cost model's TTL from the row's quantiles (see :func:`ctk.predict.cost.choose_ttl`)."""
+    ttl = np.zeros(len(quantiles))
+    hit = np.zeros(len(quantiles))
+    lv = list(levels)
+    for i, (q, b, c) in enumerate(
+        zip(quantiles.tolist(), benefit_s.tolist(), cost_per_s.tolist(), strict=True)
+    ):
+        ttl[i], hit[i] = choose_ttl(lv, q, b, c)
+    return ttl, hit
+
+
+def _backoff_lookup(chains: pd.Series, table: dict[str, Any]) -> list[Any]:
+    out = []
+    for chain in chains:
+        for k in chain:
+            if k in table:
+                out.append(table[k])
+                break
+        else:
+            out.append(table["*"])
+    return out
+
+
+SOURCE_SEP = "|"
+
+
+def source_chain(source: str | None, chain: Sequence[str]) -> list[str]:
+    """Back-off chain with a source-specific key before each pooled key: ``src|k0, k0, src|k1, k1, ...``."""
+    out = []
+    for k in chain:
+        if source:
+            out.append(f"{source}{SOURCE_SEP}{k}")
+        out.append(k)
+    return out
+
+
+def _chain_counts(frame: pd.DataFrame, source_keys: bool = False) -> dict[str, np.ndarray]:
+    """Row indices per key, over every level of every row's chain (``source|key`` keys if asked)."""
+    idx: dict[str, list[int]] = {}
+    srcs = frame["source"].tolist() if source_keys else [None] * len(frame)
+    for i, (chain, src) in enumerate(zip(frame["keys"], srcs, strict=True)):
+        for k in chain:
+            idx.setdefault(f"{src}{SOURCE_SEP}{k}" if source_keys else k, []).append(i)
+    return {k: np.asarray(v) for k, v in idx.items()}
+
+
+def build_tables(
+    predictor: Predictor,
+    frame: pd.DataFrame,
+    cost: CostModel,
+    context_edges: Sequence[int] = DEFAULT_CONTEXT_EDGES,
+) -> TTLTables:
+    """TTL tables from the predictor's per-key quantiles and the cost model."""
+    kq = predictor.key_quantiles(frame)
+    return TTLTables.build(
+        {k: q for k, (q, _) in kq.items()},
+        {k: n for k, (_, n) in kq.items()},
+        predictor.levels,
+        cost,
+        context_edges,
+    )
+
+
+# -- running mean (the public Continuum) ------------------------------------------------------------------
+
+
+class RunningMeanPredictor:
+    """Per-tool mean of the recorded durations (censored rows taken at face value, as the public code does).
+
+    Every quantile is the mean (a point prediction); the pin is :data:`CONTINUUM_PIN_S` when the tool's mean
+    is at most that, else no pin, whatever the context length or memory pressure.
+    """
+
+    name = "running-mean"
+
+    def __init__(self, levels: Sequence[float] = DEFAULT_LEVELS):
+        self.levels = tuple(levels)
+        self.means: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.hit_2s: dict[str, float] = {}
+
+    def fit(self, frame: pd.DataFrame) -> RunningMeanPredictor:
+        g = frame.groupby("tool")["duration_s"]
+        self.means = {str(k): float(v) for k, v in g.mean().items()}
+        self.counts = {str(k): int(v) for k, v in g.size().items()}
+        self.hit_2s = {
+            str(k): float(v)
+            for k, v in (frame["duration_s"] <= CONTINUUM_PIN_S).groupby(frame["tool"]).mean().items()
+        }
+        self.means["*"] = float(frame["duration_s"].mean())
+        self.hit_2s["*"] = float((frame["duration_s"] <= CONTINUUM_PIN_S).mean())
+        # the engine looks keys up by command chain; tabulate the chain keys' means too
+        for k, idx in _chain_counts(frame).items():
+            if k not in self.means:
+                self.means[k] = float(frame["duration_s"].iloc[idx].mean())
+                self.hit_2s[k] = float((frame["duration_s"].iloc[idx] <= CONTINUUM_PIN_S).mean())
+            self.counts.setdefault(k, len(idx))
+        return self
+
+    def _mean(self, frame: pd.DataFrame) -> np.ndarray:
+        g = self.means["*"]
+        return frame["tool"].map(lambda t: self.means.get(t, g)).to_numpy(dtype=float)
+
+    def predict_quantiles(self, frame: pd.DataFrame) -> np.ndarray:
+        m = self._mean(frame)
+        return np.repeat(m[:, None], len(self.levels), axis=1)
+
+    def choose_ttls(self, frame, quantiles, benefit_s, cost_per_s):
+        m = self._mean(frame)
+        ttl = np.where(m <= CONTINUUM_PIN_S, CONTINUUM_PIN_S, 0.0)
+        g = self.hit_2s["*"]
+        hit = frame["tool"].map(lambda t: self.hit_2s.get(t, g)).to_numpy(dtype=float)
+        return ttl, np.where(ttl > 0, hit, 0.0)
+
+    def key_quantiles(self, frame):
+        return {k: ([m] * len(self.levels), self.counts.get(k, 0)) for k, m in self.means.items()}
+
+    def fixed_tables(self, context_edges, pressure_levels, cost: CostModel) -> TTLTables:
+        """The Continuum rule as a table: 2 s or nothing, independent of context and pressure."""
+        t = TTLTables(list(context_edges), list(pressure_levels), list(self.levels), cost=cost.to_dict())
+        for k, m in self.means.items():
+            ttl = CONTINUUM_PIN_S if m <= CONTINUUM_PIN_S else 0.0
+            p = self.hit_2s.get(k, 0.0) if ttl else 0.0
+            t.ttl_s[k] = [[ttl] * len(pressure_levels) for _ in context_edges]
+            t.p_hit[k] = [[p] * len(pressure_levels) for _ in context_edges]
+            t.quantiles_s[k] = [m] * len(self.levels)
+            t.n_samples[k] = self.counts.get(k, 0)
+        return t
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "levels": list(self.levels),
+            "means": self.means,
+            "counts": self.counts,
+            "hit_2s": self.hit_2s,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunningMeanPredictor:
+        p = cls(d["levels"])
+        p.means, p.counts, p.hit_2s = dict(d["means"]), dict(d["counts"]), dict(d["hit_2s"])
+        return p
+
+
+# -- histogram with back-off -------------------------------------------------------------------------------
+
+
+class HistogramPredictor:
+    """Per-key empirical (Kaplan–Meier) distribution, backing off along the command-key chain
+    (sub-command -> main program -> tool -> global) when a key has fewer than ``min_samples`` rows.
+
+    Censoring: a timed-out call enters the Kaplan–Meier estimate as "at least t" (it is at risk up to t and
+    never counted as finishing); quantiles the estimate never reaches are stated as ``TAIL_FACTOR`` times
+    the largest time seen.
+    """
+
+    name = "histogram"
+
+    def __init__(
+        self, levels: Sequence[float] = DEFAULT_LEVELS, min_samples: int = 10, by_source: bool = True
+    ):
+        self.levels = tuple(levels)
+        self.min_samples = min_samples
+        self.by_source = by_source
+        self.table: dict[str, list[float]] = {}
+        self.counts: dict[str, int] = {}
+        self.km: dict[str, KaplanMeier] = {}  # not serialized: used to impute censored rows
+
+    def fit(self, frame: pd.DataFrame) -> HistogramPredictor:
+        y = frame["y"].to_numpy()
+        cens = frame["censored"].to_numpy(dtype=bool)
+        self.table, self.counts, self.km = {}, {}, {}
+        counts = _chain_counts(frame)
+        if self.by_source:
+            counts.update(_chain_counts(frame, source_keys=True))
+        for k, idx in counts.items():
+            if len(idx) < self.min_samples and k != "*":
+                continue
+            km = KaplanMeier.fit(y[idx], cens[idx])
+            self.km[k] = km
+            self.table[k] = km.quantiles(self.levels)
+            self.counts[k] = len(idx)
+        return self
+
+    def _chains(self, frame: pd.DataFrame) -> pd.Series:
+        if not self.by_source:
+            return frame["keys"]
+        return pd.Series(
+            [source_chain(s, ks) for s, ks in zip(frame["source"], frame["keys"], strict=True)],
+            index=frame.index,
+        )
+
+    def predict_quantiles(self, frame: pd.DataFrame) -> np.ndarray:
+        return np.asarray(_backoff_lookup(self._chains(frame), self.table), dtype=float).reshape(
+            len(frame), -1
+        )
+
+    def kaplan_meier(self, chain: Sequence[str], source: str | None = None) -> KaplanMeier:
+        for k in source_chain(source, chain) if (self.by_source and source) else chain:
+            if k in self.km:
+                return self.km[k]
+        return self.km["*"]
+
+    def choose_ttls(self, frame, quantiles, benefit_s, cost_per_s):
+        return cost_model_ttls(self.levels, quantiles, benefit_s, cost_per_s)
+
+    def key_quantiles(self, frame):
+        """Pooled keys only: the engine keys by command text and does not know the source."""
+        return {k: (q, self.counts[k]) for k, q in self.table.items() if SOURCE_SEP not in k}
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "levels": list(self.levels),
+            "min_samples": self.min_samples,
+            "by_source": self.by_source,
+            "table": self.table,
+            "counts": self.counts,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HistogramPredictor:
+        p = cls(d["levels"], int(d["min_samples"]), bool(d.get("by_source", True)))
+        p.table = {k: list(v) for k, v in d["table"].items()}
+        p.counts = dict(d["counts"])
+        return p
+
+
+# -- LightGBM quantile regression ---------------------------------------------------------------------------
+
+
+def _mixture_quantiles(q: np.ndarray, levels: Sequence[float]) -> list[float]:
+    """Quantiles of the mixture of per-row distributions given by their quantiles (rows of ``q``).
+
+    Each row's distribution is discretized on its own quantiles: the value ``q[i, j]`` carries the mass
+    ``levels[j] - levels[j-1]`` (and the top value the rest): a slight over-statement, on the safe side.
+    """
+    lv = np.asarray(levels)
+    mass = np.diff(np.concatenate([[0.0], lv]))
+    mass[-1] += 1.0 - lv[-1]
+    vals = q.ravel()
+    w = np.tile(mass, q.shape[0])
+    order = np.argsort(vals, kind="stable")
+    cw = np.cumsum(w[order]) / w.sum()
+    idx = np.minimum(np.searchsorted(cw, lv - 1e-12, side="left"), len(vals) - 1)
+    return [float(x) for x in vals[order][idx]]
+
+
+class LightGBMPredictor:
+    """LightGBM quantile regression of log-duration at each level, on the call's features.
+
+    - Non-crossing: the per-level predictions of a row are sorted (monotone rearrangement, which never
+      increases pinball loss), before and after calibration.
+    - Calibration: a held-out fold of programs (``cal_fraction``) is not used for boosting; on it, one-sided
+      conformalized quantile regression shifts each level by the ``level``-quantile of the residuals
+      ``log y - q_level(x)`` (with the finite-sample correction), so the stated levels hold on new programs.
+    - Censoring: a timed-out call is not an exact target. For boosting, each censored row is replaced by
+      ``n_impute`` rows (weight 1/``n_impute`` each) drawn from T | T > t of its key's Kaplan–Meier
+      distribution (multiple imputation from the censored tail); in calibration, the residual of a censored
+      row is itself censored, and the shift is a Kaplan–Meier quantile of the residuals.
+    """
+
+    name = "lightgbm"
+
+    def __init__(
+        self,
+        levels: Sequence[float] = DEFAULT_LEVELS,
+        *,
+        n_estimators: int = 200,
+        learning_rate: float = 0.05,
+        num_leaves: int = 15,
+        min_data_in_leaf: int = 10,
+        max_bin: int = 63,
+        cal_fraction: float = 0.25,
+        n_impute: int = 4,
+        max_train_rows: int = 200_000,
+        min_table_samples: int = 10,
+        num_threads: int = -1,
+        seed: int = 0,
+        spec: FeatureSpec | None = None,
+    ):
+        self.levels = tuple(levels)
+        self.params = dict(
+            n_estimators=n_estimators,
+            learning_rate=learning_rate,
+            num_leaves=num_leaves,
+            min_data_in_leaf=min_data_in_leaf,
+            max_bin=max_bin,
+            cal_fraction=cal_fraction,
+            n_impute=n_impute,
+            max_train_rows=max_train_rows,
+            min_table_samples=min_table_samples,
+            num_threads=num_threads,
+            seed=seed,
+        )
+        self.spec = spec or FeatureSpec()
+        self.vocab: dict[str, list[str]] = {}
+        self.models: list[Any] = []  # lightgbm.Booster per level
+        self.shifts: list[float] = [0.0] * len(self.levels)
+        self.cal_rows = 0
+        self.progress = None  # optional callable(step: str, done: int, total: int)
+
+    # features
+    def _matrix(self, frame: pd.DataFrame) -> np.ndarray:
+        cols = []
+        for c in self.spec.categorical:
+            codes = {v: i for i, v in enumerate(self.vocab.get(c, []))}
+            cols.append(frame[c].map(codes).to_numpy(dtype=float))
+        for c in self.spec.numeric:
+            cols.append(pd.to_numeric(frame[c], errors="coerce").to_numpy(dtype=float))
+        return np.column_stack(cols) if cols else np.empty((len(frame), 0))
+
+    def _fit_vocab(self, frame: pd.DataFrame, min_count: int = 3, max_size: int = 500) -> None:
+        self.vocab = {}
+        for c in self.spec.categorical:
+            vc = frame[c].value_counts()
+            self.vocab[c] = [str(v) for v in vc[vc >= min_count].index[:max_size]]
+
+    def _raw(self, x: np.ndarray) -> np.ndarray:
+        nt = self.params["num_threads"]
+        nt = nt if nt > 0 else (1 if len(x) < 100_000 else 0)
+        pred = np.column_stack([m.predict(x, num_threads=nt) for m in self.models])
+        return np.sort(pred, axis=1)
+
+    def fit(self, frame: pd.DataFrame) -> LightGBMPredictor:
+        import lightgbm as lgb
+
+        p = self.params
+        rng = np.random.default_rng(p["seed"])
+        cal_mask = program_fold(frame["program_id"], p["cal_fraction"], seed=p["seed"] + 1)
+        if cal_mask.all() or not cal_mask.any() or frame.loc[cal_mask, "program_id"].nunique() < 5:
+            cal_mask = np.zeros(len(frame), dtype=bool)  # too few programs to hold out: no calibration
+        fit_df = frame[~cal_mask]
+        if len(fit_df) > p["max_train_rows"]:
+            fit_df = fit_df.sample(p["max_train_rows"], random_state=p["seed"])
+        self._fit_vocab(fit_df)
+        hist = HistogramPredictor(self.levels, min_samples=20).fit(fit_df)
+        # multiple imputation of censored rows from their key's Kaplan-Meier tail
+        y = np.log(fit_df["y"].to_numpy())
+        w = np.ones(len(fit_df))
+        x = self._matrix(fit_df)
+        cens = fit_df["censored"].to_numpy(dtype=bool)
+        if cens.any():
+            k = p["n_impute"]
+            ci = np.flatnonzero(cens)
+            draws = []
+            for i in ci:
+                km = hist.kaplan_meier(fit_df["keys"].iat[i], fit_df["source"].iat[i])
+                u = (np.arange(k) + rng.random(k)) / k
+                draws.append(km.sample_beyond(float(fit_df["y"].iat[i]), u))
+            keep = ~cens
+            x = np.vstack([x[keep], np.repeat(x[ci], k, axis=0)])
+            y = np.concatenate([y[keep], np.log(np.concatenate(draws))])
+            w = np.concatenate([w[keep], np.full(len(ci) * k, 1.0 / k)])
+        if p["num_threads"] < 0:  # auto: OpenMP threads only pay on large data (and hurt on a busy box)
+            import os
+
+            p["num_threads"] = 1 if len(x) < 100_000 else (os.cpu_count() or 1)
+        cat_idx = list(range(len(self.spec.categorical)))
+        self.models = []
+        for j, level in enumerate(self.levels):
+            params = {
+                "objective": "quantile",
+                "alpha": level,
+                "learning_rate": p["learning_rate"],
+                "num_leaves": p["num_leaves"],
+                "min_data_in_leaf": p["min_data_in_leaf"],
+                "max_bin": p["max_bin"],
+                "min_data_per_group": 5,
+                "cat_smooth": 5.0,
+                "verbose": -1,
+                "seed": p["seed"],
+                "num_threads": p["num_threads"],
+                "deterministic": True,
+                "force_row_wise": True,
+            }
+            ds = lgb.Dataset(
+                x,
+                y,
+                weight=w,
+                categorical_feature=cat_idx,
+                free_raw_data=True,
+                params={"max_bin": p["max_bin"], "verbose": -1},
+            )
+            self.models.append(lgb.train(params, ds, num_boost_round=p["n_estimators"]))
+            if self.progress:
+                self.progress("quantile models", j + 1, len(self.levels))
+        self._calibrate(frame[cal_mask])
+        return self
+
+    def _calibrate(self, cal: pd.DataFrame) -> None:
+        self.cal_rows = len(cal)
+        self.shifts = [0.0] * len(self.levels)
+        if len(cal) < 20:
+            return
+        q = self._raw(self._matrix(cal))
+        logy = np.log(cal["y"].to_numpy())
+        cens = cal["censored"].to_numpy(dtype=bool)
+        n = len(cal)
+        for j, level in enumerate(self.levels):
+            resid = logy - q[:, j]
+            km = KaplanMeier.fit(resid - resid.min() + 1.0, cens)  # KM on a positive shift of the residuals
+            lv = min(1.0, level * (n + 1) / n)
+            s = km.quantile(lv)
+            s = (s if s is not None else km.t_max) + resid.min() - 1.0
+            self.shifts[j] = float(s)
+
+    def predict_quantiles(self, frame: pd.DataFrame) -> np.ndarray:
+        q = self._raw(self._matrix(frame)) + np.asarray(self.shifts)[None, :]
+        return np.exp(np.sort(q, axis=1))
+
+    def choose_ttls(self, frame, quantiles, benefit_s, cost_per_s):
+        return cost_model_ttls(self.levels, quantiles, benefit_s, cost_per_s)
+
+    def key_quantiles(self, frame):
+        """Per key: the mixture of the model's predicted distributions over the key's training rows."""
+        q = self.predict_quantiles(frame)
+        rng = np.random.default_rng(self.params["seed"])
+        out = {}
+        for k, idx in _chain_counts(frame).items():
+            if len(idx) < self.params["min_table_samples"] and k != "*":
+                continue
+            sel = idx if len(idx) <= 4000 else rng.choice(idx, 4000, replace=False)
+            out[k] = (_mixture_quantiles(q[sel], self.levels), len(idx))
+        return out
+
+    def feature_importance(self) -> dict[str, float]:
+        if not self.models:
+            return {}
+        m = self.models[self.levels.index(0.5)] if 0.5 in self.levels else self.models[0]
+        gain = m.feature_importance(importance_type="gain")
+        tot = float(gain.sum()) or 1.0
+        return {n: float(g) / tot for n, g in zip(self.spec.names, gain, strict=True)}
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "levels": list(self.levels),
+            "params": dict(self.params),
+            "feature_spec": self.spec.to_dict(),
+            "vocab": self.vocab,
+            "models": [m.model_to_string() for m in self.models],
+            "calibration": {
+                "method": "one-sided CQR on held-out programs, Kaplan-Meier residual quantiles",
+                "shifts_log": list(self.shifts),
+                "rows": self.cal_rows,
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LightGBMPredictor:
+        import lightgbm as lgb
+
+        params = dict(d.get("params", {}))
+        p = cls(
+            d["levels"],
+            spec=FeatureSpec.from_dict(d["feature_spec"]),
+            **{
+                k: v
+                for k, v in params.items()
+                if k
+                in (
+                    "n_estimators",
+                    "learning_rate",
+                    "num_leaves",
+                    "min_data_in_leaf",
+                    "max_bin",
+                    "cal_fraction",
+                    "n_impute",
+                    "max_train_rows",
+                    "min_table_samples",
+                    "num_threads",
+                    "seed",
+                )
+            },
+        )
+        p.vocab = {k: list(v) for k, v in d["vocab"].items()}
+        p.models = [lgb.Booster(model_str=s) for s in d["models"]]
+        if len(p.models) != len(p.levels):
+            raise ValueError(f"{len(p.models)} LightGBM models for {len(p.levels)} quantile levels")
+        cal = d.get("calibration", {})
+        p.shifts = [float(s) for s in cal.get("shifts_log", [0.0] * len(p.levels))]
+        p.cal_rows = int(cal.get("rows", 0))
+        return p
+
+
+def make_predictor(name: str, levels: Sequence[float] = DEFAULT_LEVELS, **kwargs) -> Predictor:
+    if name == "running-mean":
+        return RunningMeanPredictor(levels)  # no parameters: it is the fixed public behaviour
+    if name == "histogram":
+        return HistogramPredictor(levels, **kwargs)
+    if name == "lightgbm":
+        return LightGBMPredictor(levels, **kwargs)
+    raise ValueError(f"unknown predictor {name!r}; choose one of {', '.join(PREDICTOR_NAMES)}")
+
+
+def predictor_from_dict(d: dict) -> Predictor:
+    name = d.get("name")
+    cls = {
+        "running-mean": RunningMeanPredictor,
+        "histogram": HistogramPredictor,
+        "lightgbm": LightGBMPredictor,
+    }.get(name)
+    if cls is None:
+        raise ValueError(f"unknown predictor {name!r} in model file")
+    return cls.from_dict(d)

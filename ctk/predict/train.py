@@ -1,0 +1,167 @@
+"""``ctk train``: fit a predictor, evaluate it on held-out programs, build TTL tables, write model.pkl."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+
+import ctk
+from ctk.predict.cost import CostModel
+from ctk.predict.dataset import DataError, prepare_frame, rows_fingerprint
+from ctk.predict.evaluate import Progress, evaluate_frame
+from ctk.predict.features import FeatureSpec
+from ctk.predict.modelfile import FORMAT_VERSION, MODEL_KIND, ModelFileError, tables_from_model
+from ctk.predict.predictors import (
+    DEFAULT_LEVELS,
+    PREDICTOR_NAMES,
+    Predictor,
+    RunningMeanPredictor,
+    build_tables,
+    make_predictor,
+    predictor_from_dict,
+)
+from ctk.predict.tables import DEFAULT_CONTEXT_EDGES, TTLTables
+
+
+@dataclass
+class TrainConfig:
+    predictor: str = "lightgbm"
+    levels: tuple[float, ...] = DEFAULT_LEVELS
+    eval_folds: int = 1  # 1: one 25 % held-out program split; >= 2: grouped K-fold
+    loso: bool = False  # also leave-one-source-out
+    seed: int = 0
+    context_edges: tuple[int, ...] = DEFAULT_CONTEXT_EDGES
+    baselines: tuple[str, ...] = ("running-mean", "histogram")
+    params: dict[str, dict] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.predictor not in PREDICTOR_NAMES:
+            raise ValueError(
+                f"unknown predictor {self.predictor!r}; choose one of {', '.join(PREDICTOR_NAMES)}"
+            )
+        lv = list(self.levels)
+        if not lv or lv != sorted(set(lv)) or lv[0] <= 0 or lv[-1] >= 1:
+            raise ValueError("quantile levels must be ascending, distinct and inside (0, 1)")
+        if 0.5 not in lv or 0.9 not in lv:
+            raise ValueError("quantile levels must include 0.5 and 0.9")
+
+
+def load_rows(db: str | Path, sources: Sequence[str] | None = None) -> tuple[pd.DataFrame, str]:
+    """Usable tool-call rows of a trace store and the store's fingerprint."""
+    from ctk.store import TraceStore
+
+    with TraceStore(db, read_only=True) as store:
+        return store.tool_calls(sources=list(sources) if sources else None), store.fingerprint()
+
+
+def train_model(
+    frame: pd.DataFrame,
+    config: TrainConfig,
+    cost: CostModel,
+    progress: Progress | None = None,
+    skipped_rows: int = 0,
+    store_info: dict | None = None,
+) -> tuple[dict, dict]:
+    """Evaluate on held-out programs, fit on all rows, build the TTL tables; returns (model, evaluation)."""
+    config.validate()
+    names = [config.predictor] + [b for b in config.baselines if b != config.predictor]
+    params = {n: {"levels": config.levels, **config.params.get(n, {})} for n in names}
+    if frame["program_id"].nunique() < 2:
+        raise DataError("need at least 2 programs to hold some out for evaluation")
+    evaluation = evaluate_frame(
+        frame,
+        names,
+        cost,
+        folds=config.eval_folds,
+        seed=config.seed,
+        loso=config.loso,
+        params=params,
+        progress=progress,
+    )
+    fitted: dict[str, Predictor] = {}
+    for i, name in enumerate(names):  # the model file holds predictors fitted on all rows
+        fitted[name] = make_predictor(name, **params[name]).fit(frame)
+        if progress:
+            progress("fit on all rows", i + 1, len(names))
+    primary = fitted[config.predictor]
+    if isinstance(primary, RunningMeanPredictor):
+        tables = primary.fixed_tables(config.context_edges, cost.pressure_levels, cost)
+    else:
+        tables = build_tables(primary, frame, cost, config.context_edges)
+    if progress:
+        progress("TTL tables", 1, 1)
+    now = time.time()
+    model = {
+        "kind": MODEL_KIND,
+        "format_version": FORMAT_VERSION,
+        "ctk_version": ctk.__version__,
+        "created_unix_s": now,
+        "created_utc": datetime.fromtimestamp(now, UTC).isoformat(),
+        "predictor": config.predictor,
+        "quantile_levels": list(config.levels),
+        "feature_spec": FeatureSpec().to_dict(),
+        "training_data": {
+            "rows": len(frame),
+            "fingerprint": rows_fingerprint(frame),
+            "programs": int(frame["program_id"].nunique()),
+            "sources": {str(k): int(v) for k, v in frame["source"].value_counts().items()},
+            "censored_rows": int(frame["censored"].sum()),
+            "skipped_rows": int(skipped_rows),
+            **(store_info or {}),
+        },
+        "cost_model": cost.to_dict(),
+        "ttl_tables": tables.to_dict(),
+        "predictors": {n: p.to_dict() for n, p in fitted.items()},
+        "calibration": fitted[config.predictor].to_dict().get("calibration", {}),
+        "evaluation": evaluation,
+        "train_config": {
+            "eval_folds": config.eval_folds,
+            "loso": config.loso,
+            "seed": config.seed,
+            "context_edges": list(config.context_edges),
+        },
+    }
+    if hasattr(primary, "feature_importance"):
+        model["feature_importance"] = primary.feature_importance()
+    return model, evaluation
+
+
+def train_from_store(
+    db: str | Path,
+    config: TrainConfig,
+    cost: CostModel,
+    sources: Sequence[str] | None = None,
+    progress: Progress | None = None,
+) -> tuple[dict, dict]:
+    rows, store_fp = load_rows(db, sources)
+    frame, skipped = prepare_frame(rows)
+    return train_model(
+        frame, config, cost, progress, skipped, {"store": str(db), "store_fingerprint": store_fp}
+    )
+
+
+def predictors_from_model(model: dict, name: str = "model") -> dict[str, Predictor]:
+    try:
+        return {n: predictor_from_dict(d) for n, d in model.get("predictors", {}).items()}
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ModelFileError(f"{name}: cannot rebuild the predictors ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # lightgbm raises its own error type on a corrupt model string
+        raise ModelFileError(
+            f"{name}: corrupt predictor in model file ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def model_tables(model: dict, name: str = "model") -> TTLTables:
+    return tables_from_model(model, name)
+
+
+def model_cost(model: dict) -> CostModel:
+    try:
+        return CostModel.from_dict(model.get("cost_model", {}))
+    except (ValueError, TypeError) as exc:
+        raise ModelFileError(f"bad cost model in model file ({exc})") from None
