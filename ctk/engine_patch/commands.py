@@ -41,5 +41,57 @@ def tiny_model(
     typer.echo(str(out))
 
 
+def serve(
+    ctx: typer.Context,
+    ttl_model: Path | None = typer.Option(None, "--ttl-model", help="model.pkl with TTL tables (ctk train)"),
+    policy: str = typer.Option("ttl", help="vllm | continuum | ttl | oracle"),
+    record: Path | None = typer.Option(None, help="record observed tool durations into this trace store"),
+    max_pin_share: float = typer.Option(0.5, help="pinned KV blocks never exceed this share of the cache"),
+    age_factor: float = typer.Option(4.0, help="age bound: overtaking allowed up to this x recent FCFS wait"),
+    detectors: str = typer.Option("bash,tool_call,openai", help="tool-call detectors for output text"),
+    online: bool = typer.Option(True, help="adapt the TTL tables online from observed tool durations"),
+) -> None:
+    """Serve a model with vLLM and the ctk scheduler; other arguments go to vLLM's OpenAI server.
+
+    Example: ctk serve ./tiny --ttl-model model.pkl --policy ttl --port 8000 --kv-cache-memory-bytes 1G
+    """
+    import os
+    import sys
+
+    from ctk.engine_patch.config import ConfigError, ServeConfig
+    from ctk.engine_patch.server import check_model_file, server_env
+    from ctk.predict.modelfile import ModelFileError
+
+    args = list(ctx.args)
+    if args and not args[0].startswith("-"):
+        args = ["--model", args[0], *args[1:]]
+    try:
+        cfg = ServeConfig.from_mapping(
+            {
+                "policy": policy,
+                "ttl_model": str(ttl_model) if ttl_model else None,
+                "record": str(record) if record else None,
+                "max_pin_share": max_pin_share,
+                "age_factor": age_factor,
+                "detectors": detectors,
+                "online": online,
+            }
+        )
+        check_model_file(cfg)
+    except (ConfigError, ModelFileError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if not any(a == "--model" or a.startswith("--model=") for a in args):
+        typer.echo("error: give the model to serve (ctk serve MODEL ... or --model MODEL)", err=True)
+        raise typer.Exit(2)
+    from ctk.engine_patch.server import vllm_args
+
+    argv = [sys.executable, "-m", "ctk.engine_patch.server", *vllm_args(None, None, cfg, args)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, server_env(cfg))
+
+
 def register(app: typer.Typer) -> None:
+    app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve)
     app.command("tiny-model")(tiny_model)

@@ -1,0 +1,41 @@
+"""``vllm.general_plugins`` entry point ``ctk_scheduler = "ctk.engine_patch.plugin:register"``.
+
+vLLM calls :func:`register` in every process it starts (API server, engine core) before the scheduler
+class is read. Installed ctk therefore must do nothing unless asked: only when ``CTK_POLICY`` is set to a
+policy other than ``vllm`` does it make ``SchedulerConfig.get_scheduler_cls`` return the ctk scheduler
+(``CTKAsyncScheduler`` when async scheduling is on, ``CTKScheduler`` otherwise) for configurations that
+did not choose a scheduler class themselves. So a plain ``vllm serve`` is untouched, and
+``CTK_POLICY=ttl CTK_TTL_MODEL=model.pkl vllm serve ...`` serves with ctk. ``ctk serve`` passes
+``--scheduler-cls`` explicitly and does not depend on this.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger("ctk.engine_patch")
+_PATCHED = False
+
+
+def register() -> None:
+    global _PATCHED
+    policy = os.environ.get("CTK_POLICY", "").strip()
+    if not policy or policy == "vllm" or _PATCHED:
+        return
+    try:
+        from vllm.config.scheduler import SchedulerConfig
+    except ImportError as exc:  # not the supported vLLM: leave it alone, loudly
+        logger.warning("ctk plugin: cannot hook the scheduler (%s); CTK_POLICY=%s ignored", exc, policy)
+        return
+    original = SchedulerConfig.get_scheduler_cls
+
+    def get_scheduler_cls(self):
+        if self.scheduler_cls is None:
+            from ctk.engine_patch import scheduler
+
+            return scheduler.CTKAsyncScheduler if self.async_scheduling else scheduler.CTKScheduler
+        return original(self)
+
+    SchedulerConfig.get_scheduler_cls = get_scheduler_cls
+    _PATCHED = True
