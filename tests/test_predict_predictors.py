@@ -1,0 +1,158 @@
+"""Predictors on synthetic traces with known structure: back-off, censoring, calibration, round trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ctk.predict.cost import CostModel
+from ctk.predict.dataset import DataError, prepare_frame, program_fold
+from ctk.predict.evaluate import pinball
+from ctk.predict.modelfile import load_model, save_model
+from ctk.predict.predictors import (
+    CONTINUUM_PIN_S,
+    HistogramPredictor,
+    LightGBMPredictor,
+    RunningMeanPredictor,
+    build_tables,
+    predictor_from_dict,
+)
+from tests.predict_fixtures import TIMEOUT_S, synthetic_rows
+
+LEVELS = (0.1, 0.5, 0.9, 0.99)
+
+
+@pytest.fixture(scope="module")
+def split():
+    frame, _ = prepare_frame(synthetic_rows(240, 12, seed=3))
+    test = program_fold(frame["program_id"], 0.3, seed=0)
+    return frame[~test], frame[test]
+
+
+@pytest.fixture(scope="module")
+def lgbm(split):
+    return LightGBMPredictor(LEVELS, n_estimators=120).fit(split[0])
+
+
+def _pinball_mean(frame, q, levels=LEVELS):
+    y, c = frame["y"].to_numpy(), frame["censored"].to_numpy()
+    return np.mean([pinball(y, q[:, levels.index(lv)], lv, c).mean() for lv in (0.5, 0.9)])
+
+
+def test_program_split_has_no_program_on_both_sides(split):
+    train, test = split
+    assert set(train["program_id"]).isdisjoint(test["program_id"])
+    assert 0.2 < len(test) / (len(train) + len(test)) < 0.4
+
+
+def test_history_features_do_not_leak_the_calls_own_duration():
+    rows = synthetic_rows(3, 5, seed=1)
+    frame, _ = prepare_frame(rows)
+    first = frame.groupby("program_id").head(1)
+    assert first["prev_duration_log"].isna().all() and (first["n_prev"] == 0).all()
+    second = frame.groupby("program_id").nth(1)
+    firsts = frame.groupby("program_id")["y"].first()
+    assert np.allclose(np.exp(second["prev_duration_log"].to_numpy()), firsts.loc[second["program_id"]].to_numpy())
+
+
+def test_bad_rows_are_counted_not_fatal():
+    rows = synthetic_rows(4, 4, seed=2)
+    rows["duration_s"] = rows["duration_s"].astype(object)
+    rows.loc[0, "duration_s"] = np.nan
+    rows.loc[1, "duration_s"] = "garbage"
+    rows.loc[2, "quality_flag"] = "implausible_lt_2ms"
+    frame, skipped = prepare_frame(rows)
+    assert skipped == 3 and len(frame) == len(rows) - 3
+    with pytest.raises(DataError, match="lack column"):
+        prepare_frame(rows.drop(columns=["duration_s"]))
+    with pytest.raises(DataError, match="no usable"):
+        prepare_frame(rows.assign(duration_s=np.nan))
+
+
+def test_running_mean_is_the_2s_rule(split):
+    train, test = split
+    rm = RunningMeanPredictor(LEVELS).fit(train)
+    q = rm.predict_quantiles(test)
+    assert (q == q[:, :1]).all()  # a point prediction at every level
+    ttl, hit = rm.choose_ttls(test, q, np.ones(len(test)), np.full(len(test), 1e-9))
+    means = test["tool"].map(rm.means).fillna(rm.means["*"]).to_numpy()
+    assert ((ttl == CONTINUUM_PIN_S) == (means <= CONTINUUM_PIN_S)).all()
+    assert set(np.unique(ttl)) <= {0.0, CONTINUUM_PIN_S}
+
+
+def test_histogram_backs_off_to_coarser_keys():
+    rows = synthetic_rows(40, 10, seed=4)
+    frame, _ = prepare_frame(rows)
+    h = HistogramPredictor(LEVELS, min_samples=10, by_source=False).fit(frame)
+    rare = prepare_frame(pd.DataFrame([{"program_id": "x", "duration_s": 1.0, "command_or_args": "git bisect run"},
+                                       {"program_id": "x", "duration_s": 1.0, "command_or_args": "npm ci"}]))[0]
+    q = h.predict_quantiles(rare)
+    assert "git:bisect" not in h.table and "git" in h.table
+    assert q[0].tolist() == h.table["git"]  # unseen sub-command -> its program's distribution
+    assert q[1].tolist() == h.table["*"]  # unseen program -> global
+    frame2 = frame.copy()
+    assert h.predict_quantiles(frame2[frame2["key0"] == "git:status"])[0].tolist() == h.table["git:status"]
+
+
+def test_histogram_treats_timeouts_as_censored(split):
+    train, _ = split
+    pip = train[train["key0"] == "pip:install"]
+    assert pip["censored"].any()
+    h = HistogramPredictor(LEVELS).fit(train)
+    naive = HistogramPredictor(LEVELS).fit(train.assign(censored=False))
+    hq, nq = h.table["pip:install"], naive.table["pip:install"]
+    assert all(a >= b for a, b in zip(hq, nq, strict=True)) and hq[-1] > nq[-1]
+    assert hq[-1] > TIMEOUT_S  # the top quantile lies past the harness timeout
+
+
+def test_lightgbm_quantiles_do_not_cross_and_are_calibrated(split, lgbm):
+    _, test = split
+    q = lgbm.predict_quantiles(test)
+    assert q.shape == (len(test), len(LEVELS))
+    assert (np.diff(q, axis=1) >= 0).all()
+    assert lgbm.cal_rows > 0 and any(s != 0 for s in lgbm.shifts)
+    cov = (test["y"].to_numpy()[:, None] <= q).mean(axis=0)
+    assert 0.83 <= cov[LEVELS.index(0.9)] <= 0.96, cov
+    assert 0.42 <= cov[LEVELS.index(0.5)] <= 0.58, cov
+
+
+def test_lightgbm_uses_program_history_where_the_histogram_cannot(split, lgbm):
+    _, test = split
+    train = split[0]
+    hist = HistogramPredictor(LEVELS).fit(train)
+    rm = RunningMeanPredictor(LEVELS).fit(train)
+    p_lgb = _pinball_mean(test, lgbm.predict_quantiles(test))
+    p_hist = _pinball_mean(test, hist.predict_quantiles(test))
+    p_rm = _pinball_mean(test, rm.predict_quantiles(test))
+    assert p_lgb < p_hist < p_rm
+
+
+def test_lightgbm_censoring_raises_upper_quantiles(split, lgbm):
+    train, test = split
+    naive = LightGBMPredictor(LEVELS, n_estimators=120).fit(train.assign(censored=False))
+    pip = test[test["key0"] == "pip:install"]
+    top = LEVELS.index(0.99)
+    assert np.median(lgbm.predict_quantiles(pip)[:, top]) > np.median(naive.predict_quantiles(pip)[:, top])
+
+
+@pytest.mark.parametrize("kind", ["running-mean", "histogram", "lightgbm"])
+def test_round_trip_through_the_model_file(split, lgbm, tmp_path, kind):
+    train, test = split
+    p = {"running-mean": lambda: RunningMeanPredictor(LEVELS).fit(train),
+         "histogram": lambda: HistogramPredictor(LEVELS).fit(train), "lightgbm": lambda: lgbm}[kind]()
+    path = save_model({"predictors": {kind: p.to_dict()}}, tmp_path / "m.pkl")
+    back = predictor_from_dict(load_model(path)["predictors"][kind])
+    np.testing.assert_allclose(back.predict_quantiles(test), p.predict_quantiles(test))
+
+
+def test_tables_from_predictors_follow_the_cost_model(split, lgbm):
+    train, _ = split
+    t = build_tables(lgbm, train, CostModel())
+    assert {"ls", "pip:install", "python:script", "*"} <= set(t.ttl_s)
+    # a quick listing is pinned at every pressure, a package install is not pinned when memory is tight
+    assert all(t.lookup(["ls", "*"], 4000, p).ttl_s > 0 for p in t.pressure_levels)
+    assert t.lookup(["pip:install", "pip", "*"], 60000, 1.0).ttl_s == 0.0
+    assert t.lookup(["pip:install", "pip", "*"], 1000, 0.0).ttl_s > TIMEOUT_S * 0.5
+    q = t.quantiles_s["ls"]
+    assert q == sorted(q) and q[LEVELS.index(0.5)] < 0.2
