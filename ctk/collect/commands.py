@@ -171,5 +171,76 @@ def swebench(
         raise typer.Exit(1)
 
 
+@collect_app.command("bfcl")
+def bfcl(
+    db: Path = typer.Option(..., "--db", help="trace store (DuckDB file; created if missing)"),
+    base_url: str = typer.Option(..., "--base-url", help="OpenAI-compatible endpoint with tool calling"),
+    model: str = typer.Option("default", "--model", "-m"),
+    api_key: str = typer.Option(None, "--api-key", envvar="CTK_API_KEY", help="API key (never logged)"),
+    category: list[str] = typer.Option(["base"], "--category", help="base|miss_func|miss_param|long_context"),
+    slice_spec: str = typer.Option("", "--slice", help="start:stop[:step] over the selected entries"),
+    filter_spec: str = typer.Option(
+        "", "--filter", help="regex on entry ids, e.g. '^multi_turn_base_(0|1)$'"
+    ),
+    tool_latency: str = typer.Option(
+        None,
+        "--tool-latency",
+        help="inject latency per call: SECONDS, exp:MEAN, uniform:LO,HI, "
+        "lognormal:MEDIAN,SIGMA, or a trace store / CSV to sample from",
+    ),
+    latency_max: float = typer.Option(300.0, "--latency-max", help="cap on one injected latency (s)"),
+    max_steps: int = typer.Option(20, "--max-steps", help="model steps per user turn (BFCL uses 20)"),
+    temperature: float = typer.Option(0.0, "--temperature"),
+    max_tokens: int = typer.Option(None, "--max-tokens"),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="stream (records time to first token)"),
+    workers: int = typer.Option(1, "--workers", "-w"),
+    arrival: str = typer.Option("fixed", "--arrival", help="fixed or poisson"),
+    rate: float = typer.Option(None, "--rate", help="poisson arrivals: programs per second"),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="skip complete programs, redo unfinished ones"),
+    source: str = typer.Option("collect-bfcl", "--source"),
+    send_metadata: bool = typer.Option(True, "--send-metadata/--no-send-metadata"),
+) -> None:
+    """Run BFCL multi-turn tasks (bfcl-eval's simulated APIs) and record every LLM and tool call."""
+    from ctk.collect.arrival import ArrivalError
+    from ctk.collect.bfcl import BfclOptions, collect_bfcl, load_entries
+    from ctk.collect.swebench import CollectError
+    from ctk.store import StoreError
+
+    opts = BfclOptions(
+        db=db,
+        base_url=base_url,
+        model=model,
+        api_key=api_key,
+        categories=list(category),
+        tool_latency=tool_latency,
+        latency_max_s=latency_max,
+        max_steps=max_steps,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        stream=stream,
+        workers=workers,
+        arrival=arrival,
+        rate=rate,
+        seed=seed,
+        resume=resume,
+        source=source,
+        send_metadata=send_metadata,
+    )
+    try:
+        entries = load_entries(opts.categories, filter_spec, slice_spec)
+        if not entries:
+            _fail("no BFCL entries selected (check --filter / --slice)")
+        with _Progress(len(entries), "bfcl") as prog:
+            summary = collect_bfcl(opts, entries, on_start=prog.on_start, on_done=prog.on_done)
+    except (CollectError, ArrivalError, StoreError) as exc:
+        _fail(str(exc))
+    _print_summary(summary, db)
+    if summary.interrupted:
+        raise typer.Exit(130)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(collect_app, name="collect")
