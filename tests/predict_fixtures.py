@@ -1,4 +1,4 @@
-"""Fixtures of the predict part's tests: a store of the bundled real traces, synthetic traces, a trained model."""
+"""Fixtures of the predict tests: a store of the bundled real traces, synthetic traces, a trained model."""
 
 from __future__ import annotations
 
@@ -23,8 +23,14 @@ SYNTH_TOOLS = (
 TIMEOUT_S = 30.0
 
 
-def synthetic_rows(n_programs: int = 300, turns: int = 12, seed: int = 0, source: str = "synthetic",
-                   speed_sd: float = 0.8, timeout_s: float = TIMEOUT_S) -> pd.DataFrame:
+def synthetic_rows(
+    n_programs: int = 300,
+    turns: int = 12,
+    seed: int = 0,
+    source: str = "synthetic",
+    speed_sd: float = 0.8,
+    timeout_s: float = TIMEOUT_S,
+) -> pd.DataFrame:
     """Tool-call rows in the store's column names; calls past ``timeout_s`` are censored at it."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -35,13 +41,23 @@ def synthetic_rows(n_programs: int = 300, turns: int = 12, seed: int = 0, source
             d = med * speed * float(np.exp(rng.normal(0.0, sd)))
             cens = d > timeout_s
             cmd = tmpl.format(d=f"/w{p}", i=int(rng.integers(100)))
-            rows.append({
-                "program_id": f"{source}-p{p:05d}", "turn_index": t + 1, "source": source,
-                "tool_name": cmd.split()[0], "main_program": None, "command_or_args": cmd,
-                "duration_s": min(d, timeout_s), "call_index": 0, "censored": cens,
-                "quality_flag": "timeout_censored" if cens else "ok", "output_chars": int(rng.integers(10, 4000)),
-                "llm_output_chars": int(rng.integers(50, 800)), "true_duration_s": d,
-            })
+            rows.append(
+                {
+                    "program_id": f"{source}-p{p:05d}",
+                    "turn_index": t + 1,
+                    "source": source,
+                    "tool_name": cmd.split()[0],
+                    "main_program": None,
+                    "command_or_args": cmd,
+                    "duration_s": min(d, timeout_s),
+                    "call_index": 0,
+                    "censored": cens,
+                    "quality_flag": "timeout_censored" if cens else "ok",
+                    "output_chars": int(rng.integers(10, 4000)),
+                    "llm_output_chars": int(rng.integers(50, 800)),
+                    "true_duration_s": d,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -49,7 +65,9 @@ def store_from_rows(path: Path, rows: pd.DataFrame) -> Path:
     """A real DuckDB trace store holding ``rows`` (programs derived from them)."""
     from ctk.store import TraceStore
 
-    progs = rows.groupby("program_id", as_index=False).agg(source=("source", "first"), n_turns=("turn_index", "max"))
+    progs = rows.groupby("program_id", as_index=False).agg(
+        source=("source", "first"), n_turns=("turn_index", "max")
+    )
     progs["complete"] = True
     with TraceStore(path) as store:
         store.add_programs(progs, tool_calls=rows.drop(columns=["true_duration_s"], errors="ignore"))
@@ -72,8 +90,10 @@ def predict_sample_store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_store(tmp_path_factory) -> Path:
     """Another deployment: synthetic traces in their own store."""
-    return store_from_rows(tmp_path_factory.mktemp("predict-synth") / "other.duckdb",
-                           synthetic_rows(60, 10, seed=7, source="other-deployment"))
+    return store_from_rows(
+        tmp_path_factory.mktemp("predict-synth") / "other.duckdb",
+        synthetic_rows(60, 10, seed=7, source="other-deployment"),
+    )
 
 
 @pytest.fixture(scope="session")

@@ -53,7 +53,9 @@ def test_history_features_do_not_leak_the_calls_own_duration():
     assert first["prev_duration_log"].isna().all() and (first["n_prev"] == 0).all()
     second = frame.groupby("program_id").nth(1)
     firsts = frame.groupby("program_id")["y"].first()
-    assert np.allclose(np.exp(second["prev_duration_log"].to_numpy()), firsts.loc[second["program_id"]].to_numpy())
+    assert np.allclose(
+        np.exp(second["prev_duration_log"].to_numpy()), firsts.loc[second["program_id"]].to_numpy()
+    )
 
 
 def test_bad_rows_are_counted_not_fatal():
@@ -85,8 +87,14 @@ def test_histogram_backs_off_to_coarser_keys():
     rows = synthetic_rows(40, 10, seed=4)
     frame, _ = prepare_frame(rows)
     h = HistogramPredictor(LEVELS, min_samples=10, by_source=False).fit(frame)
-    rare = prepare_frame(pd.DataFrame([{"program_id": "x", "duration_s": 1.0, "command_or_args": "git bisect run"},
-                                       {"program_id": "x", "duration_s": 1.0, "command_or_args": "npm ci"}]))[0]
+    rare = prepare_frame(
+        pd.DataFrame(
+            [
+                {"program_id": "x", "duration_s": 1.0, "command_or_args": "git bisect run"},
+                {"program_id": "x", "duration_s": 1.0, "command_or_args": "npm ci"},
+            ]
+        )
+    )[0]
     q = h.predict_quantiles(rare)
     assert "git:bisect" not in h.table and "git" in h.table
     assert q[0].tolist() == h.table["git"]  # unseen sub-command -> its program's distribution
@@ -139,8 +147,11 @@ def test_lightgbm_censoring_raises_upper_quantiles(split, lgbm):
 @pytest.mark.parametrize("kind", ["running-mean", "histogram", "lightgbm"])
 def test_round_trip_through_the_model_file(split, lgbm, tmp_path, kind):
     train, test = split
-    p = {"running-mean": lambda: RunningMeanPredictor(LEVELS).fit(train),
-         "histogram": lambda: HistogramPredictor(LEVELS).fit(train), "lightgbm": lambda: lgbm}[kind]()
+    p = {
+        "running-mean": lambda: RunningMeanPredictor(LEVELS).fit(train),
+        "histogram": lambda: HistogramPredictor(LEVELS).fit(train),
+        "lightgbm": lambda: lgbm,
+    }[kind]()
     path = save_model({"predictors": {kind: p.to_dict()}}, tmp_path / "m.pkl")
     back = predictor_from_dict(load_model(path)["predictors"][kind])
     np.testing.assert_allclose(back.predict_quantiles(test), p.predict_quantiles(test))

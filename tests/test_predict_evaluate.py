@@ -1,0 +1,75 @@
+"""Evaluation metrics, splits and plots."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ctk.predict.cost import CostModel, oracle_cost, realized_cost
+from ctk.predict.dataset import prepare_frame
+from ctk.predict.evaluate import evaluate_frame, fold_ids, pinball, plot, regret_of, row_costs
+from tests.predict_fixtures import synthetic_rows
+
+
+def test_pinball_and_censored_rows():
+    y = np.array([1.0, 1.0, 30.0, 30.0])
+    q = np.array([2.0, 0.5, 40.0, 10.0])
+    cens = np.array([False, False, True, True])
+    got = pinball(y, q, 0.9, cens)
+    # over-prediction costs (1 - level), under-prediction costs level; a timed-out call only the latter
+    assert got.tolist() == pytest.approx([0.1 * 1.0, 0.9 * 0.5, 0.0, 0.9 * 20.0])
+
+
+def test_vectorized_regret_matches_the_cost_functions():
+    rng = np.random.default_rng(0)
+    n = 500
+    frame = pd.DataFrame({"duration_s": rng.lognormal(0, 2, n)})
+    ttl = np.where(rng.random(n) < 0.3, 0.0, rng.lognormal(0, 2, n))
+    b = rng.uniform(0.1, 3, n)
+    c = rng.lognormal(-3, 2, n)
+    scalar = np.mean(
+        [
+            realized_cost(t, d, bb, cc) - oracle_cost(d, bb, cc)
+            for t, d, bb, cc in zip(ttl, frame["duration_s"], b, c, strict=True)
+        ]
+    )
+    assert regret_of(ttl, frame, b, c) == pytest.approx(scalar)
+    # the oracle's own decision has zero regret; any other is >= 0
+    d = frame["duration_s"].to_numpy()
+    assert regret_of(np.where(c * d < b, d, 0.0), frame, b, c) == pytest.approx(0.0, abs=1e-12)
+    assert regret_of(ttl, frame, b, c) > 0
+
+
+def test_row_costs_grow_with_context_and_pressure():
+    frame = pd.DataFrame({"context_est": [1000.0, 20000.0]})
+    b, c = row_costs(frame, CostModel(), 0.9)
+    _, c_low = row_costs(frame, CostModel(), 0.5)
+    assert b[1] > b[0] and c[1] > c[0] and (c > c_low).all()
+
+
+def test_folds_keep_programs_whole():
+    frame, _ = prepare_frame(synthetic_rows(50, 6, seed=1))
+    f = fold_ids(frame, 5)
+    per_program = pd.Series(f).groupby(frame["program_id"].to_numpy()).nunique()
+    assert (per_program == 1).all() and set(f) == set(range(5))
+    one = fold_ids(frame, 1)
+    assert set(one) == {0, -1}
+
+
+def test_evaluate_frame_reports_and_plots(tmp_path):
+    rows = pd.concat([synthetic_rows(40, 8, seed=1, source="a"), synthetic_rows(30, 8, seed=2, source="b")])
+    frame, _ = prepare_frame(rows)
+    result = evaluate_frame(frame, ["running-mean", "histogram"], CostModel(), folds=3)
+    rep = result["program_split"]
+    assert rep["rows"] == len(frame) and rep["programs"] == 70
+    for name in ("running-mean", "histogram"):
+        e = rep["predictors"][name]
+        assert set(e["pinball"]) == {f"{lv:g}" for lv in e["levels"]}
+        assert e["pinball_mean"] == pytest.approx((e["pinball"]["0.5"] + e["pinball"]["0.9"]) / 2)
+        assert e["regret"]["mean"] >= 0 and e["per_tool"]
+    assert "regret_table" in rep["predictors"]["histogram"]
+    assert rep["reference_regret"]["never-pin"]["mean"] > rep["predictors"]["histogram"]["regret"]["mean"]
+    assert set(result["leave_one_source_out"]) == {"a", "b"}
+    paths = plot(result, tmp_path)
+    assert all(p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths) and len(paths) == 2
