@@ -41,19 +41,19 @@ class ServerConfig:
 
     kv_cache_bytes: int = 24 * 2**20
     max_num_seqs: int = 16
-    max_model_len: int = 8192
+    max_model_len: int | None = None  # None: the workload's max_context_tokens
     block_size: int | None = None  # None: the engine's default
     startup_timeout_s: float = 300.0
     extra_args: list[str] = field(default_factory=list)
 
-    def args(self) -> list[str]:
+    def args(self, max_model_len: int = 8192) -> list[str]:
         a = [
             "--kv-cache-memory-bytes",
             str(self.kv_cache_bytes),
             "--max-num-seqs",
             str(self.max_num_seqs),
             "--max-model-len",
-            str(self.max_model_len),
+            str(self.max_model_len or max_model_len),
             *REPLAY_SERVER_ARGS,
         ]
         if self.block_size:
@@ -269,9 +269,15 @@ def run_policy(
     port = cfg.port or free_port()
     base_url = f"http://127.0.0.1:{port}"
     log_path = out_dir / f"server-{policy}.log"
+    log_path.unlink(missing_ok=True)  # the launcher appends
     t0 = time.monotonic()
     proc = launcher(
-        Path(model_dir), port, policy, ttl_model if policy == "ttl" else None, cfg.server.args(), log_path
+        Path(model_dir),
+        port,
+        policy,
+        ttl_model if policy == "ttl" else None,
+        cfg.server.args(cfg.workload.max_context_tokens),
+        log_path,
     )
     try:
         try:
