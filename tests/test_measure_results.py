@@ -19,7 +19,7 @@ def _result(label: str, jcts: list[float], ttft: float, cached: int = 50) -> Rep
                             cached_tokens=cached, completion_tokens=10, queue_s=0.01) for k in range(2)]
         r.programs.append(ProgramResult(f"p{i}", f"{label}-{i}", 1000.0, 1000.0 + j, turns))
     r.server_metrics = {"prefix_cache_queries": 200.0, "prefix_cache_hits": 50.0, "preemptions": 3.0,
-                        "pins": 7.0}
+                        "pins_created": 7.0}
     return r
 
 

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from ctk.measure import server_metrics
 from ctk.measure.replay import ReplayConfig, run_replay
 from ctk.measure.results import ReplayResult
 from ctk.measure.workload import ProgramSpec, WorkloadConfig, load_programs
@@ -146,6 +147,29 @@ def train_ttl_model(train_db: Path, out: Path, extra_args: list[str] = ()) -> Pa
     return out
 
 
+def profile_prefill(base_url: str, out: Path) -> Path:
+    """``ctk profile`` (the predict part's CLI) against a running server, block size from its /metrics."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "ctk.cli",
+        "profile",
+        "--url",
+        base_url,
+        "--lengths",
+        "256,1024,2048,4096",
+        "--repeats",
+        "2",
+        "-o",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise CompareError("ctk profile failed: " + " | ".join(tail))
+    return out
+
+
 # -- the comparison ----------------------------------------------------------------------------------
 
 
@@ -232,14 +256,35 @@ def run_comparison(
         f"{sum(p.total_tool_s for p in programs) * cfg.replay.time_scale:.0f} s of tool pauses (scaled)"
     )
     ttl_model = cfg.ttl_model
-    if ttl_model is None and any(p in ("ttl",) for p in cfg.policies):
-        exclude = {p.program_id for p in programs}
-        train_db = training_store(db, exclude, cfg.replay.time_scale, out_dir / "train.duckdb")
-        ttl_model = train_ttl_model(train_db, out_dir / "model.pkl", cfg.train_args)
-        log(f"trained {ttl_model} on {db} minus the {len(exclude)} replayed programs")
+    profile = out_dir / "prefill_profile.json"
+    profile.unlink(missing_ok=True)
+    engine: dict[str, str] = {}
+
+    def profile_server(base_url: str) -> None:
+        """On the first server, once its replay is done: the served model's prefill cost for ``ctk train``."""
+        if ttl_model is None and not profile.exists():
+            engine.update(server_metrics.info_labels(base_url))
+            try:
+                profile_prefill(base_url, profile)
+                log(f"profiled prefill -> {profile} (KV block size {engine.get('block_size', '?')})")
+            except CompareError as exc:
+                log(f"warning: {exc}; training with the default cost model")
+
     results: dict[str, ReplayResult] = {}
     for policy in cfg.policies:
-        results[policy] = run_policy(policy, programs, model_dir, ttl_model, out_dir, cfg, launcher, log)
+        if policy == "ttl" and ttl_model is None:
+            exclude = {p.program_id for p in programs}
+            train_db = training_store(db, exclude, cfg.replay.time_scale, out_dir / "train.duckdb")
+            args = list(cfg.train_args)
+            if profile.exists():
+                args += ["--profile", str(profile)]
+            if engine.get("block_size", "").isdigit() and "--block-size" not in args:
+                args += ["--block-size", engine["block_size"]]
+            ttl_model = train_ttl_model(train_db, out_dir / "model.pkl", args)
+            log(f"trained {ttl_model} on {db} minus the {len(exclude)} replayed programs")
+        results[policy] = run_policy(
+            policy, programs, model_dir, ttl_model, out_dir, cfg, launcher, log, after_replay=profile_server
+        )
     config = {
         "db": str(db),
         "model_dir": str(model_dir),
@@ -263,6 +308,7 @@ def run_policy(
     cfg: CompareConfig,
     launcher: Launcher = default_launcher,
     log: Callable[[str], None] = print,
+    after_replay: Callable[[str], None] | None = None,
 ) -> ReplayResult:
     from ctk.engine_patch.server import ServerError, free_port, stop_server, wait_ready
 
@@ -288,6 +334,8 @@ def run_policy(
         log(f"[{policy}] server ready in {time.monotonic() - t0:.0f} s; replaying")
         rcfg = dataclasses.replace(cfg.replay, base_url=base_url, label=policy)
         result = run_replay(programs, cfg.workload, rcfg)
+        if after_replay is not None and not result.interrupted:
+            after_replay(base_url)
     finally:
         stop_server(proc)
     result.config["server_log"] = str(log_path)

@@ -104,9 +104,17 @@ class ReplayResult:
         }
         if "prefix_cache_queries" in m and m["prefix_cache_queries"] > 0:
             out["server_hit_rate"] = m.get("prefix_cache_hits", 0.0) / m["prefix_cache_queries"]
-        for key in ("preemptions", "pins", "pin_hits", "pin_expired", "pin_released_pressure"):
-            if key in m:
-                out[key] = m[key]
+        # ctk's counters (ctk:pins_created_total -> pins_created, see server_metrics.delta)
+        names = {
+            "preemptions": "preemptions",
+            "pins": "pins_created",
+            "pin_hits": "pin_hits",
+            "pin_expirations": "pin_expirations",
+            "pin_pressure_releases": "pin_pressure_releases",
+        }
+        for key, name in names.items():
+            if name in m:
+                out[key] = m[name]
         return out
 
     # -- files -------------------------------------------------------------------------------------

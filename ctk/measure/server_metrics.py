@@ -72,3 +72,20 @@ def gauges(samples: dict[str, float]) -> dict[str, float]:
         if name.startswith("ctk") and not name.endswith(("_total", "_created", "_sum", "_count", "_bucket")):
             out[name.split(":", 1)[-1].removeprefix("ctk_")] = value
     return out
+
+
+def info_labels(
+    base_url: str, family: str = "vllm:cache_config_info", timeout: float = 10.0
+) -> dict[str, str]:
+    """The labels of an info metric (e.g. the engine's cache config: ``block_size``, ...); {} if absent."""
+    url = base_url.rstrip("/").removesuffix("/v1") + "/metrics"
+    try:
+        r = httpx.get(url, timeout=timeout)
+        r.raise_for_status()
+    except httpx.HTTPError:
+        return {}
+    for fam in text_string_to_metric_families(r.text):
+        for s in fam.samples:
+            if s.name.startswith(family):
+                return dict(s.labels)
+    return {}
