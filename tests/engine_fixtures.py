@@ -17,3 +17,59 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from ctk.engine_patch.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+#: TTL tables of the engine tests: ``ls`` pins 30 s, ``sleep`` 1 s, anything else is not pinned.
+TEST_TTLS = {"ls": 30.0, "sleep": 1.0, "*": 0.0}
+SHORTEST_TTL_KEY, LONG_TTL_KEY = "sleep", "ls"
+#: Tiny engine: 16 MiB of KV = 63 blocks of 128 tokens; at most 2 requests run at once.
+KV_BYTES = 16 << 20
+
+
+def write_test_model(path: Path, ttls: dict[str, float] | None = None) -> Path:
+    """A model.pkl whose TTL tables pin each key for a fixed TTL at every context length and pressure."""
+    from ctk.predict.modelfile import save_model
+    from ctk.predict.tables import TTLTables
+
+    ttls = ttls or TEST_TTLS
+    tables = TTLTables(
+        context_edges=[1_000_000],
+        pressure_levels=[1.0],
+        quantile_levels=[0.5, 0.9],
+        ttl_s={k: [[v]] for k, v in ttls.items()},
+        p_hit={k: [[0.9 if v > 0 else 0.0]] for k, v in ttls.items()},
+        quantiles_s={k: [v / 2 or 1.0, v or 10.0] for k, v in ttls.items()},
+        n_samples={k: 10 for k in ttls},
+    )
+    return save_model({"ttl_tables": tables.to_dict()}, path)
+
+
+@pytest.fixture(scope="session")
+def ttl_model_file(tmp_path_factory) -> Path:
+    return write_test_model(tmp_path_factory.mktemp("ttl-model") / "model.pkl")
+
+
+@pytest.fixture(scope="session")
+def engine_llm(tiny_model_dir, ttl_model_file):
+    """An in-process ``vllm.LLM`` on the tiny model with the ctk scheduler (policy ``ttl``)."""
+    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler lives in this process
+    try:
+        from vllm import LLM
+
+        llm = LLM(
+            str(tiny_model_dir), enforce_eager=True, kv_cache_memory_bytes=KV_BYTES, max_model_len=4096,
+            enable_prefix_caching=True, max_num_seqs=2, seed=0,
+            scheduler_cls="ctk.engine_patch.scheduler.CTKScheduler",
+            additional_config={"ctk": {"policy": "ttl", "ttl_model": str(ttl_model_file)}},
+        )
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
+    yield llm
+
+
+def scheduler_of(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler

@@ -1,0 +1,227 @@
+"""The ctk scheduler inside a real vLLM CPU engine (in-process ``vllm.LLM``, tiny model, 63 KV blocks)."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+from engine_fixtures import (  # noqa: F401
+    LONG_TTL_KEY,
+    SHORTEST_TTL_KEY,
+    TEST_TTLS,
+    engine_llm,
+    scheduler_of,
+    tiny_model_dir,
+    ttl_model_file,
+)
+
+pytestmark = pytest.mark.engine
+
+PROMPT = 1500  # tokens: 11 full blocks of 128 + a partial one
+
+
+@pytest.fixture
+def sched(engine_llm, ttl_model_file):  # noqa: F811
+    s = scheduler_of(engine_llm)
+    s.ctk_reconfigure(policy="ttl", ttl_model=str(ttl_model_file), max_pin_share=0.5, online=False)
+    yield s
+    s.ctk_reconfigure(policy="ttl", ttl_model=str(ttl_model_file))  # releases whatever a test left
+
+
+def toks(rng: random.Random, n: int = PROMPT) -> list[int]:
+    return [rng.randrange(10, 4000) for _ in range(n)]
+
+
+def params(max_tokens: int = 4, **xargs):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args=xargs or None)
+
+
+def gen(llm, prompts, sps):
+    return llm.generate([{"prompt_token_ids": p} for p in prompts], sps, use_tqdm=False)
+
+
+def free_blocks(s) -> int:
+    return s.kv_cache_manager.block_pool.get_num_free_blocks()
+
+
+def all_blocks(s) -> int:
+    return s.kv_cache_manager.block_pool.num_gpu_blocks - 1  # minus the null block
+
+
+def next_turn(prompt, out, rng, extra=60):
+    return prompt + list(out.outputs[0].token_ids) + toks(rng, extra)
+
+
+def flood(llm, rng, n=12):
+    """Enough distinct prompts (n x 12 blocks) to cycle the whole prefix cache (63 blocks)."""
+    gen(llm, [toks(rng) for _ in range(n)], params(2))
+
+
+def test_prefix_survives_a_flood_with_ttl_and_is_evicted_with_stock(engine_llm, sched):  # noqa: F811
+    cached = {}
+    for policy, seed in (("vllm", 1), ("ttl", 2)):
+        sched.ctk_reconfigure(policy=policy)
+        rng = random.Random(seed)
+        a1 = toks(rng)
+        out = gen(engine_llm, [a1], params(program_id=f"A-{policy}", tool=LONG_TTL_KEY))[0]
+        assert len(sched.ctk_pinned_request_ids()) == (1 if policy == "ttl" else 0)
+        flood(engine_llm, rng)
+        a2 = next_turn(a1, out, rng)
+        out2 = gen(engine_llm, [a2], params(program_id=f"A-{policy}", tool=LONG_TTL_KEY))[0]
+        cached[policy] = out2.num_cached_tokens
+    assert cached["vllm"] == 0  # stock: the flood evicted A's prefix
+    assert cached["ttl"] >= (PROMPT // 128) * 128  # ctk: every full block of A's first turn hit
+    assert sched.ctk.stats.pin_hits == 1 and sched.ctk.stats.releases.get("hit") == 1
+
+
+def test_expiry_frees_the_blocks_even_without_engine_steps(engine_llm, sched):  # noqa: F811
+    rng = random.Random(3)
+    before = free_blocks(sched)
+    gen(engine_llm, [toks(rng)], params(program_id="E", tool=SHORTEST_TTL_KEY))
+    assert sched.ctk_pinned_request_ids() and sched.ctk.pinned_blocks == 12
+    assert free_blocks(sched) == before - 12
+    time.sleep(TEST_TTLS[SHORTEST_TTL_KEY] + 0.2)
+    sched.has_requests()  # what the idle engine loop asks: it must run the expiry
+    assert sched.ctk_pinned_request_ids() == [] and sched.ctk.pinned_blocks == 0
+    assert free_blocks(sched) == before
+    assert sched.ctk.stats.releases.get("expired") == 1
+
+
+def test_abort_of_the_next_turn_frees_the_pin(engine_llm, sched):  # noqa: F811
+    rng = random.Random(4)
+    out = gen(engine_llm, [a1 := toks(rng)], params(program_id="B", tool=LONG_TTL_KEY))[0]
+    assert sched.ctk.pinned_blocks == 12
+    eng = engine_llm.llm_engine
+    eng.add_request("b-turn-2", {"prompt_token_ids": next_turn(a1, out, rng)},
+                    params(program_id="B", tool=LONG_TTL_KEY))
+    eng.abort_request(["b-turn-2"])
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert sched.ctk.pinned_blocks == 0 and sched.ctk.stats.releases.get("abort") == 1
+    assert free_blocks(sched) == all_blocks(sched)
+
+
+def test_last_turn_and_final_answers_never_pin(engine_llm, sched):  # noqa: F811
+    rng = random.Random(5)
+    gen(engine_llm, [toks(rng)], params(program_id="L", tool=LONG_TTL_KEY, last_turn=True))
+    gen(engine_llm, [toks(rng)], params(program_id="M"))  # no hint, random text: no tool call
+    gen(engine_llm, [toks(rng)], params(tool=LONG_TTL_KEY))  # no program id
+    assert sched.ctk_pinned_request_ids() == [] and sched.ctk.stats.pins_created == 0
+    assert free_blocks(sched) == all_blocks(sched)
+
+
+def test_tool_call_is_detected_from_real_output_tokens(engine_llm, sched):  # noqa: F811
+    tok = engine_llm.get_tokenizer()
+
+    class Fake:
+        output_token_ids = tok.encode("THOUGHT: list\n```bash\nls -la /repo\n```", add_special_tokens=False)
+
+    from ctk.engine_patch.detect import detect_tool_call
+
+    assert detect_tool_call(sched._ctk_text(Fake())).command == "ls -la /repo"
+
+
+def test_more_pins_than_memory_all_complete_and_pins_go_before_preemption(engine_llm, sched):  # noqa: F811
+    """8 programs x 12 pinned blocks > 63 blocks: the valve releases pins; no preemption while pinned."""
+    sched.ctk_reconfigure(max_pin_share=1.0)
+    preempted_with_pins = []
+    orig = sched._preempt_request
+
+    def spy(request, *a, **kw):
+        preempted_with_pins.append(len(sched.ctk.pins))
+        return orig(request, *a, **kw)
+
+    sched._preempt_request = spy
+    try:
+        rng = random.Random(6)
+        firsts = [toks(rng) for _ in range(8)]
+        outs = gen(engine_llm, firsts, [params(program_id=f"P{i}", tool=LONG_TTL_KEY) for i in range(8)])
+        assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
+        assert sched.ctk.stats.releases.get("pressure", 0) >= 1
+        assert sched.ctk.pinned_blocks <= all_blocks(sched)
+        seconds = [next_turn(p, o, rng) for p, o in zip(firsts, outs, strict=True)]
+        outs2 = gen(engine_llm, seconds, [params(32, program_id=f"P{i}", last_turn=True) for i in range(8)])
+        assert all(len(o.outputs[0].token_ids) == 32 for o in outs2)
+    finally:
+        del sched._preempt_request
+    assert all(n == 0 for n in preempted_with_pins)
+    assert sched.ctk.pinned_blocks == 0 and free_blocks(sched) == all_blocks(sched)
+
+
+def admission_order(llm, sched, tag):
+    """Admission order of a newer program's request vs a later turn of an older program, slots busy."""
+    eng = llm.llm_engine
+    rng = random.Random(7)
+    eng.add_request(f"{tag}old-1", {"prompt_token_ids": toks(rng, 200)}, params(1, program_id=f"{tag}old"))
+    while eng.has_unfinished_requests():
+        eng.step()
+    admitted = []
+    orig = sched.ctk.admitted
+
+    def spy(rid, cached, now=None):
+        admitted.append(rid)
+        return orig(rid, cached, now)
+
+    sched.ctk.admitted = spy
+    for i in (1, 2):
+        prompt = {"prompt_token_ids": toks(rng, 200)}
+        eng.add_request(f"{tag}blocker-{i}", prompt, params(40, program_id=f"{tag}x{i}"))
+    eng.step()  # both blockers run: the 2 slots are busy
+    eng.add_request(f"{tag}new-1", {"prompt_token_ids": toks(rng, 200)}, params(1, program_id=f"{tag}new"))
+    eng.add_request(f"{tag}old-2", {"prompt_token_ids": toks(rng, 200)}, params(1, program_id=f"{tag}old"))
+    while eng.has_unfinished_requests():
+        eng.step()
+    # the engine appends a random suffix to request ids
+    return [r[len(tag):].split("-")[0] for r in admitted if r.startswith((f"{tag}new-1", f"{tag}old-2"))]
+
+
+def test_program_fcfs_admits_older_programs_first(engine_llm, sched):  # noqa: F811
+    """With both running slots busy, a later turn of an older program overtakes a newer program."""
+    sched.ctk_reconfigure(age_min_s=60.0)  # keep the age bound out of this test
+    assert admission_order(engine_llm, sched, "ctk-") == ["old", "new"]
+    sched.ctk_reconfigure(policy="continuum", age_min_s=60.0)
+    assert admission_order(engine_llm, sched, "cont-") == ["old", "new"]
+    sched.ctk_reconfigure(policy="vllm")  # stock order: arrival
+    sched.ctk.reorders = True  # let the spy see admissions (ordering stays off: policy vllm)
+    sched.ctk.order_waiting = lambda ids, now=None: None
+    assert admission_order(engine_llm, sched, "stock-") == ["new", "old"]
+
+
+def test_random_workload_with_aborts_leaks_nothing(engine_llm, sched):  # noqa: F811
+    eng = engine_llm.llm_engine
+    rng = random.Random(8)
+    live: dict[str, int] = {}
+    n = 0
+    for _ in range(60):
+        r = rng.random()
+        if r < 0.5:
+            n += 1
+            rid = f"rw-{n}"
+            prog = f"rw-prog-{rng.randrange(6)}"
+            key = rng.choice([SHORTEST_TTL_KEY, SHORTEST_TTL_KEY, "make", None])
+            xargs = {"program_id": prog, "last_turn": rng.random() < 0.15}
+            if key:
+                xargs["tool"] = key
+            eng.add_request(rid, {"prompt_token_ids": toks(rng, rng.randrange(100, 1200))},
+                            params(rng.randrange(1, 12), **xargs))
+            live[rid] = 1
+        elif r < 0.65 and live:
+            victim = rng.choice(sorted(live))
+            eng.abort_request([victim])
+            live.pop(victim)
+        for out in eng.step():
+            if out.finished:
+                live.pop(out.request_id, None)
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            live.pop(out.request_id, None)
+    assert sched.ctk.stats.pins_created > 0
+    assert sched.ctk.pinned_blocks == sum(p.blocks for p in sched.ctk.pins.values())
+    time.sleep(TEST_TTLS[SHORTEST_TTL_KEY] + 0.2)  # the longest TTL used here
+    sched.has_requests()
+    assert sched.ctk.pins == {} and sched.ctk_pinned_request_ids() == []
+    assert free_blocks(sched) == all_blocks(sched)  # no leaked blocks
+    assert sched.requests == {}
