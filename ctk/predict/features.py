@@ -11,14 +11,21 @@ LightGBM predictor (numpy/pandas are imported lazily by the callers, not here).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
 #: Only the head of a command is parsed: heredoc bodies and long scripts carry no more key information.
-PARSE_CHARS = 400
+PARSE_CHARS = 256
+#: At most this many ``&&`` / ``|`` / ``;`` segments are examined for the main program.
+MAX_SEGMENTS = 6
 
-_TOKEN_RE = re.compile(r"""'[^']*'?|"(?:\\.|[^"\\])*"?|&&|\|\||<<-?|>>|[;|&\n()]|[<>]|[^\s;|&<>()'"]+""")
+# words first (the common case), possessive quantifiers (no backtracking)
+_DQ = r'"[^"\\]*+(?:\\.[^"\\]*+)*+"?'  # double-quoted string, unrolled (no per-char alternation)
+_TOKEN_RE = re.compile(r"""[^\s;|&<>()'"]++|&&|\|\||[;|&\n()]|'[^']*+'?|""" + _DQ + r"|<<-?|>>|[<>]")
 _SEPARATORS = {"&&", "||", ";", "|", "&", "\n", "(", ")"}
+_SEP_RE = re.compile(r"&&|\|\||[;|&\n()]")
+_QUOTE_RE = re.compile(r"'[^']*+'?|" + _DQ)
 _REDIRECTS = {"<", ">", ">>", "<<", "<<-"}
 _ASSIGN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 _VERSION_SUFFIX_RE = re.compile(r"^(python|pip|pytest|node|ruby|perl|php|gcc|g\+\+|clang|java)[0-9.]*$")
@@ -183,6 +190,8 @@ _QUICK = _WRITERS | {
     "false",
     ":",
 }
+_PROG_START_RE = re.compile(r"^[a-z0-9_.+\[-]")
+_FD_REDIRECT_RE = re.compile(r"^[0-9]*>&?[0-9]*$")
 _HEREDOC_RE = re.compile(r"<<-?\s*(['\"]?)([A-Za-z_][A-Za-z0-9_]*)\1")
 _SHELL_TOOL_NAMES = {
     "bash",
@@ -210,6 +219,7 @@ def _unquote(tok: str) -> str:
     return tok
 
 
+@lru_cache(maxsize=16384)
 def _normalize_program(word: str) -> str:
     word = _unquote(word).strip()
     word = word.split(None, 1)[0] if word else word
@@ -239,8 +249,15 @@ def _strip_heredocs(text: str) -> str:
         pos = nl + 1
 
 
+def _head(text: str) -> str:
+    """The part of a command that is parsed: heredoc bodies removed, then cut to :data:`PARSE_CHARS`."""
+    if "<<" in text:
+        text = _strip_heredocs(text[: 4 * PARSE_CHARS])
+    return text[:PARSE_CHARS]
+
+
 def _tokens(text: str) -> list[str]:
-    return _TOKEN_RE.findall(_strip_heredocs(text[: 4 * PARSE_CHARS])[:PARSE_CHARS])
+    return _TOKEN_RE.findall(_head(text))
 
 
 def _segments(tokens: list[str]) -> list[list[str]]:
@@ -254,12 +271,43 @@ def _segments(tokens: list[str]) -> list[list[str]]:
     return [s for s in segs if s]
 
 
+def _mask(m: re.Match) -> str:
+    return "_" * (m.end() - m.start())
+
+
+def _segment_spans(head: str) -> Iterator[tuple[str, str]]:
+    """``(masked, original)`` text of each ``&&`` / ``|`` / ``;`` segment; quoted strings masked with ``_``
+    (so separators inside quotes do not split), all in C-speed regex passes."""
+    masked = _QUOTE_RE.sub(_mask, head) if ("'" in head or '"' in head) else head
+    start = 0
+    for m in _SEP_RE.finditer(masked):
+        if m.start() > start:
+            yield masked[start : m.start()], head[start : m.start()]
+        start = m.end()
+    if start < len(head):
+        yield masked[start:], head[start:]
+
+
+def _iter_segments(text: str) -> Iterator[list[str]]:
+    """Segments of a command (the caller stops at the first segment that decides)."""
+    seg: list[str] = []
+    for tok in _TOKEN_RE.findall(_head(text)):
+        if tok in _SEPARATORS:
+            if seg:
+                yield seg
+                seg = []
+        else:
+            seg.append(tok)
+    if seg:
+        yield seg
+
+
 def _strip_wrappers(seg: list[str]) -> list[str]:
     """Drop ``VAR=x``, ``sudo``, ``timeout 30`` ... so ``seg[0]`` is the real program."""
     i = 0
     while i < len(seg):
-        tok = _unquote(seg[i])
-        if _ASSIGN_RE.match(tok):
+        tok = seg[i]
+        if "=" in tok and _ASSIGN_RE.match(_unquote(tok)):
             i += 1
             continue
         name = _normalize_program(tok)
@@ -286,7 +334,7 @@ def _program_words(seg: list[str]) -> list[str]:
         if tok in _REDIRECTS:
             skip = True
             continue
-        if re.match(r"^[0-9]*>&?[0-9]*$", tok):
+        if _FD_REDIRECT_RE.match(tok):
             continue
         out.append(tok)
     return out
@@ -331,17 +379,40 @@ def parse_command(command: str) -> tuple[str | None, str | None]:
 
 @lru_cache(maxsize=8192)
 def _parse_cached(head: str) -> tuple[str | None, str | None]:
-    segs = _segments(_tokens(head))
     first: tuple[str | None, str | None] = (None, None)
     quick: tuple[str | None, str | None] = (None, None)
-    for seg in segs:
-        seg = _strip_wrappers(seg)
+    for n_seg, (masked, text) in enumerate(_segment_spans(_head(head))):
+        if n_seg >= MAX_SEGMENTS:  # a long chain of quick utilities: decided by what was seen
+            break
+        # fast path: a plain first word that is set-up or a further quick utility needs no tokenizing
+        w = masked.split(None, 1)
+        if not w:
+            continue
+        w0 = w[0]
+        if w0[0] not in "_'\"" and "=" not in w0 and "<" not in w0 and ">" not in w0:
+            p0 = _normalize_program(w0)
+            if p0 in _SETUP:
+                if first[0] is None:
+                    first = (p0, None)
+                continue
+            if p0 in _QUICK and quick[0] is not None:
+                continue
+        seg = _strip_wrappers(_TOKEN_RE.findall(text))
+        word0 = _first_word(seg)
+        if word0 is None:
+            continue
+        prog = _normalize_program(word0)
+        if not prog or not _PROG_START_RE.match(prog):
+            continue
+        if prog in _SETUP:
+            if first[0] is None:
+                first = (prog, None)
+            continue
+        if prog in _QUICK:
+            if quick[0] is None:
+                quick = (prog, _subcommand(prog, _program_words(seg), seg))
+            continue
         words = _program_words(seg)
-        if not words:
-            continue
-        prog = _normalize_program(words[0])
-        if not prog or not re.match(r"^[a-z0-9_.+\[-]", prog):
-            continue
         if prog in _SHELLS:
             for j, w in enumerate(words[1:], start=1):
                 if w.startswith("-") and "c" in w and j + 1 < len(words):
@@ -356,16 +427,20 @@ def _parse_cached(head: str) -> tuple[str | None, str | None]:
                 if len(words) > 1 and not words[1].startswith("-"):
                     return prog, "script"
             continue
-        if prog in _SETUP:
-            if first[0] is None:
-                first = (prog, None)
-            continue
-        if prog in _QUICK:
-            if quick[0] is None:
-                quick = (prog, _subcommand(prog, words, seg))
-            continue
         return prog, _subcommand(prog, words, seg)
     return quick if quick[0] is not None else first
+
+
+def _first_word(seg: list[str]) -> str | None:
+    skip = False
+    for tok in seg:
+        if skip:
+            skip = False
+        elif tok in _REDIRECTS:
+            skip = True
+        elif not _FD_REDIRECT_RE.match(tok):
+            return tok
+    return None
 
 
 def _looks_like_args(command: str) -> bool:
