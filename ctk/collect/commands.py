@@ -242,5 +242,36 @@ def bfcl(
         raise typer.Exit(1)
 
 
+def proxy(
+    upstream: str = typer.Option(
+        ..., "--upstream", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1"
+    ),
+    db: Path = typer.Option(..., "--db", help="trace store (DuckDB file; created if missing)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="bind address (default: loopback only)"),
+    port: int = typer.Option(8080, "--port"),
+    source: str = typer.Option("proxy", "--source", help="source label of the recorded programs"),
+    idle_finish: float = typer.Option(600.0, "--idle-finish", help="finish a program after this many idle s"),
+    timeout: float = typer.Option(600.0, "--timeout", help="upstream request timeout (s)"),
+    model: str = typer.Option(None, "--model", help="model label stored with the programs"),
+) -> None:
+    """Record LLM calls (and the tool pauses between them) of any agent pointed at this proxy."""
+    from ctk.collect.proxy import ProxyOptions, serve_proxy
+    from ctk.store import StoreError, TraceStore
+
+    try:  # fail early and clearly on a bad store path
+        TraceStore(db).close()
+    except StoreError as exc:
+        _fail(str(exc))
+    typer.echo(f"ctk proxy: http://{host}:{port}/v1 -> {upstream}, recording into {db}")
+    serve_proxy(
+        ProxyOptions(
+            upstream=upstream, db=db, source=source, idle_finish_s=idle_finish, timeout_s=timeout, model=model
+        ),
+        host=host,
+        port=port,
+    )
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(collect_app, name="collect")
+    app.command("proxy")(proxy)

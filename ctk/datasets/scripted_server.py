@@ -3,7 +3,7 @@
 It answers ``/v1/chat/completions`` (streaming too) from a script, so a real agent runs real commands
 without a real LLM. The server is stateless: the reply to a request is turn ``k`` of the program's
 script, ``k`` = the number of assistant messages already in the request. The program is taken from the
-``X-Session-ID`` header, the ``session_id`` body field or ``vllm_xargs`` (``session_id`` /
+``session_id`` body field, the ``X-Session-ID`` header or ``vllm_xargs`` (``session_id`` /
 ``program_id``), and matched against the script's program keys (exact id, the id's last ``/`` part, or
 an ``fnmatch`` pattern), falling back to ``default``.
 
@@ -126,10 +126,18 @@ class Script:
 
 
 def program_of(headers: dict[str, str], body: dict[str, Any]) -> str | None:
-    """The program identity of a request: header, body ``session_id``, or ``vllm_xargs``."""
-    sid = headers.get("x-session-id") or body.get("session_id")
+    """The program identity of a request, in vLLM's order: body ``session_id``, ``X-Session-ID`` header,
+    ``vllm_xargs.session_id``; then ctk's ``vllm_xargs.program_id``."""
     xargs = body.get("vllm_xargs") if isinstance(body.get("vllm_xargs"), dict) else {}
-    return sid or xargs.get("session_id") or xargs.get("program_id")
+    for value in (
+        body.get("session_id"),
+        headers.get("x-session-id"),
+        xargs.get("session_id"),
+        xargs.get("program_id"),
+    ):
+        if isinstance(value, str) and value:
+            return value
+    return None
 
 
 def _approx_tokens(text: str) -> int:
