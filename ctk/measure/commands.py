@@ -114,6 +114,24 @@ def report(
     typer.echo(str(page))
 
 
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "-o", "--out", help="work folder (reused: store, model)"),
+    policies: str = typer.Option("vllm,continuum,ttl,oracle", help="comma-separated policies"),
+    programs: int | None = typer.Option(None, "-n", "--programs", help="programs per policy"),
+) -> None:
+    """The whole loop on the bundled sample: import, train, serve each policy, replay, report."""
+    import os
+
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ctk.measure.demo import main
+
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    code = main(out, names, programs)
+    if code:
+        raise typer.Exit(code)
+
+
 def _f(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
@@ -121,3 +139,4 @@ def _f(x) -> str:
 def register(app: typer.Typer) -> None:
     app.command("replay")(replay)
     app.command("report")(report)
+    app.command("demo")(demo)
