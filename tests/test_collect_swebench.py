@@ -33,9 +33,29 @@ def test_collect_bundled_local_records_every_call_with_true_durations(tmp_path: 
     db, traj = tmp_path / "t.duckdb", tmp_path / "traj"
     with scripted_server(script) as srv:
         proc = subprocess.run(
-            [*CTK, "collect", "swebench", "--db", str(db), "--base-url", srv.base_url, "--model", "scripted",
-             "--instances", "bundled", "--env", "local", "--workers", "1", "--traj-dir", str(traj)],
-            env=COLLECT_ENV, capture_output=True, text=True, timeout=300,
+            [
+                *CTK,
+                "collect",
+                "swebench",
+                "--db",
+                str(db),
+                "--base-url",
+                srv.base_url,
+                "--model",
+                "scripted",
+                "--instances",
+                "bundled",
+                "--env",
+                "local",
+                "--workers",
+                "1",
+                "--traj-dir",
+                str(traj),
+            ],
+            env=COLLECT_ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         seen = srv.requests()
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -92,8 +112,12 @@ def test_kill_mid_run_then_resume_completes_without_duplicates(tmp_path: Path) -
     db = tmp_path / "t.duckdb"
     args = [*CTK, "collect", "swebench", "--db", str(db), "--model", "scripted", "--instances", "bundled"]
     with scripted_server(script) as srv:
-        proc = subprocess.Popen([*args, "--base-url", srv.base_url], env=COLLECT_ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [*args, "--base-url", srv.base_url],
+            env=COLLECT_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # kill inside the second program, a few steps in
             second = [r for r in srv.requests() if r["program"].endswith("wordcount-1")]
@@ -105,12 +129,18 @@ def test_kill_mid_run_then_resume_completes_without_duplicates(tmp_path: Path) -
         n_before = len(srv.requests())
         assert n_before >= 3 + len(script["programs"][CALC])
 
-        again = subprocess.run([*args, "--base-url", srv.base_url], env=COLLECT_ENV, capture_output=True,
-                               text=True, timeout=120)
+        again = subprocess.run(
+            [*args, "--base-url", srv.base_url], env=COLLECT_ENV, capture_output=True, text=True, timeout=120
+        )
         assert again.returncode == 2 and "--resume" in again.stderr  # never silently duplicates
 
-        resumed = subprocess.run([*args, "--base-url", srv.base_url, "--resume"], env=COLLECT_ENV,
-                                 capture_output=True, text=True, timeout=300)
+        resumed = subprocess.run(
+            [*args, "--base-url", srv.base_url, "--resume"],
+            env=COLLECT_ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         second_run = srv.requests()[n_before:]
     assert "1 already complete" in resumed.stdout and "1 unfinished redone" in resumed.stdout
@@ -130,8 +160,16 @@ def test_poisson_arrivals_and_step_limit_hint(tmp_path: Path) -> None:
     script = copy.deepcopy(bundled_script_dict())
     rows = load_instances("bundled")
     with scripted_server(script) as srv:
-        opts = SwebenchOptions(db=tmp_path / "p.duckdb", base_url=srv.base_url, model="scripted", workers=3,
-                               arrival="poisson", rate=4.0, seed=3, step_limit=3)
+        opts = SwebenchOptions(
+            db=tmp_path / "p.duckdb",
+            base_url=srv.base_url,
+            model="scripted",
+            workers=3,
+            arrival="poisson",
+            rate=4.0,
+            seed=3,
+            step_limit=3,
+        )
         summary = collect_swebench(opts, rows)
         seen = srv.requests()
     assert summary.completed == 3 and summary.outcomes == {"LimitsExceeded": 3}
@@ -144,3 +182,42 @@ def test_poisson_arrivals_and_step_limit_hint(tmp_path: Path) -> None:
         assert got - firsts[0] == pytest.approx(want, abs=0.25)
     progs = read_table(tmp_path / "p.duckdb", "programs")
     assert (progs["n_turns"] == 3).all() and (progs["outcome"] == "LimitsExceeded").all()
+
+
+def test_ctrl_c_keeps_every_finished_step(tmp_path: Path) -> None:
+    script = bundled_script_dict()
+    for turns in script["programs"].values():
+        turns.insert(1, {"content": "slow step", "commands": ["sleep 0.4"]})
+    db = tmp_path / "i.duckdb"
+    with scripted_server(script) as srv:
+        proc = subprocess.Popen(
+            [
+                *CTK,
+                "collect",
+                "swebench",
+                "--db",
+                str(db),
+                "--base-url",
+                srv.base_url,
+                "--instances",
+                "bundled",
+            ],
+            env=COLLECT_ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while len(srv.requests()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        n_requests = len(srv.requests())
+    assert proc.returncode == 130, out + err
+    assert "1 unfinished program(s) stay marked incomplete" in err
+    programs, llm = read_table(db, "programs"), read_table(db, "llm_calls")
+    assert len(programs) == 1 and not programs.iloc[0]["complete"]
+    # the step in flight was finished and recorded; nothing answered by the model was lost
+    assert len(llm) == n_requests
+    tools = read_table(db, "tool_calls")
+    assert set(tools["turn_index"]) == set(range(n_requests))

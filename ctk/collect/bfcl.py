@@ -30,7 +30,7 @@ import numpy as np
 
 from ctk.collect.arrival import arrival_offsets, run_jobs
 from ctk.collect.recorder import ProgramRecorder, Stamp, StoreWriter
-from ctk.collect.swebench import CollectError, CollectionInterrupted, CollectSummary, plan_programs
+from ctk.collect.swebench import CollectError, CollectionInterrupted, CollectSummary, plan_programs, summarize
 from ctk.store import EXCLUDED_QUALITY_FLAGS, ProgramRecord, RunRecord, TraceStore
 
 CATEGORIES = ("base", "miss_func", "miss_param", "long_context")
@@ -534,13 +534,7 @@ def collect_bfcl(
                 on_start=on_start,
                 on_done=on_done,
             )
-        summary.interrupted = interrupted
-        for res in results:
-            if res.ok:
-                summary.completed += 1
-            else:
-                summary.failed += 1
-                summary.errors.append(f"{res.key}: {res.error}")
+        summarize(results, interrupted, summary)
         summary.errors += writer.errors
         return summary
     finally:

@@ -69,7 +69,8 @@ def _print_summary(summary, db: Path) -> None:
         typer.secho(f"  ... and {len(summary.errors) - 20} more", err=True, fg="yellow")
     if summary.interrupted:
         typer.secho(
-            "interrupted: unfinished programs stay marked incomplete; re-run with --resume",
+            f"interrupted: {summary.stopped} unfinished program(s) stay marked incomplete (their finished "
+            "steps are kept); re-run with --resume",
             err=True,
             fg="yellow",
         )

@@ -79,10 +79,26 @@ class CollectSummary:
     completed: int = 0
     failed: int = 0
     interrupted: bool = False
+    stopped: int = 0  # programs left unfinished by an interruption (marked incomplete)
     outcomes: Counter = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
     n_llm_calls: int = 0
     n_tool_calls: int = 0
+
+
+def summarize(results: list, interrupted: bool, summary: CollectSummary) -> None:
+    """Fold job results into ``summary``; programs stopped by Ctrl-C count as interrupted, not failed."""
+    summary.interrupted = interrupted
+    for res in results:
+        if res.ok:
+            summary.completed += 1
+        elif (
+            interrupted and res.error and ("CollectionInterrupted" in res.error or "interrupted" in res.error)
+        ):
+            summary.stopped += 1
+        else:
+            summary.failed += 1
+            summary.errors.append(f"{res.key}: {res.error}")
 
 
 def program_id_for(source: str, instance_id: str, repeat: int, repeats: int) -> str:
@@ -365,13 +381,7 @@ def collect_swebench(
                 on_start=on_start,
                 on_done=on_done,
             )
-        summary.interrupted = interrupted
-        for res in results:
-            if res.ok:
-                summary.completed += 1
-            else:
-                summary.failed += 1
-                summary.errors.append(f"{res.key}: {res.error}")
+        summarize(results, interrupted, summary)
         summary.errors += writer.errors
         if not opts.workdir and not opts.keep_workdirs:
             shutil.rmtree(workroot, ignore_errors=True)
