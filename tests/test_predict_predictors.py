@@ -167,3 +167,21 @@ def test_tables_from_predictors_follow_the_cost_model(split, lgbm):
     assert t.lookup(["pip:install", "pip", "*"], 1000, 0.0).ttl_s > TIMEOUT_S * 0.5
     q = t.quantiles_s["ls"]
     assert q == sorted(q) and q[LEVELS.index(0.5)] < 0.2
+
+
+def test_vectorized_ttls_match_choose_ttl():
+    from ctk.predict.cost import choose_ttl
+    from ctk.predict.predictors import cost_model_ttls
+
+    rng = np.random.default_rng(0)
+    lv = [0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99]
+    q = np.sort(rng.lognormal(0, 2, (3000, 7)), axis=1)
+    q[::7, 0] = 0.0  # instant calls
+    q[::11, 2] = q[::11, 1]  # point masses
+    b = rng.uniform(0.1, 3, len(q))
+    c = rng.lognormal(-3, 2, len(q))
+    ttl, hit = cost_model_ttls(lv, q, b, c)
+    ref = np.array([choose_ttl(lv, list(r), bb, cc) for r, bb, cc in zip(q, b, c, strict=True)])
+    np.testing.assert_array_equal(ttl, ref[:, 0])
+    np.testing.assert_array_equal(hit, ref[:, 1])
+    assert 0 < (ttl > 0).mean() < 1

@@ -119,7 +119,7 @@ class CostModel:
 
 
 def _cdf_knots(levels: Sequence[float], quantiles_s: Sequence[float]) -> tuple[list[float], list[float]]:
-    """Knots (t, F(t)) of the piecewise-linear CDF, starting at (0, 0), non-crossing and de-duplicated."""
+    """Knots (t, F(t)) of the piecewise-linear CDF, starting at (0, 0), non-crossing (t >= MIN_TTL_S)."""
     if len(levels) != len(quantiles_s) or not levels:
         raise ValueError("levels and quantiles_s must be non-empty and of equal length")
     ts = [0.0]
@@ -131,11 +131,9 @@ def _cdf_knots(levels: Sequence[float], quantiles_s: Sequence[float]) -> tuple[l
             break
         q = max(q, q_prev)  # non-crossing
         q_prev = q
-        if q == ts[-1]:
-            fs[-1] = max(fs[-1], float(lvl))
-        else:
-            ts.append(q)
-            fs.append(max(float(lvl), fs[-1]))
+        # equal quantiles at two levels: a point mass, i.e. a zero-length segment where F jumps
+        ts.append(q)
+        fs.append(max(float(lvl), fs[-1]))
     return ts, fs
 
 
@@ -164,6 +162,8 @@ def expected_holding_s(levels: Sequence[float], quantiles_s: Sequence[float], tt
     for i in range(1, len(ts)):
         if ttl_s <= ts[i - 1]:
             break
+        if ts[i] == ts[i - 1]:
+            continue
         t1 = min(ts[i], ttl_s)
         f1 = fs[i - 1] + (fs[i] - fs[i - 1]) * (t1 - ts[i - 1]) / (ts[i] - ts[i - 1])
         held += (t1 - ts[i - 1]) * (1.0 - 0.5 * (f1 + fs[i - 1]))

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from ctk.predict.features import command_keys, text_features
+from ctk.predict.features import PARSE_CHARS, command_keys
 
 #: Durations below this are floored (log-scale targets; sub-millisecond calls are all "instant").
 MIN_DURATION_S = 0.001
@@ -90,11 +90,43 @@ def _keys_for(commands: pd.Series, tools: pd.Series) -> list[list[str]]:
     return out
 
 
+_HEAVY = (
+    r"\b(?:pip3? install|conda install|apt(?:-get)? install|npm (?:install|ci)|yarn install|"
+    r"cargo (?:build|test)|"
+    r"make\b|cmake\b|pytest|unittest|tox\b|go (?:build|test)|mvn\b|gradle\b|train|fit\b|epoch|docker build|"
+    r"git clone|wget|curl|download|compile|gcc|g\+\+)"
+)
+_NETWORK = r"(?:https?://|\bpip3? install|\bgit clone|\bwget\b|\bcurl\b|\bapt(?:-get)? )"
+_TIMEOUT = r"\btimeout\s+(?:-\S+\s+)*([0-9.]+)([smhd]?)"
+_UNIT_S = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
 def _text_feature_frame(commands: pd.Series) -> pd.DataFrame:
-    texts = commands.where(commands.notna(), "").astype(str)
-    uniq = pd.unique(texts)
-    feats = pd.DataFrame([text_features(u) for u in uniq], index=uniq)
-    return feats.loc[texts.to_numpy()].reset_index(drop=True)
+    """Numeric features of the command text, vectorized over each command's head (C-speed string ops)."""
+    head = commands.where(commands.notna(), "").astype(str).str.slice(0, PARSE_CHARS)
+    full_len = commands.where(commands.notna(), "").astype(str).str.len()
+    f = pd.DataFrame(index=commands.index)
+    f["n_chars"] = full_len.astype(float)
+    f["n_lines"] = (head.str.count("\n") + (head.str.len() > 0)).astype(float)
+    first = head.str.extract(r"^([^;&|\n]*)", expand=False).fillna("")
+    f["n_args"] = first.str.strip().str.count(r"\s+").astype(float)
+    pipes2 = head.str.count(r"\|\|")
+    f["n_segments"] = (head.str.count(r"&&|;|\n|\|") - pipes2 + 1).astype(float)
+    f["n_pipes"] = (head.str.count(r"\|") - 2 * pipes2).astype(float)
+    f["n_redirects"] = head.str.count(r"[<>]+").astype(float)
+    f["has_heredoc"] = head.str.contains("<<", regex=False).astype(float)
+    tm = head.str.extract(_TIMEOUT)
+    f["has_timeout"] = tm[0].notna().astype(float)
+    secs = pd.to_numeric(tm[0], errors="coerce") * tm[1].fillna("").map(_UNIT_S).astype(float)
+    f["timeout_s"] = secs.fillna(0.0).astype(float)
+    f["n_paths"] = head.str.count("/").astype(float)
+    f["ext_py"] = head.str.contains(r"\.py\b").astype(float)
+    f["ext_sh"] = head.str.contains(r"\.sh\b").astype(float)
+    f["ext_data"] = head.str.contains(r"\.(?:csv|json|txt|parquet|pkl|npy|bin|gz)\b").astype(float)
+    f["has_heavy"] = head.str.contains(_HEAVY).astype(float)
+    f["has_network"] = head.str.contains(_NETWORK).astype(float)
+    f["is_background"] = head.str.contains(r"[^&]&\s*$").astype(float)
+    return f.reset_index(drop=True)
 
 
 def continuum_tool(commands: pd.Series, tools: pd.Series) -> pd.Series:
@@ -117,6 +149,7 @@ def prepare_frame(rows: pd.DataFrame, keep_unlabelled: bool = False) -> tuple[pd
     feats = _text_feature_frame(df["command_or_args"])
     for c in feats.columns:
         df[c] = feats[c].to_numpy()
+    df["is_write"] = df["key0"].str.endswith(":write").astype(float)
     _history_features(df)
     return df, skipped
 

@@ -4,8 +4,8 @@
 every finished request, and used identically when training the TTL tables. It parses the command text only
 (serving does not know the store's ``tool_name`` / ``main_program`` columns).
 
-:func:`text_features` is the training-time half: numeric features of the command text, used by the
-LightGBM predictor (numpy/pandas are imported lazily by the callers, not here).
+:class:`FeatureSpec` names the learned predictor's features; they are computed, vectorized, by
+:mod:`ctk.predict.dataset` (pandas), which the serve path never imports.
 """
 
 from __future__ import annotations
@@ -483,19 +483,10 @@ def command_keys(command: str | None, tool_name: str | None = None) -> list[str]
 
 # -- features for the learned predictor ---------------------------------------------------------------------
 
-_PATH_EXT_RE = re.compile(r"\.([A-Za-z0-9]{1,6})(?=[\s'\"]|$)")
-_HEAVY_RE = re.compile(
-    r"\b(pip3? install|conda install|apt(?:-get)? install|npm (?:install|ci)|yarn install|"
-    r"cargo (?:build|test)|"
-    r"make\b|cmake\b|pytest|unittest|tox\b|go (?:build|test)|mvn\b|gradle\b|train|fit\b|epoch|docker build|"
-    r"git clone|wget|curl|download|compile|gcc|g\+\+)"
-)
-_NETWORK_RE = re.compile(r"(https?://|\bpip3? install|\bgit clone|\bwget\b|\bcurl\b|\bapt(?:-get)? )")
-
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """Feature columns of the learned predictor (text: :func:`text_features`; rest: ``dataset``)."""
+    """Feature columns of the learned predictor (computed by :mod:`ctk.predict.dataset`)."""
 
     categorical: tuple[str, ...] = ("key0", "key1", "source")
     numeric: tuple[str, ...] = (
@@ -536,41 +527,3 @@ class FeatureSpec:
     @classmethod
     def from_dict(cls, d: dict) -> FeatureSpec:
         return cls(categorical=tuple(d["categorical"]), numeric=tuple(d["numeric"]))
-
-
-def text_features(command: str | None) -> dict[str, float]:
-    """Features of the command text alone (see :class:`FeatureSpec`)."""
-    text = command or ""
-    head = text[:PARSE_CHARS]
-    toks = _tokens(head)
-    segs = _segments(toks)
-    timeout_s = 0.0
-    m = re.search(r"\btimeout\s+(?:-\S+\s+)*([0-9.]+)([smhd]?)", head)
-    if m:
-        try:
-            timeout_s = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-        except ValueError:
-            timeout_s = 0.0
-    exts = [e.lower() for e in _PATH_EXT_RE.findall(head)]
-    prog, sub = parse_command(text) if text.strip() else (None, None)
-    return {
-        "n_chars": float(len(text)),
-        "n_lines": float(text.count("\n") + 1 if text else 0),
-        "n_args": float(len(segs[0]) - 1 if segs else 0),
-        "n_segments": float(len(segs)),
-        "n_pipes": float(toks.count("|")),
-        "n_redirects": float(sum(t in _REDIRECTS for t in toks)),
-        "has_heredoc": float("<<" in toks or "<<-" in toks),
-        "has_timeout": float(m is not None),
-        "timeout_s": timeout_s,
-        "n_paths": float(sum("/" in t for t in toks)),
-        "ext_py": float("py" in exts),
-        "ext_sh": float("sh" in exts),
-        "ext_data": float(
-            any(e in ("csv", "json", "txt", "parquet", "pkl", "npy", "bin", "gz") for e in exts)
-        ),
-        "has_heavy": float(_HEAVY_RE.search(head) is not None),
-        "has_network": float(_NETWORK_RE.search(head) is not None),
-        "is_write": float(sub == "write"),
-        "is_background": float("&" in toks),
-    }

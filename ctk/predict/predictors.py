@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from ctk.predict.cost import CostModel, choose_ttl
+from ctk.predict.cost import MIN_TTL_S, CostModel
 from ctk.predict.dataset import program_fold
 from ctk.predict.features import FeatureSpec
 from ctk.predict.survival import KaplanMeier
@@ -51,15 +51,31 @@ class Predictor(Protocol):
 def cost_model_ttls(
     levels: Sequence[float], quantiles: np.ndarray, benefit_s: np.ndarray, cost_per_s: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: the cost model's TTL from the row's quantiles (see :func:`ctk.predict.cost.choose_ttl`)."""
-    ttl = np.zeros(len(quantiles))
-    hit = np.zeros(len(quantiles))
-    lv = list(levels)
-    for i, (q, b, c) in enumerate(
-        zip(quantiles.tolist(), benefit_s.tolist(), cost_per_s.tolist(), strict=True)
-    ):
-        ttl[i], hit[i] = choose_ttl(lv, q, b, c)
-    return ttl, hit
+    """Per row: the cost model's TTL from the row's quantiles, vectorized over rows.
+
+    Same result as :func:`ctk.predict.cost.choose_ttl` row by row: the objective is evaluated at the knots of
+    the piecewise-linear CDF (quantiles floored at ``MIN_TTL_S`` and made non-decreasing), ``(0, 0)`` when no
+    knot has a positive objective.
+    """
+    n = len(quantiles)
+    if n == 0:
+        return np.zeros(0), np.zeros(0)
+    order = np.argsort(np.asarray(levels))
+    lv = np.asarray(levels, dtype=float)[order]
+    q = np.asarray(quantiles, dtype=float)[:, order]
+    q = np.where(np.isfinite(q), q, 1e12)
+    q = np.maximum.accumulate(np.maximum(q, MIN_TTL_S), axis=1)
+    t = np.concatenate([np.zeros((n, 1)), q], axis=1)
+    f = np.concatenate([[0.0], np.maximum.accumulate(lv)])
+    held = np.cumsum(np.diff(t, axis=1) * (1.0 - 0.5 * (f[1:] + f[:-1]))[None, :], axis=1)
+    j = (
+        f[None, 1:] * np.asarray(benefit_s, dtype=float)[:, None]
+        - np.asarray(cost_per_s, dtype=float)[:, None] * held
+    )
+    best = np.argmax(j, axis=1)
+    jbest = j[np.arange(n), best]
+    pin = jbest > 1e-12
+    return np.where(pin, q[np.arange(n), best], 0.0), np.where(pin, f[1:][best], 0.0)
 
 
 def _backoff_lookup(chains: pd.Series, table: dict[str, Any]) -> list[Any]:
@@ -327,7 +343,7 @@ class LightGBMPredictor:
         max_bin: int = 63,
         cal_fraction: float = 0.25,
         n_impute: int = 4,
-        max_train_rows: int = 200_000,
+        max_train_rows: int = 50_000,
         min_table_samples: int = 10,
         num_threads: int = -1,
         seed: int = 0,
@@ -467,16 +483,17 @@ class LightGBMPredictor:
         return cost_model_ttls(self.levels, quantiles, benefit_s, cost_per_s)
 
     def key_quantiles(self, frame):
-        """Per key: the mixture of the model's predicted distributions over the key's training rows."""
-        q = self.predict_quantiles(frame)
+        """Per key: the mixture of the model's predicted distributions over (<= 4,000 of) its rows."""
         rng = np.random.default_rng(self.params["seed"])
-        out = {}
+        chosen = {}
         for k, idx in _chain_counts(frame).items():
             if len(idx) < self.params["min_table_samples"] and k != "*":
                 continue
-            sel = idx if len(idx) <= 4000 else rng.choice(idx, 4000, replace=False)
-            out[k] = (_mixture_quantiles(q[sel], self.levels), len(idx))
-        return out
+            chosen[k] = (idx if len(idx) <= 4000 else rng.choice(idx, 4000, replace=False), len(idx))
+        rows = np.unique(np.concatenate([sel for sel, _ in chosen.values()]))
+        q = np.zeros((len(frame), len(self.levels)))
+        q[rows] = self.predict_quantiles(frame.iloc[rows])
+        return {k: (_mixture_quantiles(q[sel], self.levels), n) for k, (sel, n) in chosen.items()}
 
     def feature_importance(self) -> dict[str, float]:
         if not self.models:
