@@ -332,6 +332,13 @@ def collect_swebench(
         raise CollectError(f"--env {opts.env!r}: choose one of {', '.join(ENVIRONMENTS)}")
     if opts.env == "local" and shutil.which("git") is None:
         raise CollectError("the local environment needs git on PATH")
+    if opts.env == "docker":
+        exe = os.environ.get("MSWEA_DOCKER_EXECUTABLE", "docker")
+        if shutil.which(exe) is None:
+            raise CollectError(
+                f"--env docker needs {exe!r} on PATH (no container engine here? use --env local "
+                "with --repo-dir or instances that name ctk_repo_path)"
+            )
     if opts.repeats < 1:
         raise CollectError("--repeats must be at least 1")
     config = build_config(opts)
