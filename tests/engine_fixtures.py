@@ -58,8 +58,13 @@ def engine_llm(tiny_model_dir, ttl_model_file):
         from vllm import LLM
 
         llm = LLM(
-            str(tiny_model_dir), enforce_eager=True, kv_cache_memory_bytes=KV_BYTES, max_model_len=4096,
-            enable_prefix_caching=True, max_num_seqs=2, seed=0,
+            str(tiny_model_dir),
+            enforce_eager=True,
+            kv_cache_memory_bytes=KV_BYTES,
+            max_model_len=4096,
+            enable_prefix_caching=True,
+            max_num_seqs=2,
+            seed=0,
             scheduler_cls="ctk.engine_patch.scheduler.CTKScheduler",
             additional_config={"ctk": {"policy": "ttl", "ttl_model": str(ttl_model_file)}},
         )

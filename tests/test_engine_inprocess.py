@@ -6,7 +6,7 @@ import random
 import time
 
 import pytest
-from engine_fixtures import (  # noqa: F401
+from engine_fixtures import (  # noqa: F401 (pytest fixtures)
     LONG_TTL_KEY,
     SHORTEST_TTL_KEY,
     TEST_TTLS,
@@ -95,8 +95,9 @@ def test_abort_of_the_next_turn_frees_the_pin(engine_llm, sched):  # noqa: F811
     out = gen(engine_llm, [a1 := toks(rng)], params(program_id="B", tool=LONG_TTL_KEY))[0]
     assert sched.ctk.pinned_blocks == 12
     eng = engine_llm.llm_engine
-    eng.add_request("b-turn-2", {"prompt_token_ids": next_turn(a1, out, rng)},
-                    params(program_id="B", tool=LONG_TTL_KEY))
+    eng.add_request(
+        "b-turn-2", {"prompt_token_ids": next_turn(a1, out, rng)}, params(program_id="B", tool=LONG_TTL_KEY)
+    )
     eng.abort_request(["b-turn-2"])
     while eng.has_unfinished_requests():
         eng.step()
@@ -175,7 +176,7 @@ def admission_order(llm, sched, tag):
     while eng.has_unfinished_requests():
         eng.step()
     # the engine appends a random suffix to request ids
-    return [r[len(tag):].split("-")[0] for r in admitted if r.startswith((f"{tag}new-1", f"{tag}old-2"))]
+    return [r[len(tag) :].split("-")[0] for r in admitted if r.startswith((f"{tag}new-1", f"{tag}old-2"))]
 
 
 def test_program_fcfs_admits_older_programs_first(engine_llm, sched):  # noqa: F811
@@ -205,8 +206,11 @@ def test_random_workload_with_aborts_leaks_nothing(engine_llm, sched):  # noqa: 
             xargs = {"program_id": prog, "last_turn": rng.random() < 0.15}
             if key:
                 xargs["tool"] = key
-            eng.add_request(rid, {"prompt_token_ids": toks(rng, rng.randrange(100, 1200))},
-                            params(rng.randrange(1, 12), **xargs))
+            eng.add_request(
+                rid,
+                {"prompt_token_ids": toks(rng, rng.randrange(100, 1200))},
+                params(rng.randrange(1, 12), **xargs),
+            )
             live[rid] = 1
         elif r < 0.65 and live:
             victim = rng.choice(sorted(live))

@@ -277,6 +277,22 @@ def test_program_fcfs_pinned_first_and_age_bound():
     assert c.order_waiting(["new1", "old2", "pin2"], now=7.5) == [0, 2, 1]
 
 
+def test_order_is_recomputed_only_when_something_changed():
+    c = core(age_factor=1.0, age_min_s=5.0)
+    c.arrived("a", hints("A"), now=0)
+    c.arrived("b", hints("B"), now=1)
+    assert c.needs_reorder(2, now=1.5)
+    assert c.order_waiting(["a", "b"], now=1.5) == [0, 1]
+    assert not c.needs_reorder(2, now=2.0)  # nothing happened
+    assert c.needs_reorder(3, now=2.0)  # the queue changed under us (e.g. a preemption)
+    assert c.needs_reorder(2, now=5.0)  # 'a' becomes overdue at 0 + 5 s
+    c.order_waiting(["a", "b"], now=5.0)
+    assert not c.needs_reorder(2, now=5.5)
+    c.arrived("c", hints("C"), now=5.6)
+    assert c.needs_reorder(2, now=5.6)  # an arrival
+    assert not PolicyCore(ServeConfig(policy="vllm")).needs_reorder(5, now=0)
+
+
 def test_no_starvation_under_a_stream_of_older_programs():
     """A young program's request is served within the age bound although older programs keep coming."""
     c = core(age_factor=2.0, age_min_s=1.0)

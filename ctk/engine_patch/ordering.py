@@ -15,15 +15,16 @@ times what FCFS would have made it wait. Continuum's strict program FCFS is ``ag
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class WaitingItem:
-    request_id: str
-    program_id: str | None
-    arrival: float  # monotonic seconds
+class WaitingItem(NamedTuple):
+    """A waiting request as the ordering sees it (times in monotonic seconds)."""
+
+    arrival: float
+    program_first_arrival: float | None  # None: no program id
+    has_pin: bool = False
 
 
 class ProgramOrder:
@@ -47,23 +48,19 @@ class ProgramOrder:
             return math.inf
         return max(self.age_min_s, self.age_factor * self.mean_wait_s)
 
-    def order(
-        self,
-        items: Sequence[WaitingItem],
-        now: float,
-        first_arrival: Callable[[str | None], float | None],
-        has_pin: Callable[[str | None], bool],
-    ) -> list[int]:
-        """Indices of ``items`` in scheduling order (stable for equal keys)."""
+    def order(self, items: Sequence[WaitingItem | tuple], now: float) -> tuple[list[int], float]:
+        """Indices of ``items`` in scheduling order (stable), and when the order next changes by age alone."""
         bound = self.age_bound_s
         keys = []
-        for i, it in enumerate(items):
-            if now - it.arrival > bound:
-                keys.append((0, it.arrival, 0.0, i))
+        next_overdue = math.inf
+        for i, (arrival, first, pinned) in enumerate(items):
+            overdue_at = arrival + bound
+            if now >= overdue_at:
+                keys.append((0, arrival, 0.0, i))
                 continue
-            fa = first_arrival(it.program_id)
-            prog_t = it.arrival if fa is None else min(fa, it.arrival)
-            tier = 1 if has_pin(it.program_id) else 2
-            keys.append((tier, prog_t, it.arrival, i))
+            if overdue_at < next_overdue:
+                next_overdue = overdue_at
+            prog_t = arrival if first is None or first > arrival else first
+            keys.append((1 if pinned else 2, prog_t, arrival, i))
         keys.sort()
-        return [k[3] for k in keys]
+        return [k[3] for k in keys], next_overdue

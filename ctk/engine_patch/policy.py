@@ -48,7 +48,7 @@ from ctk.engine_patch.events import (
 )
 from ctk.engine_patch.hints import RequestHints
 from ctk.engine_patch.online import OnlineDurations
-from ctk.engine_patch.ordering import ProgramOrder, WaitingItem
+from ctk.engine_patch.ordering import ProgramOrder
 from ctk.predict.cost import CostModel
 from ctk.predict.features import command_keys
 from ctk.predict.tables import TTLTables
@@ -113,6 +113,9 @@ class PolicyCore:
         age_factor = math.inf if self.policy == "continuum" else config.age_factor
         self.order = ProgramOrder(age_factor, config.age_min_s)
         self.reorders = self.policy != "vllm" and config.program_fcfs
+        self._order_dirty = True  # set by every event that can change the waiting order
+        self._order_len = 0
+        self._next_overdue = math.inf
         # Continuum has no pin budget; ctk keeps pins under a share of the cache.
         self.max_pin_share = 1.0 if self.policy == "continuum" else config.max_pin_share
 
@@ -146,6 +149,7 @@ class PolicyCore:
         prog = self.programs.get(pin.program_id)
         if prog is not None and prog.pin is pin:
             prog.pin = None
+        self._order_dirty = True
         self.stats.releases[reason] = self.stats.releases.get(reason, 0) + 1
         rel = Release(pin.request_id, reason, pin.blocks)
         self.sink.pin_released(rel, self.pinned_blocks)
@@ -156,6 +160,7 @@ class PolicyCore:
     def arrived(self, request_id: str, hints: RequestHints, now: float | None = None) -> list[Release]:
         """A request entered the engine."""
         now = time.monotonic() if now is None else now
+        self._order_dirty = True
         if hints.warnings:
             self.stats.ignored_metadata += 1
         pid = hints.program_id
@@ -202,6 +207,7 @@ class PolicyCore:
         if pend is None:
             return []
         self.order.record_wait(now - pend.arrival)
+        self._order_dirty = True
         if pend.program_id is None or self.policy == "continuum":
             return []
         prog = self.programs.get(pend.program_id)
@@ -281,6 +287,7 @@ class PolicyCore:
         self.pins[pin.request_id] = pin
         self.pinned_blocks += pin.blocks
         prog.pin = pin
+        self._order_dirty = True
         self.stats.pins_created += 1
         self.sink.pin_created(pin)
         return True, releases
@@ -375,26 +382,33 @@ class PolicyCore:
 
     # -- ordering ----------------------------------------------------------------------------------------
 
+    def needs_reorder(self, n_waiting: int, now: float) -> bool:
+        """False when the last order still holds: nothing changed and nobody became overdue since."""
+        if not self.reorders or n_waiting < 2:
+            return False
+        return self._order_dirty or n_waiting != self._order_len or now >= self._next_overdue
+
     def order_waiting(self, request_ids: Sequence[str], now: float | None = None) -> list[int] | None:
         """Scheduling order of the waiting requests as indices, or None to keep vLLM's order."""
         if not self.reorders or len(request_ids) < 2:
             return None
         now = time.monotonic() if now is None else now
+        requests, progs = self.requests, self.programs
         items = []
         for rid in request_ids:
-            pend = self.requests.get(rid)
-            items.append(WaitingItem(rid, pend.program_id if pend else None, pend.arrival if pend else now))
-        progs = self.programs
-
-        def first_arrival(pid: str | None) -> float | None:
-            prog = progs.get(pid) if pid is not None else None
-            return prog.first_arrival if prog is not None else None
-
-        def has_pin(pid: str | None) -> bool:
-            prog = progs.get(pid) if pid is not None else None
-            return prog is not None and prog.pin is not None
-
-        return self.order.order(items, now, first_arrival, has_pin)
+            pend = requests.get(rid)
+            if pend is None:
+                items.append((now, None, False))
+                continue
+            prog = progs.get(pend.program_id) if pend.program_id is not None else None
+            if prog is None:
+                items.append((pend.arrival, None, False))
+            else:
+                items.append((pend.arrival, prog.first_arrival, prog.pin is not None))
+        order, self._next_overdue = self.order.order(items, now)
+        self._order_dirty = False
+        self._order_len = len(request_ids)
+        return order
 
 
 def _keys(tool: ToolCall) -> list[str]:

@@ -299,7 +299,7 @@ class CTKSchedulerMixin:
         if self._ctk_pinned:
             self._ctk_apply(self.ctk.tick(now))
         waiting = self.waiting
-        if self.ctk.reorders and len(waiting) > 1 and hasattr(waiting, "rotate"):
+        if self.ctk.needs_reorder(len(waiting), now) and hasattr(waiting, "rotate"):
             reqs = list(waiting)
             order = self.ctk.order_waiting([r.request_id for r in reqs], now)
             if order is not None and order != list(range(len(reqs))):

@@ -1,0 +1,149 @@
+"""``ctk serve`` end to end: vLLM's OpenAI server (engine in its own process) with the ctk scheduler."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import httpx
+import pytest
+from engine_fixtures import (  # noqa: F401 (pytest fixtures)
+    KV_BYTES,
+    LONG_TTL_KEY,
+    SHORTEST_TTL_KEY,
+    TEST_TTLS,
+    tiny_model_dir,
+    ttl_model_file,
+)
+
+pytestmark = pytest.mark.engine
+
+WORDS = ["alpha", "beta", "gamma", "delta", "repo", "test", "python", "file", "error", "value", "make"]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, ttl_model_file, tmp_path_factory):  # noqa: F811
+    from ctk.engine_patch.server import free_port, launch_server, stop_server, wait_ready
+
+    record = tmp_path_factory.mktemp("served") / "traces.duckdb"
+    port = free_port()
+    proc = launch_server(
+        tiny_model_dir,
+        port,
+        "ttl",
+        ttl_model_file,
+        record=record,
+        extra_args=[
+            "--kv-cache-memory-bytes",
+            str(KV_BYTES),
+            "--max-model-len",
+            "4096",
+            "--max-num-seqs",
+            "2",
+        ],
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, timeout=240, proc=proc)
+        yield {"base": base, "proc": proc, "record": record, "model": str(tiny_model_dir)}
+    finally:
+        stop_server(proc)
+
+
+def metrics(base: str) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(base + "/metrics", timeout=10).text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k == "reason")))] = s.value
+    return out
+
+
+def metric(base: str, name: str, **labels) -> float:
+    return metrics(base).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def chat(served, session: str, messages: list[dict], **xargs) -> dict:
+    r = httpx.post(
+        served["base"] + "/v1/chat/completions",
+        headers={"X-Session-ID": session},
+        json={
+            "model": served["model"],
+            "messages": messages,
+            "max_tokens": 4,
+            "ignore_eos": True,
+            "vllm_xargs": xargs,
+        },
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def long_text(rng: random.Random, n_words: int = 900) -> str:
+    return " ".join(rng.choice(WORDS) + str(rng.randrange(100)) for _ in range(n_words))
+
+
+def test_session_pin_hit_over_http_and_metrics(served):
+    base = served["base"]
+    rng = random.Random(11)
+    msgs = [{"role": "user", "content": long_text(rng)}]
+    first = chat(served, "S1", msgs, tool=LONG_TTL_KEY)
+    assert first["usage"]["prompt_tokens"] > 1024
+    assert metric(base, "ctk:pins_created_total") >= 1
+    assert metric(base, "ctk:pinned_blocks") > 0
+    msgs += [
+        {"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+        {"role": "user", "content": "observation: " + long_text(rng, 30)},
+    ]
+    time.sleep(0.3)  # the "tool" runs
+    second = chat(served, "S1", msgs, tool=LONG_TTL_KEY, last_turn=True)
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= (first["usage"]["prompt_tokens"] // 128 - 1) * 128
+    assert metric(base, "ctk:pin_hits_total") >= 1
+    assert metric(base, "ctk:tool_duration_seconds_count") >= 1
+    assert metric(base, "ctk:tool_duration_seconds_sum") >= 0.3
+    assert metric(base, "ctk:ttl_seconds_count") >= 1
+
+
+def test_idle_engine_releases_expired_pins(served):
+    base = served["base"]
+    rng = random.Random(12)
+    expired = metric(base, "ctk:pin_expirations_total")
+    chat(served, "S2", [{"role": "user", "content": long_text(rng)}], tool=SHORTEST_TTL_KEY)
+    assert metric(base, "ctk:pinned_blocks") > 0
+    time.sleep(TEST_TTLS[SHORTEST_TTL_KEY] + 1.5)  # no request reaches the engine meanwhile
+    assert metric(base, "ctk:pin_expirations_total") == expired + 1
+    assert metric(base, "ctk:pinned_blocks") == 0
+    assert metric(base, "ctk:pin_releases_total", reason="expired") >= 1
+
+
+def test_garbage_metadata_is_ignored(served):
+    out = chat(
+        served,
+        "S3",
+        [{"role": "user", "content": "hi"}],
+        turn_index="abc",
+        last_turn="maybe",
+        tool=["ls"],
+        tool_duration_s="soon",
+        program_id=["a", 1],
+    )
+    assert out["choices"][0]["message"]["content"] is not None
+    assert httpx.get(served["base"] + "/v1/models", timeout=10).status_code == 200
+
+
+def test_recorded_tool_durations_land_in_the_trace_store(served):
+    """Runs last: stops the server (the engine process owns the DuckDB file while it runs)."""
+    from ctk.engine_patch.server import stop_server
+    from ctk.store import TraceStore
+
+    assert stop_server(served["proc"]) is not None
+    with TraceStore(served["record"], read_only=True) as store:
+        calls = store.tool_calls()
+        runs = store.table("runs")
+    row = calls[calls["program_id"] == "S1"].iloc[0]
+    assert row["source"] == "serve" and row["command_or_args"] == LONG_TTL_KEY
+    assert row["duration_s"] >= 0.3 and row["provenance"] == "serve:finish_to_next_arrival"
+    assert list(runs["kind"]) == ["serve"]
