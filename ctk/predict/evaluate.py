@@ -141,7 +141,7 @@ def cross_predict(
     params: dict[str, dict] | None = None,
     progress: Progress | None = None,
     tables: bool = True,
-    max_eval_rows: int = 100_000,
+    max_eval_rows: int = 50_000,
 ) -> tuple[dict[str, Predictions], np.ndarray]:
     """Out-of-fold predictions by program. ``folds`` >= 2: grouped K-fold; 1: one 25 % held-out split.
 

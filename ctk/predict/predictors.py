@@ -29,6 +29,8 @@ DEFAULT_LEVELS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 PREDICTOR_NAMES = ("running-mean", "histogram", "lightgbm")
 #: The public Continuum rule: pin for this long when the tool's mean duration is at most this long.
 CONTINUUM_PIN_S = 2.0
+#: Rows per key whose predicted distributions are mixed into the key's table quantiles.
+TABLE_ROWS_PER_KEY = 1000
 
 
 class Predictor(Protocol):
@@ -483,13 +485,15 @@ class LightGBMPredictor:
         return cost_model_ttls(self.levels, quantiles, benefit_s, cost_per_s)
 
     def key_quantiles(self, frame):
-        """Per key: the mixture of the model's predicted distributions over (<= 4,000 of) its rows."""
+        """Per key: the mixture of the model's predicted distributions over (a sample of) its rows."""
         rng = np.random.default_rng(self.params["seed"])
         chosen = {}
         for k, idx in _chain_counts(frame).items():
             if len(idx) < self.params["min_table_samples"] and k != "*":
                 continue
-            chosen[k] = (idx if len(idx) <= 4000 else rng.choice(idx, 4000, replace=False), len(idx))
+            n_rows = TABLE_ROWS_PER_KEY
+            sel = idx if len(idx) <= n_rows else rng.choice(idx, n_rows, replace=False)
+            chosen[k] = (sel, len(idx))
         rows = np.unique(np.concatenate([sel for sel, _ in chosen.values()]))
         q = np.zeros((len(frame), len(self.levels)))
         q[rows] = self.predict_quantiles(frame.iloc[rows])
