@@ -71,7 +71,8 @@ def test_collect_bfcl_records_turns_and_honours_injected_latency(tmp_path: Path,
     assert (tools["exit_status"] == "0").mean() > 0.5
     # injected latency is honoured and marked
     assert tools["injected"].all() and (tools["provenance"] == "injected:const:0.15").all()
-    assert np.allclose(tools["duration_s"], 0.15, atol=0.02)
+    durations = tools["duration_s"]
+    assert (durations >= 0.15).all() and durations.median() == pytest.approx(0.15, abs=0.01)
     # streamed: time to first token recorded; usage from the final chunk
     assert llm["ttft_s"].notna().all() and (llm["ttft_s"] <= llm["latency_s"]).all()
     assert (llm["prompt_tokens"] > 0).all()
