@@ -183,3 +183,47 @@ def test_scripted_server_turns_formats_and_errors(tmp_path: Path) -> None:
         (tmp_path / "bad.json").write_text(bad)
         with pytest.raises(ScriptError):
             Script.from_file(tmp_path / "bad.json")
+
+
+def test_proxy_recorder_idle_finish_and_unique_ids(tmp_path: Path) -> None:
+    from ctk.collect.proxy import ProxyOptions, ProxyRecorder
+
+    db = tmp_path / "p.duckdb"
+    store = TraceStore(db)
+    rec = ProxyRecorder(store, ProxyOptions(upstream="http://x/v1", db=db, idle_finish_s=10))
+    msg = {"tool_calls": [{"function": {"name": "bash", "arguments": '{"command": "make test"}'}}]}
+    for _ in range(2):
+        sent = Stamp.now()
+        turn = rec.request_started("prog", sent)
+        rec.request_finished(
+            "prog",
+            turn,
+            sent,
+            Stamp.now(),
+            first_token=None,
+            usage={},
+            finish_reason="tool_calls",
+            message=msg,
+            ok=True,
+        )
+    assert rec.finish_idle(now=time.monotonic() + 5) == 0
+    assert rec.finish_idle(now=time.monotonic() + 11) == 1
+    sent = Stamp.now()  # the same client id after its program was finished: a new, unique program
+    turn = rec.request_started("prog", sent)
+    rec.request_finished(
+        "prog",
+        turn,
+        sent,
+        Stamp.now(),
+        first_token=None,
+        usage={},
+        finish_reason="stop",
+        message={"content": "bye"},
+        ok=True,
+    )
+    rec.close()
+    store.close()
+    programs = read_table(db, "programs").set_index("program_id")
+    assert programs.loc["prog", "outcome"] == "idle" and programs.loc["prog#2", "outcome"] == "proxy_stopped"
+    tools = read_table(db, "tool_calls")
+    assert list(tools["command_or_args"]) == ["make test"] and list(tools["main_program"]) == ["make"]

@@ -382,11 +382,15 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     p = argparse.ArgumentParser(description="Serve a scripted OpenAI-compatible model.")
-    p.add_argument("--script", required=True, help="script JSON or a mini-swe-agent *.traj.json")
+    p.add_argument("--script", required=True, help="script JSON, a mini-swe-agent *.traj.json, or 'bundled'")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--latency", type=float, default=0.0, help="seconds added to every reply")
     args = p.parse_args(argv)
+    if args.script == "bundled":  # the solutions of the bundled sample tasks
+        from ctk.datasets.instances import bundled_script_path
+
+        args.script = str(bundled_script_path())
     try:
         script = Script.from_file(args.script)
     except ScriptError as exc:
