@@ -103,11 +103,11 @@ _UNIT_S = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 def _text_feature_frame(commands: pd.Series) -> pd.DataFrame:
     """Numeric features of the command text, vectorized over each command's head (C-speed string ops)."""
-    head = commands.where(commands.notna(), "").astype(str).str.slice(0, PARSE_CHARS)
-    full_len = commands.where(commands.notna(), "").astype(str).str.len()
+    full = commands.where(commands.notna(), "").astype(str)
+    head = full.str.slice(0, PARSE_CHARS)
     f = pd.DataFrame(index=commands.index)
-    f["n_chars"] = full_len.astype(float)
-    f["n_lines"] = (head.str.count("\n") + (head.str.len() > 0)).astype(float)
+    f["n_chars"] = full.str.len().astype(float)
+    f["n_lines"] = (full.str.count("\n") + (full.str.len() > 0)).astype(float)
     first = head.str.extract(r"^([^;&|\n]*)", expand=False).fillna("")
     f["n_args"] = first.str.strip().str.count(r"\s+").astype(float)
     pipes2 = head.str.count(r"\|\|")
