@@ -25,6 +25,7 @@ def _timing_script() -> dict:
     turns = script["programs"][CALC]
     turns.insert(1, {"content": "THOUGHT: wait for the build.", "commands": ["sleep 0.3"]})
     turns.insert(2, {"content": "THOUGHT: two at once.", "commands": ["sleep 0.1; exit 3", "echo hi"]})
+    turns.insert(3, {"content": "THOUGHT: this one hangs.", "commands": ["sleep 5"]})
     return script
 
 
@@ -48,6 +49,8 @@ def test_collect_bundled_local_records_every_call_with_true_durations(tmp_path: 
                 "--env",
                 "local",
                 "--workers",
+                "1",
+                "--timeout",
                 "1",
                 "--traj-dir",
                 str(traj),
@@ -91,6 +94,10 @@ def test_collect_bundled_local_records_every_call_with_true_durations(tmp_path: 
     assert calc.loc["sleep 0.1; exit 3", "exit_status"] == "3"
     assert calc.loc["echo hi", "call_index"] == 1 and calc.loc["echo hi", "output_chars"] == 3
     assert calc.loc["sleep 0.3", "main_program"] == "sleep"
+    # the harness killed the hanging command after --timeout 1: a censored duration
+    assert calc.loc["sleep 5", "exit_status"] == "timeout" and calc.loc["sleep 5", "censored"]
+    assert calc.loc["sleep 5", "duration_s"] == pytest.approx(1.0, abs=0.1)
+    assert not tools[tools.command_or_args != "sleep 5"]["censored"].any()
     wall = calc.loc["sleep 0.3", "end_unix_s"] - calc.loc["sleep 0.3", "start_unix_s"]
     assert wall == pytest.approx(0.3, abs=0.03)
 
