@@ -277,6 +277,18 @@ def test_program_fcfs_pinned_first_and_age_bound():
     assert c.order_waiting(["new1", "old2", "pin2"], now=7.5) == [0, 2, 1]
 
 
+def test_preemption_victim_is_the_youngest_program_not_on_its_last_turn():
+    c = core()
+    c.arrived("old", hints("A"), now=0)
+    c.arrived("young-last", hints("C", last_turn=True), now=2)
+    c.arrived("young", hints("B"), now=1)
+    c.arrived("old-2", hints("A"), now=3)
+    order = c.order_running(["young", "old", "young-last", "old-2"])
+    ids = [["young", "old", "young-last", "old-2"][i] for i in order]
+    assert ids[-1] == "young" and ids[0] == "young-last"
+    assert PolicyCore(ServeConfig(policy="vllm")).order_running(["a", "b"]) is None
+
+
 def test_order_is_recomputed_only_when_something_changed():
     c = core(age_factor=1.0, age_min_s=5.0)
     c.arrived("a", hints("A"), now=0)

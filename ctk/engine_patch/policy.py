@@ -382,6 +382,24 @@ class PolicyCore:
 
     # -- ordering ----------------------------------------------------------------------------------------
 
+    def order_running(self, request_ids: Sequence[str]) -> list[int] | None:
+        """Order of the running list so that vLLM's preemption victim (the last one) is the youngest
+        program not on its last turn (Continuum's rule; programs on their last turn are about to finish).
+        None keeps vLLM's order. The adapter applies it only when memory is short."""
+        if not self.reorders or len(request_ids) < 2:
+            return None
+        keys = []
+        for i, rid in enumerate(request_ids):
+            pend = self.requests.get(rid)
+            prog = self.programs.get(pend.program_id) if pend is not None and pend.program_id else None
+            first = (
+                prog.first_arrival if prog is not None else (pend.arrival if pend is not None else math.inf)
+            )
+            last = pend is not None and pend.hints.last_turn
+            keys.append((0 if last else 1, first, i))
+        keys.sort()
+        return [k[2] for k in keys]
+
     def needs_reorder(self, n_waiting: int, now: float) -> bool:
         """False when the last order still holds: nothing changed and nobody became overdue since."""
         if not self.reorders or n_waiting < 2:

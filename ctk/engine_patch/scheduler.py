@@ -11,8 +11,10 @@ Hook -> core mapping (vllm/v1/core/sched/scheduler.py, 0.32.0):
   and ``request.sampling_params.extra_args`` (``vllm_xargs``).
 - ``schedule()`` -> first :meth:`PolicyCore.tick` (rule b: expired pins are freed), then the waiting queue
   (an ``FCFSRequestQueue`` deque) is re-ordered by :meth:`PolicyCore.order_waiting`, then vLLM schedules;
-  every request admitted for the first time (``scheduled_new_reqs``, whose ``num_computed_tokens`` is its
-  prefix-cache hit) goes to :meth:`PolicyCore.admitted` (rule a).
+  when memory is short the running list is ordered by :meth:`PolicyCore.order_running` (vLLM preempts its
+  last element: the youngest program not on its last turn); every request admitted for the first time
+  (``scheduled_new_reqs``, whose ``num_computed_tokens`` is its prefix-cache hit) goes to
+  :meth:`PolicyCore.admitted` (rule a).
 - ``kv_cache_manager.allocate_slots`` (wrapped on the instance) -> when vLLM cannot get blocks, i.e. right
   before it would preempt a running request or refuse a waiting one, pins are released one at a time by
   :meth:`PolicyCore.release_for_pressure` (rule e, lowest expected value first) and the allocation is
@@ -48,6 +50,9 @@ from ctk.engine_patch.policy import PolicyCore
 logger = logging.getLogger("ctk.engine_patch")
 
 SUPPORTED_VLLM = "0.32.0"
+#: Below this share of free KV blocks, the running list is ordered so that vLLM preempts the youngest
+#: program not on its last turn (instead of the most recently admitted request).
+PREEMPT_ORDER_FREE_SHARE = 0.1
 #: Output tokens decoded for tool-call detection (a tool call ends the turn).
 DETECT_TAIL_TOKENS = 2048
 
@@ -305,6 +310,16 @@ class CTKSchedulerMixin:
             if order is not None and order != list(range(len(reqs))):
                 waiting.clear()
                 waiting.extend(reqs[i] for i in order)
+        running = self.running
+        if (
+            self.ctk.reorders
+            and len(running) > 1
+            and self.kv_cache_manager.block_pool.get_num_free_blocks()
+            < PREEMPT_ORDER_FREE_SHARE * self._ctk_total_blocks
+        ):
+            order = self.ctk.order_running([r.request_id for r in running])
+            if order is not None:
+                running[:] = [running[i] for i in order]
         out = super().schedule(*args, **kwargs)
         if self._ctk_hints:
             for new in out.scheduled_new_reqs:
