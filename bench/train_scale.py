@@ -12,6 +12,7 @@ Usage: ``python bench/train_scale.py [--rows 1000000] [--skip-baseline]``
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -130,6 +131,7 @@ def timed_train(db: Path, predictor: str, out: Path) -> dict[str, float]:
 
 
 def main() -> None:
+    print(f"load average before the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--skip-baseline", action="store_true")

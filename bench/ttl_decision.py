@@ -15,6 +15,7 @@ Usage: ``python bench/ttl_decision.py [--traces ../shared/data/agent-traces] [--
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import time
 from pathlib import Path
@@ -46,6 +47,7 @@ def _pct(ns: list[int]) -> tuple[float, float, float]:
 
 
 def main() -> None:
+    print(f"load average before the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--traces", type=Path, default=REPO.parent / "shared" / "data" / "agent-traces")
     ap.add_argument("--rounds", type=int, default=5)

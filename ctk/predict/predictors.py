@@ -106,13 +106,21 @@ def source_chain(source: str | None, chain: Sequence[str]) -> list[str]:
 
 
 def _chain_counts(frame: pd.DataFrame, source_keys: bool = False) -> dict[str, np.ndarray]:
-    """Row indices per key, over every level of every row's chain (``source|key`` keys if asked)."""
-    idx: dict[str, list[int]] = {}
-    srcs = frame["source"].tolist() if source_keys else [None] * len(frame)
-    for i, (chain, src) in enumerate(zip(frame["keys"], srcs, strict=True)):
-        for k in chain:
-            idx.setdefault(f"{src}{SOURCE_SEP}{k}" if source_keys else k, []).append(i)
-    return {k: np.asarray(v) for k, v in idx.items()}
+    """Row positions per key, over every level of every row's chain (``source|key`` keys if asked)."""
+    if len(frame) == 0:
+        return {}
+    chains = frame["keys"].reset_index(drop=True)
+    exploded = chains.explode()
+    keys = exploded.astype(str)
+    if source_keys:
+        src = frame["source"].astype(str).reset_index(drop=True)
+        keys = src.loc[exploded.index].to_numpy(dtype=object) + SOURCE_SEP + keys.to_numpy(dtype=object)
+        keys = pd.Series(keys, index=exploded.index)
+    pos = exploded.index.to_numpy()
+    codes, uniq = pd.factorize(keys.to_numpy(dtype=object))
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(uniq) + 1))
+    return {str(k): pos[order[bounds[i]:bounds[i + 1]]] for i, k in enumerate(uniq)}
 
 
 def build_tables(
@@ -338,8 +346,8 @@ class LightGBMPredictor:
         self,
         levels: Sequence[float] = DEFAULT_LEVELS,
         *,
-        n_estimators: int = 200,
-        learning_rate: float = 0.05,
+        n_estimators: int = 120,
+        learning_rate: float = 0.08,
         num_leaves: int = 15,
         min_data_in_leaf: int = 10,
         max_bin: int = 63,
