@@ -4,7 +4,7 @@ Both arms run mini-swe-agent's own ``DefaultAgent`` with its litellm model again
 server over real HTTP and its ``LocalEnvironment`` running a real (fast) command per step, so the
 per-step time is small and any recording cost shows. The recorded arm wraps ``model.query`` and
 ``env.execute`` (:mod:`ctk.collect.recorder`) and writes to a real DuckDB trace store through the
-background writer.
+writer process.
 
 Two designs, both in this run:
 - paired steps (the headline): within each program, even steps go through the recording wrappers and
@@ -31,7 +31,8 @@ os.environ.setdefault("MSWEA_SILENT_STARTUP", "1")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("MSWEA_COST_TRACKING", "ignore_errors")
 
-from ctk.collect.recorder import ProgramRecorder, RecordingEnvironment, RecordingModel, Stamp, StoreWriter  # noqa: E402
+from ctk.collect.recorder import ProgramRecorder, RecordingEnvironment, RecordingModel, Stamp  # noqa: E402
+from ctk.collect.writer import StoreWriter  # noqa: E402
 from ctk.datasets.scripted_server import BackgroundServer, Script, create_app  # noqa: E402
 from ctk.store import ProgramRecord, TraceStore  # noqa: E402
 
@@ -65,7 +66,7 @@ def run_program(base_url: str, steps: int, record: StoreWriter | None, pid: str)
     assert info["exit_status"] == "Submitted", info
     if record is not None:
         rec.finish("Submitted")
-        record.flush()  # the writer's work counts towards this program's CPU time
+        record.flush()
     return elapsed / steps, (time.process_time() - c0) / steps
 
 
@@ -137,6 +138,24 @@ def paired_steps(base_url: str, steps: int, writer: StoreWriter, pid: str) -> tu
     return toggle.times[True][:-1], toggle.times[False][:-1]
 
 
+def precision(writer: StoreWriter, n: int = 10, seconds: float = 0.3) -> tuple[list[float], list[float]]:
+    """Recorded durations of ``sleep {seconds}`` through the wrappers, and bare perf_counter timings."""
+    from minisweagent.environments.local import LocalEnvironment
+
+    env = LocalEnvironment(cwd=tempfile.gettempdir())
+    rec = ProgramRecorder(writer, ProgramRecord(program_id="precision", source="bench"))
+    renv = RecordingEnvironment(env, rec)
+    recorded, bare = [], []
+    for _ in range(n):
+        rec.next_turn()
+        renv.execute({"command": f"sleep {seconds}"})
+        t0 = time.perf_counter()
+        env.execute({"command": f"sleep {seconds}"})
+        bare.append(time.perf_counter() - t0)
+    writer.flush()
+    return recorded, bare
+
+
 def inline_cost_us(writer: StoreWriter, n: int = 2000) -> float:
     """Microseconds the agent's thread spends in the recorder per step (one LLM + one tool call)."""
     rec = ProgramRecorder(writer, ProgramRecord(program_id="inline", source="bench"))
@@ -167,8 +186,8 @@ def main() -> None:
     turns.append({"commands": ["echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT"]})
     script = Script.from_dict({"default": turns})
     with tempfile.TemporaryDirectory() as tmp, BackgroundServer(create_app(script)) as url:
-        store = TraceStore(Path(tmp) / "bench.duckdb")
-        with StoreWriter(store) as writer:
+        db = Path(tmp) / "bench.duckdb"
+        with StoreWriter(db) as writer:
             run_program(url, args.steps, None, "warmup")  # imports, connections
             rec_steps: list[float] = []
             bare_steps: list[float] = []
@@ -188,8 +207,12 @@ def main() -> None:
             writer.flush()
             drain = time.perf_counter() - t0
             inline = inline_cost_us(writer)
-        counts = store.counts()
-        store.close()
+            _, bare_sleep = precision(writer)
+        with TraceStore(db) as store:
+            counts = store.counts()
+            rec_sleep = store.query(
+                "SELECT duration_s FROM tool_calls WHERE program_id = 'precision' ORDER BY turn_index"
+            )["duration_s"].tolist()
     b, r = statistics.median(base) * 1e3, statistics.median(rec) * 1e3
     n = min(len(rec_steps), len(bare_steps))
     diffs = np.array([(x - y) * 1e3 for x, y in zip(rec_steps[:n], bare_steps[:n], strict=True)])
@@ -212,8 +235,14 @@ def main() -> None:
     )
     bc, rc = statistics.median(base_cpu) * 1e3, statistics.median(rec_cpu) * 1e3
     print(
-        f"whole programs, process CPU per step (incl. the writer): bare {bc:.2f} ms, recorded {rc:.2f} ms, "
-        f"difference {rc - bc:+.2f} ms"
+        f"whole programs, CPU per step of the agent's process (writer process excluded): bare {bc:.2f} ms, "
+        f"recorded {rc:.2f} ms, difference {rc - bc:+.2f} ms"
+    )
+    err = [abs(x - 0.3) * 1e3 for x in rec_sleep]
+    print(
+        f"precision: `sleep 0.3` recorded {statistics.median(rec_sleep):.4f} s median (|error| median "
+        f"{statistics.median(err):.1f} ms, max {max(err):.1f} ms; target 20 ms); "
+        f"the same command timed bare: {statistics.median(bare_sleep):.4f} s median"
     )
     print(
         f"store: {counts['llm_calls']} LLM calls, {counts['tool_calls']} tool calls; writer drained "

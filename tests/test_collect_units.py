@@ -14,11 +14,12 @@ import pytest
 from collect_fixtures import read_table, scripted_server
 
 from ctk.collect.arrival import ArrivalError, arrival_offsets, run_jobs
-from ctk.collect.recorder import ProgramRecorder, Stamp, StoreWriter, command_names
+from ctk.collect.recorder import ProgramRecorder, Stamp, command_names
 from ctk.collect.swebench import CollectError, prepare_working_copy
+from ctk.collect.writer import StoreWriter
 from ctk.datasets.instances import InstanceError, find_repo_source, load_instances, load_local, select
 from ctk.datasets.scripted_server import Script, ScriptError
-from ctk.store import ProgramRecord, TraceStore
+from ctk.store import ProgramRecord, StoreError, TraceStore
 
 
 @pytest.mark.parametrize(
@@ -128,8 +129,7 @@ def test_arrivals_and_job_driver() -> None:
 
 def test_store_writer_keeps_order_and_reports_errors(tmp_path: Path) -> None:
     db = tmp_path / "w.duckdb"
-    store = TraceStore(db)
-    with StoreWriter(store) as writer:
+    with StoreWriter(db) as writer:
         rec = ProgramRecorder(writer, ProgramRecord(program_id="p", source="s"))
         for _ in range(5):
             rec.next_turn()
@@ -141,7 +141,9 @@ def test_store_writer_keeps_order_and_reports_errors(tmp_path: Path) -> None:
                 rec.tool_call(Stamp.now(), Stamp.now(), command="ls", exit_status="0")
         rec.finish("done")
         ProgramRecorder(writer, ProgramRecord(program_id="p", source="s"))  # duplicate: an error, not a crash
-    store.close()
+        assert writer.flush(timeout=30)
+        with pytest.raises(StoreError, match="lock"):  # the writer process owns the store meanwhile
+            TraceStore(db)
     assert len(writer.errors) == 1 and "already" in writer.errors[0]
     tools, llm = read_table(db, "tool_calls"), read_table(db, "llm_calls")
     assert len(tools) == 15 and sorted(tools["call_index"].unique()) == [0, 1, 2]
@@ -189,8 +191,7 @@ def test_proxy_recorder_idle_finish_and_unique_ids(tmp_path: Path) -> None:
     from ctk.collect.proxy import ProxyOptions, ProxyRecorder
 
     db = tmp_path / "p.duckdb"
-    store = TraceStore(db)
-    rec = ProxyRecorder(store, ProxyOptions(upstream="http://x/v1", db=db, idle_finish_s=10))
+    rec = ProxyRecorder(ProxyOptions(upstream="http://x/v1", db=db, idle_finish_s=10))
     msg = {"tool_calls": [{"function": {"name": "bash", "arguments": '{"command": "make test"}'}}]}
     for _ in range(2):
         sent = Stamp.now()
@@ -222,7 +223,6 @@ def test_proxy_recorder_idle_finish_and_unique_ids(tmp_path: Path) -> None:
         ok=True,
     )
     rec.close()
-    store.close()
     programs = read_table(db, "programs").set_index("program_id")
     assert programs.loc["prog", "outcome"] == "idle" and programs.loc["prog#2", "outcome"] == "proxy_stopped"
     tools = read_table(db, "tool_calls")

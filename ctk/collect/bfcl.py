@@ -29,8 +29,9 @@ import httpx
 import numpy as np
 
 from ctk.collect.arrival import arrival_offsets, run_jobs
-from ctk.collect.recorder import ProgramRecorder, Stamp, StoreWriter
+from ctk.collect.recorder import ProgramRecorder, Stamp
 from ctk.collect.swebench import CollectError, CollectionInterrupted, CollectSummary, plan_programs, summarize
+from ctk.collect.writer import StoreWriter, open_store
 from ctk.store import EXCLUDED_QUALITY_FLAGS, ProgramRecord, RunRecord, TraceStore
 
 CATEGORIES = ("base", "miss_func", "miss_param", "long_context")
@@ -494,7 +495,7 @@ def collect_bfcl(
     by_pid = {f"{opts.source}/{e['id']}": e for e in entries}
     offsets = arrival_offsets(len(by_pid), opts.arrival, opts.rate, opts.seed)
     summary = CollectSummary()
-    store = TraceStore(opts.db)
+    store = open_store(opts.db)
     try:
         todo = plan_programs(store, list(by_pid), opts.resume, summary)
         summary.planned = len(todo)
@@ -518,24 +519,24 @@ def collect_bfcl(
             },
         )
         store.add_run(run)
-        stop = stop or threading.Event()
-        limits = httpx.Limits(max_connections=max(opts.workers, 1) * 2)
-        with (
-            StoreWriter(store) as writer,
-            httpx.Client(timeout=opts.request_timeout_s, limits=limits) as client,
-        ):
-            ctx = _BfclContext(opts, writer, run.run_id, client, sampler, stop, summary)
-            jobs = [(pid, (lambda pid=pid: run_program(ctx, by_pid[pid], pid))) for pid in todo]
-            results, interrupted = run_jobs(
-                jobs,
-                workers=opts.workers,
-                offsets=offsets[: len(jobs)],
-                stop=stop,
-                on_start=on_start,
-                on_done=on_done,
-            )
-        summarize(results, interrupted, summary)
-        summary.errors += writer.errors
-        return summary
     finally:
-        store.close()
+        store.close()  # the writer process owns the store from here on
+    stop = stop or threading.Event()
+    limits = httpx.Limits(max_connections=max(opts.workers, 1) * 2)
+    with (
+        StoreWriter(opts.db) as writer,
+        httpx.Client(timeout=opts.request_timeout_s, limits=limits) as client,
+    ):
+        ctx = _BfclContext(opts, writer, run.run_id, client, sampler, stop, summary)
+        jobs = [(pid, (lambda pid=pid: run_program(ctx, by_pid[pid], pid))) for pid in todo]
+        results, interrupted = run_jobs(
+            jobs,
+            workers=opts.workers,
+            offsets=offsets[: len(jobs)],
+            stop=stop,
+            on_start=on_start,
+            on_done=on_done,
+        )
+    summarize(results, interrupted, summary)
+    summary.errors += writer.errors
+    return summary

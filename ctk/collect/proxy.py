@@ -35,8 +35,9 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ctk.collect.recorder import ProgramRecorder, Stamp, StoreWriter
-from ctk.store import ProgramRecord, RunRecord, TraceStore
+from ctk.collect.recorder import ProgramRecorder, Stamp
+from ctk.collect.writer import StoreWriter, open_store
+from ctk.store import ProgramRecord, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -118,19 +119,22 @@ class _ProgramState:
 class ProxyRecorder:
     """Per-program turn counting and tool-pause inference; writes through a :class:`StoreWriter`."""
 
-    def __init__(self, store: TraceStore, opts: ProxyOptions):
-        self.store = store
+    def __init__(self, opts: ProxyOptions):
         self.opts = opts
-        self.writer = StoreWriter(store)
         self.run = RunRecord(
             kind="proxy",
             source=opts.source,
             model=opts.model,
             config={"upstream": opts.upstream, "idle_finish_s": opts.idle_finish_s},
         )
-        store.add_run(self.run)
+        store = open_store(opts.db)
+        try:
+            store.add_run(self.run)
+            self._known = store.program_ids()  # ids already stored: never reused
+        finally:
+            store.close()
+        self.writer = StoreWriter(opts.db)
         self._programs: dict[str, _ProgramState] = {}
-        self._ids: dict[str, str] = {}  # client program -> stored program id (ids stay unique)
         self._lock = threading.Lock()
 
     def _state(self, program: str) -> _ProgramState:
@@ -138,10 +142,10 @@ class ProxyRecorder:
         if st is None:
             pid = program
             n = 1
-            while pid in self._ids.values() or self.store.program_status(pid) is not None:
+            while pid in self._known:
                 n += 1
                 pid = f"{program}#{n}"
-            self._ids[program] = pid
+            self._known.add(pid)
             st = _ProgramState(
                 ProgramRecorder(
                     self.writer,
@@ -290,8 +294,7 @@ def create_app(opts: ProxyOptions) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        store = TraceStore(opts.db)
-        app.state.recorder = ProxyRecorder(store, opts)
+        app.state.recorder = ProxyRecorder(opts)
         app.state.client = httpx.AsyncClient(timeout=httpx.Timeout(opts.timeout_s, connect=30.0))
 
         async def reaper() -> None:
@@ -306,7 +309,6 @@ def create_app(opts: ProxyOptions) -> FastAPI:
             task.cancel()
             await app.state.client.aclose()
             app.state.recorder.close()
-            store.close()
 
     app = FastAPI(title="ctk recording proxy", lifespan=lifespan)
 

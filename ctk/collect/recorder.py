@@ -1,10 +1,9 @@
 """Timing wrappers and store writes shared by the collectors.
 
-The agent's thread only takes clock readings and enqueues records; a single background
-:class:`StoreWriter` thread commits them to the :class:`~ctk.store.TraceStore` in order (one DuckDB
-transaction per step costs tens of milliseconds, far more than the ≤ 1 ms budget per step). A kill
-loses only what is still queued (normally nothing or the step in flight); :meth:`StoreWriter.close`
-drains the queue on Ctrl-C and normal exit.
+The agent's thread only takes clock readings and enqueues records; the writer process
+(:class:`~ctk.collect.writer.StoreWriter`) commits them to the trace store in order, so DuckDB's commits
+cost the agent nothing. A kill loses only records not yet handed over (normally none);
+:meth:`StoreWriter.close` drains the queue on Ctrl-C and normal exit.
 
 Durations come from ``time.monotonic()``; wall-clock ``*_unix_s`` stamps are stored alongside.
 """
@@ -12,15 +11,14 @@ Durations come from ``time.monotonic()``; wall-clock ``*_unix_s`` stamps are sto
 from __future__ import annotations
 
 import logging
-import queue
 import shlex
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ctk.store import LLMCallRecord, ProgramRecord, ToolCallRecord, TraceStore
+from ctk.collect.writer import StoreWriter
+from ctk.store import LLMCallRecord, ProgramRecord, ToolCallRecord
 
 log = logging.getLogger(__name__)
 
@@ -82,95 +80,6 @@ class Stamp:
     @classmethod
     def now(cls) -> Stamp:
         return cls(time.monotonic(), time.time())
-
-
-class StoreWriter:
-    """Commits records to a trace store from one background thread, in submission order."""
-
-    def __init__(self, store: TraceStore):
-        self.store = store
-        self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue()
-        self.errors: list[str] = []
-        self.n_written = 0
-        self._thread = threading.Thread(target=self._run, name="ctk-store-writer", daemon=True)
-        self._thread.start()
-
-    def submit(self, op: str, payload: Any) -> None:
-        """Queue one write: ``op`` is ``begin``, ``llm``, ``tool``, ``finish`` or ``call`` (a callable)."""
-        self._queue.put((op, payload))
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is None:
-                    return
-                op, payload = item
-                if op == "tool":  # coalesce consecutive tool calls into one transaction
-                    batch = [payload]
-                    while True:
-                        try:
-                            nxt = self._queue.get_nowait()
-                        except queue.Empty:
-                            break
-                        if nxt is not None and nxt[0] == "tool":
-                            batch.append(nxt[1])
-                            self._queue.task_done()
-                            continue
-                        self._write("tools", batch)
-                        batch = []
-                        if nxt is None:
-                            self._queue.task_done()
-                            return
-                        self._write(*nxt)
-                        self._queue.task_done()
-                        break
-                    if batch:
-                        self._write("tools", batch)
-                else:
-                    self._write(op, payload)
-            finally:
-                self._queue.task_done()
-
-    def _write(self, op: str, payload: Any) -> None:
-        try:
-            if op == "begin":
-                self.store.begin_program(payload)
-            elif op == "llm":
-                self.store.add_llm_call(payload)
-            elif op == "tools":
-                self.store.add_tool_calls(payload)
-            elif op == "finish":
-                self.store.finish_program(**payload)
-            elif op == "call":
-                payload()
-            else:
-                raise ValueError(f"unknown write {op!r}")
-            self.n_written += 1
-        except Exception as exc:  # keep writing the rest; report at close
-            msg = f"store write {op} failed: {exc}"
-            log.error(msg)
-            self.errors.append(msg)
-
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait until everything queued so far is committed."""
-        if timeout is None:
-            self._queue.join()
-            return
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.005)
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-
-    def __enter__(self) -> StoreWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @dataclass

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ctk.collect.arrival import arrival_offsets, run_jobs
-from ctk.collect.recorder import ProgramRecorder, RecordingEnvironment, RecordingModel, StoreWriter
+from ctk.collect.recorder import ProgramRecorder, RecordingEnvironment, RecordingModel
+from ctk.collect.writer import StoreWriter, open_store
 from ctk.datasets.instances import ARCHIVE_SUFFIXES, find_repo_source
 from ctk.store import ProgramRecord, RunRecord, TraceStore
 
@@ -348,7 +349,7 @@ def collect_swebench(
         for r in range(opts.repeats):
             by_pid[program_id_for(opts.source, inst["instance_id"], r, opts.repeats)] = inst
     offsets = arrival_offsets(len(by_pid), opts.arrival, opts.rate, opts.seed)  # validate before any write
-    store = TraceStore(opts.db)
+    store = open_store(opts.db)
     try:
         todo = plan_programs(store, list(by_pid), opts.resume, summary)
         summary.planned = len(todo)
@@ -372,26 +373,26 @@ def collect_swebench(
             },
         )
         store.add_run(run)
-        workroot = Path(opts.workdir) if opts.workdir else Path(tempfile.mkdtemp(prefix="ctk-collect-"))
-        workroot.mkdir(parents=True, exist_ok=True)
-        if opts.traj_dir is not None:
-            Path(opts.traj_dir).mkdir(parents=True, exist_ok=True)
-        stop = stop or threading.Event()
-        with StoreWriter(store) as writer:
-            ctx = _Context(opts, config, writer, run.run_id, workroot, stop, summary)
-            jobs = [(pid, (lambda pid=pid: run_program(ctx, by_pid[pid], pid))) for pid in todo]
-            results, interrupted = run_jobs(
-                jobs,
-                workers=opts.workers,
-                offsets=offsets[: len(jobs)],
-                stop=stop,
-                on_start=on_start,
-                on_done=on_done,
-            )
-        summarize(results, interrupted, summary)
-        summary.errors += writer.errors
-        if not opts.workdir and not opts.keep_workdirs:
-            shutil.rmtree(workroot, ignore_errors=True)
-        return summary
     finally:
-        store.close()
+        store.close()  # the writer process owns the store from here on
+    workroot = Path(opts.workdir) if opts.workdir else Path(tempfile.mkdtemp(prefix="ctk-collect-"))
+    workroot.mkdir(parents=True, exist_ok=True)
+    if opts.traj_dir is not None:
+        Path(opts.traj_dir).mkdir(parents=True, exist_ok=True)
+    stop = stop or threading.Event()
+    with StoreWriter(opts.db) as writer:
+        ctx = _Context(opts, config, writer, run.run_id, workroot, stop, summary)
+        jobs = [(pid, (lambda pid=pid: run_program(ctx, by_pid[pid], pid))) for pid in todo]
+        results, interrupted = run_jobs(
+            jobs,
+            workers=opts.workers,
+            offsets=offsets[: len(jobs)],
+            stop=stop,
+            on_start=on_start,
+            on_done=on_done,
+        )
+    summarize(results, interrupted, summary)
+    summary.errors += writer.errors
+    if not opts.workdir and not opts.keep_workdirs:
+        shutil.rmtree(workroot, ignore_errors=True)
+    return summary
