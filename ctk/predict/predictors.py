@@ -354,6 +354,7 @@ class LightGBMPredictor:
         cal_fraction: float = 0.25,
         n_impute: int = 4,
         max_train_rows: int = 50_000,
+        max_cal_rows: int = 30_000,
         min_table_samples: int = 10,
         num_threads: int = -1,
         seed: int = 0,
@@ -369,6 +370,7 @@ class LightGBMPredictor:
             cal_fraction=cal_fraction,
             n_impute=n_impute,
             max_train_rows=max_train_rows,
+            max_cal_rows=max_cal_rows,
             min_table_samples=min_table_samples,
             num_threads=num_threads,
             seed=seed,
@@ -465,7 +467,10 @@ class LightGBMPredictor:
             self.models.append(lgb.train(params, ds, num_boost_round=p["n_estimators"]))
             if self.progress:
                 self.progress("quantile models", j + 1, len(self.levels))
-        self._calibrate(frame[cal_mask])
+        cal_df = frame[cal_mask]
+        if len(cal_df) > p["max_cal_rows"]:  # conformal shifts need thousands of rows, not millions
+            cal_df = cal_df.sample(p["max_cal_rows"], random_state=p["seed"])
+        self._calibrate(cal_df)
         return self
 
     def _calibrate(self, cal: pd.DataFrame) -> None:
@@ -551,6 +556,7 @@ class LightGBMPredictor:
                     "cal_fraction",
                     "n_impute",
                     "max_train_rows",
+                    "max_cal_rows",
                     "min_table_samples",
                     "num_threads",
                     "seed",
