@@ -115,6 +115,7 @@ class PolicyCore:
         self.reorders = self.policy != "vllm" and config.program_fcfs
         self._order_dirty = True  # set by every event that can change the waiting order
         self._order_len = 0
+        self._order_bound = self.order.age_bound_s
         self._next_overdue = math.inf
         # Continuum has no pin budget; ctk keeps pins under a share of the cache.
         self.max_pin_share = 1.0 if self.policy == "continuum" else config.max_pin_share
@@ -207,7 +208,11 @@ class PolicyCore:
         if pend is None:
             return []
         self.order.record_wait(now - pend.arrival)
-        self._order_dirty = True
+        # Leaving the queue keeps the order of the others; only a moved age bound makes it stale.
+        self._order_len -= 1
+        bound = self.order.age_bound_s
+        if abs(bound - self._order_bound) > 0.1 * self._order_bound:
+            self._order_dirty = True
         if pend.program_id is None or self.policy == "continuum":
             return []
         prog = self.programs.get(pend.program_id)
@@ -424,6 +429,7 @@ class PolicyCore:
             else:
                 items.append((pend.arrival, prog.first_arrival, prog.pin is not None))
         order, self._next_overdue = self.order.order(items, now)
+        self._order_bound = self.order.age_bound_s
         self._order_dirty = False
         self._order_len = len(request_ids)
         return order

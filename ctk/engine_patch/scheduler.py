@@ -201,8 +201,8 @@ class CTKSchedulerMixin:
         self._ctk_tokenizer = None
         self._ctk_tokenizer_failed = False
         self._ctk_recorder = None
+        # The pressure valve wraps allocate_slots only while pins exist (zero cost otherwise).
         self._ctk_orig_allocate = self.kv_cache_manager.allocate_slots
-        self.kv_cache_manager.allocate_slots = self._ctk_allocate_slots
         self._ctk_timer = _WakeTimer(weakref.ref(engine)) if engine is not None else None
         self._ctk_configure(cfg)
 
@@ -258,16 +258,26 @@ class CTKSchedulerMixin:
             req = self._ctk_pinned.pop(rel.request_id, None)
             if req is not None:
                 self._free_request_blocks(req)
+        if not self._ctk_pinned and "allocate_slots" in vars(self.kv_cache_manager):
+            del self.kv_cache_manager.allocate_slots  # back to the class method: no valve needed
+
+    def _ctk_hold(self, request) -> None:
+        """Keep a finished request's blocks (the request leaves ``self.requests`` as usual)."""
+        self._ctk_pinned[request.request_id] = request
+        del self.requests[request.request_id]
+        self.kv_cache_manager.allocate_slots = self._ctk_allocate_slots
 
     def _ctk_rearm(self) -> None:
-        if self._ctk_timer is not None:
+        if self._ctk_timer is not None and (self._ctk_pinned or self._ctk_timer._deadline is not None):
             self._ctk_timer.set(self.ctk.next_deadline())
 
     def _ctk_blocks(self, request_id: str) -> int:
+        """KV blocks the request holds (all KV-cache groups)."""
         try:
+            managers = self.kv_cache_manager.coordinator.single_type_managers
+            return sum(len(m.req_to_blocks.get(request_id, ())) for m in managers)
+        except AttributeError:
             return sum(len(ids) for ids in self.kv_cache_manager.get_block_ids(request_id))
-        except (KeyError, AttributeError):
-            return 0
 
     def _ctk_text(self, request) -> str | None:
         if self._ctk_tokenizer is None and not self._ctk_tokenizer_failed:
@@ -385,8 +395,7 @@ class CTKSchedulerMixin:
         pinned, releases = self.ctk.finished(ev, self._ctk_state(now))
         self._ctk_apply(releases)
         if pinned:
-            self._ctk_pinned[rid] = request
-            del self.requests[rid]
+            self._ctk_hold(request)
         else:
             super()._free_blocks(request)
         self._ctk_rearm()
