@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ctk.measure.compare import CompareError, format_table, run_comparison
     from ctk.measure.presets import bench_config
+    from ctk.measure.workload import WorkloadError
+    from ctk.store import StoreError
 
     t0 = time.monotonic()
     cfg = bench_config(full=args.full, seed=args.seed)
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         comp = run_comparison(db, model_dir, out_dir, cfg, log=lambda m: print(m, flush=True))
-    except CompareError as exc:
+    except (CompareError, WorkloadError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -86,3 +86,23 @@ def test_unreachable_server_is_a_clear_error(sample_store):  # noqa: F811
         programs = load_programs(store, wcfg)
     with pytest.raises(ReplayError, match="cannot list models"):
         run_replay(programs, wcfg, ReplayConfig(base_url="http://127.0.0.1:9", progress=False))
+
+
+def test_poisson_arrivals_are_seeded_and_spread(live_server, sample_store):  # noqa: F811
+    wcfg = WorkloadConfig(n_programs=4, seed=5, **{**SMALL, "max_turns": 2})
+    with TraceStore(sample_store, read_only=True) as store:
+        programs = load_programs(store, wcfg)
+    cfg = ReplayConfig(base_url=live_server, concurrency=None, rate=2.0, time_scale=0.0, seed=7,
+                       progress=False, sample_interval_s=0)
+    a = run_replay(programs, wcfg, cfg)
+    b = run_replay(programs, wcfg, cfg)
+    assert all(p.ok for p in a.programs + b.programs)
+
+    def gaps(r):
+        t = sorted(p.arrival_unix_s for p in r.programs)
+        return [round(y - x, 6) for x, y in zip(t, t[1:], strict=False)]
+
+    assert gaps(a) == pytest.approx(gaps(b), abs=1e-3)  # same seed, same arrival process
+    assert min(p.arrival_unix_s for p in a.programs) == pytest.approx(a.started_unix_s, abs=0.05)
+    assert sum(gaps(a)) > 0.2  # spread out, not all at once
+    assert not a.timeline  # sampling off

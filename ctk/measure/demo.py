@@ -75,12 +75,17 @@ def run_demo(
 
 def main(out_dir: Path, policies: list[str] | None = None, programs: int | None = None) -> int:
     from ctk.measure.compare import CompareError
+    from ctk.measure.workload import WorkloadError
+    from ctk.store import StoreError
 
     try:
         comp, page = run_demo(out_dir, policies, programs, log=lambda m: print(m, flush=True))
-    except CompareError as exc:
+    except (CompareError, WorkloadError, StoreError) as exc:
         print(f"error: {exc}")
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; what finished is in {out_dir}")
+        return 130
     print()
     print(format_table(comp))
     print(f"\nreport: {page}")

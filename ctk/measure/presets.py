@@ -41,6 +41,7 @@ def demo_config(seed: int = 0) -> CompareConfig:
     cfg = bench_config(full=False, seed=seed)
     cfg.workload.n_programs = 8
     cfg.workload.max_turns = 8
+    cfg.workload.max_context_tokens = 3072
     cfg.replay.concurrency = 4
-    cfg.server.kv_cache_bytes = 8 * 2**20
+    cfg.server.kv_cache_bytes = 8 * 2**20  # about 4,000 tokens for 4 programs of up to 3,000
     return cfg
