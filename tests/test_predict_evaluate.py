@@ -73,3 +73,11 @@ def test_evaluate_frame_reports_and_plots(tmp_path):
     assert set(result["leave_one_source_out"]) == {"a", "b"}
     paths = plot(result, tmp_path)
     assert all(p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths) and len(paths) == 2
+
+
+def test_vectorized_row_costs_match_the_cost_model():
+    cm = CostModel()
+    ctx = [0.0, 15.0, 16.0, 17.5, 1000.0, 4096.0, 131072.0, 400000.0]
+    b, c = row_costs(pd.DataFrame({"context_est": ctx}), cm, 0.87)
+    assert b.tolist() == pytest.approx([cm.benefit_s(int(x)) for x in ctx])
+    assert c.tolist() == pytest.approx([cm.holding_cost_per_s(int(x), 0.87) for x in ctx])

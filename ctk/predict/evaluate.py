@@ -66,11 +66,20 @@ def score_rows(frame: pd.DataFrame, q: np.ndarray, levels: Sequence[float]) -> d
 
 
 def row_costs(frame: pd.DataFrame, cost: CostModel, pressure: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: benefit B of a hit and holding cost c per second, at the row's (estimated) context."""
-    ctx = frame["context_est"].fillna(0).to_numpy(dtype=float)
-    uniq, inv = np.unique(ctx.astype(np.int64), return_inverse=True)
-    b = np.array([cost.benefit_s(int(c)) for c in uniq])[inv]
-    c = np.array([cost.holding_cost_per_s(int(x), pressure) for x in uniq])[inv]
+    """Per row: benefit B of a hit and holding cost c per second at the row's (estimated) context.
+
+    Vectorized; equal to ``cost.benefit_s(ctx)`` and ``cost.holding_cost_per_s(ctx, pressure)`` per row.
+    """
+    ctx = np.floor(frame["context_est"].fillna(0).to_numpy(dtype=float))
+    xs = np.asarray(cost.prefill_tokens, dtype=float)
+    ys = np.asarray(cost.prefill_s, dtype=float)
+    pre = np.interp(ctx, xs, ys)
+    if len(xs) >= 2:  # linear extrapolation past the last profiled length, as CostModel does
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        pre = np.where(ctx > xs[-1], ys[-1] + slope * (ctx - xs[-1]), pre)
+    b = np.maximum(pre, 0.0) + cost.requeue_delay_s
+    blocks = np.maximum(1.0, np.ceil(ctx / cost.block_size_tokens))
+    c = cost.block_second_price_at(pressure) * blocks
     return b, c
 
 

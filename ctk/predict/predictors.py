@@ -353,7 +353,7 @@ class LightGBMPredictor:
         max_bin: int = 63,
         cal_fraction: float = 0.25,
         n_impute: int = 4,
-        max_train_rows: int = 50_000,
+        max_train_rows: int = 30_000,
         max_cal_rows: int = 30_000,
         min_table_samples: int = 10,
         num_threads: int = -1,
