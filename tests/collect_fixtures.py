@@ -19,10 +19,23 @@ from ctk.datasets.scripted_server import BackgroundServer, Script, create_app
 
 CTK = [sys.executable, "-m", "ctk.cli"]
 #: Subprocess environment: fail fast instead of mini-swe-agent's 10 retries with exponential back-off.
-COLLECT_ENV = {**os.environ, "MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT": "1", "MSWEA_SILENT_STARTUP": "1",
-               "LITELLM_LOCAL_MODEL_COST_MAP": "True", "HF_HUB_OFFLINE": "1"}
-os.environ.update({k: COLLECT_ENV[k] for k in ("MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT", "MSWEA_SILENT_STARTUP",
-                                               "LITELLM_LOCAL_MODEL_COST_MAP")})
+COLLECT_ENV = {
+    **os.environ,
+    "MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT": "1",
+    "MSWEA_SILENT_STARTUP": "1",
+    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    "HF_HUB_OFFLINE": "1",
+}
+os.environ.update(
+    {
+        k: COLLECT_ENV[k]
+        for k in (
+            "MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT",
+            "MSWEA_SILENT_STARTUP",
+            "LITELLM_LOCAL_MODEL_COST_MAP",
+        )
+    }
+)
 
 
 @dataclass

@@ -50,10 +50,31 @@ def test_collect_bfcl_records_turns_and_honours_injected_latency(tmp_path: Path,
     db = tmp_path / "b.duckdb"
     with scripted_server(script) as srv:
         proc = subprocess.run(
-            [*CTK, "collect", "bfcl", "--db", str(db), "--base-url", srv.base_url, "--model", "scripted",
-             "--category", "base", "--category", "miss_func", "--filter", IDS, "--tool-latency", "const:0.15",
-             "--workers", "2"],
-            env=COLLECT_ENV, capture_output=True, text=True, timeout=300,
+            [
+                *CTK,
+                "collect",
+                "bfcl",
+                "--db",
+                str(db),
+                "--base-url",
+                srv.base_url,
+                "--model",
+                "scripted",
+                "--category",
+                "base",
+                "--category",
+                "miss_func",
+                "--filter",
+                IDS,
+                "--tool-latency",
+                "const:0.15",
+                "--workers",
+                "2",
+            ],
+            env=COLLECT_ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         seen = srv.requests()
     assert proc.returncode == 0, proc.stdout + proc.stderr
