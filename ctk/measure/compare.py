@@ -150,10 +150,11 @@ def train_ttl_model(train_db: Path, out: Path, extra_args: list[str] = ()) -> Pa
 def profile_prefill(base_url: str, out: Path, max_model_len: int = 8192) -> Path:
     """``ctk profile`` (the predict part's CLI) against a running server.
 
-    ``ctk profile`` lengths are words; the tiny tokenizer splits a word into about two tokens, so the
-    longest prompt stays under ``max_model_len`` with a margin.
+    ``ctk profile`` lengths are words; the tiny tokenizer splits its words into about 2.9 tokens, so the
+    longest prompt is ``max_model_len / 3.1`` words.
     """
-    lengths = [n for n in (128, 512, 1024, 2048) if n * 2.5 <= max_model_len]
+    longest = int(max_model_len / 3.1)
+    lengths = sorted({min(n, longest) for n in (128, 512, longest // 2, longest)})
     cmd = [
         sys.executable,
         "-m",
