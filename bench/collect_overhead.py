@@ -208,6 +208,7 @@ def main() -> None:
             drain = time.perf_counter() - t0
             inline = inline_cost_us(writer)
             _, bare_sleep = precision(writer)
+        writer_cpu_ms = writer.cpu_s * 1e3
         with TraceStore(db) as store:
             counts = store.counts()
             rec_sleep = store.query(
@@ -237,6 +238,11 @@ def main() -> None:
     print(
         f"whole programs, CPU per step of the agent's process (writer process excluded): bare {bc:.2f} ms, "
         f"recorded {rc:.2f} ms, difference {rc - bc:+.2f} ms"
+    )
+    n_records = counts["llm_calls"] + counts["tool_calls"]
+    print(
+        f"writer process (off the agent's path): {writer_cpu_ms / max(n_records, 1):.2f} ms CPU per record, "
+        f"{writer_cpu_ms:.0f} ms for {n_records} records incl. start-up"
     )
     err = [abs(x - 0.3) * 1e3 for x in rec_sleep]
     print(

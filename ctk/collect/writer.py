@@ -98,7 +98,7 @@ def _writer_main(path: str, inbox: Any, outbox: Any, parent_pid: int) -> None:
                 break
     finally:
         store.close()
-        outbox.put(("closed", errors, written))
+        outbox.put(("closed", errors, written, time.process_time()))
 
 
 def _safe(store: TraceStore, op: str, payload: Any, errors: list[str]) -> int:
@@ -130,6 +130,7 @@ class StoreWriter:
         self._proc.start()
         self.errors: list[str] = []
         self.n_written = 0
+        self.cpu_s = 0.0  # CPU time the writer process used (known after close)
         self._flush_token = 0
         self._closed = False
         msg = self._receive(start_timeout_s)
@@ -176,6 +177,7 @@ class StoreWriter:
     def _take_closed(self, msg: tuple) -> None:
         self.errors += list(msg[1])
         self.n_written = int(msg[2])
+        self.cpu_s = float(msg[3])
         self._closed = True
 
     def close(self, timeout: float | None = None) -> None:
