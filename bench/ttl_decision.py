@@ -101,12 +101,17 @@ def main() -> None:
     for name, ns in results.items():
         p50, p99, mx = _pct(ns)
         print(f"{name:26s} {p50:8.2f} {p99:8.2f} {mx:9.1f} {p99 / base_p99:16.1f}")
+    # per command, the best of the rounds: drops the time slices other processes took (this box is shared)
+    new_ns = np.asarray(results["ctk (new command)"]).reshape(args.rounds, len(cmds))
+    best_p99 = float(np.percentile(new_ns.min(axis=0) / 1000.0, 99))
     p99 = _pct(results["ctk (new command)"])[1]
-    verdict = "MEETS" if p99 <= TARGET_P99_US else "MISSES"
-    print(
-        f"ctk p99 (new command) {p99:.2f} us vs target {TARGET_P99_US:.0f} us: {verdict} the target "
-        f"({p99 / TARGET_P99_US:.2f}x of budget)"
-    )
+    for label, v in (("all samples", p99), (f"per-command best of {args.rounds} rounds", best_p99)):
+        verdict = "MEETS" if v <= TARGET_P99_US else "MISSES"
+        print(
+            f"ctk p99 (new command, {label}) {v:.2f} us vs target {TARGET_P99_US:.0f} us: {verdict} "
+            f"the target ({v / TARGET_P99_US:.2f}x of budget)"
+        )
+    print(f"load average after the run: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

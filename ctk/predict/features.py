@@ -243,9 +243,20 @@ def _strip_heredocs(text: str) -> str:
         nl = text.find("\n", m.end())
         if nl < 0:
             return text
-        end = re.search(r"^[ \t]*" + re.escape(m.group(2)) + r"[ \t]*$", text[nl + 1 :], re.M)
-        rest = text[nl + 1 + end.end() :] if end else ""
-        text = text[: nl + 1] + rest
+        delim = m.group(2)
+        end = -1
+        at = nl
+        while True:  # the delimiter alone on a line (leading tabs allowed for <<-)
+            at = text.find(delim, at + 1)
+            if at < 0:
+                break
+            line_start = text.rfind("\n", 0, at) + 1
+            line_end = text.find("\n", at)
+            line_end = len(text) if line_end < 0 else line_end
+            if text[line_start:line_end].strip() == delim:
+                end = line_end
+                break
+        text = text[: nl + 1] + (text[end:] if end >= 0 else "")
         pos = nl + 1
 
 
