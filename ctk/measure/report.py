@@ -143,8 +143,8 @@ def plot_calibration(tools: pd.DataFrame, tables, out_dir: Path, scale: float = 
     return Figure(
         title,
         name,
-        f"{int(seen.max())} calls; mean |coverage - level| = {err:.3f}. Points below "
-        "the diagonal: the model predicts durations too short.",
+        f"{int(seen.max())} calls; mean |coverage - level| = {err:.3f}. Above the diagonal "
+        "the predicted quantiles are too long (pins too long), below too short.",
     )
 
 
