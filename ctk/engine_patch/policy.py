@@ -33,6 +33,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from ctk.engine_patch.config import ServeConfig
 from ctk.engine_patch.detect import ToolCall, detect_tool_call
@@ -93,6 +94,7 @@ class PolicyCore:
     ):
         self.config = config
         self.policy = config.policy
+        self._unix_offset = time.time() - time.monotonic()  # monotonic -> wall clock, for the recorder
         self.tables = tables
         self.cost: CostModel = tables.cost_model if tables is not None else CostModel()
         self.block_size = max(1, block_size)
@@ -251,7 +253,7 @@ class PolicyCore:
             prog.done = True
             return False, releases
         tool = (
-            ToolCall("hint", None, hints.tool)
+            _hint_tool(hints.tool)
             if hints.tool
             else detect_tool_call(ev.output_text, self.config.detectors)
         )
@@ -260,12 +262,12 @@ class PolicyCore:
         if tool is None:
             return False, releases
         prog.last_finish = state.now
-        prog.last_finish_unix = time.time()
+        prog.last_finish_unix = state.now + self._unix_offset
         prog.last_tool = tool
         prog.last_context_tokens = ev.num_tokens
         prog.last_output_tokens = ev.output_tokens
         prog.last_turn_index = hints.turn_index if hints.turn_index is not None else prog.turns - 1
-        prog.last_keys = _keys(tool)
+        prog.last_keys = list(_keys_cached(tool))
         ttl, p_hit, key = self._decide(tool, prog.last_keys, ev, hints, state)
         if ttl <= 0 or ev.blocks <= 0:
             return False, releases
@@ -433,6 +435,16 @@ class PolicyCore:
         self._order_dirty = False
         self._order_len = len(request_ids)
         return order
+
+
+@lru_cache(maxsize=4096)
+def _hint_tool(command: str) -> ToolCall:
+    return ToolCall("hint", None, command)
+
+
+@lru_cache(maxsize=4096)
+def _keys_cached(tool: ToolCall) -> tuple[str, ...]:
+    return tuple(_keys(tool))
 
 
 def _keys(tool: ToolCall) -> list[str]:
