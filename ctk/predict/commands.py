@@ -116,8 +116,13 @@ def train(
         list[str] | None, typer.Option(help="Train on these sources only (repeatable).")
     ] = None,
     folds: Annotated[
-        int, typer.Option(help="Evaluation: 1 = one 25% program hold-out; k = k-fold.", min=1)
-    ] = 1,
+        int,
+        typer.Option(
+            help="Evaluation: 1 = one 25% program hold-out; k = k-fold by program; 0 = auto (5 below "
+            "100k calls, else 1).",
+            min=0,
+        ),
+    ] = 0,
     loso: Annotated[bool, typer.Option(help="Also evaluate leave-one-source-out.")] = False,
     profile: Annotated[Path | None, typer.Option(help="Prefill profile JSON from `ctk profile`.")] = None,
     block_size: Annotated[int | None, typer.Option(help="KV block size in tokens (cost model).")] = None,

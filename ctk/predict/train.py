@@ -27,12 +27,16 @@ from ctk.predict.predictors import (
 )
 from ctk.predict.tables import DEFAULT_CONTEXT_EDGES, TTLTables
 
+#: Below this many calls ``ctk train`` evaluates with 5-fold by program (every call predicted once);
+#: above, one 25 % program hold-out keeps training time bounded.
+AUTO_FOLDS_ROWS = 100_000
+
 
 @dataclass
 class TrainConfig:
     predictor: str = "lightgbm"
     levels: tuple[float, ...] = DEFAULT_LEVELS
-    eval_folds: int = 1  # 1: one 25 % held-out program split; >= 2: grouped K-fold
+    eval_folds: int = 0  # 0: auto (5 below AUTO_FOLDS_ROWS calls, else 1); 1: one 25 % hold-out; k: k-fold
     loso: bool = False  # also leave-one-source-out
     seed: int = 0
     context_edges: tuple[int, ...] = DEFAULT_CONTEXT_EDGES
@@ -73,11 +77,12 @@ def train_model(
     params = {n: {"levels": config.levels, **config.params.get(n, {})} for n in names}
     if frame["program_id"].nunique() < 2:
         raise DataError("need at least 2 programs to hold some out for evaluation")
+    folds = config.eval_folds or (5 if len(frame) < AUTO_FOLDS_ROWS else 1)
     evaluation = evaluate_frame(
         frame,
         names,
         cost,
-        folds=config.eval_folds,
+        folds=folds,
         seed=config.seed,
         loso=config.loso,
         params=params,
@@ -120,7 +125,7 @@ def train_model(
         "calibration": fitted[config.predictor].to_dict().get("calibration", {}),
         "evaluation": evaluation,
         "train_config": {
-            "eval_folds": config.eval_folds,
+            "eval_folds": folds,
             "loso": config.loso,
             "seed": config.seed,
             "context_edges": list(config.context_edges),
