@@ -461,7 +461,7 @@ def plot(result: dict, out_dir) -> list:
     paths.append(p)
     names = list(rep["predictors"])
     tools = list(rep["predictors"][names[0]]["per_tool"])
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(tools) * len(names)), 4))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.3 * len(tools) * len(names))), 4.5))
     width = 0.8 / len(names)
     for i, n in enumerate(names):
         vals = [rep["predictors"][n]["per_tool"].get(t, {}).get("pinball_mean", np.nan) for t in tools]
