@@ -120,66 +120,87 @@ def synthetic_ids(cfg: WorkloadConfig, n: int, *key: object) -> list[int]:
     return rng.integers(cfg.token_id_low, cfg.token_id_high, size=n).tolist()
 
 
-def _program_turns(
-    pid: str, llm: pd.DataFrame, tools: pd.DataFrame, cfg: WorkloadConfig
-) -> ProgramSpec | None:
-    turn_ids = sorted(set(llm["turn_index"].tolist()) | set(tools["turn_index"].tolist()))
+@dataclass
+class _Turn:
+    """One recorded turn, aggregated over its LLM call and tool calls (None: not recorded)."""
+
+    out_tokens: float | None = None
+    out_chars: float | None = None
+    prompt_tokens: float | None = None
+    has_tools: bool = False
+    obs_chars: float | None = None
+    duration_s: float = 0.0
+    tool: str | None = None
+
+
+def _num(x) -> float | None:
+    return None if x is None or _isnan(x) else float(x)
+
+
+def _recorded_turns(llm: pd.DataFrame, tools: pd.DataFrame) -> dict[str, dict[int, _Turn]]:
+    """``{program_id: {turn_index: _Turn}}`` in one pass over each table."""
+    out: dict[str, dict[int, _Turn]] = {}
+    for r in llm.itertuples(index=False):
+        out.setdefault(r.program_id, {})[int(r.turn_index)] = _Turn(
+            out_tokens=_num(r.completion_tokens),
+            out_chars=_num(r.response_chars),
+            prompt_tokens=_num(r.prompt_tokens),
+        )
+    if len(tools):
+        t = tools.sort_values(["program_id", "turn_index", "call_index"])
+        t = t.assign(
+            duration_s=pd.to_numeric(t["duration_s"], errors="coerce").fillna(0.0).clip(lower=0.0),
+            tool=t["command_or_args"].where(
+                t["command_or_args"].fillna("").str.strip() != "", t["tool_name"]
+            ),
+        )
+        g = t.groupby(["program_id", "turn_index"], sort=False)
+        agg = pd.DataFrame(
+            {
+                "duration_s": g["duration_s"].sum(),
+                "obs_chars": g["output_chars"].sum(min_count=1),
+                "out_tokens": g["llm_output_tokens"].max(),
+                "out_chars": g["llm_output_chars"].max(),
+                "tool": g["tool"].first(),
+            }
+        ).reset_index()
+        for r in agg.itertuples(index=False):
+            turn = out.setdefault(r.program_id, {}).setdefault(int(r.turn_index), _Turn())
+            turn.has_tools, turn.duration_s = True, float(r.duration_s)
+            turn.obs_chars = _num(r.obs_chars)
+            if turn.out_tokens is None:
+                turn.out_tokens = _num(r.out_tokens)
+            if turn.out_chars is None:
+                turn.out_chars = _num(r.out_chars)
+            turn.tool = None if r.tool is None or _isnan(r.tool) else str(r.tool)[:500]
+    return out
+
+
+def _program_turns(pid: str, source: str, turns: dict[int, _Turn], cfg: WorkloadConfig) -> ProgramSpec | None:
+    turn_ids = sorted(turns)
     if cfg.max_turns is not None:
         turn_ids = turn_ids[: cfg.max_turns]
     if len(turn_ids) < cfg.min_turns:
         return None
-    llm_by_turn = {int(r.turn_index): r for r in llm.itertuples(index=False)}
-    tools_by_turn = {int(k): g for k, g in tools.groupby("turn_index")}
-    source = (tools["source"].iloc[0] if len(tools) else llm["source"].iloc[0]) or ""
-
-    first = llm_by_turn.get(int(turn_ids[0]))
     first_prompt = cfg.system_prompt_tokens + cfg.task_prompt_tokens
-    if (
-        first is not None
-        and getattr(first, "prompt_tokens", None) is not None
-        and not _isnan(first.prompt_tokens)
-    ):
-        first_prompt = max(first_prompt, int(round(float(first.prompt_tokens) * cfg.token_scale)))
+    recorded_first = turns[turn_ids[0]].prompt_tokens
+    if recorded_first is not None:
+        first_prompt = max(first_prompt, int(round(recorded_first * cfg.token_scale)))
         first_prompt = min(first_prompt, cfg.max_context_tokens // 2)
-    spec = ProgramSpec(program_id=pid, source=str(source), first_prompt_tokens=first_prompt)
+    spec = ProgramSpec(program_id=pid, source=source, first_prompt_tokens=first_prompt)
 
     context = first_prompt
     for t in turn_ids:
-        call = llm_by_turn.get(int(t))
-        calls = tools_by_turn.get(int(t))
-        out_tok = out_chars = None
-        if call is not None:
-            out_tok, out_chars = call.completion_tokens, call.response_chars
-        if (out_tok is None or _isnan(out_tok)) and calls is not None:
-            out_tok = (
-                calls["llm_output_tokens"].dropna().max()
-                if calls["llm_output_tokens"].notna().any()
-                else None
-            )
-            if out_chars is None or _isnan(out_chars):
-                out_chars = (
-                    calls["llm_output_chars"].dropna().max()
-                    if calls["llm_output_chars"].notna().any()
-                    else None
-                )
-        output = _tokens(out_tok, out_chars, cfg, cfg.default_output_tokens)
+        rec = turns[t]
+        output = _tokens(rec.out_tokens, rec.out_chars, cfg, cfg.default_output_tokens)
         output = max(cfg.min_output_tokens, min(cfg.max_output_tokens, output))
-        if calls is not None and len(calls):
-            obs_chars = calls["output_chars"].dropna().sum() if calls["output_chars"].notna().any() else None
-            observation = _tokens(None, obs_chars, cfg, cfg.default_observation_tokens)
-            duration = float(calls["duration_s"].fillna(0.0).clip(lower=0.0).sum())
-            first_call = calls.sort_values("call_index").iloc[0]
-            tool = first_call["command_or_args"]
-            if tool is None or _isnan(tool) or not str(tool).strip():
-                tool = first_call["tool_name"]
-            tool = None if tool is None or _isnan(tool) else str(tool)[:500]
-        else:  # a turn without a tool call (e.g. a format error): the agent answers at once
-            observation, duration, tool = _tokens(None, None, cfg, cfg.default_observation_tokens), 0.0, None
+        # a turn without a tool call (e.g. a format error): the agent answers at once
+        observation = _tokens(None, rec.obs_chars, cfg, cfg.default_observation_tokens)
         observation = max(1, min(cfg.max_observation_tokens, observation))
-        duration = min(duration, cfg.max_pause_s)
+        duration = min(rec.duration_s, cfg.max_pause_s)
         if spec.turns and context + output > cfg.max_context_tokens:
             break
-        spec.turns.append(TurnSpec(int(t), output, observation, duration, tool))
+        spec.turns.append(TurnSpec(int(t), output, observation, duration, rec.tool))
         context += output + observation
         if context + cfg.min_output_tokens > cfg.max_context_tokens:
             break
@@ -200,13 +221,12 @@ def load_programs(store: TraceStore, cfg: WorkloadConfig) -> list[ProgramSpec]:
         where = f" for sources {cfg.sources}" if cfg.sources else ""
         raise WorkloadError(f"{store.path}: no LLM or tool calls to replay{where}")
     complete = store.program_ids(complete=True)
-    ids = sorted((set(tools["program_id"]) | set(llm["program_id"])) & complete)
-    tools_by = dict(tuple(tools.groupby("program_id")))
-    llm_by = dict(tuple(llm.groupby("program_id")))
-    empty_t, empty_l = tools.iloc[0:0], llm.iloc[0:0]
+    recorded = _recorded_turns(llm, tools)
+    sources = dict(zip(llm["program_id"], llm["source"], strict=True))
+    sources.update(zip(tools["program_id"], tools["source"], strict=True))
     specs = []
-    for pid in ids:
-        spec = _program_turns(pid, llm_by.get(pid, empty_l), tools_by.get(pid, empty_t), cfg)
+    for pid in sorted(set(recorded) & complete):
+        spec = _program_turns(pid, str(sources.get(pid) or ""), recorded[pid], cfg)
         if spec is not None:
             specs.append(spec)
     if not specs:
@@ -219,9 +239,3 @@ def load_programs(store: TraceStore, cfg: WorkloadConfig) -> list[ProgramSpec]:
     if cfg.n_programs is not None:
         order = order[: cfg.n_programs]
     return [specs[i] for i in order]
-
-
-def split_program_ids(store: TraceStore, replayed: list[ProgramSpec]) -> tuple[set[str], set[str]]:
-    """(ids to train on, ids replayed): training data never includes a replayed program."""
-    held = {p.program_id for p in replayed}
-    return store.program_ids(complete=True) - held, held
