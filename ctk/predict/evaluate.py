@@ -261,7 +261,7 @@ def evaluate_frame(
     """The full evaluation: program split (K-fold or one held-out split) and leave-one-source-out."""
     preds, mask = cross_predict(frame, names, folds, cost, seed, params, progress)
     if not preds:
-        raise ValueError("too few programs to hold any out; add traces or use more folds")
+        raise ValueError("too few programs to hold any out for evaluation (need at least 2)")
     held = frame[mask]
     preds = {n: _subset(p, mask) for n, p in preds.items()}
     result = {
