@@ -11,7 +11,6 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from fastapi import FastAPI, Request
 from typer.testing import CliRunner
 
 from ctk.cli import app
@@ -184,15 +183,15 @@ def _slow_prefill_app(seconds_per_token: float):
     """An OpenAI-compatible endpoint whose latency grows with the prompt (a real HTTP server, fake model)."""
     import asyncio
 
-    api = FastAPI()
+    fastapi = pytest.importorskip("fastapi")
+    api = fastapi.FastAPI()
 
     @api.get("/v1/models")
     async def models():
         return {"data": [{"id": "slow"}]}
 
     @api.post("/v1/chat/completions")
-    async def chat(request: Request):
-        body = await request.json()
+    async def chat(body: dict):
         n = len(body["messages"][0]["content"].split())
         await asyncio.sleep(0.005 + n * seconds_per_token)
         return {
