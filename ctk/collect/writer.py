@@ -53,6 +53,8 @@ def _apply(store: TraceStore, op: str, payload: Any) -> None:
 
 
 def _writer_main(path: str, inbox: Any, outbox: Any, parent_pid: int) -> None:
+    from ctk.collect.recorder import command_names
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         store = open_store(path)
@@ -83,6 +85,8 @@ def _writer_main(path: str, inbox: Any, outbox: Any, parent_pid: int) -> None:
                     break
                 op, payload = item
                 if op == "tool":
+                    if payload.tool_name is None and payload.command_or_args:
+                        payload.tool_name, payload.main_program = command_names(payload.command_or_args)
                     tools.append(payload)
                     continue
                 if tools:
