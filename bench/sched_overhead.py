@@ -125,7 +125,7 @@ def run_phase(
         prog = f"{tag}-p{i % (n_requests // 3 or 1)}"
         prompt = [content.randrange(10, 4000) for _ in range(shape.randrange(200, 800))]
         sp = SamplingParams(
-            max_tokens=shape.randrange(8, 24),
+            max_tokens=shape.choice(lengths) if lengths else shape.randrange(8, 24),
             ignore_eos=True,
             extra_args={"program_id": prog, "turn_index": i, "tool": "make all"},
         )
