@@ -3,7 +3,8 @@
 A DuckDB commit costs 1–2 ms of CPU and holds Python's GIL for much of it (more under contention), so
 committing from a thread of the agent's process would slow the agent itself. The collectors therefore
 only put records on a ``multiprocessing`` queue (a few microseconds) and this process commits them in
-order, coalescing what is queued: consecutive tool calls go into one transaction.
+order. Records arriving within ``linger_s`` of each other are handled together: their tool calls share
+one transaction (a program's rows are always written before its ``finish``).
 
 Durability: every record that reached the queue is committed, also when the collecting process is
 killed (the writer notices its parent is gone, drains the queue and exits). Ctrl-C in a terminal is
@@ -52,7 +53,7 @@ def _apply(store: TraceStore, op: str, payload: Any) -> None:
         raise ValueError(f"unknown write {op!r}")
 
 
-def _writer_main(path: str, inbox: Any, outbox: Any, parent_pid: int) -> None:
+def _writer_main(path: str, inbox: Any, outbox: Any, parent_pid: int, linger_s: float) -> None:
     from ctk.collect.recorder import command_names
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -64,21 +65,30 @@ def _writer_main(path: str, inbox: Any, outbox: Any, parent_pid: int) -> None:
     outbox.put(("ready",))
     errors: list[str] = []
     written = 0
+    tools: list[Any] = []  # tool calls wait (at most linger_s) to share one transaction
+
+    def write_tools() -> None:
+        nonlocal written, tools
+        if tools:
+            written += _safe(store, "tools", tools, errors)
+            tools = []
+
     try:
         while True:
             try:
-                items = [inbox.get(timeout=_POLL_S)]
+                items = [inbox.get(timeout=linger_s if tools else _POLL_S)]
             except queue.Empty:
+                write_tools()
                 if os.getppid() != parent_pid:  # the collector died: everything it sent is written
                     break
                 continue
-            while len(items) < 1000:
+            deadline = time.monotonic() + linger_s
+            while len(items) < 1000:  # gather what arrives within the linger window
                 try:
-                    items.append(inbox.get_nowait())
+                    items.append(inbox.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
             stop = False
-            tools: list[Any] = []
             for item in items:
                 if item is None:
                     stop = True
@@ -88,19 +98,19 @@ def _writer_main(path: str, inbox: Any, outbox: Any, parent_pid: int) -> None:
                     if payload.tool_name is None and payload.command_or_args:
                         payload.tool_name, payload.main_program = command_names(payload.command_or_args)
                     tools.append(payload)
-                    continue
-                if tools:
-                    written += _safe(store, "tools", tools, errors)
-                    tools = []
-                if op == "flush":
-                    outbox.put(("flushed", payload))
-                else:
+                elif op == "llm" or op == "begin":  # independent of pending tool rows: no need to wait
                     written += _safe(store, op, payload, errors)
-            if tools:
-                written += _safe(store, "tools", tools, errors)
+                elif op == "flush":
+                    write_tools()
+                    outbox.put(("flushed", payload))
+                else:  # finish: its program's rows first
+                    write_tools()
+                    written += _safe(store, op, payload, errors)
+            write_tools()
             if stop:
                 break
     finally:
+        write_tools()
         store.close()
         outbox.put(("closed", errors, written, time.process_time()))
 
@@ -120,7 +130,7 @@ class StoreWriter:
     The caller must not hold the store open for writing meanwhile (DuckDB allows one writing process).
     """
 
-    def __init__(self, path: str | Path, start_timeout_s: float = 60.0):
+    def __init__(self, path: str | Path, start_timeout_s: float = 60.0, linger_s: float = 0.25):
         self.path = Path(path)
         ctx = mp.get_context("spawn")
         self._inbox = ctx.Queue()
@@ -129,7 +139,7 @@ class StoreWriter:
             target=_writer_main,
             name="ctk-store-writer",
             daemon=False,
-            args=(str(self.path), self._inbox, self._outbox, os.getpid()),
+            args=(str(self.path), self._inbox, self._outbox, os.getpid(), linger_s),
         )
         self._proc.start()
         self.errors: list[str] = []
