@@ -189,20 +189,20 @@ def test_poisson_arrivals_and_step_limit_hint(tmp_path: Path) -> None:
             model="scripted",
             workers=3,
             arrival="poisson",
-            rate=4.0,
+            rate=1.0,
             seed=3,
             step_limit=3,
         )
-        summary = collect_swebench(opts, rows)
+        started: list[float] = []
+        summary = collect_swebench(opts, rows, on_start=lambda key: started.append(time.monotonic()))
         seen = srv.requests()
     assert summary.completed == 3 and summary.outcomes == {"LimitsExceeded": 3}
     # the step limit makes the third call the known last turn
     assert [r["vllm_xargs"].get("last_turn") for r in seen if r["program"].endswith(CALC)] == [None, None, 1]
-    pids = {r["program"] for r in seen}
-    firsts = sorted(min(r["time_unix_s"] for r in seen if r["program"] == p) for p in pids)
-    offsets = arrival_offsets(3, "poisson", 4.0, seed=3)
-    for got, want in zip(firsts, offsets, strict=True):
-        assert got - firsts[0] == pytest.approx(want, abs=0.25)
+    # programs start at the Poisson arrival times (not all at once, although 3 workers are free)
+    offsets = arrival_offsets(3, "poisson", 1.0, seed=3)
+    assert offsets[2] > 0.4
+    assert started[-1] - started[0] >= offsets[-1] - 0.2  # (exact timing: test_collect_units)
     progs = read_table(tmp_path / "p.duckdb", "programs")
     assert (progs["n_turns"] == 3).all() and (progs["outcome"] == "LimitsExceeded").all()
 

@@ -118,6 +118,16 @@ def test_arrivals_and_job_driver() -> None:
     assert not interrupted and peak[0] == 2
     assert sorted(r.key for r in results) == [str(i) for i in range(6)]
     assert [r.error for r in results if not r.ok] == ["ValueError: boom"]
+    # jobs start at their arrival offsets
+    starts: dict[str, float] = {}
+    t0 = time.monotonic()
+    run_jobs(
+        [(k, lambda: None) for k in "abc"],
+        workers=3,
+        offsets=[0.0, 0.15, 0.4],
+        on_start=lambda k: starts.setdefault(k, time.monotonic() - t0),
+    )
+    assert [starts[k] for k in "abc"] == pytest.approx([0.0, 0.15, 0.4], abs=0.1)
     stop = threading.Event()
     t0 = time.monotonic()
     threading.Timer(0.2, stop.set).start()

@@ -266,6 +266,17 @@ def _make_env(ctx: _Context, instance: dict[str, Any], program_id: str) -> tuple
     return get_environment(local_cfg), workdir
 
 
+def _preload(config: dict[str, Any]) -> None:
+    import minisweagent.agents.default  # noqa: F401
+    from minisweagent.models import get_model_class
+
+    model_cfg = config.get("model") or {}
+    try:
+        get_model_class(model_cfg.get("model_name") or "", model_cfg.get("model_class") or "")
+    except ValueError as exc:
+        raise CollectError(f"mini-swe-agent model class: {exc}") from None
+
+
 def run_program(ctx: _Context, instance: dict[str, Any], program_id: str) -> str:
     """Run one instance with mini-swe-agent; returns the agent's exit status."""
     from minisweagent.agents.default import DefaultAgent
@@ -379,6 +390,7 @@ def collect_swebench(
     workroot.mkdir(parents=True, exist_ok=True)
     if opts.traj_dir is not None:
         Path(opts.traj_dir).mkdir(parents=True, exist_ok=True)
+    _preload(config)  # heavy imports now, so that arrivals are not delayed by the first program's imports
     stop = stop or threading.Event()
     with StoreWriter(opts.db) as writer:
         ctx = _Context(opts, config, writer, run.run_id, workroot, stop, summary)
