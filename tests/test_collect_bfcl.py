@@ -93,7 +93,7 @@ def test_collect_bfcl_records_turns_and_honours_injected_latency(tmp_path: Path,
     # injected latency is honoured and marked
     assert tools["injected"].all() and (tools["provenance"] == "injected:const:0.15").all()
     durations = tools["duration_s"]
-    assert (durations >= 0.15).all() and durations.median() == pytest.approx(0.15, abs=0.01)
+    assert (durations >= 0.15).all() and durations.median() == pytest.approx(0.15, abs=0.03)
     # streamed: time to first token recorded; usage from the final chunk
     assert llm["ttft_s"].notna().all() and (llm["ttft_s"] <= llm["latency_s"]).all()
     assert (llm["prompt_tokens"] > 0).all()

@@ -130,11 +130,12 @@ def test_proxy_records_programs_and_tool_pauses(tmp_path: Path, caplog) -> None:
     # pauses between a response and the next request = the commands the agent really ran
     a_tools = tools[tools.program_id == "agent-A"].sort_values("turn_index").set_index("command_or_args")
     assert list(a_tools.index) == ["sleep 0.3", "true"]
-    assert a_tools.loc["sleep 0.3", "duration_s"] == pytest.approx(0.3, abs=0.05)
-    assert a_tools.loc["true", "duration_s"] < 0.1
+    # (lower bounds are exact; upper bounds leave room for the agent's own overhead on a loaded machine)
+    assert 0.3 <= a_tools.loc["sleep 0.3", "duration_s"] <= 0.5
+    assert a_tools.loc["true", "duration_s"] < 0.25
     b_tools = tools[tools.program_id == anon[0]]
     assert list(b_tools["command_or_args"]) == ["sleep 0.2"]
-    assert b_tools.iloc[0]["duration_s"] == pytest.approx(0.2, abs=0.05)
+    assert 0.2 <= b_tools.iloc[0]["duration_s"] <= 0.4
     assert (tools["provenance"] == "proxy:response_end_to_next_request").all()
     # never logs or stores API keys
     assert SECRET not in caplog.text
@@ -187,6 +188,6 @@ def test_proxy_in_front_of_vllm_passes_the_session_id(tmp_path: Path, tiny_model
     # both see the same pause; the engine's (its finish -> next arrival) encloses the proxy's (response
     # end -> next request), as the response leaves the engine before it reaches the proxy
     diff = merged["duration_s_serve"] - merged["duration_s"]
-    assert (diff > -0.005).all() and (diff < 0.15).all()
+    assert (diff > -0.005).all() and (diff < 0.5).all()
     llm = read_table(proxy_db, "llm_calls")
     assert len(llm) == 5 and (llm["completion_tokens"] == 8).all() and llm["ttft_s"].notna().sum() == 2

@@ -114,7 +114,7 @@ def test_collect_bundled_local_records_every_call_with_true_durations(tmp_path: 
     assert calc.loc[SLEEP, "main_program"] == "date"
     # the harness killed the hanging command after --timeout 1: a censored duration
     assert calc.loc["sleep 5", "exit_status"] == "timeout" and calc.loc["sleep 5", "censored"]
-    assert calc.loc["sleep 5", "duration_s"] == pytest.approx(1.0, abs=0.1)
+    assert 1.0 <= calc.loc["sleep 5", "duration_s"] <= 1.5
     assert not tools[tools.command_or_args != "sleep 5"]["censored"].any()
 
     # the program identity reached the endpoint on every request, with the turn index
