@@ -144,8 +144,8 @@ def test_more_pins_than_memory_all_complete_and_pins_go_before_preemption(engine
         assert sched.ctk.stats.releases.get("pressure", 0) >= 1
         assert sched.ctk.pinned_blocks <= all_blocks(sched)
         seconds = [next_turn(p, o, rng) for p, o in zip(firsts, outs, strict=True)]
-        outs2 = gen(engine_llm, seconds, [params(32, program_id=f"P{i}", last_turn=True) for i in range(8)])
-        assert all(len(o.outputs[0].token_ids) == 32 for o in outs2)
+        outs2 = gen(engine_llm, seconds, [params(12, program_id=f"P{i}", last_turn=True) for i in range(8)])
+        assert all(len(o.outputs[0].token_ids) == 12 for o in outs2)
     finally:
         del sched._preempt_request
     assert all(n == 0 for n in preempted_with_pins)
@@ -169,7 +169,7 @@ def admission_order(llm, sched, tag):
     sched.ctk.admitted = spy
     for i in (1, 2):
         prompt = {"prompt_token_ids": toks(rng, 200)}
-        eng.add_request(f"{tag}blocker-{i}", prompt, params(40, program_id=f"{tag}x{i}"))
+        eng.add_request(f"{tag}blocker-{i}", prompt, params(24, program_id=f"{tag}x{i}"))
     eng.step()  # both blockers run: the 2 slots are busy
     eng.add_request(f"{tag}new-1", {"prompt_token_ids": toks(rng, 200)}, params(1, program_id=f"{tag}new"))
     eng.add_request(f"{tag}old-2", {"prompt_token_ids": toks(rng, 200)}, params(1, program_id=f"{tag}old"))

@@ -253,9 +253,7 @@ class PolicyCore:
             prog.done = True
             return False, releases
         tool = (
-            _hint_tool(hints.tool)
-            if hints.tool
-            else detect_tool_call(ev.output_text, self.config.detectors)
+            _hint_tool(hints.tool) if hints.tool else detect_tool_call(ev.output_text, self.config.detectors)
         )
         if tool is None and hints.tool_duration_s is not None:
             tool = ToolCall("hint", None, None)  # the client says a tool runs, not which
