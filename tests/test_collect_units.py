@@ -14,11 +14,12 @@ import pytest
 from collect_fixtures import read_table, scripted_server
 
 from ctk.collect.arrival import ArrivalError, arrival_offsets, run_jobs
-from ctk.collect.recorder import ProgramRecorder, Stamp, command_names
+from ctk.collect.recorder import ProgramRecorder, Stamp
 from ctk.collect.swebench import CollectError, prepare_working_copy
 from ctk.collect.writer import StoreWriter
 from ctk.datasets.instances import InstanceError, find_repo_source, load_instances, load_local, select
 from ctk.datasets.scripted_server import Script, ScriptError
+from ctk.datasets.shell import split_command
 from ctk.store import ProgramRecord, StoreError, TraceStore
 
 
@@ -28,14 +29,16 @@ from ctk.store import ProgramRecord, StoreError, TraceStore
         ("cd /testbed && python -m pytest -q", ("cd", "python")),
         ("FOO=1 BAR=2 pytest tests/", ("FOO=1", "pytest")),
         ("timeout 30 python train.py", ("timeout", "python")),
-        ("/usr/bin/git diff > patch.txt", ("git", "git")),
+        ("/usr/bin/git diff > patch.txt", ("/usr/bin/git", "/usr/bin/git")),  # as the agent-traces data
+        ("./run.sh 1", ("./run.sh", "./run.sh")),
+        ("cd /app && . venv/bin/activate && pip install x", ("cd", "pip")),
         ("export X=1; cd a; ls -la | head", ("export", "ls")),
         ("echo 'unbalanced", ("echo", "echo")),
         ("", (None, None)),
     ],
 )
-def test_command_names(command: str, expected: tuple) -> None:
-    assert command_names(command) == expected
+def test_split_command(command: str, expected: tuple) -> None:
+    assert split_command(command) == expected
 
 
 def test_instances_local_bundled_and_errors(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ Durations come from ``time.monotonic()``; wall-clock ``*_unix_s`` stamps are sto
 from __future__ import annotations
 
 import logging
-import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,52 +21,7 @@ from ctk.store import LLMCallRecord, ProgramRecord, ToolCallRecord
 
 log = logging.getLogger(__name__)
 
-#: Leading words that do not name the program a shell command runs.
-_PREFIX_WORDS = {"cd", "export", "source", ".", "set", "env", "time", "timeout", "nohup", "sudo", "exec"}
-_SEPARATORS = {"&&", "||", ";", "|", "&"}
 MAX_COMMAND_CHARS = 2000
-
-
-def command_names(command: str | None) -> tuple[str | None, str | None]:
-    """``(tool_name, main_program)`` of a shell command.
-
-    ``tool_name`` is the first word (basename); ``main_program`` the first program after leading
-    ``cd``/``export``/``VAR=value`` segments, e.g. ``"cd /r && python -m pytest"`` -> ``("cd", "python")``.
-    """
-    if not command or not command.strip():
-        return None, None
-    try:
-        lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
-        lexer.whitespace_split = True
-        words = list(lexer)
-    except ValueError:  # unbalanced quotes: fall back to plain splitting
-        words = command.split()
-    if not words:
-        return None, None
-    tool = words[0].rsplit("/", 1)[-1]
-    main: str | None = None
-    skip_segment = False
-    expect_program = True
-    for word in words:
-        if word in _SEPARATORS:
-            skip_segment, expect_program = False, True
-            continue
-        if skip_segment or not expect_program:
-            continue
-        if "=" in word and not word.startswith("=") and word.split("=", 1)[0].isidentifier():
-            continue  # VAR=value prefix
-        name = word.rsplit("/", 1)[-1]
-        if name in ("cd", "export", "source", ".", "set"):
-            skip_segment = True
-            continue
-        if name in _PREFIX_WORDS:
-            continue  # `time python x` -> python (arguments of timeout are skipped below)
-        if name.replace(".", "").isdigit() or name.startswith("-"):
-            continue  # `timeout 30 python ...`
-        main = name
-        expect_program = False
-        break
-    return tool, main or tool
 
 
 @dataclass
@@ -165,7 +119,7 @@ class ProgramRecorder:
         turn: int | None = None,
     ) -> ToolCallRecord:
         # a named tool (function call) is its own name; a shell command is named by the writer process
-        # (command_names costs ~40 us, off the agent's path there)
+        # (split_command costs ~40 us, off the agent's path there)
         tool, main = (tool_name, tool_name) if tool_name is not None else (None, None)
         rec = ToolCallRecord(
             program_id=self.program_id,

@@ -54,7 +54,7 @@ def _apply(store: TraceStore, op: str, payload: Any) -> None:
 
 
 def _writer_main(path: str, inbox: Any, outbox: Any, parent_pid: int, linger_s: float) -> None:
-    from ctk.collect.recorder import command_names
+    from ctk.datasets.shell import split_command
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -96,7 +96,7 @@ def _writer_main(path: str, inbox: Any, outbox: Any, parent_pid: int, linger_s: 
                 op, payload = item
                 if op == "tool":
                     if payload.tool_name is None and payload.command_or_args:
-                        payload.tool_name, payload.main_program = command_names(payload.command_or_args)
+                        payload.tool_name, payload.main_program = split_command(payload.command_or_args)
                     tools.append(payload)
                 elif op == "llm" or op == "begin":  # independent of pending tool rows: no need to wait
                     written += _safe(store, op, payload, errors)
