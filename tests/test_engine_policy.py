@@ -219,6 +219,37 @@ def test_pressure_valve_releases_lowest_value_first():
     assert c.release_for_pressure(now=0.1) is None and c.pinned_blocks == 0
 
 
+def test_valve_keeps_older_programs_pins_from_newer_admissions():
+    c = core(max_pin_share=1.0)
+    for i in range(2):  # programs p0 (older) and p1 pin their caches
+        h = hints(f"p{i}")
+        c.arrived(f"r{i}", h, now=float(i))
+        c.finished(fin(f"r{i}", h, "```bash\nls\n```"), state(now=float(i)))
+    h = hints("p2")  # a newer program's first request waits for memory while others run
+    c.arrived("new", h, now=2.0)
+    assert c.release_for_pressure(now=2.1, admitting="new", engine_busy=True) is None
+    assert c.stats.valve_deferred == 1 and c.pinned_blocks > 0
+    # p0's next turn may take the younger program's pin, never an older one's
+    c.arrived("r0b", hints("p0"), now=2.2)
+    rel = c.release_for_pressure(now=2.3, admitting="r0b", engine_busy=True)
+    assert rel is not None and rel.request_id == "r1"
+    # nothing running: any pin goes, so pins never deadlock the engine
+    assert c.release_for_pressure(now=2.4, admitting="new", engine_busy=False).request_id == "r0"
+    assert c.pinned_blocks == 0
+
+
+def test_valve_lets_an_overdue_admission_take_any_pin():
+    c = core(max_pin_share=1.0)
+    h = hints("old")
+    c.arrived("r0", h, now=0.0)
+    c.finished(fin("r0", h, "```bash\nls\n```"), state(now=0.0))
+    c.arrived("late", hints("young"), now=1.0)
+    assert c.release_for_pressure(now=1.5, admitting="late", engine_busy=True) is None
+    overdue_at = 1.0 + c.order.age_bound_s
+    rel = c.release_for_pressure(now=overdue_at + 0.01, admitting="late", engine_busy=True)
+    assert rel is not None and rel.request_id == "r0"
+
+
 def test_vllm_policy_never_pins_nor_reorders():
     c = PolicyCore(ServeConfig(policy="vllm"))
     c.arrived("r1", hints())

@@ -93,6 +93,7 @@ class PolicyStats:
     releases: dict[str, int] = field(default_factory=dict)
     observations: int = 0
     ignored_metadata: int = 0
+    valve_deferred: int = 0  # admissions that waited instead of evicting an older program's pin
 
 
 class EventSink(Protocol):

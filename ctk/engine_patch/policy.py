@@ -19,7 +19,9 @@ it with explicit events and apply what it returns:
 - :meth:`PolicyCore.tick` — rule (b): expired pins are released (the adapter calls it every step and from
   an idle-engine wake-up).
 - :meth:`PolicyCore.release_for_pressure` — rule (e): called before a running request would be preempted
-  or a waiting request refused; releases the pin of lowest expected value per block, one at a time.
+  or a waiting request refused; releases the pin of lowest expected value per block, one at a time (a
+  waiting request of a newer program may not evict an older program's pin unless it is overdue or the
+  engine has nothing running).
 - :meth:`PolicyCore.order_waiting` — program-level FCFS with an age bound (:mod:`ctk.engine_patch.ordering`).
 
 Every method returns the :class:`Release` list the adapter must apply (free those requests' blocks).
@@ -374,13 +376,37 @@ class PolicyCore:
         times = [p.expires for p in self.pins.values() if p.next_request_id is None]
         return min(times) if times else None
 
-    def release_for_pressure(self, now: float | None = None) -> Release | None:
-        """Rule (e): release the pin of lowest expected value per block; None when nothing is pinned."""
+    def release_for_pressure(
+        self, now: float | None = None, admitting: str | None = None, engine_busy: bool = False
+    ) -> Release | None:
+        """Rule (e): release the pin of lowest expected value per block; None when no pin may go.
+
+        For a running request that would be preempted (``admitting`` None) every pin may go. For a waiting
+        request being admitted (``admitting`` = its id) program FCFS decides: it may take only the pins of
+        programs younger than its own, unless it is overdue (past the age bound) or the engine has nothing
+        running (``engine_busy`` False) — then any pin, so pins can never deadlock the engine. Otherwise it
+        waits: the running requests will free memory, and a newer program does not evict an older one's cache.
+        """
         if not self.pins:
             return None
         now = time.monotonic() if now is None else now
-        victim = min(self.pins.values(), key=lambda p: p.value(now))
+        candidates: Sequence[Pin] = list(self.pins.values())
+        if admitting is not None and engine_busy:
+            pend = self.requests.get(admitting)
+            overdue = pend is not None and now - pend.arrival >= self.order.age_bound_s
+            if not overdue:
+                mine = self.programs.get(pend.program_id) if pend and pend.program_id else None
+                start = mine.first_arrival if mine is not None else (pend.arrival if pend else now)
+                candidates = [p for p in candidates if self._first_arrival(p.program_id) > start]
+                if not candidates:
+                    self.stats.valve_deferred += 1
+                    return None
+        victim = min(candidates, key=lambda p: p.value(now))
         return self._release(victim, "pressure")
+
+    def _first_arrival(self, program_id: str) -> float:
+        prog = self.programs.get(program_id)
+        return prog.first_arrival if prog is not None else math.inf
 
     def release_all(self, reason: str = "shutdown") -> list[Release]:
         return [self._release(p, reason) for p in list(self.pins.values())]

@@ -18,7 +18,9 @@ Hook -> core mapping (vllm/v1/core/sched/scheduler.py, 0.32.0):
 - ``kv_cache_manager.allocate_slots`` (wrapped on the instance) -> when vLLM cannot get blocks, i.e. right
   before it would preempt a running request or refuse a waiting one, pins are released one at a time by
   :meth:`PolicyCore.release_for_pressure` (rule e, lowest expected value first) and the allocation is
-  retried. Nothing else can deadlock on pins: once no pin is left, vLLM behaves as stock.
+  retried. A waiting request being admitted may take only younger programs' pins (program FCFS) unless it
+  is overdue or nothing runs; otherwise it waits for running requests to free memory. Nothing can deadlock
+  on pins: with nothing running every pin may go, and once no pin is left vLLM behaves as stock.
 - ``_free_blocks(request)`` (the single place a finished request's blocks are freed; aborts reach it
   through ``finish_requests``) -> :meth:`PolicyCore.aborted` for aborts (rule d), otherwise
   :meth:`PolicyCore.finished`: when it pins, the request leaves ``self.requests`` as usual but its blocks
@@ -342,12 +344,18 @@ class CTKSchedulerMixin:
 
     def _ctk_allocate_slots(self, *args, **kwargs):
         blocks = self._ctk_orig_allocate(*args, **kwargs)
-        while blocks is None and self._ctk_pinned and self._ctk_valve_open():
-            rel = self.ctk.release_for_pressure()
-            if rel is None:
-                break
-            self._ctk_apply([rel])
-            blocks = self._ctk_orig_allocate(*args, **kwargs)
+        if blocks is None and self._ctk_pinned and self._ctk_valve_open():
+            request = args[0] if args else kwargs.get("request")
+            status = getattr(getattr(request, "status", None), "name", "RUNNING")
+            # A request not yet running is being admitted: program FCFS decides which pins it may take.
+            admitting = request.request_id if status != "RUNNING" else None
+            engine_busy = len(self.running) > 0
+            while blocks is None and self._ctk_pinned:
+                rel = self.ctk.release_for_pressure(admitting=admitting, engine_busy=engine_busy)
+                if rel is None:
+                    break
+                self._ctk_apply([rel])
+                blocks = self._ctk_orig_allocate(*args, **kwargs)
         return blocks
 
     def _ctk_valve_open(self) -> bool:
