@@ -27,9 +27,11 @@ endif
 	$(PY) -m pip install --quiet --no-deps "bfcl-eval==2026.3.23"
 	touch $(STAMP)
 
+# The whole loop on the bundled sample: import -> stats -> train -> serve each policy -> replay -> report.
 demo: $(STAMP)
 	$(VENV)/bin/ctk import ctk/datasets/data/agent_traces_sample --db demo-out/traces.duckdb
 	$(VENV)/bin/ctk stats --db demo-out/traces.duckdb --min-count 20
+	$(VENV)/bin/ctk demo --out demo-out
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
