@@ -195,6 +195,8 @@ class TraceStore:
         self._lock = threading.RLock()
         if read_only and not self.path.exists():
             raise StoreError(f"{self.path}: no such trace store")
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._con = duckdb.connect(str(self.path), read_only=read_only)
         except duckdb.Error as exc:

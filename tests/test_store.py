@@ -34,7 +34,7 @@ def _program(pid: str, n: int = 3) -> tuple[ProgramRecord, list[LLMCallRecord], 
 
 
 def test_add_programs_is_idempotent(tmp_path):
-    store = TraceStore(tmp_path / "t.duckdb")
+    store = TraceStore(tmp_path / "new" / "folder" / "t.duckdb")  # folders are created
     p, llm, tools = _program("a")
     assert store.add_programs([p], llm, tools) == 1
     assert store.add_programs([p], llm, tools) == 0
