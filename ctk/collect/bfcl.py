@@ -30,8 +30,8 @@ import numpy as np
 
 from ctk.collect.arrival import arrival_offsets, run_jobs
 from ctk.collect.recorder import ProgramRecorder, Stamp
-from ctk.collect.swebench import CollectError, CollectionInterrupted, CollectSummary, plan_programs, summarize
-from ctk.collect.writer import StoreWriter, open_store
+from ctk.collect.swebench import CollectError, CollectionInterrupted, CollectSummary, register_run, summarize
+from ctk.collect.writer import StoreWriter
 from ctk.store import EXCLUDED_QUALITY_FLAGS, ProgramRecord, RunRecord, TraceStore
 
 CATEGORIES = ("base", "miss_func", "miss_param", "long_context")
@@ -495,32 +495,26 @@ def collect_bfcl(
     by_pid = {f"{opts.source}/{e['id']}": e for e in entries}
     offsets = arrival_offsets(len(by_pid), opts.arrival, opts.rate, opts.seed)
     summary = CollectSummary()
-    store = open_store(opts.db)
-    try:
-        todo = plan_programs(store, list(by_pid), opts.resume, summary)
-        summary.planned = len(todo)
-        if not todo:
-            return summary
-        run = RunRecord(
-            kind="collect-bfcl",
-            source=opts.source,
-            agent="ctk-bfcl",
-            model=opts.model,
-            host=platform.node(),
-            config={
-                "base_url": opts.base_url,
-                "categories": opts.categories,
-                "workers": opts.workers,
-                "arrival": opts.arrival,
-                "rate": opts.rate,
-                "tool_latency": opts.tool_latency,
-                "max_steps": opts.max_steps,
-                "stream": opts.stream,
-            },
-        )
-        store.add_run(run)
-    finally:
-        store.close()  # the writer process owns the store from here on
+    run = RunRecord(
+        kind="collect-bfcl",
+        source=opts.source,
+        agent="ctk-bfcl",
+        model=opts.model,
+        host=platform.node(),
+        config={
+            "base_url": opts.base_url,
+            "categories": opts.categories,
+            "workers": opts.workers,
+            "arrival": opts.arrival,
+            "rate": opts.rate,
+            "tool_latency": opts.tool_latency,
+            "max_steps": opts.max_steps,
+            "stream": opts.stream,
+        },
+    )
+    todo = register_run(opts.db, list(by_pid), run, opts.resume, summary)
+    if not todo:
+        return summary
     stop = stop or threading.Event()
     limits = httpx.Limits(max_connections=max(opts.workers, 1) * 2)
     with (

@@ -129,6 +129,22 @@ def plan_programs(store: TraceStore, keys: list[str], resume: bool, summary: Col
     return todo
 
 
+def register_run(
+    db: str | Path, program_ids: list[str], run: RunRecord, resume: bool, summary: CollectSummary
+) -> list[str]:
+    """Which programs to run (``--resume`` rules) and the run's record; the store is closed again after,
+    because the writer process owns it while programs run."""
+    store = open_store(db)
+    try:
+        todo = plan_programs(store, program_ids, resume, summary)
+        summary.planned = len(todo)
+        if todo:
+            store.add_run(run)
+    finally:
+        store.close()
+    return todo
+
+
 def _git(args: list[str], cwd: Path) -> None:
     proc = subprocess.run(["git", *args], cwd=cwd, env=os.environ | _GIT_ENV, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -360,32 +376,26 @@ def collect_swebench(
         for r in range(opts.repeats):
             by_pid[program_id_for(opts.source, inst["instance_id"], r, opts.repeats)] = inst
     offsets = arrival_offsets(len(by_pid), opts.arrival, opts.rate, opts.seed)  # validate before any write
-    store = open_store(opts.db)
-    try:
-        todo = plan_programs(store, list(by_pid), opts.resume, summary)
-        summary.planned = len(todo)
-        if not todo:
-            return summary
-        run = RunRecord(
-            kind="collect-swebench",
-            source=opts.source,
-            agent="mini-swe-agent",
-            model=opts.model,
-            host=platform.node(),
-            config={
-                "env": opts.env,
-                "base_url": opts.base_url,
-                "workers": opts.workers,
-                "arrival": opts.arrival,
-                "rate": opts.rate,
-                "configs": opts.configs,
-                "step_limit": opts.step_limit,
-                "timeout": opts.timeout,
-            },
-        )
-        store.add_run(run)
-    finally:
-        store.close()  # the writer process owns the store from here on
+    run = RunRecord(
+        kind="collect-swebench",
+        source=opts.source,
+        agent="mini-swe-agent",
+        model=opts.model,
+        host=platform.node(),
+        config={
+            "env": opts.env,
+            "base_url": opts.base_url,
+            "workers": opts.workers,
+            "arrival": opts.arrival,
+            "rate": opts.rate,
+            "configs": opts.configs,
+            "step_limit": opts.step_limit,
+            "timeout": opts.timeout,
+        },
+    )
+    todo = register_run(opts.db, list(by_pid), run, opts.resume, summary)
+    if not todo:
+        return summary
     workroot = Path(opts.workdir) if opts.workdir else Path(tempfile.mkdtemp(prefix="ctk-collect-"))
     workroot.mkdir(parents=True, exist_ok=True)
     if opts.traj_dir is not None:
