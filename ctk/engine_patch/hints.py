@@ -2,8 +2,9 @@
 
 Program = vLLM's ``session_id`` (body field, ``X-Session-ID`` header, or ``vllm_xargs.session_id``), else
 ``vllm_xargs.program_id``. Other ``vllm_xargs`` keys: ``turn_index`` (int), ``last_turn`` (bool/int),
-``tool`` (str), ``tool_duration_s`` (float, oracle only). Garbage values are ignored with a warning
-(logged at most once per key and kind), never raised: bad metadata must not crash the engine.
+``tool`` (str), ``tool_duration_s`` (float, oracle only), ``kv_retention_ttl_seconds`` (float: a client's TTL
+hint, vllm-router's name for it; read by the pin rules as ``ttl_hint_s``). Garbage values are ignored with a
+warning (logged at most once per key and kind), never raised: bad metadata must not crash the engine.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class RequestHints:
     last_turn: bool = False
     tool: str | None = None
     tool_duration_s: float | None = None
+    ttl_hint_s: float | None = None  # the client's own TTL for this turn's pin (``kv_retention_ttl_seconds``)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -100,19 +102,24 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
         elif not (isinstance(raw, str)):
             _warn("tool", f"tool: expected a string, got {type(raw).__name__}", warnings)
 
-    duration = None
-    raw = xargs.get("tool_duration_s")
-    if raw is not None:
-        try:
-            if isinstance(raw, bool):
-                raise ValueError
-            d = float(raw)
-            if not math.isfinite(d) or d < 0:
-                raise ValueError
-            duration = d
-        except (TypeError, ValueError):
-            _warn(
-                "tool_duration_s", f"tool_duration_s: not a non-negative number: {str(raw)[:40]!r}", warnings
-            )
+    duration = _non_negative(xargs, "tool_duration_s", warnings)
+    ttl_hint = _non_negative(xargs, "kv_retention_ttl_seconds", warnings)
 
-    return RequestHints(program, turn, last, tool, duration, tuple(warnings))
+    return RequestHints(program, turn, last, tool, duration, ttl_hint, tuple(warnings))
+
+
+def _non_negative(xargs: Mapping[str, Any], key: str, warnings: list[str]) -> float | None:
+    """A finite number >= 0 under ``key``, else None (with a warning when present but bad)."""
+    raw = xargs.get(key)
+    if raw is None:
+        return None
+    try:
+        if isinstance(raw, bool):
+            raise ValueError
+        d = float(raw)
+        if not math.isfinite(d) or d < 0:
+            raise ValueError
+        return d
+    except (TypeError, ValueError):
+        _warn(key, f"{key}: not a non-negative number: {str(raw)[:40]!r}", warnings)
+        return None
