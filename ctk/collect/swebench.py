@@ -25,6 +25,7 @@ from ctk.collect.arrival import arrival_offsets, run_jobs
 from ctk.collect.recorder import ProgramRecorder, RecordingEnvironment, RecordingModel
 from ctk.collect.writer import StoreWriter, open_store
 from ctk.datasets.instances import ARCHIVE_SUFFIXES, find_repo_source
+from ctk.errors import CtkError
 from ctk.store import ProgramRecord, RunRecord, TraceStore
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,11 @@ _GIT_ENV = {
 }
 
 
-class CollectError(RuntimeError):
+class CollectError(CtkError, RuntimeError):
     """A collection cannot start; the message says why."""
 
 
-class CollectionInterrupted(Exception):
+class CollectionInterrupted(CtkError):
     """Raised inside a program when the collection is stopping (Ctrl-C): the program stays incomplete."""
 
 

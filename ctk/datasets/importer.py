@@ -16,7 +16,7 @@ import pandas as pd
 
 from ctk.datasets import agent_traces_csv, traj_json
 from ctk.datasets.agent_traces_csv import FormatError
-from ctk.store import RunRecord, TraceStore, records_frame
+from ctk.store import RunRecord, TraceStore, flag_impossible_durations, records_frame
 
 Format = Literal["auto", "mswea-traj", "agent-traces-csv"]
 
@@ -29,6 +29,7 @@ class ImportSummary:
     tool_calls_added: int = 0
     llm_calls_added: int = 0
     rows_skipped: int = 0
+    impossible_durations: int = 0  # negative, infinite or > 30 days: stored flagged, never used
     skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
@@ -128,6 +129,9 @@ def _add(
 ) -> None:
     ids = set(programs["program_id"])
     new = ids - store.existing_program_ids(ids)
+    if len(tools):
+        impossible = flag_impossible_durations(tools)
+        summary.impossible_durations += int((impossible & tools["program_id"].isin(new)).sum())
     added = store.add_programs(programs, llm, tools)
     summary.programs_added += added
     summary.programs_already_present += len(ids) - len(new)

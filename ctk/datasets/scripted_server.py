@@ -37,8 +37,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ctk.errors import CtkError
 
-class ScriptError(ValueError):
+
+class ScriptError(CtkError, ValueError):
     """A script file cannot be read; the message says why."""
 
 

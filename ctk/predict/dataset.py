@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from ctk.errors import CtkError
 from ctk.predict.features import PARSE_CHARS, command_keys
 
 #: Durations below this are floored (log-scale targets; sub-millisecond calls are all "instant").
@@ -26,7 +27,7 @@ CENSORED_FLAGS = ("timeout_censored",)
 EXCLUDED_FLAGS = ("implausible_lt_2ms",)
 
 
-class DataError(ValueError):
+class DataError(CtkError, ValueError):
     """The rows cannot be used (missing columns, nothing usable); the message says why."""
 
 

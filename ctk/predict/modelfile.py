@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ctk.errors import CtkError
 from ctk.predict.tables import TTLTables
 
 FORMAT_VERSION = 1
@@ -27,7 +28,7 @@ PICKLE_PROTOCOL = 4
 _PLAIN_SCALARS = (str, bytes, int, float, bool, type(None))
 
 
-class ModelFileError(Exception):
+class ModelFileError(CtkError):
     """A model file cannot be written or read; the message says which file and why."""
 
 
