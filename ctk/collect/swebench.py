@@ -71,6 +71,7 @@ class SwebenchOptions:
     keep_workdirs: bool = False
     traj_dir: Path | None = None
     send_metadata: bool = True
+    retries: int = 2  # LLM-call retries after the first attempt (mini-swe-agent's back-off: 4 s, 4 s, 8 s...)
 
 
 @dataclass
@@ -88,15 +89,26 @@ class CollectSummary:
     n_tool_calls: int = 0
 
 
+def was_stopped(res: Any) -> bool:
+    """A program that ended because the collection is stopping (Ctrl-C), not because it failed."""
+    error = res.error or ""
+    return not res.ok and ("CollectionInterrupted" in error or "interrupted" in error)
+
+
+def count_recorded(summary: CollectSummary, lock: threading.Lock, recorder: ProgramRecorder) -> None:
+    """Add a program's committed LLM and tool calls to the summary, whether it finished, failed or stopped."""
+    with lock:
+        summary.n_llm_calls += recorder.turn + 1
+        summary.n_tool_calls += recorder.n_tool_calls
+
+
 def summarize(results: list, interrupted: bool, summary: CollectSummary) -> None:
     """Fold job results into ``summary``; programs stopped by Ctrl-C count as interrupted, not failed."""
     summary.interrupted = interrupted
     for res in results:
         if res.ok:
             summary.completed += 1
-        elif (
-            interrupted and res.error and ("CollectionInterrupted" in res.error or "interrupted" in res.error)
-        ):
+        elif interrupted and was_stopped(res):
             summary.stopped += 1
         else:
             summary.failed += 1
@@ -188,6 +200,52 @@ def _quiet_minisweagent() -> None:
     os.environ.setdefault("MSWEA_SILENT_STARTUP", "1")
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     os.environ.setdefault("MSWEA_COST_TRACKING", "ignore_errors")
+
+
+def quiet_litellm() -> None:
+    """No red "Provider List" banner and no "Give Feedback" lines per call: ctk reports failures itself."""
+    import litellm
+
+    litellm.suppress_debug_info = True
+    litellm.set_verbose = False
+    logging.getLogger("LiteLLM").setLevel(logging.CRITICAL)
+
+
+def check_endpoint(base_url: str, api_key: str | None = None, timeout_s: float = 2.0) -> None:
+    """Fail in a second, in one line, when no OpenAI-compatible server answers at ``base_url`` (as
+    ``ctk replay`` and ``ctk profile`` do) instead of retrying every program's first LLM call for minutes."""
+    import httpx
+
+    url = base_url.rstrip("/") + "/models"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = httpx.get(url, headers=headers, timeout=timeout_s)
+    except httpx.InvalidURL as exc:
+        raise CollectError(f"--url {base_url!r} is not a URL ({exc})") from None
+    except httpx.HTTPError as exc:
+        raise CollectError(
+            f"{base_url}: no server answers ({type(exc).__name__}: {exc}); start one (`ctk serve`) "
+            "or fix --url"
+        ) from None
+    if r.status_code in (401, 403):
+        raise CollectError(
+            f"{base_url}: the server refuses the API key (HTTP {r.status_code}); pass --api-key"
+        )
+    if r.status_code == 404:
+        raise CollectError(f"{url}: HTTP 404, not an OpenAI-compatible API (does --url end in /v1?)")
+
+
+def check_provider(model_name: str) -> None:
+    """Without --url the model name must name a provider litellm knows (``openai/...``, ``anthropic/...``)."""
+    import litellm
+
+    try:
+        litellm.get_llm_provider(model_name)
+    except Exception:  # noqa: BLE001 - litellm raises its own BadRequestError for an unknown provider
+        raise CollectError(
+            f"model {model_name!r} names no provider litellm knows: pass --url of an OpenAI-compatible "
+            "server (e.g. http://127.0.0.1:8000/v1) or a provider model such as openai/gpt-4o-mini"
+        ) from None
 
 
 def build_config(opts: SwebenchOptions) -> dict[str, Any]:
@@ -300,6 +358,7 @@ def run_program(ctx: _Context, instance: dict[str, Any], program_id: str) -> str
     from minisweagent.models import get_model
 
     env, workdir = _make_env(ctx, instance, program_id)
+    recorder = None
     try:
         model_cfg = ctx.config.get("model") or {}
         agent_cfg = dict(ctx.config.get("agent") or {})
@@ -334,10 +393,10 @@ def run_program(ctx: _Context, instance: dict[str, Any], program_id: str) -> str
         recorder.finish(status)
         with ctx.lock:
             ctx.summary.outcomes[status] += 1
-            ctx.summary.n_llm_calls += recorder.turn + 1
-            ctx.summary.n_tool_calls += recorder.n_tool_calls
         return status
     finally:
+        if recorder is not None:
+            count_recorded(ctx.summary, ctx.lock, recorder)
         cleanup = getattr(env, "cleanup", None)
         if callable(cleanup):
             try:
@@ -370,7 +429,17 @@ def collect_swebench(
             )
     if opts.repeats < 1:
         raise CollectError("--repeats must be at least 1")
+    if opts.retries < 0:
+        raise CollectError("--retries must be at least 0")
     config = build_config(opts)
+    # mini-swe-agent's own knob for its retry loop around each LLM call (read at every call)
+    os.environ["MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT"] = str(opts.retries + 1)
+    quiet_litellm()
+    model_cfg = config.get("model") or {}
+    if opts.base_url:
+        check_endpoint(opts.base_url, opts.api_key)
+    elif "litellm" in (model_cfg.get("model_class") or "litellm"):
+        check_provider(str(model_cfg.get("model_name") or opts.model))
     summary = CollectSummary()
     by_pid: dict[str, dict[str, Any]] = {}
     for inst in instances:
