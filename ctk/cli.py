@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
+from pathlib import Path
 
-import typer
+from ctk.errors import quiet_ctrl_c_while_loading, run_cli
 
-from ctk.errors import run_cli
+if __name__ == "__main__" or Path(sys.argv[0]).name == "ctk":  # run as a program, not imported by tests
+    quiet_ctrl_c_while_loading()
+
+import typer  # noqa: E402
 
 
 def _version(value: bool) -> None:

@@ -38,8 +38,21 @@ def one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def quiet_ctrl_c_while_loading() -> None:
+    """Ctrl-C while the command modules load (pandas, duckdb: a second or two) exits 130 at once instead of
+    printing an import traceback; :func:`run_cli` restores Python's handler before the command runs."""
+    import os
+    import signal
+
+    signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_INTERRUPTED))
+
+
 def run_cli(main: Callable[[], Any]) -> None:
     """Run ``main`` (the typer app); CtkError, OSError and interrupts end in one line and an exit code."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main()
     except KeyboardInterrupt:

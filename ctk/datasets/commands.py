@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -41,6 +45,27 @@ def open_store(path: Path, read_only: bool = False) -> TraceStore:
             highlight=False,
         )
     return store
+
+
+@contextlib.contextmanager
+def _stop_on_ctrl_c() -> Iterator[threading.Event]:
+    """The first Ctrl-C asks the import to stop after the current batch (DuckDB is never interrupted
+    mid-query); a second one stops at once."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def import_cmd(
@@ -93,15 +118,17 @@ def import_cmd(
                 err_console.print(f"committed {n_programs} programs", highlight=False)
 
         try:
-            summary = import_paths(
-                store,
-                paths,
-                fmt,
-                source=source,
-                on_file=advance,  # type: ignore[arg-type]
-                batch_programs=batch_programs,
-                on_commit=committed,
-            )
+            with _stop_on_ctrl_c() as stop:
+                summary = import_paths(
+                    store,
+                    paths,
+                    fmt,
+                    source=source,
+                    on_file=advance,  # type: ignore[arg-type]
+                    batch_programs=batch_programs,
+                    on_commit=committed,
+                    should_stop=stop.is_set,
+                )
         except BaseException:
             store.close()  # every committed batch stays; the CLI entry reports Ctrl-C (exit 130)
             raise
@@ -110,7 +137,10 @@ def import_cmd(
 
     for path, reason in summary.skipped_files:
         err_console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
-    if summary.programs_added + summary.programs_already_present == 0:
+    if summary.interrupted and summary.programs_added == 0 and created:
+        for leftover in (db, db.with_name(db.name + ".wal")):
+            leftover.unlink(missing_ok=True)
+    elif summary.programs_added + summary.programs_already_present == 0 and not summary.interrupted:
         if created:  # do not leave an empty store behind for `ctk train` to stumble on
             for leftover in (db, db.with_name(db.name + ".wal")):
                 leftover.unlink(missing_ok=True)
@@ -137,6 +167,13 @@ def import_cmd(
     ]:
         table.add_row(label, str(value))
     console.print(table)
+    if summary.interrupted:
+        err_console.print(
+            f"[yellow]interrupted:[/yellow] {summary.programs_added} programs committed and kept; run the "
+            "same import again to add the rest",
+            highlight=False,
+        )
+        raise typer.Exit(130)
 
 
 def _fmt_s(x: float) -> str:

@@ -31,6 +31,7 @@ class ImportSummary:
     rows_skipped: int = 0
     impossible_durations: int = 0  # negative, infinite or > 30 days: stored flagged, never used
     skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    interrupted: bool = False  # stopped early on request (Ctrl-C); everything committed so far stays
 
 
 def discover(paths: Iterable[Path], fmt: Format = "auto") -> list[tuple[Path, str]]:
@@ -71,14 +72,22 @@ def import_paths(
     on_file: Callable[[Path], None] | None = None,
     batch_programs: int = 200,
     on_commit: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> ImportSummary:
-    """Import every file found under ``paths`` into ``store``; see the module docstring."""
+    """Import every file found under ``paths`` into ``store``; see the module docstring.
+
+    ``should_stop`` is asked between files and batches: when it says yes, what is parsed is committed and
+    the import returns with ``interrupted`` set (a re-run adds the rest).
+    """
     summary = ImportSummary()
     files = discover(paths, fmt)
     run = RunRecord(kind="import", source=source, config={"paths": [str(p) for p in paths], "format": fmt})
     store.add_run(run)
     traj_batch: list[tuple] = []
     for path, kind in files:
+        if should_stop and should_stop():
+            summary.interrupted = True
+            break
         if on_file:
             on_file(path)
         if kind in ("missing", "unknown"):
@@ -92,6 +101,9 @@ def import_paths(
                 summary.rows_skipped += frames.skipped_rows
                 frames.programs["run_id"] = run.run_id
                 for batch in frames.split(batch_programs):
+                    if should_stop and should_stop():
+                        summary.interrupted = True
+                        break
                     _add(store, summary, batch.programs, batch.llm_calls, batch.tool_calls, on_commit)
             else:
                 program, llm, tools = traj_json.read_trajectory(path, source=source)

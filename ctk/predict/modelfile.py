@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ctk.errors import CtkError
+from ctk.files import respect_umask
 from ctk.predict.tables import TTLTables
 
 FORMAT_VERSION = 1
@@ -82,6 +83,7 @@ def save_model(model: dict, path: str | Path) -> Path:
         try:
             with os.fdopen(fd, "wb") as fh:
                 pickle.dump(plain, fh, protocol=PICKLE_PROTOCOL)
+            respect_umask(tmp)  # mkstemp makes it 0600: other accounts could not load the model
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
