@@ -1,6 +1,6 @@
 """``ctk proxy``: an OpenAI-compatible recording proxy for agents ctk does not drive.
 
-Every ``/v1/chat/completions`` and ``/v1/completions`` request is forwarded to ``--upstream`` (streaming
+Every ``/v1/chat/completions`` and ``/v1/completions`` request is forwarded to ``--url`` (streaming
 responses are passed through chunk by chunk) and recorded as an LLM call: send, first token (streaming),
 finish, token usage, finish reason. Other paths (``/v1/models``, ...) are forwarded unrecorded.
 

@@ -280,7 +280,92 @@ def create_app(script: Script, *, latency_s: float = 0.0, model_name: str = "scr
         chunks = _stream_chunks(rid, created, model, message, finish, usage if include_usage else None)
         return StreamingResponse(chunks, media_type="text/event-stream")
 
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        """Plain completions (what ``ctk replay`` sends): ``max_tokens`` filler tokens, no script."""
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            return JSONResponse({"error": {"message": "body is not JSON", "type": "invalid_request"}}, 400)
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(prompt, str | list):
+            return JSONResponse(
+                {"error": {"message": "'prompt' must be a string or token ids", "type": "invalid_request"}},
+                400,
+            )
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        app.state.log.add(
+            {
+                "time_unix_s": time.time(),
+                "program": program_of(headers, body),
+                "header_session_id": headers.get("x-session-id"),
+                "body_session_id": body.get("session_id"),
+                "vllm_xargs": body.get("vllm_xargs"),
+                "n_messages": 0,
+                "stream": bool(body.get("stream")),
+            }
+        )
+        if latency_s > 0:
+            await asyncio.sleep(latency_s)
+        n_out = max(0, min(int(body.get("max_tokens") or 16), 4096))
+        n_in = len(prompt) if isinstance(prompt, list) else _approx_tokens(prompt)
+        usage = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+        rid, created = f"cmpl-{uuid.uuid4().hex[:16]}", int(time.time())
+        model = body.get("model") or model_name
+        ids = body.get("return_token_ids") is True
+        if not body.get("stream"):
+            choice = {"index": 0, "text": " x" * n_out, "finish_reason": "length"}
+            if ids:
+                choice["token_ids"] = [FILLER_TOKEN_ID] * n_out
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [choice],
+                "usage": usage,
+            }
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        chunks = _completion_chunks(rid, created, model, n_out, ids, usage if include_usage else None)
+        return StreamingResponse(chunks, media_type="text/event-stream")
+
     return app
+
+
+#: The token id the scripted server's plain completions are made of.
+FILLER_TOKEN_ID = 1
+
+
+def _completion_chunks(
+    rid: str, created: int, model: str, n_out: int, ids: bool, usage: dict[str, Any] | None
+) -> Iterator[str]:
+    for i in range(n_out):
+        choice: dict[str, Any] = {
+            "index": 0,
+            "text": " x",
+            "finish_reason": "length" if i == n_out - 1 else None,
+        }
+        if ids:
+            choice["token_ids"] = [FILLER_TOKEN_ID]
+        event = {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+        }
+        yield "data: " + json.dumps(event) + "\n\n"
+    if usage is not None:
+        event = {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": usage,
+        }
+        yield "data: " + json.dumps(event) + "\n\n"
+    yield "data: [DONE]\n\n"
 
 
 def _stream_chunks(
