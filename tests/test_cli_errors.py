@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import typer
+from engine_fixtures import tiny_model_dir  # noqa: F401 - session fixture
 
 import ctk
 from ctk.cli import app, main
@@ -138,3 +139,35 @@ def test_one_name_for_one_idea(path, option) -> None:
         cmd = cmd.commands[part]  # type: ignore[attr-defined]
     opts = {o for p in cmd.params for o in p.opts}
     assert option in opts, (path, sorted(opts))
+
+
+def test_replay_runs_against_the_scripted_server(monkeypatch, capsys, tmp_path) -> None:
+    from ctk.datasets.importer import import_paths
+    from ctk.datasets.samples import sample_traces_dir
+    from ctk.datasets.scripted_server import BackgroundServer, Script, create_app
+    from ctk.measure.results import load_results
+    from ctk.store import TraceStore
+
+    db = tmp_path / "t.duckdb"
+    with TraceStore(db) as store:
+        import_paths(store, [sample_traces_dir() / "tool_calls.csv.gz"])
+    app_ = create_app(Script.from_dict({"default": [{"content": "done"}]}))
+    with BackgroundServer(app_) as url:
+        code, out = _run(
+            monkeypatch, capsys, "replay", "--db", db, "--url", url, "-n", "2", "--time-scale", "0",
+            "--max-turns", "3", "--no-progress", "-o", tmp_path / "r.json",
+        )
+        seen = app_.state.log.snapshot()
+    assert code == 0, out
+    [result] = load_results(tmp_path / "r.json")
+    turns = [t for p in result.programs for t in p.turns]
+    assert len(result.programs) == 2 and turns and not [t.error for t in turns if t.error]
+    assert len(seen) == len(turns) and all(t.completion_tokens for t in turns)
+
+
+def test_tiny_model_files_respect_the_umask(tiny_model_dir) -> None:  # noqa: F811
+    from ctk.files import new_file_mode
+
+    files = [p for p in tiny_model_dir.iterdir() if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: new_file_mode() for p in files}
