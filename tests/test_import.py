@@ -271,6 +271,17 @@ def test_impossible_durations_are_flagged_and_never_used(tmp_path):
     assert js[0]["p99_s"] < 5
 
 
+def test_stats_shows_a_missing_main_program_as_a_dash(tmp_path):
+    csv = tmp_path / "tool_calls.csv"
+    csv.write_text("source,program_id,turn_index,tool_name,main_program,command_or_args,duration_s\n"
+                   "s,p0,0,bash,,,1.0\ns,p0,1,bash,ls,ls,2.0\n")
+    db = tmp_path / "t.duckdb"
+    _ctk("import", csv, "--db", db)
+    out = _ctk("stats", "--db", db).stdout
+    assert "nan" not in out and "None" not in out
+    assert any(line.split("│")[2].strip() == "-" for line in out.splitlines() if line.count("│") > 3)
+
+
 def test_export_to_an_unwritable_path_is_one_line(tmp_path):
     db = tmp_path / "t.duckdb"
     _ctk("import", sample_traces_dir(), "--db", db)

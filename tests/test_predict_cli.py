@@ -173,6 +173,8 @@ def test_train_histogram_and_running_mean(predict_sample_store, tmp_path):  # no
         out = tmp_path / f"{kind}.pkl"
         r = _run("train", "--db", predict_sample_store, "--predictor", kind, "-o", out)
         assert r.exit_code == 0, r.output
+        # piped output (no progress bar) still says what it is doing, step by step
+        assert "held-out evaluation ..." in r.output and "fit on all rows ..." in r.output
         t = load_ttl_tables(out)
         if kind == "running-mean":  # the public rule: 2 s or nothing, whatever context or pressure
             vals = {x for rows in t.ttl_s.values() for row in rows for x in row}
