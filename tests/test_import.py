@@ -134,6 +134,16 @@ def _synthetic_csv(path, n_programs: int, calls: int) -> pd.DataFrame:
     return df
 
 
+def _signal_after_commits(proc: subprocess.Popen, sig: int, n: int) -> None:
+    """Send ``sig`` to a ``ctk import -v`` once it has reported ``n`` committed batches."""
+    commits = 0
+    for line in proc.stderr:
+        commits += line.startswith("committed")
+        if commits >= n:
+            proc.send_signal(sig)
+            return
+
+
 def test_killed_import_keeps_every_committed_program(tmp_path):
     src = tmp_path / "csv"
     src.mkdir()
@@ -156,12 +166,7 @@ def test_killed_import_keeps_every_committed_program(tmp_path):
         stdout=subprocess.DEVNULL,
         text=True,
     )
-    commits = 0
-    for line in proc.stderr:
-        commits += line.startswith("committed")
-        if commits >= 3:
-            proc.send_signal(signal.SIGKILL)
-            break
+    _signal_after_commits(proc, signal.SIGKILL, 3)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the import finished before it could be killed"
 
@@ -299,12 +304,7 @@ def test_ctrl_c_during_import_exits_130_and_keeps_committed_programs(tmp_path):
     db = tmp_path / "t.duckdb"
     args = [sys.executable, "-m", "ctk.cli", "import", src, "--db", db, "--batch-programs", "20", "-v"]
     proc = subprocess.Popen([*map(str, args)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    commits = 0
-    for line in proc.stderr:
-        commits += line.startswith("committed")
-        if commits >= 3:
-            proc.send_signal(signal.SIGINT)
-            break
+    _signal_after_commits(proc, signal.SIGINT, 3)
     rest = proc.stderr.read()
     proc.wait(timeout=60)
     assert proc.returncode == 130, rest

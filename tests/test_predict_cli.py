@@ -116,7 +116,7 @@ def test_evaluate_without_model(predict_sample_store, tmp_path):  # noqa: F811
         tmp_path / "plots",
     )
     assert r.exit_code == 0, r.output
-    res = json.loads(r.output)
+    res = json.loads(r.stdout)  # steps go to stderr, JSON alone to stdout
     assert res["split"] == "3-fold by program"
     assert len(res["leave_one_source_out"]) == 3
     assert (tmp_path / "plots" / "calibration.png").exists()
@@ -267,4 +267,4 @@ def test_evaluation_never_claims_more_folds_than_programs(tmp_path):
     csv.write_text("\n".join(rows) + "\n")
     r = _run("evaluate", "--db", csv, "--predictors", "running-mean", "--folds", "5", "--json", "--no-loso")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output[r.output.index("{"):])["split"] == "3-fold by program"
+    assert json.loads(r.stdout)["split"] == "3-fold by program"

@@ -31,6 +31,7 @@ class ImportSummary:
     rows_skipped: int = 0
     impossible_durations: int = 0  # negative, infinite or > 30 days: stored flagged, never used
     skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    run_id: str | None = None  # the import's run record, written with the first batch (none: nothing read)
     interrupted: bool = False  # stopped early on request (Ctrl-C); everything committed so far stays
 
 
@@ -82,7 +83,6 @@ def import_paths(
     summary = ImportSummary()
     files = discover(paths, fmt)
     run = RunRecord(kind="import", source=source, config={"paths": [str(p) for p in paths], "format": fmt})
-    store.add_run(run)
     traj_batch: list[tuple] = []
     for path, kind in files:
         if should_stop and should_stop():
@@ -104,41 +104,48 @@ def import_paths(
                     if should_stop and should_stop():
                         summary.interrupted = True
                         break
-                    _add(store, summary, batch.programs, batch.llm_calls, batch.tool_calls, on_commit)
+                    _add(store, summary, run, batch.programs, batch.llm_calls, batch.tool_calls, on_commit)
             else:
                 program, llm, tools = traj_json.read_trajectory(path, source=source)
                 program.run_id = run.run_id
                 traj_batch.append((program, llm, tools))
                 if len(traj_batch) >= batch_programs:
-                    _flush_trajectories(store, summary, traj_batch, on_commit)
+                    _flush_trajectories(store, summary, run, traj_batch, on_commit)
         except FormatError as exc:
             summary.skipped_files.append((str(path), str(exc).removeprefix(f"{path}: ")))
         except OSError as exc:
             summary.skipped_files.append((str(path), f"cannot read: {exc.strerror or exc}"))
-    _flush_trajectories(store, summary, traj_batch, on_commit)
+    _flush_trajectories(store, summary, run, traj_batch, on_commit)
     return summary
 
 
 def _flush_trajectories(
-    store: TraceStore, summary: ImportSummary, batch: list[tuple], on_commit: Callable[[int], None] | None
+    store: TraceStore,
+    summary: ImportSummary,
+    run: RunRecord,
+    batch: list[tuple],
+    on_commit: Callable[[int], None] | None,
 ) -> None:
     if not batch:
         return
     programs = records_frame([b[0] for b in batch], "programs")
     llm = records_frame([c for b in batch for c in b[1]], "llm_calls")
     tools = records_frame([c for b in batch for c in b[2]], "tool_calls")
-    _add(store, summary, programs, llm, tools, on_commit)
+    _add(store, summary, run, programs, llm, tools, on_commit)
     batch.clear()
 
 
 def _add(
     store: TraceStore,
     summary: ImportSummary,
+    run: RunRecord,
     programs: pd.DataFrame,
     llm: pd.DataFrame,
     tools: pd.DataFrame,
     on_commit: Callable[[int], None] | None = None,
 ) -> None:
+    if summary.run_id is None:
+        summary.run_id = store.add_run(run)
     ids = set(programs["program_id"])
     new = ids - store.existing_program_ids(ids)
     if len(tools):

@@ -233,27 +233,10 @@ def create_app(script: Script, *, latency_s: float = 0.0, model_name: str = "scr
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        try:
-            body = await request.json()
-        except json.JSONDecodeError:
-            return JSONResponse({"error": {"message": "body is not JSON", "type": "invalid_request"}}, 400)
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            return JSONResponse(
-                {"error": {"message": "'messages' must be a list", "type": "invalid_request"}}, 400
-            )
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        program = program_of(headers, body)
-        app.state.log.add(
-            {
-                "time_unix_s": time.time(),
-                "program": program,
-                "header_session_id": headers.get("x-session-id"),
-                "body_session_id": body.get("session_id"),
-                "vllm_xargs": body.get("vllm_xargs"),
-                "n_messages": len(body["messages"]),
-                "stream": bool(body.get("stream")),
-            }
-        )
+        body = await _json_object(request)
+        if body is None or not isinstance(body.get("messages"), list):
+            return _invalid("'messages' must be a list")
+        program = _log_request(app.state.log, request, body)
         message, delay = build_reply(script, program, body)
         if delay + latency_s > 0:
             await asyncio.sleep(delay + latency_s)
@@ -283,28 +266,11 @@ def create_app(script: Script, *, latency_s: float = 0.0, model_name: str = "scr
     @app.post("/v1/completions")
     async def completions(request: Request):
         """Plain completions (what ``ctk replay`` sends): ``max_tokens`` filler tokens, no script."""
-        try:
-            body = await request.json()
-        except json.JSONDecodeError:
-            return JSONResponse({"error": {"message": "body is not JSON", "type": "invalid_request"}}, 400)
-        prompt = body.get("prompt") if isinstance(body, dict) else None
+        body = await _json_object(request)
+        prompt = body.get("prompt") if body is not None else None
         if not isinstance(prompt, str | list):
-            return JSONResponse(
-                {"error": {"message": "'prompt' must be a string or token ids", "type": "invalid_request"}},
-                400,
-            )
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        app.state.log.add(
-            {
-                "time_unix_s": time.time(),
-                "program": program_of(headers, body),
-                "header_session_id": headers.get("x-session-id"),
-                "body_session_id": body.get("session_id"),
-                "vllm_xargs": body.get("vllm_xargs"),
-                "n_messages": 0,
-                "stream": bool(body.get("stream")),
-            }
-        )
+            return _invalid("'prompt' must be a string or token ids")
+        _log_request(app.state.log, request, body)
         if latency_s > 0:
             await asyncio.sleep(latency_s)
         n_out = max(0, min(int(body.get("max_tokens") or 16), 4096))
@@ -330,6 +296,37 @@ def create_app(script: Script, *, latency_s: float = 0.0, model_name: str = "scr
         return StreamingResponse(chunks, media_type="text/event-stream")
 
     return app
+
+
+async def _json_object(request: Request) -> dict[str, Any] | None:
+    """The request body if it is a JSON object, else None."""
+    try:
+        body = await request.json()
+    except json.JSONDecodeError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _invalid(message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "invalid_request"}}, 400)
+
+
+def _log_request(log: RequestLog, request: Request, body: dict[str, Any]) -> str | None:
+    """Note what the request carried (for tests); returns its program identity."""
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    program = program_of(headers, body)
+    log.add(
+        {
+            "time_unix_s": time.time(),
+            "program": program,
+            "header_session_id": headers.get("x-session-id"),
+            "body_session_id": body.get("session_id"),
+            "vllm_xargs": body.get("vllm_xargs"),
+            "n_messages": len(body.get("messages") or []),
+            "stream": bool(body.get("stream")),
+        }
+    )
+    return program
 
 
 #: The token id the scripted server's plain completions are made of.
