@@ -119,7 +119,7 @@ def swebench(
     step_limit: int = typer.Option(None, "--step-limit", help="max LLM calls per program", min=1),
     timeout: int = typer.Option(None, "--timeout", help="seconds per tool call before it is killed", min=1),
     retries: int = typer.Option(
-        2, "--retries", help="retries of a failed LLM call (back-off 4 s, 4 s, 8 s, ...)", min=0
+        None, "--retries", help="retries of a failed LLM call, 4 s, 4 s, 8 s, ... apart [default: 2]", min=0
     ),
     workers: int = typer.Option(1, "--workers", "-w", help="programs run concurrently", min=1),
     arrival: str = typer.Option("fixed", "--arrival", help="fixed (concurrency = workers) or poisson"),

@@ -31,6 +31,8 @@ from ctk.store import ProgramRecord, RunRecord, TraceStore
 log = logging.getLogger(__name__)
 
 ENVIRONMENTS = ("local", "docker")
+DEFAULT_RETRIES = 2
+_RETRY_KNOB = "MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT"  # mini-swe-agent reads it at every LLM call
 _GIT_ENV = {
     "GIT_AUTHOR_NAME": "ctk",
     "GIT_AUTHOR_EMAIL": "ctk@localhost",
@@ -71,7 +73,9 @@ class SwebenchOptions:
     keep_workdirs: bool = False
     traj_dir: Path | None = None
     send_metadata: bool = True
-    retries: int = 2  # LLM-call retries after the first attempt (mini-swe-agent's back-off: 4 s, 4 s, 8 s...)
+    # LLM-call retries after the first attempt (mini-swe-agent's back-off: 4 s, 4 s, 8 s, ...); None: its
+    # MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT if set, else DEFAULT_RETRIES (mini-swe-agent's own default is 9)
+    retries: int | None = None
 
 
 @dataclass
@@ -429,11 +433,13 @@ def collect_swebench(
             )
     if opts.repeats < 1:
         raise CollectError("--repeats must be at least 1")
-    if opts.retries < 0:
+    if opts.retries is not None and opts.retries < 0:
         raise CollectError("--retries must be at least 0")
     config = build_config(opts)
-    # mini-swe-agent's own knob for its retry loop around each LLM call (read at every call)
-    os.environ["MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT"] = str(opts.retries + 1)
+    if opts.retries is not None:
+        os.environ[_RETRY_KNOB] = str(opts.retries + 1)
+    else:
+        os.environ.setdefault(_RETRY_KNOB, str(DEFAULT_RETRIES + 1))
     quiet_litellm()
     model_cfg = config.get("model") or {}
     if opts.base_url:
