@@ -171,3 +171,10 @@ def test_tiny_model_files_respect_the_umask(tiny_model_dir) -> None:  # noqa: F8
     files = [p for p in tiny_model_dir.iterdir() if p.is_file()]
     assert any(p.suffix == ".safetensors" for p in files)
     assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: new_file_mode() for p in files}
+
+
+def test_bfcl_checks_the_endpoint_before_the_first_program(monkeypatch, capsys, tmp_path) -> None:
+    code, out = _run(monkeypatch, capsys, "collect", "bfcl", "--db", tmp_path / "b.duckdb",
+                     "--url", "http://127.0.0.1:1/v1", "--slice", "0:1")
+    assert code == 2 and "no server answers" in out and "Traceback" not in out, out
+    assert not (tmp_path / "b.duckdb").exists()
