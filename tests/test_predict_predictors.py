@@ -78,7 +78,7 @@ def test_running_mean_is_the_2s_rule(split):
     q = rm.predict_quantiles(test)
     assert (q == q[:, :1]).all()  # a point prediction at every level
     ttl, hit = rm.choose_ttls(test, q, np.ones(len(test)), np.full(len(test), 1e-9))
-    means = test["tool"].map(rm.means).fillna(rm.means["*"]).to_numpy()
+    means = test["tool"].map(rm.means_).fillna(rm.means_["*"]).to_numpy()
     assert ((ttl == CONTINUUM_PIN_S) == (means <= CONTINUUM_PIN_S)).all()
     assert set(np.unique(ttl)) <= {0.0, CONTINUUM_PIN_S}
 
@@ -96,11 +96,11 @@ def test_histogram_backs_off_to_coarser_keys():
         )
     )[0]
     q = h.predict_quantiles(rare)
-    assert "git:bisect" not in h.table and "git" in h.table
-    assert q[0].tolist() == h.table["git"]  # unseen sub-command -> its program's distribution
-    assert q[1].tolist() == h.table["*"]  # unseen program -> global
+    assert "git:bisect" not in h.table_ and "git" in h.table_
+    assert q[0].tolist() == h.table_["git"]  # unseen sub-command -> its program's distribution
+    assert q[1].tolist() == h.table_["*"]  # unseen program -> global
     frame2 = frame.copy()
-    assert h.predict_quantiles(frame2[frame2["key0"] == "git:status"])[0].tolist() == h.table["git:status"]
+    assert h.predict_quantiles(frame2[frame2["key0"] == "git:status"])[0].tolist() == h.table_["git:status"]
 
 
 def test_histogram_treats_timeouts_as_censored(split):
@@ -109,7 +109,7 @@ def test_histogram_treats_timeouts_as_censored(split):
     assert pip["censored"].any()
     h = HistogramPredictor(LEVELS).fit(train)
     naive = HistogramPredictor(LEVELS).fit(train.assign(censored=False))
-    hq, nq = h.table["pip:install"], naive.table["pip:install"]
+    hq, nq = h.table_["pip:install"], naive.table_["pip:install"]
     assert all(a >= b for a, b in zip(hq, nq, strict=True)) and hq[-1] > nq[-1]
     assert hq[-1] > TIMEOUT_S  # the top quantile lies past the harness timeout
 
@@ -119,7 +119,7 @@ def test_lightgbm_quantiles_do_not_cross_and_are_calibrated(split, lgbm):
     q = lgbm.predict_quantiles(test)
     assert q.shape == (len(test), len(LEVELS))
     assert (np.diff(q, axis=1) >= 0).all()
-    assert lgbm.cal_rows > 0 and any(s != 0 for s in lgbm.shifts)
+    assert lgbm.cal_rows_ > 0 and any(s != 0 for s in lgbm.shifts_)
     cov = (test["y"].to_numpy()[:, None] <= q).mean(axis=0)
     assert 0.83 <= cov[LEVELS.index(0.9)] <= 0.96, cov
     assert 0.42 <= cov[LEVELS.index(0.5)] <= 0.58, cov
