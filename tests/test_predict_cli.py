@@ -117,7 +117,7 @@ def test_evaluate_without_model(predict_sample_store, tmp_path):  # noqa: F811
     )
     assert r.exit_code == 0, r.output
     res = json.loads(r.output)
-    assert res["split"] == "3-fold by program"
+    assert res["split"] == "3-fold by task group"
     assert len(res["leave_one_source_out"]) == 3
     assert (tmp_path / "plots" / "calibration.png").exists()
 
