@@ -171,3 +171,57 @@ def shift_durations(frame: pd.DataFrame, add_s: float) -> pd.DataFrame:
     out["duration_s"] = out["duration_s"] + add_s
     out["y"] = out["y"] + add_s
     return out
+
+
+# -- the CLI's entry points (``ctk predict --online``, ``ctk evaluate --online``) ----------------------------
+
+
+def online_predictions(rows: pd.DataFrame, tables: TTLTables, pressure: float) -> tuple[pd.DataFrame, int]:
+    """``ctk predict --online``: featurize ``rows``, order them by start time, replay. ``(out, skipped)``."""
+    from ctk.predict.dataset import prepare_frame
+
+    frame, skipped = prepare_frame(rows)
+    frame, no_start = order_by_start(frame)
+    if frame.empty:
+        raise DataError("no call has a start time and a duration to replay")
+    return online_decisions(frame, tables, pressure), skipped + no_start
+
+
+def evaluate_online(rows: pd.DataFrame, model: dict, name: str = "model") -> dict:
+    """``ctk evaluate --online``: the model's offline prediction vs the prequential online replay."""
+    from ctk.predict.dataset import prepare_frame
+    from ctk.predict.train import model_tables, predictors_from_model
+
+    frame, skipped = prepare_frame(rows)
+    frame, no_start = order_by_start(frame)
+    if frame.empty:
+        raise DataError("no call has a start time and a duration to replay")
+    fitted = predictors_from_model(model, name)
+    primary = model.get("predictor")
+    offline = fitted[primary].predict_quantiles(frame)
+    out = online_report(frame, offline, model_tables(model, name))
+    out.update({"model": name, "predictor": primary, "skipped_rows": skipped + no_start})
+    return out
+
+
+def render_online(result: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    t = Table(
+        title=f"Prequential replay of {result['calls']} calls in start order ({result['model']}, "
+        f"{result['predictor']}): each predicted from the model + calls finished before it started"
+    )
+    t.add_column("prediction")
+    for c in ("pinball q0.5,q0.9", "cov q0.9", f"pinball after {result['warmup_calls']}", "cov q0.9 after"):
+        t.add_column(c, justify="right")
+    for name, v in result["variants"].items():
+        t.add_row(
+            name,
+            f"{v['pinball_mean']:.3f}",
+            f"{v['coverage_0.9']:.3f}",
+            f"{v['pinball_mean_after_warmup']:.3f}",
+            f"{v['coverage_0.9_after_warmup']:.3f}",
+        )
+    console.print(t)
