@@ -15,8 +15,8 @@ program's turn k+1). Two mechanisms adapt the tables to the deployment, both dri
    level carries a shift in log-seconds, moved after every call by ``learning_rate * (miss - (1 - level))``
    (a miss: the duration exceeded that level's quantile in use), so the share of calls under each quantile
    converges to its level whatever the shift of the deployment (``docker exec`` overhead, a slower disk).
-   Per key once it has ``min_samples`` calls, else a global shift learned from every call; keys without their
-   own rows are refreshed with the global shift when it has moved by ``refresh_log_step``.
+   Per key once it has ``min_samples`` calls, else a global shift learned from every call against the model
+   file's own prediction; keys without calls are refreshed with it when it has moved by ``refresh_log_step``.
 
 A key's quantiles are ``base * exp(shift)`` and go through :meth:`TTLTables.recompute`, so the key gets (or
 refreshes) its own rows, read by the engine from ``tables.quantiles_s[key]`` / :meth:`TTLTables.lookup`.
@@ -217,12 +217,12 @@ class OnlineDurations:
         return refreshed
 
     def _calibrate(self, keys: Sequence[str], duration_s: float) -> None:
-        """Update the global calibrator and each chain key's against the base the call was predicted from
-        (before this call is learned)."""
-        lk = self.lookup_key(keys)
-        base = self._base_of(lk) if lk is not None else None
-        if base is not None:
-            self.global_cal.update(base, duration_s)
+        """Update the calibrators before this call is learned: the global one against the model file's own
+        prediction for the call (how far this deployment is from the model: the shift for keys that have no
+        calls yet), each chain key's against the base its row holds now."""
+        exported = next((self._exported[k][0] for k in keys if k in self._exported), None)
+        if exported is not None:
+            self.global_cal.update(exported, duration_s)
         for i, k in enumerate(keys):
             own = self._base_of(k)
             if own is None:
@@ -249,6 +249,8 @@ class OnlineDurations:
             self.tables.recompute(key, q, n_prior + st.n_total)
         except ValueError:
             return None
+        if key not in self._base and key in self.key_cal:  # its own data now: start its shift afresh
+            self.key_cal[key].shifts = [0.0] * len(base)
         self._base[key] = base
         st.last_recompute = now
         self.recomputes += 1
