@@ -185,3 +185,68 @@ def test_vectorized_ttls_match_choose_ttl():
     np.testing.assert_array_equal(ttl, ref[:, 0])
     np.testing.assert_array_equal(hit, ref[:, 1])
     assert 0 < (ttl > 0).mean() < 1
+
+
+@pytest.mark.parametrize("cls", [RunningMeanPredictor, HistogramPredictor, LightGBMPredictor])
+def test_predictors_follow_estimator_conventions(split, cls):
+    """Parameters in __init__ and unchanged by fit (num_threads stays auto), learned state ends with _."""
+    from sklearn.base import clone
+
+    p = cls(LEVELS) if cls is not LightGBMPredictor else cls(LEVELS, n_estimators=5)
+    params = p.get_params()
+    p.fit(split[0])
+    assert p.get_params() == params
+    assert clone(p).get_params() == params
+    learned = [k for k in vars(p) if k.endswith("_") and not k.startswith("_")]
+    assert learned and not any(k in params for k in learned)
+    if cls is LightGBMPredictor:
+        assert p.num_threads == -1 and p.to_dict()["params"]["num_threads"] == -1
+
+
+def _rows(source: str, n_programs: int, command: str, median_s: float, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {
+            "program_id": [f"{source}-{i // 4}" for i in range(4 * n_programs)],
+            "turn_index": [i % 4 for i in range(4 * n_programs)],
+            "source": source,
+            "command_or_args": command,
+            "duration_s": rng.lognormal(np.log(median_s), 0.3, 4 * n_programs),
+        }
+    )
+
+
+def test_histogram_keeps_sources_apart():
+    """A terminal source's python scripts never take their tail from another source's hour-long training
+    runs; a source with few calls of a key borrows from a similar source, not from a dissimilar one."""
+    rows = pd.concat(
+        [
+            _rows("term", 50, "python3 sol.py", 0.3, 1),
+            _rows("term", 50, "ls -la", 0.02, 2),
+            _rows("mle", 10, "python train.py", 3000.0, 3),
+            _rows("mle", 10, "ls -la", 0.5, 4),
+            _rows("term2", 30, "ls -la", 0.021, 5),
+            _rows("term2", 1, "python3 x.py", 0.35, 6),
+        ],
+        ignore_index=True,
+    )
+    frame, _ = prepare_frame(rows)
+    h = HistogramPredictor(LEVELS).fit(frame)
+    assert h.similarity_["term2"]["term"] > 0.8 > 0.1 > h.similarity_["term2"]["mle"]
+    q9 = LEVELS.index(0.9)
+
+    def q(source: str, command: str) -> np.ndarray:
+        one, _ = prepare_frame(
+            pd.DataFrame(
+                {"program_id": ["x"], "source": [source], "command_or_args": [command], "duration_s": [1.0]}
+            )
+        )
+        return h.predict_quantiles(one)[0]
+
+    assert q("term", "python3 a.py")[q9] < 1.0  # own source: 0.3 s scripts
+    assert q("mle", "python a.py")[q9] > 1000.0
+    assert q("term2", "python3 a.py")[q9] < 1.0  # 4 own calls + the similar terminal source, not mle
+    pooled = q("unknown-source", "python3 a.py")[q9]
+    assert pooled > 1000.0  # no source known: the pooled key (the engine's tables; online adapts them)
+    back = predictor_from_dict(h.to_dict())
+    np.testing.assert_allclose(back.predict_quantiles(frame), h.predict_quantiles(frame))
