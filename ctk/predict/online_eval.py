@@ -33,6 +33,7 @@ class OnlineConfig:
     window: int = 256
     min_interval_s: float = 0.5
     calibrate: bool = True
+    learning_rate: float = 0.05
 
 
 def start_times(frame: pd.DataFrame) -> pd.Series:
@@ -67,7 +68,13 @@ def replay(
     given) the table's decision then. ``tables`` is adapted in place (pass a copy to keep the model's)."""
     cfg = config or OnlineConfig()
     online = OnlineDurations(
-        tables, cfg.min_samples, cfg.prior_weight, cfg.window, cfg.min_interval_s, calibrate=cfg.calibrate
+        tables,
+        cfg.min_samples,
+        cfg.prior_weight,
+        cfg.window,
+        cfg.min_interval_s,
+        calibrate=cfg.calibrate,
+        learning_rate=cfg.learning_rate,
     )
     starts = frame["start_s"].to_numpy(dtype=float)
     durations = frame["duration_s"].to_numpy(dtype=float)
