@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ctk.datasets.shell import PROGRAM_KEY
 from ctk.predict.cost import CostModel
 from ctk.predict.dataset import DataError, prepare_frame, program_fold
 from ctk.predict.evaluate import pinball
@@ -98,7 +99,7 @@ def test_histogram_backs_off_to_coarser_keys():
     q = h.predict_quantiles(rare)
     assert "git:bisect" not in h.table_ and "git" in h.table_
     assert q[0].tolist() == h.table_["git"]  # unseen sub-command -> its program's distribution
-    assert q[1].tolist() == h.table_["*"]  # unseen program -> global
+    assert q[1].tolist() == h.table_[PROGRAM_KEY] != h.table_["*"]  # unseen program -> its kind
     frame2 = frame.copy()
     assert h.predict_quantiles(frame2[frame2["key0"] == "git:status"])[0].tolist() == h.table_["git:status"]
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from ctk.datasets.shell import command_keys, parse_command, split_command
+from ctk.datasets.shell import PROGRAM_KEY, QUICK_KEY, command_keys, parse_command, split_command
+
+
+def chain(command: str, tool: str | None = None) -> list[str]:
+    """The key chain without its kind level (tested on its own below)."""
+    return [k for k in command_keys(command, tool) if k not in (QUICK_KEY, PROGRAM_KEY)]
 
 CASES = [
     # pipes: the first program that is not a quick utility does the work
@@ -59,7 +64,7 @@ CASES = [
 
 @pytest.mark.parametrize(("command", "keys"), CASES, ids=[c[:40] for c, _ in CASES])
 def test_command_keys(command: str, keys: list[str]) -> None:
-    assert command_keys(command) == keys
+    assert chain(command) == keys
 
 
 @pytest.mark.parametrize(("command", "keys"), CASES, ids=[c[:40] for c, _ in CASES])
@@ -85,7 +90,7 @@ def test_keys_never_hold_an_argument() -> None:
         "echo 'a && b; c | d'",
     ]
     for c in commands:
-        for k in command_keys(c)[:-1]:
+        for k in chain(c)[:-1]:
             prog = k.split(":")[0]
             assert prog.isidentifier() or prog.replace("-", "_").replace(".", "_").isidentifier(), (c, k)
             assert "|" not in k and "=" not in k and "{" not in k and not k.startswith("-"), (c, k)
@@ -93,9 +98,27 @@ def test_keys_never_hold_an_argument() -> None:
 
 def test_tool_name_levels() -> None:
     assert command_keys('{"path": "a.py"}', "str_replace_editor") == ["str_replace_editor", "*"]
-    assert command_keys("ls", "functions.shell") == ["ls", "*"]
-    assert command_keys("x.py args", "python_script") == ["x.py", "python_script", "*"]
+    assert command_keys("ls", "functions.shell") == ["ls", QUICK_KEY, "*"]
+    assert command_keys("x.py args", "python_script") == ["x.py", "python_script", PROGRAM_KEY, "*"]
     assert command_keys(None, "apply_patch") == ["apply_patch", "*"]
+
+
+@pytest.mark.parametrize(
+    ("command", "kind"),
+    [
+        ("ls -la", QUICK_KEY),
+        ("cd /r && grep -rn x .", QUICK_KEY),
+        ("od -c f | head", QUICK_KEY),
+        ("cd /app", QUICK_KEY),
+        ("pdp11 -e run", PROGRAM_KEY),
+        ("cd /r && python -m pytest", PROGRAM_KEY),
+        ("./maze_game.sh 1", PROGRAM_KEY),
+    ],
+)
+def test_a_command_backs_off_to_its_kind_before_everything(command: str, kind: str) -> None:
+    """A program never seen backs off to its kind (quick utility or other program), then to ``*``."""
+    keys = command_keys(command)
+    assert keys[-2:] == [kind, "*"] and keys.count(QUICK_KEY) + keys.count(PROGRAM_KEY) == 1
 
 
 def test_long_command_is_cached_and_bounded() -> None:

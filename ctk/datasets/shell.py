@@ -110,6 +110,12 @@ SHELL_TOOL_NAMES = _names(
 )
 
 
+#: Back-off levels between a program and ``*``: the quick utilities (``ls``, ``od``, ``cat``) pooled, and
+#: the other programs pooled, so a program never seen backs off to its kind, not to all calls.
+QUICK_KEY = "(quick)"
+PROGRAM_KEY = "(program)"
+
+
 def _unquote(tok: str) -> str:
     if len(tok) >= 2 and tok[0] == tok[-1] and tok[0] in "'\"":
         return tok[1:-1]
@@ -366,6 +372,8 @@ def _keys_cached(head: str | None, tool_name: str | None, starts_with_tool: bool
         and not starts_with_tool
     ):
         keys.append(tool)
+    if prog:
+        keys.append(QUICK_KEY if prog in _QUICK or prog in _SETUP else PROGRAM_KEY)
     keys.append("*")
     return tuple(keys)
 
@@ -373,9 +381,10 @@ def _keys_cached(head: str | None, tool_name: str | None, starts_with_tool: bool
 def command_keys(command: str | None, tool_name: str | None = None) -> list[str]:
     """The back-off chain of table keys for one tool call, most specific first, always ending with ``"*"``.
 
-    ``"cd /r && python -m pytest -k x"`` -> ``["python:pytest", "python", "*"]``. A function-calling tool
-    (``tool_name`` given, ``command`` its JSON arguments) keys by the tool name. A tool name that is neither a
-    shell tool nor the parsed program adds one more back-off level after the program.
+    ``"cd /r && python -m pytest -k x"`` -> ``["python:pytest", "python", "(program)", "*"]``. A
+    function-calling tool (``tool_name`` given, ``command`` its JSON arguments) keys by the tool name. A tool
+    name that is neither a shell tool nor the parsed program adds one more back-off level after the program;
+    a shell command then backs off to its kind (:data:`QUICK_KEY` or :data:`PROGRAM_KEY`) before ``*``.
     """
     head = command[: 4 * PARSE_CHARS] if command else None
     tool = tool_name.strip() if tool_name else None

@@ -5,8 +5,7 @@ parameter is an ``__init__`` argument stored as is, learned state ends with ``_`
 changes a parameter. Each predictor takes the frame of :func:`ctk.predict.dataset.prepare_frame`,
 ``fit(frame)`` and then ``predict_quantiles(frame)`` -> array ``(n_rows, n_levels)`` of seconds,
 non-decreasing along each row. It also gives per-key prior quantiles (``key_quantiles``) from which the
-TTL tables are built, and serializes
-to plain data (``to_dict`` / :func:`predictor_from_dict`).
+TTL tables are built, and serializes to plain data (``to_dict`` / :func:`predictor_from_dict`).
 
 - ``running-mean``: the public Continuum behaviour, the baseline to beat.
 - ``histogram``: per-key Kaplan–Meier distribution with back-off along the command-key chain; a call's own
@@ -24,6 +23,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator
 
+from ctk.datasets.shell import PROGRAM_KEY, QUICK_KEY
 from ctk.predict.cost import MIN_TTL_S, CostModel
 from ctk.predict.dataset import program_fold
 from ctk.predict.features import FeatureSpec
@@ -252,6 +252,28 @@ def weighted_mixture_quantiles(
     return [float(x) for x in vals[order][idx]]
 
 
+def _rare_kinds(frame: pd.DataFrame, counts: dict[str, np.ndarray], rare_calls: int) -> dict[str, np.ndarray]:
+    """Restrict the kind keys (``(quick)``, ``(program)``, per source too) to calls of programs with fewer
+    than ``rare_calls`` calls: what a program never seen before looks like is learned from the rarely seen
+    ones, not from the pip installs and test runs that dominate the pool (empirical Bayes for new keys)."""
+    if rare_calls <= 0:
+        return counts
+    out = dict(counts)
+    chains = frame["keys"].to_numpy()
+    for kind in (QUICK_KEY, PROGRAM_KEY):
+        for k in [k for k in counts if k == kind or k.endswith(SOURCE_SEP + kind)]:
+            prefix = k[: -len(kind)]  # "" or "source|"
+
+            def rare(i: int, prefix: str = prefix, kind: str = kind) -> bool:
+                program = chains[i][list(chains[i]).index(kind) - 1]
+                return len(counts.get(prefix + program, ())) < rare_calls
+
+            keep = [i for i in counts[k] if rare(i)]
+            if len(keep) >= 10:
+                out[k] = np.asarray(keep, dtype=int)
+    return out
+
+
 class HistogramPredictor(BaseEstimator):
     """Per-key empirical (Kaplan–Meier) distribution, backing off along the command-key chain
     (sub-command -> main program -> tool -> global) when a key has too few calls.
@@ -262,7 +284,9 @@ class HistogramPredictor(BaseEstimator):
     ``min_samples``, else the chain backs off. Similarity of two sources is ``exp(-d)``, ``d`` the mean
     absolute difference of their median log-durations over the keys both have. So a terminal command never
     takes its tail from another source's 70-minute training runs. A call of an unknown source (and the TTL
-    tables, since the engine knows no source) uses the keys pooled over all sources.
+    tables, since the engine knows no source) uses the keys pooled over all sources. The kind levels of the
+    chain (``(quick)``, ``(program)``) hold only calls of programs with fewer than ``rare_calls`` calls: what
+    a program never seen looks like.
 
     Censoring: a timed-out call enters the Kaplan–Meier estimate as "at least t" (it is at risk up to t and
     never counted as finishing); quantiles the estimate never reaches are stated as ``TAIL_FACTOR`` times
@@ -277,11 +301,13 @@ class HistogramPredictor(BaseEstimator):
         min_samples: int = 10,
         by_source: bool = True,
         prior_samples: int = 10,
+        rare_calls: int = 20,
     ):
         self.levels = tuple(levels)
         self.min_samples = min_samples
         self.by_source = by_source
         self.prior_samples = prior_samples
+        self.rare_calls = rare_calls
 
     def fit(self, frame: pd.DataFrame) -> HistogramPredictor:
         y = frame["y"].to_numpy()
@@ -289,9 +315,10 @@ class HistogramPredictor(BaseEstimator):
         grid = _grid(self.levels)
         self.table_, self.counts_, self.km_ = {}, {}, {}
         self.source_grid_: dict[str, list[float]] = {}
-        counts = _chain_counts(frame)
+        counts = _rare_kinds(frame, _chain_counts(frame), self.rare_calls)
         if self.by_source:
-            for k, idx in _chain_counts(frame, source_keys=True).items():
+            by_src = _rare_kinds(frame, _chain_counts(frame, source_keys=True), self.rare_calls)
+            for k, idx in by_src.items():
                 km = KaplanMeier.fit(y[idx], cens[idx])
                 self.km_[k] = km
                 self.source_grid_[k] = km.quantiles(grid)
@@ -386,6 +413,7 @@ class HistogramPredictor(BaseEstimator):
             "min_samples": self.min_samples,
             "by_source": self.by_source,
             "prior_samples": self.prior_samples,
+            "rare_calls": self.rare_calls,
             "table": self.table_,
             "counts": self.counts_,
             "source_grid": self.source_grid_,
@@ -400,6 +428,7 @@ class HistogramPredictor(BaseEstimator):
             int(d["min_samples"]),
             bool(d.get("by_source", True)),
             int(d.get("prior_samples", 10)),
+            int(d.get("rare_calls", 20)),
         )
         p.table_ = {k: list(v) for k, v in d["table"].items()}
         p.counts_ = dict(d["counts"])
