@@ -268,10 +268,9 @@ def predict(
 ) -> None:
     """Predict duration quantiles, the TTL and P(T <= TTL) for every tool call of INPUT."""
     import numpy as np
-    import pandas as pd
 
     from ctk.predict.dataset import prepare_frame
-    from ctk.predict.evaluate import row_costs
+    from ctk.predict.evaluate import prediction_rows, row_costs
     from ctk.predict.modelfile import load_model
     from ctk.predict.train import model_cost, model_tables, predictors_from_model
 
@@ -293,23 +292,9 @@ def predict(
         q = pr.predict_quantiles(frame)
         b, c = row_costs(frame, cost, pressure)
         ttl, hit = pr.choose_ttls(frame, q, b, c)
-        out = pd.DataFrame(
-            {
-                "program_id": frame["program_id"],
-                "turn_index": frame["turn_index"],
-                "call_index": frame["call_index"],
-                "key": frame["key0"],
-            }
-        )
-        for j, lv in enumerate(pr.levels):
-            out[f"q{lv:g}"] = q[:, j]
-        out["ttl_s"] = ttl
-        out["p_hit"] = hit
         ctx = frame["context_est"].fillna(0).astype(int).tolist()
         dec = [tables.lookup(k, x, pressure) for k, x in zip(frame["keys"], ctx, strict=True)]
-        out["table_ttl_s"] = [d.ttl_s for d in dec]
-        out["table_p_hit"] = [d.p_hit for d in dec]
-        out["table_key"] = [d.key for d in dec]
+        out = prediction_rows(frame, pr.levels, q, ttl, hit, dec)
         _write_rows(out, output)
     console.print(
         json.dumps({"rows": len(out), "skipped_rows": skipped, "predictor": name, "output": str(output)})

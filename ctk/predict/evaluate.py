@@ -112,6 +112,34 @@ def regret_of(ttl: np.ndarray, frame: pd.DataFrame, b: np.ndarray, c: np.ndarray
     return float((loss - best).mean())
 
 
+def prediction_rows(
+    frame: pd.DataFrame,
+    levels: Sequence[float],
+    q: np.ndarray,
+    ttl: np.ndarray,
+    p_hit: np.ndarray,
+    decisions: Sequence,
+) -> pd.DataFrame:
+    """The columns ``ctk predict`` writes per call: ids, key, quantiles, the row's TTL and P(hit), and the
+    decision of the TTL table (what the engine reads)."""
+    out = pd.DataFrame(
+        {
+            "program_id": frame["program_id"],
+            "turn_index": frame["turn_index"],
+            "call_index": frame["call_index"],
+            "key": frame["key0"],
+        }
+    )
+    for j, lv in enumerate(levels):
+        out[f"q{lv:g}"] = q[:, j]
+    out["ttl_s"] = ttl
+    out["p_hit"] = p_hit
+    out["table_ttl_s"] = [d.ttl_s for d in decisions]
+    out["table_p_hit"] = [d.p_hit for d in decisions]
+    out["table_key"] = [d.key for d in decisions]
+    return out
+
+
 @dataclass
 class Predictions:
     """Out-of-sample quantiles and TTL decisions of one predictor for the rows of a frame."""

@@ -106,29 +106,17 @@ def online_decisions(
     """``ctk predict --online``: per call the replay's quantiles and decisions, as ``ctk predict`` writes
     them (``ttl_s`` / ``p_hit``: the cost model on the row's quantiles and context; ``table_*``: the row the
     engine would have read)."""
-    from ctk.predict.evaluate import row_costs
+    from ctk.predict.evaluate import prediction_rows, row_costs
     from ctk.predict.predictors import cost_model_ttls
 
     t = copy_tables(tables)
     q, dec = replay(frame, t, config, pressure)
-    out = pd.DataFrame(
-        {
-            "program_id": frame["program_id"],
-            "turn_index": frame["turn_index"],
-            "call_index": frame["call_index"],
-            "key": frame["key0"],
-        }
-    )
-    for j, lv in enumerate(t.quantile_levels):
-        out[f"q{lv:g}"] = q[:, j]
     known = ~np.isnan(q[:, 0])
     b, c = row_costs(frame, t.cost_model, pressure)
     ttl, hit = cost_model_ttls(t.quantile_levels, np.where(np.isnan(q), 0.0, q), b, c)
-    out["ttl_s"] = np.where(known, ttl, 0.0)
-    out["p_hit"] = np.where(known, hit, 0.0)
-    out["table_ttl_s"] = [d.ttl_s for d in dec]
-    out["table_p_hit"] = [d.p_hit for d in dec]
-    out["table_key"] = [d.key for d in dec]
+    out = prediction_rows(
+        frame, t.quantile_levels, q, np.where(known, ttl, 0.0), np.where(known, hit, 0.0), dec
+    )
     out["start_s"] = frame["start_s"].to_numpy(dtype=float)
     return out
 
