@@ -22,7 +22,7 @@ __all__ = ["PARSE_CHARS", "FeatureSpec", "command_keys", "parse_command"]
 class FeatureSpec:
     """Feature columns of the learned predictor (computed by :mod:`ctk.predict.dataset`)."""
 
-    categorical: tuple[str, ...] = ("key0", "key1", "source")
+    categorical: tuple[str, ...] = ("key0", "key1", "kind", "source")
     numeric: tuple[str, ...] = (
         "n_chars",
         "n_lines",
