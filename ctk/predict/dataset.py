@@ -2,8 +2,9 @@
 
 Input: a frame with the ``tool_calls`` columns of the trace store (or the shared agent-traces CSV names).
 Output adds: ``keys`` (the :func:`~ctk.predict.features.command_keys` chain), ``key0`` / ``key1`` / ``kind``,
-``tool``, the text features, the program-history features (previous durations in the same program), ``context_est``
-(context tokens, estimated when not recorded), ``y`` (duration, floored at 1 ms) and ``censored``.
+``tool``, the text features, the program-history features (previous durations in the same program),
+``context_est`` (context tokens, estimated when not recorded), ``y`` (duration, floored at 1 ms)
+and ``censored``.
 """
 
 from __future__ import annotations
