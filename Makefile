@@ -8,7 +8,7 @@ VLLM_EXTRA ?= cpu
 STAMP := $(VENV)/.ctk-installed-$(VLLM_EXTRA)
 PYTEST_ARGS ?=
 
-.PHONY: install browser demo test lint bench clean
+.PHONY: install browser demo test lint bench clean default-model
 
 install: $(STAMP)
 
@@ -53,6 +53,10 @@ bench: $(STAMP)
 	$(PY) bench/sched_overhead.py
 	$(PY) bench/collect_overhead.py
 	$(PY) bench/policies.py
+
+# The model `ctk serve` starts from without --ttl-model: a histogram trained on the bundled sample.
+default-model: $(STAMP)
+	$(PY) -m ctk.predict.default_model
 
 clean:
 	rm -rf demo-out .pytest_cache

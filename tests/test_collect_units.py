@@ -29,8 +29,8 @@ from ctk.store import ProgramRecord, StoreError, TraceStore
         ("cd /testbed && python -m pytest -q", ("cd", "python")),
         ("FOO=1 BAR=2 pytest tests/", ("FOO=1", "pytest")),
         ("timeout 30 python train.py", ("timeout", "python")),
-        ("/usr/bin/git diff > patch.txt", ("/usr/bin/git", "/usr/bin/git")),  # as the agent-traces data
-        ("./run.sh 1", ("./run.sh", "./run.sh")),
+        ("/usr/bin/git diff > patch.txt", ("/usr/bin/git", "git")),  # the program, as table keys name it
+        ("./run.sh 1", ("./run.sh", "run.sh")),
         ("cd /app && . venv/bin/activate && pip install x", ("cd", "pip")),
         ("export X=1; cd a; ls -la | head", ("export", "ls")),
         ("echo 'unbalanced", ("echo", "echo")),

@@ -117,7 +117,7 @@ def test_evaluate_without_model(predict_sample_store, tmp_path):  # noqa: F811
     )
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)  # steps go to stderr, JSON alone to stdout
-    assert res["split"] == "3-fold by program"
+    assert res["split"] == "3-fold by task group"
     assert len(res["leave_one_source_out"]) == 3
     assert (tmp_path / "plots" / "calibration.png").exists()
 
@@ -260,11 +260,11 @@ def test_model_file_respects_the_umask(trained_model, tmp_path):  # noqa: F811
     assert path.stat().st_mode & 0o777 == 0o644  # another account can load it
 
 
-def test_evaluation_never_claims_more_folds_than_programs(tmp_path):
+def test_evaluation_never_claims_more_folds_than_task_groups(tmp_path):
     rows = ["source,program_id,turn_index,tool_name,main_program,command_or_args,duration_s"]
     rows += [f"s,p{p},{t},bash,ls,ls {t},{0.1 * (t + 1) + p}" for p in range(3) for t in range(8)]
     csv = tmp_path / "tool_calls.csv"
     csv.write_text("\n".join(rows) + "\n")
     r = _run("evaluate", "--db", csv, "--predictors", "running-mean", "--folds", "5", "--json", "--no-loso")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["split"] == "3-fold by program"
+    assert json.loads(r.stdout)["split"] == "3-fold by task group"  # 3 programs, no task ids

@@ -81,3 +81,31 @@ def test_vectorized_row_costs_match_the_cost_model():
     b, c = row_costs(pd.DataFrame({"context_est": ctx}), cm, 0.87)
     assert b.tolist() == pytest.approx([cm.benefit_s(int(x)) for x in ctx])
     assert c.tolist() == pytest.approx([cm.holding_cost_per_s(int(x), 0.87) for x in ctx])
+
+
+def test_folds_keep_task_groups_whole_and_skip_sources_held_out_whole():
+    """GroupKFold by task: no task on both sides; a one-task source is left to leave-one-source-out."""
+    from ctk.predict.evaluate import cross_predict, task_groups
+
+    frame, _ = prepare_frame(synthetic_rows(60, 5, seed=2))
+    frame["task_id"] = [f"t{int(p[-5:]) % 12}" for p in frame["program_id"]]  # 12 tasks of 5 programs
+    lone = frame["program_id"] == frame["program_id"].iloc[0]
+    frame.loc[lone, "task_id"] = "only-task"
+    frame.loc[lone, "source"] = "one-task-source"
+    f = fold_ids(frame, 4, seed=1)
+    per_task = pd.Series(f).groupby(task_groups(frame)).nunique()
+    assert (per_task == 1).all() and set(f) == set(range(4))
+    preds, mask = cross_predict(frame, ["histogram"], 4, CostModel(), seed=1, tables=False)
+    assert not mask[lone.to_numpy()].any() and mask[~lone.to_numpy()].all()
+
+
+def test_mean_pinball_is_sklearn_with_censored_targets():
+    from ctk.predict.evaluate import mean_pinball
+
+    rng = np.random.default_rng(3)
+    y, q = rng.lognormal(0, 1, 200), rng.lognormal(0, 1, 200)
+    cens = rng.random(200) < 0.2
+    for level in (0.5, 0.9):
+        assert mean_pinball(y, q, level, cens) == pytest.approx(pinball(y, q, level, cens).mean())
+    # a censored call predicted at or above its censoring time costs nothing
+    assert mean_pinball(np.array([30.0]), np.array([40.0]), 0.9, np.array([True])) == 0.0

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ctk.datasets.shell import PROGRAM_KEY
 from ctk.predict.cost import CostModel
 from ctk.predict.dataset import DataError, prepare_frame, program_fold
 from ctk.predict.evaluate import pinball
@@ -78,7 +79,7 @@ def test_running_mean_is_the_2s_rule(split):
     q = rm.predict_quantiles(test)
     assert (q == q[:, :1]).all()  # a point prediction at every level
     ttl, hit = rm.choose_ttls(test, q, np.ones(len(test)), np.full(len(test), 1e-9))
-    means = test["tool"].map(rm.means).fillna(rm.means["*"]).to_numpy()
+    means = test["tool"].map(rm.means_).fillna(rm.means_["*"]).to_numpy()
     assert ((ttl == CONTINUUM_PIN_S) == (means <= CONTINUUM_PIN_S)).all()
     assert set(np.unique(ttl)) <= {0.0, CONTINUUM_PIN_S}
 
@@ -96,11 +97,11 @@ def test_histogram_backs_off_to_coarser_keys():
         )
     )[0]
     q = h.predict_quantiles(rare)
-    assert "git:bisect" not in h.table and "git" in h.table
-    assert q[0].tolist() == h.table["git"]  # unseen sub-command -> its program's distribution
-    assert q[1].tolist() == h.table["*"]  # unseen program -> global
+    assert "git:bisect" not in h.table_ and "git" in h.table_
+    assert q[0].tolist() == h.table_["git"]  # unseen sub-command -> its program's distribution
+    assert q[1].tolist() == h.table_[PROGRAM_KEY] != h.table_["*"]  # unseen program -> its kind
     frame2 = frame.copy()
-    assert h.predict_quantiles(frame2[frame2["key0"] == "git:status"])[0].tolist() == h.table["git:status"]
+    assert h.predict_quantiles(frame2[frame2["key0"] == "git:status"])[0].tolist() == h.table_["git:status"]
 
 
 def test_histogram_treats_timeouts_as_censored(split):
@@ -109,7 +110,7 @@ def test_histogram_treats_timeouts_as_censored(split):
     assert pip["censored"].any()
     h = HistogramPredictor(LEVELS).fit(train)
     naive = HistogramPredictor(LEVELS).fit(train.assign(censored=False))
-    hq, nq = h.table["pip:install"], naive.table["pip:install"]
+    hq, nq = h.table_["pip:install"], naive.table_["pip:install"]
     assert all(a >= b for a, b in zip(hq, nq, strict=True)) and hq[-1] > nq[-1]
     assert hq[-1] > TIMEOUT_S  # the top quantile lies past the harness timeout
 
@@ -119,7 +120,7 @@ def test_lightgbm_quantiles_do_not_cross_and_are_calibrated(split, lgbm):
     q = lgbm.predict_quantiles(test)
     assert q.shape == (len(test), len(LEVELS))
     assert (np.diff(q, axis=1) >= 0).all()
-    assert lgbm.cal_rows > 0 and any(s != 0 for s in lgbm.shifts)
+    assert lgbm.cal_rows_ > 0 and any(s != 0 for s in lgbm.shifts_)
     cov = (test["y"].to_numpy()[:, None] <= q).mean(axis=0)
     assert 0.83 <= cov[LEVELS.index(0.9)] <= 0.96, cov
     assert 0.42 <= cov[LEVELS.index(0.5)] <= 0.58, cov
@@ -185,3 +186,68 @@ def test_vectorized_ttls_match_choose_ttl():
     np.testing.assert_array_equal(ttl, ref[:, 0])
     np.testing.assert_array_equal(hit, ref[:, 1])
     assert 0 < (ttl > 0).mean() < 1
+
+
+@pytest.mark.parametrize("cls", [RunningMeanPredictor, HistogramPredictor, LightGBMPredictor])
+def test_predictors_follow_estimator_conventions(split, cls):
+    """Parameters in __init__ and unchanged by fit (num_threads stays auto), learned state ends with _."""
+    from sklearn.base import clone
+
+    p = cls(LEVELS) if cls is not LightGBMPredictor else cls(LEVELS, n_estimators=5)
+    params = p.get_params()
+    p.fit(split[0])
+    assert p.get_params() == params
+    assert clone(p).get_params() == params
+    learned = [k for k in vars(p) if k.endswith("_") and not k.startswith("_")]
+    assert learned and not any(k in params for k in learned)
+    if cls is LightGBMPredictor:
+        assert p.num_threads == -1 and p.to_dict()["params"]["num_threads"] == -1
+
+
+def _rows(source: str, n_programs: int, command: str, median_s: float, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {
+            "program_id": [f"{source}-{i // 4}" for i in range(4 * n_programs)],
+            "turn_index": [i % 4 for i in range(4 * n_programs)],
+            "source": source,
+            "command_or_args": command,
+            "duration_s": rng.lognormal(np.log(median_s), 0.3, 4 * n_programs),
+        }
+    )
+
+
+def test_histogram_keeps_sources_apart():
+    """A terminal source's python scripts never take their tail from another source's hour-long training
+    runs; a source with few calls of a key borrows from a similar source, not from a dissimilar one."""
+    rows = pd.concat(
+        [
+            _rows("term", 50, "python3 sol.py", 0.3, 1),
+            _rows("term", 50, "ls -la", 0.02, 2),
+            _rows("mle", 10, "python train.py", 3000.0, 3),
+            _rows("mle", 10, "ls -la", 0.5, 4),
+            _rows("term2", 30, "ls -la", 0.021, 5),
+            _rows("term2", 1, "python3 x.py", 0.35, 6),
+        ],
+        ignore_index=True,
+    )
+    frame, _ = prepare_frame(rows)
+    h = HistogramPredictor(LEVELS).fit(frame)
+    assert h.similarity_["term2"]["term"] > 0.8 > 0.1 > h.similarity_["term2"]["mle"]
+    q9 = LEVELS.index(0.9)
+
+    def q(source: str, command: str) -> np.ndarray:
+        one, _ = prepare_frame(
+            pd.DataFrame(
+                {"program_id": ["x"], "source": [source], "command_or_args": [command], "duration_s": [1.0]}
+            )
+        )
+        return h.predict_quantiles(one)[0]
+
+    assert q("term", "python3 a.py")[q9] < 1.0  # own source: 0.3 s scripts
+    assert q("mle", "python a.py")[q9] > 1000.0
+    assert q("term2", "python3 a.py")[q9] < 1.0  # 4 own calls + the similar terminal source, not mle
+    pooled = q("unknown-source", "python3 a.py")[q9]
+    assert pooled > 1000.0  # no source known: the pooled key (the engine's tables; online adapts them)
+    back = predictor_from_dict(h.to_dict())
+    np.testing.assert_allclose(back.predict_quantiles(frame), h.predict_quantiles(frame))

@@ -65,6 +65,11 @@ def serve(
     args = list(ctx.args)
     if args and not args[0].startswith("-"):
         args = ["--model", args[0], *args[1:]]
+    if ttl_model is None and policy == "ttl":
+        from ctk.predict.modelfile import default_model_path
+
+        ttl_model = default_model_path()
+        typer.echo(f"ctk serve: no --ttl-model, starting from the shipped default {ttl_model}", err=True)
     try:
         cfg = ServeConfig.from_mapping(
             {

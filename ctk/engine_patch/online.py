@@ -1,24 +1,42 @@
-"""Online adaptation: observed tool durations blended with the exported TTL tables.
+"""Online adaptation: observed tool durations blended with the exported TTL tables, then calibrated.
 
 A tool call's real duration is measured by the engine as (finish of turn k) -> (arrival of the same
-program's turn k+1). Observations are kept per table key (the most specific key of the call's back-off
-chain) in a sliding window. Once a key has ``min_samples`` observations, its distribution is the mixture
+program's turn k+1). Two mechanisms adapt the tables to the deployment, both driven by :meth:`observe`:
 
-    F(t) = (w·F_prior(t) + n·F_obs(t)) / (w + n),   w = min(prior samples, prior_weight)
+1. **Blend.** Observations are kept per table key (every key of the call's back-off chain, so a new
+   command's fallback ``*`` also becomes the deployment's own distribution) in a sliding window. Once a key
+   has ``min_samples`` observations, its base distribution is the mixture
 
-of the table's prior quantiles (of that key, or of the first backed-off key the table knows) and the
-empirical CDF; its quantiles at the table's levels go through :meth:`TTLTables.recompute`, so the key gets
-(or refreshes) its own rows. Pure Python.
+       F(t) = (w·F_prior(t) + n·F_obs(t)) / (w + n),   w = min(prior samples, prior_weight)
+
+   of the key's prior quantiles (the model file's for that key, else the current row of the first
+   backed-off key the table knows, itself adapted) and the empirical CDF.
+2. **Calibration** (adaptive conformal inference on log-duration, :class:`LogShiftCalibrator`). Each quantile
+   level carries a shift in log-seconds, moved after every call by ``learning_rate * (miss - (1 - level))``
+   (a miss: the duration exceeded that level's quantile in use), so the share of calls under each quantile
+   converges to its level whatever the shift of the deployment (``docker exec`` overhead, a slower disk).
+   Per key once it has ``min_samples`` calls, else a global shift learned from every call against the model
+   file's own prediction; keys without calls are refreshed with it when it has moved by ``refresh_log_step``.
+
+A key's quantiles are ``base * exp(shift)`` and go through :meth:`TTLTables.recompute`, so the key gets (or
+refreshes) its own rows, read by the engine from ``tables.quantiles_s[key]`` / :meth:`TTLTables.lookup`.
+``ctk predict --online`` replays recorded calls through this same class. Pure Python.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ctk.predict.tables import TTLTables
+
+#: Keys tracked at most (bounds memory against unbounded key sets).
+MAX_KEYS = 10_000
+#: Durations are floored here before taking logs.
+MIN_DURATION_S = 0.001
 
 
 @dataclass
@@ -66,8 +84,48 @@ def blend_quantiles(
     return out
 
 
+def shifted(base: Sequence[float], shifts: Sequence[float]) -> list[float]:
+    """``base * exp(shift)`` per level, made non-decreasing."""
+    out = [max(float(b), 0.0) * math.exp(s) for b, s in zip(base, shifts, strict=True)]
+    for i in range(1, len(out)):
+        out[i] = max(out[i], out[i - 1])
+    return out
+
+
+@dataclass
+class LogShiftCalibrator:
+    """Adaptive conformal inference on log-duration: one additive log-shift per quantile level.
+
+    ``update`` moves each shift by ``learning_rate * (miss - (1 - level))``: at equilibrium misses happen at
+    rate ``1 - level``, i.e. the level's coverage holds on the observed stream (Gibbs & Candès 2021, in its
+    quantile-tracking form).
+    """
+
+    levels: Sequence[float]
+    learning_rate: float = 0.05
+    shifts: list[float] = field(default_factory=list)
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.shifts:
+            self.shifts = [0.0] * len(self.levels)
+
+    def update(self, base: Sequence[float], duration_s: float) -> None:
+        """One call: ``base`` are the quantiles before this calibrator's shift."""
+        log_d = math.log(max(duration_s, MIN_DURATION_S))
+        for j, (lvl, b) in enumerate(zip(self.levels, base, strict=True)):
+            miss = log_d > math.log(max(b, MIN_DURATION_S)) + self.shifts[j]
+            self.shifts[j] += self.learning_rate * ((1.0 if miss else 0.0) - (1.0 - lvl))
+        self.n += 1
+
+
 class OnlineDurations:
-    """Per-key windows of observed durations; refreshes ``tables`` rows as observations arrive."""
+    """Per-key windows of observed durations and calibrators; refreshes ``tables`` rows as calls finish.
+
+    Interface used by the engine: ``OnlineDurations(tables, min_samples, prior_weight, window)`` then
+    ``observe(keys, duration_s, now)`` per finished tool call; the adapted quantiles are in
+    ``tables.quantiles_s[key]`` (and the TTLs in the tables' rows).
+    """
 
     def __init__(
         self,
@@ -76,53 +134,153 @@ class OnlineDurations:
         prior_weight: int = 20,
         window: int = 256,
         min_interval_s: float = 0.5,
+        calibrate: bool = True,
+        learning_rate: float = 0.05,
+        refresh_log_step: float = 0.1,
     ):
         self.tables = tables
         self.min_samples = min_samples
         self.prior_weight = prior_weight
         self.window = window
         self.min_interval_s = min_interval_s
+        self.calibrate = calibrate
+        self.learning_rate = learning_rate
+        self.refresh_log_step = refresh_log_step
         self.keys: dict[str, KeyStats] = {}
         self.recomputes = 0
+        levels = list(tables.quantile_levels) if tables is not None else []
+        self.global_cal = LogShiftCalibrator(levels, learning_rate)
+        self.key_cal: dict[str, LogShiftCalibrator] = {}
         # The file's priors, kept apart so repeated blends never feed on their own output.
         self._exported: dict[str, tuple[list[float], int]] = {}
         if tables is not None:
             self._exported = {
                 k: (list(v), int(tables.n_samples.get(k, 0))) for k, v in tables.quantiles_s.items()
             }
+        self._base: dict[str, list[float]] = {}  # keys whose base was re-blended from observations
+        self._global_applied = [0.0] * len(levels)
+        self._last_refresh = float("-inf")
+
+    # -- what a call is predicted with -----------------------------------------------------------------
+
+    def lookup_key(self, keys: Sequence[str]) -> str | None:
+        """The key whose table row decides for this chain (what :meth:`TTLTables.lookup` picks)."""
+        if self.tables is None:
+            return None
+        q = self.tables.quantiles_s
+        for k in keys:
+            if k in q and k in self.tables.ttl_s:
+                return k
+        return None
+
+    def quantiles(self, keys: Sequence[str]) -> list[float] | None:
+        """The quantiles the tables state now for a call of this chain (None: no key known)."""
+        k = self.lookup_key(keys)
+        return list(self.tables.quantiles_s[k]) if k is not None else None
+
+    def _base_of(self, key: str) -> list[float] | None:
+        if key in self._base:
+            return self._base[key]
+        exp = self._exported.get(key)
+        return list(exp[0]) if exp is not None else None
+
+    def _shifts_for(self, key: str) -> list[float]:
+        cal = self.key_cal.get(key)
+        if cal is not None and cal.n >= self.min_samples:
+            return cal.shifts
+        return self.global_cal.shifts
+
+    # -- learning ----------------------------------------------------------------------------------------
 
     def observe(self, keys: Sequence[str], duration_s: float, now: float) -> str | None:
-        """Record one duration under ``keys[0]``; returns the key whose table rows were refreshed."""
+        """Record one duration under every key of its chain (``python:pytest``, ``python``, ``*``: each level
+        learns the deployment's own calls); returns the most specific key whose table rows were refreshed."""
         if not keys:
             return None
-        key = keys[0]
-        st = self.keys.get(key)
-        if st is None:
-            if len(self.keys) >= 10_000:  # bound memory against unbounded key sets
-                return None
-            st = self.keys[key] = KeyStats(deque(maxlen=self.window))
-        st.samples.append(float(duration_s))
-        st.n_total += 1
-        if self.tables is None or len(st.samples) < self.min_samples:
-            return None
-        if now - st.last_recompute < self.min_interval_s:
-            return None
+        if self.tables is not None and self.calibrate:
+            self._calibrate(keys, duration_s)
+        refreshed = None
+        for k in keys:
+            st = self.keys.get(k)
+            if st is None:
+                if len(self.keys) >= MAX_KEYS:
+                    continue
+                st = self.keys[k] = KeyStats(deque(maxlen=self.window))
+            st.samples.append(float(duration_s))
+            st.n_total += 1
+            ready = len(st.samples) >= self.min_samples and now - st.last_recompute >= self.min_interval_s
+            if self.tables is not None and ready:
+                done = self._reblend(k, keys[keys.index(k) :], st, now)
+                refreshed = refreshed or done
+        if self.tables is not None and self.calibrate:
+            self._refresh_global(now)
+        return refreshed
+
+    def _calibrate(self, keys: Sequence[str], duration_s: float) -> None:
+        """Update the calibrators before this call is learned: the global one against the model file's own
+        prediction for the call (how far this deployment is from the model: the shift for keys that have no
+        calls yet), each chain key's against the base its row holds now."""
+        exported = next((self._exported[k][0] for k in keys if k in self._exported), None)
+        if exported is not None:
+            self.global_cal.update(exported, duration_s)
+        for i, k in enumerate(keys):
+            own = self._base_of(k)
+            if own is None:
+                lk = self.lookup_key(keys[i + 1 :])
+                own = self._base_of(lk) if lk is not None else None
+            if own is None:
+                continue
+            cal = self.key_cal.get(k)
+            if cal is None:
+                if len(self.key_cal) >= MAX_KEYS:
+                    continue
+                cal = self.key_cal[k] = LogShiftCalibrator(
+                    self.tables.quantile_levels, self.learning_rate, list(self.global_cal.shifts)
+                )
+            cal.update(own, duration_s)
+
+    def _reblend(self, key: str, keys: Sequence[str], st: KeyStats, now: float) -> str | None:
         prior, n_prior = self._prior(keys)
         try:
-            q = blend_quantiles(
+            base = blend_quantiles(
                 self.tables.quantile_levels, prior, min(n_prior, self.prior_weight), st.samples
             )
+            q = shifted(base, self._shifts_for(key)) if self.calibrate else base
             self.tables.recompute(key, q, n_prior + st.n_total)
         except ValueError:
             return None
+        if key not in self._base and key in self.key_cal:  # its own data now: start its shift afresh
+            self.key_cal[key].shifts = [0.0] * len(base)
+        self._base[key] = base
         st.last_recompute = now
         self.recomputes += 1
         return key
 
+    def _refresh_global(self, now: float) -> None:
+        """Re-derive the rows of keys on the global shift once it has moved by ``refresh_log_step``."""
+        g = self.global_cal.shifts
+        if max((abs(a - b) for a, b in zip(g, self._global_applied, strict=True)), default=0.0) < (
+            self.refresh_log_step
+        ) or now - self._last_refresh < self.min_interval_s:
+            return
+        for k in list(self.tables.quantiles_s):
+            cal = self.key_cal.get(k)
+            if cal is not None and cal.n >= self.min_samples:
+                continue  # calibrated on its own calls
+            base = self._base_of(k)
+            if base is not None:
+                self.tables.recompute(k, shifted(base, g), self.tables.n_samples.get(k, 0))
+                self.recomputes += 1
+        self._global_applied = list(g)
+        self._last_refresh = now
+
     def _prior(self, keys: Sequence[str]) -> tuple[list[float] | None, int]:
-        """The exported prior of the first key the model file had quantiles for (own key first)."""
-        for k in keys:
-            if k in self._exported:
-                q, n = self._exported[k]
-                return list(q), n if n > 0 else self.prior_weight
-        return None, 0
+        """The key's own exported prior, else the current (adapted) row of its first backed-off key."""
+        if keys[0] in self._exported:
+            q, n = self._exported[keys[0]]
+            return list(q), n if n > 0 else self.prior_weight
+        lk = self.lookup_key(keys[1:])
+        if lk is None:
+            return None, 0
+        n = int(self.tables.n_samples.get(lk, 0))
+        return list(self.tables.quantiles_s[lk]), n if n > 0 else self.prior_weight

@@ -187,6 +187,9 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")] = False,
     plots: Annotated[Path | None, typer.Option(help="Write calibration / per-tool PNG plots here.")] = None,
     seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
+    online: Annotated[
+        bool, typer.Option("--online", help="With --model: replay calls in start order, adapting online.")
+    ] = False,
 ) -> None:
     """Evaluate predictors on held-out programs, or a trained model on another store's programs."""
     from ctk.predict.dataset import prepare_frame
@@ -197,6 +200,8 @@ def evaluate(
 
     with _errors():
         rows, _ = _open_rows(db, source)
+        if online:
+            return _evaluate_online(rows, model, as_json)
         frame, skipped = prepare_frame(rows)
         if model is not None:
             m = load_model(model)
@@ -262,13 +267,20 @@ def predict(
         float, typer.Option(help="KV-cache usage (0..1) the TTL is chosen for.", parser=FRACTION)
     ] = 0.9,
     predictor: Annotated[str | None, typer.Option(help="Use this predictor of the model file.")] = None,
+    online: Annotated[
+        bool,
+        typer.Option(
+            "--online",
+            help="Replay INPUT in start order: each call predicted by the tables + the engine's online "
+            "adaptation from the calls finished before it started.",
+        ),
+    ] = False,
 ) -> None:
     """Predict duration quantiles, the TTL and P(T <= TTL) for every tool call of INPUT."""
     import numpy as np
-    import pandas as pd
 
     from ctk.predict.dataset import prepare_frame
-    from ctk.predict.evaluate import row_costs
+    from ctk.predict.evaluate import prediction_rows, row_costs
     from ctk.predict.modelfile import load_model
     from ctk.predict.train import model_cost, model_tables, predictors_from_model
 
@@ -282,39 +294,57 @@ def predict(
         cost = model_cost(m)
         tables = model_tables(m, str(model))
         rows, _ = _open_rows(input_path, None)
+        if online:
+            return _predict_online(rows, tables, pressure, output, name)
         if "duration_s" not in rows.columns:
             rows = rows.assign(duration_s=np.nan)
         frame, skipped = prepare_frame(rows, keep_unlabelled=True)
         q = pr.predict_quantiles(frame)
         b, c = row_costs(frame, cost, pressure)
         ttl, hit = pr.choose_ttls(frame, q, b, c)
-        out = pd.DataFrame(
-            {
-                "program_id": frame["program_id"],
-                "turn_index": frame["turn_index"],
-                "call_index": frame["call_index"],
-                "key": frame["key0"],
-            }
-        )
-        for j, lv in enumerate(pr.levels):
-            out[f"q{lv:g}"] = q[:, j]
-        out["ttl_s"] = ttl
-        out["p_hit"] = hit
         ctx = frame["context_est"].fillna(0).astype(int).tolist()
         dec = [tables.lookup(k, x, pressure) for k, x in zip(frame["keys"], ctx, strict=True)]
-        out["table_ttl_s"] = [d.ttl_s for d in dec]
-        out["table_p_hit"] = [d.p_hit for d in dec]
-        out["table_key"] = [d.key for d in dec]
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_name(f".{output.name}.tmp")
-        if output.suffix.lower() == ".parquet":
-            out.to_parquet(tmp, index=False)
-        else:
-            out.to_csv(tmp, index=False)
-        tmp.replace(output)
+        out = prediction_rows(frame, pr.levels, q, ttl, hit, dec)
+        _write_rows(out, output)
     console.print(
         json.dumps({"rows": len(out), "skipped_rows": skipped, "predictor": name, "output": str(output)})
     )
+
+
+def _predict_online(rows, tables, pressure: float, output: Path, name: str) -> None:
+    from ctk.predict.online_eval import online_predictions
+
+    out, skipped = online_predictions(rows, tables, pressure)
+    _write_rows(out, output)
+    console.print(
+        json.dumps(
+            {"rows": len(out), "skipped_rows": skipped, "predictor": f"{name}+online", "output": str(output)}
+        )
+    )
+
+
+def _evaluate_online(rows, model: Path | None, as_json: bool) -> None:
+    from ctk.predict.modelfile import load_model
+    from ctk.predict.online_eval import evaluate_online, render_online
+
+    if model is None:
+        raise _fail("--online evaluates a trained model: give --model model.pkl")
+    result = evaluate_online(rows, load_model(model), str(model))
+    if as_json:
+        sys.stdout.write(json.dumps(_jsonable(result), indent=1) + "\n")
+    else:
+        render_online(result, console)
+
+
+def _write_rows(out, output: Path) -> None:
+    """Write a prediction table atomically as CSV (or Parquet by suffix)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp")
+    if output.suffix.lower() == ".parquet":
+        out.to_parquet(tmp, index=False)
+    else:
+        out.to_csv(tmp, index=False)
+    tmp.replace(output)
 
 
 # -- inspect ---------------------------------------------------------------------------------------------

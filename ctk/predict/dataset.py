@@ -1,9 +1,10 @@
 """Tool-call rows -> the frame every predictor and the evaluation work on.
 
 Input: a frame with the ``tool_calls`` columns of the trace store (or the shared agent-traces CSV names).
-Output adds: ``keys`` (the :func:`~ctk.predict.features.command_keys` chain), ``key0`` / ``key1`` / ``tool``,
-the text features, the program-history features (previous durations in the same program), ``context_est``
-(context tokens, estimated when not recorded), ``y`` (duration, floored at 1 ms) and ``censored``.
+Output adds: ``keys`` (the :func:`~ctk.predict.features.command_keys` chain), ``key0`` / ``key1`` / ``kind``,
+``tool``, the text features, the program-history features (previous durations in the same program),
+``context_est`` (context tokens, estimated when not recorded), ``y`` (duration, floored at 1 ms)
+and ``censored``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from ctk.datasets.shell import PROGRAM_KEY, QUICK_KEY
 from ctk.errors import CtkError
 from ctk.predict.features import PARSE_CHARS, command_keys
 from ctk.store import usable_duration
+
+KIND_KEYS = (QUICK_KEY, PROGRAM_KEY)
 
 #: Durations below this are floored (log-scale targets; sub-millisecond calls are all "instant").
 MIN_DURATION_S = 0.001
@@ -145,7 +149,9 @@ def prepare_frame(rows: pd.DataFrame, keep_unlabelled: bool = False) -> tuple[pd
         raise DataError("no usable tool-call rows (all missing a duration or flagged as clock errors)")
     df["keys"] = _keys_for(df["command_or_args"], df["tool_name"])
     df["key0"] = [k[0] for k in df["keys"]]
-    df["key1"] = [k[1] if len(k) > 1 else "*" for k in df["keys"]]
+    named = [[x for x in k if x not in KIND_KEYS] for k in df["keys"]]
+    df["key1"] = [k[1] if len(k) > 1 else "*" for k in named]  # the next named level (kinds apart)
+    df["kind"] = [next((x for x in k if x in KIND_KEYS), "*") for k in df["keys"]]
     df["tool"] = continuum_tool(df["command_or_args"], df["tool_name"])
     df["y"] = df["duration_s"].clip(lower=MIN_DURATION_S)
     feats = _text_feature_frame(df["command_or_args"])

@@ -1,10 +1,13 @@
 """Evaluation of predictors on held-out programs, shared by ``ctk train`` and ``ctk evaluate``.
 
-Splits: grouped K-fold by program (no program on both sides; every row is predicted once, by a model that
-never saw its program) and leave-one-source-out. Metrics per predictor, overall and per tool:
+Splits: scikit-learn's ``GroupKFold`` by task group (``task_id``, else the program: no task on both sides;
+every row is predicted once, by a model that never saw its task; rows of a source with no other task in
+the training folds are left to the leave-one-source-out split) and leave-one-source-out.
+Metrics per predictor, overall and per tool:
 
-- pinball loss per quantile level (seconds; censored rows scored with Powell's censored loss
-  ``level * max(c - q, 0)``: a prediction at or above the timeout is not penalised, one below it is);
+- pinball loss per quantile level (seconds, scikit-learn's ``mean_pinball_loss``; censored rows scored with
+  Powell's censored loss ``level * max(c - q, 0)``, i.e. the pinball loss against ``max(c, q)``: a prediction
+  at or above the timeout is not penalised, one below it is);
 - coverage per level: share of rows with ``duration <= q`` (for a timed-out row: the timeout was covered);
 - MAE of the median (same censoring rule);
 - decision regret: the cost-model loss of the TTL the predictor chooses, minus the loss of an oracle that
@@ -37,10 +40,25 @@ TOP_TOOLS = 12
 Progress = Callable[[str, int, int], None]
 
 
+def censored_target(y: np.ndarray, q: np.ndarray, censored: np.ndarray) -> np.ndarray:
+    """The target a quantile is scored against: the duration, or ``max(c, q)`` for a call censored at ``c``
+    (so the pinball loss is Powell's censored loss ``level * max(c - q, 0)``)."""
+    return np.where(censored, np.maximum(y, q), y)
+
+
 def pinball(y: np.ndarray, q: np.ndarray, level: float, censored: np.ndarray) -> np.ndarray:
-    d = y - q
-    exact = np.maximum(level * d, (level - 1.0) * d)
-    return np.where(censored, level * np.maximum(d, 0.0), exact)
+    """Per-row pinball loss (censored rows: Powell's loss); its mean is :func:`mean_pinball`."""
+    d = censored_target(y, q, censored) - q
+    return np.maximum(level * d, (level - 1.0) * d)
+
+
+def mean_pinball(y: np.ndarray, q: np.ndarray, level: float, censored: np.ndarray) -> float:
+    """scikit-learn's ``mean_pinball_loss`` with censored rows scored against ``max(c, q)``."""
+    from sklearn.metrics import mean_pinball_loss
+
+    if not len(y):
+        return float("nan")
+    return float(mean_pinball_loss(censored_target(y, q, censored), q, alpha=level))
 
 
 def tool_of(frame: pd.DataFrame) -> pd.Series:
@@ -54,7 +72,7 @@ def score_rows(frame: pd.DataFrame, q: np.ndarray, levels: Sequence[float]) -> d
     cens = frame["censored"].to_numpy(dtype=bool)
     out: dict = {"n": len(y), "pinball": {}, "coverage": {}}
     for j, lvl in enumerate(levels):
-        out["pinball"][f"{lvl:g}"] = float(pinball(y, q[:, j], lvl, cens).mean()) if len(y) else float("nan")
+        out["pinball"][f"{lvl:g}"] = mean_pinball(y, q[:, j], lvl, cens)
         out["coverage"][f"{lvl:g}"] = float((y <= q[:, j]).mean()) if len(y) else float("nan")
     head = [out["pinball"][f"{lv:g}"] for lv in HEADLINE_LEVELS if f"{lv:g}" in out["pinball"]]
     out["pinball_mean"] = float(np.mean(head)) if head else float("nan")
@@ -92,6 +110,34 @@ def regret_of(ttl: np.ndarray, frame: pd.DataFrame, b: np.ndarray, c: np.ndarray
     loss = np.where(ttl > 0, np.where(d <= ttl, 0.0, b) + c * np.minimum(d, ttl), b)
     best = np.minimum(b, c * d)
     return float((loss - best).mean())
+
+
+def prediction_rows(
+    frame: pd.DataFrame,
+    levels: Sequence[float],
+    q: np.ndarray,
+    ttl: np.ndarray,
+    p_hit: np.ndarray,
+    decisions: Sequence,
+) -> pd.DataFrame:
+    """The columns ``ctk predict`` writes per call: ids, key, quantiles, the row's TTL and P(hit), and the
+    decision of the TTL table (what the engine reads)."""
+    out = pd.DataFrame(
+        {
+            "program_id": frame["program_id"],
+            "turn_index": frame["turn_index"],
+            "call_index": frame["call_index"],
+            "key": frame["key0"],
+        }
+    )
+    for j, lv in enumerate(levels):
+        out[f"q{lv:g}"] = q[:, j]
+    out["ttl_s"] = ttl
+    out["p_hit"] = p_hit
+    out["table_ttl_s"] = [d.ttl_s for d in decisions]
+    out["table_p_hit"] = [d.p_hit for d in decisions]
+    out["table_key"] = [d.key for d in decisions]
+    return out
 
 
 @dataclass
@@ -152,19 +198,25 @@ def cross_predict(
     tables: bool = True,
     max_eval_rows: int = 50_000,
 ) -> tuple[dict[str, Predictions], np.ndarray]:
-    """Out-of-fold predictions by program. ``folds`` >= 2: grouped K-fold; 1: one 25 % held-out split.
+    """Out-of-fold predictions by task group. ``folds`` >= 2: grouped K-fold; 1: one 25 % held-out split.
 
     Returns the predictions (arrays over all rows of ``frame``) and the mask of rows that were predicted
-    (held out, and at most ``max_eval_rows`` of them, sampled, to bound evaluation time on large stores).
+    (held out, of a source the training part has, and at most ``max_eval_rows`` of them, sampled, to bound
+    evaluation time on large stores).
     """
     fold = fold_ids(frame, folds, seed)
+    scored = fold >= 0
+    src = frame["source"].astype(str).to_numpy()
+    for f in np.unique(fold[scored]):  # a source held out whole is the leave-one-source-out split's job
+        test_m = fold == f
+        scored[test_m & ~np.isin(src, np.unique(src[~test_m]))] = False
+    held = np.flatnonzero(scored)
     rounds = list(range(folds)) if folds >= 2 else [0]
-    held = np.flatnonzero(fold >= 0)
     if len(held) > max_eval_rows:
         keep = np.zeros(len(frame), dtype=bool)
         keep[np.random.default_rng(seed).choice(held, max_eval_rows, replace=False)] = True
     else:
-        keep = fold >= 0
+        keep = scored
     parts: dict[str, list] = {n: [] for n in names}
     total = len(rounds) * len(names)
     done = 0
@@ -183,15 +235,29 @@ def cross_predict(
     return {n: _merge(p, len(frame)) for n, p in parts.items() if p}, keep
 
 
+def task_groups(frame: pd.DataFrame) -> np.ndarray:
+    """The group a row is held out with: its task (``task_id``), else its program."""
+    prog = frame["program_id"].astype(str)
+    if "task_id" not in frame.columns:
+        return prog.to_numpy()
+    task = frame["task_id"].where(frame["task_id"].notna() & (frame["task_id"].astype(str) != ""))
+    return ("task:" + task.astype(str)).where(task.notna(), "program:" + prog).to_numpy()
+
+
 def fold_ids(frame: pd.DataFrame, folds: int, seed: int = 0) -> np.ndarray:
-    """Fold of each row by program (hash-based, stable); ``folds == 1``: 0 = held out (25 %), -1 = train."""
+    """Fold of each row by task group (scikit-learn's ``GroupKFold``, shuffled by ``seed``);
+    ``folds == 1``: 0 = held out (25 % of the groups, by hash), -1 = train."""
+    groups = task_groups(frame)
     if folds <= 1:
-        return np.where(program_fold(frame["program_id"], 0.25, seed), 0, -1)
-    ids = frame["program_id"].astype(str)
-    uniq = ids.unique()
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(uniq))
-    return ids.map(dict(zip(uniq, perm % folds, strict=True))).to_numpy()
+        return np.where(program_fold(groups, 0.25, seed), 0, -1)
+    from sklearn.model_selection import GroupKFold
+
+    n_groups = len(np.unique(groups))
+    out = np.full(len(frame), -1)
+    splitter = GroupKFold(n_splits=min(folds, n_groups), shuffle=True, random_state=seed)
+    for f, (_, test) in enumerate(splitter.split(np.zeros(len(frame)), groups=groups)):
+        out[test] = f
+    return out
 
 
 def report_for(
@@ -259,14 +325,14 @@ def evaluate_frame(
     progress: Progress | None = None,
 ) -> dict:
     """The full evaluation: program split (K-fold or one held-out split) and leave-one-source-out."""
-    folds = min(folds, int(frame["program_id"].nunique()))  # never more folds than programs (nor say so)
+    folds = min(folds, len(np.unique(task_groups(frame))))  # never more folds than groups (nor say so)
     preds, mask = cross_predict(frame, names, folds, cost, seed, params, progress)
     if not preds:
         raise ValueError("too few programs to hold any out for evaluation (need at least 2)")
     held = frame[mask]
     preds = {n: _subset(p, mask) for n, p in preds.items()}
     result = {
-        "split": f"{folds}-fold by program" if folds >= 2 else "25% of programs held out",
+        "split": f"{folds}-fold by task group" if folds >= 2 else "25% of task groups held out",
         "program_split": report_for(held, preds, cost),
     }
     sources = sorted(frame["source"].unique())

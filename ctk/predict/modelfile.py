@@ -165,6 +165,13 @@ def tables_from_model(model: dict, name: str = "model") -> TTLTables:
     return tables
 
 
+def default_model_path() -> Path:
+    """The model shipped with ctk (a histogram trained on the bundled sample; ``make default-model``)."""
+    from importlib.resources import files
+
+    return Path(str(files("ctk.datasets") / "data" / "default_model.pkl"))
+
+
 def load_ttl_tables(path: str | Path) -> TTLTables:
     """The TTL tables of a model file (what the engine needs at serve time)."""
     return tables_from_model(load_model(path), str(path))

@@ -1,12 +1,15 @@
 """Tool-duration predictors with a scikit-learn-style interface.
 
-Each predictor takes the frame of :func:`ctk.predict.dataset.prepare_frame`, ``fit(frame)`` and then
-``predict_quantiles(frame)`` -> array ``(n_rows, n_levels)`` of seconds, non-decreasing along each row. It
-also gives per-key prior quantiles (``key_quantiles``) from which the TTL tables are built, and serializes
-to plain data (``to_dict`` / :func:`predictor_from_dict`).
+The predictors follow scikit-learn's estimator conventions (:class:`sklearn.base.BaseEstimator`): every
+parameter is an ``__init__`` argument stored as is, learned state ends with ``_``, ``fit`` never
+changes a parameter. Each predictor takes the frame of :func:`ctk.predict.dataset.prepare_frame`,
+``fit(frame)`` and then ``predict_quantiles(frame)`` -> array ``(n_rows, n_levels)`` of seconds,
+non-decreasing along each row. It also gives per-key prior quantiles (``key_quantiles``) from which the
+TTL tables are built, and serializes to plain data (``to_dict`` / :func:`predictor_from_dict`).
 
 - ``running-mean``: the public Continuum behaviour, the baseline to beat.
-- ``histogram``: per-key Kaplan–Meier distribution with back-off along the command-key chain.
+- ``histogram``: per-key Kaplan–Meier distribution with back-off along the command-key chain; a call's own
+  source decides, other sources enter only shrunk and weighted by how alike their durations are.
 - ``lightgbm``: LightGBM quantile regression on the call's features, non-crossing by rearrangement,
   conformally calibrated on a held-out program fold.
 """
@@ -18,7 +21,9 @@ from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator
 
+from ctk.datasets.shell import PROGRAM_KEY, QUICK_KEY
 from ctk.predict.cost import MIN_TTL_S, CostModel
 from ctk.predict.dataset import program_fold
 from ctk.predict.features import FeatureSpec
@@ -143,7 +148,7 @@ def build_tables(
 # -- running mean (the public Continuum) ------------------------------------------------------------------
 
 
-class RunningMeanPredictor:
+class RunningMeanPredictor(BaseEstimator):
     """Per-tool mean of the recorded durations (censored rows taken at face value, as the public code does).
 
     Every quantile is the mean (a point prediction); the pin is :data:`CONTINUUM_PIN_S` when the tool's mean
@@ -154,31 +159,26 @@ class RunningMeanPredictor:
 
     def __init__(self, levels: Sequence[float] = DEFAULT_LEVELS):
         self.levels = tuple(levels)
-        self.means: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-        self.hit_2s: dict[str, float] = {}
 
     def fit(self, frame: pd.DataFrame) -> RunningMeanPredictor:
-        g = frame.groupby("tool")["duration_s"]
-        self.means = {str(k): float(v) for k, v in g.mean().items()}
-        self.counts = {str(k): int(v) for k, v in g.size().items()}
-        self.hit_2s = {
-            str(k): float(v)
-            for k, v in (frame["duration_s"] <= CONTINUUM_PIN_S).groupby(frame["tool"]).mean().items()
-        }
-        self.means["*"] = float(frame["duration_s"].mean())
-        self.hit_2s["*"] = float((frame["duration_s"] <= CONTINUUM_PIN_S).mean())
+        g = frame["duration_s"].groupby(frame["tool"])
+        self.means_ = {str(k): float(v) for k, v in g.mean().items()}
+        self.counts_ = {str(k): int(v) for k, v in g.size().items()}
+        hit = frame["duration_s"] <= CONTINUUM_PIN_S
+        self.hit_2s_ = {str(k): float(v) for k, v in hit.groupby(frame["tool"]).mean().items()}
+        self.means_["*"] = float(frame["duration_s"].mean())
+        self.hit_2s_["*"] = float(hit.mean())
         # the engine looks keys up by command chain; tabulate the chain keys' means too
         for k, idx in _chain_counts(frame).items():
-            if k not in self.means:
-                self.means[k] = float(frame["duration_s"].iloc[idx].mean())
-                self.hit_2s[k] = float((frame["duration_s"].iloc[idx] <= CONTINUUM_PIN_S).mean())
-            self.counts.setdefault(k, len(idx))
+            if k not in self.means_:
+                self.means_[k] = float(frame["duration_s"].iloc[idx].mean())
+                self.hit_2s_[k] = float(hit.iloc[idx].mean())
+            self.counts_.setdefault(k, len(idx))
         return self
 
     def _mean(self, frame: pd.DataFrame) -> np.ndarray:
-        g = self.means["*"]
-        return frame["tool"].map(lambda t: self.means.get(t, g)).to_numpy(dtype=float)
+        g = self.means_["*"]
+        return frame["tool"].map(lambda t: self.means_.get(t, g)).to_numpy(dtype=float)
 
     def predict_quantiles(self, frame: pd.DataFrame) -> np.ndarray:
         m = self._mean(frame)
@@ -187,47 +187,106 @@ class RunningMeanPredictor:
     def choose_ttls(self, frame, quantiles, benefit_s, cost_per_s):
         m = self._mean(frame)
         ttl = np.where(m <= CONTINUUM_PIN_S, CONTINUUM_PIN_S, 0.0)
-        g = self.hit_2s["*"]
-        hit = frame["tool"].map(lambda t: self.hit_2s.get(t, g)).to_numpy(dtype=float)
+        g = self.hit_2s_["*"]
+        hit = frame["tool"].map(lambda t: self.hit_2s_.get(t, g)).to_numpy(dtype=float)
         return ttl, np.where(ttl > 0, hit, 0.0)
 
     def key_quantiles(self, frame):
-        return {k: ([m] * len(self.levels), self.counts.get(k, 0)) for k, m in self.means.items()}
+        return {k: ([m] * len(self.levels), self.counts_.get(k, 0)) for k, m in self.means_.items()}
 
     def fixed_tables(self, context_edges, pressure_levels, cost: CostModel) -> TTLTables:
         """The Continuum rule as a table: 2 s or nothing, independent of context and pressure."""
         t = TTLTables(list(context_edges), list(pressure_levels), list(self.levels), cost=cost.to_dict())
-        for k, m in self.means.items():
+        for k, m in self.means_.items():
             ttl = CONTINUUM_PIN_S if m <= CONTINUUM_PIN_S else 0.0
-            p = self.hit_2s.get(k, 0.0) if ttl else 0.0
+            p = self.hit_2s_.get(k, 0.0) if ttl else 0.0
             t.ttl_s[k] = [[ttl] * len(pressure_levels) for _ in context_edges]
             t.p_hit[k] = [[p] * len(pressure_levels) for _ in context_edges]
             t.quantiles_s[k] = [m] * len(self.levels)
-            t.n_samples[k] = self.counts.get(k, 0)
+            t.n_samples[k] = self.counts_.get(k, 0)
         return t
 
     def to_dict(self) -> dict:
         return {
             "name": self.name,
             "levels": list(self.levels),
-            "means": self.means,
-            "counts": self.counts,
-            "hit_2s": self.hit_2s,
+            "means": self.means_,
+            "counts": self.counts_,
+            "hit_2s": self.hit_2s_,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> RunningMeanPredictor:
         p = cls(d["levels"])
-        p.means, p.counts, p.hit_2s = dict(d["means"]), dict(d["counts"]), dict(d["hit_2s"])
+        p.means_, p.counts_, p.hit_2s_ = dict(d["means"]), dict(d["counts"]), dict(d["hit_2s"])
         return p
 
 
 # -- histogram with back-off -------------------------------------------------------------------------------
 
 
-class HistogramPredictor:
+#: Levels at which each (source, key) distribution is kept, to mix distributions of several sources.
+MIX_GRID = tuple(round(x, 3) for x in np.arange(0.025, 1.0, 0.05))
+
+
+def _grid(levels: Sequence[float]) -> tuple[float, ...]:
+    return tuple(sorted(set(MIX_GRID) | {float(v) for v in levels}))
+
+
+def weighted_mixture_quantiles(
+    components: Sequence[tuple[Sequence[float], float]], grid: Sequence[float], levels: Sequence[float]
+) -> list[float]:
+    """Quantiles at ``levels`` of a weighted mixture of distributions, each given by quantiles at ``grid``.
+
+    Each component's value at ``grid[j]`` carries ``weight * (grid[j] - grid[j-1])`` (the top one the rest of
+    its weight): a level of the grid is reproduced exactly when one component has all the weight.
+    """
+    g = np.asarray(grid, dtype=float)
+    mass = np.diff(np.concatenate([[0.0], g]))
+    mass[-1] += 1.0 - g[-1]
+    vals = np.concatenate([np.asarray(q, dtype=float) for q, _ in components])
+    w = np.concatenate([mass * float(wt) for _, wt in components])
+    order = np.argsort(vals, kind="stable")
+    cw = np.cumsum(w[order]) / w.sum()
+    idx = np.minimum(np.searchsorted(cw, np.asarray(levels) - 1e-9, side="left"), len(vals) - 1)
+    return [float(x) for x in vals[order][idx]]
+
+
+def _rare_kinds(frame: pd.DataFrame, counts: dict[str, np.ndarray], rare_calls: int) -> dict[str, np.ndarray]:
+    """Restrict the kind keys (``(quick)``, ``(program)``, per source too) to calls of programs with fewer
+    than ``rare_calls`` calls: what a program never seen before looks like is learned from the rarely seen
+    ones, not from the pip installs and test runs that dominate the pool (empirical Bayes for new keys)."""
+    if rare_calls <= 0:
+        return counts
+    out = dict(counts)
+    chains = frame["keys"].to_numpy()
+    for kind in (QUICK_KEY, PROGRAM_KEY):
+        for k in [k for k in counts if k == kind or k.endswith(SOURCE_SEP + kind)]:
+            prefix = k[: -len(kind)]  # "" or "source|"
+
+            def rare(i: int, prefix: str = prefix, kind: str = kind) -> bool:
+                program = chains[i][list(chains[i]).index(kind) - 1]
+                return len(counts.get(prefix + program, ())) < rare_calls
+
+            keep = [i for i in counts[k] if rare(i)]
+            if len(keep) >= 10:
+                out[k] = np.asarray(keep, dtype=int)
+    return out
+
+
+class HistogramPredictor(BaseEstimator):
     """Per-key empirical (Kaplan–Meier) distribution, backing off along the command-key chain
-    (sub-command -> main program -> tool -> global) when a key has fewer than ``min_samples`` rows.
+    (sub-command -> main program -> tool -> global) when a key has too few calls.
+
+    Sources stay apart: for a call of a known source, a key's distribution is the source's own, mixed with
+    other sources' distributions of the same key each weighted ``similarity * min(n, prior_samples)`` and
+    shrunk by ``prior_samples / (prior_samples + n_own)``; the key is used when that effective count reaches
+    ``min_samples``, else the chain backs off. Similarity of two sources is ``exp(-d)``, ``d`` the mean
+    absolute difference of their median log-durations over the keys both have. So a terminal command never
+    takes its tail from another source's 70-minute training runs. A call of an unknown source (and the TTL
+    tables, since the engine knows no source) uses the keys pooled over all sources. The kind levels of the
+    chain (``(quick)``, ``(program)``) hold only calls of programs with fewer than ``rare_calls`` calls: what
+    a program never seen looks like.
 
     Censoring: a timed-out call enters the Kaplan–Meier estimate as "at least t" (it is at risk up to t and
     never counted as finishing); quantiles the estimate never reaches are stated as ``TAIL_FACTOR`` times
@@ -237,56 +296,115 @@ class HistogramPredictor:
     name = "histogram"
 
     def __init__(
-        self, levels: Sequence[float] = DEFAULT_LEVELS, min_samples: int = 10, by_source: bool = True
+        self,
+        levels: Sequence[float] = DEFAULT_LEVELS,
+        min_samples: int = 10,
+        by_source: bool = True,
+        prior_samples: int = 10,
+        rare_calls: int = 20,
     ):
         self.levels = tuple(levels)
         self.min_samples = min_samples
         self.by_source = by_source
-        self.table: dict[str, list[float]] = {}
-        self.counts: dict[str, int] = {}
-        self.km: dict[str, KaplanMeier] = {}  # not serialized: used to impute censored rows
+        self.prior_samples = prior_samples
+        self.rare_calls = rare_calls
 
     def fit(self, frame: pd.DataFrame) -> HistogramPredictor:
         y = frame["y"].to_numpy()
         cens = frame["censored"].to_numpy(dtype=bool)
-        self.table, self.counts, self.km = {}, {}, {}
-        counts = _chain_counts(frame)
+        grid = _grid(self.levels)
+        self.table_, self.counts_, self.km_ = {}, {}, {}
+        self.source_grid_: dict[str, list[float]] = {}
+        counts = _rare_kinds(frame, _chain_counts(frame), self.rare_calls)
         if self.by_source:
-            counts.update(_chain_counts(frame, source_keys=True))
+            by_src = _rare_kinds(frame, _chain_counts(frame, source_keys=True), self.rare_calls)
+            for k, idx in by_src.items():
+                km = KaplanMeier.fit(y[idx], cens[idx])
+                self.km_[k] = km
+                self.source_grid_[k] = km.quantiles(grid)
+                self.counts_[k] = len(idx)
         for k, idx in counts.items():
             if len(idx) < self.min_samples and k != "*":
                 continue
             km = KaplanMeier.fit(y[idx], cens[idx])
-            self.km[k] = km
-            self.table[k] = km.quantiles(self.levels)
-            self.counts[k] = len(idx)
+            self.km_[k] = km
+            self.table_[k] = km.quantiles(self.levels)
+            self.counts_[k] = len(idx)
+        self.sources_ = sorted(frame["source"].astype(str).unique()) if self.by_source else []
+        self.similarity_ = self._similarity(grid)
+        self._cache: dict = {}
         return self
 
-    def _chains(self, frame: pd.DataFrame) -> pd.Series:
-        if not self.by_source:
-            return frame["keys"]
-        return pd.Series(
-            [source_chain(s, ks) for s, ks in zip(frame["source"], frame["keys"], strict=True)],
-            index=frame.index,
-        )
+    def _similarity(self, grid: Sequence[float]) -> dict[str, dict[str, float]]:
+        """``exp(-mean |median log-duration difference|)`` over the keys two sources both have."""
+        mid = list(grid).index(0.525) if 0.525 in grid else len(grid) // 2
+        by_src: dict[str, dict[str, tuple[float, int]]] = {}
+        for sk, q in self.source_grid_.items():
+            src, key = sk.split(SOURCE_SEP, 1)
+            n = self.counts_[sk]
+            if n >= self.min_samples:
+                by_src.setdefault(src, {})[key] = (float(np.log(max(q[mid], 1e-3))), n)
+        sim: dict[str, dict[str, float]] = {}
+        for a in self.sources_:
+            sim[a] = {}
+            for b in self.sources_:
+                if a == b:
+                    continue
+                ka, kb = by_src.get(a, {}), by_src.get(b, {})
+                shared = [k for k in ka if k in kb and k != "*"] or [k for k in ka if k in kb]
+                if not shared:
+                    sim[a][b] = 0.0
+                    continue
+                w = np.array([min(ka[k][1], kb[k][1]) for k in shared], dtype=float)
+                d = np.array([abs(ka[k][0] - kb[k][0]) for k in shared])
+                sim[a][b] = float(np.exp(-(w * d).sum() / w.sum()))
+        return sim
+
+    def _source_quantiles(self, source: str, chain: tuple[str, ...]) -> list[float]:
+        """The shrunk, similarity-weighted mixture of the first key of ``chain`` with enough calls."""
+        hit = self._cache.get((source, chain))
+        if hit is not None:
+            return hit
+        grid = _grid(self.levels)
+        out = None
+        for k in chain:
+            own_key = f"{source}{SOURCE_SEP}{k}"
+            n_own = self.counts_.get(own_key, 0)
+            comps = [(self.source_grid_[own_key], float(n_own))] if n_own else []
+            shrink = self.prior_samples / (self.prior_samples + n_own)
+            for other, sim in self.similarity_.get(source, {}).items():
+                n = self.counts_.get(f"{other}{SOURCE_SEP}{k}", 0)
+                w = sim * min(n, self.prior_samples) * shrink
+                if w > 1e-6:
+                    comps.append((self.source_grid_[f"{other}{SOURCE_SEP}{k}"], w))
+            if comps and (sum(w for _, w in comps) >= self.min_samples or k == "*"):
+                out = weighted_mixture_quantiles(comps, grid, self.levels)
+                break
+        if out is None:
+            out = _backoff_lookup([chain], self.table_)[0]
+        self._cache[(source, chain)] = out
+        return out
 
     def predict_quantiles(self, frame: pd.DataFrame) -> np.ndarray:
-        return np.asarray(_backoff_lookup(self._chains(frame), self.table), dtype=float).reshape(
-            len(frame), -1
-        )
+        known = set(self.sources_)
+        rows = []
+        pooled = _backoff_lookup(frame["keys"], self.table_)
+        for src, chain, pool in zip(frame["source"].astype(str), frame["keys"], pooled, strict=True):
+            rows.append(self._source_quantiles(src, tuple(chain)) if src in known else pool)
+        return np.asarray(rows, dtype=float).reshape(len(frame), -1)
 
     def kaplan_meier(self, chain: Sequence[str], source: str | None = None) -> KaplanMeier:
         for k in source_chain(source, chain) if (self.by_source and source) else chain:
-            if k in self.km:
-                return self.km[k]
-        return self.km["*"]
+            if k in self.km_ and (SOURCE_SEP not in k or self.counts_[k] >= self.min_samples):
+                return self.km_[k]
+        return self.km_["*"]
 
     def choose_ttls(self, frame, quantiles, benefit_s, cost_per_s):
         return cost_model_ttls(self.levels, quantiles, benefit_s, cost_per_s)
 
     def key_quantiles(self, frame):
         """Pooled keys only: the engine keys by command text and does not know the source."""
-        return {k: (q, self.counts[k]) for k, q in self.table.items() if SOURCE_SEP not in k}
+        return {k: (q, self.counts_[k]) for k, q in self.table_.items()}
 
     def to_dict(self) -> dict:
         return {
@@ -294,15 +412,30 @@ class HistogramPredictor:
             "levels": list(self.levels),
             "min_samples": self.min_samples,
             "by_source": self.by_source,
-            "table": self.table,
-            "counts": self.counts,
+            "prior_samples": self.prior_samples,
+            "rare_calls": self.rare_calls,
+            "table": self.table_,
+            "counts": self.counts_,
+            "source_grid": self.source_grid_,
+            "sources": self.sources_,
+            "similarity": self.similarity_,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> HistogramPredictor:
-        p = cls(d["levels"], int(d["min_samples"]), bool(d.get("by_source", True)))
-        p.table = {k: list(v) for k, v in d["table"].items()}
-        p.counts = dict(d["counts"])
+        p = cls(
+            d["levels"],
+            int(d["min_samples"]),
+            bool(d.get("by_source", True)),
+            int(d.get("prior_samples", 10)),
+            int(d.get("rare_calls", 20)),
+        )
+        p.table_ = {k: list(v) for k, v in d["table"].items()}
+        p.counts_ = dict(d["counts"])
+        p.source_grid_ = {k: list(v) for k, v in d.get("source_grid", {}).items()}
+        p.sources_ = list(d.get("sources", []))
+        p.similarity_ = {a: dict(v) for a, v in d.get("similarity", {}).items()}
+        p.km_, p._cache = {}, {}
         return p
 
 
@@ -326,7 +459,7 @@ def _mixture_quantiles(q: np.ndarray, levels: Sequence[float]) -> list[float]:
     return [float(x) for x in vals[order][idx]]
 
 
-class LightGBMPredictor:
+class LightGBMPredictor(BaseEstimator):
     """LightGBM quantile regression of log-duration at each level, on the call's features.
 
     - Non-crossing: the per-level predictions of a row are sorted (monotone rearrangement, which never
@@ -361,53 +494,58 @@ class LightGBMPredictor:
         spec: FeatureSpec | None = None,
     ):
         self.levels = tuple(levels)
-        self.params = dict(
-            n_estimators=n_estimators,
-            learning_rate=learning_rate,
-            num_leaves=num_leaves,
-            min_data_in_leaf=min_data_in_leaf,
-            max_bin=max_bin,
-            cal_fraction=cal_fraction,
-            n_impute=n_impute,
-            max_train_rows=max_train_rows,
-            max_cal_rows=max_cal_rows,
-            min_table_samples=min_table_samples,
-            num_threads=num_threads,
-            seed=seed,
-        )
-        self.spec = spec or FeatureSpec()
-        self.vocab: dict[str, list[str]] = {}
-        self.models: list[Any] = []  # lightgbm.Booster per level
-        self.shifts: list[float] = [0.0] * len(self.levels)
-        self.cal_rows = 0
-        self.progress = None  # optional callable(step: str, done: int, total: int)
+        self.n_estimators = n_estimators
+        self.learning_rate = learning_rate
+        self.num_leaves = num_leaves
+        self.min_data_in_leaf = min_data_in_leaf
+        self.max_bin = max_bin
+        self.cal_fraction = cal_fraction
+        self.n_impute = n_impute
+        self.max_train_rows = max_train_rows
+        self.max_cal_rows = max_cal_rows
+        self.min_table_samples = min_table_samples
+        self.num_threads = num_threads
+        self.seed = seed
+        self.spec = spec
+        self.progress = None  # optional callable(step: str, done: int, total: int); not a parameter
+
+    @property
+    def spec_(self) -> FeatureSpec:
+        return self.spec or FeatureSpec()
+
+    def _threads(self, n_rows: int) -> int:
+        """``num_threads`` < 0 means auto: OpenMP threads only pay on large data (and hurt on a busy box)."""
+        if self.num_threads > 0:
+            return self.num_threads
+        import os
+
+        return 1 if n_rows < 100_000 else (os.cpu_count() or 1)
 
     # features
     def _matrix(self, frame: pd.DataFrame) -> np.ndarray:
         cols = []
-        for c in self.spec.categorical:
-            codes = {v: i for i, v in enumerate(self.vocab.get(c, []))}
+        for c in self.spec_.categorical:
+            codes = {v: i for i, v in enumerate(self.vocab_.get(c, []))}
             cols.append(frame[c].map(codes).to_numpy(dtype=float))
-        for c in self.spec.numeric:
+        for c in self.spec_.numeric:
             cols.append(pd.to_numeric(frame[c], errors="coerce").to_numpy(dtype=float))
         return np.column_stack(cols) if cols else np.empty((len(frame), 0))
 
     def _fit_vocab(self, frame: pd.DataFrame, min_count: int = 3, max_size: int = 500) -> None:
-        self.vocab = {}
-        for c in self.spec.categorical:
+        self.vocab_ = {}
+        for c in self.spec_.categorical:
             vc = frame[c].value_counts()
-            self.vocab[c] = [str(v) for v in vc[vc >= min_count].index[:max_size]]
+            self.vocab_[c] = [str(v) for v in vc[vc >= min_count].index[:max_size]]
 
     def _raw(self, x: np.ndarray) -> np.ndarray:
-        nt = self.params["num_threads"]
-        nt = nt if nt > 0 else (1 if len(x) < 100_000 else 0)
-        pred = np.column_stack([m.predict(x, num_threads=nt) for m in self.models])
+        nt = self.num_threads if self.num_threads > 0 else (1 if len(x) < 100_000 else 0)
+        pred = np.column_stack([m.predict(x, num_threads=nt) for m in self.models_])
         return np.sort(pred, axis=1)
 
     def fit(self, frame: pd.DataFrame) -> LightGBMPredictor:
         import lightgbm as lgb
 
-        p = self.params
+        p = self.get_params()
         rng = np.random.default_rng(p["seed"])
         cal_mask = program_fold(frame["program_id"], p["cal_fraction"], seed=p["seed"] + 1)
         if cal_mask.all() or not cal_mask.any() or frame.loc[cal_mask, "program_id"].nunique() < 5:
@@ -434,12 +572,9 @@ class LightGBMPredictor:
             x = np.vstack([x[keep], np.repeat(x[ci], k, axis=0)])
             y = np.concatenate([y[keep], np.log(np.concatenate(draws))])
             w = np.concatenate([w[keep], np.full(len(ci) * k, 1.0 / k)])
-        if p["num_threads"] < 0:  # auto: OpenMP threads only pay on large data (and hurt on a busy box)
-            import os
-
-            p["num_threads"] = 1 if len(x) < 100_000 else (os.cpu_count() or 1)
-        cat_idx = list(range(len(self.spec.categorical)))
-        self.models = []
+        threads = self._threads(len(x))
+        cat_idx = list(range(len(self.spec_.categorical)))
+        self.models_ = []
         for j, level in enumerate(self.levels):
             params = {
                 "objective": "quantile",
@@ -452,7 +587,7 @@ class LightGBMPredictor:
                 "cat_smooth": 5.0,
                 "verbose": -1,
                 "seed": p["seed"],
-                "num_threads": p["num_threads"],
+                "num_threads": threads,
                 "deterministic": True,
                 "force_row_wise": True,
             }
@@ -464,7 +599,7 @@ class LightGBMPredictor:
                 free_raw_data=True,
                 params={"max_bin": p["max_bin"], "verbose": -1},
             )
-            self.models.append(lgb.train(params, ds, num_boost_round=p["n_estimators"]))
+            self.models_.append(lgb.train(params, ds, num_boost_round=p["n_estimators"]))
             if self.progress:
                 self.progress("quantile models", j + 1, len(self.levels))
         cal_df = frame[cal_mask]
@@ -474,8 +609,8 @@ class LightGBMPredictor:
         return self
 
     def _calibrate(self, cal: pd.DataFrame) -> None:
-        self.cal_rows = len(cal)
-        self.shifts = [0.0] * len(self.levels)
+        self.cal_rows_ = len(cal)
+        self.shifts_ = [0.0] * len(self.levels)
         if len(cal) < 20:
             return
         q = self._raw(self._matrix(cal))
@@ -488,10 +623,10 @@ class LightGBMPredictor:
             lv = min(1.0, level * (n + 1) / n)
             s = km.quantile(lv)
             s = (s if s is not None else km.t_max) + resid.min() - 1.0
-            self.shifts[j] = float(s)
+            self.shifts_[j] = float(s)
 
     def predict_quantiles(self, frame: pd.DataFrame) -> np.ndarray:
-        q = self._raw(self._matrix(frame)) + np.asarray(self.shifts)[None, :]
+        q = self._raw(self._matrix(frame)) + np.asarray(self.shifts_)[None, :]
         return np.exp(np.sort(q, axis=1))
 
     def choose_ttls(self, frame, quantiles, benefit_s, cost_per_s):
@@ -499,10 +634,10 @@ class LightGBMPredictor:
 
     def key_quantiles(self, frame):
         """Per key: the mixture of the model's predicted distributions over (a sample of) its rows."""
-        rng = np.random.default_rng(self.params["seed"])
+        rng = np.random.default_rng(self.seed)
         chosen = {}
         for k, idx in _chain_counts(frame).items():
-            if len(idx) < self.params["min_table_samples"] and k != "*":
+            if len(idx) < self.min_table_samples and k != "*":
                 continue
             n_rows = TABLE_ROWS_PER_KEY
             sel = idx if len(idx) <= n_rows else rng.choice(idx, n_rows, replace=False)
@@ -513,63 +648,44 @@ class LightGBMPredictor:
         return {k: (_mixture_quantiles(q[sel], self.levels), n) for k, (sel, n) in chosen.items()}
 
     def feature_importance(self) -> dict[str, float]:
-        if not self.models:
+        if not getattr(self, "models_", None):
             return {}
-        m = self.models[self.levels.index(0.5)] if 0.5 in self.levels else self.models[0]
+        m = self.models_[self.levels.index(0.5)] if 0.5 in self.levels else self.models_[0]
         gain = m.feature_importance(importance_type="gain")
         tot = float(gain.sum()) or 1.0
-        return {n: float(g) / tot for n, g in zip(self.spec.names, gain, strict=True)}
+        return {n: float(g) / tot for n, g in zip(self.spec_.names, gain, strict=True)}
 
     def to_dict(self) -> dict:
         return {
             "name": self.name,
             "levels": list(self.levels),
-            "params": dict(self.params),
-            "feature_spec": self.spec.to_dict(),
-            "vocab": self.vocab,
-            "models": [m.model_to_string() for m in self.models],
+            "params": {k: v for k, v in self.get_params().items() if k not in ("levels", "spec")},
+            "feature_spec": self.spec_.to_dict(),
+            "vocab": self.vocab_,
+            "models": [m.model_to_string() for m in self.models_],
             "calibration": {
                 "method": "one-sided CQR on held-out programs, Kaplan-Meier residual quantiles",
-                "shifts_log": list(self.shifts),
-                "rows": self.cal_rows,
+                "shifts_log": list(self.shifts_),
+                "rows": self.cal_rows_,
             },
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> LightGBMPredictor:
+        import inspect
+
         import lightgbm as lgb
 
-        params = dict(d.get("params", {}))
-        p = cls(
-            d["levels"],
-            spec=FeatureSpec.from_dict(d["feature_spec"]),
-            **{
-                k: v
-                for k, v in params.items()
-                if k
-                in (
-                    "n_estimators",
-                    "learning_rate",
-                    "num_leaves",
-                    "min_data_in_leaf",
-                    "max_bin",
-                    "cal_fraction",
-                    "n_impute",
-                    "max_train_rows",
-                    "max_cal_rows",
-                    "min_table_samples",
-                    "num_threads",
-                    "seed",
-                )
-            },
-        )
-        p.vocab = {k: list(v) for k, v in d["vocab"].items()}
-        p.models = [lgb.Booster(model_str=s) for s in d["models"]]
-        if len(p.models) != len(p.levels):
-            raise ValueError(f"{len(p.models)} LightGBM models for {len(p.levels)} quantile levels")
+        known = set(inspect.signature(cls.__init__).parameters) - {"self", "levels", "spec"}
+        params = {k: v for k, v in dict(d.get("params", {})).items() if k in known}
+        p = cls(d["levels"], spec=FeatureSpec.from_dict(d["feature_spec"]), **params)
+        p.vocab_ = {k: list(v) for k, v in d["vocab"].items()}
+        p.models_ = [lgb.Booster(model_str=s) for s in d["models"]]
+        if len(p.models_) != len(p.levels):
+            raise ValueError(f"{len(p.models_)} LightGBM models for {len(p.levels)} quantile levels")
         cal = d.get("calibration", {})
-        p.shifts = [float(s) for s in cal.get("shifts_log", [0.0] * len(p.levels))]
-        p.cal_rows = int(cal.get("rows", 0))
+        p.shifts_ = [float(s) for s in cal.get("shifts_log", [0.0] * len(p.levels))]
+        p.cal_rows_ = int(cal.get("rows", 0))
         return p
 
 

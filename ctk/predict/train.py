@@ -56,11 +56,14 @@ class TrainConfig:
 
 
 def load_rows(db: str | Path, sources: Sequence[str] | None = None) -> tuple[pd.DataFrame, str]:
-    """Usable tool-call rows of a trace store and the store's fingerprint."""
+    """Usable tool-call rows of a trace store (with their program's ``task_id``, the evaluation's hold-out
+    group) and the store's fingerprint."""
     from ctk.store import TraceStore
 
     with TraceStore(db, read_only=True) as store:
-        return store.tool_calls(sources=list(sources) if sources else None), store.fingerprint()
+        rows = store.tool_calls(sources=list(sources) if sources else None)
+        tasks = store.table("programs")[["program_id", "task_id"]]
+        return rows.merge(tasks, on="program_id", how="left"), store.fingerprint()
 
 
 def train_model(
