@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -27,15 +28,19 @@ from engine_fixtures import KV_BYTES, LONG_TTL_KEY, tiny_model_dir, ttl_model_fi
 pytestmark = pytest.mark.engine
 
 BLOCK = 128  # tokens per KV block of the CPU engine
-PROMPT, OUTPUT, OBSERVATION = 4 * BLOCK - 8, 8, 50  # turn 1 + its output fill exactly 4 blocks
+# turn 1's prompt and output fill exactly 4 blocks of computed KV (the last output token is never computed)
+OUTPUT, OBSERVATION = 8, 50
+PROMPT = 4 * BLOCK - OUTPUT + 1
 FLOOD_TOKENS, N_FLOODS = 2000, 20  # 16 blocks each; 20 floods: turn 2 is 27 requests after turn 1 (odd)
 N_PROGRAMS = 6
 UNPINNED_TOOL = "cat"  # not in the test TTL tables: never pinned
 
 
-def _pytest_exe_env() -> dict[str, str]:
+def _repo_env() -> dict[str, str]:
+    """This checkout's ``ctk`` first on the path of the CLI subprocess and of vLLM's spawned engines."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), env.get("PYTHONPATH", "")] if p)
+    repo = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [repo, env.get("PYTHONPATH", "")] if p)
     return env
 
 
@@ -64,7 +69,7 @@ def fleet(tiny_model_dir, ttl_model_file):  # noqa: F811
         "--max-num-seqs",
         "4",
     ]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=_pytest_exe_env())
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=_repo_env())
     lines: list[str] = []
 
     def read():
@@ -161,10 +166,10 @@ def test_consistent_hash_keeps_every_next_turn_on_its_pin_round_robin_does_not(f
     finally:
         rr.stop()
     pinned = {k: v for k, v in hashed.items() if not k.endswith("unpinned")}
-    assert all(v >= 0.9 for v in pinned.values()), hashed
+    assert all(v >= 0.9 for v in pinned.values()), sorted(hashed.items())
     # the floods really evicted what was not pinned, so a hit above is the pin's doing
-    assert hashed["ch-unpinned"] < 0.9, hashed
-    assert any(v < 0.9 for k, v in scattered.items() if not k.endswith("unpinned")), scattered
+    assert hashed["ch-unpinned"] < 0.9, sorted(hashed.items())
+    assert any(v < 0.9 for k, v in scattered.items() if not k.endswith("unpinned")), sorted(scattered.items())
 
 
 def test_metadata_vllm_refuses_passes_through_ctk_serve_and_the_router(fleet):
