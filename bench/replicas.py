@@ -4,8 +4,10 @@
     python bench/replicas.py --json out.json    # the same figures keyed by variant
 
 Replays the same recorded programs (same seed, ``ctk replay``'s workload) through a fresh 2-replica fleet
-per variant and prints mean JCT, hit rate (cached / prompt tokens), pins, and the share of pins whose
-program's next turn reached the replica holding it (pin hits / pins created, summed over the replicas):
+per variant and prints mean JCT, hit rate (cached / prompt tokens), pins, the share of next turns that reached
+the replica of their program's previous turn, where its pin is ("same replica": the returns ctk's engines
+observed, ``ctk:tool_duration_seconds_count``, over all next turns), and the share of pins whose program came
+back to them in time (pin hits / pins created), summed over the replicas:
 
 - ``round-robin``     ctk ``ttl`` on both replicas, the router's round-robin (the baseline);
 - ``consistent-hash`` ctk ``ttl`` on both replicas, consistent hashing on X-Session-ID + program binding;
@@ -36,6 +38,8 @@ sys.path.insert(0, str(REPO / "bench"))
 #: Program Scheduling's Progress-TTL waits for this many finish -> return gaps before its TTL leaves 0
 #: (its default is 100, more than a small run has); the rest are the router's defaults.
 PEER_STATS_WINDOW = 20
+#: A program's return observed by the ctk engine that served its previous turn (finish -> next arrival).
+RETURNS = "ctk:tool_duration_seconds_count"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +112,7 @@ def run_variant(name, routing, policy, programs, cfg, model_dir, ttl_model, out_
 
     from ctk.engine_patch.config import ServeConfig
     from ctk.engine_patch.fleet import Fleet
+    from ctk.engine_patch.server import free_port
     from ctk.measure import server_metrics
     from ctk.measure.compare import warm_up
     from ctk.measure.replay import run_replay
@@ -118,7 +123,7 @@ def run_variant(name, routing, policy, programs, cfg, model_dir, ttl_model, out_
         str(model_dir),
         cfg["replicas"],
         serve,
-        cfg["server_args"],
+        [*cfg["server_args"], "--port", str(free_port())],  # the router's port
         routing,
         log_dir=str(log_dir),
         say=lambda m: log(f"[{name}] {m}"),
@@ -133,17 +138,22 @@ def run_variant(name, routing, policy, programs, cfg, model_dir, ttl_model, out_
         rcfg = dataclasses.replace(cfg["replay"], base_url=fleet.url, label=name, sample_interval_s=0)
         with mock.patch.object(httpx, "AsyncClient", _session_header_client()):
             result = run_replay(programs, cfg["workload"], rcfg)
-        result.server_metrics = server_metrics.delta(before, replica_counters(urls))
+        after = replica_counters(urls)
+        result.server_metrics = server_metrics.delta(before, after)
         dead = fleet.check()
     result.save(out_dir / f"replay-{name}.json")
     s = result.summary()
     pins, hits = s.get("pins"), s.get("pin_hits")
-    s["pin_reached"] = hits / pins if pins else None
+    s["pin_hit_share"] = hits / pins if pins else None
+    returns = after.get(RETURNS) if RETURNS in after else None  # ctk engines only (not --policy vllm)
+    next_turns = sum(max(len(p.turns) - 1, 0) for p in result.programs if p.ok)
+    if returns is not None and next_turns:
+        s["same_replica"] = (returns - before.get(RETURNS, 0.0)) / next_turns
     s["dead_replicas"] = len(dead)
     log(
         f"[{name}] {s['programs']} programs ({s['failed_programs']} failed): mean JCT "
         f"{s['mean_jct_s'] or 0:.2f} s, hit rate {s['hit_rate'] or 0:.2f}, pins {pins}, "
-        f"reached {s['pin_reached']}"
+        f"same replica {s.get('same_replica')}"
     )
     return s
 
@@ -154,7 +164,8 @@ COLUMNS = (
     ("p99 TTFT s", "p99_ttft_s", "{:.3f}"),
     ("hit rate", "hit_rate", "{:.2f}"),
     ("pins", "pins", "{:.0f}"),
-    ("pin reached", "pin_reached", "{:.2f}"),
+    ("same replica", "same_replica", "{:.2f}"),
+    ("pin hit/pins", "pin_hit_share", "{:.2f}"),
     ("failed", "failed_programs", "{:.0f}"),
     ("mean JCT x rr", "mean_jct_x_rr", "{:.2f}"),
     ("hit rate x rr", "hit_rate_x_rr", "{:.2f}"),
