@@ -25,8 +25,6 @@ import numpy as np
 import pytest
 from engine_fixtures import KV_BYTES, LONG_TTL_KEY, tiny_model_dir, ttl_model_file  # noqa: F401
 
-pytestmark = pytest.mark.engine
-
 BLOCK = 128  # tokens per KV block of the CPU engine
 # turn 1's prompt and output fill exactly 4 blocks of computed KV (the last output token is never computed)
 OUTPUT, OBSERVATION = 8, 50
@@ -42,6 +40,68 @@ def _repo_env() -> dict[str, str]:
     repo = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in [repo, env.get("PYTHONPATH", "")] if p)
     return env
+
+
+# -- without an engine: the fleet's pieces and the CLI's refusals ---------------------------------------
+
+
+def test_cores_memory_devices_and_record_stores_per_replica():
+    from ctk.engine_patch.fleet import (
+        core_shares,
+        replica_args,
+        replica_envs,
+        replica_record,
+        split_args,
+        usable_cpus,
+    )
+
+    assert core_shares(2, [0, 1]) == [[0], [1]]
+    assert core_shares(2, [0, 1, 2]) == [[0, 1], [2]]
+    assert core_shares(3, [4, 5]) == [[4], [5], [4]]
+    cpu = {"VLLM_TARGET_DEVICE": "cpu"}
+    binds = [set(e["VLLM_CPU_OMP_THREADS_BIND"].split(",")) for e in replica_envs(2, cpu)]
+    if len(usable_cpus()) >= 2:
+        assert binds[0] and binds[1] and not binds[0] & binds[1]  # disjoint cores
+    own = replica_envs(2, {**cpu, "VLLM_CPU_OMP_THREADS_BIND": "7"})
+    assert [e["VLLM_CPU_OMP_THREADS_BIND"] for e in own] == ["7", "7"]  # the user's own setting wins
+    gpu = {"VLLM_TARGET_DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": "3,5"}
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in replica_envs(2, gpu)] == ["3", "5"]
+    router, rest = split_args(["--port", "9000", "--host=0.0.0.0", "--max-model-len", "4096"])
+    assert router == {"--port": "9000", "--host": "0.0.0.0"} and rest == ["--max-model-len", "4096"]
+    assert replica_args([], 2, cpu)[-2:] == ["--gpu-memory-utilization", "0.4500"]
+    assert replica_args(["--kv-cache-memory-bytes", "1G"], 2, cpu) == ["--kv-cache-memory-bytes", "1G"]
+    assert replica_record("out/served.duckdb", 1) == str(Path("out/served.r1.duckdb"))
+    assert replica_record(None, 0) is None
+
+
+def test_routings_name_the_router_policies():
+    from ctk.engine_patch.config import ConfigError
+    from ctk.engine_patch.fleet import ROUTINGS, routing_by_name
+
+    ch = routing_by_name("consistent-hash").router_args()
+    assert ch[:2] == ["--policy", "consistent_hash"]
+    assert json.loads(ch[-1]) == {"binding_only": True, "program_scheduling_enable_key": "auto"}
+    assert routing_by_name("round-robin").router_args() == ["--policy", "round_robin"]
+    assert "binding_only" not in routing_by_name("program-scheduling").router_args()[-1]
+    assert set(ROUTINGS) == {"consistent-hash", "round-robin", "program-scheduling"}
+    with pytest.raises(ConfigError, match="unknown routing"):
+        routing_by_name("random")
+
+
+@pytest.mark.parametrize(
+    "model, replicas",
+    [("/nonexistent/model", "1"), ("./typo-model", "2"), ("no-such-org/no-such-model", "1")],
+)
+def test_serve_a_missing_model_is_one_line_and_exit_2(ctk_bin, model, replicas):
+    cmd = [*ctk_bin, "serve", model, "--policy", "vllm", "--replicas", replicas, "--port", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_repo_env())
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: model {model}: "), r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+# -- two replicas behind the router (real engines) ------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +214,7 @@ def _two_turn_programs(base: str, tag: str) -> dict[str, float]:
     return cached
 
 
+@pytest.mark.engine
 def test_consistent_hash_keeps_every_next_turn_on_its_pin_round_robin_does_not(fleet):
     from ctk.engine_patch.fleet import RoundRobin, Router
 
@@ -165,6 +226,8 @@ def test_consistent_hash_keeps_every_next_turn_on_its_pin_round_robin_does_not(f
         scattered = _two_turn_programs(rr.url, "rr")
     finally:
         rr.stop()
+    print("cached share of turn 1's prompt, consistent-hash:", sorted(hashed.items()))
+    print("cached share of turn 1's prompt, round-robin:", sorted(scattered.items()))
     pinned = {k: v for k, v in hashed.items() if not k.endswith("unpinned")}
     assert all(v >= 0.9 for v in pinned.values()), sorted(hashed.items())
     # the floods really evicted what was not pinned, so a hit above is the pin's doing
@@ -172,6 +235,7 @@ def test_consistent_hash_keeps_every_next_turn_on_its_pin_round_robin_does_not(f
     assert any(v < 0.9 for k, v in scattered.items() if not k.endswith("unpinned")), sorted(scattered.items())
 
 
+@pytest.mark.engine
 def test_metadata_vllm_refuses_passes_through_ctk_serve_and_the_router(fleet):
     from test_engine_hints import REFUSED_BY_VLLM
 
@@ -199,6 +263,7 @@ def _pins_created(fleet) -> float:
     return total
 
 
+@pytest.mark.engine
 def test_a_dying_replica_is_routed_around_and_ctrl_c_leaves_no_process(fleet):
     import psutil
 

@@ -393,7 +393,11 @@ class Fleet:
             code = 1
         finally:
             signal.signal(signal.SIGTERM, old)
-            self.stop()
+            old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave orphans
+            try:
+                self.stop()
+            finally:
+                signal.signal(signal.SIGINT, old_int)
         return code
 
     def __enter__(self) -> Fleet:
