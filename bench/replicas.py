@@ -4,10 +4,10 @@
     python bench/replicas.py --json out.json    # the same figures keyed by variant
 
 Replays the same recorded programs (same seed, ``ctk replay``'s workload) through a fresh 2-replica fleet
-per variant and prints mean JCT, hit rate (cached / prompt tokens), pins, the share of next turns that reached
-the replica of their program's previous turn, where its pin is ("same replica": the returns ctk's engines
-observed, ``ctk:tool_duration_seconds_count``, over all next turns), and the share of pins whose program came
-back to them in time (pin hits / pins created), summed over the replicas:
+per variant and prints mean JCT, hit rate (cached / prompt tokens), pins, the share of next turns that found
+their context ("context found": cached tokens >= 90% of the previous turn's prompt, which happens only on the
+replica that served the previous turn, and there only while the pin, or luck, kept the blocks), and the share
+of pins whose program came back to them in time (pin hits / pins created, summed over the replicas):
 
 - ``round-robin``     ctk ``ttl`` on both replicas, the router's round-robin (the baseline);
 - ``consistent-hash`` ctk ``ttl`` on both replicas, consistent hashing on X-Session-ID + program binding;
@@ -38,8 +38,8 @@ sys.path.insert(0, str(REPO / "bench"))
 #: Program Scheduling's Progress-TTL waits for this many finish -> return gaps before its TTL leaves 0
 #: (its default is 100, more than a small run has); the rest are the router's defaults.
 PEER_STATS_WINDOW = 20
-#: A program's return observed by the ctk engine that served its previous turn (finish -> next arrival).
-RETURNS = "ctk:tool_duration_seconds_count"
+#: A next turn "found its context" when at least this share of the previous turn's prompt was cached.
+FOUND = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +96,17 @@ def _session_header_client():
     return SessionHeaderClient
 
 
+def context_found(result) -> float | None:
+    """Share of next turns whose cached tokens cover >= FOUND of their previous turn's prompt."""
+    found = total = 0
+    for prog in result.programs:
+        for prev, turn in zip(prog.turns, prog.turns[1:], strict=False):
+            if turn.error is None and prev.prompt_tokens and turn.cached_tokens is not None:
+                total += 1
+                found += turn.cached_tokens >= FOUND * prev.prompt_tokens
+    return found / total if total else None
+
+
 def replica_counters(urls: list[str]) -> dict[str, float]:
     """Counters summed over the replicas (``server_metrics.delta`` short names)."""
     from ctk.measure import server_metrics
@@ -138,22 +149,18 @@ def run_variant(name, routing, policy, programs, cfg, model_dir, ttl_model, out_
         rcfg = dataclasses.replace(cfg["replay"], base_url=fleet.url, label=name, sample_interval_s=0)
         with mock.patch.object(httpx, "AsyncClient", _session_header_client()):
             result = run_replay(programs, cfg["workload"], rcfg)
-        after = replica_counters(urls)
-        result.server_metrics = server_metrics.delta(before, after)
+        result.server_metrics = server_metrics.delta(before, replica_counters(urls))
         dead = fleet.check()
     result.save(out_dir / f"replay-{name}.json")
     s = result.summary()
     pins, hits = s.get("pins"), s.get("pin_hits")
     s["pin_hit_share"] = hits / pins if pins else None
-    returns = after.get(RETURNS) if RETURNS in after else None  # ctk engines only (not --policy vllm)
-    next_turns = sum(max(len(p.turns) - 1, 0) for p in result.programs if p.ok)
-    if returns is not None and next_turns:
-        s["same_replica"] = (returns - before.get(RETURNS, 0.0)) / next_turns
+    s["context_found"] = context_found(result)
     s["dead_replicas"] = len(dead)
     log(
         f"[{name}] {s['programs']} programs ({s['failed_programs']} failed): mean JCT "
         f"{s['mean_jct_s'] or 0:.2f} s, hit rate {s['hit_rate'] or 0:.2f}, pins {pins}, "
-        f"same replica {s.get('same_replica')}"
+        f"context found {s['context_found']}"
     )
     return s
 
@@ -164,7 +171,7 @@ COLUMNS = (
     ("p99 TTFT s", "p99_ttft_s", "{:.3f}"),
     ("hit rate", "hit_rate", "{:.2f}"),
     ("pins", "pins", "{:.0f}"),
-    ("same replica", "same_replica", "{:.2f}"),
+    ("context found", "context_found", "{:.2f}"),
     ("pin hit/pins", "pin_hit_share", "{:.2f}"),
     ("failed", "failed_programs", "{:.0f}"),
     ("mean JCT x rr", "mean_jct_x_rr", "{:.2f}"),
