@@ -1,6 +1,6 @@
 """Two ctk replicas behind vllm-router: does a program's next turn reach the replica holding its pin?
 
-    python bench/replicas.py                    # small: 12 programs, 2 replicas, ~10 minutes on 2 cores
+    python bench/replicas.py                    # small: 12 programs, 2 replicas, ~12 minutes on 2 cores
     python bench/replicas.py --json out.json    # the same figures keyed by variant
 
 Replays the same recorded programs (same seed, ``ctk replay``'s workload) through a fresh 2-replica fleet
@@ -11,6 +11,7 @@ of pins whose program came back to them in time (pin hits / pins created, summed
 
 - ``round-robin``     ctk ``ttl`` on both replicas, the router's round-robin (the baseline);
 - ``consistent-hash`` ctk ``ttl`` on both replicas, consistent hashing on X-Session-ID + program binding;
+- ``consistent-hash-stock`` the same routing in front of stock vLLM (``--policy vllm``): affinity alone;
 - ``router-progress-ttl`` stock vLLM engines (``--policy vllm``) under vllm-router's own Program Scheduling
   (Progress-TTL and admission in the router, no pins): the nearest peer a user would pick instead.
 
@@ -56,6 +57,7 @@ def variants():
     return {
         "round-robin": (RoundRobin(), "ttl"),
         "consistent-hash": (ConsistentHash(), "ttl"),
+        "consistent-hash-stock": (ConsistentHash(), "vllm"),
         "router-progress-ttl": (peer, "vllm"),
     }
 
@@ -67,7 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=REPO / "out" / "bench-replicas", help="work folder")
     p.add_argument("--model-dir", type=Path, help="served model (default: build the tiny model)")
     p.add_argument("--ttl-model", type=Path, help="TTL model (default: ctk train on held-out programs)")
-    p.add_argument("--variants", default=",".join(["round-robin", "consistent-hash", "router-progress-ttl"]))
+    p.add_argument(
+        "--variants",
+        default="round-robin,consistent-hash,consistent-hash-stock,router-progress-ttl",
+        help="comma-separated (default: all four)",
+    )
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--programs", type=int, default=12)
     p.add_argument("--max-turns", type=int, default=8)
