@@ -8,7 +8,7 @@ VLLM_EXTRA ?= cpu
 STAMP := $(VENV)/.ctk-installed-$(VLLM_EXTRA)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench clean
+.PHONY: install browser demo test lint bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,12 @@ endif
 	# bfcl-eval pins numpy 1.26 / faiss / sentence-transformers: only its data and simulated APIs are used
 	$(PY) -m pip install --quiet --no-deps "bfcl-eval==2026.3.23"
 	touch $(STAMP)
+
+# Debian's chromium, so that tests/test_measure_report.py renders the HTML report headless (CI runs as root;
+# about a minute, once). Elsewhere: install chromium yourself, or the browser test is skipped.
+browser:
+	command -v chromium >/dev/null || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
 
 # The whole loop on the bundled sample: import -> stats -> train -> serve each policy -> replay -> report.
 demo: $(STAMP)

@@ -31,16 +31,58 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pandas as pd
+
+from ctk.errors import CtkError
 
 SCHEMA_VERSION = 1
 
-#: Quality flags whose durations are not usable at all (clock steps).
-EXCLUDED_QUALITY_FLAGS = ("implausible_lt_2ms",)
+#: A tool call longer than this is a broken clock or a broken file, not a measurement (30 days).
+MAX_PLAUSIBLE_DURATION_S = 30 * 86400.0
+#: Quality flag given at write time to a negative, non-finite or absurdly long ``duration_s``.
+IMPOSSIBLE_DURATION_FLAG = "impossible_duration"
+#: Quality flags whose durations are not usable at all (clock steps, impossible values).
+EXCLUDED_QUALITY_FLAGS = ("implausible_lt_2ms", IMPOSSIBLE_DURATION_FLAG)
+#: The same rule in SQL: a duration a predictor or a statistic may use.
+_USABLE_DURATION_SQL = (
+    f"duration_s IS NOT NULL AND isfinite(duration_s) AND duration_s >= 0 "
+    f"AND duration_s <= {MAX_PLAUSIBLE_DURATION_S}"
+)
 
 
-class StoreError(Exception):
+def usable_duration(durations: pd.Series) -> pd.Series:
+    """True where a duration is a number a predictor may learn from: finite, >= 0, at most 30 days."""
+    d = pd.to_numeric(durations, errors="coerce").astype(float)
+    return d.notna() & np.isfinite(d) & (d >= 0) & (d <= MAX_PLAUSIBLE_DURATION_S)
+
+
+def flag_impossible_durations(tool_calls: pd.DataFrame) -> pd.Series:
+    """Flag rows whose ``duration_s`` is given but impossible (negative, infinite, > 30 days) as
+    :data:`IMPOSSIBLE_DURATION_FLAG`, in place; returns the mask of flagged rows (to count them)."""
+    if tool_calls.empty or "duration_s" not in tool_calls:
+        return pd.Series(False, index=tool_calls.index)
+    given = tool_calls["duration_s"].notna()  # a missing duration is "no duration", not an impossible one
+    bad = given & ~usable_duration(tool_calls["duration_s"])
+    if bad.any():
+        tool_calls.loc[bad, "quality_flag"] = IMPOSSIBLE_DURATION_FLAG
+    return bad
+
+
+class StoreError(CtkError):
     """A trace store cannot be opened or written; the message says why."""
+
+
+def _is_lock_conflict(exc: duckdb.Error) -> bool:
+    return "lock" in str(exc).lower() and "conflicting" in str(exc).lower()
+
+
+def _lock_holder(exc: duckdb.Error) -> str:
+    """``PID 1234`` from DuckDB's lock message, or ``another process``."""
+    import re
+
+    m = re.search(r"PID (\d+)", str(exc))
+    return f"PID {m.group(1)}" if m else "another process"
 
 
 @dataclass
@@ -197,17 +239,56 @@ class TraceStore:
             raise StoreError(f"{self.path}: no such trace store")
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        #: Set when the store was locked by a writer and this reader opened a copy taken now instead.
+        self.snapshot: Path | None = None
         try:
             self._con = duckdb.connect(str(self.path), read_only=read_only)
         except duckdb.Error as exc:
-            raise StoreError(f"{self.path}: cannot open as a DuckDB trace store ({exc})") from None
+            if not _is_lock_conflict(exc):
+                raise StoreError(f"{self.path}: cannot open as a DuckDB trace store ({exc})") from None
+            if not read_only:
+                raise StoreError(
+                    f"{self.path}: being written by another process ({_lock_holder(exc)}, e.g. `ctk proxy`"
+                    " or `ctk collect`); stop it first or write to another --db"
+                ) from None
+            self._con = self._connect_snapshot()
         self._check_or_create_schema()
+
+    def _connect_snapshot(self) -> duckdb.DuckDBPyConnection:
+        """Read a copy of a store that a writer holds locked (DuckDB allows one writing process, and no
+        reader beside it): the file and its write-ahead log are copied, and the copy is opened read-only."""
+        import shutil
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="ctk-snapshot-"))
+        copy = folder / self.path.name
+        for attempt in range(3):  # a checkpoint between the two copies tears the pair: take it again
+            shutil.copyfile(self.path, copy)
+            wal = self.path.with_name(self.path.name + ".wal")
+            if wal.exists():
+                shutil.copyfile(wal, copy.with_name(copy.name + ".wal"))
+            try:
+                con = duckdb.connect(str(copy), read_only=False)  # replays the copied log into the copy
+                con.execute("CHECKPOINT")
+                break
+            except duckdb.Error as exc:
+                if attempt == 2:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    raise StoreError(
+                        f"{self.path}: locked by a writer, and a copy cannot be read ({exc})"
+                    ) from None
+        self.snapshot = folder
+        return con
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def close(self) -> None:
         with self._lock:
             self._con.close()
+        if self.snapshot is not None:
+            import shutil
+
+            shutil.rmtree(self.snapshot, ignore_errors=True)
 
     def __enter__(self) -> TraceStore:
         return self
@@ -292,6 +373,9 @@ class TraceStore:
         )
         if progs.empty:
             return 0
+        if len(tools):
+            tools = tools.copy()
+            flag_impossible_durations(tools)
         with self._transaction():
             self._con.register("_new_programs", progs)
             try:
@@ -437,10 +521,11 @@ class TraceStore:
         return self.query(f"{sql} ORDER BY {order}", params)
 
     def tool_calls(self, sources: Sequence[str] | None = None, usable_only: bool = True) -> pd.DataFrame:
-        """Tool calls ordered by program and turn; ``usable_only`` drops rows flagged as clock errors."""
+        """Tool calls ordered by program and turn; ``usable_only`` drops rows flagged as clock errors and
+        any duration that is not :func:`usable_duration` (also in stores written before that flag existed)."""
         df = self.table("tool_calls", sources)
         if usable_only:
-            df = df[~df["quality_flag"].isin(EXCLUDED_QUALITY_FLAGS) & df["duration_s"].notna()]
+            df = df[~df["quality_flag"].isin(EXCLUDED_QUALITY_FLAGS) & usable_duration(df["duration_s"])]
         return df.reset_index(drop=True)
 
     def counts(self) -> dict[str, int]:
@@ -459,7 +544,8 @@ class TraceStore:
     def stats(self, by: Sequence[str] = ("source", "main_program")) -> pd.DataFrame:
         """Per group: count, p50/p90/p99 (linear interpolation, as pandas), shares under 1/2/10 s, censored.
 
-        Rows flagged as clock errors (:data:`EXCLUDED_QUALITY_FLAGS`) are left out.
+        Rows flagged as clock errors or impossible (:data:`EXCLUDED_QUALITY_FLAGS`) are left out, and so is
+        any duration that is not usable (negative, non-finite, > 30 days) in stores written before the flag.
         """
         keys = ", ".join(by)
         excluded = ", ".join(f"'{f}'" for f in EXCLUDED_QUALITY_FLAGS)
@@ -473,7 +559,7 @@ class TraceStore:
                    avg(CASE WHEN duration_s < 10 THEN 1.0 ELSE 0.0 END) AS share_lt_10s,
                    avg(CASE WHEN censored THEN 1.0 ELSE 0.0 END) AS censored_share
             FROM tool_calls
-            WHERE duration_s IS NOT NULL AND quality_flag NOT IN ({excluded})
+            WHERE {_USABLE_DURATION_SQL} AND quality_flag NOT IN ({excluded})
             GROUP BY {keys} ORDER BY {keys}
         """
         return self.query(sql)

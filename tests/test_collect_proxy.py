@@ -191,3 +191,43 @@ def test_proxy_in_front_of_vllm_passes_the_session_id(tmp_path: Path, tiny_model
     assert (diff > -0.005).all() and (diff < 0.5).all()
     llm = read_table(proxy_db, "llm_calls")
     assert len(llm) == 5 and (llm["completion_tokens"] == 8).all() and llm["ttft_s"].notna().sum() == 2
+
+
+def test_proxy_refuses_bad_input_and_stops_cleanly(tmp_path: Path) -> None:
+    import signal
+    import socket
+
+    from collect_fixtures import CTK
+
+    bad = subprocess.run([*CTK, "proxy", "--url", "notaurl", "--db", str(tmp_path / "x.duckdb")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "not an http(s) URL" in bad.stderr and "Traceback" not in bad.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with scripted_server({"default": [{"content": "done"}]}) as upstream:
+        args = ["proxy", "--url", upstream.base_url, "--db", tmp_path / "p.duckdb", "--port", port]
+        proc = subprocess.Popen(
+            [*CTK, *map(str, args)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(url + "/models", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        body = b'{"messages": [{"role": "user", "content": "' + b"a" * 50_000_000 + b'"}]}'
+        try:
+            status = httpx.post(url + "/chat/completions", content=body, timeout=60).status_code
+        except httpx.HTTPError:  # the proxy may close the connection before the client has sent it all
+            status = 413
+        assert status == 413
+        assert httpx.post(url + "/chat/completions", json={"messages": []}, timeout=30).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "leaked semaphore" not in err and "Traceback" not in err, err
+    assert len(read_table(tmp_path / "p.duckdb", "llm_calls")) == 1  # the one good request was recorded

@@ -64,6 +64,7 @@ def test_collect_bundled_local_records_every_call_with_true_durations(tmp_path: 
         )
         seen = srv.requests()
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Provider List" not in proc.stdout + proc.stderr  # no litellm banner per call
     programs = read_table(db, "programs").set_index("task_id")
     llm = read_table(db, "llm_calls")
     tools = read_table(db, "tool_calls")
@@ -244,3 +245,27 @@ def test_ctrl_c_keeps_every_finished_step(tmp_path: Path) -> None:
     assert len(llm) == n_requests
     tools = read_table(db, "tool_calls")
     assert set(tools["turn_index"]) == set(range(n_requests))
+    # the progress bar and the summary agree: the stopped program is not "failed", its calls are counted
+    assert "failed 1" not in out + err and "0 failed" in out
+    assert f"{len(llm)} LLM calls, {len(tools)} tool calls" in out
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "expected"),
+    [
+        (["--url", "http://127.0.0.1:1/v1"], "no server answers"),
+        (["--model", "my-model"], "names no provider"),  # no --url: litellm cannot place it
+    ],
+)
+def test_bad_endpoint_fails_at_once_in_one_line(tmp_path: Path, endpoint, expected) -> None:
+    env = {k: v for k, v in COLLECT_ENV.items() if k != "MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT"}
+    db = tmp_path / "e.duckdb"
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [*CTK, "collect", "swebench", "--db", str(db), "--instances", "bundled", *endpoint],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert time.monotonic() - t0 < 30  # was: 282 s of retries per program
+    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not db.exists()

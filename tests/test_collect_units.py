@@ -157,7 +157,7 @@ def test_store_writer_keeps_order_and_reports_errors(tmp_path: Path) -> None:
         rec.finish("done")
         ProgramRecorder(writer, ProgramRecord(program_id="p", source="s"))  # duplicate: an error, not a crash
         assert writer.flush(timeout=30)
-        with pytest.raises(StoreError, match="lock"):  # the writer process owns the store meanwhile
+        with pytest.raises(StoreError, match="being written by another process"):  # the writer owns it
             TraceStore(db)
     assert len(writer.errors) == 1 and "already" in writer.errors[0]
     tools, llm = read_table(db, "tool_calls"), read_table(db, "llm_calls")

@@ -134,6 +134,16 @@ def _synthetic_csv(path, n_programs: int, calls: int) -> pd.DataFrame:
     return df
 
 
+def _signal_after_commits(proc: subprocess.Popen, sig: int, n: int) -> None:
+    """Send ``sig`` to a ``ctk import -v`` once it has reported ``n`` committed batches."""
+    commits = 0
+    for line in proc.stderr:
+        commits += line.startswith("committed")
+        if commits >= n:
+            proc.send_signal(sig)
+            return
+
+
 def test_killed_import_keeps_every_committed_program(tmp_path):
     src = tmp_path / "csv"
     src.mkdir()
@@ -156,12 +166,7 @@ def test_killed_import_keeps_every_committed_program(tmp_path):
         stdout=subprocess.DEVNULL,
         text=True,
     )
-    commits = 0
-    for line in proc.stderr:
-        commits += line.startswith("committed")
-        if commits >= 3:
-            proc.send_signal(signal.SIGKILL)
-            break
+    _signal_after_commits(proc, signal.SIGKILL, 3)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the import finished before it could be killed"
 
@@ -222,5 +227,91 @@ def test_cli_errors_are_clear(tmp_path):
     res = _ctk("export", "--db", bad, "-o", tmp_path / "x.txt", check=False)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     res = _ctk("import", tmp_path / "nothing-here", "--db", tmp_path / "n.duckdb", check=False)
-    assert res.returncode == 0 and "no such file" in res.stderr
+    assert res.returncode == 2 and "no such file" in res.stderr
+    assert not (tmp_path / "n.duckdb").exists()
     shutil.rmtree(tmp_path / "n.duckdb", ignore_errors=True)
+
+
+def test_import_of_nothing_fails_and_creates_no_store(tmp_path):
+    good = tmp_path / "tool_calls.csv"
+    _synthetic_csv(good, n_programs=3, calls=2)
+    empty = tmp_path / "tool_calls_empty.csv"
+    empty.write_text("")
+    wrong = tmp_path / "tool_calls_wrong.csv"
+    wrong.write_text("a,b\n1,2\n")
+    truncated = tmp_path / "tool_calls_truncated.csv"
+    truncated.write_bytes(good.read_bytes()[:25])
+    db = tmp_path / "new.duckdb"
+    for paths in ([tmp_path / "typo.csv"], [good, tmp_path / "typo.csv"], [empty], [wrong], [truncated]):
+        res = _ctk("import", *paths, "--db", db, "--format", "agent-traces-csv", check=False)
+        assert res.returncode != 0, (paths, res.stderr)
+        assert "error:" in res.stderr and "Traceback" not in res.stderr, res.stderr
+        assert not db.exists(), paths
+    # a store that already exists is left as it was
+    _ctk("import", good, "--db", db)
+    before = TraceStore(db, read_only=True).counts()
+    res = _ctk("import", wrong, "--db", db, "--format", "agent-traces-csv", check=False)
+    assert res.returncode == 1 and "unchanged" in res.stderr
+    assert TraceStore(db, read_only=True).counts() == before
+
+
+def test_impossible_durations_are_flagged_and_never_used(tmp_path):
+    csv = tmp_path / "tool_calls.csv"
+    bad = ["-5", "-0.0001", "inf", "-inf", "1e300"]
+    good = [0.5, 1.0, 2.0, 4.0]
+    rows = ["source,program_id,turn_index,tool_name,main_program,command_or_args,duration_s"]
+    rows += [f"s,p{i % 2},{i},bash,cat,cat f{i},{d}" for i, d in enumerate([*bad, *map(str, good)])]
+    csv.write_text("\n".join(rows) + "\n")
+    db = tmp_path / "t.duckdb"
+    res = _ctk("import", csv, "--db", db)
+    assert "impossible durations (flagged, not used)" in res.stdout
+    assert res.stdout.split("impossible durations (flagged, not used)")[1].split()[1] == str(len(bad))
+    with TraceStore(db, read_only=True) as store:
+        assert store.counts()["tool_calls"] == len(bad) + len(good)  # stored, flagged: nothing is lost
+        usable = store.tool_calls()  # what every predictor reads
+        assert sorted(usable["duration_s"]) == good
+        stats = store.stats()
+    assert stats["n"].tolist() == [len(good)] and np.isclose(stats["p99_s"].iloc[0], np.quantile(good, 0.99))
+    js = json.loads(_ctk("stats", "--db", db, "--json").stdout)
+    assert js[0]["p99_s"] < 5
+
+
+def test_stats_shows_a_missing_main_program_as_a_dash(tmp_path):
+    csv = tmp_path / "tool_calls.csv"
+    csv.write_text("source,program_id,turn_index,tool_name,main_program,command_or_args,duration_s\n"
+                   "s,p0,0,bash,,,1.0\ns,p0,1,bash,ls,ls,2.0\n")
+    db = tmp_path / "t.duckdb"
+    _ctk("import", csv, "--db", db)
+    out = _ctk("stats", "--db", db).stdout
+    assert "nan" not in out and "None" not in out
+    assert any(line.split("│")[2].strip() == "-" for line in out.splitlines() if line.count("│") > 3)
+
+
+def test_export_to_an_unwritable_path_is_one_line(tmp_path):
+    db = tmp_path / "t.duckdb"
+    _ctk("import", sample_traces_dir(), "--db", db)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    res = _ctk("export", "--db", db, "-o", blocker / "sub" / "x.csv", check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().startswith("error: cannot write") and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_during_import_exits_130_and_keeps_committed_programs(tmp_path):
+    src = tmp_path / "csv"
+    src.mkdir()
+    df = _synthetic_csv(src / "tool_calls.csv", n_programs=3000, calls=10)
+    db = tmp_path / "t.duckdb"
+    args = [sys.executable, "-m", "ctk.cli", "import", src, "--db", db, "--batch-programs", "20", "-v"]
+    proc = subprocess.Popen([*map(str, args)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    _signal_after_commits(proc, signal.SIGINT, 3)
+    rest = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert proc.returncode == 130, rest
+    assert "Traceback" not in rest and "interrupted" in rest, rest
+    with TraceStore(db, read_only=True) as store:
+        per_program = store.query("SELECT program_id, count(*) AS n FROM tool_calls GROUP BY program_id")
+    assert 60 <= len(per_program) < 3000 and (per_program["n"] == 10).all()
+    _ctk("import", src, "--db", db, "--batch-programs", "3000")  # the rerun adds the rest
+    with TraceStore(db, read_only=True) as store:
+        assert store.counts()["tool_calls"] == len(df)

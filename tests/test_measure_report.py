@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import html
+import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,12 +84,65 @@ def test_report_cli_with_bad_input(tmp_path, ctk_bin):
     assert r.returncode == 2 and "--db" in r.stderr
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+#: Injected first into a copy of the page: records script errors, failed resource loads and console.error
+#: calls, and after load writes what it saw (and every image's state) into the page for --dump-dom to show.
+_PAGE_CHECK = """<script>
+window.__ctkErrors = [];
+window.addEventListener("error", e => window.__ctkErrors.push(
+  e.message || ("failed to load " + ((e.target && (e.target.src || e.target.href)) || "?"))), true);
+const __ctkConsoleError = console.error;
+console.error = (...a) => { window.__ctkErrors.push(a.join(" ")); __ctkConsoleError(...a); };
+window.addEventListener("load", () => {
+  const imgs = [...document.images];
+  document.body.setAttribute("data-ctk-check", JSON.stringify({
+    images: imgs.length,
+    broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute("src")),
+    errors: window.__ctkErrors}));
+});
+</script>"""
+
+
+def _chromium() -> str:
+    """Debian's chromium; CI (CTK_REQUIRE_CHROMIUM=1, set by .ci/run) fails instead of skipping without it."""
+    exe = shutil.which("chromium")
+    if exe is None:
+        if os.environ.get("CTK_REQUIRE_CHROMIUM") == "1":
+            pytest.fail("chromium is not installed but CTK_REQUIRE_CHROMIUM=1 (.ci/run installs it)")
+        pytest.skip("Debian's chromium is not installed")
+    return exe
+
+
+def _page_check(chromium: str, page) -> dict:
+    """Open ``page`` headless and return what the injected check saw: images, broken images, errors."""
+    text = page.read_text()
+    checked = page.with_name("ctk-check-" + page.name)
+    checked.write_text(text.replace("<head>", "<head>" + _PAGE_CHECK, 1) if "<head>" in text
+                       else _PAGE_CHECK + text)
+    proc = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000", "--dump-dom",
+         checked.as_uri()],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    found = re.search(r'data-ctk-check="([^"]*)"', proc.stdout)
+    assert found, f"the page did not finish loading: {proc.stderr[-2000:]}"
+    return json.loads(html.unescape(found.group(1)))
+
+
 def test_report_renders_in_headless_chromium(tmp_path):
+    chromium = _chromium()
     page = build_report(ReportInputs(results=_results()), tmp_path / "report")
+    seen = _page_check(chromium, page)
+    assert seen["images"] == len(referenced_images(page)) > 0
+    assert seen["broken"] == [] and seen["errors"] == [], seen
+    # the check itself notices a broken image and a script error
+    (page.parent / "jct_cdf.png").unlink()
+    page.write_text(page.read_text().replace("</body>", "<script>undefinedFunction()</script></body>"))
+    seen = _page_check(chromium, page)
+    assert seen["broken"] == ["jct_cdf.png"] and len(seen["errors"]) == 2, seen
     shot = tmp_path / "shot.png"
+    page = build_report(ReportInputs(results=_results()), tmp_path / "report2")
     subprocess.run(
-        [shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
          "--window-size=1100,2400", page.as_uri()],
         capture_output=True, timeout=120, check=False,
     )

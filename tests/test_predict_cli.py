@@ -116,7 +116,7 @@ def test_evaluate_without_model(predict_sample_store, tmp_path):  # noqa: F811
         tmp_path / "plots",
     )
     assert r.exit_code == 0, r.output
-    res = json.loads(r.output)
+    res = json.loads(r.stdout)  # steps go to stderr, JSON alone to stdout
     assert res["split"] == "3-fold by program"
     assert len(res["leave_one_source_out"]) == 3
     assert (tmp_path / "plots" / "calibration.png").exists()
@@ -173,6 +173,8 @@ def test_train_histogram_and_running_mean(predict_sample_store, tmp_path):  # no
         out = tmp_path / f"{kind}.pkl"
         r = _run("train", "--db", predict_sample_store, "--predictor", kind, "-o", out)
         assert r.exit_code == 0, r.output
+        # piped output (no progress bar) still says what it is doing, step by step
+        assert "held-out evaluation ..." in r.output and "fit on all rows ..." in r.output
         t = load_ttl_tables(out)
         if kind == "running-mean":  # the public rule: 2 s or nothing, whatever context or pressure
             vals = {x for rows in t.ttl_s.values() for row in rows for x in row}
@@ -233,3 +235,36 @@ def test_profile_against_a_live_server(tmp_path, predict_sample_store):  # noqa:
     assert load_model(tmp_path / "m.pkl")["cost_model"]["profile_source"] == str(out)
     r = _run("profile", "--url", "http://127.0.0.1:9/v1", "-o", tmp_path / "p.json")
     assert r.exit_code == 2 and "request failed" in r.output
+
+
+def test_numeric_options_are_checked_against_their_range(trained_model, tmp_path):  # noqa: F811
+    src = sample_traces_dir() / "tool_calls.csv.gz"
+    for bad in ("-1", "nan", "1.5", "inf", "abc"):
+        r = _run("predict", "--model", trained_model, src, "-o", tmp_path / "p.csv", "--pressure", bad)
+        assert r.exit_code == 2 and "--pressure" in r.output, (bad, r.output)
+    assert not (tmp_path / "p.csv").exists()
+    r = _run("train", "--db", tmp_path / "x.duckdb", "--block-size", "0")
+    assert r.exit_code == 2 and "--block-size" in r.output
+    r = _run("train", "--db", tmp_path / "x.duckdb", "--requeue-delay", "nan")
+    assert r.exit_code == 2 and "--requeue-delay" in r.output
+
+
+def test_model_file_respects_the_umask(trained_model, tmp_path):  # noqa: F811
+    from ctk.predict.modelfile import save_model
+
+    old = os.umask(0o022)
+    try:
+        path = save_model(load_model(trained_model), tmp_path / "shared.pkl")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # another account can load it
+
+
+def test_evaluation_never_claims_more_folds_than_programs(tmp_path):
+    rows = ["source,program_id,turn_index,tool_name,main_program,command_or_args,duration_s"]
+    rows += [f"s,p{p},{t},bash,ls,ls {t},{0.1 * (t + 1) + p}" for p in range(3) for t in range(8)]
+    csv = tmp_path / "tool_calls.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    r = _run("evaluate", "--db", csv, "--predictors", "running-mean", "--folds", "5", "--json", "--no-loso")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["split"] == "3-fold by program"

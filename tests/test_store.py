@@ -110,3 +110,32 @@ def test_fingerprint_changes_with_content(tmp_path):
     store.add_programs([q], llm2, tools2)
     assert store.fingerprint() != f1
     assert store.fingerprint().startswith("6:")
+
+
+def test_a_store_locked_by_a_writer_is_read_from_a_snapshot(tmp_path):
+    import subprocess
+    import sys
+
+    db = tmp_path / "busy.duckdb"
+    with TraceStore(db) as store:
+        prog, llm, tools = _program("p1")
+        store.add_programs([prog], llm, tools)
+    writer = subprocess.Popen(  # another process holds the store open for writing, as `ctk proxy` does
+        [sys.executable, "-c", f"from ctk.store import TraceStore; s = TraceStore({str(db)!r}); "
+         "print('open', flush=True); input()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert writer.stdout.readline().strip() == "open"
+        with pytest.raises(StoreError, match=f"being written by another process \\(PID {writer.pid}"):
+            TraceStore(db)
+        with TraceStore(db, read_only=True) as store:
+            assert store.snapshot is not None and store.counts()["tool_calls"] == 3
+            snapshot = store.snapshot
+        assert not snapshot.exists()  # the copy is removed on close
+        res = subprocess.run(
+            [sys.executable, "-m", "ctk.cli", "stats", "--db", str(db)], capture_output=True, text=True
+        )
+        assert res.returncode == 0 and "reading a copy taken now" in res.stderr and "ls" in res.stdout
+    finally:
+        writer.communicate("", timeout=30)

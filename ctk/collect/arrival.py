@@ -16,10 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from ctk.errors import CtkError
+
 ARRIVALS = ("fixed", "poisson")
 
 
-class ArrivalError(ValueError):
+class ArrivalError(CtkError, ValueError):
     """Bad arrival options; the message says why."""
 
 

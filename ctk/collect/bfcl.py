@@ -30,7 +30,15 @@ import numpy as np
 
 from ctk.collect.arrival import arrival_offsets, run_jobs
 from ctk.collect.recorder import ProgramRecorder, Stamp
-from ctk.collect.swebench import CollectError, CollectionInterrupted, CollectSummary, register_run, summarize
+from ctk.collect.swebench import (
+    CollectError,
+    CollectionInterrupted,
+    CollectSummary,
+    check_endpoint,
+    count_recorded,
+    register_run,
+    summarize,
+)
 from ctk.collect.writer import StoreWriter
 from ctk.store import EXCLUDED_QUALITY_FLAGS, ProgramRecord, RunRecord, TraceStore
 
@@ -461,10 +469,9 @@ def run_program(ctx: _BfclContext, entry: dict[str, Any], program_id: str) -> st
         rec.finish(outcome)
         with ctx.lock:
             ctx.summary.outcomes[outcome] += 1
-            ctx.summary.n_llm_calls += rec.turn + 1
-            ctx.summary.n_tool_calls += rec.n_tool_calls
         return outcome
     finally:
+        count_recorded(ctx.summary, ctx.lock, rec)
         _forget_instances(model_tag)
 
 
@@ -512,6 +519,7 @@ def collect_bfcl(
             "stream": opts.stream,
         },
     )
+    check_endpoint(opts.base_url, opts.api_key)
     todo = register_run(opts.db, list(by_pid), run, opts.resume, summary)
     if not todo:
         return summary

@@ -6,6 +6,14 @@ from pathlib import Path
 
 import typer
 
+from ctk.options import NON_NEGATIVE, PORT, POSITIVE
+
+#: One name for "the OpenAI-compatible server ctk talks to" in every command (old names still accepted).
+URL_HELP = "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"
+DB_HELP = "trace store (DuckDB file; created if missing)"
+#: ``ctk proxy``'s default cap on a request body (an agent's whole context is far below this).
+MAX_BODY_MB = 32.0
+
 collect_app = typer.Typer(help="Record real agent runs into a trace store.", no_args_is_help=True)
 
 
@@ -29,23 +37,30 @@ class _Progress:
             transient=False,
         )
         self.task = self.progress.add_task(label, total=total, status="")
-        self.ok = self.failed = self.running = 0
+        self.ok = self.failed = self.stopped = self.running = 0
 
     def on_start(self, key: str) -> None:
         self.running += 1
         self._update()
 
     def on_done(self, res) -> None:
+        from ctk.collect.swebench import was_stopped
+
         self.running -= 1
         if res.ok:
             self.ok += 1
+        elif was_stopped(res):  # the same rule as the summary: stopped by Ctrl-C is not failed
+            self.stopped += 1
         else:
             self.failed += 1
         self.progress.advance(self.task)
         self._update()
 
     def _update(self) -> None:
-        self.progress.update(self.task, status=f"running {self.running}, ok {self.ok}, failed {self.failed}")
+        status = f"running {self.running}, ok {self.ok}, failed {self.failed}"
+        if self.stopped:
+            status += f", stopped {self.stopped}"
+        self.progress.update(self.task, status=status)
 
     def __enter__(self) -> _Progress:
         self.progress.start()
@@ -78,10 +93,8 @@ def _print_summary(summary, db: Path) -> None:
 
 @collect_app.command("swebench")
 def swebench(
-    db: Path = typer.Option(..., "--db", help="trace store (DuckDB file; created if missing)"),
-    base_url: str = typer.Option(
-        None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"
-    ),
+    db: Path = typer.Option(..., "--db", help=DB_HELP),
+    base_url: str = typer.Option(None, "--url", "--base-url", help=URL_HELP),
     model: str = typer.Option("default", "--model", "-m", help="model name sent to the endpoint"),
     api_key: str = typer.Option(None, "--api-key", envvar="CTK_API_KEY", help="API key (never logged)"),
     instances: str = typer.Option(
@@ -103,13 +116,16 @@ def swebench(
     model_class: str = typer.Option(
         None, "--model-class", help="mini-swe-agent model class (default litellm)"
     ),
-    step_limit: int = typer.Option(None, "--step-limit", help="max LLM calls per program"),
-    timeout: int = typer.Option(None, "--timeout", help="seconds per tool call before it is killed"),
-    workers: int = typer.Option(1, "--workers", "-w", help="programs run concurrently"),
+    step_limit: int = typer.Option(None, "--step-limit", help="max LLM calls per program", min=1),
+    timeout: int = typer.Option(None, "--timeout", help="seconds per tool call before it is killed", min=1),
+    retries: int = typer.Option(
+        None, "--retries", help="retries of a failed LLM call, 4 s, 4 s, 8 s, ... apart [default: 2]", min=0
+    ),
+    workers: int = typer.Option(1, "--workers", "-w", help="programs run concurrently", min=1),
     arrival: str = typer.Option("fixed", "--arrival", help="fixed (concurrency = workers) or poisson"),
-    rate: float = typer.Option(None, "--rate", help="poisson arrivals: programs per second"),
+    rate: float = typer.Option(None, "--rate", help="poisson arrivals: programs per second", parser=POSITIVE),
     seed: int = typer.Option(0, "--seed"),
-    repeats: int = typer.Option(1, "--repeats", help="runs per instance (program ids get #k)"),
+    repeats: int = typer.Option(1, "--repeats", help="runs per instance (program ids get #k)", min=1),
     resume: bool = typer.Option(False, "--resume", help="skip complete programs, redo unfinished ones"),
     source: str = typer.Option(
         "collect-swebench", "--source", help="source label; program ids are SOURCE/ID"
@@ -159,6 +175,7 @@ def swebench(
         keep_workdirs=keep_workdirs,
         traj_dir=traj_dir,
         send_metadata=send_metadata,
+        retries=retries,
     )
     try:
         with _Progress(len(rows) * repeats, "swebench") as prog:
@@ -174,8 +191,8 @@ def swebench(
 
 @collect_app.command("bfcl")
 def bfcl(
-    db: Path = typer.Option(..., "--db", help="trace store (DuckDB file; created if missing)"),
-    base_url: str = typer.Option(..., "--base-url", help="OpenAI-compatible endpoint with tool calling"),
+    db: Path = typer.Option(..., "--db", help=DB_HELP),
+    base_url: str = typer.Option(..., "--url", "--base-url", help=URL_HELP + " (with tool calling)"),
     model: str = typer.Option("default", "--model", "-m"),
     api_key: str = typer.Option(None, "--api-key", envvar="CTK_API_KEY", help="API key (never logged)"),
     category: list[str] = typer.Option(["base"], "--category", help="base|miss_func|miss_param|long_context"),
@@ -189,14 +206,16 @@ def bfcl(
         help="inject latency per call: SECONDS, exp:MEAN, uniform:LO,HI, "
         "lognormal:MEDIAN,SIGMA, or a trace store / CSV to sample from",
     ),
-    latency_max: float = typer.Option(300.0, "--latency-max", help="cap on one injected latency (s)"),
-    max_steps: int = typer.Option(20, "--max-steps", help="model steps per user turn (BFCL uses 20)"),
-    temperature: float = typer.Option(0.0, "--temperature"),
-    max_tokens: int = typer.Option(None, "--max-tokens"),
+    latency_max: float = typer.Option(
+        300.0, "--latency-max", help="cap on one injected latency (s)", parser=POSITIVE
+    ),
+    max_steps: int = typer.Option(20, "--max-steps", help="model steps per user turn (BFCL uses 20)", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", parser=NON_NEGATIVE),
+    max_tokens: int = typer.Option(None, "--max-tokens", min=1),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="stream (records time to first token)"),
-    workers: int = typer.Option(1, "--workers", "-w"),
+    workers: int = typer.Option(1, "--workers", "-w", min=1),
     arrival: str = typer.Option("fixed", "--arrival", help="fixed or poisson"),
-    rate: float = typer.Option(None, "--rate", help="poisson arrivals: programs per second"),
+    rate: float = typer.Option(None, "--rate", help="poisson arrivals: programs per second", parser=POSITIVE),
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="skip complete programs, redo unfinished ones"),
     source: str = typer.Option("collect-bfcl", "--source"),
@@ -244,21 +263,28 @@ def bfcl(
 
 
 def proxy(
-    upstream: str = typer.Option(
-        ..., "--upstream", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1"
-    ),
-    db: Path = typer.Option(..., "--db", help="trace store (DuckDB file; created if missing)"),
+    upstream: str = typer.Option(..., "--url", "--upstream", help="upstream " + URL_HELP),
+    db: Path = typer.Option(..., "--db", help=DB_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="bind address (default: loopback only)"),
-    port: int = typer.Option(8080, "--port"),
+    port: int = typer.Option(8080, "--port", parser=PORT),
     source: str = typer.Option("proxy", "--source", help="source label of the recorded programs"),
-    idle_finish: float = typer.Option(600.0, "--idle-finish", help="finish a program after this many idle s"),
-    timeout: float = typer.Option(600.0, "--timeout", help="upstream request timeout (s)"),
+    idle_finish: float = typer.Option(
+        600.0, "--idle-finish", help="finish a program after this many idle s", parser=POSITIVE
+    ),
+    timeout: float = typer.Option(600.0, "--timeout", help="upstream request timeout (s)", parser=POSITIVE),
+    max_body_mb: float = typer.Option(
+        MAX_BODY_MB, "--max-body-mb", help="refuse larger request bodies (HTTP 413)", parser=POSITIVE
+    ),
     model: str = typer.Option(None, "--model", help="model label stored with the programs"),
 ) -> None:
     """Record LLM calls (and the tool pauses between them) of any agent pointed at this proxy."""
-    from ctk.collect.proxy import ProxyOptions, serve_proxy
+    from ctk.collect.proxy import ProxyOptions, check_upstream, serve_proxy
     from ctk.store import StoreError, TraceStore
 
+    try:
+        check_upstream(upstream)
+    except ValueError as exc:
+        _fail(str(exc))
     try:  # fail early and clearly on a bad store path
         TraceStore(db).close()
     except StoreError as exc:
@@ -266,7 +292,13 @@ def proxy(
     typer.echo(f"ctk proxy: http://{host}:{port}/v1 -> {upstream}, recording into {db}")
     serve_proxy(
         ProxyOptions(
-            upstream=upstream, db=db, source=source, idle_finish_s=idle_finish, timeout_s=timeout, model=model
+            upstream=upstream,
+            db=db,
+            source=source,
+            idle_finish_s=idle_finish,
+            timeout_s=timeout,
+            model=model,
+            max_body_bytes=int(max_body_mb * 1e6),
         ),
         host=host,
         port=port,

@@ -1,6 +1,6 @@
 """``ctk proxy``: an OpenAI-compatible recording proxy for agents ctk does not drive.
 
-Every ``/v1/chat/completions`` and ``/v1/completions`` request is forwarded to ``--upstream`` (streaming
+Every ``/v1/chat/completions`` and ``/v1/completions`` request is forwarded to ``--url`` (streaming
 responses are passed through chunk by chunk) and recorded as an LLM call: send, first token (streaming),
 finish, token usage, finish reason. Other paths (``/v1/models``, ...) are forwarded unrecorded.
 
@@ -66,6 +66,27 @@ class ProxyOptions:
     idle_finish_s: float = 600.0
     timeout_s: float = 600.0
     model: str | None = None
+    max_body_bytes: int = 32_000_000  # larger request bodies get HTTP 413 (untrusted clients)
+
+
+def check_upstream(url: str) -> None:
+    """Raise ValueError (one line) unless ``url`` is an http(s) URL with a host."""
+    parsed = httpx.URL(url) if url.startswith(("http://", "https://")) else None
+    if parsed is None or not parsed.host:
+        raise ValueError(f"--url {url!r} is not an http(s) URL, e.g. http://127.0.0.1:8000/v1")
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None when it is larger than ``limit`` bytes (read no further than that)."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        return None
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf.extend(chunk)
+        if len(buf) > limit:
+            return None
+    return bytes(buf)
 
 
 def program_from_request(headers: dict[str, str], body: dict[str, Any]) -> tuple[str, bool]:
@@ -316,7 +337,11 @@ def create_app(opts: ProxyOptions) -> FastAPI:
     async def forward(path: str, request: Request):
         client: httpx.AsyncClient = app.state.client
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
-        raw = await request.body()
+        raw = await _read_body(request, opts.max_body_bytes)
+        if raw is None:
+            return JSONResponse(
+                {"error": {"message": f"request body larger than {opts.max_body_bytes} bytes"}}, 413
+            )
         url = f"{upstream}/{path}"
         if request.method != "POST" or path not in RECORDED_PATHS:
             try:
@@ -421,6 +446,13 @@ def create_app(opts: ProxyOptions) -> FastAPI:
 
 
 def serve_proxy(opts: ProxyOptions, host: str = "127.0.0.1", port: int = 8080) -> None:
+    import signal
+    import sys
+
     import uvicorn
 
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the handler it found: with
+    # the default one the process dies at once and the writer's queues leak their semaphores (a warning at
+    # exit). With this one it exits normally (code 143) and everything is cleaned up.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     uvicorn.run(create_app(opts), host=host, port=port, log_level="warning", access_log=False)

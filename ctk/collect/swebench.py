@@ -25,11 +25,14 @@ from ctk.collect.arrival import arrival_offsets, run_jobs
 from ctk.collect.recorder import ProgramRecorder, RecordingEnvironment, RecordingModel
 from ctk.collect.writer import StoreWriter, open_store
 from ctk.datasets.instances import ARCHIVE_SUFFIXES, find_repo_source
+from ctk.errors import CtkError
 from ctk.store import ProgramRecord, RunRecord, TraceStore
 
 log = logging.getLogger(__name__)
 
 ENVIRONMENTS = ("local", "docker")
+DEFAULT_RETRIES = 2
+_RETRY_KNOB = "MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT"  # mini-swe-agent reads it at every LLM call
 _GIT_ENV = {
     "GIT_AUTHOR_NAME": "ctk",
     "GIT_AUTHOR_EMAIL": "ctk@localhost",
@@ -39,11 +42,11 @@ _GIT_ENV = {
 }
 
 
-class CollectError(RuntimeError):
+class CollectError(CtkError, RuntimeError):
     """A collection cannot start; the message says why."""
 
 
-class CollectionInterrupted(Exception):
+class CollectionInterrupted(CtkError):
     """Raised inside a program when the collection is stopping (Ctrl-C): the program stays incomplete."""
 
 
@@ -70,6 +73,9 @@ class SwebenchOptions:
     keep_workdirs: bool = False
     traj_dir: Path | None = None
     send_metadata: bool = True
+    # LLM-call retries after the first attempt (mini-swe-agent's back-off: 4 s, 4 s, 8 s, ...); None: its
+    # MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT if set, else DEFAULT_RETRIES (mini-swe-agent's own default is 9)
+    retries: int | None = None
 
 
 @dataclass
@@ -87,15 +93,26 @@ class CollectSummary:
     n_tool_calls: int = 0
 
 
+def was_stopped(res: Any) -> bool:
+    """A program that ended because the collection is stopping (Ctrl-C), not because it failed."""
+    error = res.error or ""
+    return not res.ok and ("CollectionInterrupted" in error or "interrupted" in error)
+
+
+def count_recorded(summary: CollectSummary, lock: threading.Lock, recorder: ProgramRecorder) -> None:
+    """Add a program's committed LLM and tool calls to the summary, whether it finished, failed or stopped."""
+    with lock:
+        summary.n_llm_calls += recorder.turn + 1
+        summary.n_tool_calls += recorder.n_tool_calls
+
+
 def summarize(results: list, interrupted: bool, summary: CollectSummary) -> None:
     """Fold job results into ``summary``; programs stopped by Ctrl-C count as interrupted, not failed."""
     summary.interrupted = interrupted
     for res in results:
         if res.ok:
             summary.completed += 1
-        elif (
-            interrupted and res.error and ("CollectionInterrupted" in res.error or "interrupted" in res.error)
-        ):
+        elif interrupted and was_stopped(res):
             summary.stopped += 1
         else:
             summary.failed += 1
@@ -187,6 +204,52 @@ def _quiet_minisweagent() -> None:
     os.environ.setdefault("MSWEA_SILENT_STARTUP", "1")
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     os.environ.setdefault("MSWEA_COST_TRACKING", "ignore_errors")
+
+
+def quiet_litellm() -> None:
+    """No red "Provider List" banner and no "Give Feedback" lines per call: ctk reports failures itself."""
+    import litellm
+
+    litellm.suppress_debug_info = True
+    litellm.set_verbose = False
+    logging.getLogger("LiteLLM").setLevel(logging.CRITICAL)
+
+
+def check_endpoint(base_url: str, api_key: str | None = None, timeout_s: float = 2.0) -> None:
+    """Fail in a second, in one line, when no OpenAI-compatible server answers at ``base_url`` (as
+    ``ctk replay`` and ``ctk profile`` do) instead of retrying every program's first LLM call for minutes."""
+    import httpx
+
+    url = base_url.rstrip("/") + "/models"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = httpx.get(url, headers=headers, timeout=timeout_s)
+    except httpx.InvalidURL as exc:
+        raise CollectError(f"--url {base_url!r} is not a URL ({exc})") from None
+    except httpx.HTTPError as exc:
+        raise CollectError(
+            f"{base_url}: no server answers ({type(exc).__name__}: {exc}); start one (`ctk serve`) "
+            "or fix --url"
+        ) from None
+    if r.status_code in (401, 403):
+        raise CollectError(
+            f"{base_url}: the server refuses the API key (HTTP {r.status_code}); pass --api-key"
+        )
+    if r.status_code == 404:
+        raise CollectError(f"{url}: HTTP 404, not an OpenAI-compatible API (does --url end in /v1?)")
+
+
+def check_provider(model_name: str) -> None:
+    """Without --url the model name must name a provider litellm knows (``openai/...``, ``anthropic/...``)."""
+    import litellm
+
+    try:
+        litellm.get_llm_provider(model_name)
+    except Exception:  # noqa: BLE001 - litellm raises its own BadRequestError for an unknown provider
+        raise CollectError(
+            f"model {model_name!r} names no provider litellm knows: pass --url of an OpenAI-compatible "
+            "server (e.g. http://127.0.0.1:8000/v1) or a provider model such as openai/gpt-4o-mini"
+        ) from None
 
 
 def build_config(opts: SwebenchOptions) -> dict[str, Any]:
@@ -299,6 +362,7 @@ def run_program(ctx: _Context, instance: dict[str, Any], program_id: str) -> str
     from minisweagent.models import get_model
 
     env, workdir = _make_env(ctx, instance, program_id)
+    recorder = None
     try:
         model_cfg = ctx.config.get("model") or {}
         agent_cfg = dict(ctx.config.get("agent") or {})
@@ -333,10 +397,10 @@ def run_program(ctx: _Context, instance: dict[str, Any], program_id: str) -> str
         recorder.finish(status)
         with ctx.lock:
             ctx.summary.outcomes[status] += 1
-            ctx.summary.n_llm_calls += recorder.turn + 1
-            ctx.summary.n_tool_calls += recorder.n_tool_calls
         return status
     finally:
+        if recorder is not None:
+            count_recorded(ctx.summary, ctx.lock, recorder)
         cleanup = getattr(env, "cleanup", None)
         if callable(cleanup):
             try:
@@ -369,7 +433,19 @@ def collect_swebench(
             )
     if opts.repeats < 1:
         raise CollectError("--repeats must be at least 1")
+    if opts.retries is not None and opts.retries < 0:
+        raise CollectError("--retries must be at least 0")
     config = build_config(opts)
+    if opts.retries is not None:
+        os.environ[_RETRY_KNOB] = str(opts.retries + 1)
+    else:
+        os.environ.setdefault(_RETRY_KNOB, str(DEFAULT_RETRIES + 1))
+    quiet_litellm()
+    model_cfg = config.get("model") or {}
+    if opts.base_url:
+        check_endpoint(opts.base_url, opts.api_key)
+    elif "litellm" in (model_cfg.get("model_class") or "litellm"):
+        check_provider(str(model_cfg.get("model_name") or opts.model))
     summary = CollectSummary()
     by_pid: dict[str, dict[str, Any]] = {}
     for inst in instances:

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from ctk.errors import CtkError
 from ctk.store import _COLUMNS
 
 REQUIRED_TOOL_COLUMNS = ("source", "program_id", "turn_index", "duration_s")
 CENSORED_FLAGS = ("timeout_censored",)
 
 
-class FormatError(ValueError):
+class FormatError(CtkError, ValueError):
     """The file is not in the expected format; the message names the file and the reason."""
 
 

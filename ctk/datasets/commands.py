@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -19,21 +23,54 @@ from ctk.store import TABLES, StoreError, TraceStore
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
-DbOption = Annotated[Path, typer.Option("--db", help="DuckDB trace store (created if missing).")]
+DbOption = Annotated[Path, typer.Option("--db", help="DuckDB trace store (must exist).")]
+NewDbOption = Annotated[
+    Path, typer.Option("--db", help="DuckDB trace store (created when something was imported).")
+]
 
 
 def open_store(path: Path, read_only: bool = False) -> TraceStore:
-    """Open a trace store or exit with a clear message (shared by every command that takes --db)."""
+    """Open a trace store or exit with a clear message (shared by every command that takes --db).
+
+    A store locked by a writer (``ctk proxy``, ``ctk collect``) is read from a copy taken now, with a notice.
+    """
     try:
-        return TraceStore(path, read_only=read_only)
+        store = TraceStore(path, read_only=read_only)
     except StoreError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
+    if store.snapshot is not None:
+        err_console.print(
+            f"[yellow]note:[/yellow] {path} is being written by another process; reading a copy taken now",
+            highlight=False,
+        )
+    return store
+
+
+@contextlib.contextmanager
+def _stop_on_ctrl_c() -> Iterator[threading.Event]:
+    """The first Ctrl-C asks the import to stop after the current batch (DuckDB is never interrupted
+    mid-query); a second one stops at once."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def import_cmd(
     paths: Annotated[list[Path], typer.Argument(help="Trajectory files/folders or agent-traces CSVs.")],
-    db: DbOption = Path("traces.duckdb"),
+    db: NewDbOption = Path("traces.duckdb"),
     fmt: Annotated[str, typer.Option("--format", help="auto | mswea-traj | agent-traces-csv")] = "auto",
     source: Annotated[str, typer.Option(help="Source label for trajectories (CSV rows carry their own).")] = (
         "mini-swe-agent"
@@ -47,8 +84,20 @@ def import_cmd(
     if fmt not in ("auto", "mswea-traj", "agent-traces-csv"):
         err_console.print(f"[red]error:[/red] unknown --format {fmt!r}")
         raise typer.Exit(2)
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        err_console.print(f"[red]error:[/red] {missing[0]}: no such file or folder", highlight=False)
+        raise typer.Exit(2)
+    found = discover(paths, fmt)  # type: ignore[arg-type]
+    if not found:
+        err_console.print(
+            f"[red]error:[/red] no trajectory or tool_calls CSV file under {', '.join(map(str, paths))}",
+            highlight=False,
+        )
+        raise typer.Exit(2)
+    created = not db.exists()
     store = open_store(db)
-    total = len(discover(paths, fmt))  # type: ignore[arg-type]
+    total = len(found)
     with Progress(
         TextColumn("importing"),
         BarColumn(),
@@ -68,20 +117,39 @@ def import_cmd(
             if verbose:
                 err_console.print(f"committed {n_programs} programs", highlight=False)
 
-        summary = import_paths(
-            store,
-            paths,
-            fmt,
-            source=source,
-            on_file=advance,  # type: ignore[arg-type]
-            batch_programs=batch_programs,
-            on_commit=committed,
-        )
+        try:
+            with _stop_on_ctrl_c() as stop:
+                summary = import_paths(
+                    store,
+                    paths,
+                    fmt,
+                    source=source,
+                    on_file=advance,  # type: ignore[arg-type]
+                    batch_programs=batch_programs,
+                    on_commit=committed,
+                    should_stop=stop.is_set,
+                )
+        except BaseException:
+            store.close()  # every committed batch stays; the CLI entry reports Ctrl-C (exit 130)
+            raise
     counts = store.counts()
     store.close()
 
     for path, reason in summary.skipped_files:
-        err_console.print(f"[yellow]skipped[/yellow] {path}: {reason}")
+        err_console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
+    if summary.interrupted and summary.programs_added == 0 and created:
+        for leftover in (db, db.with_name(db.name + ".wal")):
+            leftover.unlink(missing_ok=True)
+    elif summary.programs_added + summary.programs_already_present == 0 and not summary.interrupted:
+        if created:  # do not leave an empty store behind for `ctk train` to stumble on
+            for leftover in (db, db.with_name(db.name + ".wal")):
+                leftover.unlink(missing_ok=True)
+        err_console.print(
+            f"[red]error:[/red] nothing imported: no program could be read from {len(found)} file(s)"
+            + ("" if created else f"; {db} is unchanged"),
+            highlight=False,
+        )
+        raise typer.Exit(1)
     table = Table(title=f"import into {db}")
     table.add_column("what")
     table.add_column("count", justify="right")
@@ -89,6 +157,7 @@ def import_cmd(
         ("files read", summary.files_read),
         ("files skipped", len(summary.skipped_files)),
         ("rows skipped (no key / duration)", summary.rows_skipped),
+        ("impossible durations (flagged, not used)", summary.impossible_durations),
         ("programs added", summary.programs_added),
         ("programs already present", summary.programs_already_present),
         ("tool calls added", summary.tool_calls_added),
@@ -98,6 +167,13 @@ def import_cmd(
     ]:
         table.add_row(label, str(value))
     console.print(table)
+    if summary.interrupted:
+        err_console.print(
+            f"[yellow]interrupted:[/yellow] {summary.programs_added} programs committed and kept; run the "
+            "same import again to add the rest",
+            highlight=False,
+        )
+        raise typer.Exit(130)
 
 
 def _fmt_s(x: float) -> str:
@@ -129,7 +205,7 @@ def stats_cmd(
     for row in df[df["n"] >= min_count].itertuples(index=False):
         r = row._asdict()
         table.add_row(
-            *[str(r[k]) if r[k] is not None else "-" for k in keys],
+            *[str(r[k]) if isinstance(r[k], str) else "-" for k in keys],
             str(r["n"]),
             _fmt_s(r["p50_s"]),
             _fmt_s(r["p90_s"]),
@@ -165,13 +241,19 @@ def export_cmd(
     store = open_store(db, read_only=True)
     df = store.export_frame(table)
     store.close()
-    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".partial")
-    if suffix == ".csv":
-        df.to_csv(tmp, index=False)
-    else:
-        df.to_parquet(tmp, index=False)
-    tmp.replace(output)  # never leave a half-written file under the final name
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if suffix == ".csv":
+            df.to_csv(tmp, index=False)
+        else:
+            df.to_parquet(tmp, index=False)
+        tmp.replace(output)  # never leave a half-written file under the final name
+    except OSError as exc:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        err_console.print(f"[red]error:[/red] cannot write {output}: {exc.strerror or exc}", highlight=False)
+        raise typer.Exit(2) from None
     console.print(json.dumps({"table": table, "rows": len(df), "output": str(output)}))
 
 

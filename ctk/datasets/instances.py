@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ctk.errors import CtkError
+
 #: Named SWE-bench subsets on the Hugging Face hub (the same names mini-swe-agent uses).
 SUBSETS = {
     "full": "princeton-nlp/SWE-Bench",
@@ -27,7 +29,7 @@ REQUIRED = ("instance_id", "problem_statement")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz", ".zip")
 
 
-class InstanceError(ValueError):
+class InstanceError(CtkError, ValueError):
     """Instances cannot be loaded; the message says why."""
 
 

@@ -37,8 +37,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ctk.errors import CtkError
 
-class ScriptError(ValueError):
+
+class ScriptError(CtkError, ValueError):
     """A script file cannot be read; the message says why."""
 
 
@@ -231,27 +233,10 @@ def create_app(script: Script, *, latency_s: float = 0.0, model_name: str = "scr
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        try:
-            body = await request.json()
-        except json.JSONDecodeError:
-            return JSONResponse({"error": {"message": "body is not JSON", "type": "invalid_request"}}, 400)
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            return JSONResponse(
-                {"error": {"message": "'messages' must be a list", "type": "invalid_request"}}, 400
-            )
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        program = program_of(headers, body)
-        app.state.log.add(
-            {
-                "time_unix_s": time.time(),
-                "program": program,
-                "header_session_id": headers.get("x-session-id"),
-                "body_session_id": body.get("session_id"),
-                "vllm_xargs": body.get("vllm_xargs"),
-                "n_messages": len(body["messages"]),
-                "stream": bool(body.get("stream")),
-            }
-        )
+        body = await _json_object(request)
+        if body is None or not isinstance(body.get("messages"), list):
+            return _invalid("'messages' must be a list")
+        program = _log_request(app.state.log, request, body)
         message, delay = build_reply(script, program, body)
         if delay + latency_s > 0:
             await asyncio.sleep(delay + latency_s)
@@ -278,7 +263,106 @@ def create_app(script: Script, *, latency_s: float = 0.0, model_name: str = "scr
         chunks = _stream_chunks(rid, created, model, message, finish, usage if include_usage else None)
         return StreamingResponse(chunks, media_type="text/event-stream")
 
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        """Plain completions (what ``ctk replay`` sends): ``max_tokens`` filler tokens, no script."""
+        body = await _json_object(request)
+        prompt = body.get("prompt") if body is not None else None
+        if not isinstance(prompt, str | list):
+            return _invalid("'prompt' must be a string or token ids")
+        _log_request(app.state.log, request, body)
+        if latency_s > 0:
+            await asyncio.sleep(latency_s)
+        n_out = max(0, min(int(body.get("max_tokens") or 16), 4096))
+        n_in = len(prompt) if isinstance(prompt, list) else _approx_tokens(prompt)
+        usage = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+        rid, created = f"cmpl-{uuid.uuid4().hex[:16]}", int(time.time())
+        model = body.get("model") or model_name
+        ids = body.get("return_token_ids") is True
+        if not body.get("stream"):
+            choice = {"index": 0, "text": " x" * n_out, "finish_reason": "length"}
+            if ids:
+                choice["token_ids"] = [FILLER_TOKEN_ID] * n_out
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [choice],
+                "usage": usage,
+            }
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        chunks = _completion_chunks(rid, created, model, n_out, ids, usage if include_usage else None)
+        return StreamingResponse(chunks, media_type="text/event-stream")
+
     return app
+
+
+async def _json_object(request: Request) -> dict[str, Any] | None:
+    """The request body if it is a JSON object, else None."""
+    try:
+        body = await request.json()
+    except json.JSONDecodeError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _invalid(message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "invalid_request"}}, 400)
+
+
+def _log_request(log: RequestLog, request: Request, body: dict[str, Any]) -> str | None:
+    """Note what the request carried (for tests); returns its program identity."""
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    program = program_of(headers, body)
+    log.add(
+        {
+            "time_unix_s": time.time(),
+            "program": program,
+            "header_session_id": headers.get("x-session-id"),
+            "body_session_id": body.get("session_id"),
+            "vllm_xargs": body.get("vllm_xargs"),
+            "n_messages": len(body.get("messages") or []),
+            "stream": bool(body.get("stream")),
+        }
+    )
+    return program
+
+
+#: The token id the scripted server's plain completions are made of.
+FILLER_TOKEN_ID = 1
+
+
+def _completion_chunks(
+    rid: str, created: int, model: str, n_out: int, ids: bool, usage: dict[str, Any] | None
+) -> Iterator[str]:
+    for i in range(n_out):
+        choice: dict[str, Any] = {
+            "index": 0,
+            "text": " x",
+            "finish_reason": "length" if i == n_out - 1 else None,
+        }
+        if ids:
+            choice["token_ids"] = [FILLER_TOKEN_ID]
+        event = {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+        }
+        yield "data: " + json.dumps(event) + "\n\n"
+    if usage is not None:
+        event = {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": usage,
+        }
+        yield "data: " + json.dumps(event) + "\n\n"
+    yield "data: [DONE]\n\n"
 
 
 def _stream_chunks(

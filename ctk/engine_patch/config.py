@@ -13,11 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ctk.errors import CtkError
+
 POLICIES = ("vllm", "continuum", "ttl", "oracle")
 DETECTORS = ("bash", "tool_call", "openai")
 
 
-class ConfigError(ValueError):
+class ConfigError(CtkError, ValueError):
     """A serve setting is invalid; the message names it."""
 
 

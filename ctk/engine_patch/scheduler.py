@@ -48,6 +48,7 @@ from ctk.engine_patch.config import ServeConfig
 from ctk.engine_patch.events import EngineState, FanoutSink, Finished, Release
 from ctk.engine_patch.hints import RequestHints, parse_hints
 from ctk.engine_patch.policy import PolicyCore
+from ctk.errors import CtkError
 
 logger = logging.getLogger("ctk.engine_patch")
 
@@ -59,7 +60,7 @@ PREEMPT_ORDER_FREE_SHARE = 0.1
 DETECT_TAIL_TOKENS = 2048
 
 
-class VllmContractError(RuntimeError):
+class VllmContractError(CtkError, RuntimeError):
     """The installed vLLM lacks a hook the adapter relies on; the message names it."""
 
 

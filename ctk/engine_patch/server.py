@@ -28,12 +28,13 @@ import httpx
 
 from ctk.engine_patch.config import ConfigError, ServeConfig
 from ctk.engine_patch.request_filter import MIDDLEWARE
+from ctk.errors import CtkError
 
 SCHEDULER_CLS = "ctk.engine_patch.scheduler.CTKScheduler"
 ASYNC_SCHEDULER_CLS = "ctk.engine_patch.scheduler.CTKAsyncScheduler"
 
 
-class ServerError(RuntimeError):
+class ServerError(CtkError, RuntimeError):
     """The server could not be started or did not become ready; the message says why."""
 
 

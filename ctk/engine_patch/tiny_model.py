@@ -15,6 +15,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ctk.files import respect_umask
+
 #: Special tokens, in id order (ids 0..n-1).
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
 
@@ -183,6 +185,8 @@ def build_tiny_model(path: str | Path, **sizes) -> Path:
 
     hf_logging.disable_progress_bar()
     model.save_pretrained(out)
+    for weights in out.glob("*.safetensors"):
+        respect_umask(weights)  # safetensors writes 0600: other accounts could not serve the model
     (out / "ctk_tiny_model.json").write_text(json.dumps(asdict(cfg), indent=2))
     return out
 

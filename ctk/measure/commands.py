@@ -15,9 +15,9 @@ def _fail(msg: str, code: int = 2) -> typer.Exit:
 def replay(
     db: Path = typer.Option(..., "--db", help="trace store to take the programs from"),
     base_url: str = typer.Option(
-        ..., "--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000"
+        ..., "--url", "--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000"
     ),
-    out: Path = typer.Option(Path("replay-results.json"), "-o", "--out", help="results JSON"),
+    out: Path = typer.Option(Path("replay-results.json"), "-o", "--output", "--out", help="results JSON"),
     record_db: Path | None = typer.Option(None, "--record-db", help="also write the replayed calls here"),
     label: str = typer.Option("replay", help="name of this run (e.g. the server's policy)"),
     programs: int = typer.Option(16, "-n", "--programs", help="programs to replay (0: all)"),
@@ -98,7 +98,7 @@ def report(
     time_scale: float = typer.Option(
         1.0, "--time-scale", help="the model's clock / the store's (a comparison trains on scaled durations)"
     ),
-    out: Path = typer.Option(Path("report"), "-o", "--out", help="output folder"),
+    out: Path = typer.Option(Path("report"), "-o", "--output", "--out", help="output folder"),
 ) -> None:
     """Write an HTML report with PNG plots: durations, calibration, TTLs, JCT and TTFT per policy, pins."""
     from ctk.measure.report import ReportInputs, build_report, load_inputs
@@ -115,7 +115,7 @@ def report(
 
 
 def demo(
-    out: Path = typer.Option(Path("demo-out"), "-o", "--out", help="work folder (reused: store, model)"),
+    out: Path = typer.Option(Path("demo-out"), "-o", "--output", "--out", help="work folder (store, model)"),
     policies: str = typer.Option("vllm,continuum,ttl,oracle", help="comma-separated policies"),
     programs: int | None = typer.Option(None, "-n", "--programs", help="programs per policy"),
 ) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from ctk.errors import CtkError
 from ctk.measure import server_metrics
 from ctk.measure.replay import ReplayConfig, run_replay
 from ctk.measure.results import ReplayResult
@@ -34,7 +35,7 @@ MIN_ORACLE_GAIN = 0.05
 REPLAY_SERVER_ARGS = ("--enable-prompt-tokens-details", "--enable-per-request-metrics")
 
 
-class CompareError(RuntimeError):
+class CompareError(CtkError, RuntimeError):
     """The comparison cannot run (a server does not start, training fails); the message says why."""
 
 

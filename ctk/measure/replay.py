@@ -19,12 +19,13 @@ from dataclasses import asdict, dataclass
 import httpx
 import numpy as np
 
+from ctk.errors import CtkError
 from ctk.measure import server_metrics
 from ctk.measure.results import ProgramResult, ReplayResult, TurnResult
 from ctk.measure.workload import ProgramSpec, WorkloadConfig, synthetic_ids
 
 
-class ReplayError(RuntimeError):
+class ReplayError(CtkError, RuntimeError):
     """The server cannot be used for a replay (unreachable, no model); the message says why."""
 
 

@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from ctk.errors import CtkError
 from ctk.store import LLMCallRecord, ProgramRecord, RunRecord, TraceStore
 
 
-class ResultsError(ValueError):
+class ResultsError(CtkError, ValueError):
     """A results file cannot be read; the message says which and why."""
 
 

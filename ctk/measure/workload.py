@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ctk.errors import CtkError
 from ctk.store import EXCLUDED_QUALITY_FLAGS, TraceStore
 
 
-class WorkloadError(ValueError):
+class WorkloadError(CtkError, ValueError):
     """The store holds nothing that can be replayed, or the configuration is inconsistent."""
 
 

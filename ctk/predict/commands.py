@@ -18,6 +18,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ctk.options import FRACTION, NON_NEGATIVE, at_least
+
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
@@ -65,6 +67,8 @@ def _progress() -> Iterator:
         def update(step: str, done: int, total: int) -> None:
             if step not in tasks:
                 tasks[step] = prog.add_task(step, total=total)
+                if prog.disable:  # piped output: one line per step instead of a bar
+                    err_console.print(f"{step} ...", highlight=False)
             prog.update(tasks[step], completed=done, total=total)
 
         yield update
@@ -125,8 +129,12 @@ def train(
     ] = 0,
     loso: Annotated[bool, typer.Option(help="Also evaluate leave-one-source-out.")] = False,
     profile: Annotated[Path | None, typer.Option(help="Prefill profile JSON from `ctk profile`.")] = None,
-    block_size: Annotated[int | None, typer.Option(help="KV block size in tokens (cost model).")] = None,
-    requeue_delay: Annotated[float | None, typer.Option(help="Re-queue delay after eviction, s.")] = None,
+    block_size: Annotated[
+        int | None, typer.Option(help="KV block size in tokens (cost model).", parser=at_least(1))
+    ] = None,
+    requeue_delay: Annotated[
+        float | None, typer.Option(help="Re-queue delay after eviction, s.", parser=NON_NEGATIVE)
+    ] = None,
     plots: Annotated[Path | None, typer.Option(help="Write calibration / per-tool PNG plots here.")] = None,
     seed: Annotated[int, typer.Option(help="Split / boosting seed.")] = 0,
 ) -> None:
@@ -250,7 +258,9 @@ def predict(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output CSV (or .parquet).")] = Path(
         "predictions.csv"
     ),
-    pressure: Annotated[float, typer.Option(help="KV-cache usage (0..1) the TTL is chosen for.")] = 0.9,
+    pressure: Annotated[
+        float, typer.Option(help="KV-cache usage (0..1) the TTL is chosen for.", parser=FRACTION)
+    ] = 0.9,
     predictor: Annotated[str | None, typer.Option(help="Use this predictor of the model file.")] = None,
 ) -> None:
     """Predict duration quantiles, the TTL and P(T <= TTL) for every tool call of INPUT."""
@@ -312,7 +322,7 @@ def predict(
 
 def inspect(
     model: Annotated[Path, typer.Argument(help="Model file to describe.")],
-    keys: Annotated[int, typer.Option(help="How many table keys to list.")] = 15,
+    keys: Annotated[int, typer.Option(help="How many table keys to list.", min=0)] = 15,
     as_json: Annotated[bool, typer.Option("--json", help="Print metadata as JSON.")] = False,
 ) -> None:
     """Print what is inside a model file (refuses anything but plain data; never runs code)."""

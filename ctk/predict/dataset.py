@@ -14,7 +14,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from ctk.errors import CtkError
 from ctk.predict.features import PARSE_CHARS, command_keys
+from ctk.store import usable_duration
 
 #: Durations below this are floored (log-scale targets; sub-millisecond calls are all "instant").
 MIN_DURATION_S = 0.001
@@ -26,7 +28,7 @@ CENSORED_FLAGS = ("timeout_censored",)
 EXCLUDED_FLAGS = ("implausible_lt_2ms",)
 
 
-class DataError(ValueError):
+class DataError(CtkError, ValueError):
     """The rows cannot be used (missing columns, nothing usable); the message says why."""
 
 
@@ -56,7 +58,7 @@ def normalize_rows(rows: pd.DataFrame, keep_unlabelled: bool = False) -> tuple[p
         cens = pd.Series(False, index=df.index)
     df["censored"] = cens | flags.isin(CENSORED_FLAGS)
     df["duration_s"] = pd.to_numeric(df["duration_s"], errors="coerce")
-    labelled = df["duration_s"].notna() & np.isfinite(df["duration_s"]) & (df["duration_s"] >= 0)
+    labelled = usable_duration(df["duration_s"])  # finite, >= 0, at most 30 days (the store's rule)
     if keep_unlabelled:
         df.loc[~labelled, "duration_s"] = np.nan
         usable = df["program_id"].notna()

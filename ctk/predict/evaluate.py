@@ -259,6 +259,7 @@ def evaluate_frame(
     progress: Progress | None = None,
 ) -> dict:
     """The full evaluation: program split (K-fold or one held-out split) and leave-one-source-out."""
+    folds = min(folds, int(frame["program_id"].nunique()))  # never more folds than programs (nor say so)
     preds, mask = cross_predict(frame, names, folds, cost, seed, params, progress)
     if not preds:
         raise ValueError("too few programs to hold any out for evaluation (need at least 2)")

@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ctk.errors import CtkError
+from ctk.files import respect_umask
 from ctk.predict.tables import TTLTables
 
 FORMAT_VERSION = 1
@@ -27,7 +29,7 @@ PICKLE_PROTOCOL = 4
 _PLAIN_SCALARS = (str, bytes, int, float, bool, type(None))
 
 
-class ModelFileError(Exception):
+class ModelFileError(CtkError):
     """A model file cannot be written or read; the message says which file and why."""
 
 
@@ -81,6 +83,7 @@ def save_model(model: dict, path: str | Path) -> Path:
         try:
             with os.fdopen(fd, "wb") as fh:
                 pickle.dump(plain, fh, protocol=PICKLE_PROTOCOL)
+            respect_umask(tmp)  # mkstemp makes it 0600: other accounts could not load the model
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

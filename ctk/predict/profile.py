@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ctk.errors import CtkError
 from ctk.predict.cost import CostModel
 
 DEFAULT_LENGTHS = (16, 256, 1024, 2048, 4096)
@@ -42,7 +43,7 @@ _WORDS = (
 )
 
 
-class ProfileError(Exception):
+class ProfileError(CtkError):
     """The server could not be profiled or a profile file is unreadable; the message says why."""
 
 

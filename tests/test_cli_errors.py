@@ -1,0 +1,180 @@
+"""Every ctk command on bad input ends in one line and a non-zero exit, never a traceback; one CLI convention.
+
+The commands run in-process through the real entry point (:func:`ctk.cli.main`), as the ``ctk`` script does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+import sys
+
+import pytest
+import typer
+from engine_fixtures import tiny_model_dir  # noqa: F401 - session fixture
+
+import ctk
+from ctk.cli import app, main
+from ctk.errors import CtkError, run_cli
+
+
+def _run(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """``ctk ARGS`` through the entry point: (exit code, stdout + stderr)."""
+    monkeypatch.setattr(sys, "argv", ["ctk", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_every_ctk_exception_class_derives_from_ctk_error() -> None:
+    found = []
+    for mod in pkgutil.walk_packages(ctk.__path__, "ctk."):
+        if mod.name.startswith(("ctk.engine_patch.plugin", "ctk.engine_patch.scheduler")):
+            continue  # these import vllm at module level
+        module = importlib.import_module(mod.name)
+        for obj in vars(module).values():
+            if inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == mod.name:
+                found.append(obj)
+    assert len(found) >= 15
+    assert [c.__name__ for c in found if not issubclass(c, CtkError)] == []
+
+
+def test_entry_turns_errors_into_one_line(capsys, tmp_path) -> None:
+    class Broken(CtkError):
+        pass
+
+    def raise_(exc: BaseException):
+        def run() -> None:
+            raise exc
+
+        return run
+
+    for exc, code in [
+        (Broken("the store is on fire\n  (really)"), 2),
+        (FileNotFoundError(2, "No such file or directory", str(tmp_path / "x.csv")), 2),
+        (KeyboardInterrupt(), 130),
+        (RuntimeError("Query interrupted"), 130),  # DuckDB's way of saying Ctrl-C
+    ]:
+        with pytest.raises(SystemExit) as info:
+            run_cli(raise_(exc))
+        err = capsys.readouterr().err
+        assert info.value.code == code, exc
+        assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
+    with pytest.raises(ValueError):  # anything else is a bug: it keeps its traceback
+        run_cli(raise_(ValueError("bug")))
+
+
+MISSING = "/nonexistent/ctk-test/missing"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["import", f"{MISSING}.csv", "--db", "{tmp}/t.duckdb"],
+        ["stats", "--db", f"{MISSING}.duckdb"],
+        ["export", "--db", f"{MISSING}.duckdb", "-o", "{tmp}/x.csv"],
+        ["train", "--db", f"{MISSING}.duckdb", "-o", "{tmp}/m.pkl"],
+        ["evaluate", "--db", f"{MISSING}.duckdb"],
+        ["predict", f"{MISSING}.csv", "--model", f"{MISSING}.pkl"],
+        ["inspect", f"{MISSING}.pkl"],
+        ["replay", "--db", f"{MISSING}.duckdb", "--url", "http://127.0.0.1:1/v1", "-o", "{tmp}/r.json"],
+        ["report", "--db", f"{MISSING}.duckdb", "-o", "{tmp}/report"],
+        ["collect", "swebench", "--db", "{tmp}/c.duckdb", "--instances", f"{MISSING}.jsonl"],
+        ["collect", "bfcl", "--db", "{tmp}/c.duckdb", "--url", "http://127.0.0.1:1/v1",
+         "--tool-latency", f"{MISSING}.csv"],
+        ["proxy", "--url", "http://127.0.0.1:1/v1", "--db", "{tmp}"],  # a folder, not a store
+    ],
+    ids=lambda a: " ".join(a[:2]),
+)
+def test_each_command_with_a_missing_file(monkeypatch, capsys, tmp_path, args) -> None:
+    code, out = _run(monkeypatch, capsys, *[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert code != 0, out
+    assert "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if "error" in line.lower()]
+    assert errors, out
+    assert not (tmp_path / "t.duckdb").exists()
+
+
+def test_version_and_help_conventions(monkeypatch, capsys) -> None:
+    code, out = _run(monkeypatch, capsys, "--version")
+    assert code == 0 and out.strip() == f"ctk {ctk.__version__}"
+    command = typer.main.get_command(app)
+    names: list[list[str]] = []
+    for name, cmd in command.commands.items():
+        subs = getattr(cmd, "commands", None)
+        names += [[name, s] for s in subs] if subs else [[name]]
+    for path in names:
+        code, out = _run(monkeypatch, capsys, *path, "--help")
+        assert code == 0, path
+        assert "<bool>" not in out, path  # flags take no value, so they show no value type
+        usage = next(line for line in out.splitlines() if "Usage:" in line)
+        assert usage == usage.split("[OPTIONS]")[0] + "[OPTIONS]" + usage.split("[OPTIONS]")[1].upper(), usage
+        assert "created if missing" not in out or path[0] in ("collect", "proxy", "import"), path
+
+
+@pytest.mark.parametrize(
+    ("path", "option"),
+    [
+        (["collect", "swebench"], "--url"),
+        (["collect", "bfcl"], "--url"),
+        (["proxy"], "--url"),
+        (["replay"], "--url"),
+        (["profile"], "--url"),
+        (["export"], "--output"),
+        (["train"], "--output"),
+        (["predict"], "--output"),
+        (["replay"], "--output"),
+        (["report"], "--output"),
+        (["demo"], "--output"),
+    ],
+)
+def test_one_name_for_one_idea(path, option) -> None:
+    cmd = typer.main.get_command(app)
+    for part in path:
+        cmd = cmd.commands[part]  # type: ignore[attr-defined]
+    opts = {o for p in cmd.params for o in p.opts}
+    assert option in opts, (path, sorted(opts))
+
+
+def test_replay_runs_against_the_scripted_server(monkeypatch, capsys, tmp_path) -> None:
+    from ctk.datasets.importer import import_paths
+    from ctk.datasets.samples import sample_traces_dir
+    from ctk.datasets.scripted_server import BackgroundServer, Script, create_app
+    from ctk.measure.results import load_results
+    from ctk.store import TraceStore
+
+    db = tmp_path / "t.duckdb"
+    with TraceStore(db) as store:
+        import_paths(store, [sample_traces_dir() / "tool_calls.csv.gz"])
+    app_ = create_app(Script.from_dict({"default": [{"content": "done"}]}))
+    with BackgroundServer(app_) as url:
+        code, out = _run(
+            monkeypatch, capsys, "replay", "--db", db, "--url", url, "-n", "2", "--time-scale", "0",
+            "--max-turns", "3", "--no-progress", "-o", tmp_path / "r.json",
+        )
+        seen = app_.state.log.snapshot()
+    assert code == 0, out
+    [result] = load_results(tmp_path / "r.json")
+    turns = [t for p in result.programs for t in p.turns]
+    assert len(result.programs) == 2 and turns and not [t.error for t in turns if t.error]
+    assert len(seen) == len(turns) and all(t.completion_tokens for t in turns)
+
+
+def test_tiny_model_files_respect_the_umask(tiny_model_dir) -> None:  # noqa: F811
+    from ctk.files import new_file_mode
+
+    files = [p for p in tiny_model_dir.iterdir() if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: new_file_mode() for p in files}
+
+
+def test_bfcl_checks_the_endpoint_before_the_first_program(monkeypatch, capsys, tmp_path) -> None:
+    code, out = _run(monkeypatch, capsys, "collect", "bfcl", "--db", tmp_path / "b.duckdb",
+                     "--url", "http://127.0.0.1:1/v1", "--slice", "0:1")
+    assert code == 2 and "no server answers" in out and "Traceback" not in out, out
+    assert not (tmp_path / "b.duckdb").exists()
