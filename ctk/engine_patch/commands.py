@@ -50,16 +50,23 @@ def serve(
     age_factor: float = typer.Option(4.0, help="age bound: overtaking allowed up to this x recent FCFS wait"),
     detectors: str = typer.Option("bash,tool_call,openai", help="tool-call detectors for output text"),
     online: bool = typer.Option(True, help="adapt the TTL tables online from observed tool durations"),
+    replicas: int = typer.Option(1, min=1, help="N replicas behind vllm-router (--port is the router's)"),
+    routing: str = typer.Option(
+        "consistent-hash", help="with --replicas: consistent-hash | round-robin | program-scheduling"
+    ),
 ) -> None:
     """Serve a model with vLLM and the ctk scheduler; other arguments go to vLLM's OpenAI server.
 
     Example: ctk serve ./tiny --ttl-model model.pkl --policy ttl --port 8000 --kv-cache-memory-bytes 1G
+
+    With --replicas N: N replicas on free loopback ports (each gets every other vLLM argument, its share of
+    the cores, and its own --record store NAME.rK.duckdb) behind vllm-router on --host/--port.
     """
     import os
     import sys
 
     from ctk.engine_patch.config import ConfigError, ServeConfig
-    from ctk.engine_patch.server import check_model_file, server_env
+    from ctk.engine_patch.server import check_model_file, check_model_path, server_env
     from ctk.predict.modelfile import ModelFileError
 
     args = list(ctx.args)
@@ -89,12 +96,53 @@ def serve(
     if not any(a == "--model" or a.startswith("--model=") for a in args):
         typer.echo("error: give the model to serve (ctk serve MODEL ... or --model MODEL)", err=True)
         raise typer.Exit(2)
+    model, other_args = _split_model(args)
+    try:
+        check_model_path(model, server_env(cfg))
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if replicas > 1:
+        raise typer.Exit(_serve_fleet(model, replicas, routing, cfg, other_args))
     from ctk.engine_patch.server import vllm_args
 
     argv = [sys.executable, "-m", "ctk.engine_patch.server", *vllm_args(None, None, cfg, args)]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, argv, server_env(cfg))
+
+
+def _split_model(args: list[str]) -> tuple[str, list[str]]:
+    """(the model of ``--model M`` / ``--model=M``, the other arguments)."""
+    for i, a in enumerate(args):
+        if a == "--model" and i + 1 < len(args):
+            return args[i + 1], args[:i] + args[i + 2 :]
+        if a.startswith("--model="):
+            return a.split("=", 1)[1], args[:i] + args[i + 1 :]
+    raise ValueError("no --model")
+
+
+def _serve_fleet(model: str, replicas: int, routing: str, cfg, vllm_args: list[str]) -> int:
+    """``ctk serve --replicas N``: run the fleet in the foreground until Ctrl-C; returns the exit code."""
+    from ctk.engine_patch.config import ConfigError
+    from ctk.engine_patch.fleet import Fleet, router_executable, routing_by_name
+    from ctk.engine_patch.server import ServerError
+
+    try:
+        router_executable()
+        fleet = Fleet(model, replicas, cfg, vllm_args, routing_by_name(routing))
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return 2
+    try:
+        fleet.start()
+    except KeyboardInterrupt:
+        return 130
+    except ServerError as exc:
+        typer.echo(f"error: {str(exc).splitlines()[0]}", err=True)
+        return 1
+    typer.echo(f"ready: {fleet.url}/v1 ({replicas} replicas, routing {routing}); Ctrl-C stops all", err=True)
+    return fleet.serve_forever()
 
 
 def register(app: typer.Typer) -> None:

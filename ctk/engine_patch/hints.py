@@ -5,10 +5,23 @@ Program = vLLM's ``session_id`` (body field, ``X-Session-ID`` header, or ``vllm_
 ``tool`` (str), ``tool_duration_s`` (float, oracle only), ``kv_retention_ttl_seconds`` (float: a client's TTL
 hint, vllm-router's name for it; read by the pin rules as ``ttl_hint_s``). Garbage values are ignored with a
 warning (logged at most once per key and kind), never raised: bad metadata must not crash the engine.
+
+vllm-router's Program Scheduling contract, ``vllm_xargs.agentic_context`` (an object, or that object as a JSON
+string), is read too: its program (``program_id``, else ``task_id``/``session_id`` + ``agent_id``) names
+the program, ``step_id`` is the turn, ``expected_resume: false`` marks the last turn and its
+``kv_retention_ttl_seconds`` is the TTL hint; a flat ``vllm_xargs`` key wins over the same fact in the
+context.
+
+vLLM 0.32 itself validates ``vllm_xargs`` as ``dict[str, str | int | float | list[str | int | float]]`` and
+answers HTTP 400 to anything else (``null``, nested objects such as the router's ``agentic_context``, nested
+lists).
+:func:`sanitize_xargs` turns such values into ones vLLM accepts, without losing what ctk reads; ``ctk serve``
+applies it to every request before vLLM sees it (:mod:`ctk.engine_patch.request_filter`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Mapping
@@ -19,6 +32,8 @@ logger = logging.getLogger("ctk.engine_patch")
 
 MAX_ID_CHARS = 256
 MAX_TOOL_CHARS = 4000
+MAX_TURN_INDEX = 2**31 - 1
+MAX_CONTEXT_CHARS = 16 * 1024  # vllm-router's bound on an agentic_context
 _warned: set[tuple[str, str]] = set()
 
 
@@ -61,26 +76,19 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
     xargs: Mapping[str, Any] = extra_args if isinstance(extra_args, Mapping) else {}
     if extra_args is not None and not isinstance(extra_args, Mapping):
         _warn("vllm_xargs", f"vllm_xargs: expected an object, got {type(extra_args).__name__}", warnings)
+    ctx = _agentic_context(xargs.get("agentic_context"), warnings)
 
-    program = _as_id(session_id, "session_id", warnings)
+    program = _context_program(ctx, session_id, warnings)
+    if program is None:
+        program = _as_id(session_id, "session_id", warnings)
     if program is None:
         program = _as_id(xargs.get("session_id"), "session_id", warnings)
     if program is None:
         program = _as_id(xargs.get("program_id"), "program_id", warnings)
 
-    turn = None
-    raw = xargs.get("turn_index")
-    if raw is not None:
-        if isinstance(raw, bool) or not isinstance(raw, int | float | str):
-            _warn("turn_index", f"turn_index: expected an integer, got {type(raw).__name__}", warnings)
-        else:
-            try:
-                f = float(raw)
-                if not math.isfinite(f) or f < 0 or f != int(f):
-                    raise ValueError
-                turn = int(f)
-            except ValueError:
-                _warn("turn_index", f"turn_index: not a non-negative integer: {str(raw)[:40]!r}", warnings)
+    turn = _turn(xargs, "turn_index", warnings)
+    if turn is None:
+        turn = _turn(ctx, "step_id", warnings)
 
     last = False
     raw = xargs.get("last_turn")
@@ -93,6 +101,8 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
             last = raw.strip().lower() in ("true", "1", "yes")
         else:
             _warn("last_turn", f"last_turn: expected a boolean: {str(raw)[:40]!r}", warnings)
+    elif ctx.get("expected_resume") is False:  # the router's way to say "no next turn"
+        last = True
 
     tool = None
     raw = xargs.get("tool")
@@ -104,8 +114,60 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
 
     duration = _non_negative(xargs, "tool_duration_s", warnings)
     ttl_hint = _non_negative(xargs, "kv_retention_ttl_seconds", warnings)
+    if ttl_hint is None:
+        ttl_hint = _non_negative(ctx, "kv_retention_ttl_seconds", warnings)
 
     return RequestHints(program, turn, last, tool, duration, ttl_hint, tuple(warnings))
+
+
+def _agentic_context(raw: Any, warnings: list[str]) -> Mapping[str, Any]:
+    """vllm-router's ``agentic_context``: an object or its JSON text; ``{}`` when absent or bad."""
+    if raw is None:
+        return {}
+    if isinstance(raw, str):
+        if len(raw) > MAX_CONTEXT_CHARS:
+            _warn("agentic_context", f"agentic_context: longer than {MAX_CONTEXT_CHARS} characters", warnings)
+            return {}
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            _warn("agentic_context", "agentic_context: not a JSON object", warnings)
+            return {}
+    if not isinstance(raw, Mapping):
+        _warn("agentic_context", f"agentic_context: expected an object, got {type(raw).__name__}", warnings)
+        return {}
+    return raw
+
+
+def _context_program(ctx: Mapping[str, Any], session_id: Any, warnings: list[str]) -> str | None:
+    """The router's program: ``program_id``, else ``task_id`` (or session) + ``:`` + ``agent_id``."""
+    program = _as_id(ctx.get("program_id"), "agentic_context.program_id", warnings)
+    if program is not None:
+        return program
+    agent = _as_id(ctx.get("agent_id"), "agentic_context.agent_id", warnings)
+    if agent is None:
+        return None
+    base = _as_id(ctx.get("task_id"), "agentic_context.task_id", warnings)
+    base = base or _as_id(ctx.get("session_id"), "agentic_context.session_id", warnings)
+    base = base or _as_id(session_id, "session_id", [])
+    return f"{base}:{agent}" if base else None
+
+
+def _turn(xargs: Mapping[str, Any], key: str, warnings: list[str]) -> int | None:
+    raw = xargs.get(key)
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        _warn(key, f"{key}: expected an integer, got {type(raw).__name__}", warnings)
+        return None
+    try:
+        f = float(raw)
+        if not math.isfinite(f) or f < 0 or f != int(f) or f > MAX_TURN_INDEX:
+            raise ValueError
+        return int(f)
+    except ValueError:
+        _warn(key, f"{key}: not a non-negative integer: {str(raw)[:40]!r}", warnings)
+        return None
 
 
 def _non_negative(xargs: Mapping[str, Any], key: str, warnings: list[str]) -> float | None:
@@ -123,3 +185,44 @@ def _non_negative(xargs: Mapping[str, Any], key: str, warnings: list[str]) -> fl
     except (TypeError, ValueError):
         _warn(key, f"{key}: not a non-negative number: {str(raw)[:40]!r}", warnings)
         return None
+
+
+# -- what vLLM's own request validation accepts ---------------------------------------------------------
+
+_SCALAR = (str, int, float)  # bool is an int: vLLM turns it into 0/1
+#: vLLM hands ``vllm_xargs`` to the engine core through msgpack, whose integers are 64-bit.
+_INT_RANGE = (-(2**63), 2**64 - 1)
+
+
+def _accepted_scalar(value: Any) -> bool:
+    if isinstance(value, int):
+        return _INT_RANGE[0] <= value <= _INT_RANGE[1]
+    return isinstance(value, _SCALAR)
+
+
+def sanitize_xargs(xargs: Any) -> tuple[dict[str, Any] | None, list[str]]:
+    """``vllm_xargs`` rewritten so that vLLM 0.32's validation accepts it; (value, what was changed).
+
+    vLLM answers HTTP 400 to a ``null`` value, an object value (vllm-router's ``agentic_context``), a list
+    holding anything but strings and numbers, and a ``vllm_xargs`` that is not an object; an integer outside
+    64 bits passes its validation but cannot reach the engine core. Here ``null`` values are dropped, objects,
+    odd lists and huge integers become their JSON text (``parse_hints`` reads ``agentic_context`` from
+    it), and a ``vllm_xargs`` that is not an object is dropped (None). Returns the input itself when nothing
+    needs changing.
+    """
+    if xargs is None:
+        return None, []
+    if not isinstance(xargs, dict):
+        return None, [f"vllm_xargs: expected an object, got {type(xargs).__name__}: dropped"]
+    out: dict[str, Any] = {}
+    changes: list[str] = []
+    for key, value in xargs.items():
+        if value is None:
+            changes.append(f"{key}: null dropped")
+            continue
+        if _accepted_scalar(value) or (isinstance(value, list) and all(map(_accepted_scalar, value))):
+            out[key] = value
+            continue
+        out[key] = json.dumps(value, separators=(",", ":"), default=str)[:MAX_CONTEXT_CHARS]
+        changes.append(f"{key}: {type(value).__name__} passed as JSON text")
+    return (out if changes else xargs), changes

@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from ctk.engine_patch.config import ConfigError, ServeConfig
+from ctk.engine_patch.request_filter import MIDDLEWARE
 from ctk.errors import CtkError
 
 SCHEDULER_CLS = "ctk.engine_patch.scheduler.CTKScheduler"
@@ -46,6 +47,31 @@ def check_model_file(cfg: ServeConfig) -> None:
         tables = load_ttl_tables(cfg.ttl_model)
         if cfg.policy == "ttl" and not tables.ttl_s:
             raise ConfigError(f"{cfg.ttl_model}: the TTL tables are empty (no keys)")
+
+
+def check_model_path(model: str, env: dict[str, str] | None = None) -> None:
+    """Fail in one line (ConfigError) when ``model`` is neither a local model nor loadable offline.
+
+    A name that looks like a path must exist; a Hugging Face id (``org/name``) must be in the local cache
+    when ``HF_HUB_OFFLINE`` is set (``ctk serve`` sets it), otherwise vLLM would answer with a traceback.
+    """
+    env = dict(os.environ if env is None else env)
+    path = Path(model).expanduser()
+    if path.exists():
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"model {model}: not readable")
+        return
+    looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") != 1 or path.suffix != ""
+    if looks_like_path:
+        raise ConfigError(f"model {model}: no such file or folder")
+    if env.get("HF_HUB_OFFLINE", "1").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(model, "config.json"), str):
+            raise ConfigError(
+                f"model {model}: not a local folder and not in the Hugging Face cache "
+                "(HF_HUB_OFFLINE is set: nothing is downloaded)"
+            )
 
 
 def _has_flag(args: Sequence[str], flag: str) -> bool:
@@ -68,7 +94,19 @@ def vllm_args(
         args.append("--enable-prompt-tokens-details")
     if cfg.policy != "vllm" and not _has_flag(args, "--scheduler-cls"):
         args += ["--scheduler-cls", SCHEDULER_CLS]
+    if MIDDLEWARE not in args:
+        args += ["--middleware", MIDDLEWARE]  # request metadata vLLM would refuse is made acceptable
     return args
+
+
+def _flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``args`` (``--flag v`` or ``--flag=v``), else None."""
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
 
 
 def _is_cpu() -> bool:
@@ -102,20 +140,23 @@ def launch_server(
     settings: dict | None = None,
     log_path: str | Path | None = None,
     env: dict[str, str] | None = None,
+    config: ServeConfig | None = None,
 ) -> subprocess.Popen:
     """Start ``ctk serve`` for ``model_path`` on ``port`` in a child process; returns it at once.
 
-    ``settings`` are further :class:`ServeConfig` fields (e.g. ``{"max_pin_share": 0.3}``). The server's
+    ``settings`` are further :class:`ServeConfig` fields (e.g. ``{"max_pin_share": 0.3}``); a whole
+    ``config`` replaces policy, ttl_model, record and settings. The server's
     output goes to ``log_path`` (default: a temporary file, available as ``proc.log_path``). Raises
     ConfigError / ModelFileError before starting anything when the settings or the model file are bad.
     Wait with :func:`wait_ready`; stop with ``proc.terminate(); proc.wait()``.
     """
-    cfg = ServeConfig(
+    cfg = config or ServeConfig(
         policy=policy, ttl_model=str(ttl_model) if ttl_model else None, record=str(record) if record else None
     )
-    if settings:
+    if settings and config is None:
         cfg = ServeConfig.from_mapping(settings, base=cfg)
     check_model_file(cfg)
+    check_model_path(str(model_path), env)
     if log_path is None:
         fd, log_name = tempfile.mkstemp(prefix=f"ctk-serve-{port}-", suffix=".log")
         os.close(fd)
@@ -184,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         cfg = ServeConfig.from_env()
         check_model_file(cfg)
+        if model := _flag_value(argv, "--model"):
+            check_model_path(model)
     except Exception as exc:  # ConfigError, ModelFileError: a message, not a traceback
         print(f"ctk serve: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
