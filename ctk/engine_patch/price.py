@@ -6,16 +6,18 @@ its return hazard times its benefit ``B`` (JCT-seconds) is at least that.
 
 Target price (what memory is worth to the waiting queue right now)::
 
-    p* = 0                                   if nothing waits or the free memory covers the waiting demand
-    p* = n · b / D                           otherwise, with
+    p* = 0               if nothing waits or the free memory covers the waiting demand
+    p* = b · n / K       otherwise, with
          n = waiting requests, D = their uncomputed prompt tokens (demand), S = max(0, D − free tokens),
-         b = n · min(1, S / D)               the requests memory keeps out (blocked share of the queue)
+         b = n · min(1, S / D)   the requests memory keeps out (the blocked share of the queue),
+         K = the cache size in tokens
 
-Each waiting request loses one JCT-second per second; the ``b`` blocked ones need ``D / n`` tokens each on
-average, and admitting one of them earlier moves everyone queued behind it (all ``n``) up as well, so one
-token-second freed is worth ``b · n / D`` JCT-seconds: zero when nothing waits or memory is not what blocks
-the queue, growing with the blocked demand (linearly in S, quadratically in the queue length). Block size and
-absolute cache size do not appear.
+Each blocked request loses one JCT-second per second, and while it is held up so is everyone queued behind it
+(all ``n``): the queue loses about ``b · n`` JCT-seconds per second because memory is short. That loss is
+charged evenly on every token of the cache, so holding ``N`` tokens costs ``p*·N`` JCT-seconds per second —
+the held share of the queue's loss. ``p*`` is zero when nothing waits or when memory is not what blocks the
+queue, and grows with the blocked demand (with S for a given queue, quadratically with the queue length).
+The block size does not appear (everything is in tokens).
 
 Dynamics (an asymmetric dual price): the price jumps up to ``p*`` at once (a shortage hurts now), and decays
 towards a lower ``p*`` as ``p ← p* + (p − p*)·exp(−Δt / decay_s)`` (a shortage that cleared a moment ago is
@@ -52,7 +54,7 @@ class MemoryPrice:
         if short <= 0:
             return 0.0
         blocked = n * min(1.0, short / demand)
-        return blocked * n / demand
+        return blocked * n / max(1, state.total_tokens)
 
     def update(self, state: EngineState) -> bool:
         """Move the price to the engine's state at ``state.now``; True when pins should be re-judged."""
