@@ -320,3 +320,26 @@ def test_cdf_value_and_hazard():
     assert cdf.value(1.0, 100, 9.0, 10.5) > cdf.value(1.0, 100, 2.0, 10.5)  # nearer the return: worth more
     lin = CDF.linear(4.0, 1.0)  # uniform on [0, 4]: hazard 1 / (4 - t)
     assert lin.hazard(2.0) == pytest.approx(0.5) and lin.hazard(5.0) == 0.0
+
+
+def test_a_returning_programs_pinned_prefix_is_not_counted_as_blocked_demand():
+    c = make_core("oracle")
+    finish(c, "a", h("p", tool_duration_s=1.0), now=0.0, blocks=250)  # 4000 tokens held
+    c.arrived("a2", h("p"), now=1.0)  # waits; its prompt (4100 tokens) is mostly the pinned prefix
+    st = state(1.0, free=10, num_waiting=1, waiting_demand_tokens=4100)
+    assert c.price.target(st) > 0  # what the engine reports would look blocked ...
+    c.step(st)
+    assert c.price.value == 0.0  # ... but 100 new tokens fit in the 160 free ones
+    assert "a" in c.pins
+
+
+def test_without_program_ordering_an_admission_may_take_any_pin():
+    c = make_core("oracle", program_fcfs=False)
+    finish(c, "old", h("p0", tool_duration_s=30.0), now=0.0)
+    c.arrived("new", h("p1"), now=1.0)
+    rel = c.release_for_pressure(now=1.0, admitting="new", engine_busy=True)
+    assert rel is not None and rel.request_id == "old"
+    c = make_core("oracle", age_min_s=10.0)  # with program FCFS the younger program waits instead
+    finish(c, "old", h("p0", tool_duration_s=30.0), now=0.0)
+    c.arrived("new", h("p1"), now=1.0)
+    assert c.release_for_pressure(now=1.0, admitting="new", engine_busy=True) is None

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from ctk.engine_patch.config import ServeConfig
@@ -341,7 +341,7 @@ class PolicyCore:
         if not self.rule.pins:
             return []
         now = state.now
-        moved = self.price.update(state)
+        moved = self.price.update(self._priced_state(state))
         self.stats.price = self.price.value
         if not self.pins:
             return []
@@ -354,6 +354,16 @@ class PolicyCore:
             ]
             out += [self._release(p, ReleaseReason.PRICE) for p in drop]
         return out
+
+    def _priced_state(self, state: EngineState) -> EngineState:
+        """The state the price sees: a waiting request whose program holds a pin will hit it, so the pinned
+        tokens are not demand it adds (the engine counts its whole prompt as uncomputed until admission)."""
+        if not self.pins or state.num_waiting <= 0:
+            return state
+        covered = sum(p.held_tokens for p in self.pins.values() if self._held_for_next(p))
+        if covered <= 0:
+            return state
+        return replace(state, waiting_demand_tokens=max(0, state.waiting_demand_tokens - covered))
 
     def expire(self, now: float) -> list[Release]:
         """Release pins whose TTL ran out (not those whose program's next request is in the engine)."""
@@ -374,9 +384,10 @@ class PolicyCore:
 
         ``admitting``: the waiting request being admitted (None: a running request would be preempted).
         ``engine_busy``: some running request will free memory without the valve. A rule whose valve is the
-        last resort (Continuum) gives nothing while the engine is busy. For an admission, program FCFS
-        decides: it may take only the pins of programs younger than its own, unless it is overdue (past the
-        age bound) or nothing runs. With nothing running every pin may go, so pins never deadlock the engine.
+        last resort (Continuum) gives nothing while the engine is busy. For an admission under program
+        ordering, program FCFS decides: it may take only the pins of programs younger than its own, unless
+        it is overdue (past the age bound) or nothing runs. With nothing running every pin may go, so pins
+        never deadlock the engine.
         """
         if not self.pins:
             return None
@@ -384,7 +395,7 @@ class PolicyCore:
             self.stats.valve_deferred += 1
             return None
         candidates: Sequence[Pin] = list(self.pins.values())
-        if admitting is not None and engine_busy:
+        if admitting is not None and engine_busy and self.reorders:
             pend = self.requests.get(admitting)
             overdue = pend is not None and now - pend.arrival >= self.order.age_bound_s
             if not overdue:
