@@ -286,6 +286,13 @@ def test_continuum_quirks_live_in_its_rule():
     c.arrived("r2", h("p"), now=5.0)  # the tool took 5 s
     assert c.step(state(10.0)) == []  # expiry suspended while the next request is in the engine
     assert c.admitted("r2", 4000, now=10.0) == []  # no release at admission
+    assert c.next_deadline() == 2.0  # once the next request runs, the expiry clock runs again ...
+    c.step(state(10.0))
+    assert c.stats.releases == {"expired": 1}  # ... (the public code checks expiry at every schedule())
+    c = make_core("continuum")
+    assert finish(c, "r1", h("p"), 0.0, text="```bash\npython x.py\n```")[0]
+    c.arrived("r2", h("p"), now=5.0)
+    c.admitted("r2", 4000, now=5.0)
     # no valve while something else runs, any pin when nothing does
     assert c.release_for_pressure(now=10.0, admitting=None, engine_busy=True) is None
     pinned, rel = c.finished(Finished("r2", h("p"), "```bash\npython x.py\n```", 10, 20, 10, 5), state(11.0))

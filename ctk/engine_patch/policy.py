@@ -72,6 +72,7 @@ class Pending:
     program_id: str | None
     arrival: float
     hints: RequestHints
+    admitted: bool = False
 
 
 class PolicyCore:
@@ -146,8 +147,12 @@ class PolicyCore:
         return self._release(pin, ReleaseReason.HIT)
 
     def _held_for_next(self, pin: Pin) -> bool:
-        """The program's next request is in the engine: the pin no longer expires (its hit is near)."""
-        return pin.next_request_id is not None and pin.next_request_id in self.requests
+        """The program's next request waits for admission: the pin does not expire meanwhile (its hit is
+        near). Once admitted, ctk rules have released the pin; Continuum's expiry clock runs again."""
+        if pin.next_request_id is None:
+            return False
+        pend = self.requests.get(pin.next_request_id)
+        return pend is not None and not pend.admitted
 
     # -- events ------------------------------------------------------------------------------------------
 
@@ -193,8 +198,9 @@ class PolicyCore:
     def admitted(self, request_id: str, cached_tokens: int, now: float) -> list[Release]:
         """The request was scheduled for the first time with ``cached_tokens`` prefix-cache hits."""
         pend = self.requests.get(request_id)
-        if pend is None:
+        if pend is None or pend.admitted:
             return []
+        pend.admitted = True
         self.order.record_wait(now - pend.arrival)
         # Leaving the queue keeps the order of the others; only a moved age bound makes it stale.
         self._order_len -= 1
