@@ -294,7 +294,8 @@ def test_continuum_quirks_live_in_its_rule():
     c.arrived("r2", h("p"), now=5.0)
     c.admitted("r2", 4000, now=5.0)
     # no valve while something else runs, any pin when nothing does
-    assert c.release_for_pressure(now=10.0, admitting=None, engine_busy=True) is None
+    assert not c.valve_open(n_running=2) and c.valve_open(n_running=1)
+    assert make_core("ttl", priced_tables()).valve_open(n_running=5)
     pinned, rel = c.finished(Finished("r2", h("p"), "```bash\npython x.py\n```", 10, 20, 10, 5), state(11.0))
     assert [(r.request_id, r.reason) for r in rel] == [("r1", "hit")]  # released at the next finish
     assert not pinned  # the running mean (10 s) is above 2 s
@@ -350,3 +351,13 @@ def test_without_program_ordering_an_admission_may_take_any_pin():
     finish(c, "old", h("p0", tool_duration_s=30.0), now=0.0)
     c.arrived("new", h("p1"), now=1.0)
     assert c.release_for_pressure(now=1.0, admitting="new", engine_busy=True) is None
+
+
+def test_a_finish_prices_with_the_state_it_is_given_not_a_stale_price():
+    c = make_core("oracle")
+    finish(c, "a", h("p0", tool_duration_s=100.0), now=0.0)
+    c.step(state(0.1, free=0, num_waiting=4, waiting_demand_tokens=8000))  # shortage: 'a' is dropped
+    assert c.price.value > 0 and not c.pins
+    # no pin left, so the driver stops stepping the core; the queue drains meanwhile
+    assert finish(c, "b", h("p1", tool_duration_s=100.0), now=5.0, st=state(5.0))[0]
+    assert c.price.value == 0.0

@@ -267,6 +267,7 @@ class PolicyCore:
             self.block_size,
             hints,
         )
+        releases += self._reprice(state)  # the driver may not have stepped the core while no pin was held
         d = self.rule.decide(call, state, self.price.value)
         if d.ttl_s <= 0:
             self.stats.pins_declined += 1
@@ -346,20 +347,21 @@ class PolicyCore:
         """Once per engine step: expiry, the price update, and re-judgement of held pins (price moved)."""
         if not self.rule.pins:
             return []
-        now = state.now
+        out = self.expire(state.now)
+        return out + self._reprice(state)
+
+    def _reprice(self, state: EngineState) -> list[Release]:
+        """Update the price; when it moved, re-judge every held pin (those whose program is back excepted)."""
         moved = self.price.update(self._priced_state(state))
         self.stats.price = self.price.value
-        if not self.pins:
+        if not moved or not self.pins:
             return []
-        out = self.expire(now)
-        if moved and self.pins:
-            price, rule = self.price.value, self.rule
-            self.stats.rejudged += len(self.pins)
-            drop = [
-                p for p in self.pins.values() if not self._held_for_next(p) and not rule.keep(p, state, price)
-            ]
-            out += [self._release(p, ReleaseReason.PRICE) for p in drop]
-        return out
+        price, rule = self.price.value, self.rule
+        self.stats.rejudged += len(self.pins)
+        drop = [
+            p for p in self.pins.values() if not self._held_for_next(p) and not rule.keep(p, state, price)
+        ]
+        return [self._release(p, ReleaseReason.PRICE) for p in drop]
 
     def _priced_state(self, state: EngineState) -> EngineState:
         """The state the price sees: a waiting request whose program holds a pin will hit it, so the pinned
@@ -383,22 +385,23 @@ class PolicyCore:
         times = [p.expires for p in self.pins.values() if not self._held_for_next(p)]
         return min(times) if times else None
 
+    def valve_open(self, n_running: int) -> bool:
+        """May the valve release pins now? Always, except for a last-resort valve (Continuum's public code
+        has none): only when at most one request runs, i.e. nothing else will give memory back."""
+        return not self.rule.valve_last_resort or n_running <= 1
+
     def release_for_pressure(
         self, now: float, admitting: str | None = None, engine_busy: bool = False
     ) -> Release | None:
         """The valve: release the pin of lowest value per token-second still to hold; None when none may go.
 
         ``admitting``: the waiting request being admitted (None: a running request would be preempted).
-        ``engine_busy``: some running request will free memory without the valve. A rule whose valve is the
-        last resort (Continuum) gives nothing while the engine is busy. For an admission under program
-        ordering, program FCFS decides: it may take only the pins of programs younger than its own, unless
-        it is overdue (past the age bound) or nothing runs. With nothing running every pin may go, so pins
-        never deadlock the engine.
+        ``engine_busy``: something runs (it will give memory back without the valve); ask :meth:`valve_open`
+        first. For an admission under program ordering, program FCFS decides: it may take only the pins of
+        programs younger than its own, unless it is overdue (past the age bound) or nothing runs. With
+        nothing running every pin may go, so pins never deadlock the engine.
         """
         if not self.pins:
-            return None
-        if self.rule.valve_last_resort and engine_busy:
-            self.stats.valve_deferred += 1
             return None
         candidates: Sequence[Pin] = list(self.pins.values())
         if admitting is not None and engine_busy and self.reorders:
