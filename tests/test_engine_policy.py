@@ -287,9 +287,9 @@ def test_oracle_pins_true_duration_when_it_pays():
     c.arrived("r1", short, now=0.0)
     assert c.finished(fin("r1", short, "", tokens=2000), state())[0]  # no tool text needed: hint...
     assert math.isclose(c.pins["r1"].ttl_s, 0.6)
-    # memory is short (3 requests wait for 3000 tokens, 16 are free): the price rises and re-judges r1
-    # (0.55 s more of 320 tokens costs more than its re-prefill) ...
-    short_state = state(now=0.05, free=1, num_waiting=3, waiting_demand_tokens=3000)
+    # memory is short (6 requests wait for 6000 tokens, 16 of 1600 are free): the price rises to ~6/1600
+    # JCT-s per token-s and re-judges r1 (0.55 s more of 320 tokens costs more than its re-prefill) ...
+    short_state = state(now=0.05, free=1, num_waiting=6, waiting_demand_tokens=6000)
     assert [(r.request_id, r.reason) for r in c.step(short_state)] == [("r1", "price")]
     # ... and a 10 000 s pin is not taken at that price
     long = hints("p2", tool_duration_s=10_000.0)

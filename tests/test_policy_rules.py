@@ -271,8 +271,8 @@ def test_oracle_keeps_a_pin_while_its_benefit_exceeds_the_price_of_the_rest_of_t
     finish(c, "far", h("p1", tool_duration_s=100.0), now=0.0)
     # 2.5e-6 JCT-s per token-s: holding 4000 tokens costs 0.01 s per s -> 'near' (0.9 s left) stays,
     # 'far' (99.9 s left, 1 s of cost for 0.4 s of benefit) goes
-    price_state = state(0.1, free=0, total=100_000, num_waiting=2, waiting_demand_tokens=1000)
-    assert c.price.target(price_state) == pytest.approx(2 * 2 / 1.6e6)  # b = n = 2, K = 1.6M tokens
+    price_state = state(0.1, free=0, total=50_000, num_waiting=2, waiting_demand_tokens=1000)
+    assert c.price.target(price_state) == pytest.approx(2 / 8e5)  # b = n = 2, K = 800k tokens
     out = c.step(price_state)
     assert [r.request_id for r in out] == ["far"] and "near" in c.pins
 
@@ -312,14 +312,15 @@ def test_age_bound_follows_the_measured_wait_without_a_floor():
     c.arrived("y", h("young"), now=1.0)
     c.arrived("o2", h("old"), now=1.5)
     assert c.order_waiting(["y", "o2"], now=1.6) == [0, 1]  # both overdue at once: arrival order
-    for i in range(20):  # FCFS waits of 0.5 s measured
+    for i in range(20):  # FCFS waits of 1 s measured
         c.arrived(f"w{i}", h(f"w{i}"), now=10.0 + i)
-        c.admitted(f"w{i}", 0, now=10.5 + i)
-    assert c.order.age_bound_s == pytest.approx(1.0, rel=0.05)  # 2 x the mean wait
+        c.admitted(f"w{i}", 0, now=11.0 + i)
+    assert c.order.age_bound_s == pytest.approx(1.0, rel=0.05)  # the mean wait (age_factor 1)
     c.arrived("y3", h("young3"), now=40.0)
     c.arrived("o3", h("old"), now=40.2)
     assert c.order_waiting(["y3", "o3"], now=40.5) == [1, 0]  # an older program may overtake ...
     assert c.order_waiting(["y3", "o3"], now=41.1) == [0, 1]  # ... for at most the bound
+    assert make_core("ttl", priced_tables(), age_factor=2.0).order.age_factor == 2.0
 
 
 def test_cdf_value_and_hazard():
