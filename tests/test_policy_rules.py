@@ -362,3 +362,17 @@ def test_a_finish_prices_with_the_state_it_is_given_not_a_stale_price():
     # no pin left, so the driver stops stepping the core; the queue drains meanwhile
     assert finish(c, "b", h("p1", tool_duration_s=100.0), now=5.0, st=state(5.0))[0]
     assert c.price.value == 0.0
+
+
+def test_decision_at_finish_by_hull_equals_the_knot_search():
+    import random
+
+    rng = random.Random(3)
+    for _ in range(3000):
+        n = rng.randint(1, 8)
+        levels = sorted(rng.sample([0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99], n))
+        q = sorted(rng.choice([0.01, 0.1, 1.0, 5.0, 100.0]) * rng.random() for _ in range(n))
+        cdf = CDF.from_quantiles(levels, q)
+        b, c = rng.choice([0.1, 1.0, 5.0]), rng.choice([0.0, 1e-3, 0.1, 1.0, 10.0]) * rng.random()
+        best = max([0.0] + [cdf.fs[i] * b - c * cdf.hs[i] for i in range(1, len(cdf.ts))])
+        assert cdf.best_ttl(b, c)[2] == pytest.approx(best, abs=1e-9)
