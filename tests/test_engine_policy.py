@@ -417,7 +417,10 @@ def test_core_measures_tool_durations_and_adapts():
         now += 0.1 + 0.3  # the tool takes 0.3 s
     assert len(seen) == 5 and all(o.duration_s == pytest.approx(0.3) for o in seen)
     assert seen[0].keys[0] == "make:all" and seen[0].turn_index == 0
-    assert c.rule.tables.lookup(["make:all", "make", "*"], 320, 0.1).ttl_s > 0
+    # 'make:all' was learned online (the hand-set table says '*': no pin): it is now priced and pinned
+    c.arrived("r9", hints(), now=now)
+    pinned, _ = c.finished(fin("r9", hints(), "```bash\nmake all\n```"), state(now=now + 0.1))
+    assert pinned and c.pins["r9"].key == "make:all"
 
 
 # -- invariants -----------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 
 from ctk.engine_patch.config import ConfigError, ServeConfig
 from ctk.engine_patch.detect import ToolCall
-from ctk.engine_patch.events import EngineState, Finished, PinCall, ReleaseReason
+from ctk.engine_patch.events import EngineState, Finished, PinCall, ReleaseReason, ToolObservation
 from ctk.engine_patch.hints import parse_hints
 from ctk.engine_patch.policies import POLICY_NAMES, Policy, make_rule
 from ctk.engine_patch.policy import PolicyCore
@@ -241,8 +241,11 @@ def test_fixed_ttl_tables_of_the_engine_tests_keep_their_meaning(tmp_path):
 
     tables = load_ttl_tables(write_test_model(tmp_path / "m.pkl"))
     assert tables.fixed_ttl
-    rule = make_rule("ttl", ServeConfig(policy="ttl", ttl_model="x"), tables)
-    for price in (0.0, 1e-6):
+    rule = make_rule("ttl", ServeConfig(policy="ttl", ttl_model="x", online_min_samples=1), tables)
+    for i in range(20):  # online observations rewrite the table's rows and quantiles of 'sleep' ...
+        rule.observe(ToolObservation("p", i, None, ["sleep", "*"], 50.0, 0.0, 100, 10), now=float(i))
+    assert tables.quantiles_s["sleep"][0] > 1.0
+    for price in (0.0, 1e-6):  # ... but the hand-set TTLs still decide
         assert rule.decide(call(["ls", "*"]), state(), price).ttl_s == TEST_TTLS["ls"] == 30.0
         assert rule.decide(call(["sleep", "*"]), state(), price).ttl_s == TEST_TTLS["sleep"] == 1.0
         assert rule.decide(call(["make", "*"]), state(), price).ttl_s == 0.0
