@@ -53,18 +53,24 @@ class Switch:
     """Instance-level dispatch of the scheduler hooks to vLLM's or ctk's methods, timing the entry points."""
 
     def __init__(self, sched, stock_cls, ctk_cls):
+        from vllm.v1.core.sched.request_queue import FCFSRequestQueue
+
         self.sched = sched
         self.total = 0.0
         self.impl = {
             "stock": {h: getattr(stock_cls, h) for h in HOOKS},
             "ctk": {h: getattr(ctk_cls, h) for h in HOOKS},
         }
+        # stock vLLM's own waiting queue for the stock phases, ctk's ProgramOrderQueue for the ctk phases
+        self.queues = {"stock": FCFSRequestQueue(), "ctk": sched.waiting}
         self.variant = "ctk"
         for name in HOOKS:
             setattr(sched, name, self._wrap(name, timed=name in TIMED))
 
     def use(self, variant: str) -> None:
         # (with zero pins the ctk adapter leaves the KV manager's allocate_slots unwrapped too)
+        assert not self.sched.waiting, "switch variants between phases only"
+        self.sched.waiting = self.queues[variant]
         self.variant = variant
 
     def _wrap(self, name, timed):
@@ -122,7 +128,8 @@ def run_phase(
     shape, content = random.Random(shape_seed), random.Random(content_seed)
     timer.total = 0.0
     for i in range(n_requests):
-        prog = f"{tag}-p{i % (n_requests // 3 or 1)}"
+        # a program's turns arrive one after another: program FCFS = FCFS, both variants schedule alike
+        prog = f"{tag}-p{i // 3}"
         prompt = [content.randrange(10, 4000) for _ in range(shape.randrange(200, 800))]
         sp = SamplingParams(
             max_tokens=shape.choice(lengths) if lengths else shape.randrange(8, 24),
