@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 
@@ -126,9 +125,11 @@ def test_tool_call_is_detected_from_real_output_tokens(engine_llm, sched):  # no
     assert detect_tool_call(sched.ctk_door.text_of(Fake())).command == "ls -la /repo"
 
 
-def test_more_pins_than_memory_all_complete_and_pins_go_before_preemption(engine_llm, sched):  # noqa: F811
-    """8 programs x 12 pinned blocks > 63 blocks: the valve releases pins; no preemption while pinned."""
-    sched.ctk_reconfigure(max_pin_share=1.0)
+@pytest.mark.parametrize("policy", ["ttl", "continuum"])
+def test_more_pins_than_memory_all_complete_and_pins_go_before_preemption(engine_llm, sched, policy):  # noqa: F811
+    """8 programs x 12 pinned blocks > 63 blocks: pins are released (by the price as soon as memory keeps a
+    request out, or by the valve when an allocation fails, Continuum's only way); no preemption with pins."""
+    sched.ctk_reconfigure(policy=policy, max_pin_share=1.0, continuum_ttl_s=30.0)
     preempted_with_pins = []
     orig = sched._preempt_request
 
@@ -140,9 +141,18 @@ def test_more_pins_than_memory_all_complete_and_pins_go_before_preemption(engine
     try:
         rng = random.Random(6)
         firsts = [toks(rng) for _ in range(8)]
-        outs = gen(engine_llm, firsts, [params(program_id=f"P{i}", tool=LONG_TTL_KEY) for i in range(8)])
+        # one at a time: nothing waits, so memory is free to price and every turn pins (30 s) until the valve
+        # must make room for the next admission
+        outs = [
+            gen(engine_llm, [f], params(program_id=f"P{i}", tool=LONG_TTL_KEY))[0]
+            for i, f in enumerate(firsts)
+        ]
         assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
-        assert sched.ctk.stats.releases.get("pressure", 0) >= 1
+        assert sched.ctk.stats.pins_created == 8
+        released = sched.ctk.stats.releases
+        assert released.get("pressure", 0) + released.get("price", 0) >= 3  # 8 x 12 blocks > 63
+        if policy == "continuum":  # no price: the valve did it
+            assert released.get("pressure", 0) >= 3
         assert sched.ctk.pinned_blocks <= all_blocks(sched)
         seconds = [next_turn(p, o, rng) for p, o in zip(firsts, outs, strict=True)]
         outs2 = gen(engine_llm, seconds, [params(12, program_id=f"P{i}", last_turn=True) for i in range(8)])
@@ -245,7 +255,7 @@ def test_async_scheduler_pins_and_hits_through_the_same_mixin(engine_llm, sched)
         structured_output_manager=sched.structured_output_manager,
         block_size=sched.block_size,
     )
-    s.ctk_reconfigure(**dataclasses.asdict(sched.ctk.config))
+    s.ctk_reconfigure(policy="ttl", ttl_model=sched.ctk.config.ttl_model, online=False)
     assert type(s.waiting).__name__ == "ProgramOrderQueue" and s.ctk_door.total_blocks == all_blocks(s)
     rng = random.Random(9)
     first = toks(rng)

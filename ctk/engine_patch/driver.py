@@ -14,7 +14,7 @@ before the engine schedules a step           :meth:`PolicyDriver.step_begin` (ex
                                              pins, waiting order, preemption order when memory is short)
 after it scheduled a step                    :meth:`PolicyDriver.step_end` (first admissions, prefix hits)
 an allocation fails (preempt / refuse next)  :meth:`PolicyDriver.allocation_failed` -> True: retry it
-a request finishes or is aborted             :meth:`PolicyDriver.request_finished` -> True: its blocks are held
+a request finishes or is aborted             :meth:`PolicyDriver.request_finished` -> True: blocks held
 the engine idles                             :meth:`PolicyDriver.idle` (expiry only); the engine wakes up at
                                              the deadline it is given through :meth:`EngineView.wake_at`
 shutdown / cache reset                       :meth:`PolicyDriver.shutdown`
@@ -39,7 +39,13 @@ PREEMPT_ORDER_FREE_SHARE = 0.1
 
 
 class EngineView(Protocol):
-    """What the driver may see of and do to an engine (vLLM through ``VllmDoor``, or the simulator)."""
+    """What the driver may see of and do to an engine (vLLM through ``VllmDoor``, or the simulator).
+
+    ``waiting_demand()`` is the demand that memory, not compute, keeps out: the number of waiting requests the
+    engine would admit next if memory allowed (the head of the waiting queue, as many as it has free run
+    slots; none when every slot is taken) and their uncomputed tokens. It is what the memory price charges
+    for; a queue that waits for run slots costs a pin nothing.
+    """
 
     block_size: int  # tokens per KV block
     total_blocks: int  # usable KV blocks
@@ -51,7 +57,7 @@ class EngineView(Protocol):
     def reorder_waiting(self, order: list[int]) -> None: ...  # indices into waiting_ids()
     def running_ids(self) -> list[str]: ...  # the last one is the preemption victim
     def reorder_running(self, order: list[int]) -> None: ...
-    def waiting_demand_tokens(self) -> int: ...  # uncomputed tokens the waiting queue asks for
+    def waiting_demand(self) -> tuple[int, int]: ...  # (requests, tokens): see above
     def blocks_of(self, request_id: str) -> int: ...  # blocks a (just finished) request holds
     def hold(self, request_id: str) -> None: ...  # keep a finished request's blocks
     def free_held(self, request_id: str) -> None: ...  # release kept blocks to the (cached) free queue
@@ -86,16 +92,22 @@ class PolicyDriver:
     # -- engine state --------------------------------------------------------------------------------
 
     def state(self, now: float, demand: bool = False) -> EngineState:
-        """The engine as the core sees it; the waiting demand only while pins exist (or ``demand``)."""
+        """The engine as the core sees it. The waiting demand (a walk over the head of the waiting queue) only
+        while pins exist or ``demand``; then ``num_waiting`` counts the requests memory keeps out (see
+        :class:`EngineView`), otherwise the whole queue with no demand."""
         v = self.view
+        if demand or self.held:
+            n_waiting, demand_tokens = v.waiting_demand()
+        else:
+            n_waiting, demand_tokens = v.num_waiting(), 0
         return EngineState(
             now=now,
             free_blocks=v.free_blocks(),
             total_blocks=v.total_blocks,
             block_size=v.block_size,
-            num_waiting=v.num_waiting(),
+            num_waiting=n_waiting,
             num_running=v.num_running(),
-            waiting_demand_tokens=v.waiting_demand_tokens() if (demand or self.held) else 0,
+            waiting_demand_tokens=demand_tokens,
             pinned_blocks=self.core.pinned_blocks,
         )
 

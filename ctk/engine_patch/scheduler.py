@@ -11,7 +11,7 @@ vLLM hook                  driver call
 =========================  ===========================================================================
 ``add_request``            :meth:`~PolicyDriver.request_added` (hints from ``session_id`` + ``vllm_xargs``)
 ``schedule``               :meth:`~PolicyDriver.step_begin`, vLLM schedules, :meth:`~PolicyDriver.step_end`
-allocation failure         :meth:`~PolicyDriver.allocation_failed` (the door's valve; retried while a pin goes)
+allocation failure         :meth:`~PolicyDriver.allocation_failed` (the door's valve; retried per pin)
 ``_free_blocks``           :meth:`~PolicyDriver.request_finished`; True: the door holds the blocks
 ``has_requests``           :meth:`~PolicyDriver.idle` (pins held); the door wakes an idle engine at a deadline
 ``reset_prefix_cache``     :meth:`~PolicyDriver.shutdown` (held blocks would fail the reset)
@@ -67,8 +67,8 @@ class CTKSchedulerMixin:
 
     def _ctk_configure(self, cfg: ServeConfig) -> None:
         from ctk.engine_patch.metrics import PrometheusSink
-        from ctk.engine_patch.policy import PolicyCore
         from ctk.engine_patch.policies import make_rule
+        from ctk.engine_patch.policy import PolicyCore
 
         cfg.validate()
         tables = None
@@ -86,7 +86,13 @@ class CTKSchedulerMixin:
             sinks.append(self._ctk_recorder)
         door = self.ctk_door
         rule = make_rule(cfg.policy, cfg, tables)
-        core = PolicyCore(cfg, rule, block_size=door.block_size, sink=FanoutSink(*sinks))
+        core = PolicyCore(
+            cfg,
+            rule,
+            block_size=door.block_size,
+            sink=FanoutSink(*sinks),
+            unix_offset_s=time.time() - time.monotonic(),  # the recorder's wall-clock timestamps
+        )
         self.ctk_driver = PolicyDriver(core, door)
         door.valve = self.ctk_driver.allocation_failed
         logger.info(
@@ -181,4 +187,3 @@ def __getattr__(name: str):
         globals()["CTKScheduler"], globals()["CTKAsyncScheduler"] = sched, async_sched
         return globals()[name]
     raise AttributeError(name)
-

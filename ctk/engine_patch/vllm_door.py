@@ -32,6 +32,7 @@ The seams used, and why:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
@@ -84,7 +85,9 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
     Internal(_SCHED, "has_requests", "hook", "the idle engine loop asks it: idle expiry"),
     Internal(_SCHED, "reset_prefix_cache", "hook", "pins are released first (held blocks fail the reset)"),
     Internal(_SCHED, "shutdown", "hook", "pins released, recorder flushed"),
-    Internal("vllm.v1.core.sched.async_scheduler:AsyncScheduler", _SCHED.replace(":", "."), "base", "one mixin"),
+    Internal(
+        "vllm.v1.core.sched.async_scheduler:AsyncScheduler", _SCHED.replace(":", "."), "base", "one mixin"
+    ),
     # scheduler internals
     Internal(_SCHED, "_free_request_blocks", "method", "free a held request's blocks at release"),
     Internal(_SCHED, "requests", "attribute", "a held request leaves it without its blocks being freed"),
@@ -92,6 +95,7 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
     Internal(_SCHED, "running", "attribute", "ordered so the preemption victim (last) is the core's"),
     Internal(_SCHED, "kv_cache_manager", "attribute", "free blocks, block ids, the valve"),
     Internal(_SCHED, "block_size", "attribute", "tokens per block"),
+    Internal(_SCHED, "max_num_active_reqs", "attribute", "run slots: the waiting demand memory keeps out"),
     Internal(_SCHED, "vllm_config", "attribute", "additional_config['ctk'], the tokenizer's model config"),
     Internal(_SCHED, "waiting = create_request_queue(", "source", "self.waiting is built from the policy"),
     Internal(_QUEUE, "collections.deque", "base", "ProgramOrderQueue re-orders it with deque operations"),
@@ -150,10 +154,8 @@ def _init_source(cls) -> str:
     for klass in inspect.getmro(cls):
         init = vars(klass).get("__init__")
         if init is not None:
-            try:
+            with contextlib.suppress(OSError, TypeError):
                 parts.append(inspect.getsource(init))
-            except (OSError, TypeError):
-                pass
     return "\n".join(parts)
 
 
@@ -361,8 +363,19 @@ class VllmDoor:
         running = self.sched.running
         running[:] = [running[i] for i in order]
 
-    def waiting_demand_tokens(self) -> int:
-        return sum(r.num_tokens - r.num_computed_tokens for r in self.sched.waiting)
+    def waiting_demand(self) -> tuple[int, int]:
+        """(requests, uncomputed tokens) of the waiting requests vLLM would admit next if memory allowed:
+        the head of the queue, one per free run slot (``max_num_active_reqs``)."""
+        sched = self.sched
+        slots = sched.max_num_active_reqs - len(sched.running)
+        n = tokens = 0
+        if slots > 0:
+            for r in sched.waiting:
+                tokens += r.num_tokens - r.num_computed_tokens
+                n += 1
+                if n >= slots:
+                    break
+        return n, tokens
 
     def blocks_of(self, request_id: str) -> int:
         return sum(len(ids) for ids in self.kv.get_block_ids(request_id))
@@ -417,7 +430,9 @@ class VllmDoor:
             try:
                 from vllm.tokenizers.registry import cached_tokenizer_from_config
 
-                self._tokenizer = cached_tokenizer_from_config(model_config=self.sched.vllm_config.model_config)
+                self._tokenizer = cached_tokenizer_from_config(
+                    model_config=self.sched.vllm_config.model_config
+                )
             except Exception as exc:  # no tokenizer: detection by hints only
                 logger.warning("ctk: no tokenizer for tool-call detection (%s); use the 'tool' hint", exc)
                 self._tokenizer_failed = True
