@@ -5,7 +5,10 @@ One in-process vLLM CPU engine (tiny model) runs the same kind of agent-like wor
 (the ``CTKScheduler`` hooks with policy ``ttl`` and a TTL table that never pins, so every hook runs —
 metadata parsing, program ordering, tool-call keys and TTL lookups — but nothing is held). Only the time spent
 inside the scheduler (``add_request``, ``schedule``, ``update_from_output``, which frees finished requests)
-is counted, per engine step. Phases alternate to cancel drift on a shared machine.
+is counted, per engine step. Phases alternate to cancel drift on a shared machine. The stock phases run with
+vLLM's own ``FCFSRequestQueue`` as the waiting queue, the ctk phases with ctk's ``ProgramOrderQueue``. A
+program's turns arrive one after another, so program FCFS orders the queue as FCFS does: both variants run
+the same schedule (same step count) and the ratio is the plugin's own cost (the order is still computed).
 
     .venv/bin/python bench/sched_overhead.py [--model PATH] [--phases 4] [--requests 32] [--outputs real]
 
@@ -222,6 +225,8 @@ def main() -> None:
                 print(f"phase {phase} {variant:5s}: {len(steps):4d} steps, scheduler {us:7.1f} us/step")
         assert sched.ctk.stats.pins_created == 0, "the bench table must never pin"
         (stock, n_stock), (ctk, n_ctk) = robust_total(runs["stock"]), robust_total(runs["ctk"])
+        if n_stock != n_ctk:
+            print(f"WARNING: different schedules ({n_stock} vs {n_ctk} steps): the ratio is not pure overhead")
         mean = {v: statistics.mean(a + sum(st) for a, st in runs[v]) for v in runs}
         print(f"\n{args.phases} alternating phases x {args.requests} requests, outputs: {args.outputs}")
         print("(for each step index the minimum over the phases: load from other processes drops out)")
