@@ -149,7 +149,7 @@ class PolicyDriver:
             order = core.order_waiting(view.waiting_ids(), now)
             if order is not None and any(i != j for i, j in enumerate(order)):
                 view.reorder_waiting(order)
-        if view.num_running() > 1 and view.free_blocks() < self._preempt_free_blocks:
+        if view.free_blocks() < self._preempt_free_blocks and view.num_running() > 1:
             order = core.order_running(view.running_ids())
             if order is not None and any(i != j for i, j in enumerate(order)):
                 view.reorder_running(order)

@@ -57,6 +57,8 @@ _KV = "vllm.v1.core.kv_cache_manager:KVCacheManager"
 _REQ = "vllm.v1.request:Request"
 _STATUS = "vllm.v1.request:RequestStatus"
 _QUEUE = "vllm.v1.core.sched.request_queue:FCFSRequestQueue"
+_COORD = "vllm.v1.core.kv_cache_coordinator:KVCacheCoordinator"
+_TYPE_MGR = "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager"
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,9 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
     Internal(_QUEUE, "vllm.v1.core.sched.request_queue.RequestQueue", "base", "vLLM's queue seam"),
     # KV cache
     Internal(_KV, "allocate_slots", "method", "wrapped on the instance while pins are held: the valve"),
-    Internal(_KV, "get_block_ids", "method", "blocks a finished request holds"),
+    Internal(_KV, "coordinator", "attribute", "its single-type managers: blocks a finished request holds"),
+    Internal(_COORD, "single_type_managers", "attribute", "one manager per KV-cache group"),
+    Internal(_TYPE_MGR, "req_to_blocks", "attribute", "request id -> blocks (counted, not copied)"),
     Internal(_KV, "block_pool", "attribute", "free-block count, pool size"),
     Internal("vllm.v1.core.block_pool:BlockPool", "get_num_free_blocks", "method", "free + evictable"),
     Internal("vllm.v1.core.block_pool:BlockPool", "num_gpu_blocks", "attribute", "pool size (+1 null)"),
@@ -331,6 +335,7 @@ class VllmDoor:
         self._natural = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
         self._aborted = RequestStatus.FINISHED_ABORTED
         self._allocate = self.kv.allocate_slots
+        self._managers = self.kv.coordinator.single_type_managers  # one per KV-cache group
         self._tokenizer = None
         self._tokenizer_failed = False
         waiting = scheduler.waiting
@@ -378,7 +383,8 @@ class VllmDoor:
         return n, tokens
 
     def blocks_of(self, request_id: str) -> int:
-        return sum(len(ids) for ids in self.kv.get_block_ids(request_id))
+        """KV blocks the request holds, all KV-cache groups (``get_block_ids`` without building id lists)."""
+        return sum(len(m.req_to_blocks.get(request_id, ())) for m in self._managers)
 
     def hold(self, request_id: str) -> None:
         """Keep a finished request's blocks: it leaves ``Scheduler.requests`` without a free."""
