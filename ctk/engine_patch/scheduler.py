@@ -143,7 +143,9 @@ class CTKSchedulerMixin:
         super()._free_blocks(request)
 
     def has_requests(self) -> bool:
-        if self.ctk_driver.held:  # asked by the idle engine loop (woken at the pin deadline): expiry
+        # Asked by the idle engine loop (woken at the pin deadline): expiry. A busy engine steps the core
+        # in schedule() instead.
+        if self.ctk_driver.held and not self.ctk_door.busy():
             self.ctk_driver.idle(time.monotonic())
         return super().has_requests()
 

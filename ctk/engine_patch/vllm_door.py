@@ -92,6 +92,7 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
     ),
     # scheduler internals
     Internal(_SCHED, "_free_request_blocks", "method", "free a held request's blocks at release"),
+    Internal(_SCHED, "has_unfinished_requests", "method", "busy: schedule(), not has_requests, steps"),
     Internal(_SCHED, "requests", "attribute", "a held request leaves it without its blocks being freed"),
     Internal(_SCHED, "waiting", "attribute", "replaced (empty) by ProgramOrderQueue; its length, ids"),
     Internal(_SCHED, "running", "attribute", "ordered so the preemption victim (last) is the core's"),
@@ -406,6 +407,10 @@ class VllmDoor:
             self._timer.set(deadline)
 
     # -- conversions for the mixin -------------------------------------------------------------------
+
+    def busy(self) -> bool:
+        """Requests wait or run (the engine will step and call ``schedule``)."""
+        return self.sched.has_unfinished_requests()
 
     def is_known(self, request_id: str) -> bool:
         return request_id in self.sched.requests
