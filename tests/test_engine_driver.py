@@ -1,0 +1,102 @@
+"""The driver's cost rules and the door's seams, inside a real vLLM CPU engine (in-process, tiny model)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from engine_fixtures import (  # noqa: F401 (pytest fixtures)
+    LONG_TTL_KEY,
+    engine_llm,
+    scheduler_of,
+    tiny_model_dir,
+    ttl_model_file,
+)
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture
+def sched(engine_llm, ttl_model_file):  # noqa: F811
+    s = scheduler_of(engine_llm)
+    s.ctk_reconfigure(policy="ttl", ttl_model=str(ttl_model_file), max_pin_share=0.5, online=False)
+    yield s
+    s.ctk_reconfigure(policy="ttl", ttl_model=str(ttl_model_file))
+
+
+def _params(max_tokens=4, **xargs):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args=xargs or None)
+
+
+def _run(llm, rng, n, **xargs):
+    """``n`` requests of 300 tokens at once (2 run slots: the rest wait), stepped to the end."""
+    eng = llm.llm_engine
+    for i in range(n):
+        prompt = {"prompt_token_ids": [rng.randrange(10, 4000) for _ in range(300)]}
+        eng.add_request(f"dr-{rng.random()}-{i}", prompt, _params(6, **xargs))
+    while eng.has_unfinished_requests():
+        eng.step()
+
+
+def _count_calls(monkeypatch, obj, name) -> list[int]:
+    calls = [0]
+    method = getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return method(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, counted)
+    return calls
+
+
+def test_no_pin_no_demand_walk_no_valve(engine_llm, sched, monkeypatch):  # noqa: F811
+    """Zero pins: the waiting queue is never walked for its demand during steps (only when a finish is
+    judged) and allocate_slots is vLLM's own method; a held pin turns both on, its release turns them off."""
+    door, kv = sched.ctk_door, sched.kv_cache_manager
+    demand = _count_calls(monkeypatch, door, "waiting_demand")
+    steps = _count_calls(monkeypatch, sched.ctk_driver, "step_begin")
+    rng = random.Random(21)
+    _run(engine_llm, rng, 6, program_id="nopin")  # no tool hint, random text: a candidate, never a pin
+    assert sched.ctk.stats.pins_created == 0 and steps[0] >= 6
+    assert demand[0] == 6  # one per finish (the decision's price), none per step
+    assert "allocate_slots" not in vars(kv)
+    _run(engine_llm, rng, 1, program_id="pinned", tool=LONG_TTL_KEY)
+    assert sched.ctk_pinned_request_ids() and "allocate_slots" in vars(kv)  # the valve, while pins exist
+    before = demand[0]
+    _run(engine_llm, rng, 4, program_id="other")
+    assert demand[0] - before > 4  # with a pin held every step prices the queue
+    sched.ctk_reconfigure(policy="ttl")  # releases the pin
+    assert sched.ctk_pinned_request_ids() == [] and "allocate_slots" not in vars(kv)
+
+
+def test_stock_policy_tracks_nothing_and_keeps_vllm_order(engine_llm, sched, monkeypatch):  # noqa: F811
+    sched.ctk_reconfigure(policy="vllm")
+    door = sched.ctk_door
+    reorders = _count_calls(monkeypatch, door, "reorder_waiting")
+    hints = _count_calls(monkeypatch, door, "hints")
+    _run(engine_llm, random.Random(22), 6, program_id="stock", tool=LONG_TTL_KEY)
+    assert reorders[0] == 0 and hints[0] == 0 and sched.ctk_driver.hints == {}
+    assert sched.ctk.stats.pins_created == 0 and sched.ctk_pinned_request_ids() == []
+
+
+def test_program_order_goes_through_the_request_queue(engine_llm, sched):  # noqa: F811
+    """vLLM's own waiting-queue seam: a RequestQueue subclass re-ordered in place by the policy."""
+    from vllm.v1.core.sched.request_queue import FCFSRequestQueue, RequestQueue
+
+    queue = sched.waiting
+    assert isinstance(queue, FCFSRequestQueue) and isinstance(queue, RequestQueue)
+    assert type(queue).__name__ == "ProgramOrderQueue" and sched.ctk_door.reorders_waiting
+    eng = engine_llm.llm_engine
+    rng = random.Random(23)
+    for rid, prog in (("q-a1", "qa"), ("q-b1", "qb"), ("q-a2", "qa")):
+        prompt = {"prompt_token_ids": [rng.randrange(10, 4000) for _ in range(50)]}
+        eng.add_request(rid, prompt, _params(1, program_id=prog))
+    ids = sched.ctk_door.waiting_ids()
+    assert len(ids) == 3 and len(sched.ctk_driver.hints) == 3  # the arrivals went through the driver
+    queue.reorder([2, 0, 1])
+    assert sched.ctk_door.waiting_ids() == [ids[2], ids[0], ids[1]] and len(queue) == 3
+    while eng.has_unfinished_requests():
+        eng.step()
