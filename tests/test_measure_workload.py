@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from ctk.measure.workload import WorkloadConfig, WorkloadError, load_programs, synthetic_ids
@@ -86,8 +88,8 @@ def test_long_pause_selection_takes_the_programs_with_the_most_long_pause_time(s
     base = WorkloadConfig(n_programs=None, sources=[MSWEA_SOURCE], max_turns=8, max_pause_s=30.0)
     with TraceStore(sample_store, read_only=True) as store:
         every = load_programs(store, base)
-        picked = load_programs(store, WorkloadConfig(**{**base.__dict__, "n_programs": 3, "long_pause_s": 2.0}))
-        again = load_programs(store, WorkloadConfig(**{**base.__dict__, "n_programs": 3, "long_pause_s": 2.0}))
+        longest = dataclasses.replace(base, n_programs=3, long_pause_s=2.0)
+        picked, again = load_programs(store, longest), load_programs(store, longest)
     totals = sorted((p.long_pause_total_s(2.0) for p in every), reverse=True)
     assert totals[2] > 0  # the sample has long pauses to choose by
     assert [p.long_pause_total_s(2.0) for p in picked] == totals[:3]  # longest first
