@@ -90,8 +90,9 @@ def trace_store(args: argparse.Namespace, out_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ctk.measure.compare import FACTORIAL_ARMS, CompareError, format_table, run_comparison
+    from ctk.measure.compare import FACTORIAL_ARMS, CompareError, run_comparison
     from ctk.measure.presets import preset
+    from ctk.measure.table import format_table
     from ctk.measure.workload import WorkloadError
     from ctk.store import StoreError
 

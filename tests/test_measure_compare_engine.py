@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from ctk.measure.compare import CompareConfig, ServerConfig, format_table, run_comparison
+from ctk.measure.compare import CompareConfig, ServerConfig, run_comparison
 from ctk.measure.replay import ReplayConfig
+from ctk.measure.table import format_table
 from ctk.measure.workload import WorkloadConfig
 from ctk.predict.modelfile import load_ttl_tables
 from ctk.store import TraceStore

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from ctk.measure.compare import Comparison, format_table
+from ctk.measure.compare import Comparison
 from ctk.measure.results import ProgramResult, ReplayResult, ResultsError, TurnResult, load_results
+from ctk.measure.table import format_table
 from ctk.store import TraceStore
 
 

@@ -7,9 +7,10 @@ import json
 import pytest
 
 from ctk.engine_patch.policies import Policy
-from ctk.measure.compare import FACTORIAL_ARMS, Arm, CompareConfig, CompareError, Comparison, format_table
+from ctk.measure.compare import FACTORIAL_ARMS, Arm, CompareConfig, CompareError, Comparison
 from ctk.measure.presets import DEMO_POLICIES, demo_config, long_tail_config, preset
 from ctk.measure.rounds import check_targets, median_figures, rotated_orders, round_figures
+from ctk.measure.table import format_table
 from tests.test_measure_results import _result
 
 

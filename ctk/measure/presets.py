@@ -67,11 +67,12 @@ def long_tail_config(seed: int = 0) -> CompareConfig:
     longest program 119 s of pauses: about 2.5-3 minutes per policy with the server start (not yet timed).
     """
     cfg = bench_config(full=False, seed=seed)
-    cfg.workload.n_programs = 12
-    cfg.workload.max_turns = 8
+    cfg.workload.n_programs = 16
+    cfg.workload.max_turns = 6
+    cfg.workload.max_context_tokens = 4096  # 12 MiB holds about 6,000 tokens: max_model_len must fit
     cfg.workload.long_pause_s = LONG_PAUSE_S
     cfg.replay.time_scale = 1.0
-    cfg.replay.concurrency = 12
+    cfg.replay.concurrency = 16
     cfg.server.kv_cache_bytes = 12 * 2**20
     return cfg
 
