@@ -392,11 +392,13 @@ class _ModelMaker:
         self.profile_path = out_dir / "prefill_profile.json"
         self.profile_path.unlink(missing_ok=True)
         self.engine: dict[str, str] = {}
+        self.profiled = False  # tried once (a failed profile is not retried on every server)
 
     def profile(self, base_url: str) -> None:
         """On the first server, once its replay is done: the served model's prefill cost for ``ctk train``."""
-        if self.path is not None or self.profile_path.exists():
+        if self.path is not None or self.profiled:
             return
+        self.profiled = True
         self.engine.update(server_metrics.info_labels(base_url))
         try:
             profile_prefill(
@@ -414,7 +416,7 @@ class _ModelMaker:
     def get(self, model_dir: Path) -> Path:
         if self.path is not None:
             return self.path
-        if not self.profile_path.exists():
+        if not self.profiled:
             # the first arm needs the model: profile a stock server first, never train on the default cost
             self.log("profiling the served model on a stock server before training")
             with serving(
