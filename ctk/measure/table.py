@@ -136,5 +136,6 @@ def _factorial_lines(figs: dict[str, dict[str, Any]]) -> list[str]:
     ]
     return [
         "",
-        "factorial: mean JCT s (median, min-max); gains are ratios (left / right cell, > 1: faster)",
+        "factorial: mean JCT s (median, min-max); ordering gain = FCFS / program FCFS, "
+        "caching gain = stock / oracle pins (> 1: the second is faster)",
     ] + _grid(["", "FCFS", "program FCFS", "ordering gain"], rows)
