@@ -1,13 +1,15 @@
-"""The policy benchmark: stock vLLM vs Continuum's 2 s pin vs ctk's TTL policy vs an oracle.
+"""The policy benchmark: stock vLLM vs Continuum's 2 s pin vs progress-ttl vs ctk's TTL policy vs an oracle.
 
-    python bench/policies.py                 # default configuration, <= 15 minutes on 2 cores
-    python bench/policies.py --full          # more and longer programs
-    python bench/policies.py --json out.json # the same figures keyed by policy
+    python bench/policies.py                         # default configuration, one round
+    python bench/policies.py --rounds 3 --json f.json # every policy 3 times, rotated order, medians
+    python bench/policies.py --config long-tail      # unscaled pauses, the programs with the longest ones
+    python bench/policies.py --factorial             # {stock, oracle pins} x {FCFS, program FCFS}
 
-Starts the tiny model once per policy with a KV cache smaller than the programs' working set, replays the
-same recorded programs (same seed) against each, and prints one table: mean / p50 / p99 JCT, p99 and max
-TTFT, prefix-cache hit rate, pins, preemptions, and every ratio against stock vLLM and against
-``continuum`` (baseline / policy: above 1 the policy is better). See bench/README.md for the choices.
+Starts the tiny model once per policy and round with a KV cache smaller than the programs' working set,
+replays the same recorded programs (same seed) against each, and prints one table of medians over rounds:
+mean / p50 / p99 JCT, p99 and max TTFT, prefix-cache hit rate, pins, preemptions, and every ratio against
+stock vLLM, ``continuum`` and ``progress-ttl`` (baseline / policy: above 1 the policy is better), then each
+ratio's min-max over rounds and the issue's targets, met or MISSED. See bench/README.md for the choices.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ SHARED_TRACES = REPO.parent / "shared" / "data" / "agent-traces"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--full", action="store_true", help="more and longer programs (about 45 minutes)")
+    p.add_argument("--config", default="default", help="default, full or long-tail (see bench/README.md)")
+    p.add_argument("--full", action="store_true", help="the same as --config full")
+    p.add_argument("--rounds", type=int, default=1, help="run every policy this many times (rotated order)")
     p.add_argument("--json", type=Path, help="write the figures keyed by policy to this file")
     p.add_argument(
         "--db",
@@ -38,9 +42,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=REPO / "out" / "bench-policies", help="work folder")
     p.add_argument("--model-dir", type=Path, help="served model (default: build the tiny model)")
     p.add_argument(
-        "--ttl-model", type=Path, help="TTL model for 'ttl' (default: ctk train on held-out programs)"
+        "--ttl-model",
+        type=Path,
+        help="model file for 'ttl' and 'oracle' (default: ctk train on held-out programs, once per run)",
     )
-    p.add_argument("--policies", default="vllm,continuum,ttl,oracle", help="comma-separated")
+    p.add_argument(
+        "--policies",
+        help="comma-separated; policy or policy/fcfs, policy/program-fcfs "
+        "(default: vllm,continuum,progress-ttl,ttl,oracle)",
+    )
+    p.add_argument(
+        "--factorial",
+        action="store_true",
+        help="run vllm and oracle each with program ordering off and on (instead of --policies)",
+    )
     p.add_argument("--programs", type=int, help="programs to replay")
     p.add_argument("--concurrency", type=int, help="programs in flight")
     p.add_argument("--time-scale", type=float, help="tool pause = recorded duration x this")
@@ -75,14 +90,31 @@ def trace_store(args: argparse.Namespace, out_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ctk.measure.compare import CompareError, format_table, run_comparison
-    from ctk.measure.presets import bench_config
+    from ctk.measure.compare import FACTORIAL_ARMS, CompareError, run_comparison
+    from ctk.measure.presets import preset
+    from ctk.measure.table import format_table
     from ctk.measure.workload import WorkloadError
     from ctk.store import StoreError
 
     t0 = time.monotonic()
-    cfg = bench_config(full=args.full, seed=args.seed)
-    cfg.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    try:
+        cfg = preset("full" if args.full else args.config, seed=args.seed)
+    except CompareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.factorial and args.policies:
+        print("error: --factorial sets the policies; give one of --factorial, --policies", file=sys.stderr)
+        return 2
+    if args.factorial:
+        cfg.policies = list(FACTORIAL_ARMS)
+    elif args.policies:
+        cfg.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    cfg.rounds = args.rounds
+    try:
+        cfg.validate()
+    except CompareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.programs:
         cfg.workload.n_programs = args.programs
     if args.max_turns:
@@ -106,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
             build_tiny_model(model_dir)
     print(
-        f"store {db}; model {model_dir}; policies {', '.join(cfg.policies)}; "
+        f"store {db}; model {model_dir}; policies {', '.join(cfg.policies)}; {cfg.rounds} round(s); "
         f"{cfg.workload.n_programs} programs at concurrency {cfg.replay.concurrency}, "
         f"time scale {cfg.replay.time_scale}, KV {cfg.server.kv_cache_bytes / 2**20:.0f} MiB",
         flush=True,

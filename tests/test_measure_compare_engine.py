@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from ctk.measure.compare import CompareConfig, ServerConfig, format_table, run_comparison
+from ctk.measure.compare import CompareConfig, ServerConfig, run_comparison
 from ctk.measure.replay import ReplayConfig
+from ctk.measure.table import format_table
 from ctk.measure.workload import WorkloadConfig
 from ctk.predict.modelfile import load_ttl_tables
 from ctk.store import TraceStore
@@ -16,9 +17,9 @@ from tests.measure_fixtures import MSWEA_SOURCE, measure_model_dir, sample_store
 pytestmark = pytest.mark.engine
 
 
-def test_continuum_then_ttl_with_a_model_trained_on_other_programs(sample_store, measure_model_dir, tmp_path):  # noqa: F811
+def test_oracle_then_ttl_share_a_model_trained_on_other_programs(sample_store, measure_model_dir, tmp_path):  # noqa: F811
     cfg = CompareConfig(
-        policies=["continuum", "ttl"],
+        policies=["oracle", "ttl"],
         workload=WorkloadConfig(
             n_programs=2,
             seed=2,
@@ -36,14 +37,18 @@ def test_continuum_then_ttl_with_a_model_trained_on_other_programs(sample_store,
     )
     logs: list[str] = []
     comp = run_comparison(sample_store, measure_model_dir, tmp_path, cfg, log=logs.append)
-    assert list(comp.results) == ["continuum", "ttl"]
+    assert list(comp.results) == ["oracle", "ttl"]
     for policy, r in comp.results.items():
         s = r.summary()
         assert s["programs"] == 2 and s["failed_programs"] == 0, policy
         # every policy replayed exactly the same prompts
-        assert s["prompt_tokens"] == comp.results["continuum"].summary()["prompt_tokens"]
+        assert s["prompt_tokens"] == comp.results["oracle"].summary()["prompt_tokens"]
         assert "pins_created" in r.server_metrics, policy  # the ctk scheduler served it
         assert (tmp_path / f"replay-{policy}.json").exists() and (tmp_path / f"server-{policy}.log").exists()
+        # the oracle is served with ttl's model file (tables + profiled cost), trained once
+        assert r.config["arm"] == {"policy": policy, "ttl_model": str(tmp_path / "model.pkl")}, policy
+    # the first policy needs the model: the prefill was profiled on a stock server started for that
+    assert (tmp_path / "server-vllm-profile.log").exists() and sum("trained" in m for m in logs) == 1
     # the TTL model: trained without the replayed programs, on the replay's clock, with the served cost
     replayed = {p.program_id for p in comp.results["ttl"].programs}
     with (
@@ -57,6 +62,6 @@ def test_continuum_then_ttl_with_a_model_trained_on_other_programs(sample_store,
     assert (tmp_path / "prefill_profile.json").exists(), logs
     assert load_ttl_tables(tmp_path / "model.pkl").ttl_s
     d = json.loads((tmp_path / "compare-results.json").read_text())
-    assert set(d["policies"]) == {"continuum", "ttl"}
-    assert d["policies"]["ttl"]["mean_jct_x_vs_continuum"] is not None
+    assert set(d["policies"]) == {"oracle", "ttl"}
+    assert d["policies"]["oracle"]["mean_jct_x_vs_best_other"] is not None
     assert "ttl" in format_table(comp)

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from ctk.measure.compare import Comparison, format_table
+from ctk.measure.compare import Comparison
 from ctk.measure.results import ProgramResult, ReplayResult, ResultsError, TurnResult, load_results
+from ctk.measure.table import format_table
 from ctk.store import TraceStore
 
 
@@ -55,7 +56,7 @@ def test_summary_statistics():
 
 
 def test_ratios_oracle_gain_and_targets():
-    comp = Comparison(
+    comp = Comparison.single(
         {
             "vllm": _result("vllm", [20.0, 20.0], ttft=0.2),
             "continuum": _result("continuum", [16.0, 16.0], ttft=0.4),
@@ -70,19 +71,22 @@ def test_ratios_oracle_gain_and_targets():
     assert f["continuum"]["p99_ttft_x_vs_vllm"] == pytest.approx(0.5)
     assert f["ttl"]["oracle_gain_captured"] == pytest.approx((20 - 12) / (20 - 10))
     t = comp.targets()
-    assert t["ttl_mean_jct_x_vs_vllm >= 1.3"]["met"] is True
-    assert t["ttl_oracle_gain_captured >= 0.8"]["met"] is True
+    assert t["ttl_mean_jct_x_vs_vllm >= 1.30"]["met"] is True
+    assert t["ttl_oracle_gain_captured >= 0.80"]["met"] is True
     table = format_table(comp)
-    assert table.splitlines()[0].startswith("policy")
-    assert {"vllm", "continuum", "ttl", "oracle"} <= {line.split()[0] for line in table.splitlines()[2:6]}
+    assert table.splitlines()[0] == "medians over 1 round (one round: no spread)"
+    assert table.splitlines()[1].startswith("policy")
+    assert {"vllm", "continuum", "ttl", "oracle"} <= {line.split()[0] for line in table.splitlines()[3:7]}
     assert "80%" in table  # ttl captures 80% of the oracle's gain
 
-    slow = Comparison({"vllm": _result("vllm", [20.0], 0.2), "ttl": _result("ttl", [19.0], 0.3)}, config={})
+    slow = Comparison.single(
+        {"vllm": _result("vllm", [20.0], 0.2), "ttl": _result("ttl", [19.0], 0.3)}, config={}
+    )
     t = slow.targets()
-    assert t["ttl_mean_jct_x_vs_vllm >= 1.3"]["met"] is False
-    assert t["ttl_p99_ttft_x_vs_vllm >= 1.0"]["met"] is False
-    assert t["ttl_oracle_gain_captured >= 0.8"]["value"] is None  # no oracle run
-    tiny = Comparison(
+    assert t["ttl_mean_jct_x_vs_vllm >= 1.30"]["met"] is False
+    assert t["ttl_p99_ttft_x_vs_vllm >= 1.00"]["met"] is False
+    assert t["ttl_oracle_gain_captured >= 0.80"]["value"] is None  # no oracle run
+    tiny = Comparison.single(
         {
             "vllm": _result("vllm", [20.0], 0.2),
             "ttl": _result("ttl", [15.0], 0.1),
@@ -100,7 +104,7 @@ def test_json_round_trip_and_comparison_file(tmp_path):
     r.timeline = [{"t_s": 0.0, "kv_usage": 0.5, "pinned_blocks": 3.0}]
     back = load_results(r.save(tmp_path / "r.json"))[0]
     assert back.summary() == r.summary() and back.timeline == r.timeline
-    comp = Comparison({"vllm": _result("vllm", [7.0], 0.2), "ttl": r}, config={"seed": 0})
+    comp = Comparison.single({"vllm": _result("vllm", [7.0], 0.2), "ttl": r}, config={"seed": 0})
     path = comp.save(tmp_path / "cmp")
     d = json.loads(path.read_text())
     assert d["policies"]["ttl"]["mean_jct_x_vs_vllm"] == pytest.approx(7.0 / 5.5)

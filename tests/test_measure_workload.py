@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from ctk.measure.workload import WorkloadConfig, WorkloadError, load_programs, synthetic_ids
@@ -80,3 +82,18 @@ def test_empty_or_unusable_store_gives_a_clear_error(tmp_path):
         load_programs(store, WorkloadConfig())  # one turn only
     with pytest.raises(WorkloadError):
         WorkloadConfig(token_id_low=5, token_id_high=5).validate()
+
+
+def test_long_pause_selection_takes_the_programs_with_the_most_long_pause_time(sample_store):  # noqa: F811
+    base = WorkloadConfig(n_programs=None, sources=[MSWEA_SOURCE], max_turns=8, max_pause_s=30.0)
+    with TraceStore(sample_store, read_only=True) as store:
+        every = load_programs(store, base)
+        longest = dataclasses.replace(base, n_programs=3, long_pause_s=2.0)
+        picked, again = load_programs(store, longest), load_programs(store, longest)
+    totals = sorted((p.long_pause_total_s(2.0) for p in every), reverse=True)
+    assert totals[2] > 0  # the sample has long pauses to choose by
+    assert [p.long_pause_total_s(2.0) for p in picked] == totals[:3]  # longest first
+    assert [p.program_id for p in picked] == [p.program_id for p in again]
+    assert all(p.turns[k].tool_duration_s <= 30.0 for p in picked for k in range(len(p.turns)))
+    with pytest.raises(WorkloadError, match="long_pause_s"):
+        WorkloadConfig(long_pause_s=-1.0).validate()

@@ -115,8 +115,12 @@ def report(
 
 
 def demo(
-    out: Path = typer.Option(Path("demo-out"), "-o", "--output", "--out", help="work folder (store, model)"),
-    policies: str = typer.Option("vllm,continuum,ttl,oracle", help="comma-separated policies"),
+    out: Path = typer.Option(
+        Path("demo-out"), "-o", "--output", "--out", help="work folder (reused: store, model)"
+    ),
+    policies: str | None = typer.Option(
+        None, help="comma-separated policies (default: vllm,continuum,ttl,oracle)"
+    ),
     programs: int | None = typer.Option(None, "-n", "--programs", help="programs per policy"),
 ) -> None:
     """The whole loop on the bundled sample: import, train, serve each policy, replay, report."""
@@ -126,7 +130,7 @@ def demo(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ctk.measure.demo import main
 
-    names = [p.strip() for p in policies.split(",") if p.strip()]
+    names = [p.strip() for p in (policies or "").split(",") if p.strip()]
     code = main(out, names, programs)
     if code:
         raise typer.Exit(code)

@@ -1,42 +1,102 @@
-"""The policy comparison: the same programs, the same seed, one fresh server per policy, one table.
+"""The policy comparison: the same programs, the same seed, one fresh server per arm and round, one table.
 
-Used by ``bench/policies.py``, ``ctk compare`` and ``ctk demo``. For each policy (``vllm``, ``continuum``,
-``ttl``, ``oracle``) a server is started on the tiny model with a KV cache smaller than the working set,
-warmed up, the programs are replayed, ``/metrics`` is read, and the server is stopped. The ``ttl`` policy
-gets a model trained (``ctk train``) on the store's other programs, never on the replayed ones, with tool
-durations on the replay's clock (multiplied by ``time_scale``).
+Used by ``bench/policies.py``, ``ctk demo`` and the measure tests. An *arm* is a policy (``vllm``,
+``continuum``, ``progress-ttl``, ``ttl``, ``oracle``), optionally with its program ordering forced
+(``vllm/program-fcfs``, ``oracle/fcfs``: the factorial that separates caching from ordering). For each arm,
+``rounds`` times in rotated order (:mod:`ctk.measure.rounds`), a server is started on the tiny model with a
+KV cache smaller than the working set, warmed up, the programs are replayed, ``/metrics`` is read, and the
+server is stopped. ``ttl`` and ``oracle`` are served with the same model file: a TTL model trained once per
+run (``ctk train``) on the store's other programs, never on the replayed ones, with tool durations on the
+replay's clock (multiplied by ``time_scale``) and the served engine's prefill cost (``ctk profile``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
 
+from ctk.engine_patch.policies import POLICY_NAMES, Policy
 from ctk.errors import CtkError
 from ctk.measure import server_metrics
 from ctk.measure.replay import ReplayConfig, run_replay
 from ctk.measure.results import ReplayResult
+from ctk.measure.rounds import (
+    check_targets,
+    median_figures,
+    rotated_orders,
+    round_figures,
+)
 from ctk.measure.workload import ProgramSpec, WorkloadConfig, load_programs
 from ctk.store import TraceStore
 
-POLICIES = ("vllm", "continuum", "ttl", "oracle")
-#: The oracle must beat vllm's mean JCT by this share before "share of the oracle's gain" is reported.
-MIN_ORACLE_GAIN = 0.05
+#: The benchmark's policies, in table order.
+POLICIES: tuple[str, ...] = POLICY_NAMES
+#: Policies served with the TTL model file (tables + the profiled cost model). The oracle needs the cost
+#: model as much as ``ttl`` does (whether a pin pays); ``continuum``, ``progress-ttl`` and ``vllm`` need none.
+MODEL_POLICIES = frozenset({Policy.TTL, Policy.ORACLE})
+#: Program ordering of an arm: ``<policy>/<ordering>`` forces ``ServeConfig.program_fcfs``.
+ORDERINGS = {"fcfs": False, "program-fcfs": True}
+#: {stock eviction, oracle pins} x {FCFS, program FCFS}.
+FACTORIAL_ARMS = ("vllm/fcfs", "vllm/program-fcfs", "oracle/fcfs", "oracle/program-fcfs")
 #: Server flags every replayed server needs: cached tokens and queue time in each response.
 REPLAY_SERVER_ARGS = ("--enable-prompt-tokens-details", "--enable-per-request-metrics")
 
 
 class CompareError(CtkError, RuntimeError):
     """The comparison cannot run (a server does not start, training fails); the message says why."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One column of the comparison: a policy, and its program ordering unless the policy's default."""
+
+    name: str
+    policy: Policy
+    program_fcfs: bool | None = None  # None: the policy's default
+
+    @classmethod
+    def parse(cls, name: str) -> Arm:
+        """``ttl`` or ``oracle/fcfs`` (policy / ordering); raises CompareError naming the choices."""
+        policy, _, ordering = name.partition("/")
+        if policy not in POLICY_NAMES:
+            raise CompareError(f"unknown policy {policy!r}; choose from {', '.join(POLICY_NAMES)}")
+        if ordering and ordering not in ORDERINGS:
+            raise CompareError(
+                f"unknown ordering {ordering!r} in {name!r}; choose from {', '.join(ORDERINGS)}"
+            )
+        return cls(name, Policy(policy), ORDERINGS[ordering] if ordering else None)
+
+    @property
+    def needs_model(self) -> bool:
+        return self.policy in MODEL_POLICIES
+
+    @property
+    def tag(self) -> str:
+        """The name in file names."""
+        return self.name.replace("/", "-")
+
+    def settings(self) -> dict[str, Any]:
+        """``ServeConfig`` fields this arm sets (``launch_server``'s ``settings``)."""
+        return {} if self.program_fcfs is None else {"program_fcfs": self.program_fcfs}
+
+    def server_args(self) -> list[str]:
+        """Stock vLLM with program ordering still needs ctk's scheduler class (``ctk serve`` adds it only
+        for pin policies)."""
+        if self.policy == Policy.VLLM and self.program_fcfs:
+            from ctk.engine_patch.server import SCHEDULER_CLS
+
+            return ["--scheduler-cls", SCHEDULER_CLS]
+        return []
 
 
 @dataclass
@@ -67,24 +127,31 @@ class ServerConfig:
 
 @dataclass
 class CompareConfig:
-    policies: list[str] = field(default_factory=lambda: list(POLICIES))
+    policies: list[str] = field(default_factory=lambda: list(POLICIES))  # arm names (see Arm.parse)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    rounds: int = 1  # every arm this many times, in rotated order
     ttl_model: Path | None = None  # None: train one on the store's other programs
     train_args: list[str] = field(default_factory=list)  # extra arguments of ``ctk train``
     port: int | None = None  # None: a free port
 
-    def validate(self) -> None:
-        bad = [p for p in self.policies if p not in POLICIES]
-        if bad:
-            raise CompareError(f"unknown policies {bad}; choose from {', '.join(POLICIES)}")
+    def arms(self) -> list[Arm]:
+        """The arms to run, in table order; raises CompareError on an unknown or repeated name."""
         if not self.policies:
             raise CompareError("no policy to compare")
+        if len(set(self.policies)) != len(self.policies):
+            raise CompareError(f"a policy is listed twice in {self.policies}")
+        return [Arm.parse(p) for p in self.policies]
+
+    def validate(self) -> None:
+        self.arms()
+        if self.rounds < 1:
+            raise CompareError("rounds must be at least 1")
 
 
 class Launcher(Protocol):
-    """Starts a server for one policy and returns its process (stopped with ``stop_server``)."""
+    """Starts a server for one arm and returns its process (stopped with ``stop_server``)."""
 
     def __call__(
         self,
@@ -94,17 +161,30 @@ class Launcher(Protocol):
         ttl_model: Path | None,
         extra_args: list[str],
         log_path: Path,
+        settings: Mapping[str, Any] | None = None,
     ) -> subprocess.Popen: ...
 
 
 def default_launcher(
-    model_path: Path, port: int, policy: str, ttl_model: Path | None, extra_args: list[str], log_path: Path
+    model_path: Path,
+    port: int,
+    policy: str,
+    ttl_model: Path | None,
+    extra_args: list[str],
+    log_path: Path,
+    settings: Mapping[str, Any] | None = None,
 ) -> subprocess.Popen:
-    """``ctk serve``'s launcher (the serve part's ``launch_server``)."""
+    """``ctk serve``'s launcher (the serve part's ``launch_server``); ``settings`` are ServeConfig fields."""
     from ctk.engine_patch.server import launch_server
 
     return launch_server(
-        model_path, port, policy, ttl_model=ttl_model, extra_args=tuple(extra_args), log_path=log_path
+        model_path,
+        port,
+        str(policy),
+        ttl_model=ttl_model,
+        extra_args=tuple(extra_args),
+        settings=dict(settings) if settings else None,
+        log_path=log_path,
     )
 
 
@@ -184,67 +264,55 @@ def profile_prefill(base_url: str, out: Path, max_model_len: int = 8192) -> Path
 
 @dataclass
 class Comparison:
-    """Results per policy plus the figures of the table."""
+    """Results per round and arm plus the figures of the table (medians over rounds, with spreads)."""
 
-    results: dict[str, ReplayResult]
+    rounds: list[dict[str, ReplayResult]]  # one {arm: result} per round, arms in table order
     config: dict[str, Any]
 
+    @classmethod
+    def single(cls, results: dict[str, ReplayResult], config: dict[str, Any]) -> Comparison:
+        """A comparison of one round."""
+        return cls([results], config)
+
+    def round_figures(self) -> list[dict[str, dict[str, Any]]]:
+        return [round_figures({arm: r.summary() for arm, r in rnd.items()}) for rnd in self.rounds]
+
     def figures(self) -> dict[str, dict[str, Any]]:
-        """Summary per policy with ratios against ``vllm`` and ``continuum`` (>1: the policy is better)."""
-        out = {p: r.summary() for p, r in self.results.items()}
-        for base in ("vllm", "continuum"):
-            if base not in out:
-                continue
-            b = out[base]
-            for s in out.values():
-                for key in ("mean_jct_s", "p50_jct_s", "p99_jct_s", "p99_ttft_s", "max_ttft_s"):
-                    s[f"{key.removesuffix('_s')}_x_vs_{base}"] = _ratio(b.get(key), s.get(key))
-        if {"vllm", "ttl", "oracle"} <= out.keys():
-            v, t, o = (out[k]["mean_jct_s"] for k in ("vllm", "ttl", "oracle"))
-            # a share of a gain under MIN_ORACLE_GAIN of vllm's JCT is noise, not a figure
-            if None not in (v, t, o) and v - o >= MIN_ORACLE_GAIN * v:
-                out["ttl"]["oracle_gain_captured"] = (v - t) / (v - o)
+        """Per arm: medians over rounds of the summary and of the ratios against ``vllm``, ``continuum``
+        and ``progress-ttl`` (>1: the arm is better), ``spread`` (min, max) and the per-round ``rounds``."""
+        return median_figures(self.round_figures())
+
+    @property
+    def results(self) -> dict[str, ReplayResult]:
+        """One result per arm: the round whose mean JCT is nearest the arm's median (for plots)."""
+        figs = self.figures()
+        out = {}
+        for arm, f in figs.items():
+            runs = [rnd[arm] for rnd in self.rounds if arm in rnd]
+            median = f.get("mean_jct_s")
+            out[arm] = min(runs, key=lambda r: abs((r.summary()["mean_jct_s"] or 0.0) - (median or 0.0)))
         return out
 
     def targets(self) -> dict[str, Any]:
-        """The issue's targets, each with its measured value and whether it is met."""
-        f = self.figures()
-        t = f.get("ttl", {})
-        checks = {
-            "ttl_mean_jct_x_vs_vllm >= 1.3": t.get("mean_jct_x_vs_vllm"),
-            "ttl_mean_jct_x_vs_continuum >= 1.1": t.get("mean_jct_x_vs_continuum"),
-            "ttl_oracle_gain_captured >= 0.8": t.get("oracle_gain_captured"),
-            "ttl_p99_ttft_x_vs_vllm >= 1.0": t.get("p99_ttft_x_vs_vllm"),
-        }
-        out = {}
-        for name, value in checks.items():
-            threshold = float(name.rsplit(">=", 1)[1])
-            out[name] = {"value": value, "met": None if value is None else bool(value >= threshold)}
-        return out
+        """The issue's targets, each with its median, min–max over rounds and whether it is met."""
+        return check_targets(self.figures())
 
     def to_json(self) -> dict[str, Any]:
-        return {"policies": self.figures(), "targets": self.targets(), "config": self.config}
+        return {
+            "rounds": len(self.rounds),
+            "order": self.config.get("order"),
+            "policies": self.figures(),
+            "targets": self.targets(),
+            "config": self.config,
+        }
 
     def save(self, out_dir: Path) -> Path:
+        """``compare-results.json``: the figures and one result per arm (``ctk report`` draws them)."""
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "compare-results.json"
-        path.write_text(
-            json.dumps(
-                {
-                    **self.to_json(),
-                    "results": [r.to_dict() for r in self.results.values()],
-                },
-                indent=1,
-                default=str,
-            )
-        )
+        body = {**self.to_json(), "results": [r.to_dict() for r in self.results.values()]}
+        path.write_text(json.dumps(body, indent=1, default=str))
         return path
-
-
-def _ratio(base, value) -> float | None:
-    if base is None or value is None or value <= 0:
-        return None
-    return base / value
 
 
 def run_comparison(
@@ -255,8 +323,9 @@ def run_comparison(
     launcher: Launcher = default_launcher,
     log: Callable[[str], None] = print,
 ) -> Comparison:
-    """Replay the same programs once per policy; results are saved per policy as they finish."""
+    """Replay the same programs once per arm and round (rotated order); each result is saved as it ends."""
     cfg.validate()
+    arms = {a.name: a for a in cfg.arms()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with TraceStore(db, read_only=True) as store:
@@ -265,54 +334,150 @@ def run_comparison(
         f"{len(programs)} programs, {sum(len(p.turns) for p in programs)} turns, "
         f"{sum(p.total_tool_s for p in programs) * cfg.replay.time_scale:.0f} s of tool pauses (scaled)"
     )
-    ttl_model = cfg.ttl_model
-    profile = out_dir / "prefill_profile.json"
-    profile.unlink(missing_ok=True)
-    engine: dict[str, str] = {}
-
-    def profile_server(base_url: str) -> None:
-        """On the first server, once its replay is done: the served model's prefill cost for ``ctk train``."""
-        if ttl_model is None and not profile.exists():
-            engine.update(server_metrics.info_labels(base_url))
-            try:
-                profile_prefill(
-                    base_url, profile, cfg.server.max_model_len or cfg.workload.max_context_tokens
-                )
-                log(f"profiled prefill -> {profile} (KV block size {engine.get('block_size', '?')})")
-            except CompareError as exc:
-                log(f"warning: {exc}; training with the default cost model")
-
-    results: dict[str, ReplayResult] = {}
-    for policy in cfg.policies:
-        if policy == "ttl" and ttl_model is None:
-            exclude = {p.program_id for p in programs}
-            train_db = training_store(db, exclude, cfg.replay.time_scale, out_dir / "train.duckdb")
-            args = list(cfg.train_args)
-            if profile.exists():
-                args += ["--profile", str(profile)]
-            if engine.get("block_size", "").isdigit() and "--block-size" not in args:
-                args += ["--block-size", engine["block_size"]]
-            ttl_model = train_ttl_model(train_db, out_dir / "model.pkl", args)
-            log(f"trained {ttl_model} on {db} minus the {len(exclude)} replayed programs")
-        results[policy] = run_policy(
-            policy, programs, model_dir, ttl_model, out_dir, cfg, launcher, log, after_replay=profile_server
-        )
+    model = _ModelMaker(db, programs, out_dir, cfg, launcher, log)
+    orders = rotated_orders(list(arms), cfg.rounds)
     config = {
         "db": str(db),
         "model_dir": str(model_dir),
-        "ttl_model": str(ttl_model) if ttl_model else None,
+        "ttl_model": None,
         "workload": asdict(cfg.workload),
         "replay": asdict(cfg.replay),
         "server": asdict(cfg.server),
         "policies": cfg.policies,
+        "rounds": cfg.rounds,
+        "order": orders,
     }
-    comp = Comparison(results, config)
-    comp.save(out_dir)
-    return comp
+    rounds: list[dict[str, ReplayResult]] = []
+    for r, order in enumerate(orders):
+        done: dict[str, ReplayResult] = {}
+        for name in order:
+            arm = arms[name]
+            ttl_model = model.get(model_dir) if arm.needs_model else None
+            config["ttl_model"] = str(model.path) if model.path else None
+            suffix = f"-r{r}" if cfg.rounds > 1 else ""
+            if cfg.rounds > 1:
+                log(f"round {r + 1}/{cfg.rounds}: {name}")
+            done[name] = run_policy(
+                arm,
+                programs,
+                model_dir,
+                ttl_model,
+                out_dir,
+                cfg,
+                launcher,
+                log,
+                after_replay=model.profile,
+                suffix=suffix,
+            )
+        rounds.append({name: done[name] for name in arms})
+        Comparison(rounds, config).save(out_dir)  # what finished survives an interrupted later round
+    return Comparison(rounds, config)
+
+
+class _ModelMaker:
+    """The model file of ``ttl`` and ``oracle``: given, or trained once per run on the programs that are
+    not replayed, with the served engine's prefill cost (profiled on the first server that replays)."""
+
+    def __init__(
+        self,
+        db: Path,
+        programs: list[ProgramSpec],
+        out_dir: Path,
+        cfg: CompareConfig,
+        launcher: Launcher,
+        log: Callable[[str], None],
+    ):
+        self.db, self.programs, self.out_dir, self.cfg = db, programs, out_dir, cfg
+        self.launcher, self.log = launcher, log
+        self.path: Path | None = cfg.ttl_model
+        self.profile_path = out_dir / "prefill_profile.json"
+        self.profile_path.unlink(missing_ok=True)
+        self.engine: dict[str, str] = {}
+        self.profiled = False  # tried once (a failed profile is not retried on every server)
+
+    def profile(self, base_url: str) -> None:
+        """On the first server, once its replay is done: the served model's prefill cost for ``ctk train``."""
+        if self.path is not None or self.profiled:
+            return
+        self.profiled = True
+        self.engine.update(server_metrics.info_labels(base_url))
+        try:
+            profile_prefill(
+                base_url,
+                self.profile_path,
+                self.cfg.server.max_model_len or self.cfg.workload.max_context_tokens,
+            )
+            self.log(
+                f"profiled prefill -> {self.profile_path} "
+                f"(KV block size {self.engine.get('block_size', '?')})"
+            )
+        except CompareError as exc:
+            self.log(f"warning: {exc}; training with the default cost model")
+
+    def get(self, model_dir: Path) -> Path:
+        if self.path is not None:
+            return self.path
+        if not self.profiled:
+            # the first arm needs the model: profile a stock server first, never train on the default cost
+            self.log("profiling the served model on a stock server before training")
+            with serving(
+                Arm("vllm", Policy.VLLM),
+                model_dir,
+                None,
+                self.out_dir,
+                self.cfg,
+                self.launcher,
+                self.log,
+                "-profile",
+            ) as base_url:
+                self.profile(base_url)
+        exclude = {p.program_id for p in self.programs}
+        train_db = training_store(self.db, exclude, self.cfg.replay.time_scale, self.out_dir / "train.duckdb")
+        args = list(self.cfg.train_args)
+        if self.profile_path.exists():
+            args += ["--profile", str(self.profile_path)]
+        if self.engine.get("block_size", "").isdigit() and "--block-size" not in args:
+            args += ["--block-size", self.engine["block_size"]]
+        self.path = train_ttl_model(train_db, self.out_dir / "model.pkl", args)
+        self.log(f"trained {self.path} on {self.db} minus the {len(exclude)} replayed programs")
+        return self.path
+
+
+@contextlib.contextmanager
+def serving(
+    arm: Arm,
+    model_dir: Path,
+    ttl_model: Path | None,
+    out_dir: Path,
+    cfg: CompareConfig,
+    launcher: Launcher,
+    log: Callable[[str], None],
+    suffix: str = "",
+) -> Iterator[str]:
+    """A warmed-up server for ``arm`` (log in ``server-<arm><suffix>.log``); yields its URL, then stops it."""
+    from ctk.engine_patch.server import ServerError, free_port, stop_server, wait_ready
+
+    port = cfg.port or free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    log_path = out_dir / f"server-{arm.tag}{suffix}.log"
+    log_path.unlink(missing_ok=True)  # the launcher appends
+    t0 = time.monotonic()
+    args = cfg.server.args(cfg.workload.max_context_tokens) + arm.server_args()
+    proc = launcher(Path(model_dir), port, arm.policy.value, ttl_model, args, log_path, arm.settings())
+    try:
+        try:
+            wait_ready(base_url, cfg.server.startup_timeout_s, proc)
+        except ServerError as exc:
+            raise CompareError(f"[{arm.name}] {exc}") from None
+        warm_up(base_url)
+        log(f"[{arm.name}] server ready in {time.monotonic() - t0:.0f} s")
+        yield base_url
+    finally:
+        stop_server(proc)
 
 
 def run_policy(
-    policy: str,
+    arm: Arm,
     programs: list[ProgramSpec],
     model_dir: Path,
     ttl_model: Path | None,
@@ -321,93 +486,24 @@ def run_policy(
     launcher: Launcher = default_launcher,
     log: Callable[[str], None] = print,
     after_replay: Callable[[str], None] | None = None,
+    suffix: str = "",
 ) -> ReplayResult:
-    from ctk.engine_patch.server import ServerError, free_port, stop_server, wait_ready
-
-    port = cfg.port or free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    log_path = out_dir / f"server-{policy}.log"
-    log_path.unlink(missing_ok=True)  # the launcher appends
-    t0 = time.monotonic()
-    proc = launcher(
-        Path(model_dir),
-        port,
-        policy,
-        ttl_model if policy == "ttl" else None,
-        cfg.server.args(cfg.workload.max_context_tokens),
-        log_path,
-    )
-    try:
-        try:
-            wait_ready(base_url, cfg.server.startup_timeout_s, proc)
-        except ServerError as exc:
-            raise CompareError(f"[{policy}] {exc}") from None
-        warm_up(base_url)
-        log(f"[{policy}] server ready in {time.monotonic() - t0:.0f} s; replaying")
-        rcfg = dataclasses.replace(cfg.replay, base_url=base_url, label=policy)
+    """One arm, one round: serve, replay, save ``replay-<arm><suffix>.json``."""
+    with serving(arm, model_dir, ttl_model, out_dir, cfg, launcher, log, suffix) as base_url:
+        rcfg = dataclasses.replace(cfg.replay, base_url=base_url, label=arm.name)
         result = run_replay(programs, cfg.workload, rcfg)
         if after_replay is not None and not result.interrupted:
             after_replay(base_url)
-    finally:
-        stop_server(proc)
-    result.config["server_log"] = str(log_path)
-    result.save(out_dir / f"replay-{policy}.json")
+    result.config["server_log"] = str(out_dir / f"server-{arm.tag}{suffix}.log")
+    result.config["arm"] = {"policy": arm.policy.value, "ttl_model": str(ttl_model) if ttl_model else None}
+    result.config["arm"].update(arm.settings())
+    result.save(out_dir / f"replay-{arm.tag}{suffix}.json")
     s = result.summary()
     log(
-        f"[{policy}] {s['programs']} programs in {s['wall_s'] or 0:.0f} s: "
+        f"[{arm.name}] {s['programs']} programs in {s['wall_s'] or 0:.0f} s: "
         f"mean JCT {s['mean_jct_s'] or 0:.2f} s, "
         f"p99 TTFT {s['p99_ttft_s'] or 0:.3f} s, hit rate {s['hit_rate'] or 0:.2f}"
     )
     if result.interrupted:
         raise KeyboardInterrupt
     return result
-
-
-# -- the table -----------------------------------------------------------------------------------------
-
-TABLE_COLUMNS = (
-    ("mean JCT s", "mean_jct_s", "{:.2f}"),
-    ("p50 JCT s", "p50_jct_s", "{:.2f}"),
-    ("p99 JCT s", "p99_jct_s", "{:.2f}"),
-    ("p99 TTFT s", "p99_ttft_s", "{:.3f}"),
-    ("max TTFT s", "max_ttft_s", "{:.3f}"),
-    ("hit rate", "hit_rate", "{:.2f}"),
-    ("pins", "pins", "{:.0f}"),
-    ("preempt", "preemptions", "{:.0f}"),
-    ("mean JCT x vllm", "mean_jct_x_vs_vllm", "{:.2f}"),
-    ("p99 JCT x vllm", "p99_jct_x_vs_vllm", "{:.2f}"),
-    ("p99 TTFT x vllm", "p99_ttft_x_vs_vllm", "{:.2f}"),
-    ("mean JCT x cont.", "mean_jct_x_vs_continuum", "{:.2f}"),
-    ("p99 TTFT x cont.", "p99_ttft_x_vs_continuum", "{:.2f}"),
-)
-
-
-def format_table(comp: Comparison) -> str:
-    """A plain-text table (ratios: baseline / policy, so > 1 means the policy is better)."""
-    figs = comp.figures()
-    header = ["policy"] + [c[0] for c in TABLE_COLUMNS]
-    rows = [header]
-    for policy, s in figs.items():
-        row = [policy]
-        for _, key, fmt in TABLE_COLUMNS:
-            v = s.get(key)
-            row.append("-" if v is None else fmt.format(v))
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = [
-        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-        for r in rows
-    ]
-    lines.insert(1, "-" * len(lines[0]))
-    t = figs.get("ttl", {})
-    if "oracle_gain_captured" in t:
-        lines.append(f"ttl captures {t['oracle_gain_captured']:.0%} of the oracle's mean-JCT gain over vllm")
-    v, o = figs.get("vllm", {}).get("mean_jct_s"), figs.get("oracle", {}).get("mean_jct_s")
-    if "ttl" in figs and v is not None and o is not None and v - o < MIN_ORACLE_GAIN * v:
-        lines.append(
-            f"oracle is {v / o:.2f}x vllm here (under {1 + MIN_ORACLE_GAIN:.2f}x): no oracle gain to capture"
-        )
-    for name, v in comp.targets().items():
-        if v["value"] is not None:
-            lines.append(f"target {name}: {v['value']:.2f} {'met' if v['met'] else 'MISSED'}")
-    return "\n".join(lines)

@@ -11,8 +11,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ctk.measure.compare import Comparison, format_table, run_comparison
+from ctk.measure.compare import Comparison, run_comparison
 from ctk.measure.presets import demo_config
+from ctk.measure.table import format_table
 
 
 def import_sample(out_dir: Path) -> Path:

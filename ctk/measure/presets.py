@@ -1,20 +1,30 @@
-"""Named configurations of the policy comparison: the benchmark's default, ``--full``, and the demo.
+"""Named configurations of the policy comparison: the benchmark's default, ``full``, ``long-tail``, the demo.
 
 The reasoning behind the numbers is in bench/README.md. In short: the tiny CPU model re-prefills a
 3,000-token context in about 0.3 s, which is what a GPU pays for a 10k-token context of an 8-70B model;
 tool pauses are the recorded ones (median 0.04 s, a heavy tail up to the 30 s harness timeout), scaled by
 ``time_scale``; and the KV cache holds about a third of the programs' working set, so stock vLLM's LRU
-evicts a pausing program's blocks before it comes back.
+evicts a pausing program's blocks before it comes back. ``long-tail`` keeps the recorded pauses unscaled and
+replays the programs with the most time in pauses over 2 s, where a fixed 2 s pin holds memory for nothing.
 """
 
 from __future__ import annotations
 
-from ctk.measure.compare import CompareConfig, ServerConfig
+from collections.abc import Callable
+
+from ctk.measure.compare import CompareConfig, CompareError, ServerConfig
 from ctk.measure.replay import ReplayConfig
 from ctk.measure.workload import WorkloadConfig
 
 #: Multi-turn mini-swe-agent programs (source A of the shared agent traces and of the bundled sample).
 MSWEA_SOURCE = "tbench1_leaderboard_mini-swe-agent-v1_claude-sonnet-4"
+
+
+#: A pause longer than Continuum's fixed 2 s pin (the long-tail preset ranks programs by time in these).
+LONG_PAUSE_S = 2.0
+#: The demo's policies: ``progress-ttl`` fits its TTL only after 100 observed gaps, which the demo's 8 short
+#: programs never reach, so it would repeat ``vllm``.
+DEMO_POLICIES = ("vllm", "continuum", "ttl", "oracle")
 
 
 def bench_config(full: bool = False, seed: int = 0) -> CompareConfig:
@@ -39,9 +49,44 @@ def bench_config(full: bool = False, seed: int = 0) -> CompareConfig:
 def demo_config(seed: int = 0) -> CompareConfig:
     """``make demo``: a few short programs per policy, the whole loop under 10 minutes."""
     cfg = bench_config(full=False, seed=seed)
+    cfg.policies = list(DEMO_POLICIES)
     cfg.workload.n_programs = 8
     cfg.workload.max_turns = 8
     cfg.workload.max_context_tokens = 3072
     cfg.replay.concurrency = 4
     cfg.server.kv_cache_bytes = 8 * 2**20  # about 4,000 tokens for 4 programs of up to 3,000
     return cfg
+
+
+def long_tail_config(seed: int = 0) -> CompareConfig:
+    """Unscaled pauses, the 12 programs with the most time in pauses over 2 s (source A, first 8 turns).
+
+    In the shared traces these 12 programs spend 1,048 s in 94 turns' pauses; 54% of their pauses last over
+    2 s (up to the 30 s harness timeout) and 43% under 0.3 s, so a fixed 2 s pin wastes its memory on half of
+    the pauses, and a duration-aware TTL can pin the short ones and skip the long ones. All 12 in flight,
+    longest program 119 s of pauses: about 2.5-3 minutes per policy with the server start (not yet timed).
+    """
+    cfg = bench_config(full=False, seed=seed)
+    cfg.workload.n_programs = 16
+    cfg.workload.max_turns = 6
+    cfg.workload.max_context_tokens = 4096  # 12 MiB holds about 6,000 tokens: max_model_len must fit
+    cfg.workload.long_pause_s = LONG_PAUSE_S
+    cfg.replay.time_scale = 1.0
+    cfg.replay.concurrency = 16
+    cfg.server.kv_cache_bytes = 12 * 2**20
+    return cfg
+
+
+#: ``bench/policies.py --config NAME``.
+PRESETS: dict[str, Callable[[int], CompareConfig]] = {
+    "default": lambda seed: bench_config(full=False, seed=seed),
+    "full": lambda seed: bench_config(full=True, seed=seed),
+    "long-tail": long_tail_config,
+}
+
+
+def preset(name: str, seed: int = 0) -> CompareConfig:
+    """The named configuration; raises CompareError naming the choices."""
+    if name not in PRESETS:
+        raise CompareError(f"unknown configuration {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name](seed)

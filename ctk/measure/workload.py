@@ -47,6 +47,9 @@ class WorkloadConfig:
     max_observation_tokens: int = 512
     max_context_tokens: int = 6144  # a program is cut (its last kept turn becomes the last) past this
     max_pause_s: float = 120.0  # tool pauses longer than this are cut (before time scaling)
+    # None: a seeded random sample of programs; else the n_programs with the most pause time in pauses
+    # longer than this many seconds (recorded clock, after max_turns and max_pause_s), longest first
+    long_pause_s: float | None = None
     token_id_low: int = 300  # synthetic ids are drawn from [low, high): ordinary tokens of any vocabulary
     token_id_high: int = 3800
 
@@ -57,6 +60,8 @@ class WorkloadConfig:
             raise WorkloadError("token_scale and chars_per_token must be positive")
         if self.n_programs is not None and self.n_programs < 1:
             raise WorkloadError("n_programs must be at least 1")
+        if self.long_pause_s is not None and self.long_pause_s < 0:
+            raise WorkloadError("long_pause_s must be >= 0")
         if self.max_context_tokens <= self.system_prompt_tokens + self.task_prompt_tokens:
             raise WorkloadError("max_context_tokens must exceed the first prompt (system + task tokens)")
 
@@ -85,6 +90,10 @@ class ProgramSpec:
     @property
     def total_tool_s(self) -> float:
         return sum(t.tool_duration_s for t in self.turns)
+
+    def long_pause_total_s(self, threshold_s: float) -> float:
+        """Seconds spent in pauses longer than ``threshold_s``."""
+        return sum(t.tool_duration_s for t in self.turns if t.tool_duration_s > threshold_s)
 
     @property
     def final_context_tokens(self) -> int:
@@ -213,7 +222,8 @@ def _program_turns(pid: str, source: str, turns: dict[int, _Turn], cfg: Workload
 
 
 def load_programs(store: TraceStore, cfg: WorkloadConfig) -> list[ProgramSpec]:
-    """Pick ``cfg.n_programs`` recorded programs (seeded sample, stable order) and synthesise them."""
+    """Pick ``cfg.n_programs`` recorded programs (seeded sample, stable order; or those with the most
+    long-pause time, see ``long_pause_s``) and synthesise them."""
     cfg.validate()
     tools = store.table("tool_calls", cfg.sources)
     tools = tools[~tools["quality_flag"].isin(EXCLUDED_QUALITY_FLAGS)]
@@ -237,6 +247,8 @@ def load_programs(store: TraceStore, cfg: WorkloadConfig) -> list[ProgramSpec]:
         )
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(specs))
+    if cfg.long_pause_s is not None:  # stable sort: ties keep the seeded order
+        order = sorted(order, key=lambda i: -specs[i].long_pause_total_s(cfg.long_pause_s))
     if cfg.n_programs is not None:
         order = order[: cfg.n_programs]
     return [specs[i] for i in order]

@@ -1,0 +1,158 @@
+"""Comparisons in rounds without an engine: rotation, medians, ratio spreads, targets, arms, the factorial."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ctk.engine_patch.policies import Policy
+from ctk.measure.compare import FACTORIAL_ARMS, Arm, CompareConfig, CompareError, Comparison
+from ctk.measure.presets import DEMO_POLICIES, demo_config, long_tail_config, preset
+from ctk.measure.rounds import check_targets, median_figures, rotated_orders, round_figures
+from ctk.measure.table import format_table
+from tests.test_measure_results import _result
+
+
+def test_round_r_starts_at_policy_r_mod_p_and_runs_each_once():
+    names = ["vllm", "continuum", "progress-ttl", "ttl", "oracle"]
+    orders = rotated_orders(names, 7)
+    assert [o[0] for o in orders] == [
+        "vllm",
+        "continuum",
+        "progress-ttl",
+        "ttl",
+        "oracle",
+        "vllm",
+        "continuum",
+    ]
+    assert all(sorted(o) == sorted(names) for o in orders)
+    assert orders[1] == ["continuum", "progress-ttl", "ttl", "oracle", "vllm"]
+    # over P rounds every policy holds every position once
+    assert all(sorted(o[i] for o in orders[:5]) == sorted(names) for i in range(5))
+    with pytest.raises(ValueError):
+        rotated_orders(names, 0)
+
+
+def _two_rounds() -> Comparison:
+    r0 = {
+        "vllm": _result("vllm", [20.0, 20.0], 0.2),
+        "continuum": _result("continuum", [16.0, 16.0], 0.4),
+        "ttl": _result("ttl", [14.0, 14.0], 0.1),
+        "oracle": _result("oracle", [12.0, 12.0], 0.1),
+    }
+    r1 = {
+        "vllm": _result("vllm", [30.0, 30.0], 0.2),
+        "continuum": _result("continuum", [20.0, 20.0], 0.1),
+        "ttl": _result("ttl", [21.0, 21.0], 0.3),
+        "oracle": _result("oracle", [20.0, 20.0], 0.1),
+    }
+    return Comparison([r0, r1], config={"order": rotated_orders(list(r0), 2)})
+
+
+def test_medians_per_round_values_and_ratio_spreads():
+    comp = _two_rounds()
+    f = comp.figures()
+    assert f["vllm"]["mean_jct_s"] == pytest.approx(25.0)  # median of 20 and 30
+    assert f["vllm"]["spread"]["mean_jct_s"] == [20.0, 30.0]
+    assert [r["mean_jct_s"] for r in f["ttl"]["rounds"]] == [14.0, 21.0]
+    # a ratio is the median of the per-round ratios (paired within a round), with their min-max
+    assert f["ttl"]["spread"]["mean_jct_x_vs_vllm"] == pytest.approx([20 / 14, 30 / 21])
+    assert f["ttl"]["mean_jct_x_vs_vllm"] == pytest.approx((20 / 14 + 30 / 21) / 2)
+    assert f["ttl"]["spread"]["mean_jct_x_vs_continuum"] == pytest.approx([20 / 21, 16 / 14])
+    assert f["ttl"]["n_rounds"] == 2
+    # the oracle against the best other policy of the same round: 14/12 and 20/20
+    assert f["oracle"]["spread"]["mean_jct_x_vs_best_other"] == pytest.approx([1.0, 14 / 12])
+    # the representative result per policy for plots: the round nearest the median
+    assert set(comp.results) == {"vllm", "continuum", "ttl", "oracle"}
+
+
+def test_a_round_without_a_policy_counts_only_the_rounds_that_ran():
+    r0 = round_figures({"vllm": {"mean_jct_s": 10.0}, "ttl": {"mean_jct_s": 8.0}})
+    r1 = round_figures({"vllm": {"mean_jct_s": 12.0}})
+    f = median_figures([r0, r1])
+    assert f["ttl"]["n_rounds"] == 1 and f["ttl"]["rounds"][1] is None
+    assert f["ttl"]["mean_jct_x_vs_vllm"] == pytest.approx(10 / 8)
+    assert f["vllm"]["mean_jct_s"] == pytest.approx(11.0)
+
+
+def test_targets_met_missed_and_unsettled_when_the_threshold_is_inside_the_spread():
+    t = _two_rounds().targets()
+    vs_vllm = t["ttl_mean_jct_x_vs_vllm >= 1.30"]
+    assert vs_vllm["met"] is True and vs_vllm["unsettled"] is False  # 1.43 and 1.43: both rounds meet it
+    vs_cont = t["ttl_mean_jct_x_vs_continuum >= 1.10"]
+    assert vs_cont["min"] < 1.1 <= vs_cont["max"] and vs_cont["unsettled"] is True
+    assert t["ttl_mean_jct_x_vs_progress-ttl >= 1.05"]["met"] is None  # not run: not measured
+    oracle = t["oracle_mean_jct_x_vs_best_other >= 0.97"]
+    assert oracle["met"] is True and oracle["value"] == pytest.approx((1.0 + 14 / 12) / 2)
+    ttft = t["ttl_p99_ttft_x_vs_vllm >= 1.00"]
+    assert ttft["min"] == pytest.approx(0.4 / 0.6) and ttft["max"] == pytest.approx(2.0)
+    # a policy slower than the oracle by more than 3% makes the oracle miss
+    slow_oracle = check_targets(
+        median_figures([round_figures({"vllm": {"mean_jct_s": 10.0}, "oracle": {"mean_jct_s": 10.4}})])
+    )
+    assert slow_oracle["oracle_mean_jct_x_vs_best_other >= 0.97"]["met"] is False
+
+
+def test_table_and_json_show_medians_spreads_and_the_noise():
+    comp = _two_rounds()
+    table = format_table(comp)
+    assert table.splitlines()[0] == "medians over 2 rounds"
+    assert (
+        "ttl vs continuum mean JCT: 1.05 (0.95-1.14)  (1.00 inside the spread: no difference shown)" in table
+    )
+    assert (
+        "target ttl_mean_jct_x_vs_continuum >= 1.10: 1.05 (0.95-1.14) MISSED (threshold 1.10 inside" in table
+    )
+    assert "vllm vs continuum" not in table  # a pair of baselines is listed once
+    d = json.loads(json.dumps(comp.to_json(), default=str))
+    assert d["rounds"] == 2 and d["order"][1][0] == "continuum"
+    for key in ("mean_jct_s", "p50_jct_s", "p99_jct_s", "p99_ttft_s", "max_ttft_s", "hit_rate", "pins"):
+        assert key in d["policies"]["ttl"], key
+    assert len(d["policies"]["ttl"]["rounds"]) == 2
+
+
+def test_arms_name_a_policy_and_optionally_its_program_ordering():
+    assert Arm.parse("ttl") == Arm("ttl", Policy.TTL, None)
+    assert Arm.parse("vllm/program-fcfs").settings() == {"program_fcfs": True}
+    assert (
+        Arm.parse("oracle/fcfs").settings() == {"program_fcfs": False} and Arm.parse("ttl").settings() == {}
+    )
+    assert Arm.parse("oracle/fcfs").tag == "oracle-fcfs"
+    # the oracle is served with ttl's model file (cost profile); the other baselines need none
+    assert [p for p in Policy if Arm.parse(p.value).needs_model] == [Policy.TTL, Policy.ORACLE]
+    # stock eviction with program ordering needs ctk's scheduler class; plain stock vLLM does not
+    assert "--scheduler-cls" in Arm.parse("vllm/program-fcfs").server_args()
+    assert Arm.parse("vllm").server_args() == [] and Arm.parse("vllm/fcfs").server_args() == []
+    for bad in ("lru", "ttl/lifo"):
+        with pytest.raises(CompareError, match="choose from"):
+            Arm.parse(bad)
+    with pytest.raises(CompareError, match="twice"):
+        CompareConfig(policies=["ttl", "ttl"]).validate()
+    with pytest.raises(CompareError, match="rounds"):
+        CompareConfig(rounds=0).validate()
+
+
+def test_factorial_table_separates_caching_from_ordering():
+    cells = {"vllm/fcfs": 20.0, "vllm/program-fcfs": 16.0, "oracle/fcfs": 10.0, "oracle/program-fcfs": 8.0}
+    comp = Comparison.single({a: _result(a, [j], 0.1) for a, j in cells.items()}, config={})
+    assert list(comp.results) == list(FACTORIAL_ARMS)
+    f = comp.figures()
+    assert f["vllm/program-fcfs"]["mean_jct_x_vs_vllm/fcfs"] == pytest.approx(20 / 16)  # ordering, stock
+    assert f["oracle/fcfs"]["mean_jct_x_vs_vllm/fcfs"] == pytest.approx(2.0)  # caching under FCFS
+    assert f["oracle/program-fcfs"]["mean_jct_x_vs_vllm/program-fcfs"] == pytest.approx(2.0)
+    assert f["oracle/program-fcfs"]["mean_jct_x_vs_oracle/fcfs"] == pytest.approx(1.25)
+    table = format_table(comp)
+    rows = {line.split("  ")[0].strip(): line.split() for line in table.splitlines()}
+    assert rows["stock eviction"][-3:] == ["20.00", "16.00", "1.25"]
+    assert rows["caching gain"][-2:] == ["2.00", "2.00"]
+
+
+def test_presets():
+    lt = long_tail_config()
+    assert lt.replay.time_scale == 1.0 and lt.workload.long_pause_s == 2.0
+    assert preset("long-tail").workload.n_programs == lt.workload.n_programs
+    assert preset("default").policies == ["vllm", "continuum", "progress-ttl", "ttl", "oracle"]
+    assert tuple(demo_config().policies) == DEMO_POLICIES
+    with pytest.raises(CompareError, match="long-tail"):
+        preset("huge")
