@@ -39,7 +39,6 @@ def ttl_tables(
         args = ["--profile", str(prof_path), "--block-size", str(profile.block_size)]
         ttl_model = train_ttl_model(train_db, work_dir / f"model-{profile.name}.pkl", args)
         if log is not None:
-            log(
-                f"trained {ttl_model} on {db} minus the {len(exclude)} simulated programs ({profile.name} costs)"
-            )
+            n = len(exclude)
+            log(f"trained {ttl_model} on {db} minus the {n} simulated programs ({profile.name} costs)")
     return Path(ttl_model), load_ttl_tables(str(ttl_model))
