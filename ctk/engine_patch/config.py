@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-POLICIES = ("vllm", "continuum", "ttl", "oracle")
+from ctk.engine_patch.policies import POLICY_NAMES, Policy
+
+POLICIES = POLICY_NAMES  # the registry lives in ctk.engine_patch.policies
 DETECTORS = ("bash", "tool_call", "openai")
 
 
@@ -25,13 +27,13 @@ class ConfigError(ValueError):
 class ServeConfig:
     """Knobs of the pin / ordering policy (defaults are the recommended settings)."""
 
-    policy: str = "ttl"
+    policy: str = Policy.TTL.value  # one of Policy (validated into the enum)
     ttl_model: str | None = None  # model.pkl with TTL tables (required by ``ttl``; optional elsewhere)
     record: str | None = None  # DuckDB trace store to record observed tool durations into
     max_pin_share: float = 0.5  # pinned blocks never exceed this share of the KV cache
-    age_factor: float = 4.0  # a waiting request is overdue after age_factor x (recent FCFS wait) ...
-    age_min_s: float = 2.0  # ... but never before this many seconds
-    program_fcfs: bool = True  # order waiting requests by program first arrival
+    age_factor: float = 2.0  # a waiting request is overdue after age_factor x (measured FCFS wait) ...
+    age_min_s: float = 0.0  # ... but never before this many seconds (0: no floor above stock FCFS)
+    program_fcfs: bool | None = None  # program-first waiting order (None: the policy's own)
     detectors: tuple[str, ...] = DETECTORS  # tool-call detectors applied to the output text
     online: bool = True  # adapt the tables online from observed tool durations
     online_min_samples: int = 5  # observations before a key's online distribution is used
@@ -39,13 +41,17 @@ class ServeConfig:
     online_window: int = 256  # most recent observations kept per key
     max_observed_gap_s: float = 3600.0  # finish -> next arrival gaps above this are not tool durations
     continuum_ttl_s: float = 2.0  # Continuum: fixed pin length and running-mean threshold
-    oracle_slack_s: float = 0.25  # oracle: pin for the true duration plus this client round-trip slack
+    oracle_slack_s: float = 0.25  # oracle: pin for the true duration + measured round trip + this slack
+    progress_window: int = 100  # progress-ttl: finish -> next-arrival gaps in the log-normal fit
+    price_decay_s: float = 1.0  # the memory price decays with this time constant once the shortage clears
+    price_tolerance: float = 0.1  # held pins are re-judged when the price moves by more than this (relative)
     max_programs: int = 100_000  # program records kept (oldest idle ones are forgotten first)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> ServeConfig:
-        if self.policy not in POLICIES:
-            raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
+        if self.policy not in POLICY_NAMES:
+            raise ConfigError(f"policy must be one of {', '.join(POLICY_NAMES)}, not {self.policy!r}")
+        self.policy = Policy(self.policy)
         if not 0.0 < self.max_pin_share <= 1.0:
             raise ConfigError(f"max_pin_share must be in (0, 1], not {self.max_pin_share}")
         if self.age_factor <= 0 or self.age_min_s < 0:
@@ -53,7 +59,9 @@ class ServeConfig:
         bad = [d for d in self.detectors if d not in DETECTORS]
         if bad:
             raise ConfigError(f"unknown tool-call detector(s) {bad}; choose from {', '.join(DETECTORS)}")
-        if self.policy == "ttl" and not self.ttl_model:
+        if self.progress_window < 2 or self.price_decay_s <= 0 or self.price_tolerance < 0:
+            raise ConfigError("progress_window must be >= 2, price_decay_s > 0 and price_tolerance >= 0")
+        if self.policy is Policy.TTL and not self.ttl_model:
             raise ConfigError("policy 'ttl' needs a TTL model file (ctk serve --ttl-model model.pkl)")
         if self.online_min_samples < 1 or self.online_window < self.online_min_samples:
             raise ConfigError("online_min_samples must be >= 1 and <= online_window")
@@ -84,9 +92,11 @@ class ServeConfig:
         for name, raw in data.items():
             if name not in known or name == "extra":
                 raise ConfigError(f"unknown ctk setting {name!r}")
-            current = getattr(cls(), name)
+            optional_bool = name in _OPTIONAL_BOOLS
+            current = False if optional_bool else getattr(cls(), name)
             try:
-                value = _convert(raw, current, name)
+                unset = optional_bool and (raw is None or str(raw).lower() in ("", "none", "default"))
+                value = None if unset else _convert(raw, current, name)
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"ctk setting {name}={raw!r}: {exc}") from None
             setattr(cfg, name, value)
@@ -101,6 +111,7 @@ class ServeConfig:
 
 
 ENV_PREFIX = "CTK_"
+_OPTIONAL_BOOLS = frozenset({"program_fcfs"})  # bool or None (None: the policy's default)
 #: Environment variables the engine reads (``CTK_POLICY``, ``CTK_TTL_MODEL``, ``CTK_RECORD``, ...).
 ENV = tuple(ENV_PREFIX + f.name.upper() for f in fields(ServeConfig) if f.name != "extra")
 

@@ -1,29 +1,79 @@
-"""Events the policy core consumes and emits (plain dataclasses, no vLLM import)."""
+"""Events the policy core consumes and emits (plain dataclasses, no vLLM import, no clock).
+
+Units: time in seconds of the caller's monotonic clock, memory in blocks where the engine counts blocks and
+in **tokens** (blocks x ``block_size``) in every price and value, so the block size never changes a decision.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from enum import StrEnum
+from typing import TYPE_CHECKING, Protocol
 
 from ctk.engine_patch.detect import ToolCall
 from ctk.engine_patch.hints import RequestHints
 
+if TYPE_CHECKING:
+    from ctk.predict.cost import CDF
+
+
+class ReleaseReason(StrEnum):
+    """Why a pin was released (every reason the core emits; the metrics label ``reason``)."""
+
+    HIT = "hit"  # the program's next request was admitted and found the pinned prefix
+    MISS = "miss"  # ... and did not find it (e.g. the context changed)
+    EXPIRED = "expired"  # the TTL ran out before the program came back
+    PRICE = "price"  # re-judged under a higher memory price: holding no longer pays
+    PRESSURE = "pressure"  # the valve: memory was needed right now (before any preemption)
+    BUDGET = "budget"  # made room for a more valuable pin within max_pin_share
+    SUPERSEDED = "superseded"  # a later request of the program finished while the pin was still held
+    LAST_TURN = "last_turn"  # the program's last turn finished: its pin will not be used
+    ABORT = "abort"  # the request or its program's next request was aborted
+    SHUTDOWN = "shutdown"
+    RECONFIGURE = "reconfigure"
+    RESET = "reset"  # prefix-cache reset
+
 
 @dataclass
 class EngineState:
-    """What the core needs to know about the engine at a decision: time and KV-cache occupancy."""
+    """The engine at a decision / step: time and KV-cache occupancy (built by the driver from its view).
+
+    Positional order ``now, free_blocks, total_blocks, num_waiting`` is kept for old callers; pass the rest
+    by keyword.
+    """
 
     now: float  # monotonic seconds
     free_blocks: int
     total_blocks: int
     num_waiting: int = 0
+    block_size: int = 16
+    num_running: int = 0
+    waiting_demand_tokens: int = 0  # uncomputed prompt tokens the waiting queue asks for (0: nothing waits)
+    pinned_blocks: int = 0
 
     @property
     def pressure(self) -> float:
-        """KV usage fraction (0 = empty, 1 = full), the pressure axis of the TTL tables."""
+        """KV usage fraction (0 = empty, 1 = full)."""
         if self.total_blocks <= 0:
             return 1.0
         return min(1.0, max(0.0, 1.0 - self.free_blocks / self.total_blocks))
+
+    @property
+    def free_tokens(self) -> int:
+        return max(0, self.free_blocks) * self.block_size
+
+    @property
+    def pinned_tokens(self) -> int:
+        return max(0, self.pinned_blocks) * self.block_size
+
+    @property
+    def total_tokens(self) -> int:
+        return max(0, self.total_blocks) * self.block_size
+
+    @property
+    def shortage_tokens(self) -> int:
+        """Waiting demand that free memory cannot take now (0 when nothing waits)."""
+        return max(0, self.waiting_demand_tokens - self.free_tokens)
 
 
 @dataclass
@@ -41,6 +91,41 @@ class Finished:
 
 
 @dataclass
+class PinCall:
+    """What a rule sees when a turn ends in a tool call: decide whether / how long to pin."""
+
+    program_id: str
+    request_id: str
+    tool: ToolCall
+    keys: tuple[str, ...]  # table back-off keys, most specific first
+    context_tokens: int  # the context the next turn extends (what a hit saves re-prefilling)
+    blocks: int  # KV blocks held if pinned
+    block_size: int
+    hints: RequestHints  # incl. the oracle's true duration and a client TTL hint
+
+    @property
+    def held_tokens(self) -> int:
+        """Memory the pin holds, in tokens (what the price is charged on)."""
+        return self.blocks * self.block_size
+
+
+@dataclass(frozen=True)
+class PinDecision:
+    """A rule's answer: ``ttl_s == 0`` means no pin. ``cdf``: the return-time distribution the rule
+    believes (from the finish), used to re-judge the pin and to order the valve; None: the rule's
+    own order."""
+
+    ttl_s: float
+    p_hit: float = 0.0
+    key: str = ""
+    benefit_s: float = 0.0  # B: JCT-seconds a hit saves
+    cdf: CDF | None = None
+
+
+NO_PIN = PinDecision(0.0)
+
+
+@dataclass
 class Pin:
     request_id: str
     program_id: str
@@ -54,34 +139,30 @@ class Pin:
     key: str
     tool: ToolCall | None
     next_request_id: str | None = None  # the program's next turn arrived and awaits admission
-
-    def value(self, now: float) -> float:
-        """Expected saving per held block, scaled by the share of the TTL still ahead (valve order)."""
-        left = 1.0 if self.ttl_s <= 0 else max(0.0, min(1.0, (self.expires - now) / self.ttl_s))
-        if self.next_request_id is not None:
-            left = 2.0  # the next turn is here: releasing now forfeits a near-certain hit
-        return self.p_hit * self.benefit_s * left / max(1, self.blocks)
+    held_tokens: int = 0  # blocks x block_size: what the price is charged on
+    cdf: CDF | None = None  # the rule's return-time distribution (from ``created``)
 
 
 @dataclass(frozen=True)
 class Release:
     request_id: str
-    reason: str  # hit | miss | expired | last_turn | abort | pressure | budget | superseded | shutdown
+    reason: ReleaseReason
     blocks: int = 0
 
 
 @dataclass
 class ToolObservation:
-    """A measured tool call: the program's turn finished at ``finished_unix_s`` and the next arrived."""
+    """A measured tool call: the program's turn finished at ``finished_s`` and the next arrived."""
 
     program_id: str
     turn_index: int
     tool: ToolCall | None
     keys: list[str]
     duration_s: float
-    finished_unix_s: float
+    finished_unix_s: float  # finished_s + the caller's monotonic -> wall-clock offset
     context_tokens: int
     output_tokens: int
+    finished_s: float = 0.0  # the caller's clock
 
 
 @dataclass
@@ -90,10 +171,13 @@ class PolicyStats:
     pin_hits: int = 0
     pin_misses: int = 0
     pins_skipped_budget: int = 0
+    pins_declined: int = 0  # tool calls the rule chose not to pin
     releases: dict[str, int] = field(default_factory=dict)
     observations: int = 0
     ignored_metadata: int = 0
     valve_deferred: int = 0  # admissions that waited instead of evicting an older program's pin
+    rejudged: int = 0  # re-judgements of held pins (price moved)
+    price: float = 0.0  # the last memory price (JCT-s per token-s)
 
 
 class EventSink(Protocol):

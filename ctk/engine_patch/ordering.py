@@ -7,9 +7,13 @@ Key of a waiting request, smallest first:
    program first arrival;
 3. everyone else by their program's first arrival, then their own arrival (older programs finish first).
 
-The age bound is ``max(age_min_s, age_factor × W)``, with W an exponentially weighted mean of recent
-waits (arrival -> admission): a request may be overtaken by younger programs for at most ``age_factor``
-times what FCFS would have made it wait. Continuum's strict program FCFS is ``age_factor = inf``.
+The age bound is ``max(age_min_s, age_factor × W)``, with W an exponentially weighted mean of the measured
+waits (arrival -> admission). W is what FCFS would make a request wait: the mean wait of a non-preemptive,
+work-conserving queue does not depend on the order it serves in (the conservation law), so the waits measured
+under program FCFS estimate the FCFS wait. A request may be overtaken by younger programs for at most
+``age_factor`` times that, and there is no constant floor (``age_min_s`` 0 by default): when nothing queues
+the bound is ~0 and the order is plain FCFS, so program ordering cannot add a TTFT floor above stock vLLM.
+Continuum's strict program FCFS is ``age_factor = inf``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ class WaitingItem(NamedTuple):
 
 
 class ProgramOrder:
-    def __init__(self, age_factor: float = 4.0, age_min_s: float = 2.0, ewma_alpha: float = 0.1):
+    def __init__(self, age_factor: float = 2.0, age_min_s: float = 0.0, ewma_alpha: float = 0.1):
         self.age_factor = age_factor
         self.age_min_s = age_min_s
         self.alpha = ewma_alpha

@@ -137,6 +137,115 @@ def _cdf_knots(levels: Sequence[float], quantiles_s: Sequence[float]) -> tuple[l
     return ts, fs
 
 
+class CDF:
+    """A piecewise-linear return-time CDF through knots ``(t_i, F_i)`` from ``(0, 0)``, flat after the last.
+
+    ``H(t) = E[min(T, t)] = ∫₀^t (1 − F(s)) ds`` is precomputed at the knots. Everything a pin rule asks of a
+    distribution lives here: the TTL that maximises ``F(τ)·B − c·H(τ)`` (:meth:`best_ttl`), the same choice
+    given that the pin has already been held ``e`` seconds without a return (:meth:`best_ttl` with
+    ``after=e``: the gain ``(F(τ) − F(e))·B − c·(H(τ) − H(e))``), the return hazard, and the valve value
+    ``(F(x) − F(e))·B / (N·(H(x) − H(e)))``: expected benefit per token-second still to hold (:meth:`value`).
+    Between two knots F is linear, the gain is convex in τ, so its maximum is at a knot or at the horizon.
+    """
+
+    __slots__ = ("ts", "fs", "hs")
+
+    def __init__(self, ts: Sequence[float], fs: Sequence[float]):
+        self.ts = [float(t) for t in ts]
+        self.fs = [float(f) for f in fs]
+        if not self.ts or self.ts[0] != 0.0 or self.fs[0] != 0.0 or len(self.ts) != len(self.fs):
+            raise ValueError("CDF knots must start at (0, 0) and have equal lengths")
+        hs = [0.0]
+        for i in range(1, len(self.ts)):
+            hs.append(hs[-1] + (self.ts[i] - self.ts[i - 1]) * (1.0 - 0.5 * (self.fs[i] + self.fs[i - 1])))
+        self.hs = hs
+
+    @classmethod
+    def from_quantiles(cls, levels: Sequence[float], quantiles_s: Sequence[float]) -> CDF:
+        return cls(*_cdf_knots(levels, quantiles_s))
+
+    @classmethod
+    def linear(cls, ttl_s: float, p_hit: float) -> CDF:
+        """Returns spread evenly over ``[0, ttl_s]`` with total probability ``p_hit`` (a fixed-TTL pin)."""
+        return cls([0.0, max(MIN_TTL_S, ttl_s)], [0.0, min(1.0, max(0.0, p_hit))])
+
+    @classmethod
+    def window(cls, start_s: float, end_s: float) -> CDF:
+        """A return known to fall in ``[start_s, end_s]`` (uniformly): the oracle's true duration + slack."""
+        start_s = max(0.0, start_s)
+        end_s = max(start_s + MIN_TTL_S, end_s)
+        if start_s == 0.0:
+            return cls([0.0, end_s], [0.0, 1.0])
+        return cls([0.0, start_s, end_s], [0.0, 0.0, 1.0])
+
+    @property
+    def horizon_s(self) -> float:
+        return self.ts[-1]
+
+    def at(self, t: float) -> tuple[float, float]:
+        """``(F(t), H(t))``."""
+        ts = self.ts
+        if t <= 0.0:
+            return 0.0, 0.0
+        if t >= ts[-1]:
+            return self.fs[-1], self.hs[-1] + (t - ts[-1]) * (1.0 - self.fs[-1])
+        i = bisect.bisect_right(ts, t)
+        t0, f0 = ts[i - 1], self.fs[i - 1]
+        dt = ts[i] - t0
+        f = f0 + (self.fs[i] - f0) * (t - t0) / dt if dt > 0 else self.fs[i]
+        return f, self.hs[i - 1] + (t - t0) * (1.0 - 0.5 * (f0 + f))
+
+    def hazard(self, t: float) -> float:
+        """Return rate at ``t`` given no return yet (1/s); 0 after the last knot."""
+        ts = self.ts
+        if t >= ts[-1]:
+            return 0.0
+        i = max(1, bisect.bisect_right(ts, t))
+        dt = ts[i] - ts[i - 1]
+        f, _ = self.at(t)
+        if f >= 1.0:
+            return math.inf
+        return (self.fs[i] - self.fs[i - 1]) / dt / (1.0 - f) if dt > 0 else math.inf
+
+    def best_ttl(
+        self, benefit_s: float, cost_per_s: float, after: float = 0.0, until: float = math.inf
+    ) -> tuple[float, float, float]:
+        """``(ttl_s, F(ttl_s), gain)`` maximising the gain over ``after < τ ≤ until``; ``(0, 0, 0)`` when no
+        τ gains (do not pin / release now). With ``after = 0`` this is the decision at finish."""
+        f_a, h_a = self.at(after) if after > 0.0 else (0.0, 0.0)
+        best_g, best_t, best_f = 0.0, 0.0, 0.0
+        ts, fs, hs = self.ts, self.fs, self.hs
+        for i in range(1, len(ts)):
+            t = ts[i]
+            if t <= after:
+                continue
+            if t > until:
+                break
+            g = (fs[i] - f_a) * benefit_s - cost_per_s * (hs[i] - h_a)
+            if g > best_g + 1e-12:
+                best_g, best_t, best_f = g, t, fs[i]
+        if until < ts[-1] and until > after:
+            f_u, h_u = self.at(until)
+            g = (f_u - f_a) * benefit_s - cost_per_s * (h_u - h_a)
+            if g > best_g + 1e-12:
+                best_g, best_t, best_f = g, until, f_u
+        return best_t, best_f, best_g
+
+    def value(self, benefit_s: float, tokens: int, elapsed_s: float, horizon_s: float) -> float:
+        """Expected benefit per token-second still to hold, for a pin held ``elapsed_s`` of ``horizon_s``:
+        ``(F(x) − F(e))·B / (N·(H(x) − H(e)))`` (JCT-s per token-s). 0 when nothing is left to gain."""
+        if elapsed_s >= horizon_s:
+            return 0.0
+        f_e, h_e = self.at(elapsed_s)
+        f_x, h_x = self.at(horizon_s)
+        dh = h_x - h_e
+        if f_x <= f_e:
+            return 0.0
+        if dh <= 0.0:
+            return math.inf
+        return (f_x - f_e) * benefit_s / (max(1, tokens) * dh)
+
+
 def choose_ttl(
     levels: Sequence[float], quantiles_s: Sequence[float], benefit_s: float, holding_cost_per_s: float
 ) -> tuple[float, float]:
@@ -144,15 +253,8 @@ def choose_ttl(
 
     ``p_hit = F(ttl_s)`` is the predicted probability that the tool returns within the pin.
     """
-    ts, fs = _cdf_knots(levels, quantiles_s)
-    best_j, best_t, best_f = 0.0, 0.0, 0.0
-    held = 0.0  # E[min(T, τ)] at the current knot
-    for i in range(1, len(ts)):
-        held += (ts[i] - ts[i - 1]) * (1.0 - 0.5 * (fs[i] + fs[i - 1]))
-        j = fs[i] * benefit_s - holding_cost_per_s * held
-        if j > best_j + 1e-12:
-            best_j, best_t, best_f = j, ts[i], fs[i]
-    return best_t, best_f
+    ttl, f, _ = CDF.from_quantiles(levels, quantiles_s).best_ttl(benefit_s, holding_cost_per_s)
+    return ttl, f
 
 
 def expected_holding_s(levels: Sequence[float], quantiles_s: Sequence[float], ttl_s: float) -> float:

@@ -40,6 +40,7 @@ class TTLTables:
     quantiles_s: dict[str, list[float]] = field(default_factory=dict)
     n_samples: dict[str, int] = field(default_factory=dict)
     cost: dict = field(default_factory=dict)
+    fixed: bool | None = None  # hand-set TTLs pinned as tabulated (None: no cost profile)
     _cost_model: CostModel | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -79,6 +80,12 @@ class TTLTables:
                 p = self.pressure_index(pressure)
                 return TTLDecision(rows[c][p], self.p_hit[key][c][p], key)
         return NO_PIN
+
+    @property
+    def fixed_ttl(self) -> bool:
+        """Hand-set fixed-TTL tables: pin each key for its tabulated TTL (no distribution to price). Tables
+        built by ``ctk train`` carry a cost profile and are priced live from their quantiles."""
+        return self.fixed if self.fixed is not None else not self.cost
 
     # -- building ----------------------------------------------------------------------------------------
 
@@ -151,6 +158,7 @@ class TTLTables:
             "quantiles_s": {k: list(v) for k, v in self.quantiles_s.items()},
             "n_samples": dict(self.n_samples),
             "cost": dict(self.cost),
+            **({} if self.fixed is None else {"fixed": bool(self.fixed)}),
         }
 
     @classmethod
@@ -178,6 +186,7 @@ class TTLTables:
                 quantiles_s={str(k): [float(x) for x in v] for k, v in d.get("quantiles_s", {}).items()},
                 n_samples={str(k): int(v) for k, v in d.get("n_samples", {}).items()},
                 cost=dict(d.get("cost", {})),
+                fixed=None if d.get("fixed") is None else bool(d["fixed"]),
             )
         except (TypeError, AttributeError) as exc:
             raise ValueError(f"TTL tables are malformed ({exc})") from None

@@ -1,0 +1,76 @@
+"""The live price of held KV memory, measured from the engine every step (no clock: time is passed in).
+
+Unit: **JCT-seconds per token-second** — how many seconds of other programs' completion time one held token
+costs per second of holding. A pin of ``N`` tokens costs ``price · N`` JCT-seconds per second; it pays while
+its return hazard times its benefit ``B`` (JCT-seconds) is at least that.
+
+Target price (what memory is worth to the waiting queue right now)::
+
+    p* = 0               if nothing waits or the free memory covers the waiting demand
+    p* = b · n / K       otherwise, with
+         n = waiting requests, D = their uncomputed prompt tokens (demand), S = max(0, D − free tokens),
+         b = n · min(1, S / D)   the requests memory keeps out (the blocked share of the queue),
+         K = the cache size in tokens
+
+Each blocked request loses one JCT-second per second, and while it is held up so is everyone queued behind it
+(all ``n``): the queue loses about ``b · n`` JCT-seconds per second because memory is short. That loss is
+charged evenly on every token of the cache, so holding ``N`` tokens costs ``p*·N`` JCT-seconds per second —
+the held share of the queue's loss. ``p*`` is zero when nothing waits or when memory is not what blocks the
+queue, and grows with the blocked demand (with S for a given queue, quadratically with the queue length).
+The block size does not appear (everything is in tokens).
+
+Dynamics (an asymmetric dual price): the price jumps up to ``p*`` at once (a shortage hurts now), and decays
+towards a lower ``p*`` as ``p ← p* + (p − p*)·exp(−Δt / decay_s)`` (a shortage that cleared a moment ago is
+likely to return); it is exactly 0 whenever nothing waits. :meth:`MemoryPrice.update` returns True when the
+price moved by more than ``tolerance`` (relative) or to / from zero, which is when held pins are re-judged.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ctk.engine_patch.events import EngineState
+
+
+class MemoryPrice:
+    """``value``: JCT-seconds per token-second (see module docstring)."""
+
+    __slots__ = ("value", "decay_s", "tolerance", "_last_now", "_judged")
+
+    def __init__(self, decay_s: float = 1.0, tolerance: float = 0.1):
+        self.value = 0.0
+        self.decay_s = decay_s
+        self.tolerance = tolerance
+        self._last_now: float | None = None
+        self._judged = 0.0  # the price the held pins were last judged at
+
+    @staticmethod
+    def target(state: EngineState) -> float:
+        """``p*`` of the module docstring for one engine state."""
+        n, demand = state.num_waiting, state.waiting_demand_tokens
+        if n <= 0 or demand <= 0:
+            return 0.0
+        short = demand - state.free_tokens
+        if short <= 0:
+            return 0.0
+        blocked = n * min(1.0, short / demand)
+        return blocked * n / max(1, state.total_tokens)
+
+    def update(self, state: EngineState) -> bool:
+        """Move the price to the engine's state at ``state.now``; True when pins should be re-judged."""
+        target = self.target(state)
+        last, self._last_now = self._last_now, state.now
+        if state.num_waiting <= 0:
+            self.value = 0.0
+        elif target >= self.value:
+            self.value = target
+        else:
+            dt = 0.0 if last is None else max(0.0, state.now - last)
+            self.value = target + (self.value - target) * math.exp(-dt / self.decay_s)
+        judged = self._judged
+        if self.value == judged:
+            return False
+        if judged == 0.0 or self.value == 0.0 or abs(self.value - judged) > self.tolerance * judged:
+            self._judged = self.value
+            return True
+        return False

@@ -1,0 +1,391 @@
+"""Pin rules: one small class per policy behind the :class:`PinRule` protocol (no vLLM, no clock).
+
+A rule decides at a turn's finish whether and how long to pin (:meth:`PinRule.decide`, given the live memory
+price), learns from a program's return (:meth:`PinRule.observe`), re-judges a held pin when the price moved
+(:meth:`PinRule.keep`), and orders the valve (:meth:`PinRule.victim_value`, lowest goes first). Every policy
+difference is a class attribute or method here; :class:`~ctk.engine_patch.policy.PolicyCore` only keeps books.
+
+Units: price in JCT-seconds per token-second (:mod:`ctk.engine_patch.price`), benefit ``B`` in JCT-seconds,
+memory in tokens. Rules that carry a return-time distribution (``PinDecision.cdf``) share one valve order:
+expected benefit per token-second still to hold, ``(F(x) − F(e))·B / (N·(H(x) − H(e)))``
+(:meth:`ctk.predict.cost.CDF.value`): with true durations the program returning last goes first (Belady),
+never the pin about to hit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import TYPE_CHECKING, Protocol
+
+from ctk.engine_patch.detect import ToolCall
+from ctk.engine_patch.events import NO_PIN, EngineState, Pin, PinCall, PinDecision, ToolObservation
+from ctk.engine_patch.policies import Policy
+from ctk.predict.cost import CDF, CostModel
+
+if TYPE_CHECKING:
+    from ctk.engine_patch.config import ServeConfig
+    from ctk.engine_patch.online import OnlineDurations
+    from ctk.predict.tables import TTLTables
+
+
+class PinRule(Protocol):
+    policy: Policy
+    pins: bool  # False: stock vLLM (no pins)
+    program_fcfs: bool  # order the waiting queue by program first arrival
+    release_on_next_finish: bool  # Continuum: a pin is released when the program's NEXT request finishes
+    age_bound: bool  # False: strict program FCFS, a waiting request may be overtaken without bound
+    valve_last_resort: bool  # True: pins go only when nothing running can free memory (Continuum)
+    max_pin_share: float  # pinned blocks never exceed this share of the KV cache
+
+    def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision: ...
+    def observe(self, obs: ToolObservation, now: float) -> None: ...
+    def keep(self, pin: Pin, state: EngineState, price: float) -> bool: ...
+    def victim_value(self, pin: Pin, now: float) -> float: ...
+
+
+# -- shared by the rules that carry a distribution ------------------------------------------------------
+
+
+def keep_by_cdf(pin: Pin, now: float, price: float) -> bool:
+    """Keep while some further holding still gains: max over τ in (e, ttl] of
+    ``(F(τ) − F(e))·B − price·N·(H(τ) − H(e)) > 0`` (the hazard rule ``h(e)·B ≥ price·N``, integrated ahead,
+    so a dip in the hazard does not drop a pin whose returns are still to come)."""
+    if price <= 0.0 or pin.cdf is None:
+        return True
+    e = now - pin.created
+    _, _, gain = pin.cdf.best_ttl(pin.benefit_s, price * pin.held_tokens, after=e, until=pin.ttl_s)
+    return gain > 0.0
+
+
+def value_by_cdf(pin: Pin, now: float) -> float:
+    """Expected benefit per token-second still to hold (lowest is dropped first)."""
+    e = now - pin.created
+    if pin.cdf is not None:
+        return pin.cdf.value(pin.benefit_s, pin.held_tokens, e, pin.ttl_s)
+    left = pin.expires - now
+    if left <= 0.0:
+        return 0.0
+    return pin.p_hit * pin.benefit_s / (max(1, pin.held_tokens) * left)
+
+
+def continuum_tool_name(tool: ToolCall) -> str:
+    """Continuum's tool name: the first word of the command (the function name for API tool calls)."""
+    if tool.kind in ("bash", "hint") and tool.command:
+        words = tool.command.split(None, 1)
+        return words[0] if words else "?"
+    return tool.name or "?"
+
+
+# -- the rules --------------------------------------------------------------------------------------------
+
+
+class NoPins:
+    """Stock vLLM: no pins (program FCFS only when the config asks for it, for the factorial)."""
+
+    policy = Policy.VLLM
+    pins = False
+    release_on_next_finish = False
+    age_bound = True
+    valve_last_resort = False
+    max_pin_share = 0.0
+
+    def __init__(self) -> None:
+        self.program_fcfs = False
+
+    def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision:
+        return NO_PIN
+
+    def observe(self, obs: ToolObservation, now: float) -> None:
+        pass
+
+    def keep(self, pin: Pin, state: EngineState, price: float) -> bool:
+        return False
+
+    def victim_value(self, pin: Pin, now: float) -> float:
+        return 0.0
+
+
+class ContinuumRule:
+    """The public Continuum code: a running mean of the tool's durations per tool name (first word of
+    the command); a fixed ``ttl_s`` pin when the mean is at most ``ttl_s`` (or the tool is new), else none.
+    No cost model, no price, no pin budget. The pin is released when the program's NEXT request finishes (not
+    at its admission); expiry is suspended while that request is in the engine. Strict program FCFS with
+    pinned programs first and no age bound; pins give memory back only when nothing running can (no
+    valve), oldest pin first."""
+
+    policy = Policy.CONTINUUM
+    pins = True
+    release_on_next_finish = True
+    age_bound = False
+    valve_last_resort = True
+    max_pin_share = 1.0
+
+    def __init__(self, ttl_s: float = 2.0):
+        self.ttl_s = ttl_s
+        self.program_fcfs = True
+        self.means: dict[str, tuple[float, int]] = {}
+
+    def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision:
+        name = continuum_tool_name(call.tool)
+        mean, n = self.means.get(name, (0.0, 0))
+        if n == 0 or mean <= self.ttl_s:
+            return PinDecision(self.ttl_s, 1.0, name)
+        return PinDecision(0.0, 0.0, name)
+
+    def observe(self, obs: ToolObservation, now: float) -> None:
+        if obs.tool is None:
+            return
+        name = continuum_tool_name(obs.tool)
+        mean, n = self.means.get(name, (0.0, 0))
+        self.means[name] = ((mean * n + obs.duration_s) / (n + 1), n + 1)
+
+    def keep(self, pin: Pin, state: EngineState, price: float) -> bool:
+        return True
+
+    def victim_value(self, pin: Pin, now: float) -> float:
+        return pin.created  # oldest first
+
+
+# vllm-router's re-prefill cost model (Progress-TTL): C = (a + b·x + c·x²)·(2 − α), x = tokens / 1000.
+ROUTER_COST_A, ROUTER_COST_B, ROUTER_COST_C, ROUTER_ALPHA = 0.066, 0.057, 0.0044, 0.15
+ROUTER_MAX_TTL_S = 10.0
+ROUTER_MIN_CANDIDATE_S = 0.05
+ROUTER_LOG_CANDIDATES = 32
+
+
+def router_reprefill_cost_s(tokens: int) -> float:
+    """C: vllm-router's estimate of re-prefilling ``tokens`` uncached tokens (seconds)."""
+    x = tokens / 1000.0
+    return (ROUTER_COST_A + ROUTER_COST_B * x + ROUTER_COST_C * x * x) * (2.0 - ROUTER_ALPHA)
+
+
+def _phi(z: float) -> float:
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+def lognormal_fit(gaps) -> tuple[float, float]:
+    """(μ, σ) of ln(gap), gaps floored at 1 ms; σ floored at 1e-3."""
+    logs = [math.log(max(g, 1e-3)) for g in gaps]
+    mu = sum(logs) / len(logs)
+    var = sum((v - mu) ** 2 for v in logs) / len(logs)
+    return mu, max(1e-3, math.sqrt(var))
+
+
+def progress_ttl_objective(d: float, mu: float, sigma: float, cost_s: float) -> float:
+    """``C·P(T<d) − E[T; T<d] − d·P(T≥d)`` for T log-normal(μ, σ): the router's expected gain of holding
+    ``d`` seconds (a hit saves C; the wait is paid until the return or until d)."""
+    if d <= 0.0:
+        return 0.0
+    z = (math.log(d) - mu) / sigma
+    p = _phi(z)
+    partial = math.exp(mu + 0.5 * sigma * sigma) * _phi(z - sigma)  # E[T; T < d]
+    return cost_s * p - partial - d * (1.0 - p)
+
+
+def progress_ttl_candidates(cost_s: float) -> list[float]:
+    """0, 0.05 s and 32 log-spaced values from 0.05 s (exclusive) up to min(10 s, C)."""
+    top = min(ROUTER_MAX_TTL_S, cost_s)
+    out = [0.0, ROUTER_MIN_CANDIDATE_S]
+    if top > ROUTER_MIN_CANDIDATE_S:
+        ratio = (top / ROUTER_MIN_CANDIDATE_S) ** (1.0 / ROUTER_LOG_CANDIDATES)
+        out += [ROUTER_MIN_CANDIDATE_S * ratio**k for k in range(1, ROUTER_LOG_CANDIDATES + 1)]
+    return out
+
+
+def progress_ttl(mu: float, sigma: float, cost_s: float) -> float:
+    """The candidate d maximising :func:`progress_ttl_objective` (0: do not hold)."""
+    best_d, best_v = 0.0, 0.0
+    for d in progress_ttl_candidates(cost_s):
+        v = progress_ttl_objective(d, mu, sigma, cost_s)
+        if v > best_v:
+            best_d, best_v = d, v
+    return best_d
+
+
+class ProgressTTLRule:
+    """vllm-router 0.1.16+ Program Scheduling's Progress-TTL, as pins: per engine, a log-normal fit of the
+    last ``window`` finish -> next-arrival gaps (of every program); TTL 0 until the window is full; then the
+    candidate maximising :func:`progress_ttl_objective` with C from :func:`router_reprefill_cost_s`. A
+    client's ``kv_retention_ttl_seconds`` overrides the TTL (as in the router). No re-judgement under the
+    price."""
+
+    policy = Policy.PROGRESS_TTL
+    pins = True
+    release_on_next_finish = False
+    age_bound = True
+    valve_last_resort = False
+
+    def __init__(self, window: int = 100, max_pin_share: float = 0.5):
+        self.program_fcfs = True
+        self.max_pin_share = max_pin_share
+        self.gaps: deque[float] = deque(maxlen=window)
+        self._fit: tuple[float, float] | None = None
+
+    def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision:
+        cost_s = router_reprefill_cost_s(call.context_tokens)
+        hint = call.hints.ttl_hint_s
+        full = len(self.gaps) == self.gaps.maxlen
+        if hint is not None:
+            d = hint
+        elif not full:
+            return NO_PIN
+        else:
+            if self._fit is None:
+                self._fit = lognormal_fit(self.gaps)
+            d = progress_ttl(*self._fit, cost_s)
+        if d <= 0.0:
+            return PinDecision(0.0, 0.0, "progress-ttl", cost_s)
+        p = _phi((math.log(d) - self._fit[0]) / self._fit[1]) if full and self._fit else 1.0
+        return PinDecision(d, p, "progress-ttl", cost_s, CDF.linear(d, p))
+
+    def observe(self, obs: ToolObservation, now: float) -> None:
+        self.gaps.append(obs.duration_s)
+        self._fit = None
+
+    def keep(self, pin: Pin, state: EngineState, price: float) -> bool:
+        return True
+
+    def victim_value(self, pin: Pin, now: float) -> float:
+        return value_by_cdf(pin, now)
+
+
+class TTLRule:
+    """ctk: τ from the key's return-time distribution (the tables' quantiles, online-adapted) under the live
+    price: maximise ``F(τ)·B − price·N·H(τ)`` with ``B`` the re-prefill time of the context plus the re-queue
+    delay (cost profile), ``N`` the held tokens; a held pin is kept while holding on still gains
+    (:func:`keep_by_cdf`). Keys without quantiles, and tables without a cost profile (hand-set fixed-TTL
+    tables), pin for their tabulated TTL (read as returns spread evenly over it with the tabulated p_hit). A
+    client TTL hint (``kv_retention_ttl_seconds``) replaces τ when the price allows it."""
+
+    policy = Policy.TTL
+    pins = True
+    release_on_next_finish = False
+    age_bound = True
+    valve_last_resort = False
+
+    def __init__(
+        self,
+        tables: TTLTables | None,
+        cost: CostModel,
+        max_pin_share: float = 0.5,
+        online: OnlineDurations | None = None,
+    ):
+        self.tables = tables
+        self.cost = cost
+        self.max_pin_share = max_pin_share
+        self.online = online
+        self.program_fcfs = True
+        self.fixed = tables is not None and tables.fixed_ttl
+        self._cdfs: dict[str, tuple[list[float], CDF]] = {}
+
+    def _cdf(self, keys, context_tokens: int, pressure: float) -> tuple[str, CDF] | None:
+        """The first key the tables know, with its distribution."""
+        tables = self.tables
+        rows = tables.ttl_s
+        quantiles = tables.quantiles_s
+        for key in keys:
+            if key not in rows:
+                continue
+            q = quantiles.get(key)
+            if q is None or self.fixed:
+                d = tables.lookup((key,), context_tokens, pressure)
+                return key, CDF.linear(d.ttl_s, d.p_hit) if d.ttl_s > 0 else None
+            hit = self._cdfs.get(key)
+            if hit is None or hit[0] is not q:  # new key, or online adaptation replaced its quantiles
+                hit = self._cdfs[key] = (q, CDF.from_quantiles(tables.quantile_levels, q))
+            return key, hit[1]
+        return None
+
+    def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision:
+        if self.tables is None:
+            return NO_PIN
+        found = self._cdf(call.keys, call.context_tokens, state.pressure)
+        if found is None:
+            return NO_PIN
+        key, cdf = found
+        if cdf is None:
+            return PinDecision(0.0, 0.0, key)
+        benefit = self.cost.benefit_s(call.context_tokens)
+        c = price * call.held_tokens
+        hint = call.hints.ttl_hint_s
+        if hint is not None:
+            f, h = cdf.at(hint)
+            if hint <= 0.0 or (price > 0.0 and f * benefit - c * h <= 0.0):
+                return PinDecision(0.0, 0.0, key, benefit)
+            return PinDecision(hint, f, key, benefit, cdf)
+        ttl, f, _ = cdf.best_ttl(benefit, c)
+        if ttl <= 0.0:
+            return PinDecision(0.0, 0.0, key, benefit)
+        return PinDecision(ttl, f, key, benefit, cdf)
+
+    def observe(self, obs: ToolObservation, now: float) -> None:
+        if self.online is not None and obs.keys:
+            self.online.observe(obs.keys, obs.duration_s, now)
+
+    def keep(self, pin: Pin, state: EngineState, price: float) -> bool:
+        return keep_by_cdf(pin, state.now, price)
+
+    def victim_value(self, pin: Pin, now: float) -> float:
+        return value_by_cdf(pin, now)
+
+
+class OracleRule:
+    """The upper bound: the true tool duration ``T`` (``hints.tool_duration_s``), the same cost profile as
+    ``ttl``, no pin budget but memory. The return is expected in ``[T + o, T + o + slack]`` with ``o`` the
+    client's measured round trip (finish -> next arrival minus T, learned online), so the pin lasts exactly
+    that long, is taken only when ``B > price·N·E[hold]``, is kept while ``B`` still exceeds the price of the
+    rest of the hold, and the valve drops the program returning last first (Belady)."""
+
+    policy = Policy.ORACLE
+    pins = True
+    release_on_next_finish = False
+    age_bound = True
+    valve_last_resort = False
+    max_pin_share = 1.0
+
+    def __init__(self, cost: CostModel, slack_s: float = 0.25, overhead_alpha: float = 0.2):
+        self.cost = cost
+        self.slack_s = slack_s
+        self.program_fcfs = True
+        self.overhead_s = 0.0
+        self._alpha = overhead_alpha
+        self._n = 0
+        self._true: dict[str, float] = {}
+
+    def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision:
+        t = call.hints.tool_duration_s
+        if t is None:
+            return NO_PIN
+        self._true[call.program_id] = t
+        start = t + self.overhead_s
+        cdf = CDF.window(start, start + self.slack_s)
+        benefit = self.cost.benefit_s(call.context_tokens)
+        ttl, f, _ = cdf.best_ttl(benefit, price * call.held_tokens)
+        return PinDecision(ttl, f, "oracle", benefit, cdf if ttl > 0 else None)
+
+    def observe(self, obs: ToolObservation, now: float) -> None:
+        t = self._true.pop(obs.program_id, None)
+        if t is None:
+            return
+        over = max(0.0, obs.duration_s - t)
+        self._n += 1
+        a = max(self._alpha, 1.0 / self._n)
+        self.overhead_s += a * (over - self.overhead_s)
+
+    def keep(self, pin: Pin, state: EngineState, price: float) -> bool:
+        return keep_by_cdf(pin, state.now, price)
+
+    def victim_value(self, pin: Pin, now: float) -> float:
+        return value_by_cdf(pin, now)
+
+
+def online_for(config: ServeConfig, tables: TTLTables | None) -> OnlineDurations | None:
+    """The online adapter of the ``ttl`` rule (None when disabled or without tables)."""
+    if not config.online or tables is None:
+        return None
+    from ctk.engine_patch.online import OnlineDurations
+
+    return OnlineDurations(
+        tables, config.online_min_samples, config.online_prior_weight, config.online_window
+    )

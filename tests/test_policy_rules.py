@@ -1,0 +1,322 @@
+"""Pin rules and the valve on the v2 core (no engine): Belady under true durations, Progress-TTL's formula,
+the priced TTL rule, the oracle, Continuum's quirks, the age bound and the program-FCFS switch."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from ctk.engine_patch.config import ConfigError, ServeConfig
+from ctk.engine_patch.detect import ToolCall
+from ctk.engine_patch.events import EngineState, Finished, PinCall, ReleaseReason
+from ctk.engine_patch.hints import parse_hints
+from ctk.engine_patch.policies import POLICY_NAMES, Policy, make_rule
+from ctk.engine_patch.policy import PolicyCore
+from ctk.engine_patch.rules import (
+    ProgressTTLRule,
+    lognormal_fit,
+    progress_ttl,
+    progress_ttl_candidates,
+    progress_ttl_objective,
+    router_reprefill_cost_s,
+)
+from ctk.predict.cost import CDF, CostModel
+from ctk.predict.tables import TTLTables
+
+LEVELS = [0.1, 0.5, 0.9]
+COST = CostModel(prefill_tokens=(0, 10_000), prefill_s=(0.0, 1.0), requeue_delay_s=0.0)  # 0.1 ms per token
+
+
+def priced_tables() -> TTLTables:
+    """Trained-style tables (with a cost profile): the rule prices them live from their quantiles."""
+    return TTLTables.build(
+        {"fast": [0.1, 0.3, 1.0], "slow": [5.0, 30.0, 120.0], "*": [1.0, 10.0, 100.0]},
+        {"fast": 100, "slow": 100, "*": 100},
+        LEVELS,
+        COST,
+    )
+
+
+def make_core(policy: str, tables=None, **kw) -> PolicyCore:
+    cfg = ServeConfig(policy=policy, ttl_model="x.pkl", **kw).validate()
+    return PolicyCore(cfg, make_rule(cfg.policy, cfg, tables, COST), block_size=16)
+
+
+def state(now=0.0, free=900, total=1000, **kw) -> EngineState:
+    return EngineState(now, free, total, block_size=16, **kw)
+
+
+def h(program, **kw):
+    return parse_hints(None, {"program_id": program, **kw})
+
+
+def finish(c, rid, hints, now, tokens=4000, blocks=250, text="", st=None):
+    c.arrived(rid, hints, now=now - 0.01) if rid not in c.requests else None
+    ev = Finished(rid, hints, text, tokens - 10, tokens, 10, blocks)
+    return c.finished(ev, st or state(now))
+
+
+# -- registry ------------------------------------------------------------------------------------------
+
+
+def test_policy_registry_is_the_config_vocabulary():
+    assert POLICY_NAMES == ("vllm", "continuum", "progress-ttl", "ttl", "oracle")
+    assert ServeConfig(policy="progress-ttl").validate().policy is Policy.PROGRESS_TTL
+    with pytest.raises(ConfigError, match="progress-ttl"):
+        ServeConfig(policy="lru").validate()
+    for name in POLICY_NAMES:
+        cfg = ServeConfig(policy=name, ttl_model="x.pkl").validate()
+        assert make_rule(name, cfg, priced_tables()).policy == name
+
+
+def test_every_release_reason_is_emitted_and_every_emitted_one_listed():
+    src = (Path(__file__).parents[1] / "ctk" / "engine_patch" / "policy.py").read_text()
+    emitted = set(re.findall(r"ReleaseReason\.([A-Z_]+)", src))
+    # the driver emits the three lifecycle reasons through release_all(reason)
+    assert emitted | {"SHUTDOWN", "RECONFIGURE", "RESET"} == set(ReleaseReason.__members__)
+    assert not re.search(r"_release\([^)]*\"", src)  # no free-string reasons
+
+
+def test_program_fcfs_switch_for_any_policy():
+    assert not make_core("vllm").reorders and make_core("vllm", program_fcfs=True).reorders
+    assert make_core("oracle").reorders and not make_core("oracle", program_fcfs=False).reorders
+    c = make_core("vllm", program_fcfs=True, age_min_s=10.0)
+    c.arrived("a", h("A"), now=0.0)
+    c.arrived("b", h("B"), now=1.0)
+    c.arrived("a2", h("A"), now=2.0)
+    assert c.order_waiting(["b", "a2"], now=2.5) == [1, 0]  # stock eviction, program FCFS order
+    assert c.finished(Finished("a", h("A"), "```bash\nls\n```", 10, 20, 10, 5), state(3.0)) == (False, [])
+
+
+# -- the valve: Belady under true durations ---------------------------------------------------------------
+
+
+def test_oracle_valve_drops_the_program_returning_last_never_the_one_about_to_hit():
+    c = make_core("oracle", oracle_slack_s=0.1)
+    for i, t in enumerate([1.0, 60.0, 5.0, 20.0]):  # the same size, finished together
+        assert finish(c, f"r{i}", h(f"p{i}", tool_duration_s=t), now=0.0)[0]
+    order = [c.release_for_pressure(now=0.5).request_id for _ in range(4)]
+    assert order == ["r1", "r3", "r2", "r0"]  # returns at 60, 20, 5, 1 s
+    # later on, the pin about to hit still goes last although it was created first
+    for i, (t, at) in enumerate([(4.0, 0.0), (30.0, 3.0), (10.0, 3.0)]):
+        finish(c, f"s{i}", h(f"q{i}", tool_duration_s=t), now=at)
+    assert c.release_for_pressure(now=3.9).request_id == "s1"  # returns at 33 s
+    assert c.release_for_pressure(now=3.9).request_id == "s2"  # at 13 s; s0 (at 4 s) stays
+    assert list(c.pins) == ["s0"]
+
+
+def test_valve_value_is_per_token_and_a_returned_program_goes_last():
+    c = make_core("oracle")
+    finish(c, "big", h("p0", tool_duration_s=5.0), now=0.0, tokens=8000, blocks=500)
+    finish(c, "small", h("p1", tool_duration_s=5.0), now=0.0, tokens=8000, blocks=50)
+    finish(c, "late", h("p2", tool_duration_s=50.0), now=0.0, tokens=8000, blocks=50)
+    c.arrived("late-next", h("p2"), now=1.0)  # p2 came back early: its pin is about to hit
+    assert [c.release_for_pressure(now=1.0).request_id for _ in range(3)] == ["big", "small", "late"]
+
+
+def test_ttl_valve_keeps_the_pin_whose_return_is_due():
+    c = make_core("ttl", priced_tables(), max_pin_share=1.0)
+    finish(c, "f", h("p0"), 0.0, text="```bash\nfast\n```")
+    finish(c, "s", h("p1"), 0.0, text="```bash\nslow\n```")
+    assert c.release_for_pressure(now=0.2).request_id == "s"  # 'slow' returns in ~30 s, 'fast' in 0.3 s
+
+
+# -- Progress-TTL (vllm-router 0.1.16+) --------------------------------------------------------------------
+
+
+def _numeric_objective(d, mu, sigma, cost):
+    """C·P(T<d) − E[T; T<d] − d·P(T≥d) by integrating the log-normal density (midpoint rule in log t)."""
+    n, lo = 20000, mu - 12 * sigma
+    step = (math.log(d) - lo) / n
+    p = part = 0.0
+    for k in range(n):
+        x = lo + (k + 0.5) * step
+        dens = math.exp(-0.5 * ((x - mu) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+        p += dens * step
+        part += math.exp(x) * dens * step
+    return cost * p - part - d * (1 - p)
+
+
+def test_progress_ttl_worked_example_reproduces_the_router_formula():
+    assert router_reprefill_cost_s(50_000) == pytest.approx((0.066 + 0.057 * 50 + 0.0044 * 2500) * 1.85)
+    assert router_reprefill_cost_s(50_000) == pytest.approx(25.74, abs=0.01)  # polynomial 13.916 s x 1.85
+    cands = progress_ttl_candidates(25.74)
+    assert cands[:2] == [0.0, 0.05] and len(cands) == 34
+    assert cands[-1] == pytest.approx(10.0) and all(a < b for a, b in zip(cands, cands[1:], strict=False))
+    # gaps with median 1 s and log-sd 1: the fit, then the candidate that maximises the objective
+    z = [-1.2816, -0.8416, -0.5244, -0.2533, 0.0, 0.2533, 0.5244, 0.8416, 1.2816, 0.0]  # mean 0
+    sd = math.sqrt(sum(v * v for v in z) / len(z))
+    gaps = [math.exp(1.0 + 1.5 * v / sd) for v in z] * 10  # ln(gap): mean 1, sd 1.5
+    mu, sigma = lognormal_fit(gaps)
+    assert mu == pytest.approx(1.0) and sigma == pytest.approx(1.5)
+    for d in (0.05, 1.0, 4.0):
+        assert progress_ttl_objective(d, mu, sigma, 5.0) == pytest.approx(
+            _numeric_objective(d, mu, sigma, 5.0), abs=1e-4
+        )
+    c = 5.0  # C of a ~21k-token prompt
+    best = max(progress_ttl_candidates(c), key=lambda d: _numeric_objective(d, mu, sigma, c) if d else 0.0)
+    assert progress_ttl(mu, sigma, c) == pytest.approx(best)
+    assert 2.0 < best < 3.0  # interior: where the hazard falls to 1/C
+    assert progress_ttl(mu, sigma, 0.2) == 0.0  # a cheap re-prefill is never worth holding
+
+
+def test_progress_ttl_rule_waits_for_a_full_window_then_pins():
+    c = make_core("progress-ttl", progress_window=10, max_pin_share=1.0)
+    rule = c.rule
+    assert isinstance(rule, ProgressTTLRule)
+    now = 0.0
+    for i in range(10):
+        pinned, _ = finish(c, f"r{i}", h("p"), now, tokens=21_000, text="```bash\nls\n```")
+        assert not pinned  # TTL 0 until the window of gaps is full
+        now += 1.0
+        c.arrived(f"r{i + 1}", h("p"), now=now)  # a 1 s gap
+        c.admitted(f"r{i + 1}", 0, now=now)
+    assert len(rule.gaps) == 10
+    pinned, _ = finish(c, "r10", h("p"), now, tokens=21_000, text="```bash\nls\n```")
+    assert pinned and c.pins["r10"].ttl_s >= 1.0
+    # the client's kv_retention_ttl_seconds overrides the TTL
+    pinned, _ = finish(
+        c, "x", h("q", kv_retention_ttl_seconds=7.5), now, tokens=21_000, text="```bash\nls\n```"
+    )
+    assert pinned and c.pins["x"].ttl_s == 7.5
+
+
+# -- the priced TTL rule ---------------------------------------------------------------------------------
+
+
+def call(keys, tokens=4000, blocks=250, **hints):
+    return PinCall(
+        "p", "r", ToolCall("hint", None, keys[0]), tuple(keys), tokens, blocks, 16, h("p", **hints)
+    )
+
+
+def test_ttl_rule_chooses_from_quantiles_under_the_live_price():
+    rule = make_rule("ttl", ServeConfig(policy="ttl", ttl_model="x"), priced_tables(), COST)
+    free = rule.decide(call(["fast", "*"]), state(), price=0.0)
+    assert (free.ttl_s, free.key) == (1.0, "fast") and free.benefit_s == pytest.approx(0.4)
+    # holding 4000 tokens at 1e-4 JCT-s per token-s costs 0.4 s per s: the 'slow' tail no longer pays
+    assert rule.decide(call(["slow", "*"]), state(), price=0.0).ttl_s == 120.0
+    assert rule.decide(call(["slow", "*"]), state(), price=1e-4).ttl_s == 0.0
+    mid = rule.decide(call(["fast", "*"]), state(), price=1e-4)
+    assert 0 < mid.ttl_s <= 1.0
+    # unknown program name backs off to '*'
+    assert rule.decide(call(["weird", "*"]), state(), price=0.0).key == "*"
+
+
+def test_block_size_does_not_change_a_ttl_decision():
+    rule = make_rule("ttl", ServeConfig(policy="ttl", ttl_model="x"), priced_tables(), COST)
+    a = PinCall("p", "r", ToolCall("hint", None, "fast"), ("fast", "*"), 4000, 250, 16, h("p"))
+    b = PinCall("p", "r", ToolCall("hint", None, "fast"), ("fast", "*"), 4000, 32, 125, h("p"))
+    for price in (0.0, 3e-5, 1e-4, 1e-3):
+        assert rule.decide(a, state(), price) == rule.decide(b, state(), price)
+
+
+def test_held_pins_are_rejudged_only_when_the_price_moves():
+    c = make_core("ttl", priced_tables(), max_pin_share=1.0)
+    finish(c, "s", h("p1"), 0.0, text="```bash\nslow\n```")  # price 0: pinned for its q0.9
+    finish(c, "f", h("p2"), 0.0, text="```bash\nfast\n```")
+    assert set(c.pins) == {"s", "f"}
+    assert c.step(state(0.1)) == []  # nothing waits: price 0, no re-judgement
+    assert c.stats.rejudged == 0
+    short = state(0.2, free=10, num_waiting=2, waiting_demand_tokens=4000)
+    released = c.step(short)
+    assert [(r.request_id, r.reason) for r in released] == [("s", "price")]  # the long tail goes
+    assert "f" in c.pins and c.stats.rejudged == 2
+    assert c.step(state(0.25, free=10, num_waiting=2, waiting_demand_tokens=4000)) == []
+    assert c.stats.rejudged == 2  # the price did not move: nothing re-judged
+
+
+def test_client_ttl_hint_is_the_pin_ttl_unless_the_price_forbids_it():
+    rule = make_rule("ttl", ServeConfig(policy="ttl", ttl_model="x"), priced_tables(), COST)
+    assert rule.decide(call(["fast", "*"], kv_retention_ttl_seconds=3.0), state(), 0.0).ttl_s == 3.0
+    assert rule.decide(call(["slow", "*"], kv_retention_ttl_seconds=60.0), state(), 1e-3).ttl_s == 0.0
+
+
+def test_fixed_ttl_tables_of_the_engine_tests_keep_their_meaning(tmp_path):
+    from ctk.predict.modelfile import load_ttl_tables
+    from tests.engine_fixtures import TEST_TTLS, write_test_model
+
+    tables = load_ttl_tables(write_test_model(tmp_path / "m.pkl"))
+    assert tables.fixed_ttl
+    rule = make_rule("ttl", ServeConfig(policy="ttl", ttl_model="x"), tables)
+    for price in (0.0, 1e-6):
+        assert rule.decide(call(["ls", "*"]), state(), price).ttl_s == TEST_TTLS["ls"] == 30.0
+        assert rule.decide(call(["sleep", "*"]), state(), price).ttl_s == TEST_TTLS["sleep"] == 1.0
+        assert rule.decide(call(["make", "*"]), state(), price).ttl_s == 0.0
+    # a trained file (with a cost profile) round-trips as priced tables
+    again = TTLTables.from_dict(priced_tables().to_dict())
+    assert not again.fixed_ttl and again.quantiles_s["slow"] == [5.0, 30.0, 120.0]
+
+
+# -- the oracle ------------------------------------------------------------------------------------------
+
+
+def test_oracle_pins_exactly_the_true_duration_plus_measured_round_trip():
+    c = make_core("oracle", oracle_slack_s=0.2)
+    assert finish(c, "a", h("p", tool_duration_s=2.0), now=0.0)[0]
+    assert c.pins["a"].ttl_s == pytest.approx(2.2)
+    c.arrived("b", h("p"), now=2.5)  # the client took 0.5 s more than the tool
+    c.admitted("b", 4000, now=2.5)
+    assert c.stats.pin_hits == 1
+    assert finish(c, "b", h("p", tool_duration_s=2.0), now=3.0)[0]
+    assert c.pins["b"].ttl_s == pytest.approx(2.0 + 0.5 + 0.2)  # learned round trip
+
+
+def test_oracle_keeps_a_pin_while_its_benefit_exceeds_the_price_of_the_rest_of_the_hold():
+    c = make_core("oracle", oracle_slack_s=0.0)
+    finish(c, "near", h("p0", tool_duration_s=1.0), now=0.0)  # B = 0.4 s, 4000 tokens
+    finish(c, "far", h("p1", tool_duration_s=100.0), now=0.0)
+    # 2.5e-6 JCT-s per token-s: holding 4000 tokens costs 0.01 s per s -> 'near' (0.9 s left) stays,
+    # 'far' (99.9 s left, 1 s of cost for 0.4 s of benefit) goes
+    price_state = state(0.1, free=0, total=100_000, num_waiting=2, waiting_demand_tokens=1000)
+    assert c.price.target(price_state) == pytest.approx(2 * 2 / 1.6e6)  # b = n = 2, K = 1.6M tokens
+    out = c.step(price_state)
+    assert [r.request_id for r in out] == ["far"] and "near" in c.pins
+
+
+# -- Continuum -----------------------------------------------------------------------------------------
+
+
+def test_continuum_quirks_live_in_its_rule():
+    c = make_core("continuum")
+    assert finish(c, "r1", h("p"), 0.0, text="```bash\npython x.py\n```")[0]
+    c.arrived("r2", h("p"), now=5.0)  # the tool took 5 s
+    assert c.step(state(10.0)) == []  # expiry suspended while the next request is in the engine
+    assert c.admitted("r2", 4000, now=10.0) == []  # no release at admission
+    # no valve while something else runs, any pin when nothing does
+    assert c.release_for_pressure(now=10.0, admitting=None, engine_busy=True) is None
+    pinned, rel = c.finished(Finished("r2", h("p"), "```bash\npython x.py\n```", 10, 20, 10, 5), state(11.0))
+    assert [(r.request_id, r.reason) for r in rel] == [("r1", "hit")]  # released at the next finish
+    assert not pinned  # the running mean (10 s) is above 2 s
+    assert c.order.age_bound_s == math.inf  # strict program FCFS
+
+
+# -- the age bound ---------------------------------------------------------------------------------------
+
+
+def test_age_bound_follows_the_measured_wait_without_a_floor():
+    c = make_core("ttl", priced_tables())
+    assert c.order.age_bound_s == 0.0  # nothing measured yet: plain FCFS, no floor above stock
+    c.arrived("o", h("old"), now=0.0)
+    c.arrived("y", h("young"), now=1.0)
+    c.arrived("o2", h("old"), now=1.5)
+    assert c.order_waiting(["y", "o2"], now=1.6) == [0, 1]  # both overdue at once: arrival order
+    for i in range(20):  # FCFS waits of 0.5 s measured
+        c.arrived(f"w{i}", h(f"w{i}"), now=10.0 + i)
+        c.admitted(f"w{i}", 0, now=10.5 + i)
+    assert c.order.age_bound_s == pytest.approx(1.0, rel=0.05)  # 2 x the mean wait
+    c.arrived("y3", h("young3"), now=40.0)
+    c.arrived("o3", h("old"), now=40.2)
+    assert c.order_waiting(["y3", "o3"], now=40.5) == [1, 0]  # an older program may overtake ...
+    assert c.order_waiting(["y3", "o3"], now=41.1) == [0, 1]  # ... for at most the bound
+
+
+def test_cdf_value_and_hazard():
+    cdf = CDF.window(10.0, 10.5)  # returns in [10, 10.5]: 8.25 s of expected holding left at 2 s
+    assert cdf.value(1.0, 100, 2.0, 10.5) == pytest.approx(1.0 / (100 * 8.25))
+    assert cdf.value(1.0, 100, 9.0, 10.5) > cdf.value(1.0, 100, 2.0, 10.5)  # nearer the return: worth more
+    lin = CDF.linear(4.0, 1.0)  # uniform on [0, 4]: hazard 1 / (4 - t)
+    assert lin.hazard(2.0) == pytest.approx(0.5) and lin.hazard(5.0) == 0.0
