@@ -184,6 +184,9 @@ class SimEngine:
         r = self.requests.pop(request_id, None)
         if r is not None:
             self.held[request_id] = r
+            full = self._full_blocks(r)
+            if full:
+                r.chain.cached[:full] = True  # its full blocks carry their hash: the next turn hits them
 
     def free_held(self, request_id: str) -> None:
         r = self.held.pop(request_id, None)
@@ -220,9 +223,13 @@ class SimEngine:
         """Chain blocks (after the shared prefix) that ``tokens`` tokens occupy."""
         return max(0, -(-tokens // self.block_size) - self.shared_blocks)
 
-    def _release(self, r: SimRequest) -> None:
+    def _full_blocks(self, r: SimRequest) -> int:
+        """Chain blocks full of computed tokens (hashed: a later request can hit them)."""
         full = min(r.num_computed, r.num_tokens) // self.block_size - self.shared_blocks
-        self.pool.release(r.chain, r.n_blocks, max(0, full))
+        return min(r.n_blocks, max(0, full))
+
+    def _release(self, r: SimRequest) -> None:
+        self.pool.release(r.chain, r.n_blocks, self._full_blocks(r))
         r.n_blocks = 0
 
     def _preempt(self, r: SimRequest) -> None:
