@@ -39,30 +39,30 @@ def flat_profile(step_s: float = 0.01, **kw) -> HardwareProfile:
 def test_pool_prefix_hit_after_free_and_no_leak():
     pool = BlockPool(20, 4)
     a = pool.chain("a")
-    pool.allocate(a, 0, 5)
+    pool.allocate(5)
     assert pool.num_free == 15
-    pool.release(a, 5, cached_blocks=4)  # 4 full computed blocks keep their hash, the partial one does not
-    assert pool.num_free == 20
+    pool.release(a, 0, 5, full_blocks=4)  # 4 full computed blocks keep their hash, the partial one does not
+    assert pool.num_free == 20 and pool.queued == 4
     assert pool.cached_prefix(a, 10) == 4
     pool.touch(a, 3)
     assert pool.num_free == 17 and pool.queued == 1
     pool.check()
-    pool.release(a, 3, 3)
+    pool.release(a, 3, 3, 3)
     pool.check()
     assert pool.num_free == 20
 
 
 def test_pool_evicts_least_recently_freed_first_and_tail_first():
     pool = BlockPool(8, 4)
-    a, b, c = pool.chain("a"), pool.chain("b"), pool.chain("c")
-    pool.allocate(a, 0, 4)
-    pool.allocate(b, 0, 4)
-    pool.release(a, 4, 4)  # freed first: evicted first
-    pool.release(b, 4, 4)
-    pool.allocate(c, 0, 2)  # two blocks: a's tail goes first
+    a, b = pool.chain("a"), pool.chain("b")
+    pool.allocate(4)
+    pool.allocate(4)
+    pool.release(a, 0, 4, 4)  # freed first: evicted first
+    pool.release(b, 0, 4, 4)
+    pool.allocate(2)  # two blocks: a's tail goes first
     assert pool.cached_prefix(a, 4) == 2
     assert pool.cached_prefix(b, 4) == 4
-    pool.allocate(c, 2, 6)  # the rest of a, then b's tail
+    pool.allocate(4)  # the rest of a, then b's tail
     assert pool.cached_prefix(a, 4) == 0
     assert pool.cached_prefix(b, 4) == 2
     assert pool.evicted == 6
@@ -71,21 +71,36 @@ def test_pool_evicts_least_recently_freed_first_and_tail_first():
 
 def test_pool_referenced_blocks_are_never_evicted():
     pool = BlockPool(6, 4)
-    a, b = pool.chain("a"), pool.chain("b")
-    pool.allocate(a, 0, 4)
-    pool.release(a, 4, 4)
-    pool.touch(a, 4)  # a pin / a running request references them again
+    a = pool.chain("a")
+    pool.allocate(4)
+    pool.release(a, 0, 4, 4)
+    pool.touch(a, 4)  # a running request references them again
     assert pool.num_free == 2
-    pool.allocate(b, 0, 2)
+    pool.allocate(2)
     assert pool.cached_prefix(a, 4) == 4
     pool.check()
-    # two references (a pinned request and the next turn): one release keeps them out of the queue
+    # a second reference (a pin and the next turn): one release keeps them out of the free queue
     pool.touch(a, 4)
-    pool.release(a, 4, 4)
+    pool.release(a, 4, 4, 4)
     assert pool.num_free == 0
-    pool.release(a, 4, 4)
+    pool.release(a, 4, 4, 4)
     assert pool.num_free == 4
     pool.check()
+
+
+def test_pool_held_request_and_next_turn_share_the_prefix_but_not_the_partial_tail():
+    pool = BlockPool(12, 4)
+    a = pool.chain("a")
+    pool.allocate(3)  # turn 1: 2 full blocks + a partial tail
+    pool.promote(a, 0, 2)  # finished and pinned: its full blocks get their hash
+    pool.touch(a, 2)  # turn 2 hits them ...
+    pool.allocate(4)  # ... and computes its own blocks from position 2 on (the tail is not shared)
+    assert pool.num_free == 12 - 3 - 4
+    pool.release(a, 2, 3, 2)  # the pin goes: its partial tail is freed, the shared blocks stay referenced
+    assert pool.num_free == 6
+    pool.release(a, 2, 6, 5)  # turn 2 finishes
+    pool.check()
+    assert pool.num_free == 12 and pool.cached_prefix(a, 10) == 5
 
 
 # -- scheduler -------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ evicted from the cache. A prefix hit "touches" cached blocks: out of the free qu
 At GPU scale a program's context is thousands of blocks, so a per-block Python model is too slow. This
 pool keeps the same semantics with two observations: (1) every hash chain here is one program's
 (``ProgramSpec`` turns extend each other; no two programs share a block beyond the system prompt), so a
-block is ``(chain, index)`` and a chain's state is two numpy arrays (reference counts, cached flags);
+block is ``(chain, index)`` and a chain's state is two numpy arrays (reference counts, cached flags) for
+its hashed blocks, while blocks being computed are private to their request (a count);
 (2) blocks enter the free queue in contiguous runs (one request's freed full blocks), so the queue is a
 deque of runs ``[chain, lo, hi)`` evicted from ``hi`` down. Unhashed free blocks are a plain count (they
 sit at the head of vLLM's queue and are reused first). The system prompt shared by every program is
@@ -65,6 +66,7 @@ class BlockPool:
         self.reserved = reserved
         self.anon_free = num_blocks - reserved  # free blocks without a hash (reused first)
         self.queued = 0  # cached blocks with ref 0, in the free queue
+        self.private = 0  # blocks requests hold that have no hash yet (being computed, partial tails)
         self.queue: deque[Run] = deque()
         self.chains: dict[str, Chain] = {}
         self.evicted = 0
@@ -111,19 +113,12 @@ class BlockPool:
             chain.runs = [r for r in chain.runs if len(r)]
         chain.ref[:k] += 1
 
-    def allocate(self, chain: Chain, lo: int, hi: int) -> None:
-        """Give ``[lo, hi)`` of ``chain`` fresh blocks (the caller checked ``num_free``)."""
-        n = hi - lo
+    def allocate(self, n: int) -> None:
+        """``n`` fresh private blocks (the caller checked ``num_free``): unhashed free blocks first, then
+        cached ones from the head of the free queue, which are evicted."""
         if n <= 0:
             return
-        chain.ensure(hi)
-        stale = self.evictable_in(chain, lo, hi)
-        if stale:
-            # Old cached copies of these positions (beyond the hit): reused in place, as evicted.
-            self._cut(chain, lo, hi)
-            self.queued -= stale
-            n -= stale
-        chain.cached[lo:hi] = False
+        self.private += n
         take = min(n, self.anon_free)
         self.anon_free -= take
         n -= take
@@ -141,6 +136,23 @@ class BlockPool:
             n -= k
             if not len(run):
                 self.queue.popleft()
+
+    def promote(self, chain: Chain, lo: int, hi: int) -> None:
+        """Private full blocks ``[lo, hi)`` get their hash (the caller keeps referencing them). Where the
+        position already has a cached copy, one copy goes: a stale one in the free queue is dropped, a
+        referenced one is shared and ours is freed."""
+        if hi <= lo:
+            return
+        chain.ensure(hi)
+        cached, ref = chain.cached[lo:hi], chain.ref[lo:hi]
+        stale = int(np.count_nonzero(cached & (ref == 0)))
+        shared = int(np.count_nonzero(cached & (ref > 0)))
+        if stale:
+            self._cut(chain, lo, hi)
+            self.queued -= stale
+        self.private -= hi - lo
+        self.anon_free += stale + shared
+        chain.cached[lo:hi] = True
         chain.ref[lo:hi] += 1
 
     def _cut(self, chain: Chain, lo: int, hi: int) -> None:
@@ -161,27 +173,24 @@ class BlockPool:
                 keep.append(below)
         chain.runs = keep
 
-    def release(self, chain: Chain, n_blocks: int, cached_blocks: int) -> None:
-        """A request drops its reference to ``[0, n_blocks)`` of ``chain``; ``[0, cached_blocks)`` are full
-        computed blocks and keep their hash; blocks left unreferenced join the free queue."""
-        if n_blocks <= 0:
+    def release(self, chain: Chain, n_shared: int, n_blocks: int, full_blocks: int) -> None:
+        """A request lets go of its blocks: ``[0, n_shared)`` hashed (shared), ``[n_shared, n_blocks)``
+        private, of which those below ``full_blocks`` are full of computed tokens and get their hash.
+        Hashed blocks nobody references join the free queue tail first; the rest are unhashed free blocks."""
+        full_blocks = max(n_shared, min(full_blocks, n_blocks))
+        self.promote(chain, n_shared, full_blocks)
+        self.private -= n_blocks - full_blocks
+        self.anon_free += n_blocks - full_blocks
+        if full_blocks <= 0:
             return
-        cached_blocks = min(cached_blocks, n_blocks)
-        if cached_blocks:
-            chain.cached[:cached_blocks] = True
-        ref = chain.ref[:n_blocks]
+        ref = chain.ref[:full_blocks]
         ref -= 1
         zero = ref == 0
         n_zero = int(np.count_nonzero(zero))
         if not n_zero:
             return
-        hashed = zero & chain.cached[:n_blocks]
-        n_hashed = int(np.count_nonzero(hashed))
-        self.anon_free += n_zero - n_hashed
-        if not n_hashed:
-            return
-        self.queued += n_hashed
-        idx = np.flatnonzero(hashed)
+        self.queued += n_zero
+        idx = np.flatnonzero(zero)
         if idx[-1] - idx[0] + 1 == len(idx):  # the usual case: one contiguous run
             spans = [(int(idx[0]), int(idx[-1]) + 1)]
         else:
@@ -198,10 +207,10 @@ class BlockPool:
 
     def check(self) -> None:
         """Invariants (tests): counts add up, no block both referenced and queued, no leak."""
-        referenced = sum(int(np.count_nonzero(c.ref > 0)) for c in self.chains.values())
+        referenced = sum(int(np.count_nonzero(c.ref > 0)) for c in self.chains.values()) + self.private
         queued = sum(len(r) for r in self.queue)
         assert queued == self.queued, (queued, self.queued)
-        assert self.anon_free >= 0 and self.queued >= 0
+        assert self.anon_free >= 0 and self.queued >= 0 and self.private >= 0
         assert referenced + self.queued + self.anon_free + self.reserved == self.num_blocks, (
             referenced,
             self.queued,
@@ -216,3 +225,4 @@ class BlockPool:
                 in_runs[r.lo : r.hi] = True
             assert not (in_runs & (c.ref > 0)).any()
             assert (in_runs == ((c.ref == 0) & c.cached)).all()
+            assert not ((c.ref > 0) & ~c.cached).any()

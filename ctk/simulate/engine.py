@@ -64,6 +64,7 @@ class SimRequest:
         "num_computed",
         "num_output",
         "n_blocks",
+        "n_shared",
         "cached_tokens",
         "first_token_s",
         "finish_s",
@@ -82,6 +83,7 @@ class SimRequest:
         self.num_computed = 0
         self.num_output = 0
         self.n_blocks = 0  # chain blocks held (after the shared prefix)
+        self.n_shared = 0  # of which hashed (prefix hits, or promoted when held); the rest are private
         self.cached_tokens: int | None = None  # prefix-cache hit at the first admission
         self.first_token_s: float | None = None
         self.finish_s: float | None = None
@@ -184,9 +186,9 @@ class SimEngine:
         r = self.requests.pop(request_id, None)
         if r is not None:
             self.held[request_id] = r
-            full = self._full_blocks(r)
-            if full:
-                r.chain.cached[:full] = True  # its full blocks carry their hash: the next turn hits them
+            full = self._full_blocks(r)  # its full blocks get their hash: the next turn hits them
+            self.pool.promote(r.chain, r.n_shared, full)
+            r.n_shared = max(r.n_shared, full)
 
     def free_held(self, request_id: str) -> None:
         r = self.held.pop(request_id, None)
@@ -229,8 +231,8 @@ class SimEngine:
         return min(r.n_blocks, max(0, full))
 
     def _release(self, r: SimRequest) -> None:
-        self.pool.release(r.chain, r.n_blocks, self._full_blocks(r))
-        r.n_blocks = 0
+        self.pool.release(r.chain, r.n_shared, r.n_blocks, self._full_blocks(r))
+        r.n_blocks = r.n_shared = 0
 
     def _preempt(self, r: SimRequest) -> None:
         self._release(r)
@@ -246,7 +248,7 @@ class SimEngine:
             return True
         if need > self.pool.num_free:
             return False
-        self.pool.allocate(r.chain, r.n_blocks, r.n_blocks + need)
+        self.pool.allocate(need)
         r.n_blocks += need
         return True
 
@@ -305,11 +307,11 @@ class SimEngine:
                         continue  # a pin was freed: look up and try again
                     break
                 pool.touch(r.chain, hit_chain)
-                r.n_blocks = hit_chain
+                r.n_blocks = r.n_shared = hit_chain
                 r.num_computed = computed
                 step_blocks = self._blocks_for(computed + num_new) - hit_chain
                 if step_blocks > 0:
-                    pool.allocate(r.chain, hit_chain, hit_chain + step_blocks)
+                    pool.allocate(step_blocks)
                     r.n_blocks += step_blocks
                 self.waiting.popleft()
                 running.append(r)
