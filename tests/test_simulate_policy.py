@@ -162,4 +162,3 @@ def test_cli_sweep_writes_the_issue_schema(tmp_path, monkeypatch):
     assert "rate 0.5 programs/s" in format_tables(sweep)
     path = plot_jct_vs_rate(sweep, tmp_path)
     assert path is not None and path.stat().st_size > 1000
-
