@@ -1,12 +1,15 @@
 """TTL decision latency for one finished request (target: p99 <= 20 µs), as the scheduler pays it.
 
-A decision = ``command_keys(command)`` (parse the command text) + ``TTLTables.lookup(keys, ctx, pressure)``.
-Measured in one run, per call with ``perf_counter_ns``, over the real commands of the agent traces:
+A decision = ``command_keys(command)`` (parse the command text) + ``TTLRule.decide(call, state, price)``:
+the key's return-time distribution (the tables' quantiles, cached per key) and the τ maximising
+``F(τ)·B − price·N·H(τ)`` under the **live memory price** (a different price for every call, as the engine's
+price moves). Measured in one run, per call with ``perf_counter_ns``, over the real commands of the traces:
 
 - ``ctk (new command)``: every command text seen for the first time (the parse cache cleared): the honest
   case, since tool-call texts rarely repeat exactly;
 - ``ctk (repeated command)``: the same commands again (parse cache warm);
-- ``lookup only``: the table read alone;
+- ``decide only``: the priced decision alone (keys given);
+- ``price update``: ``MemoryPrice.update(state)``, paid once per engine step, not per decision;
 - ``continuum``: the public baseline's decision, first word of the command + a running-mean dict read.
 
 Usage: ``python bench/ttl_decision.py [--traces ../shared/data/agent-traces] [--rounds 5]``
@@ -23,6 +26,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ctk.engine_patch.config import ServeConfig
+from ctk.engine_patch.detect import ToolCall
+from ctk.engine_patch.events import EngineState, PinCall
+from ctk.engine_patch.hints import RequestHints
+from ctk.engine_patch.policies import make_rule
+from ctk.engine_patch.price import MemoryPrice
 from ctk.predict import features
 from ctk.predict.cost import CostModel
 from ctk.predict.dataset import prepare_frame
@@ -59,33 +68,55 @@ def main() -> None:
     cmds = [c if isinstance(c, str) else "" for c in rows["command_or_args"].tolist()]
     rng = random.Random(0)
     ctxs = [rng.randint(500, 60000) for _ in cmds]
-    press = [rng.random() for _ in cmds]
+    prices = [rng.choice([0.0, 0.0, 1e-7, 1e-6, 1e-5, 1e-4]) * rng.random() for _ in cmds]
+    states = [
+        EngineState(
+            0.0,
+            rng.randint(0, 1000),
+            1000,
+            rng.randint(0, 8),
+            block_size=16,
+            waiting_demand_tokens=rng.randint(0, 40000),
+        )
+        for _ in cmds
+    ]
     means = {str(k): float(v) for k, v in frame.groupby("tool")["duration_s"].mean().items()}
+    rule = make_rule("ttl", ServeConfig(policy="ttl", ttl_model="x", online=False), tables)
+    hints = RequestHints(program_id="p")
+    tools = [ToolCall("bash", None, c) for c in cmds]
 
     perf = time.perf_counter_ns
-    lookup = tables.lookup
+    decide = rule.decide
     command_keys = features.command_keys
     results: dict[str, list[int]] = {
         "ctk (new command)": [],
         "ctk (repeated command)": [],
-        "lookup only": [],
+        "decide only": [],
+        "price update": [],
         "continuum": [],
     }
-    keys_cache = [command_keys(c) for c in cmds]
+    keys_cache = [tuple(command_keys(c)) for c in cmds]
+    state = states[0]
+    price = MemoryPrice()
+    rows = list(zip(cmds, tools, ctxs, prices, strict=True))
     for _ in range(args.rounds):
         features._parse_cached.cache_clear()
-        for c, x, p in zip(cmds, ctxs, press, strict=True):
+        for c, tool, x, p in rows:
             t0 = perf()
-            lookup(command_keys(c), x, p)
+            decide(PinCall("p", "r", tool, tuple(command_keys(c)), x, x // 16 + 1, 16, hints), state, p)
             results["ctk (new command)"].append(perf() - t0)
-        for c, x, p in zip(cmds, ctxs, press, strict=True):
+        for c, tool, x, p in rows:
             t0 = perf()
-            lookup(command_keys(c), x, p)
+            decide(PinCall("p", "r", tool, tuple(command_keys(c)), x, x // 16 + 1, 16, hints), state, p)
             results["ctk (repeated command)"].append(perf() - t0)
-        for k, x, p in zip(keys_cache, ctxs, press, strict=True):
+        for k, (_, tool, x, p) in zip(keys_cache, rows, strict=True):
             t0 = perf()
-            lookup(k, x, p)
-            results["lookup only"].append(perf() - t0)
+            decide(PinCall("p", "r", tool, k, x, x // 16 + 1, 16, hints), state, p)
+            results["decide only"].append(perf() - t0)
+        for st in states:
+            t0 = perf()
+            price.update(st)
+            results["price update"].append(perf() - t0)
         for c in cmds:
             t0 = perf()
             word = c.split(None, 1)[0] if c else ""

@@ -460,6 +460,8 @@ class FakeEngine:
         """Admit the first waiting request, opening the valve as the engine would; False: it must wait."""
         rid, need = self.waiting[0]
         while self.free < need:
+            if not self.core.valve_open(len(self.running)):
+                return False
             rel = self.core.release_for_pressure(now, admitting=rid, engine_busy=bool(self.running))
             if rel is None:
                 return False

@@ -286,8 +286,16 @@ def test_continuum_quirks_live_in_its_rule():
     c.arrived("r2", h("p"), now=5.0)  # the tool took 5 s
     assert c.step(state(10.0)) == []  # expiry suspended while the next request is in the engine
     assert c.admitted("r2", 4000, now=10.0) == []  # no release at admission
+    assert c.next_deadline() == 2.0  # once the next request runs, the expiry clock runs again ...
+    c.step(state(10.0))
+    assert c.stats.releases == {"expired": 1}  # ... (the public code checks expiry at every schedule())
+    c = make_core("continuum")
+    assert finish(c, "r1", h("p"), 0.0, text="```bash\npython x.py\n```")[0]
+    c.arrived("r2", h("p"), now=5.0)
+    c.admitted("r2", 4000, now=5.0)
     # no valve while something else runs, any pin when nothing does
-    assert c.release_for_pressure(now=10.0, admitting=None, engine_busy=True) is None
+    assert not c.valve_open(n_running=2) and c.valve_open(n_running=1)
+    assert make_core("ttl", priced_tables()).valve_open(n_running=5)
     pinned, rel = c.finished(Finished("r2", h("p"), "```bash\npython x.py\n```", 10, 20, 10, 5), state(11.0))
     assert [(r.request_id, r.reason) for r in rel] == [("r1", "hit")]  # released at the next finish
     assert not pinned  # the running mean (10 s) is above 2 s
@@ -320,3 +328,36 @@ def test_cdf_value_and_hazard():
     assert cdf.value(1.0, 100, 9.0, 10.5) > cdf.value(1.0, 100, 2.0, 10.5)  # nearer the return: worth more
     lin = CDF.linear(4.0, 1.0)  # uniform on [0, 4]: hazard 1 / (4 - t)
     assert lin.hazard(2.0) == pytest.approx(0.5) and lin.hazard(5.0) == 0.0
+
+
+def test_a_returning_programs_pinned_prefix_is_not_counted_as_blocked_demand():
+    c = make_core("oracle")
+    finish(c, "a", h("p", tool_duration_s=1.0), now=0.0, blocks=250)  # 4000 tokens held
+    c.arrived("a2", h("p"), now=1.0)  # waits; its prompt (4100 tokens) is mostly the pinned prefix
+    st = state(1.0, free=10, num_waiting=1, waiting_demand_tokens=4100)
+    assert c.price.target(st) > 0  # what the engine reports would look blocked ...
+    c.step(st)
+    assert c.price.value == 0.0  # ... but 100 new tokens fit in the 160 free ones
+    assert "a" in c.pins
+
+
+def test_without_program_ordering_an_admission_may_take_any_pin():
+    c = make_core("oracle", program_fcfs=False)
+    finish(c, "old", h("p0", tool_duration_s=30.0), now=0.0)
+    c.arrived("new", h("p1"), now=1.0)
+    rel = c.release_for_pressure(now=1.0, admitting="new", engine_busy=True)
+    assert rel is not None and rel.request_id == "old"
+    c = make_core("oracle", age_min_s=10.0)  # with program FCFS the younger program waits instead
+    finish(c, "old", h("p0", tool_duration_s=30.0), now=0.0)
+    c.arrived("new", h("p1"), now=1.0)
+    assert c.release_for_pressure(now=1.0, admitting="new", engine_busy=True) is None
+
+
+def test_a_finish_prices_with_the_state_it_is_given_not_a_stale_price():
+    c = make_core("oracle")
+    finish(c, "a", h("p0", tool_duration_s=100.0), now=0.0)
+    c.step(state(0.1, free=0, num_waiting=4, waiting_demand_tokens=8000))  # shortage: 'a' is dropped
+    assert c.price.value > 0 and not c.pins
+    # no pin left, so the driver stops stepping the core; the queue drains meanwhile
+    assert finish(c, "b", h("p1", tool_duration_s=100.0), now=5.0, st=state(5.0))[0]
+    assert c.price.value == 0.0

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from ctk.engine_patch.config import ServeConfig
@@ -72,6 +72,7 @@ class Pending:
     program_id: str | None
     arrival: float
     hints: RequestHints
+    admitted: bool = False
 
 
 class PolicyCore:
@@ -146,8 +147,12 @@ class PolicyCore:
         return self._release(pin, ReleaseReason.HIT)
 
     def _held_for_next(self, pin: Pin) -> bool:
-        """The program's next request is in the engine: the pin no longer expires (its hit is near)."""
-        return pin.next_request_id is not None and pin.next_request_id in self.requests
+        """The program's next request waits for admission: the pin does not expire meanwhile (its hit is
+        near). Once admitted, ctk rules have released the pin; Continuum's expiry clock runs again."""
+        if pin.next_request_id is None:
+            return False
+        pend = self.requests.get(pin.next_request_id)
+        return pend is not None and not pend.admitted
 
     # -- events ------------------------------------------------------------------------------------------
 
@@ -193,8 +198,9 @@ class PolicyCore:
     def admitted(self, request_id: str, cached_tokens: int, now: float) -> list[Release]:
         """The request was scheduled for the first time with ``cached_tokens`` prefix-cache hits."""
         pend = self.requests.get(request_id)
-        if pend is None:
+        if pend is None or pend.admitted:
             return []
+        pend.admitted = True
         self.order.record_wait(now - pend.arrival)
         # Leaving the queue keeps the order of the others; only a moved age bound makes it stale.
         self._order_len -= 1
@@ -261,6 +267,7 @@ class PolicyCore:
             self.block_size,
             hints,
         )
+        releases += self._reprice(state)  # the driver may not have stepped the core while no pin was held
         d = self.rule.decide(call, state, self.price.value)
         if d.ttl_s <= 0:
             self.stats.pins_declined += 1
@@ -340,20 +347,31 @@ class PolicyCore:
         """Once per engine step: expiry, the price update, and re-judgement of held pins (price moved)."""
         if not self.rule.pins:
             return []
-        now = state.now
-        moved = self.price.update(state)
+        out = self.expire(state.now)
+        return out + self._reprice(state)
+
+    def _reprice(self, state: EngineState) -> list[Release]:
+        """Update the price; when it moved, re-judge every held pin (those whose program is back excepted)."""
+        moved = self.price.update(self._priced_state(state))
         self.stats.price = self.price.value
-        if not self.pins:
+        if not moved or not self.pins:
             return []
-        out = self.expire(now)
-        if moved and self.pins:
-            price, rule = self.price.value, self.rule
-            self.stats.rejudged += len(self.pins)
-            drop = [
-                p for p in self.pins.values() if not self._held_for_next(p) and not rule.keep(p, state, price)
-            ]
-            out += [self._release(p, ReleaseReason.PRICE) for p in drop]
-        return out
+        price, rule = self.price.value, self.rule
+        self.stats.rejudged += len(self.pins)
+        drop = [
+            p for p in self.pins.values() if not self._held_for_next(p) and not rule.keep(p, state, price)
+        ]
+        return [self._release(p, ReleaseReason.PRICE) for p in drop]
+
+    def _priced_state(self, state: EngineState) -> EngineState:
+        """The state the price sees: a waiting request whose program holds a pin will hit it, so the pinned
+        tokens are not demand it adds (the engine counts its whole prompt as uncomputed until admission)."""
+        if not self.pins or state.num_waiting <= 0:
+            return state
+        covered = sum(p.held_tokens for p in self.pins.values() if self._held_for_next(p))
+        if covered <= 0:
+            return state
+        return replace(state, waiting_demand_tokens=max(0, state.waiting_demand_tokens - covered))
 
     def expire(self, now: float) -> list[Release]:
         """Release pins whose TTL ran out (not those whose program's next request is in the engine)."""
@@ -367,24 +385,26 @@ class PolicyCore:
         times = [p.expires for p in self.pins.values() if not self._held_for_next(p)]
         return min(times) if times else None
 
+    def valve_open(self, n_running: int) -> bool:
+        """May the valve release pins now? Always, except for a last-resort valve (Continuum's public code
+        has none): only when at most one request runs, i.e. nothing else will give memory back."""
+        return not self.rule.valve_last_resort or n_running <= 1
+
     def release_for_pressure(
         self, now: float, admitting: str | None = None, engine_busy: bool = False
     ) -> Release | None:
         """The valve: release the pin of lowest value per token-second still to hold; None when none may go.
 
         ``admitting``: the waiting request being admitted (None: a running request would be preempted).
-        ``engine_busy``: some running request will free memory without the valve. A rule whose valve is the
-        last resort (Continuum) gives nothing while the engine is busy. For an admission, program FCFS
-        decides: it may take only the pins of programs younger than its own, unless it is overdue (past the
-        age bound) or nothing runs. With nothing running every pin may go, so pins never deadlock the engine.
+        ``engine_busy``: something runs (it will give memory back without the valve); ask :meth:`valve_open`
+        first. For an admission under program ordering, program FCFS decides: it may take only the pins of
+        programs younger than its own, unless it is overdue (past the age bound) or nothing runs. With
+        nothing running every pin may go, so pins never deadlock the engine.
         """
         if not self.pins:
             return None
-        if self.rule.valve_last_resort and engine_busy:
-            self.stats.valve_deferred += 1
-            return None
         candidates: Sequence[Pin] = list(self.pins.values())
-        if admitting is not None and engine_busy:
+        if admitting is not None and engine_busy and self.reorders:
             pend = self.requests.get(admitting)
             overdue = pend is not None and now - pend.arrival >= self.order.age_bound_s
             if not overdue:

@@ -357,6 +357,8 @@ class OracleRule:
         t = call.hints.tool_duration_s
         if t is None:
             return NO_PIN
+        if len(self._true) >= 100_000:  # programs that never came back: forget them
+            self._true.clear()
         self._true[call.program_id] = t
         start = t + self.overhead_s
         cdf = CDF.window(start, start + self.slack_s)

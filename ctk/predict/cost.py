@@ -69,6 +69,9 @@ class CostModel:
         self.pressure_levels = tuple(float(p) for p in self.pressure_levels)
         self.block_second_price = tuple(float(p) for p in self.block_second_price)
         self.validate()
+        # per-segment slopes of the prefill profile (the benefit is computed at every pin decision)
+        xs, ys = self.prefill_tokens, self.prefill_s
+        self._slopes = [(ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1]) for i in range(1, len(xs))] or [0.0]
 
     def validate(self) -> None:
         if not self.prefill_tokens or len(self.prefill_tokens) != len(self.prefill_s):
@@ -89,7 +92,13 @@ class CostModel:
             raise ValueError("block-second prices must be finite and >= 0")
 
     def prefill_time_s(self, context_tokens: int | None) -> float:
-        return max(0.0, _interp(float(context_tokens or 0), self.prefill_tokens, self.prefill_s))
+        """Prefill seconds of a context, piecewise linear in the profile, extrapolated past its last point."""
+        xs = self.prefill_tokens
+        x = context_tokens or 0
+        if x <= xs[0] or len(xs) == 1:
+            return max(0.0, self.prefill_s[0])
+        i = min(bisect.bisect_right(xs, x), len(xs) - 1)
+        return max(0.0, self.prefill_s[i - 1] + self._slopes[i - 1] * (x - xs[i - 1]))
 
     def blocks(self, context_tokens: int | None) -> int:
         return max(1, -(-int(context_tokens or 0) // self.block_size_tokens))
@@ -148,7 +157,7 @@ class CDF:
     Between two knots F is linear, the gain is convex in τ, so its maximum is at a knot or at the horizon.
     """
 
-    __slots__ = ("ts", "fs", "hs")
+    __slots__ = ("ts", "fs", "hs", "_hull", "_neg_slopes")
 
     def __init__(self, ts: Sequence[float], fs: Sequence[float]):
         self.ts = [float(t) for t in ts]
@@ -159,6 +168,30 @@ class CDF:
         for i in range(1, len(self.ts)):
             hs.append(hs[-1] + (self.ts[i] - self.ts[i - 1]) * (1.0 - 0.5 * (self.fs[i] + self.fs[i - 1])))
         self.hs = hs
+        self._build_hull()
+
+    def _build_hull(self) -> None:
+        """Upper concave hull of the knots in the (H, F) plane: the decision at finish, ``argmax F·B − c·H``
+        over the knots, is the hull vertex where the hull's slope falls to ``c / B`` (one bisect)."""
+        hull: list[int] = [0]
+        for i in range(1, len(self.ts)):
+            h, f = self.hs[i], self.fs[i]
+            if f <= self.fs[hull[-1]]:
+                continue  # no more probability for more holding: never optimal
+            while len(hull) >= 2:
+                a, b = hull[-2], hull[-1]
+                # drop b when it lies on or below the chord a -> i
+                if (self.fs[b] - self.fs[a]) * (h - self.hs[a]) <= (f - self.fs[a]) * (self.hs[b] - self.hs[a]):
+                    hull.pop()
+                else:
+                    break
+            hull.append(i)
+        neg = []
+        for a, b in zip(hull, hull[1:], strict=False):
+            dh = self.hs[b] - self.hs[a]
+            neg.append(-(self.fs[b] - self.fs[a]) / dh if dh > 0 else -math.inf)
+        self._hull = hull
+        self._neg_slopes = neg
 
     @classmethod
     def from_quantiles(cls, levels: Sequence[float], quantiles_s: Sequence[float]) -> CDF:
@@ -212,6 +245,8 @@ class CDF:
     ) -> tuple[float, float, float]:
         """``(ttl_s, F(ttl_s), gain)`` maximising the gain over ``after < τ ≤ until``; ``(0, 0, 0)`` when no
         τ gains (do not pin / release now). With ``after = 0`` this is the decision at finish."""
+        if after <= 0.0 and until >= self.ts[-1]:
+            return self._best_at_finish(benefit_s, cost_per_s)
         f_a, h_a = self.at(after) if after > 0.0 else (0.0, 0.0)
         best_g, best_t, best_f = 0.0, 0.0, 0.0
         ts, fs, hs = self.ts, self.fs, self.hs
@@ -230,6 +265,15 @@ class CDF:
             if g > best_g + 1e-12:
                 best_g, best_t, best_f = g, until, f_u
         return best_t, best_f, best_g
+
+    def _best_at_finish(self, benefit_s: float, cost_per_s: float) -> tuple[float, float, float]:
+        if benefit_s <= 0.0:
+            return 0.0, 0.0, 0.0
+        k = bisect.bisect_left(self._neg_slopes, -cost_per_s / benefit_s)  # hull slopes above c / B
+        i = self._hull[k]
+        if i == 0:
+            return 0.0, 0.0, 0.0
+        return self.ts[i], self.fs[i], self.fs[i] * benefit_s - cost_per_s * self.hs[i]
 
     def value(self, benefit_s: float, tokens: int, elapsed_s: float, horizon_s: float) -> float:
         """Expected benefit per token-second still to hold, for a pin held ``elapsed_s`` of ``horizon_s``:
