@@ -162,3 +162,12 @@ def test_cli_sweep_writes_the_issue_schema(tmp_path, monkeypatch):
     assert "rate 0.5 programs/s" in format_tables(sweep)
     path = plot_jct_vs_rate(sweep, tmp_path)
     assert path is not None and path.stat().st_size > 1000
+    # ctk report shows it
+    from ctk.measure.report import build_report, is_valid_png, load_inputs, referenced_images
+
+    sweep.save(tmp_path / "sim.json")
+    page = build_report(load_inputs(None, [tmp_path / "sim.json"]), tmp_path / "report")
+    text = page.read_text()
+    assert "Simulated: cpu--tiny" in text and "0.5 programs/s" in text
+    images = referenced_images(page)
+    assert any("simulate" in p.name for p in images) and all(is_valid_png(p) for p in images)

@@ -172,36 +172,37 @@ def format_tables(sweep: Sweep) -> str:
 
 
 def plot_jct_vs_rate(sweep: Sweep, out_dir: Path) -> Path | None:
-    """Mean JCT vs arrival rate per policy (Continuum's lead figure); None without two rates."""
-    rates = sorted(r for r in sweep.rates if r is not None)
-    if len(rates) < 2:
+    """Mean JCT and p99 TTFT vs arrival rate per policy (Continuum's lead figure); None without two rates."""
+    return plot_rates(sweep.to_json(), out_dir)
+
+
+def plot_rates(data: dict[str, Any], out_dir: Path, name: str = "simulate-jct-vs-rate.png") -> Path | None:
+    """The figure from a ``ctk simulate --json`` file's content; None when it has fewer than two rates."""
+    per_rate = {float(r): v for r, v in data.get("rates", {}).items() if r != "closed"}
+    if len(per_rate) < 2:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figs = sweep.figures()
+    rates = sorted(per_rate)
+    policies = list(dict.fromkeys(p for r in rates for p in per_rate[r]))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for policy in sweep.policies:
-        xs, jct, p99 = [], [], []
-        for r in rates:
-            s = figs.get(rate_key(r), {}).get(policy)
-            if s and s.get("mean_jct_s") is not None:
-                xs.append(r)
-                jct.append(s["mean_jct_s"])
-                p99.append(s.get("p99_ttft_s"))
-        ax1.plot(xs, jct, marker="o", label=policy)
-        ax2.plot(xs, p99, marker="o", label=policy)
+    for policy in policies:
+        pts = [(r, per_rate[r].get(policy) or {}) for r in rates]
+        pts = [(r, s) for r, s in pts if s.get("mean_jct_s") is not None]
+        ax1.plot([r for r, _ in pts], [s["mean_jct_s"] for _, s in pts], marker="o", label=policy)
+        ax2.plot([r for r, _ in pts], [s.get("p99_ttft_s") for _, s in pts], marker="o", label=policy)
     ax1.set(xlabel="program arrival rate (programs/s)", ylabel="mean JCT (s)", title="job completion time")
     ax2.set(xlabel="program arrival rate (programs/s)", ylabel="p99 TTFT (s)", title="time to first token")
     ax1.legend()
-    fig.suptitle(
-        f"ctk simulate: {sweep.config.get('profile', '')}, {sweep.config.get('replicas', 1)} replica(s)"
-    )
+    cfg = data.get("config", {})
+    where = f"{cfg.get('profile', '')}, {cfg.get('replicas', 1)} replica(s), {cfg.get('routing', '')}"
+    fig.suptitle(f"ctk simulate: {where}")
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "simulate-jct-vs-rate.png"
+    path = out_dir / name
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
