@@ -33,7 +33,9 @@ def simulate(
     policies: str = typer.Option("vllm,continuum,progress-ttl,ttl,oracle", help="comma-separated policies"),
     rates: str | None = typer.Option("0.5,1,2,4", help="Poisson program arrival rates (programs/s)"),
     concurrency: int | None = typer.Option(None, help="closed loop: programs in flight (instead of --rates)"),
-    programs: int = typer.Option(200, "-n", "--programs", help="programs to simulate (0: all)"),
+    programs: int = typer.Option(
+        0, "-n", "--programs", help="programs to simulate (0: every distinct one; more: repeated)"
+    ),
     source: list[str] | None = typer.Option(None, "--source", help="only programs of this source"),
     max_turns: int = typer.Option(30, help="turns per program at most"),
     max_context: int | None = typer.Option(None, help="context tokens per program at most"),
@@ -59,7 +61,7 @@ def simulate(
     from ctk.simulate.profiles import ProfileError, load_profile
     from ctk.simulate.run import SimConfig
     from ctk.simulate.sweep import format_tables, gpu_workload, plot_jct_vs_rate, run_sweep
-    from ctk.simulate.workload import Arrivals
+    from ctk.simulate.workload import Arrivals, repeat_programs
     from ctk.store import StoreError, TraceStore
 
     pols = [p.strip() for p in policies.split(",") if p.strip()]
@@ -83,19 +85,28 @@ def simulate(
         from ctk.measure.presets import bench_config
 
         wl = bench_config(seed=seed).workload
-        wl.n_programs, wl.max_turns = programs or None, max_turns
+        wl.n_programs, wl.max_turns = None, max_turns
         wl.sources = source or wl.sources
         if max_context:
             wl.max_context_tokens = max_context
         if token_scale is not None:
             wl.token_scale = token_scale
     else:
-        wl = gpu_workload(programs or None, seed, **overrides)
+        wl = gpu_workload(None, seed, **overrides)
+    train_here = "ttl" in pols and ttl_model is None
     try:
         with TraceStore(db, read_only=True) as store:
-            progs = load_programs(store, wl)
+            distinct = load_programs(store, wl)
     except (WorkloadError, StoreError) as exc:
         raise _fail(str(exc)) from None
+    if train_here:  # the ttl policy trains on the programs that are not simulated
+        if len(distinct) < 4:
+            raise _fail(
+                f"{db}: {len(distinct)} programs, too few to train a TTL model on others (--ttl-model)"
+            )
+        distinct = distinct[: len(distinct) // 2]
+    n = programs or len(distinct)
+    progs = repeat_programs(distinct, n) if n > len(distinct) else distinct[:n]
     arrivals = Arrivals(
         rate=None,
         concurrency=concurrency,
@@ -114,7 +125,8 @@ def simulate(
         except Exception as exc:  # training or loading failed: the message says why
             raise _fail(f"TTL model: {exc}") from None
     typer.echo(
-        f"{len(progs)} programs ({sum(len(p.turns) for p in progs)} turns) on {replicas} x {prof.name} "
+        f"{len(progs)} programs ({len(set(map(id, progs)))} distinct, {sum(len(p.turns) for p in progs)} "
+        f"turns) on {replicas} x {prof.name} "
         f"({prof.kv_tokens:,} KV tokens each), routing {routing}; policies {', '.join(pols)}"
     )
     total = len(progs) * len(pols) * len(rate_list)

@@ -102,5 +102,11 @@ class Client:
         return t.tool_duration_s * arrivals.time_scale
 
 
+def repeat_programs(specs: list[ProgramSpec], n: int) -> list[ProgramSpec]:
+    """``n`` programs: ``specs`` in order, cycled when ``n`` exceeds them (each copy runs as its own program,
+    with its own identity and cache; the trace store rarely holds the thousands a GPU fleet serves)."""
+    return [specs[i % len(specs)] for i in range(n)] if specs else []
+
+
 def make_clients(programs: list[ProgramSpec], label: str = "sim") -> list[Client]:
     return [Client(i, p, f"{label}-{i:05d}") for i, p in enumerate(programs)]
