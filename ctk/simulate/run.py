@@ -26,18 +26,6 @@ from ctk.simulate.fleet import make_router
 from ctk.simulate.profiles import HardwareProfile
 from ctk.simulate.workload import Arrivals, Client, make_clients
 
-#: The figures of one simulated run (the JSON schema of ``ctk simulate --json``).
-FIGURES = (
-    "mean_jct_s",
-    "p50_jct_s",
-    "p99_jct_s",
-    "p99_ttft_s",
-    "hit_rate",
-    "preemptions",
-    "pins",
-    "kv_usage_mean",
-)
-
 
 @dataclass
 class SimConfig:
