@@ -1,6 +1,8 @@
-"""How the bundled GPU profiles were made: Vidur's measured operator times + a roofline for the rest.
+"""How the bundled profiles were made. GPU: Vidur's measured operator times + a roofline for the rest.
+CPU: one short run of the real engine on this machine.
 
-    python -m ctk.simulate.derive /path/to/vidur/git-dir   # rewrites ctk/simulate/profiles/h100--*.json
+    python -m ctk.simulate.derive gpu /path/to/vidur/git-dir  # rewrites ctk/simulate/profiles/h100*.json
+    python -m ctk.simulate.derive cpu [work-dir]              # measures ctk serve, rewrites cpu--tiny.json
 
 Vidur (github.com/microsoft/vidur, ``data/profiling/compute/<gpu>/<model>/mlp.csv``) measured the
 per-layer non-attention operators (QKV / output projections, MLP, norms, rope, residual adds) of
@@ -152,18 +154,77 @@ def gpu_profile(vidur_git: Path, model: str, tp: int, commit: str) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    vidur_git = Path(argv[0])
+def write_gpu_profiles(vidur_git: Path) -> None:
     commit = subprocess.run(
         ["git", "--git-dir", str(vidur_git), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
     ).stdout.strip()
-    out = Path(__file__).parent / "profiles"
-    out.mkdir(exist_ok=True)
     for model, tp in (("llama-3.1-8b", 1), ("llama-3.1-70b", 4)):
         prof = gpu_profile(vidur_git, model, tp, commit)
-        (out / f"{prof['name']}.json").write_text(json.dumps(prof, indent=1) + "\n")
-        print(out / f"{prof['name']}.json", prof["kv_blocks"], "blocks")
+        path = PROFILES / f"{prof['name']}.json"
+        path.write_text(json.dumps(prof, indent=1) + "\n")
+        print(path, prof["kv_blocks"], "blocks")
+
+
+def measure_cpu(work_dir: Path) -> dict:
+    """Start ``ctk serve`` (policy vllm) on the tiny model with the benchmark's server flags, measure prefill
+    (``ctk profile``) and decode steps, stop it; the raw measurement."""
+    import time
+
+    from ctk.engine_patch.server import free_port, launch_server, stop_server, wait_ready
+    from ctk.engine_patch.tiny_model import build_tiny_model
+    from ctk.measure import server_metrics
+    from ctk.measure.compare import warm_up
+    from ctk.measure.presets import bench_config
+    from ctk.predict.profile import fit_decode, measure_decode, measure_prefill
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    model = work_dir / "tiny-model"
+    if not (model / "config.json").exists():
+        build_tiny_model(model)
+    cfg = bench_config()
+    max_len = cfg.workload.max_context_tokens
+    args = cfg.server.args(max_len)
+    port = free_port()
+    proc = launch_server(model, port, "vllm", extra_args=tuple(args), log_path=work_dir / "server.log")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, cfg.server.startup_timeout_s, proc)
+        warm_up(base)
+        info = server_metrics.info_labels(base)
+        longest = int(max_len / 3.1)  # ctk profile lengths are words of ~2.9 tokens
+        lengths = sorted({min(n, longest) for n in (16, 128, 512, longest // 2, longest)})
+        pre = measure_prefill(base, lengths=lengths, repeats=3)
+        dec = measure_decode(base, batch_sizes=(1, 4, 8), contexts=(128, 2048), repeats=2)
+    finally:
+        stop_server(proc)
+    return {
+        "prefill": pre,
+        "decode": dec,
+        "fit": fit_decode(dec["points"]),
+        "info": info,
+        "server_args": args,
+        "measured_unix_s": time.time(),
+    }
+
+
+PROFILES = Path(__file__).parent / "profiles"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("gpu", "cpu") or (argv[0] == "gpu" and len(argv) < 2):
+        print(__doc__)
+        return 2
+    if argv[0] == "gpu":
+        write_gpu_profiles(Path(argv[1]))
+        return 0
+    work = Path(argv[1]) if len(argv) > 1 else Path("out/simulate-cpu-profile")
+    measure = measure_cpu(work)
+    (work / "cpu_measure.json").write_text(json.dumps(measure, indent=1))
+    prof = cpu_profile(measure)
+    path = PROFILES / "cpu--tiny.json"
+    path.write_text(json.dumps(prof, indent=1) + "\n")
+    print(path, f"step overhead {prof['step_overhead_s'] * 1e3:.1f} ms, {prof['kv_blocks']} blocks")
     return 0
 
 

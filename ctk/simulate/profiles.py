@@ -117,6 +117,31 @@ class HardwareProfile:
         kw.update(overrides)
         return CostModel(**kw)
 
+    def scaled(self, factor: float, why: str = "") -> HardwareProfile:
+        """The same engine ``factor`` times slower (every step-time coefficient; the round trip unchanged):
+        a measured profile recalibrated to the speed the machine runs at now."""
+        d = self.to_dict()
+        for k in ("step_overhead_s", "attn_prefill_s", "attn_decode_s", "decode_seq_s"):
+            d[k] *= factor
+        d["linear_s"] = [x * factor for x in d["linear_s"]]
+        d["name"] = f"{self.name}x{factor:.2f}"
+        note = f"every step time x {factor:.3f}" + (f" ({why})" if why else "")
+        d["sources"] = {**self.sources, "scaled": note}
+        return HardwareProfile.from_dict(d)
+
+    def speed_factor(self, measured: dict) -> float:
+        """Median ratio of a ``ctk profile`` measurement's prefill times to this profile's at the same
+        lengths (> 1: the engine now runs slower than when this profile was made)."""
+        ratios = [
+            s / self.prefill_time_s(n)
+            for n, s in zip(measured["prefill_tokens"], measured["prefill_s"], strict=True)
+            if n > 0 and s > 0
+        ]
+        if not ratios:
+            raise ProfileError("the measured prefill profile has no positive point")
+        ratios.sort()
+        return ratios[len(ratios) // 2]
+
     def to_dict(self) -> dict:
         return asdict(self)
 
