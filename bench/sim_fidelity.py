@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--real", type=Path, action="append", help="compare-results.json of real runs to reuse")
     p.add_argument("--profile", type=Path, help="simulator profile JSON (default: the bundled cpu--tiny)")
+    p.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="use the profile as is (default: scale its step times to the prefill speed ctk profile measured "
+        "in this run, after the first replay: a shared machine runs slower than when the profile was made)",
+    )
     return p.parse_args(argv)
 
 
@@ -109,12 +115,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- the real engine ---------------------------------------------------------------------------
     real_runs: list[dict[str, dict]] = []
+    measured: list[Path] = []  # ctk profile of the real engine, measured in each real run
     ttl_model = None
     if args.real:
         for path in args.real:
             d = json.loads(path.read_text())
             real_runs.append(d["policies"])
             ttl_model = ttl_model or d.get("config", {}).get("ttl_model")
+            measured.append(path.parent / "prefill_profile.json")
     else:
         model_dir = out_dir / "tiny-model"
         if not (model_dir / "config.json").exists():
@@ -132,10 +140,18 @@ def main(argv: list[str] | None = None) -> int:
             )
             real_runs.append(comp.figures())
             ttl_model = ttl_model or comp.config.get("ttl_model")
+            measured.append(out_dir / f"round-{k}" / "prefill_profile.json")
     real = median_figures(real_runs)
 
     # -- the simulator -----------------------------------------------------------------------------
     prof = load_profile("cpu", "tiny", args.profile)
+    factor = 1.0
+    if not args.no_calibrate:
+        factors = [prof.speed_factor(json.loads(m.read_text())) for m in measured if m.exists()]
+        if factors:
+            factor = statistics.median(factors)
+            prof = prof.scaled(factor, "the real engine's prefill speed measured in this run")
+    print(f"simulator profile {prof.name} (step times x {factor:.2f} of the bundled measurement)")
     with TraceStore(db, read_only=True) as store:
         programs = load_programs(store, cfg.workload)
     tables = None
@@ -208,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "replay": dataclasses.asdict(cfg.replay),
         "server": dataclasses.asdict(cfg.server),
         "profile": prof.name,
+        "speed_factor": factor,
         "ttl_model": str(ttl_model) if ttl_model else None,
         "wall_s": time.monotonic() - t0,
     }
