@@ -141,6 +141,7 @@ def simulate(
             tables=tables,
             ttl_model=str(ttl_path) if ttl_path else None,
             progress=bar.advance if bar else None,
+            log=None if bar else typer.echo,
         )
     finally:
         if bar:
