@@ -33,10 +33,10 @@ def test_grows_with_blocked_demand():
         p.update(st(free_blocks=0, waiting=n, demand=500 * n))
         by_queue.append(p.value)
     assert all(a < b for a, b in zip(by_queue, by_queue[1:], strict=False))
-    # the formula: b = n·min(1, S/D) blocked requests, price = b·n/K (JCT-s per token-s), K = 1600 tokens
+    # the formula: b = n·min(1, S/D) blocked requests, price = b/K (JCT-s per token-s), K = 1600 tokens
     p = MemoryPrice()
     p.update(st(free_blocks=10, waiting=2, demand=400))  # S = 400 - 160 = 240
-    assert p.value == pytest.approx(2 * (240 / 400) * 2 / 1600)
+    assert p.value == pytest.approx(2 * (240 / 400) / 1600)
 
 
 def test_block_size_does_not_change_the_price():

@@ -11,7 +11,7 @@ import pytest
 
 from ctk.engine_patch.config import ConfigError, ServeConfig
 from ctk.engine_patch.detect import ToolCall
-from ctk.engine_patch.events import EngineState, Finished, PinCall, ReleaseReason
+from ctk.engine_patch.events import EngineState, Finished, PinCall, ReleaseReason, ToolObservation
 from ctk.engine_patch.hints import parse_hints
 from ctk.engine_patch.policies import POLICY_NAMES, Policy, make_rule
 from ctk.engine_patch.policy import PolicyCore
@@ -241,8 +241,11 @@ def test_fixed_ttl_tables_of_the_engine_tests_keep_their_meaning(tmp_path):
 
     tables = load_ttl_tables(write_test_model(tmp_path / "m.pkl"))
     assert tables.fixed_ttl
-    rule = make_rule("ttl", ServeConfig(policy="ttl", ttl_model="x"), tables)
-    for price in (0.0, 1e-6):
+    rule = make_rule("ttl", ServeConfig(policy="ttl", ttl_model="x", online_min_samples=1), tables)
+    for i in range(20):  # online observations rewrite the table's rows and quantiles of 'sleep' ...
+        rule.observe(ToolObservation("p", i, None, ["sleep", "*"], 50.0, 0.0, 100, 10), now=float(i))
+    assert tables.quantiles_s["sleep"][0] > 1.0
+    for price in (0.0, 1e-6):  # ... but the hand-set TTLs still decide
         assert rule.decide(call(["ls", "*"]), state(), price).ttl_s == TEST_TTLS["ls"] == 30.0
         assert rule.decide(call(["sleep", "*"]), state(), price).ttl_s == TEST_TTLS["sleep"] == 1.0
         assert rule.decide(call(["make", "*"]), state(), price).ttl_s == 0.0
@@ -271,8 +274,8 @@ def test_oracle_keeps_a_pin_while_its_benefit_exceeds_the_price_of_the_rest_of_t
     finish(c, "far", h("p1", tool_duration_s=100.0), now=0.0)
     # 2.5e-6 JCT-s per token-s: holding 4000 tokens costs 0.01 s per s -> 'near' (0.9 s left) stays,
     # 'far' (99.9 s left, 1 s of cost for 0.4 s of benefit) goes
-    price_state = state(0.1, free=0, total=100_000, num_waiting=2, waiting_demand_tokens=1000)
-    assert c.price.target(price_state) == pytest.approx(2 * 2 / 1.6e6)  # b = n = 2, K = 1.6M tokens
+    price_state = state(0.1, free=0, total=50_000, num_waiting=2, waiting_demand_tokens=1000)
+    assert c.price.target(price_state) == pytest.approx(2 / 8e5)  # b = n = 2, K = 800k tokens
     out = c.step(price_state)
     assert [r.request_id for r in out] == ["far"] and "near" in c.pins
 
@@ -312,14 +315,15 @@ def test_age_bound_follows_the_measured_wait_without_a_floor():
     c.arrived("y", h("young"), now=1.0)
     c.arrived("o2", h("old"), now=1.5)
     assert c.order_waiting(["y", "o2"], now=1.6) == [0, 1]  # both overdue at once: arrival order
-    for i in range(20):  # FCFS waits of 0.5 s measured
+    for i in range(20):  # FCFS waits of 1 s measured
         c.arrived(f"w{i}", h(f"w{i}"), now=10.0 + i)
-        c.admitted(f"w{i}", 0, now=10.5 + i)
-    assert c.order.age_bound_s == pytest.approx(1.0, rel=0.05)  # 2 x the mean wait
+        c.admitted(f"w{i}", 0, now=11.0 + i)
+    assert c.order.age_bound_s == pytest.approx(1.0, rel=0.05)  # the mean wait (age_factor 1)
     c.arrived("y3", h("young3"), now=40.0)
     c.arrived("o3", h("old"), now=40.2)
     assert c.order_waiting(["y3", "o3"], now=40.5) == [1, 0]  # an older program may overtake ...
     assert c.order_waiting(["y3", "o3"], now=41.1) == [0, 1]  # ... for at most the bound
+    assert make_core("ttl", priced_tables(), age_factor=2.0).order.age_factor == 2.0
 
 
 def test_cdf_value_and_hazard():
@@ -361,3 +365,17 @@ def test_a_finish_prices_with_the_state_it_is_given_not_a_stale_price():
     # no pin left, so the driver stops stepping the core; the queue drains meanwhile
     assert finish(c, "b", h("p1", tool_duration_s=100.0), now=5.0, st=state(5.0))[0]
     assert c.price.value == 0.0
+
+
+def test_decision_at_finish_by_hull_equals_the_knot_search():
+    import random
+
+    rng = random.Random(3)
+    for _ in range(3000):
+        n = rng.randint(1, 8)
+        levels = sorted(rng.sample([0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99], n))
+        q = sorted(rng.choice([0.01, 0.1, 1.0, 5.0, 100.0]) * rng.random() for _ in range(n))
+        cdf = CDF.from_quantiles(levels, q)
+        b, c = rng.choice([0.1, 1.0, 5.0]), rng.choice([0.0, 1e-3, 0.1, 1.0, 10.0]) * rng.random()
+        best = max([0.0] + [cdf.fs[i] * b - c * cdf.hs[i] for i in range(1, len(cdf.ts))])
+        assert cdf.best_ttl(b, c)[2] == pytest.approx(best, abs=1e-9)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from ctk.engine_patch.policies import POLICY_NAMES
+
 
 def tiny_model(
     path: Path = typer.Argument(..., help="output folder (created)"),
@@ -44,7 +46,7 @@ def tiny_model(
 def serve(
     ctx: typer.Context,
     ttl_model: Path | None = typer.Option(None, "--ttl-model", help="model.pkl with TTL tables (ctk train)"),
-    policy: str = typer.Option("ttl", help="vllm | continuum | ttl | oracle"),
+    policy: str = typer.Option("ttl", help=" | ".join(POLICY_NAMES)),
     record: Path | None = typer.Option(None, help="record observed tool durations into this trace store"),
     max_pin_share: float = typer.Option(0.5, help="pinned KV blocks never exceed this share of the cache"),
     age_factor: float = typer.Option(4.0, help="age bound: overtaking allowed up to this x recent FCFS wait"),

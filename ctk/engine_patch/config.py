@@ -31,7 +31,7 @@ class ServeConfig:
     ttl_model: str | None = None  # model.pkl with TTL tables (required by ``ttl``; optional elsewhere)
     record: str | None = None  # DuckDB trace store to record observed tool durations into
     max_pin_share: float = 0.5  # pinned blocks never exceed this share of the KV cache
-    age_factor: float = 2.0  # a waiting request is overdue after age_factor x (measured FCFS wait) ...
+    age_factor: float = 1.0  # a waiting request is overdue after age_factor x (measured FCFS wait) ...
     age_min_s: float = 0.0  # ... but never before this many seconds (0: no floor above stock FCFS)
     program_fcfs: bool | None = None  # program-first waiting order (None: the policy's own)
     detectors: tuple[str, ...] = DETECTORS  # tool-call detectors applied to the output text

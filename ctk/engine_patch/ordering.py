@@ -13,7 +13,9 @@ work-conserving queue does not depend on the order it serves in (the conservatio
 under program FCFS estimate the FCFS wait. A request may be overtaken by younger programs for at most
 ``age_factor`` times that, and there is no constant floor (``age_min_s`` 0 by default): when nothing queues
 the bound is ~0 and the order is plain FCFS, so program ordering cannot add a TTFT floor above stock vLLM.
-Continuum's strict program FCFS is ``age_factor = inf``.
+Continuum's strict program FCFS is ``age_factor = inf``. The default factor 1 keeps the p99 TTFT at stock's in
+the simulator (H100 8B, 32 programs in flight: 2.0 s vs 2.1 s; factor 2: 4.0 s, factor 4: 5.7 s, for 1–2% more
+mean-JCT gain), so a longer bound is a choice to make knowingly (``age_factor``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class WaitingItem(NamedTuple):
 
 
 class ProgramOrder:
-    def __init__(self, age_factor: float = 2.0, age_min_s: float = 0.0, ewma_alpha: float = 0.1):
+    def __init__(self, age_factor: float = 1.0, age_min_s: float = 0.0, ewma_alpha: float = 0.1):
         self.age_factor = age_factor
         self.age_min_s = age_min_s
         self.alpha = ewma_alpha

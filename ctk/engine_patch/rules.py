@@ -254,9 +254,11 @@ class TTLRule:
     """ctk: τ from the key's return-time distribution (the tables' quantiles, online-adapted) under the live
     price: maximise ``F(τ)·B − price·N·H(τ)`` with ``B`` the re-prefill time of the context plus the re-queue
     delay (cost profile), ``N`` the held tokens; a held pin is kept while holding on still gains
-    (:func:`keep_by_cdf`). Keys without quantiles, and tables without a cost profile (hand-set fixed-TTL
-    tables), pin for their tabulated TTL (read as returns spread evenly over it with the tabulated p_hit). A
-    client TTL hint (``kv_retention_ttl_seconds``) replaces τ when the price allows it."""
+    (:func:`keep_by_cdf`). Hand-set fixed-TTL tables (no cost profile) pin each of their keys for the TTL
+    they tabulate, read as returns spread evenly over it with the tabulated p_hit (online adaptation never
+    rewrites those); keys learned online, and every key of trained tables, are priced from their quantiles;
+    the tables' old λ(pressure) rows never decide. A client TTL hint (``kv_retention_ttl_seconds``) replaces
+    τ when the price allows it."""
 
     policy = Policy.TTL
     pins = True
@@ -276,25 +278,34 @@ class TTLRule:
         self.max_pin_share = max_pin_share
         self.online = online
         self.program_fcfs = True
-        self.fixed = tables is not None and tables.fixed_ttl
+        # hand-set rows, copied before online adaptation can rewrite them: (ttl rows, p_hit rows) per key
+        self._fixed: dict[str, tuple[list[list[float]], list[list[float]]]] = {}
+        if tables is not None and tables.fixed_ttl:
+            self._fixed = {
+                k: ([list(r) for r in rows], [list(r) for r in tables.p_hit[k]])
+                for k, rows in tables.ttl_s.items()
+            }
         self._cdfs: dict[str, tuple[list[float], CDF]] = {}
 
-    def _cdf(self, keys, context_tokens: int, pressure: float) -> tuple[str, CDF] | None:
-        """The first key the tables know, with its distribution."""
+    def _cdf(self, keys, context_tokens: int, pressure: float) -> tuple[str, CDF | None] | None:
+        """The first key the tables know, with its return-time distribution (None: tabulated not to pin)."""
         tables = self.tables
-        rows = tables.ttl_s
         quantiles = tables.quantiles_s
         for key in keys:
-            if key not in rows:
-                continue
+            fixed = self._fixed.get(key)
+            if fixed is not None:
+                c, p = tables.context_bucket(context_tokens), tables.pressure_index(pressure)
+                ttl = fixed[0][c][p]
+                return key, CDF.linear(ttl, fixed[1][c][p]) if ttl > 0 else None
             q = quantiles.get(key)
-            if q is None or self.fixed:
+            if q is not None:
+                hit = self._cdfs.get(key)
+                if hit is None or hit[0] is not q:  # new key, or online adaptation replaced its quantiles
+                    hit = self._cdfs[key] = (q, CDF.from_quantiles(tables.quantile_levels, q))
+                return key, hit[1]
+            if key in tables.ttl_s:  # rows without quantiles (an old file): the tabulated TTL
                 d = tables.lookup((key,), context_tokens, pressure)
                 return key, CDF.linear(d.ttl_s, d.p_hit) if d.ttl_s > 0 else None
-            hit = self._cdfs.get(key)
-            if hit is None or hit[0] is not q:  # new key, or online adaptation replaced its quantiles
-                hit = self._cdfs[key] = (q, CDF.from_quantiles(tables.quantile_levels, q))
-            return key, hit[1]
         return None
 
     def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision:

@@ -173,18 +173,17 @@ class CDF:
     def _build_hull(self) -> None:
         """Upper concave hull of the knots in the (H, F) plane: the decision at finish, ``argmax F·B − c·H``
         over the knots, is the hull vertex where the hull's slope falls to ``c / B`` (one bisect)."""
+        hs, fs = self.hs, self.fs
         hull: list[int] = [0]
         for i in range(1, len(self.ts)):
-            h, f = self.hs[i], self.fs[i]
-            if f <= self.fs[hull[-1]]:
+            h, f = hs[i], fs[i]
+            if f <= fs[hull[-1]]:
                 continue  # no more probability for more holding: never optimal
             while len(hull) >= 2:
                 a, b = hull[-2], hull[-1]
-                # drop b when it lies on or below the chord a -> i
-                if (self.fs[b] - self.fs[a]) * (h - self.hs[a]) <= (f - self.fs[a]) * (self.hs[b] - self.hs[a]):
-                    hull.pop()
-                else:
-                    break
+                if (fs[b] - fs[a]) * (h - hs[a]) > (f - fs[a]) * (hs[b] - hs[a]):
+                    break  # b lies above the chord a -> i: keep it
+                hull.pop()
             hull.append(i)
         neg = []
         for a, b in zip(hull, hull[1:], strict=False):
