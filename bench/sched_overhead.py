@@ -5,7 +5,10 @@ One in-process vLLM CPU engine (tiny model) runs the same kind of agent-like wor
 (the ``CTKScheduler`` hooks with policy ``ttl`` and a TTL table that never pins, so every hook runs —
 metadata parsing, program ordering, tool-call keys and TTL lookups — but nothing is held). Only the time spent
 inside the scheduler (``add_request``, ``schedule``, ``update_from_output``, which frees finished requests)
-is counted, per engine step. Phases alternate to cancel drift on a shared machine.
+is counted, per engine step. Phases alternate to cancel drift on a shared machine. The stock phases run with
+vLLM's own ``FCFSRequestQueue`` as the waiting queue, the ctk phases with ctk's ``ProgramOrderQueue``. A
+program's turns arrive one after another, so program FCFS orders the queue as FCFS does: both variants run
+the same schedule (same step count) and the ratio is the plugin's own cost (the order is still computed).
 
     .venv/bin/python bench/sched_overhead.py [--model PATH] [--phases 4] [--requests 32] [--outputs real]
 
@@ -53,18 +56,24 @@ class Switch:
     """Instance-level dispatch of the scheduler hooks to vLLM's or ctk's methods, timing the entry points."""
 
     def __init__(self, sched, stock_cls, ctk_cls):
+        from vllm.v1.core.sched.request_queue import FCFSRequestQueue
+
         self.sched = sched
         self.total = 0.0
         self.impl = {
             "stock": {h: getattr(stock_cls, h) for h in HOOKS},
             "ctk": {h: getattr(ctk_cls, h) for h in HOOKS},
         }
+        # stock vLLM's own waiting queue for the stock phases, ctk's ProgramOrderQueue for the ctk phases
+        self.queues = {"stock": FCFSRequestQueue(), "ctk": sched.waiting}
         self.variant = "ctk"
         for name in HOOKS:
             setattr(sched, name, self._wrap(name, timed=name in TIMED))
 
     def use(self, variant: str) -> None:
         # (with zero pins the ctk adapter leaves the KV manager's allocate_slots unwrapped too)
+        assert not self.sched.waiting, "switch variants between phases only"
+        self.sched.waiting = self.queues[variant]
         self.variant = variant
 
     def _wrap(self, name, timed):
@@ -122,7 +131,8 @@ def run_phase(
     shape, content = random.Random(shape_seed), random.Random(content_seed)
     timer.total = 0.0
     for i in range(n_requests):
-        prog = f"{tag}-p{i % (n_requests // 3 or 1)}"
+        # a program's turns arrive one after another: program FCFS = FCFS, both variants schedule alike
+        prog = f"{tag}-p{i // 3}"
         prompt = [content.randrange(10, 4000) for _ in range(shape.randrange(200, 800))]
         sp = SamplingParams(
             max_tokens=shape.choice(lengths) if lengths else shape.randrange(8, 24),
@@ -215,6 +225,8 @@ def main() -> None:
                 print(f"phase {phase} {variant:5s}: {len(steps):4d} steps, scheduler {us:7.1f} us/step")
         assert sched.ctk.stats.pins_created == 0, "the bench table must never pin"
         (stock, n_stock), (ctk, n_ctk) = robust_total(runs["stock"]), robust_total(runs["ctk"])
+        if n_stock != n_ctk:
+            print(f"WARNING: different schedules ({n_stock} vs {n_ctk} steps): the ratio is not pure overhead")
         mean = {v: statistics.mean(a + sum(st) for a, st in runs[v]) for v in runs}
         print(f"\n{args.phases} alternating phases x {args.requests} requests, outputs: {args.outputs}")
         print("(for each step index the minimum over the phases: load from other processes drops out)")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import re
 import types
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 from engine_fixtures import write_test_model
@@ -12,23 +15,88 @@ from typer.testing import CliRunner
 from ctk.cli import app
 
 
-def test_installed_vllm_has_every_hook_the_adapter_uses():
-    from ctk.engine_patch.scheduler import check_vllm_contract
+def test_installed_vllm_has_everything_the_door_declares():
+    from ctk.engine_patch.vllm_door import VLLM_INTERNALS, check_vllm_contract
 
+    assert len(VLLM_INTERNALS) > 30
     missing = check_vllm_contract()
-    assert missing == [], f"vLLM does not match the ctk adapter: {missing}"
+    assert missing == [], f"vLLM does not match the ctk door: {missing}"
 
 
-def test_contract_check_names_a_missing_hook(monkeypatch):
+def _attribute_uses(path: Path) -> tuple[set[str], set[str], set[str]]:
+    """Attribute names in a module: (all used, used on objects other than ``self``, used on ``self``)."""
+    every, foreign, on_self = set(), set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute):
+            every.add(node.attr)
+            is_self = isinstance(node.value, ast.Name) and node.value.id == "self"
+            (on_self if is_self else foreign).add(node.attr)
+        elif isinstance(node, ast.keyword) and node.arg:
+            every.add(node.arg)
+    return every, foreign, on_self
+
+
+def test_the_door_declares_exactly_what_it_uses():
+    """No stale declaration, no private vLLM name used undeclared, nothing of vLLM's used by the mixin."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from ctk.engine_patch.scheduler import CTKSchedulerMixin, VllmContractError, check_vllm_contract
+    import ctk.engine_patch.plugin as plugin_module
+    import ctk.engine_patch.scheduler as mixin_module
+    import ctk.engine_patch.vllm_door as door_module
+    from ctk.engine_patch.vllm_door import VLLM_INTERNALS
 
-    monkeypatch.delattr(Scheduler, "_free_blocks")
-    assert "Scheduler._free_blocks" in check_vllm_contract()
-    fake = types.SimpleNamespace(vllm_config=None)
-    with pytest.raises(VllmContractError, match=r"Scheduler\._free_blocks"):
-        CTKSchedulerMixin._ctk_setup(fake)
+    door_every, door_foreign, door_self = _attribute_uses(Path(door_module.__file__))
+    mixin_every, mixin_foreign, mixin_self = _attribute_uses(Path(mixin_module.__file__))
+    declared = {i.name for i in VLLM_INTERNALS}
+    hooks = {i.name for i in VLLM_INTERNALS if i.kind == "hook"}
+    # every declared name is used (base classes and source premises name what the door relies on)
+    for internal in VLLM_INTERNALS:
+        if internal.kind not in ("base", "source"):
+            assert internal.name in door_every | mixin_every, f"declared but unused: {internal.label}"
+    # every private name the door reads on another object than itself is declared (sys._getframe aside)
+    private = {n for n in door_foreign if n.startswith("_") and not n.startswith("__")}
+    assert private - door_self - declared == {"_getframe"}
+    # the mixin reaches vLLM only through its hooks (super().<hook>) and the door; the plugin via the door
+    assert {n for n in mixin_self if not n.startswith(("ctk", "_ctk"))} <= hooks
+    assert {n for n in mixin_foreign if hasattr(Scheduler, n) and not n.startswith("__")} <= hooks
+    mixin_names = vars(mixin_module.CTKSchedulerMixin)
+    overridden = {n for n in mixin_names if hasattr(Scheduler, n) and not n.startswith("__")}
+    assert overridden == hooks
+    plugin_every, _, _ = _attribute_uses(Path(plugin_module.__file__))
+    assert not plugin_every & declared
+
+
+@pytest.mark.parametrize(
+    "owner, name, label",
+    [
+        ("vllm.v1.core.sched.scheduler:Scheduler", "_free_request_blocks", "Scheduler._free_request_blocks"),
+        ("vllm.v1.core.sched.scheduler:Scheduler", "_free_blocks", "Scheduler._free_blocks"),
+        ("vllm.v1.core.kv_cache_manager:KVCacheManager", "allocate_slots", "KVCacheManager.allocate_slots"),
+        ("vllm.v1.core.block_pool:BlockPool", "get_num_free_blocks", "BlockPool.get_num_free_blocks"),
+    ],
+)
+def test_another_vllm_fails_loudly_naming_what_is_missing(monkeypatch, owner, name, label):
+    from ctk.engine_patch.scheduler import CTKSchedulerMixin, VllmContractError
+    from ctk.engine_patch.vllm_door import _resolve, check_vllm_contract
+
+    monkeypatch.delattr(_resolve(owner), name)
+    assert any(m.startswith(label + " ") for m in check_vllm_contract()), check_vllm_contract()
+    with pytest.raises(VllmContractError, match=re.escape(label)):
+        CTKSchedulerMixin()  # the scheduler refuses to start before touching vLLM
+
+
+def test_the_wake_up_premise_is_checked(monkeypatch):
+    """The door finds the engine core on the stack: it must create its input queue before the scheduler."""
+    from vllm.v1.engine.core import EngineCoreProc
+
+    from ctk.engine_patch.vllm_door import check_vllm_contract
+
+    def reordered_init(self, *args, **kwargs):
+        super(EngineCoreProc, self).__init__(*args, **kwargs)
+        self.input_queue = None
+
+    monkeypatch.setattr(EngineCoreProc, "__init__", reordered_init)
+    assert any(m.startswith("EngineCoreProc.input_queue ") for m in check_vllm_contract())
 
 
 def test_concrete_classes_wrap_both_vllm_schedulers():
@@ -37,13 +105,14 @@ def test_concrete_classes_wrap_both_vllm_schedulers():
     from vllm.v1.core.sched.scheduler import Scheduler
 
     from ctk.engine_patch.scheduler import CTKSchedulerMixin
+    from ctk.engine_patch.vllm_door import VLLM_INTERNALS
 
     sync = resolve_obj_by_qualname("ctk.engine_patch.scheduler.CTKScheduler")
     asyn = resolve_obj_by_qualname("ctk.engine_patch.scheduler.CTKAsyncScheduler")
     assert issubclass(sync, CTKSchedulerMixin) and issubclass(sync, Scheduler)
     assert issubclass(asyn, CTKSchedulerMixin) and issubclass(asyn, AsyncScheduler)
     # the mixin's hooks come first in the MRO
-    for hook in ("add_request", "schedule", "_free_blocks", "has_requests"):
+    for hook in (i.name for i in VLLM_INTERNALS if i.kind == "hook"):
         assert getattr(sync, hook) is getattr(CTKSchedulerMixin, hook)
         assert getattr(asyn, hook) is getattr(CTKSchedulerMixin, hook)
 

@@ -122,12 +122,14 @@ def test_tool_call_is_detected_from_real_output_tokens(engine_llm, sched):  # no
 
     from ctk.engine_patch.detect import detect_tool_call
 
-    assert detect_tool_call(sched._ctk_text(Fake())).command == "ls -la /repo"
+    assert detect_tool_call(sched.ctk_door.text_of(Fake())).command == "ls -la /repo"
 
 
-def test_more_pins_than_memory_all_complete_and_pins_go_before_preemption(engine_llm, sched):  # noqa: F811
-    """8 programs x 12 pinned blocks > 63 blocks: the valve releases pins; no preemption while pinned."""
-    sched.ctk_reconfigure(max_pin_share=1.0)
+@pytest.mark.parametrize("policy", ["ttl", "continuum"])
+def test_more_pins_than_memory_all_complete_and_pins_go_before_preemption(engine_llm, sched, policy):  # noqa: F811
+    """8 programs x 12 pinned blocks > 63 blocks: pins are released (by the price as soon as memory keeps a
+    request out, or by the valve when an allocation fails, Continuum's only way); no preemption with pins."""
+    sched.ctk_reconfigure(policy=policy, max_pin_share=1.0, continuum_ttl_s=30.0)
     preempted_with_pins = []
     orig = sched._preempt_request
 
@@ -139,9 +141,18 @@ def test_more_pins_than_memory_all_complete_and_pins_go_before_preemption(engine
     try:
         rng = random.Random(6)
         firsts = [toks(rng) for _ in range(8)]
-        outs = gen(engine_llm, firsts, [params(program_id=f"P{i}", tool=LONG_TTL_KEY) for i in range(8)])
+        # one at a time: nothing waits, so memory is free to price and every turn pins (30 s) until the valve
+        # must make room for the next admission
+        outs = [
+            gen(engine_llm, [f], params(program_id=f"P{i}", tool=LONG_TTL_KEY))[0]
+            for i, f in enumerate(firsts)
+        ]
         assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
-        assert sched.ctk.stats.releases.get("pressure", 0) >= 1
+        assert sched.ctk.stats.pins_created == 8
+        released = sched.ctk.stats.releases
+        assert released.get("pressure", 0) + released.get("price", 0) >= 3  # 8 x 12 blocks > 63
+        if policy == "continuum":  # no price: the valve did it
+            assert released.get("pressure", 0) >= 3
         assert sched.ctk.pinned_blocks <= all_blocks(sched)
         seconds = [next_turn(p, o, rng) for p, o in zip(firsts, outs, strict=True)]
         outs2 = gen(engine_llm, seconds, [params(12, program_id=f"P{i}", last_turn=True) for i in range(8)])
@@ -160,13 +171,13 @@ def admission_order(llm, sched, tag):
     while eng.has_unfinished_requests():
         eng.step()
     admitted = []
-    orig = sched.ctk.admitted
 
-    def spy(rid, cached, now=None):
-        admitted.append(rid)
-        return orig(rid, cached, now)
+    def spy(*args, **kwargs):  # what vLLM admits, whatever the policy
+        out = type(sched).schedule(sched, *args, **kwargs)
+        admitted.extend(new.req_id for new in out.scheduled_new_reqs)
+        return out
 
-    sched.ctk.admitted = spy
+    sched.schedule = spy
     for i in (1, 2):
         prompt = {"prompt_token_ids": toks(rng, 200)}
         eng.add_request(f"{tag}blocker-{i}", prompt, params(24, program_id=f"{tag}x{i}"))
@@ -175,6 +186,7 @@ def admission_order(llm, sched, tag):
     eng.add_request(f"{tag}old-2", {"prompt_token_ids": toks(rng, 200)}, params(1, program_id=f"{tag}old"))
     while eng.has_unfinished_requests():
         eng.step()
+    del sched.schedule
     # the engine appends a random suffix to request ids
     return [r[len(tag) :].split("-")[0] for r in admitted if r.startswith((f"{tag}new-1", f"{tag}old-2"))]
 
@@ -186,8 +198,6 @@ def test_program_fcfs_admits_older_programs_first(engine_llm, sched):  # noqa: F
     sched.ctk_reconfigure(policy="continuum", age_min_s=60.0)
     assert admission_order(engine_llm, sched, "cont-") == ["old", "new"]
     sched.ctk_reconfigure(policy="vllm")  # stock order: arrival
-    sched.ctk.reorders = True  # let the spy see admissions (ordering stays off: policy vllm)
-    sched.ctk.order_waiting = lambda ids, now=None: None
     assert admission_order(engine_llm, sched, "stock-") == ["new", "old"]
 
 
@@ -229,3 +239,41 @@ def test_random_workload_with_aborts_leaks_nothing(engine_llm, sched):  # noqa: 
     assert sched.ctk.pins == {} and sched.ctk_pinned_request_ids() == []
     assert free_blocks(sched) == all_blocks(sched)  # no leaked blocks
     assert sched.requests == {}
+
+
+def test_async_scheduler_pins_and_hits_through_the_same_mixin(engine_llm, sched):  # noqa: F811
+    """The GPU default ``AsyncScheduler`` (CPU forces sync) built on the live engine's configuration and
+    driven at its hooks without a model: admission, a natural finish pinned, the next turn's hit."""
+    from vllm.v1.request import Request, RequestStatus
+
+    from ctk.engine_patch.scheduler import CTKAsyncScheduler
+
+    live = engine_llm.llm_engine.engine_core.engine_core
+    s = CTKAsyncScheduler(
+        vllm_config=sched.vllm_config,
+        kv_cache_config=sched.kv_cache_config,
+        structured_output_manager=sched.structured_output_manager,
+        block_size=sched.block_size,
+    )
+    s.ctk_reconfigure(policy="ttl", ttl_model=sched.ctk.config.ttl_model, online=False)
+    assert type(s.waiting).__name__ == "ProgramOrderQueue" and s.ctk_door.total_blocks == all_blocks(s)
+    rng = random.Random(9)
+    first = toks(rng)
+
+    def request(rid, prompt):
+        sp = params(4, program_id="AS", tool=LONG_TTL_KEY)
+        return Request(rid, prompt, sp, None, block_hasher=live.request_block_hasher)
+
+    s.add_request(request("as-1", first))
+    out = s.schedule()
+    assert [n.req_id for n in out.scheduled_new_reqs] == ["as-1"]
+    s.finish_requests("as-1", RequestStatus.FINISHED_STOPPED)
+    assert s.ctk_pinned_request_ids() == ["as-1"] and "as-1" not in s.requests
+    assert free_blocks(s) == all_blocks(s) - 12  # the pinned turn's blocks stay allocated
+    s.add_request(request("as-2", first + toks(rng, 60)))
+    out = s.schedule()
+    assert out.scheduled_new_reqs[0].num_computed_tokens == (PROMPT // 128) * 128  # the pinned prefix
+    assert s.ctk.stats.pin_hits == 1 and s.ctk_pinned_request_ids() == []
+    s.finish_requests("as-2", RequestStatus.FINISHED_ABORTED)
+    assert free_blocks(s) == all_blocks(s) and s.requests == {}
+    s.shutdown()

@@ -1,0 +1,229 @@
+"""The glue between an engine and the policy core: :class:`EngineView` (what the engine shows) and
+:class:`PolicyDriver` (what the engine calls at its hook points).
+
+Data flows one way: engine (vLLM or the simulator) -> ``EngineView`` -> ``PolicyDriver`` -> ``PolicyCore``.
+Nothing here imports vLLM or reads a clock: the engine passes the time in. The vLLM adapter
+(:mod:`ctk.engine_patch.scheduler` + :class:`~ctk.engine_patch.vllm_door.VllmDoor`) and the simulator drive
+the same core through the same calls:
+
+==========================================  =================================================================
+engine event                                 driver call
+==========================================  =================================================================
+a request enters the engine                  :meth:`PolicyDriver.request_added`
+before the engine schedules a step           :meth:`PolicyDriver.step_begin` (expiry and re-judgement of held
+                                             pins, waiting order, preemption order when memory is short)
+after it scheduled a step                    :meth:`PolicyDriver.step_end` (first admissions, prefix hits)
+an allocation fails (preempt / refuse next)  :meth:`PolicyDriver.allocation_failed` -> True: retry it
+a request finishes or is aborted             :meth:`PolicyDriver.request_finished` -> True: blocks held
+the engine idles                             :meth:`PolicyDriver.idle` (expiry only); the engine wakes up at
+                                             the deadline it is given through :meth:`EngineView.wake_at`
+shutdown / cache reset                       :meth:`PolicyDriver.shutdown`
+==========================================  =================================================================
+
+With no pin held and nothing to reorder, every per-step call is a few attribute reads: the waiting demand
+(a walk over the waiting queue) is computed only while pins exist or a pin is being decided.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from ctk.engine_patch.events import EngineState, Finished, Release
+from ctk.engine_patch.hints import RequestHints
+
+#: Below this share of free KV blocks, the running list is ordered so that the engine's preemption victim
+#: (the last running request) is the one the core chooses (the youngest program not on its last turn).
+PREEMPT_ORDER_FREE_SHARE = 0.1
+
+
+class EngineView(Protocol):
+    """What the driver may see of and do to an engine (vLLM through ``VllmDoor``, or the simulator).
+
+    ``waiting_demand()`` is the demand that memory, not compute, keeps out: the number of waiting requests the
+    engine would admit next if memory allowed (the head of the waiting queue, as many as it has free run
+    slots; none when every slot is taken) and their uncomputed tokens. It is what the memory price charges
+    for; a queue that waits for run slots costs a pin nothing.
+    """
+
+    block_size: int  # tokens per KV block
+    total_blocks: int  # usable KV blocks
+
+    def free_blocks(self) -> int: ...  # free (incl. evictable cached) blocks
+    def num_waiting(self) -> int: ...
+    def num_running(self) -> int: ...
+    def waiting_ids(self) -> list[str]: ...  # scheduling order
+    def reorder_waiting(self, order: list[int]) -> None: ...  # indices into waiting_ids()
+    def running_ids(self) -> list[str]: ...  # the last one is the preemption victim
+    def reorder_running(self, order: list[int]) -> None: ...
+    def waiting_demand(self) -> tuple[int, int]: ...  # (requests, tokens): see above
+    def blocks_of(self, request_id: str) -> int: ...  # blocks a (just finished) request holds
+    def hold(self, request_id: str) -> None: ...  # keep a finished request's blocks
+    def free_held(self, request_id: str) -> None: ...  # release kept blocks to the (cached) free queue
+    def output_text(self, request_id: str) -> str | None: ...  # tail of a finished request's output
+    def wake_at(self, deadline: float | None) -> None: ...  # call idle() at this time even if idle
+
+
+@dataclass(frozen=True, slots=True)
+class RequestEnd:
+    """What the engine knows about a request that finished (not aborted)."""
+
+    natural: bool  # stopped or hit its length limit (False: an error, ...)
+    prompt_tokens: int
+    num_tokens: int  # prompt + output: the context the next turn extends
+    output_tokens: int
+
+
+class PolicyDriver:
+    """Applies the core's decisions to an engine through its :class:`EngineView` (see module doc)."""
+
+    def __init__(self, core, view: EngineView, preempt_order_free_share: float = PREEMPT_ORDER_FREE_SHARE):
+        self.core = core
+        self.view = view
+        self.held: set[str] = set()  # request ids whose blocks the engine keeps for a pin
+        self.hints: dict[str, RequestHints] = {}  # requests the core tracks (waiting or running)
+        self._admitted: set[str] = set()
+        self._armed = False  # a wake-up deadline is set on the view
+        self._preempt_free_blocks = preempt_order_free_share * view.total_blocks
+        # Stock vLLM (no pins, no reordering): the driver tracks nothing at all.
+        self.tracking = bool(core.pins_enabled or core.reorders)
+
+    # -- engine state --------------------------------------------------------------------------------
+
+    def state(self, now: float, demand: bool = False) -> EngineState:
+        """The engine as the core sees it. The waiting demand (a walk over the head of the waiting queue) only
+        while pins exist or ``demand``; then ``num_waiting`` counts the requests memory keeps out (see
+        :class:`EngineView`), otherwise the whole queue with no demand."""
+        v = self.view
+        if demand or self.held:
+            n_waiting, demand_tokens = v.waiting_demand()
+        else:
+            n_waiting, demand_tokens = v.num_waiting(), 0
+        return EngineState(
+            now=now,
+            free_blocks=v.free_blocks(),
+            total_blocks=v.total_blocks,
+            block_size=v.block_size,
+            num_waiting=n_waiting,
+            num_running=v.num_running(),
+            waiting_demand_tokens=demand_tokens,
+            pinned_blocks=self.core.pinned_blocks,
+        )
+
+    def _apply(self, releases: Iterable[Release]) -> None:
+        """Free the released pins' blocks; the wake-up deadline follows the pins."""
+        freed = False
+        for rel in releases:
+            if rel.request_id in self.held:
+                self.held.remove(rel.request_id)
+                self.view.free_held(rel.request_id)
+                freed = True
+        if freed:
+            self._rearm()
+
+    def _rearm(self) -> None:
+        if self.held or self._armed:
+            deadline = self.core.next_deadline()
+            self._armed = deadline is not None
+            self.view.wake_at(deadline)
+
+    # -- hooks ----------------------------------------------------------------------------------------
+
+    def request_added(self, request_id: str, hints: RequestHints, now: float) -> None:
+        """A request entered the engine (not called again for a preempted request coming back)."""
+        if not self.tracking:
+            return
+        self.hints[request_id] = hints
+        self._apply(self.core.arrived(request_id, hints, now))
+
+    def step_begin(self, now: float) -> None:
+        """Before the engine schedules: held pins are judged, then the waiting and running orders set."""
+        core = self.core
+        if self.held:
+            self._apply(core.step(self.state(now)))
+        if not core.reorders:
+            return
+        view = self.view
+        if core.needs_reorder(view.num_waiting(), now):
+            order = core.order_waiting(view.waiting_ids(), now)
+            if order is not None and any(i != j for i, j in enumerate(order)):
+                view.reorder_waiting(order)
+        if view.num_running() > 1 and view.free_blocks() < self._preempt_free_blocks:
+            order = core.order_running(view.running_ids())
+            if order is not None and any(i != j for i, j in enumerate(order)):
+                view.reorder_running(order)
+
+    def step_end(self, admitted: Iterable[tuple[str, int]], now: float) -> None:
+        """After the engine scheduled: ``admitted`` = (request id, prefix-cached tokens) of the requests
+        that got KV blocks this step (a preempted request coming back is not a new admission)."""
+        hints = self.hints
+        if hints:
+            core, seen = self.core, self._admitted
+            for rid, cached in admitted:
+                if rid in hints and rid not in seen:
+                    seen.add(rid)
+                    self._apply(core.admitted(rid, cached, now))
+
+    def allocation_failed(self, request_id: str, running: bool, now: float) -> bool:
+        """The engine could not get blocks for ``request_id`` (``running``: it would preempt; otherwise the
+        waiting request is refused). Releases one pin; True when it did (retry the allocation)."""
+        if not self.held:
+            return False
+        n_running = self.view.num_running()
+        if not self.core.valve_open(n_running):
+            return False
+        rel = self.core.release_for_pressure(now, None if running else request_id, n_running > 0)
+        if rel is None:
+            return False
+        self._apply([rel])
+        return True
+
+    def request_finished(self, request_id: str, end: RequestEnd | None, now: float) -> bool:
+        """A request left the engine: ``end`` None = aborted. True when its blocks are now held (the
+        engine must not free them; :meth:`EngineView.free_held` releases them later)."""
+        hints = self.hints.pop(request_id, None)
+        self._admitted.discard(request_id)
+        if hints is None:
+            return False
+        core = self.core
+        if end is None:
+            self._apply(core.aborted(request_id, now))
+            return False
+        natural = end.natural
+        candidate = natural and core.pins_enabled
+        text = None
+        if candidate and hints.tool is None and hints.program_id is not None and not hints.last_turn:
+            text = self.view.output_text(request_id)  # tool-call detection needs the output
+        ev = Finished(
+            request_id=request_id,
+            hints=hints,
+            output_text=text,
+            prompt_tokens=end.prompt_tokens,
+            num_tokens=end.num_tokens,
+            output_tokens=end.output_tokens,
+            blocks=self.view.blocks_of(request_id) if natural else 0,
+            natural=natural,
+        )
+        pinned, releases = core.finished(ev, self.state(now, demand=candidate))
+        self._apply(releases)
+        if pinned:
+            self.held.add(request_id)
+            self.view.hold(request_id)
+            self._rearm()
+        return pinned
+
+    def idle(self, now: float) -> None:
+        """The engine has nothing to run: expire / re-judge held pins (at the deadline it was given)."""
+        if self.held:
+            self._apply(self.core.step(self.state(now)))
+            self._rearm()  # the timer that woke the engine is spent
+
+    def next_deadline(self) -> float | None:
+        return self.core.next_deadline()
+
+    def shutdown(self, reason) -> None:
+        """Release every pin (shutdown, prefix-cache reset, reconfiguration)."""
+        self._apply(self.core.release_all(reason))
+        self.hints.clear()
+        self._admitted.clear()
