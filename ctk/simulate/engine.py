@@ -173,8 +173,18 @@ class SimEngine:
     def reorder_running(self, order: list[int]) -> None:
         self.running = [self.running[i] for i in order]
 
-    def waiting_demand_tokens(self) -> int:
-        return sum(r.num_tokens - r.num_computed for r in self.waiting)
+    def waiting_demand(self) -> tuple[int, int]:
+        """(requests, uncomputed tokens) of the waiting requests the engine would admit next if memory
+        allowed: the head of the queue, one per free run slot (as ``VllmDoor.waiting_demand``)."""
+        slots = self.cfg.max_num_seqs - len(self.running)
+        n = tokens = 0
+        if slots > 0:
+            for r in self.waiting:
+                tokens += r.num_tokens - r.num_computed
+                n += 1
+                if n >= slots:
+                    break
+        return n, tokens
 
     def blocks_of(self, request_id: str) -> int:
         r = self.requests.get(request_id) or self.held.get(request_id)
