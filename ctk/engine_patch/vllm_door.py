@@ -43,7 +43,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ctk.engine_patch.driver import RequestEnd
+from ctk.engine_patch.driver import RequestEnd, head_demand
 from ctk.engine_patch.hints import RequestHints, parse_hints
 
 logger = logging.getLogger("ctk.engine_patch")
@@ -367,15 +367,8 @@ class VllmDoor:
         """(requests, uncomputed tokens) of the waiting requests vLLM would admit next if memory allowed:
         the head of the queue, one per free run slot (``max_num_active_reqs``)."""
         sched = self.sched
-        slots = sched.max_num_active_reqs - len(sched.running)
-        n = tokens = 0
-        if slots > 0:
-            for r in sched.waiting:
-                tokens += r.num_tokens - r.num_computed_tokens
-                n += 1
-                if n >= slots:
-                    break
-        return n, tokens
+        uncomputed = (r.num_tokens - r.num_computed_tokens for r in sched.waiting)
+        return head_demand(uncomputed, sched.max_num_active_reqs - len(sched.running))
 
     def blocks_of(self, request_id: str) -> int:
         return sum(len(ids) for ids in self.kv.get_block_ids(request_id))

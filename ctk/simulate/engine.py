@@ -176,15 +176,10 @@ class SimEngine:
     def waiting_demand(self) -> tuple[int, int]:
         """(requests, uncomputed tokens) of the waiting requests the engine would admit next if memory
         allowed: the head of the queue, one per free run slot (as ``VllmDoor.waiting_demand``)."""
-        slots = self.cfg.max_num_seqs - len(self.running)
-        n = tokens = 0
-        if slots > 0:
-            for r in self.waiting:
-                tokens += r.num_tokens - r.num_computed
-                n += 1
-                if n >= slots:
-                    break
-        return n, tokens
+        from ctk.engine_patch.driver import head_demand
+
+        uncomputed = (r.num_tokens - r.num_computed for r in self.waiting)
+        return head_demand(uncomputed, self.cfg.max_num_seqs - len(self.running))
 
     def blocks_of(self, request_id: str) -> int:
         r = self.requests.get(request_id) or self.held.get(request_id)
