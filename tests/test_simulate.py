@@ -218,3 +218,12 @@ def test_routers():
     assert all(ch.route("prog-7", engines) == ch.route("prog-7", engines) for _ in range(3))
     engines[0].add(SimRequest("x", "x", 4, 1, None), 0.0)
     assert LeastLoaded().route("p", engines) == 1
+
+
+def test_profile_recalibration_to_a_measured_speed():
+    p = load_profile("cpu", "tiny")
+    assert p.speed_factor(p.prefill_profile()) == pytest.approx(1.0, rel=1e-3)
+    slow = p.scaled(2.5, "test")
+    assert slow.step_s(300, 300 * 150.0, 4, 4000) == pytest.approx(2.5 * p.step_s(300, 300 * 150.0, 4, 4000))
+    assert slow.rtt_s == p.rtt_s and "scaled" in slow.sources
+    assert p.speed_factor(slow.prefill_profile()) == pytest.approx(2.5, rel=1e-3)
