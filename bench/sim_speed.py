@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--db", type=Path, help="trace store (default: the shared traces, imported once)")
     p.add_argument("--out-dir", type=Path, default=REPO / "out" / "bench-sim")
     p.add_argument("--json", type=Path, help="write the figures here")
+    p.add_argument("--ttl-model", type=Path, help="also time the 'ttl' policy with this model (ctk train)")
     args = p.parse_args(argv)
 
     from policies import trace_store  # bench/policies.py: the shared traces as a store
@@ -55,10 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     turns = sum(len(x.turns) for x in programs)
     print(f"{len(programs)} programs ({len(base)} distinct), {turns} turns, rate {args.rate}/s, {prof.name}")
     figures = {}
-    for policy in [x.strip() for x in args.policies.split(",") if x.strip()]:
-        cfg = SimConfig(arrivals=Arrivals(rate=args.rate, concurrency=None, rtt_s=prof.rtt_s))
+    policies = [x.strip() for x in args.policies.split(",") if x.strip()]
+    tables = None
+    if args.ttl_model:
+        from ctk.predict.modelfile import load_ttl_tables
+
+        tables = load_ttl_tables(str(args.ttl_model))
+        policies.append("ttl")
+    for policy in policies:
+        serve = {"ttl_model": str(args.ttl_model)} if policy == "ttl" else {}
+        cfg = SimConfig(arrivals=Arrivals(rate=args.rate, concurrency=None, rtt_s=prof.rtt_s), serve=serve)
         t0 = time.perf_counter()
-        res = simulate(programs, prof, policy, cfg)
+        res = simulate(programs, prof, policy, cfg, tables=tables if policy == "ttl" else None)
         wall = time.perf_counter() - t0
         s = res.summary()
         figures[policy] = {
