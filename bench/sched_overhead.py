@@ -226,7 +226,7 @@ def main() -> None:
         assert sched.ctk.stats.pins_created == 0, "the bench table must never pin"
         (stock, n_stock), (ctk, n_ctk) = robust_total(runs["stock"]), robust_total(runs["ctk"])
         if n_stock != n_ctk:
-            print(f"WARNING: different schedules ({n_stock} vs {n_ctk} steps): the ratio is not pure overhead")
+            print(f"WARNING: different schedules ({n_stock} vs {n_ctk} steps): not pure overhead")
         mean = {v: statistics.mean(a + sum(st) for a, st in runs[v]) for v in runs}
         print(f"\n{args.phases} alternating phases x {args.requests} requests, outputs: {args.outputs}")
         print("(for each step index the minimum over the phases: load from other processes drops out)")
