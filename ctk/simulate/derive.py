@@ -228,10 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def cpu_profile(measure: dict, max_model_len: int = 6144) -> dict:
     """The tiny CPU model's profile from one real-server measurement (``ctk profile`` prefill points and
     :func:`ctk.predict.profile.measure_decode` decode points), fitted to the step model."""
@@ -301,3 +297,7 @@ def cpu_profile(measure: dict, max_model_len: int = 6144) -> dict:
             ),
         },
     }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
