@@ -53,6 +53,7 @@ COMMAND_MODULES = (
     "ctk.predict.commands",
     "ctk.engine_patch.commands",
     "ctk.measure.commands",
+    "ctk.simulate.commands",
 )
 
 for _name in COMMAND_MODULES:

@@ -38,6 +38,19 @@ from ctk.engine_patch.hints import RequestHints
 PREEMPT_ORDER_FREE_SHARE = 0.1
 
 
+def head_demand(uncomputed: Iterable[int], slots: int) -> tuple[int, int]:
+    """``EngineView.waiting_demand``'s rule, for every engine: of the waiting requests' uncomputed token
+    counts in queue order, the head that fits ``slots`` free run slots -> (requests, tokens)."""
+    n = tokens = 0
+    if slots > 0:
+        for t in uncomputed:
+            tokens += t
+            n += 1
+            if n >= slots:
+                break
+    return n, tokens
+
+
 class EngineView(Protocol):
     """What the driver may see of and do to an engine (vLLM through ``VllmDoor``, or the simulator).
 

@@ -43,7 +43,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ctk.engine_patch.driver import RequestEnd
+from ctk.engine_patch.driver import RequestEnd, head_demand
 from ctk.engine_patch.hints import RequestHints, parse_hints
 from ctk.errors import CtkError
 
@@ -374,15 +374,8 @@ class VllmDoor:
         """(requests, uncomputed tokens) of the waiting requests vLLM would admit next if memory allowed:
         the head of the queue, one per free run slot (``max_num_active_reqs``)."""
         sched = self.sched
-        slots = sched.max_num_active_reqs - len(sched.running)
-        n = tokens = 0
-        if slots > 0:
-            for r in sched.waiting:
-                tokens += r.num_tokens - r.num_computed_tokens
-                n += 1
-                if n >= slots:
-                    break
-        return n, tokens
+        uncomputed = (r.num_tokens - r.num_computed_tokens for r in sched.waiting)
+        return head_demand(uncomputed, sched.max_num_active_reqs - len(sched.running))
 
     def blocks_of(self, request_id: str) -> int:
         """KV blocks the request holds, all KV-cache groups (``get_block_ids`` without building id lists)."""

@@ -36,6 +36,7 @@ class ReportInputs:
     duration_scale: float = 1.0  # the model's clock relative to the store's durations (compare: time_scale)
     results: list[ReplayResult] = field(default_factory=list)
     figures_json: dict | None = None  # a comparison's figures keyed by policy (the table)
+    simulate: list[dict] = field(default_factory=list)  # ``ctk simulate --json`` files (rates x policies)
 
 
 def _plt():
@@ -334,6 +335,31 @@ def _table_html(figs: dict) -> str:
     return f"<table><tr><th>policy</th>{head}</tr>{''.join(body)}</table>"
 
 
+def _simulate_html(sim: dict, out: Path, i: int) -> list[str]:
+    """A ``ctk simulate`` sweep: one table per arrival rate and the JCT-vs-rate figure."""
+    from ctk.simulate.sweep import plot_rates
+
+    cfg = sim.get("config", {})
+    title = (
+        f"Simulated: {cfg.get('profile', '?')}, {cfg.get('replicas', 1)} replica(s), {cfg.get('routing', '')}"
+    )
+    parts = [f"<h2>{html.escape(title)}</h2>"]
+    png = plot_rates(sim, out, name=f"simulate-{i}-jct-vs-rate.png")
+    if png is not None:
+        parts.append(
+            f"<figure><img src='{html.escape(png.name)}' alt='JCT vs arrival rate'><figcaption>Mean JCT and "
+            "p99 TTFT per policy against the program arrival rate (simulated engines running ctk's policy "
+            "code).</figcaption></figure>"
+        )
+    for rate, per in sim.get("rates", {}).items():
+        label = "closed loop" if rate == "closed" else f"{rate} programs/s"
+        parts.append(f"<h3>{html.escape(label)}</h3>" + _table_html(per))
+    kv = sim.get("vllm_kv80_rate")
+    if kv is not None:
+        parts.append(f"<p>Stock vLLM's mean KV usage reaches 80% at {kv:g} programs/s.</p>")
+    return parts
+
+
 def build_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
     """Write ``index.html`` and the PNGs into ``out_dir``; returns the HTML path."""
     out = Path(out_dir)
@@ -362,6 +388,8 @@ def build_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
     if inputs.figures_json:
         parts.append("<h2>Policy comparison</h2>" + _table_html(inputs.figures_json))
         parts.append("<p>Ratios are baseline / policy: above 1 the policy is better.</p>")
+    for i, sim in enumerate(inputs.simulate):
+        parts += _simulate_html(sim, out, i)
     for f in figures:
         parts.append(f"<h2>{html.escape(f.title)}</h2>")
         if f.file:
@@ -405,10 +433,15 @@ def load_inputs(
         except ModelFileError as exc:
             raise ValueError(str(exc)) from None
     for path in results:
-        inputs.results.extend(load_results(path))
         try:
             d = json.loads(Path(path).read_text())
         except (OSError, ValueError):
+            d = None
+        if isinstance(d, dict) and isinstance(d.get("rates"), dict):  # a ``ctk simulate --json`` sweep
+            inputs.simulate.append(d)
+            continue
+        inputs.results.extend(load_results(path))
+        if d is None:
             continue
         if isinstance(d, dict) and isinstance(d.get("policies"), dict):
             inputs.figures_json = d["policies"]

@@ -166,3 +166,80 @@ def cost_model_from(profile_path: str | Path | None = None, **overrides) -> Cost
         return CostModel(**kw)
     except (TypeError, ValueError) as exc:
         raise ProfileError(f"bad cost model ({exc})") from None
+
+
+# -- decode ------------------------------------------------------------------------------------------
+
+
+def _completion(client, base: str, model: str, prompt_tokens: int, max_tokens: int, seed: int) -> float:
+    """Latency of one non-streamed completion of exactly ``max_tokens`` tokens on a fresh token-id prompt."""
+    import random
+
+    rng = random.Random(seed)
+    body = {
+        "model": model,
+        "prompt": [rng.randrange(300, 3800) for _ in range(prompt_tokens)],
+        "max_tokens": max_tokens,
+        "min_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0.0,
+    }
+    t0 = time.perf_counter()
+    r = client.post(f"{base}/completions", json=body)
+    if r.status_code != 200:
+        raise ProfileError(f"{base}/completions answered {r.status_code}: {r.text[:200]}")
+    return time.perf_counter() - t0
+
+
+def measure_decode(
+    url: str,
+    model: str | None = None,
+    batch_sizes: Sequence[int] = (1, 4, 8),
+    contexts: Sequence[int] = (128, 2048),
+    tokens: tuple[int, int] = (8, 72),
+    repeats: int = 2,
+    timeout_s: float = 300.0,
+) -> dict:
+    """Decode step time per batch size and context: ``b`` concurrent requests decoding ``n`` tokens each,
+    timed at two lengths; the step time is the latency difference over the token difference (prefill and
+    HTTP overhead cancel). Returns ``{"points": [{"batch", "context", "step_s"}...]}``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    base = url.rstrip("/")
+    if not base.endswith("/v1"):
+        base += "/v1"
+    n1, n2 = tokens
+    points = []
+    seed = int(time.time())
+    try:
+        with httpx.Client(timeout=timeout_s) as client, ThreadPoolExecutor(max(batch_sizes)) as pool:
+            model = model or _first_model(client, base)
+            _completion(client, base, model, 16, 4, seed)  # warm-up
+            for ctx in contexts:
+                for b in batch_sizes:
+                    per = []
+                    for _ in range(repeats):
+                        lat = {}
+                        for n in (n1, n2):
+                            seed += b + 1
+                            args = (client, base, model, ctx, n)
+                            futs = [pool.submit(_completion, *args, seed + j) for j in range(b)]
+                            lat[n] = max(f.result() for f in futs)
+                        per.append((lat[n2] - lat[n1]) / (n2 - n1))
+                    points.append({"batch": b, "context": ctx, "step_s": statistics.median(per)})
+    except httpx.HTTPError as exc:
+        raise ProfileError(f"{base}: request failed ({type(exc).__name__}: {exc})") from None
+    return {"points": points, "url": base, "model": model, "tokens": list(tokens), "repeats": repeats}
+
+
+def fit_decode(points: Sequence[dict]) -> dict:
+    """Least-squares ``step_s = base + per_seq·batch + per_ctx·(batch·context)`` (coefficients >= 0)."""
+    import numpy as np
+
+    a = np.array([[1.0, p["batch"], p["batch"] * p["context"]] for p in points])
+    y = np.array([p["step_s"] for p in points])
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    coef = np.maximum(coef, 0.0)
+    return {"base_s": float(coef[0]), "per_seq_s": float(coef[1]), "per_ctx_token_s": float(coef[2])}

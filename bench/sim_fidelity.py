@@ -1,0 +1,241 @@
+"""Simulator fidelity: the real CPU engine vs the simulator with the measured CPU profile, same programs.
+
+    python bench/sim_fidelity.py --json f.json                  # bench/policies.py's default configuration
+    python bench/sim_fidelity.py --rounds 1 --programs 8 --policies vllm,oracle   # a reduced check
+    python bench/sim_fidelity.py --real out/bench-policies/compare-results.json   # reuse a real run
+
+The real side is ``ctk.measure.compare.run_comparison`` (one fresh ``ctk serve`` per policy, the recorded
+programs replayed), by default the median of 2 rounds with the policy order rotated between rounds. The
+simulated side replays the same programs (same workload configuration and seed) through
+``ctk.simulate`` with the bundled ``cpu--tiny`` profile (measured on this machine), the server's KV size,
+``max_num_seqs`` and the same TTL model file. Prints per policy real vs simulated mean JCT, p99 TTFT, hit
+rate and preemptions with the errors, and checks the targets: mean JCT within 15%, hit rate within 0.05,
+the same ranking of policies by mean JCT. JSON: ``{"policies": {"<policy>": {"real": {...}, "sim":
+{...}, "error": {...}}}, "targets": {...}, "config": {...}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+FIGURES = ("mean_jct_s", "p99_ttft_s", "hit_rate", "preemptions")
+JCT_TOLERANCE = 0.15
+HIT_TOLERANCE = 0.05
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path, help="write the figures here")
+    p.add_argument("--db", type=Path, help="trace store (default: the shared traces, as bench/policies.py)")
+    p.add_argument("--out-dir", type=Path, default=REPO / "out" / "bench-fidelity", help="work folder")
+    p.add_argument("--policies", help="comma-separated (default: bench/policies.py's)")
+    p.add_argument("--rounds", type=int, default=2, help="real rounds, policy order rotated; median figures")
+    p.add_argument("--programs", type=int, help="programs to replay (default: the benchmark's)")
+    p.add_argument("--max-turns", type=int, help="turns per program at most")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--real", type=Path, action="append", help="compare-results.json of real runs to reuse")
+    p.add_argument("--profile", type=Path, help="simulator profile JSON (default: the bundled cpu--tiny)")
+    p.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="use the profile as is (default: scale its step times to the prefill speed ctk profile measured "
+        "in this run, after the first replay: a shared machine runs slower than when the profile was made)",
+    )
+    return p.parse_args(argv)
+
+
+def median_figures(runs: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per policy, the median of each figure over the runs that have it."""
+    out: dict[str, dict] = {}
+    for policy in {p for r in runs for p in r}:
+        out[policy] = {}
+        for key in FIGURES:
+            vals = [r[policy].get(key) for r in runs if policy in r and r[policy].get(key) is not None]
+            out[policy][key] = statistics.median(vals) if vals else None
+        out[policy]["rounds"] = sum(1 for r in runs if policy in r)
+    return out
+
+
+def errors(real: dict, sim: dict) -> dict:
+    err = {}
+    for key in FIGURES:
+        r, s = real.get(key), sim.get(key)
+        if r is None or s is None:
+            err[key] = None
+        elif key in ("hit_rate", "preemptions"):
+            err[key] = s - r  # absolute
+        else:
+            err[key] = (s - r) / r if r else None
+    return err
+
+
+def ranking(figs: dict[str, dict]) -> list[str]:
+    return sorted(
+        (p for p in figs if figs[p].get("mean_jct_s") is not None), key=lambda p: figs[p]["mean_jct_s"]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from policies import trace_store  # bench/policies.py
+
+    from ctk.measure.compare import run_comparison
+    from ctk.measure.presets import bench_config
+    from ctk.measure.workload import load_programs
+    from ctk.simulate.profiles import load_profile
+    from ctk.simulate.run import SimConfig, simulate
+    from ctk.simulate.workload import Arrivals
+    from ctk.store import TraceStore
+
+    t0 = time.monotonic()
+    cfg = bench_config(seed=args.seed)
+    if args.policies:
+        cfg.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if args.programs:
+        cfg.workload.n_programs = args.programs
+    if args.max_turns:
+        cfg.workload.max_turns = args.max_turns
+    cfg.replay.progress = sys.stderr.isatty()
+    out_dir = args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    db = trace_store(argparse.Namespace(db=args.db), out_dir)
+
+    # -- the real engine ---------------------------------------------------------------------------
+    real_runs: list[dict[str, dict]] = []
+    measured: list[Path] = []  # ctk profile of the real engine, measured in each real run
+    ttl_model = None
+    if args.real:
+        for path in args.real:
+            d = json.loads(path.read_text())
+            real_runs.append(d["policies"])
+            ttl_model = ttl_model or d.get("config", {}).get("ttl_model")
+            measured.append(path.parent / "prefill_profile.json")
+    else:
+        model_dir = out_dir / "tiny-model"
+        if not (model_dir / "config.json").exists():
+            from ctk.engine_patch.tiny_model import build_tiny_model
+
+            build_tiny_model(model_dir)
+        for k in range(args.rounds):
+            rc = dataclasses.replace(
+                cfg, policies=cfg.policies[k % len(cfg.policies) :] + cfg.policies[: k % len(cfg.policies)]
+            )
+            rc.ttl_model = Path(ttl_model) if ttl_model else None
+            print(f"real round {k + 1}/{args.rounds}: {', '.join(rc.policies)}", flush=True)
+            comp = run_comparison(
+                db, model_dir, out_dir / f"round-{k}", rc, log=lambda m: print(m, flush=True)
+            )
+            real_runs.append(comp.figures())
+            ttl_model = ttl_model or comp.config.get("ttl_model")
+            measured.append(out_dir / f"round-{k}" / "prefill_profile.json")
+    real = median_figures(real_runs)
+
+    # -- the simulator -----------------------------------------------------------------------------
+    prof = load_profile("cpu", "tiny", args.profile)
+    factor = 1.0
+    if not args.no_calibrate:
+        factors = [prof.speed_factor(json.loads(m.read_text())) for m in measured if m.exists()]
+        if factors:
+            factor = statistics.median(factors)
+            prof = prof.scaled(factor, "the real engine's prefill speed measured in this run")
+    print(f"simulator profile {prof.name} (step times x {factor:.2f} of the bundled measurement)")
+    with TraceStore(db, read_only=True) as store:
+        programs = load_programs(store, cfg.workload)
+    tables = None
+    if ttl_model and "ttl" in cfg.policies:
+        from ctk.predict.modelfile import load_ttl_tables
+
+        tables = load_ttl_tables(str(ttl_model))
+    sim_cfg = SimConfig(
+        arrivals=Arrivals(
+            rate=cfg.replay.rate,
+            concurrency=cfg.replay.concurrency,
+            time_scale=cfg.replay.time_scale,
+            rtt_s=prof.rtt_s,
+            seed=cfg.replay.seed,
+        ),
+        kv_blocks=prof.kv_blocks if cfg.server.kv_cache_bytes == 16 * 2**20 else None,
+        max_num_seqs=cfg.server.max_num_seqs,
+        shared_prefix_tokens=cfg.workload.system_prompt_tokens,
+    )
+    if cfg.server.kv_cache_bytes != 16 * 2**20:  # the profile's cache is the benchmark's 16 MiB one
+        sim_cfg.kv_blocks = int(prof.kv_blocks * cfg.server.kv_cache_bytes / (16 * 2**20))
+    sim: dict[str, dict] = {}
+    for policy in cfg.policies:
+        run_cfg = dataclasses.replace(sim_cfg, serve={"ttl_model": str(ttl_model)} if policy == "ttl" else {})
+        cost = tables.cost_model if tables is not None else prof.cost_model()
+        res = simulate(programs, prof, policy, run_cfg, tables=tables if policy == "ttl" else None, cost=cost)
+        sim[policy] = {k: res.summary()[k] for k in FIGURES}
+
+    # -- the comparison ----------------------------------------------------------------------------
+    out = {"policies": {}, "config": {}}
+    print(
+        f"\n{'policy':<13} {'mean JCT real':>13} {'sim':>7} {'err':>6}  {'p99 TTFT real':>13} {'sim':>7}  "
+        f"{'hit real':>8} {'sim':>6} {'diff':>6}  {'preempt real':>12} {'sim':>5}"
+    )
+    jct_ok, hit_ok = True, True
+    for policy in cfg.policies:
+        r, s = real.get(policy, {}), sim[policy]
+        e = errors(r, s)
+        out["policies"][policy] = {"real": r, "sim": s, "error": e}
+        jct_ok &= e["mean_jct_s"] is not None and abs(e["mean_jct_s"]) <= JCT_TOLERANCE
+        hit_ok &= e["hit_rate"] is not None and abs(e["hit_rate"]) <= HIT_TOLERANCE
+
+        cells = [
+            (r.get("mean_jct_s"), "{:.2f}", 13),
+            (s["mean_jct_s"], "{:.2f}", 7),
+            (e["mean_jct_s"], "{:+.0%}", 6),
+            (r.get("p99_ttft_s"), "{:.3f}", 15),
+            (s["p99_ttft_s"], "{:.3f}", 7),
+            (r.get("hit_rate"), "{:.3f}", 10),
+            (s["hit_rate"], "{:.3f}", 6),
+            (e["hit_rate"], "{:+.3f}", 6),
+            (r.get("preemptions"), "{:.0f}", 14),
+            (s["preemptions"], "{:.0f}", 5),
+        ]
+        print(
+            f"{policy:<13}" + " ".join(("-" if v is None else fmt.format(v)).rjust(w) for v, fmt, w in cells)
+        )
+    rank_real, rank_sim = ranking(real), ranking(sim)
+    out["targets"] = {
+        f"mean_jct within {JCT_TOLERANCE:.0%} for every policy": jct_ok,
+        f"hit_rate within {HIT_TOLERANCE} for every policy": hit_ok,
+        "same ranking by mean JCT": rank_real == rank_sim,
+    }
+    out["ranking"] = {"real": rank_real, "sim": rank_sim}
+    out["config"] = {
+        "db": str(db),
+        "rounds": len(real_runs),
+        "policies": cfg.policies,
+        "workload": dataclasses.asdict(cfg.workload),
+        "replay": dataclasses.asdict(cfg.replay),
+        "server": dataclasses.asdict(cfg.server),
+        "profile": prof.name,
+        "speed_factor": factor,
+        "ttl_model": str(ttl_model) if ttl_model else None,
+        "wall_s": time.monotonic() - t0,
+    }
+    print(f"ranking by mean JCT: real {' < '.join(rank_real)}; sim {' < '.join(rank_sim)}")
+    for name, ok in out["targets"].items():
+        print(f"target {name}: {'met' if ok else 'MISSED'}")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1, default=str))
+        print(f"figures -> {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

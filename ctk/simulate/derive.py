@@ -1,0 +1,303 @@
+"""How the bundled profiles were made. GPU: Vidur's measured operator times + a roofline for the rest.
+CPU: one short run of the real engine on this machine.
+
+    python -m ctk.simulate.derive gpu /path/to/vidur/git-dir  # rewrites ctk/simulate/profiles/h100*.json
+    python -m ctk.simulate.derive cpu [work-dir]              # measures ctk serve, rewrites cpu--tiny.json
+
+Vidur (github.com/microsoft/vidur, ``data/profiling/compute/<gpu>/<model>/mlp.csv``) measured the
+per-layer non-attention operators (QKV / output projections, MLP, norms, rope, residual adds) of
+Llama-2-7B/70B on H100 and of Meta-Llama-3-8B/70B on A100, per batch size in tokens and tensor-parallel
+degree. Llama-3.1 has the same layer shapes as Llama-3. H100 × Llama-3.x is then
+``H100(Llama-2) × A100(Llama-3) / A100(Llama-2)`` per token count: the H100 speed of the layer and the
+Llama-3 / Llama-2 shape ratio measured on the same A100. Attention (its CSVs are not in the public snapshot),
+the lm_head, tensor-parallel all-reduces and the KV capacity come from a roofline of public hardware and
+model figures, each written into the profile's ``sources``. Only derived numbers are kept; no Vidur code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+H100 = {
+    "hbm_bytes_s": 3.35e12,  # NVIDIA H100 SXM5 datasheet: HBM3 3.35 TB/s
+    "bf16_flops": 989e12,  # NVIDIA H100 SXM5 datasheet: BF16 dense 989 TFLOPS
+    "memory_bytes": 80e9,  # 80 GB
+    "allreduce_bus_bytes_s": 300e9,  # NVLink 4 all-reduce bus bandwidth (NCCL tests reach ~300-370 GB/s)
+    "allreduce_latency_s": 15e-6,  # small-message NCCL all-reduce latency within one node
+}
+MODELS = {
+    # Hugging Face config.json of meta-llama/Llama-3.1-8B / -70B
+    "llama-3.1-8b": dict(layers=32, d=4096, kv_heads=8, head_dim=128, vocab=128256, params=8.03e9),
+    "llama-3.1-70b": dict(layers=80, d=8192, kv_heads=8, head_dim=128, vocab=128256, params=70.6e9),
+}
+GPU_MEMORY_UTILIZATION = 0.9  # vLLM default --gpu-memory-utilization
+ACTIVATION_RESERVE_BYTES = 4e9  # per GPU: activations, CUDA graphs, sampler buffers (assumption)
+ATTN_PREFILL_EFFICIENCY = 0.45  # share of BF16 peak reached by paged FlashAttention prefill (assumption;
+# FlashAttention-3 reports 0.6-0.75 on dense causal inputs)
+ATTN_DECODE_EFFICIENCY = 0.6  # share of HBM bandwidth reached reading paged KV in decode (assumption)
+STEP_OVERHEAD_S = 0.0025  # vLLM v1 per-step CPU work (scheduling, input prep) not hidden (assumption)
+DECODE_SEQ_S = 2e-5  # per decoding sequence: sampling and output processing (assumption)
+TOKENS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+OPS = (
+    "input_layernorm",
+    "attn_pre_proj",
+    "attn_rope",
+    "attn_post_proj",
+    "post_attention_layernorm",
+    "mlp_up_proj",
+    "mlp_act",
+    "mlp_down_proj",
+    "add",
+)
+
+
+def _layer_ms(vidur_git: Path, gpu: str, model: str, tp: int) -> dict[int, float]:
+    """Median per-layer non-attention time (ms) per token count from Vidur's mlp.csv."""
+    import pandas as pd
+
+    blob = subprocess.run(
+        ["git", "--git-dir", str(vidur_git), "show", f"HEAD:data/profiling/compute/{gpu}/{model}/mlp.csv"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    d = pd.read_csv(io.BytesIO(blob))
+    d = d[d["num_tensor_parallel_workers"] == tp]
+    cols = [f"time_stats.{o}.median" for o in OPS if f"time_stats.{o}.median" in d]
+    d = d.assign(ms=d[cols].fillna(0).sum(axis=1)).groupby("num_tokens")["ms"].median()
+    return {int(k): float(v) for k, v in d.items()}
+
+
+def gpu_profile(vidur_git: Path, model: str, tp: int, commit: str) -> dict:
+    m = MODELS[model]
+    l2, l3 = (
+        ("Llama-2-7b-hf", "Meta-Llama-3-8B")
+        if model.endswith("8b")
+        else ("Llama-2-70b-hf", "Meta-Llama-3-70B")
+    )
+    h_l2 = _layer_ms(vidur_git, "h100", f"meta-llama/{l2}", tp)
+    a_l2 = _layer_ms(vidur_git, "a100", f"meta-llama/{l2}", tp)
+    a_l3 = _layer_ms(vidur_git, "a100", f"meta-llama/{l3}", tp)
+    hw = H100
+    lm_head_s = m["vocab"] * m["d"] * 2 / tp / hw["hbm_bytes_s"] / 0.8  # lm_head weights read once a step
+    linear_s = []
+    for t in TOKENS:
+        layer = h_l2[t] * a_l3[t] / a_l2[t] / 1e3
+        allreduce = 0.0
+        if tp > 1:  # two all-reduces per layer (attention out, MLP out) of t x d bf16
+            per = hw["allreduce_latency_s"] + 2 * (tp - 1) / tp * t * m["d"] * 2 / hw["allreduce_bus_bytes_s"]
+            allreduce = 2 * per
+        linear_s.append(round(m["layers"] * (layer + allreduce) + lm_head_s, 7))
+    kv_bytes_token = 2 * m["layers"] * m["kv_heads"] * m["head_dim"] * 2
+    weights = m["params"] * 2 / tp
+    kv_bytes = tp * (hw["memory_bytes"] * GPU_MEMORY_UTILIZATION - weights - ACTIVATION_RESERVE_BYTES)
+    block_size = 16
+    kv_blocks = int(kv_bytes / kv_bytes_token / block_size)
+    attn_flops_pair = 4 * m["layers"] * m["d"]  # QK^T and PV: 2 x 2 x d FLOPs per layer per (query, key)
+    name = f"h100--{model}" if tp == 1 else f"h100x{tp}--{model}"
+    return {
+        "name": name,
+        "hardware": "h100" if tp == 1 else f"h100x{tp}",
+        "model": model,
+        "kv_blocks": kv_blocks,
+        "block_size": block_size,
+        "max_num_batched_tokens": 8192,
+        "max_num_seqs": 1024,
+        "max_model_len": 131072,
+        "step_overhead_s": STEP_OVERHEAD_S,
+        "linear_tokens": list(TOKENS),
+        "linear_s": linear_s,
+        "attn_prefill_s": attn_flops_pair / (tp * hw["bf16_flops"] * ATTN_PREFILL_EFFICIENCY),
+        "attn_decode_s": kv_bytes_token / (tp * hw["hbm_bytes_s"] * ATTN_DECODE_EFFICIENCY),
+        "decode_seq_s": DECODE_SEQ_S,
+        "rtt_s": 0.005,
+        "sources": {
+            "linear_s": (
+                f"Vidur (github.com/microsoft/vidur @ {commit[:12]}) data/profiling/compute: per-layer "
+                f"median "
+                f"of {', '.join(OPS)} at TP {tp}; h100/{l2} x a100/{l3} / a100/{l2} per token count, "
+                f"x {m['layers']} layers; + lm_head weight read {lm_head_s * 1e3:.2f} ms "
+                f"(roofline, 80% of HBM)"
+                + (
+                    f"; + 2 all-reduces per layer (latency {hw['allreduce_latency_s'] * 1e6:.0f} us, bus "
+                    f"{hw['allreduce_bus_bytes_s'] / 1e9:.0f} GB/s, assumption)"
+                    if tp > 1
+                    else ""
+                )
+            ),
+            "kv_blocks": (
+                f"roofline: {tp} x ({hw['memory_bytes'] / 1e9:.0f} GB x {GPU_MEMORY_UTILIZATION} - "
+                f"{weights / 1e9:.1f} GB bf16 weights - {ACTIVATION_RESERVE_BYTES / 1e9:.0f} GB "
+                f"activations) / "
+                f"{kv_bytes_token} B per token (2 x {m['layers']} layers x {m['kv_heads']} KV heads x "
+                f"{m['head_dim']} x 2 B) / 16 tokens per block"
+            ),
+            "attn_prefill_s": (
+                f"roofline: 4 x {m['layers']} layers x {m['d']} FLOPs per (query, key) pair / ({tp} x 989 "
+                f"TFLOPS bf16 x {ATTN_PREFILL_EFFICIENCY}) (efficiency: assumption)"
+            ),
+            "attn_decode_s": (
+                f"roofline: {kv_bytes_token} KV bytes per context token / ({tp} x 3.35 TB/s x "
+                f"{ATTN_DECODE_EFFICIENCY}) (efficiency: assumption)"
+            ),
+            "step_overhead_s": "assumption: vLLM v1 per-step CPU work not overlapped with the GPU",
+            "decode_seq_s": "assumption: sampling and detokenisation per decoding sequence",
+            "max_num_batched_tokens": "vLLM 0.32 default for H100-class GPUs (OpenAI server): 8192",
+            "max_num_seqs": "vLLM 0.32 default for H100-class GPUs: 1024",
+            "rtt_s": "assumption: client <-> server round trip in one data centre",
+            "hardware": "NVIDIA H100 SXM5 80 GB datasheet: 3.35 TB/s HBM3, 989 TFLOPS bf16 dense",
+            "model": "Hugging Face config.json of meta-llama/Llama-3.1-8B and -70B",
+        },
+    }
+
+
+def write_gpu_profiles(vidur_git: Path) -> None:
+    commit = subprocess.run(
+        ["git", "--git-dir", str(vidur_git), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    for model, tp in (("llama-3.1-8b", 1), ("llama-3.1-70b", 4)):
+        prof = gpu_profile(vidur_git, model, tp, commit)
+        path = PROFILES / f"{prof['name']}.json"
+        path.write_text(json.dumps(prof, indent=1) + "\n")
+        print(path, prof["kv_blocks"], "blocks")
+
+
+def measure_cpu(work_dir: Path) -> dict:
+    """Start ``ctk serve`` (policy vllm) on the tiny model with the benchmark's server flags, measure prefill
+    (``ctk profile``) and decode steps, stop it; the raw measurement."""
+    import time
+
+    from ctk.engine_patch.server import free_port, launch_server, stop_server, wait_ready
+    from ctk.engine_patch.tiny_model import build_tiny_model
+    from ctk.measure import server_metrics
+    from ctk.measure.compare import warm_up
+    from ctk.measure.presets import bench_config
+    from ctk.predict.profile import fit_decode, measure_decode, measure_prefill
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    model = work_dir / "tiny-model"
+    if not (model / "config.json").exists():
+        build_tiny_model(model)
+    cfg = bench_config()
+    max_len = cfg.workload.max_context_tokens
+    args = cfg.server.args(max_len)
+    port = free_port()
+    proc = launch_server(model, port, "vllm", extra_args=tuple(args), log_path=work_dir / "server.log")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, cfg.server.startup_timeout_s, proc)
+        warm_up(base)
+        info = server_metrics.info_labels(base)
+        longest = int(max_len / 3.1)  # ctk profile lengths are words of ~2.9 tokens
+        lengths = sorted({min(n, longest) for n in (16, 128, 512, longest // 2, longest)})
+        pre = measure_prefill(base, lengths=lengths, repeats=3)
+        dec = measure_decode(base, batch_sizes=(1, 4, 8), contexts=(128, 2048), repeats=2)
+    finally:
+        stop_server(proc)
+    return {
+        "prefill": pre,
+        "decode": dec,
+        "fit": fit_decode(dec["points"]),
+        "info": info,
+        "server_args": args,
+        "measured_unix_s": time.time(),
+    }
+
+
+PROFILES = Path(__file__).parent / "profiles"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("gpu", "cpu") or (argv[0] == "gpu" and len(argv) < 2):
+        print(__doc__)
+        return 2
+    if argv[0] == "gpu":
+        write_gpu_profiles(Path(argv[1]))
+        return 0
+    work = Path(argv[1]) if len(argv) > 1 else Path("out/simulate-cpu-profile")
+    measure = measure_cpu(work)
+    (work / "cpu_measure.json").write_text(json.dumps(measure, indent=1))
+    prof = cpu_profile(measure)
+    path = PROFILES / "cpu--tiny.json"
+    path.write_text(json.dumps(prof, indent=1) + "\n")
+    print(path, f"step overhead {prof['step_overhead_s'] * 1e3:.1f} ms, {prof['kv_blocks']} blocks")
+    return 0
+
+
+def cpu_profile(measure: dict, max_model_len: int = 6144) -> dict:
+    """The tiny CPU model's profile from one real-server measurement (``ctk profile`` prefill points and
+    :func:`ctk.predict.profile.measure_decode` decode points), fitted to the step model."""
+    import numpy as np
+
+    info, pre, fit = measure["info"], measure["prefill"], measure["fit"]
+    chunk = 2048  # vLLM 0.32 CPU default max_num_batched_tokens (OpenAI server, 1 worker)
+    rows, ys = [], []
+    for n, s in zip(pre["prefill_tokens"][1:], pre["prefill_s"][1:], strict=True):
+        lin, attn, done = 0.0, 0.0, 0
+        while done < n:
+            c = min(chunk, n - done)
+            lin += c
+            attn += c * (done + c / 2)
+            done += c
+        n_chunks = -(-n // chunk)
+        rows.append([lin, attn])
+        ys.append(s - (n_chunks - 1) * fit["base_s"])  # later chunks pay the step overhead again
+    (per_token, per_pair), *_ = np.linalg.lstsq(np.array(rows), np.array(ys), rcond=None)
+    per_token, per_pair = max(per_token, 1e-7), max(per_pair, 0.0)
+    block_size = int(info["block_size"])
+    raw = pre.get("raw") or []
+    rtt = float(np.median(raw[0]["latency_s"])) - 2 * fit["base_s"] if raw else pre["overhead_s"]
+    when = measure.get("measured_unix_s")
+    return {
+        "name": "cpu--tiny",
+        "hardware": "cpu",
+        "model": "tiny",
+        "kv_blocks": int(info["num_gpu_blocks"]) - 1,
+        "block_size": block_size,
+        "max_num_batched_tokens": chunk,
+        "max_num_seqs": 8,
+        "max_model_len": max_model_len,
+        "step_overhead_s": round(fit["base_s"], 7),
+        "linear_tokens": [0, chunk],
+        "linear_s": [0.0, round(per_token * chunk, 7)],
+        "attn_prefill_s": float(per_pair),
+        "attn_decode_s": float(fit["per_ctx_token_s"]),
+        "decode_seq_s": float(fit["per_seq_s"]),
+        "rtt_s": round(max(0.001, rtt), 5),
+        "sources": {
+            "measurement": (
+                "one run of `ctk serve` (vLLM 0.32.0 CPU, policy vllm) on the tiny model "
+                f"(ctk.engine_patch.tiny_model) with {' '.join(measure['server_args'])}, on this "
+                f"2-core machine "
+                f"shared with other jobs (noisy), unix time {when:.0f}"
+                if when
+                else "one run of ctk serve"
+            ),
+            "kv_blocks": "the server's num_gpu_blocks minus vLLM's null block; block_size: the server's",
+            "linear_s / attn_prefill_s": (
+                "least squares of `ctk profile` prefill latencies (minus the shortest prompt's) at "
+                f"{pre['prefill_tokens'][1:]} tokens to chunks of 2048: per token + per (query, key) pair"
+            ),
+            "step_overhead_s / decode_seq_s / attn_decode_s": (
+                "least squares of decode step times (ctk.predict.profile.measure_decode: b concurrent "
+                "completions of 72 vs 8 tokens) over batch {1,4,8} x context {128,2048}"
+            ),
+            "rtt_s": "the shortest prompt's latency minus two steps (HTTP + tokenisation)",
+            "max_num_batched_tokens": "vLLM 0.32 CPU default (OpenAI server): 2048",
+            "max_num_seqs": "bench/policies.py's --max-num-seqs 8",
+            "raw": json.dumps(
+                {
+                    "prefill": {k: pre[k] for k in ("prefill_tokens", "prefill_s", "overhead_s")},
+                    "decode": measure["decode"]["points"],
+                }
+            ),
+        },
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,410 @@
+"""One simulated vLLM 0.32 engine: the scheduler's batching and preemption, and an ``EngineView``.
+
+The scheduling step follows ``vllm/v1/core/sched/scheduler.py`` (0.32.0) where it matters for pins:
+
+- a token budget of ``max_num_batched_tokens`` per step, at most ``max_num_seqs`` running requests;
+- RUNNING requests first, in list order: each gets ``num_tokens - num_computed`` new tokens (a prefill chunk
+  or one decode token) capped by the remaining budget (chunked prefill); when its blocks cannot be
+  allocated the LAST running request is preempted (recompute: its blocks are freed, still cached, and it
+  goes to the FRONT of the waiting queue), repeatedly, until the allocation fits or the request itself was
+  the victim;
+- WAITING requests only when nothing was preempted this step, in queue order; a request's prefix-cache hit
+  (full blocks, at most ``num_tokens - 1`` tokens) is looked up, its whole prompt must fit the free blocks
+  (``scheduler_reserve_full_isl``, the 0.32 default), and the loop stops at the first request it cannot place;
+- a request whose prompt is fully computed samples one token in the same step; it finishes at ``max_tokens``.
+
+Step time comes from a :class:`StepCost` (the hardware profile). The policy is driven only through a
+``PolicyDriver`` at the adapter's hook points: ``request_added`` on arrival, ``step_begin`` before
+scheduling, ``allocation_failed`` before a preemption or a refused admission, ``step_end`` with the requests
+admitted this step, ``request_finished`` when a request finishes.
+
+Consecutive pure-decode steps with nothing else due (no waiting request, no arrival, no pin deadline, no
+finish, blocks available) are fused into one event of ``k`` steps: the event loop does no per-token work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ctk.simulate.blocks import BlockPool, Chain
+
+
+class StepCost(Protocol):
+    """Duration of one engine step (the hardware profile)."""
+
+    def step_s(self, prefill_tokens: int, prefill_attn: float, n_decode: int, decode_ctx: int) -> float:
+        """``prefill_attn`` = Σ chunk × (context before it + chunk / 2) over prefill chunks."""
+        ...
+
+
+@dataclass
+class EngineConfig:
+    num_blocks: int
+    block_size: int = 16
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    shared_prefix_tokens: int = 0  # the system prompt every program starts with (always resident)
+    max_fused_steps: int = 64  # decode steps fused into one event at most (1: no fusion)
+
+
+class SimRequest:
+    """One request (one turn of a program) inside a simulated engine."""
+
+    __slots__ = (
+        "request_id",
+        "program_id",
+        "chain",
+        "prompt_tokens",
+        "max_tokens",
+        "hints",
+        "arrival",
+        "num_computed",
+        "num_output",
+        "n_blocks",
+        "n_shared",
+        "cached_tokens",
+        "first_token_s",
+        "finish_s",
+        "preemptions",
+        "client",
+    )
+
+    def __init__(self, request_id: str, program_id: str, prompt_tokens: int, max_tokens: int, hints: Any):
+        self.request_id = request_id
+        self.program_id = program_id
+        self.chain: Chain | None = None
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.hints = hints
+        self.arrival = 0.0
+        self.num_computed = 0
+        self.num_output = 0
+        self.n_blocks = 0  # chain blocks held (after the shared prefix)
+        self.n_shared = 0  # of which hashed (prefix hits, or promoted when held); the rest are private
+        self.cached_tokens: int | None = None  # prefix-cache hit at the first admission
+        self.first_token_s: float | None = None
+        self.finish_s: float | None = None
+        self.preemptions = 0
+        self.client: Any = None  # the program driving it (set by the caller)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt_tokens + self.num_output
+
+
+class NullDriver:
+    """No policy at all (tests of the bare engine): every hook is a no-op."""
+
+    def request_added(self, request_id, hints, now):
+        pass
+
+    def step_begin(self, now):
+        pass
+
+    def step_end(self, admitted, now):
+        pass
+
+    def allocation_failed(self, request_id, running, now):
+        return False
+
+    def request_finished(self, request_id, end, now):
+        return False
+
+    def idle(self, now):
+        pass
+
+    def next_deadline(self):
+        return None
+
+
+class SimEngine:
+    """A vLLM 0.32 engine in virtual time; implements ctk's ``EngineView`` protocol."""
+
+    def __init__(self, cfg: EngineConfig, cost: StepCost, name: str = "engine-0"):
+        self.cfg = cfg
+        self.cost = cost
+        self.name = name
+        self.block_size = cfg.block_size
+        self.total_blocks = cfg.num_blocks
+        self.shared_blocks = cfg.shared_prefix_tokens // cfg.block_size
+        self.pool = BlockPool(cfg.num_blocks, cfg.block_size, reserved=self.shared_blocks)
+        self.waiting: deque[SimRequest] = deque()
+        self.running: list[SimRequest] = []
+        self.held: dict[str, SimRequest] = {}
+        self.requests: dict[str, SimRequest] = {}
+        self.driver: Any = NullDriver()
+        self.busy_until: float | None = None  # end of the step in flight
+        self.wake_deadline: float | None = None  # when the driver wants ``idle`` called (pin expiry)
+        self._scheduled: list[tuple[SimRequest, int]] = []
+        self._steps_in_flight = 1
+        # counters
+        self.steps = 0
+        self.preemptions = 0
+        self.kv_used_time = 0.0  # ∫ used-block share dt (for kv_usage_mean)
+        self.busy_time = 0.0
+
+    # -- EngineView ------------------------------------------------------------------------------
+
+    def free_blocks(self) -> int:
+        return self.pool.num_free
+
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def wake_at(self, deadline: float | None) -> None:
+        self.wake_deadline = deadline
+
+    def waiting_ids(self) -> list[str]:
+        return [r.request_id for r in self.waiting]
+
+    def reorder_waiting(self, order: list[int]) -> None:
+        reqs = list(self.waiting)
+        self.waiting = deque(reqs[i] for i in order)
+
+    def running_ids(self) -> list[str]:
+        return [r.request_id for r in self.running]
+
+    def reorder_running(self, order: list[int]) -> None:
+        self.running = [self.running[i] for i in order]
+
+    def waiting_demand(self) -> tuple[int, int]:
+        """(requests, uncomputed tokens) of the waiting requests the engine would admit next if memory
+        allowed: the head of the queue, one per free run slot (as ``VllmDoor.waiting_demand``)."""
+        from ctk.engine_patch.driver import head_demand
+
+        uncomputed = (r.num_tokens - r.num_computed for r in self.waiting)
+        return head_demand(uncomputed, self.cfg.max_num_seqs - len(self.running))
+
+    def blocks_of(self, request_id: str) -> int:
+        r = self.requests.get(request_id) or self.held.get(request_id)
+        if r is None or (r.n_blocks == 0 and r.num_computed == 0):
+            return 0
+        return self.shared_blocks + r.n_blocks
+
+    def hold(self, request_id: str) -> None:
+        r = self.requests.pop(request_id, None)
+        if r is not None:
+            self.held[request_id] = r
+            full = self._full_blocks(r)  # its full blocks get their hash: the next turn hits them
+            self.pool.promote(r.chain, r.n_shared, full)
+            r.n_shared = max(r.n_shared, full)
+
+    def free_held(self, request_id: str) -> None:
+        r = self.held.pop(request_id, None)
+        if r is not None:
+            self._release(r)
+
+    def output_text(self, request_id: str) -> str | None:
+        return None  # the replayed programs send the tool as a hint
+
+    # -- requests --------------------------------------------------------------------------------
+
+    @property
+    def load(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def fits(self, req: SimRequest) -> bool:
+        """Whether the request fits an empty cache at all (else vLLM would reject it)."""
+        return -(-req.num_tokens // self.block_size) + 1 <= self.total_blocks
+
+    def add(self, req: SimRequest, now: float) -> None:
+        req.arrival = now
+        if req.chain is None:
+            cap = -(-(req.prompt_tokens + req.max_tokens) // self.block_size) + 2
+            req.chain = self.pool.chain(req.program_id, cap)
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+        self.driver.request_added(req.request_id, req.hints, now)
+
+    def _blocks_for(self, tokens: int) -> int:
+        """Chain blocks (after the shared prefix) that ``tokens`` tokens occupy."""
+        return max(0, -(-tokens // self.block_size) - self.shared_blocks)
+
+    def _full_blocks(self, r: SimRequest) -> int:
+        """Chain blocks full of computed tokens (hashed: a later request can hit them)."""
+        full = min(r.num_computed, r.num_tokens) // self.block_size - self.shared_blocks
+        return min(r.n_blocks, max(0, full))
+
+    def _release(self, r: SimRequest) -> None:
+        self.pool.release(r.chain, r.n_shared, r.n_blocks, self._full_blocks(r))
+        r.n_blocks = r.n_shared = 0
+
+    def _preempt(self, r: SimRequest) -> None:
+        self._release(r)
+        r.num_computed = 0
+        r.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(r)
+
+    def _grow(self, r: SimRequest, num_new: int) -> bool:
+        """vLLM's ``allocate_slots`` for a running request: blocks for ``num_new`` more tokens."""
+        need = self._blocks_for(r.num_computed + num_new) - r.n_blocks
+        if need <= 0:
+            return True
+        if need > self.pool.num_free:
+            return False
+        self.pool.allocate(need)
+        r.n_blocks += need
+        return True
+
+    # -- one step --------------------------------------------------------------------------------
+
+    def begin_step(self, now: float, horizon: float = math.inf) -> float | None:
+        """Schedule a step at ``now``; its duration, or None when nothing can run (the engine waits).
+
+        ``horizon`` is the next time anything outside this engine can happen (an arrival); decode steps
+        are fused up to it.
+        """
+        driver = self.driver
+        driver.step_begin(now)
+        budget = self.cfg.max_num_batched_tokens
+        scheduled: list[tuple[SimRequest, int]] = []
+        preempted = False
+        running = self.running
+        i = 0
+        while i < len(running) and budget > 0:
+            r = running[i]
+            num_new = min(r.num_tokens - r.num_computed, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            ok = self._grow(r, num_new)
+            while not ok:
+                if driver.allocation_failed(r.request_id, True, now):
+                    ok = self._grow(r, num_new)
+                    continue
+                victim = running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is r:
+                    break
+                ok = self._grow(r, num_new)
+            if not ok:
+                break
+            scheduled.append((r, num_new))
+            budget -= num_new
+            i += 1
+        admitted: list[tuple[str, int]] = []
+        if not preempted:
+            pool, bs, shared = self.pool, self.block_size, self.shared_blocks
+            while self.waiting and budget > 0 and len(running) < self.cfg.max_num_seqs:
+                r = self.waiting[0]
+                # prefix-cache lookup: full blocks, at most num_tokens - 1 tokens
+                max_hit = (r.num_tokens - 1) // bs
+                hit = shared + pool.cached_prefix(r.chain, max_hit - shared) if max_hit > shared else max_hit
+                hit_chain = max(0, hit - shared)
+                computed = hit * bs
+                num_new = min(r.num_tokens - computed, budget)
+                touched = pool.evictable_in(r.chain, 0, hit_chain)
+                full_need = self._blocks_for(r.num_tokens) - hit_chain + touched
+                if full_need > pool.num_free:
+                    if driver.allocation_failed(r.request_id, False, now):
+                        continue  # a pin was freed: look up and try again
+                    break
+                pool.touch(r.chain, hit_chain)
+                r.n_blocks = r.n_shared = hit_chain
+                r.num_computed = computed
+                step_blocks = self._blocks_for(computed + num_new) - hit_chain
+                if step_blocks > 0:
+                    pool.allocate(step_blocks)
+                    r.n_blocks += step_blocks
+                self.waiting.popleft()
+                running.append(r)
+                scheduled.append((r, num_new))
+                budget -= num_new
+                if r.cached_tokens is None:  # the first admission (not a preempted request coming back)
+                    r.cached_tokens = computed
+                    admitted.append((r.request_id, computed))
+        driver.step_end(admitted, now)
+        if not scheduled:
+            self._scheduled = []
+            return None
+        prefill_tokens, prefill_attn, n_decode, decode_ctx = 0, 0.0, 0, 0
+        for r, n in scheduled:
+            if r.num_computed + n >= r.num_tokens and n == 1 and r.num_output > 0:
+                n_decode += 1
+                decode_ctx += r.num_computed
+            else:
+                prefill_tokens += n
+                prefill_attn += n * (r.num_computed + n / 2)
+        k = 1
+        if prefill_tokens == 0 and not self.waiting and self.cfg.max_fused_steps > 1:
+            k = self._fusable(scheduled, now, horizon)
+        dt = self.cost.step_s(prefill_tokens, prefill_attn, n_decode, decode_ctx + n_decode * (k - 1) // 2)
+        if k > 1:
+            dt *= k
+            for r, _ in scheduled:
+                self._grow(r, k)  # checked by _fusable
+        self._scheduled = scheduled
+        self._steps_in_flight = k
+        self.steps += k
+        self.busy_until = now + dt
+        used = 1.0 - self.pool.num_free / self.total_blocks
+        self.kv_used_time += used * dt
+        self.busy_time += dt
+        return dt
+
+    def _fusable(self, scheduled: list[tuple[SimRequest, int]], now: float, horizon: float) -> int:
+        """How many identical decode steps can run before anything else could change the schedule."""
+        k = min(self.cfg.max_fused_steps, min(r.max_tokens - r.num_output for r, _ in scheduled))
+        deadline = self.driver.next_deadline()
+        if deadline is not None:
+            horizon = min(horizon, deadline)
+        if k <= 1:
+            return 1
+        dt1 = self.cost.step_s(0, 0.0, len(scheduled), sum(r.num_computed for r, _ in scheduled))
+        if math.isfinite(horizon):
+            k = min(k, max(1, int((horizon - now) / max(dt1, 1e-9))))
+        if k <= 1:
+            return 1
+        need = sum(max(0, self._blocks_for(r.num_computed + k) - r.n_blocks) for r, _ in scheduled)
+        if need > self.pool.num_free:
+            return 1
+        return k
+
+    def end_step(self, now: float) -> list[SimRequest]:
+        """Apply the step in flight at its end ``now``; returns the requests that finished."""
+        k = self._steps_in_flight
+        finished = []
+        for r, n in self._scheduled:
+            if k > 1:
+                r.num_computed += k
+                r.num_output += k
+                continue
+            r.num_computed += n
+            if r.num_computed >= r.num_tokens:
+                r.num_output += 1
+                if r.first_token_s is None:
+                    r.first_token_s = now
+            if r.num_output >= r.max_tokens:
+                finished.append(r)
+        if k > 1:
+            finished = [r for r, _ in self._scheduled if r.num_output >= r.max_tokens]
+        self._scheduled = []
+        self._steps_in_flight = 1
+        self.busy_until = None
+        if finished:
+            done = set(map(id, finished))
+            self.running = [r for r in self.running if id(r) not in done]
+            for r in finished:
+                r.finish_s = now
+                self._finish(r, now)
+        return finished
+
+    def _finish(self, r: SimRequest, now: float) -> None:
+        from ctk.engine_patch.driver import RequestEnd
+
+        end = RequestEnd(True, r.prompt_tokens, r.num_tokens, r.num_output)
+        if not self.driver.request_finished(r.request_id, end, now):  # True: the driver holds its blocks
+            self.requests.pop(r.request_id, None)
+            self._release(r)

@@ -1,0 +1,208 @@
+"""A sweep: every policy at every arrival rate on the same programs; the table, the JSON, the figure.
+
+JSON (``ctk simulate --json``)::
+
+    {"rates": {"<rate>": {"<policy>": {"mean_jct_s", "p50_jct_s", "p99_jct_s", "p99_ttft_s", "hit_rate",
+                                        "preemptions", "pins", "kv_usage_mean", ...}}},
+     "config": {...}, "vllm_kv80_rate": <rate at which stock vLLM's mean KV usage passes 0.8, or null>}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctk.measure.workload import ProgramSpec, WorkloadConfig
+from ctk.simulate.profiles import HardwareProfile
+from ctk.simulate.run import SimConfig, simulate
+
+#: Workload defaults at GPU scale: recorded token counts unscaled, contexts up to 64k tokens.
+GPU_WORKLOAD = dict(
+    max_turns=30,
+    token_scale=1.0,
+    system_prompt_tokens=512,
+    task_prompt_tokens=1024,
+    max_output_tokens=2048,
+    max_observation_tokens=8192,
+    max_context_tokens=65536,
+    max_pause_s=600.0,
+)
+KV_USAGE_MARK = 0.8
+
+
+def gpu_workload(n_programs: int | None, seed: int = 0, **overrides) -> WorkloadConfig:
+    return WorkloadConfig(n_programs=n_programs, seed=seed, **{**GPU_WORKLOAD, **overrides})
+
+
+@dataclass
+class Sweep:
+    rates: list[float | None]  # None: the closed loop of cfg.arrivals.concurrency
+    policies: list[str]
+    results: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, rate: float | None, policy: str, summary: dict[str, Any]) -> None:
+        self.results.setdefault(rate_key(rate), {})[policy] = summary
+
+    def figures(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Per rate and policy: the summary with ratios vs ``vllm`` and ``continuum`` (> 1: better)."""
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for rate, per in self.results.items():
+            out[rate] = {p: dict(s) for p, s in per.items()}
+            for base in ("vllm", "continuum"):
+                b = per.get(base)
+                if b is None:
+                    continue
+                for s in out[rate].values():
+                    for key in ("mean_jct_s", "p99_jct_s", "p99_ttft_s"):
+                        v = s.get(key)
+                        ratio = b[key] / v if b.get(key) and v else None
+                        s[f"{key.removesuffix('_s')}_x_vs_{base}"] = ratio
+        return out
+
+    def kv80_rate(self, policy: str = "vllm") -> float | None:
+        """The lowest swept rate at which ``policy``'s mean KV usage reaches 80% (None: never)."""
+        for rate in sorted(r for r in self.rates if r is not None):
+            s = self.results.get(rate_key(rate), {}).get(policy)
+            if s and (s.get("kv_usage_mean") or 0) >= KV_USAGE_MARK:
+                return rate
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rates": self.figures(), "config": self.config, "vllm_kv80_rate": self.kv80_rate()}
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1, default=str))
+        return path
+
+
+def rate_key(rate: float | None) -> str:
+    return "closed" if rate is None else f"{rate:g}"
+
+
+def run_sweep(
+    programs: list[ProgramSpec],
+    profile: HardwareProfile,
+    policies: list[str],
+    rates: list[float | None],
+    cfg: SimConfig,
+    tables=None,
+    ttl_model: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Sweep:
+    """Simulate every (rate, policy) pair; the same programs and seed everywhere."""
+    cost = tables.cost_model if tables is not None else profile.cost_model()
+    sweep = Sweep(list(rates), list(policies))
+    for rate in rates:
+        arrivals = dataclasses.replace(cfg.arrivals, rate=rate)
+        if rate is not None and cfg.arrivals.rate is None and cfg.arrivals.concurrency:
+            arrivals.concurrency = None  # a Poisson sweep is open loop unless a rate was the base
+        run_cfg = dataclasses.replace(cfg, arrivals=arrivals)
+        for policy in policies:
+            serve = dict(cfg.serve)
+            if policy == "ttl" and ttl_model:
+                serve["ttl_model"] = ttl_model
+            run_cfg.serve = serve
+            res = simulate(
+                programs,
+                profile,
+                policy,
+                run_cfg,
+                tables=tables if policy == "ttl" else None,
+                cost=cost,
+                progress=progress,
+            )
+            sweep.add(rate, policy, res.summary())
+            if log is not None:
+                s = res.summary()
+                log(
+                    f"[rate {rate_key(rate)}] {policy}: mean JCT {s['mean_jct_s'] or 0:.2f} s, hit rate "
+                    f"{s['hit_rate'] or 0:.2f}, pins {s['pins']}, {res.wall_s:.1f} s wall"
+                )
+    cfg_dict = dataclasses.asdict(cfg)
+    cfg_dict.update(profile=profile.name, policies=list(policies), n_programs=len(programs))
+    sweep.config = cfg_dict
+    return sweep
+
+
+TABLE_COLUMNS = (
+    ("mean JCT s", "mean_jct_s", "{:.2f}"),
+    ("p50 JCT s", "p50_jct_s", "{:.2f}"),
+    ("p99 JCT s", "p99_jct_s", "{:.2f}"),
+    ("p99 TTFT s", "p99_ttft_s", "{:.3f}"),
+    ("hit rate", "hit_rate", "{:.3f}"),
+    ("preempt", "preemptions", "{:.0f}"),
+    ("pins", "pins", "{:.0f}"),
+    ("KV use", "kv_usage_mean", "{:.2f}"),
+    ("JCT x vllm", "mean_jct_x_vs_vllm", "{:.2f}"),
+    ("JCT x cont.", "mean_jct_x_vs_continuum", "{:.2f}"),
+)
+
+
+def format_tables(sweep: Sweep) -> str:
+    """One plain-text table per rate (ratios: baseline / policy, so > 1 means the policy is better)."""
+    blocks = []
+    for rate, per in sweep.figures().items():
+        title = "closed loop" if rate == "closed" else f"rate {rate} programs/s"
+        header = ["policy"] + [c[0] for c in TABLE_COLUMNS]
+        rows = [header]
+        for policy, s in per.items():
+            rows.append([policy] + ["-" if s.get(k) is None else f.format(s[k]) for _, k, f in TABLE_COLUMNS])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = [
+            "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+            for r in rows
+        ]
+        lines.insert(1, "-" * len(lines[0]))
+        blocks.append(title + "\n" + "\n".join(lines))
+    kv = sweep.kv80_rate()
+    if any(r is not None for r in sweep.rates):
+        blocks.append(
+            f"stock vLLM's mean KV usage reaches {KV_USAGE_MARK:.0%} at rate {kv:g}"
+            if kv is not None
+            else f"stock vLLM's mean KV usage stays under {KV_USAGE_MARK:.0%} at every swept rate"
+        )
+    return "\n\n".join(blocks)
+
+
+def plot_jct_vs_rate(sweep: Sweep, out_dir: Path) -> Path | None:
+    """Mean JCT and p99 TTFT vs arrival rate per policy (Continuum's lead figure); None without two rates."""
+    return plot_rates(sweep.to_json(), out_dir)
+
+
+def plot_rates(data: dict[str, Any], out_dir: Path, name: str = "simulate-jct-vs-rate.png") -> Path | None:
+    """The figure from a ``ctk simulate --json`` file's content; None when it has fewer than two rates."""
+    per_rate = {float(r): v for r, v in data.get("rates", {}).items() if r != "closed"}
+    if len(per_rate) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = sorted(per_rate)
+    policies = list(dict.fromkeys(p for r in rates for p in per_rate[r]))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for policy in policies:
+        pts = [(r, per_rate[r].get(policy) or {}) for r in rates]
+        pts = [(r, s) for r, s in pts if s.get("mean_jct_s") is not None]
+        ax1.plot([r for r, _ in pts], [s["mean_jct_s"] for _, s in pts], marker="o", label=policy)
+        ax2.plot([r for r, _ in pts], [s.get("p99_ttft_s") for _, s in pts], marker="o", label=policy)
+    ax1.set(xlabel="program arrival rate (programs/s)", ylabel="mean JCT (s)", title="job completion time")
+    ax2.set(xlabel="program arrival rate (programs/s)", ylabel="p99 TTFT (s)", title="time to first token")
+    ax1.legend()
+    cfg = data.get("config", {})
+    where = f"{cfg.get('profile', '')}, {cfg.get('replicas', 1)} replica(s), {cfg.get('routing', '')}"
+    fig.suptitle(f"ctk simulate: {where}")
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

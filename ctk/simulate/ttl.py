@@ -1,0 +1,44 @@
+"""The ``ttl`` policy's model for a simulation: given, or trained as the benchmark trains it.
+
+As in :func:`ctk.measure.compare.run_comparison`: ``ctk train`` on the store minus the simulated programs,
+tool durations on the simulation's clock (× ``time_scale``), with the SIMULATED hardware's prefill profile
+(:meth:`HardwareProfile.prefill_profile`) and block size, so the cost model the policy decides with is the
+one the simulated engine pays.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from ctk.measure.compare import train_ttl_model, training_store
+from ctk.measure.workload import ProgramSpec
+from ctk.simulate.profiles import HardwareProfile
+
+
+def ttl_tables(
+    db: Path,
+    programs: list[ProgramSpec],
+    profile: HardwareProfile,
+    work_dir: Path,
+    time_scale: float = 1.0,
+    ttl_model: Path | None = None,
+    log: Callable[[str], None] | None = None,
+):
+    """(model path, TTL tables): ``ttl_model`` loaded, else a model trained on the other programs."""
+    from ctk.predict.modelfile import load_ttl_tables
+
+    if ttl_model is None:
+        work_dir = Path(work_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        prof_path = work_dir / f"prefill-{profile.name}.json"
+        prof_path.write_text(json.dumps(profile.prefill_profile(), indent=1))
+        exclude = {p.program_id for p in programs}
+        train_db = training_store(db, exclude, time_scale, work_dir / "train.duckdb")
+        args = ["--profile", str(prof_path), "--block-size", str(profile.block_size)]
+        ttl_model = train_ttl_model(train_db, work_dir / f"model-{profile.name}.pkl", args)
+        if log is not None:
+            n = len(exclude)
+            log(f"trained {ttl_model} on {db} minus the {n} simulated programs ({profile.name} costs)")
+    return Path(ttl_model), load_ttl_tables(str(ttl_model))

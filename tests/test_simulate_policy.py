@@ -1,0 +1,173 @@
+"""The simulator drives ctk's own policy code (the objects the vLLM adapter drives), and the policies
+differ in the simulated engine as they should."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import ctk.simulate
+from ctk.engine_patch import driver as driver_mod
+from ctk.engine_patch.config import ServeConfig
+from ctk.engine_patch.policies import POLICY_NAMES, make_rule
+from ctk.engine_patch.policy import PolicyCore
+from ctk.measure.workload import ProgramSpec, TurnSpec
+from ctk.simulate.engine import EngineConfig, SimEngine
+from ctk.simulate.profiles import load_profile
+from ctk.simulate.run import SimConfig, attach_policy, simulate
+from ctk.simulate.workload import Arrivals
+
+SIM_DIR = Path(ctk.simulate.__file__).parent
+ADAPTER = Path(driver_mod.__file__).parent / "scheduler.py"
+
+
+def programs(n: int = 16, turns: int = 6) -> list[ProgramSpec]:
+    """Half the programs pause 0.3 s between turns, half 1.5 s; contexts of 1-2k tokens."""
+    out = []
+    for i in range(n):
+        pause = 0.3 if i % 2 else 1.5
+        ts = [TurnSpec(k, 32, 128, pause, "pytest -q" if i % 2 else "make build") for k in range(turns)]
+        ts[-1].last_turn, ts[-1].tool_duration_s, ts[-1].observation_tokens = True, 0.0, 0
+        out.append(ProgramSpec(f"p{i}", "test", 1024, ts))
+    return out
+
+
+def driver_hooks(source: str, holders: tuple[str, ...]) -> set[str]:
+    """Names of the driver methods used in ``source`` (``<holder>.<method>``, ``x.<holder>.<method>``)."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute):
+            v = node.value
+            holder = v.id if isinstance(v, ast.Name) else v.attr if isinstance(v, ast.Attribute) else None
+            if holder in holders:
+                names.add(node.attr)
+    return names
+
+
+def test_simulator_and_adapter_drive_the_same_objects():
+    from ctk.engine_patch import scheduler
+
+    # the adapter builds the driver class the simulator builds
+    assert scheduler.PolicyDriver is driver_mod.PolicyDriver
+    prof = load_profile("cpu", "tiny")
+    for policy in POLICY_NAMES:
+        e = SimEngine(EngineConfig(num_blocks=prof.kv_blocks, block_size=prof.block_size), prof)
+        serve = {"ttl_model": "unused.pkl"} if policy == "ttl" else {}
+        attach_policy(e, policy, serve, None, prof.cost_model())
+        cfg = ServeConfig.from_mapping({**serve, "policy": policy})
+        assert type(e.driver) is driver_mod.PolicyDriver
+        assert type(e.driver.core) is PolicyCore
+        assert type(e.driver.core.rule) is type(make_rule(policy, cfg, None, prof.cost_model()))
+        assert e.driver.view is e
+    # the simulator's engine is an EngineView: every method of the protocol, no more is asked of it
+    view_methods = {
+        n for n, v in vars(driver_mod.EngineView).items() if callable(v) and not n.startswith("_")
+    }
+    assert view_methods <= set(dir(SimEngine))
+    # the hooks: the simulator uses exactly the driver methods the vLLM adapter uses
+    sim_src = "\n".join(p.read_text() for p in sorted(SIM_DIR.glob("*.py")))
+    public = {n for n in vars(driver_mod.PolicyDriver) if not n.startswith("_")}
+    sim_hooks = driver_hooks(sim_src, ("driver",)) & public
+    adapter_hooks = driver_hooks(ADAPTER.read_text(), ("driver", "ctk_driver")) & public
+    lifecycle = {"request_added", "step_begin", "step_end", "allocation_failed", "request_finished", "idle"}
+    assert lifecycle <= sim_hooks
+    assert lifecycle <= adapter_hooks
+    # and the simulator has no policy of its own: it never imports a rule or the core's internals
+    for name in ("rules", "price", "ordering", "online"):
+        assert f"ctk.engine_patch.{name}" not in sim_src
+
+
+def test_every_hook_is_called_during_a_simulation(monkeypatch):
+    calls: dict[str, int] = {}
+    for name in ("request_added", "step_begin", "step_end", "allocation_failed", "request_finished"):
+        orig = getattr(driver_mod.PolicyDriver, name)
+
+        def spy(self, *a, _orig=orig, _name=name, **kw):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _orig(self, *a, **kw)
+
+        monkeypatch.setattr(driver_mod.PolicyDriver, name, spy)
+    prof = load_profile("cpu", "tiny")
+    cfg = SimConfig(arrivals=Arrivals(concurrency=8), shared_prefix_tokens=512)
+    res = simulate(programs(), prof, "continuum", cfg)
+    assert res.summary()["failed_programs"] == 0
+    n_turns = sum(len(p.turns) for p in programs())
+    assert calls["request_added"] == n_turns
+    assert calls["request_finished"] == n_turns
+    assert calls["step_begin"] >= calls["step_end"] > 0
+    assert calls.get("allocation_failed", 0) > 0  # the cache is too small: the valve is asked
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_small_simulation_leaves_no_blocks_behind(policy):
+    prof = load_profile("cpu", "tiny")
+    cfg = SimConfig(arrivals=Arrivals(concurrency=8), shared_prefix_tokens=512)
+    serve = {}
+    tables = None
+    if policy == "ttl":
+        serve = {"ttl_model": "unused.pkl"}
+        tables = _tables(prof)
+    cfg.serve = serve
+    res = simulate(programs(), prof, policy, cfg, tables=tables)
+    s = res.summary()
+    assert s["failed_programs"] == 0 and s["programs"] == 16
+    e = res.engines[0]
+    e.pool.check()
+    assert not e.held and not e.running and not e.waiting
+    assert e.pool.num_free == e.total_blocks - e.shared_blocks  # every block is back
+
+
+def _tables(prof):
+    """A TTL table from the simulated hardware's cost model: both tools return within ~1.5 s."""
+    from ctk.predict.tables import TTLTables
+
+    return TTLTables.build({"*": [0.3, 1.5, 1.6]}, {"*": 50}, [0.5, 0.9, 0.99], cost=prof.cost_model())
+
+
+def test_policies_differ_in_hits_as_expected():
+    prof = load_profile("cpu", "tiny")
+    cfg = SimConfig(arrivals=Arrivals(concurrency=8), shared_prefix_tokens=512)
+    s = {p: simulate(programs(), prof, p, cfg).summary() for p in ("vllm", "continuum", "oracle")}
+    assert s["vllm"]["pins"] == 0
+    assert s["continuum"]["pins"] > 0 and s["oracle"]["pins"] > 0
+    # the cache holds about half the working set: LRU loses the slow programs' prefixes, pins keep some
+    assert s["vllm"]["hit_rate"] < s["continuum"]["hit_rate"]
+    assert s["vllm"]["hit_rate"] < s["oracle"]["hit_rate"]
+    assert all(x["failed_programs"] == 0 for x in s.values())
+
+
+def test_cli_sweep_writes_the_issue_schema(tmp_path, monkeypatch):
+    from ctk.simulate.sweep import format_tables, plot_jct_vs_rate, run_sweep
+
+    prof = load_profile("cpu", "tiny")
+    cfg = SimConfig(arrivals=Arrivals(concurrency=None), shared_prefix_tokens=512)
+    sweep = run_sweep(programs(8, 4), prof, ["vllm", "oracle"], [0.5, 2.0], cfg)
+    data = sweep.to_json()
+    assert set(data["rates"]) == {"0.5", "2"}
+    for per in data["rates"].values():
+        for fig in per.values():
+            for key in (
+                "mean_jct_s",
+                "p50_jct_s",
+                "p99_jct_s",
+                "p99_ttft_s",
+                "hit_rate",
+                "preemptions",
+                "pins",
+                "kv_usage_mean",
+            ):
+                assert key in fig
+    assert "rate 0.5 programs/s" in format_tables(sweep)
+    path = plot_jct_vs_rate(sweep, tmp_path)
+    assert path is not None and path.stat().st_size > 1000
+    # ctk report shows it
+    from ctk.measure.report import build_report, is_valid_png, load_inputs, referenced_images
+
+    sweep.save(tmp_path / "sim.json")
+    page = build_report(load_inputs(None, [tmp_path / "sim.json"]), tmp_path / "report")
+    text = page.read_text()
+    assert "Simulated: cpu--tiny" in text and "0.5 programs/s" in text
+    images = referenced_images(page)
+    assert any("simulate" in p.name for p in images) and all(is_valid_png(p) for p in images)
