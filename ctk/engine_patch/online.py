@@ -18,8 +18,9 @@ program's turn k+1). Two mechanisms adapt the tables to the deployment, both dri
    Per key once it has ``min_samples`` calls, else a global shift learned from every call against the model
    file's own prediction; keys without calls are refreshed with it when it has moved by ``refresh_log_step``.
 
-A key's quantiles are ``base * exp(shift)`` and go through :meth:`TTLTables.recompute`, so the key gets (or
-refreshes) its own rows, read by the engine from ``tables.quantiles_s[key]`` / :meth:`TTLTables.lookup`.
+A key's quantiles are ``base * exp(shift)`` and go into the tables with :meth:`TTLTables.set_quantiles`
+(cheap: the engine's TTL rule reads ``tables.quantiles_s[key]`` and prices it live; the key's rows for
+:meth:`TTLTables.lookup` are re-derived lazily, on the next lookup).
 ``ctk predict --online`` replays recorded calls through this same class. Pure Python.
 """
 
@@ -74,11 +75,17 @@ def blend_quantiles(
         f_pri = _prior_cdf(levels, prior, t) if prior is not None else 0.0
         return (w * f_pri + n * f_obs) / (w + n)
 
-    fs = [cdf(t) for t in cands]
     out = []
-    for lvl in levels:  # the smallest candidate whose mixture CDF reaches the level
-        i = bisect.bisect_left(fs, lvl - 1e-12)
-        out.append(cands[min(i, len(cands) - 1)])
+    last = len(cands) - 1
+    for lvl in levels:  # the smallest candidate whose mixture CDF reaches the level (CDF is monotone)
+        lo, hi = 0, last
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if cdf(cands[mid]) >= lvl - 1e-12:
+                hi = mid
+            else:
+                lo = mid + 1
+        out.append(cands[lo])
     for i in range(1, len(out)):  # non-crossing
         out[i] = max(out[i], out[i - 1])
     return out
@@ -169,7 +176,7 @@ class OnlineDurations:
             return None
         q = self.tables.quantiles_s
         for k in keys:
-            if k in q and k in self.tables.ttl_s:
+            if k in q and self.tables.has_key(k):
                 return k
         return None
 
@@ -246,7 +253,7 @@ class OnlineDurations:
                 self.tables.quantile_levels, prior, min(n_prior, self.prior_weight), st.samples
             )
             q = shifted(base, self._shifts_for(key)) if self.calibrate else base
-            self.tables.recompute(key, q, n_prior + st.n_total)
+            self.tables.set_quantiles(key, q, n_prior + st.n_total)
         except ValueError:
             return None
         if key not in self._base and key in self.key_cal:  # its own data now: start its shift afresh
@@ -269,7 +276,7 @@ class OnlineDurations:
                 continue  # calibrated on its own calls
             base = self._base_of(k)
             if base is not None:
-                self.tables.recompute(k, shifted(base, g), self.tables.n_samples.get(k, 0))
+                self.tables.set_quantiles(k, shifted(base, g), self.tables.n_samples.get(k, 0))
                 self.recomputes += 1
         self._global_applied = list(g)
         self._last_refresh = now

@@ -214,7 +214,8 @@ class PolicyCore:
         pin = prog.pin if prog is not None else None
         if pin is None or pin.next_request_id != request_id:
             return []
-        full_blocks_tokens = (pin.context_tokens // self.block_size) * self.block_size
+        # The last sampled token's KV is never computed: the pinned full blocks end before it.
+        full_blocks_tokens = ((pin.context_tokens - 1) // self.block_size) * self.block_size
         if cached_tokens >= full_blocks_tokens and cached_tokens > 0:
             return [self._hit(pin)]
         self.stats.pin_misses += 1

@@ -42,6 +42,8 @@ class TTLTables:
     cost: dict = field(default_factory=dict)
     fixed: bool | None = None  # hand-set TTLs pinned as tabulated (None: no cost profile)
     _cost_model: CostModel | None = field(default=None, repr=False, compare=False)
+    #: keys whose quantiles changed since their rows were derived (rows are re-derived on first lookup)
+    _stale: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.context_edges = [int(e) for e in self.context_edges]
@@ -73,7 +75,10 @@ class TTLTables:
     def lookup(self, keys: Sequence[str], context_tokens: int | None, pressure: float) -> TTLDecision:
         """The decision of the first key present in the table; :data:`NO_PIN` when none is."""
         ttl = self.ttl_s
+        stale = self._stale
         for key in keys:
+            if stale and key in stale:
+                self._derive_rows(key)
             rows = ttl.get(key)
             if rows is not None:
                 c = self.context_bucket(context_tokens)
@@ -99,13 +104,34 @@ class TTLTables:
         """The context length a bucket is priced at: its upper edge (the cost of its longest contexts)."""
         return self.context_edges[bucket]
 
-    def recompute(self, key: str, quantiles_s: Sequence[float], n_samples: int) -> None:
-        """(Re-)derive ``key``'s rows from new quantiles with the cost model (online adaptation)."""
+    def has_key(self, key: str) -> bool:
+        """The tables decide for ``key`` (rows derived, or due on its next lookup)."""
+        return key in self.ttl_s or key in self._stale
+
+    def set_quantiles(self, key: str, quantiles_s: Sequence[float], n_samples: int) -> None:
+        """New quantiles for ``key`` (online adaptation): cheap; its rows are re-derived on its next
+        :meth:`lookup`. The engine's TTL rule reads ``quantiles_s`` and prices them live, so it never pays for
+        rows; offline replays (``ctk predict --online``) look the rows up."""
+        self.quantiles_s[key] = self._checked(key, quantiles_s)  # a new list: readers see the change
+        self.n_samples[key] = int(n_samples)
+        self._stale.add(key)
+
+    def _checked(self, key: str, quantiles_s: Sequence[float]) -> list[float]:
         q = [float(x) for x in quantiles_s]
         if len(q) != len(self.quantile_levels):
             raise ValueError(f"{key!r}: {len(q)} quantiles for {len(self.quantile_levels)} levels")
         if any(math.isnan(x) or x < 0 for x in q):
             raise ValueError(f"{key!r}: quantiles must be >= 0 and not NaN")
+        return q
+
+    def _derive_rows(self, key: str) -> None:
+        self._stale.discard(key)
+        self.recompute(key, self.quantiles_s[key], self.n_samples.get(key, 0))
+
+    def recompute(self, key: str, quantiles_s: Sequence[float], n_samples: int) -> None:
+        """(Re-)derive ``key``'s rows from new quantiles with the cost model, now."""
+        q = self._checked(key, quantiles_s)
+        self._stale.discard(key)
         cm = self.cost_model
         ttl_rows: list[list[float]] = []
         hit_rows: list[list[float]] = []
@@ -148,6 +174,8 @@ class TTLTables:
     # -- plain data --------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
+        for key in list(self._stale):
+            self._derive_rows(key)
         return {
             "version": TABLES_VERSION,
             "context_edges": list(self.context_edges),

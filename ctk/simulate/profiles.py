@@ -20,13 +20,14 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from ctk.errors import CtkError
 from ctk.predict.cost import CostModel
 
 #: ``--hardware`` / ``--model`` pairs with a bundled profile.
 PROFILE_DIR = "profiles"
 
 
-class ProfileError(ValueError):
+class ProfileError(CtkError, ValueError):
     """A profile is missing or malformed; the message says which."""
 
 
