@@ -150,7 +150,7 @@ def test_serve_rejects_bad_model_files_before_starting_anything(tmp_path):
     for args, message in [
         (["--ttl-model", str(bad)], "not a pickle"),
         (["--ttl-model", str(tmp_path / "missing.pkl")], "no such model file"),
-        ([], "needs a TTL model"),
+        ([], "starting from the shipped default"),  # no --ttl-model: the default model, said once
         (["--policy", "fast"], "policy must be one of"),
         (
             ["--ttl-model", str(write_test_model(tmp_path / "ok.pkl")), "--max-pin-share", "2"],
