@@ -28,7 +28,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -84,24 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _session_header_client():
-    """httpx.AsyncClient that copies a body's ``session_id`` into X-Session-ID (what the router hashes)."""
-    import httpx
-
-    async def add_header(request: httpx.Request) -> None:
-        if request.method == "POST" and b'"session_id"' in request.content:
-            session = json.loads(request.content).get("session_id")
-            if isinstance(session, str):
-                request.headers["X-Session-ID"] = session
-
-    class SessionHeaderClient(httpx.AsyncClient):
-        def __init__(self, *a, **kw):
-            kw.setdefault("event_hooks", {"request": [add_header]})
-            super().__init__(*a, **kw)
-
-    return SessionHeaderClient
-
-
 def context_found(result) -> float | None:
     """Share of next turns whose cached tokens cover >= FOUND of their previous turn's prompt."""
     found = total = 0
@@ -125,7 +106,6 @@ def replica_counters(urls: list[str]) -> dict[str, float]:
 
 
 def run_variant(name, routing, policy, programs, cfg, model_dir, ttl_model, out_dir, log):
-    import httpx
 
     from ctk.engine_patch.config import ServeConfig
     from ctk.engine_patch.fleet import Fleet
@@ -153,8 +133,7 @@ def run_variant(name, routing, policy, programs, cfg, model_dir, ttl_model, out_
         log(f"[{name}] fleet ready in {time.monotonic() - t0:.0f} s; replaying")
         before = replica_counters(urls)
         rcfg = dataclasses.replace(cfg["replay"], base_url=fleet.url, label=name, sample_interval_s=0)
-        with mock.patch.object(httpx, "AsyncClient", _session_header_client()):
-            result = run_replay(programs, cfg["workload"], rcfg)
+        result = run_replay(programs, cfg["workload"], rcfg)
         result.server_metrics = server_metrics.delta(before, replica_counters(urls))
         dead = fleet.check()
     result.save(out_dir / f"replay-{name}.json")

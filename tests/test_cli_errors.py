@@ -163,6 +163,8 @@ def test_replay_runs_against_the_scripted_server(monkeypatch, capsys, tmp_path) 
     turns = [t for p in result.programs for t in p.turns]
     assert len(result.programs) == 2 and turns and not [t.error for t in turns if t.error]
     assert len(seen) == len(turns) and all(t.completion_tokens for t in turns)
+    # the program identity travels as the header vllm-router routes on, too
+    assert all(e["header_session_id"] and e["header_session_id"] == e["body_session_id"] for e in seen)
 
 
 def test_tiny_model_files_respect_the_umask(tiny_model_dir) -> None:  # noqa: F811

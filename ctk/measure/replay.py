@@ -129,7 +129,9 @@ class Replayer:
         out_ids: list[int] = []
         n_chunks_text = 0
         try:
-            async with client.stream("POST", "/v1/completions", json=body) as r:
+            # X-Session-ID too: what vllm-router (consistent hashing, program binding) routes on
+            headers = {"X-Session-ID": replay_id}
+            async with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
                 if r.status_code >= 400:
                     text = (await r.aread()).decode(errors="replace")[:300]
                     res.error = f"HTTP {r.status_code}: {text}"
