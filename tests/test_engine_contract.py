@@ -178,3 +178,17 @@ def test_server_arguments(tmp_path):
     env = server_env(ServeConfig(policy="oracle", max_pin_share=0.3), base={"CTK_RECORD": "stale.duckdb"})
     assert env["CTK_POLICY"] == "oracle" and env["CTK_MAX_PIN_SHARE"] == "0.3"
     assert "CTK_RECORD" not in env  # settings from an outer environment do not leak in
+
+
+def test_serve_usage_names_the_model_and_its_defaults_are_the_engines():
+    import inspect
+
+    from ctk.engine_patch.commands import serve
+    from ctk.engine_patch.config import ServeConfig
+
+    res = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200)
+    assert res.exit_code == 0 and "ctk serve MODEL [OPTIONS]" in res.output
+    params = inspect.signature(serve).parameters
+    defaults = ServeConfig()  # what launch_server, the benchmarks and the simulator run with
+    assert params["age_factor"].default.default == defaults.age_factor
+    assert params["max_pin_share"].default.default == defaults.max_pin_share

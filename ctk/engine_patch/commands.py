@@ -6,11 +6,14 @@ from pathlib import Path
 
 import typer
 
+from ctk.engine_patch.config import ServeConfig
 from ctk.engine_patch.policies import POLICY_NAMES
+
+_DEFAULTS = ServeConfig()  # the CLI's defaults are the engine's (one source)
 
 
 def tiny_model(
-    path: Path = typer.Argument(..., help="output folder (created)"),
+    path: Path = typer.Argument(..., metavar="PATH", help="output folder (created)"),
     hidden_size: int = typer.Option(256, help="hidden size"),
     num_layers: int = typer.Option(4, help="decoder layers"),
     num_heads: int = typer.Option(4, help="attention heads"),
@@ -24,6 +27,7 @@ def tiny_model(
     """Build a tiny random-weight Llama + local tokenizer + tool-call chat template (no download)."""
     from ctk.engine_patch.tiny_model import build_tiny_model
 
+    typer.echo(f"building a tiny random-weight model in {path} (tokenizer, weights; ~10-20 s) ...", err=True)
     try:
         out = build_tiny_model(
             path,
@@ -48,8 +52,12 @@ def serve(
     ttl_model: Path | None = typer.Option(None, "--ttl-model", help="model.pkl with TTL tables (ctk train)"),
     policy: str = typer.Option("ttl", help=" | ".join(POLICY_NAMES)),
     record: Path | None = typer.Option(None, help="record observed tool durations into this trace store"),
-    max_pin_share: float = typer.Option(0.5, help="pinned KV blocks never exceed this share of the cache"),
-    age_factor: float = typer.Option(4.0, help="age bound: overtaking allowed up to this x recent FCFS wait"),
+    max_pin_share: float = typer.Option(
+        _DEFAULTS.max_pin_share, help="pinned KV blocks never exceed this share of the cache"
+    ),
+    age_factor: float = typer.Option(
+        _DEFAULTS.age_factor, help="age bound: a waiting request is overdue after this x the mean wait"
+    ),
     detectors: str = typer.Option("bash,tool_call,openai", help="tool-call detectors for output text"),
     online: bool = typer.Option(True, help="adapt the TTL tables online from observed tool durations"),
     replicas: int = typer.Option(1, min=1, help="N replicas behind vllm-router (--port is the router's)"),
@@ -67,7 +75,7 @@ def serve(
     import os
     import sys
 
-    from ctk.engine_patch.config import ConfigError, ServeConfig
+    from ctk.engine_patch.config import ConfigError
     from ctk.engine_patch.server import check_model_file, check_model_path, server_env
     from ctk.predict.modelfile import ModelFileError
 
@@ -148,5 +156,9 @@ def _serve_fleet(model: str, replicas: int, routing: str, cfg, vllm_args: list[s
 
 
 def register(app: typer.Typer) -> None:
-    app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve)
+    app.command(
+        "serve",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+        options_metavar="MODEL [OPTIONS] [VLLM ARGS]...",
+    )(serve)
     app.command("tiny-model")(tiny_model)
