@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ctk.datasets import shell
 from ctk.engine_patch.config import ServeConfig
 from ctk.engine_patch.detect import ToolCall
 from ctk.engine_patch.events import EngineState, PinCall
@@ -100,7 +101,8 @@ def main() -> None:
     price = MemoryPrice()
     rows = list(zip(cmds, tools, ctxs, prices, strict=True))
     for _ in range(args.rounds):
-        features._parse_cached.cache_clear()
+        for cached in (shell._parse_cached, shell._keys_cached, shell.normalize_program):
+            cached.cache_clear()  # every command is new to the parser again
         for c, tool, x, p in rows:
             t0 = perf()
             decide(PinCall("p", "r", tool, tuple(command_keys(c)), x, x // 16 + 1, 16, hints), state, p)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -140,6 +141,9 @@ def test_recorded_tool_durations_land_in_the_trace_store(served):
     from ctk.store import TraceStore
 
     assert stop_server(served["proc"]) is not None
+    log = Path(served["proc"].log_path).read_text(errors="replace")
+    # SIGTERM drains (ctk serve's --shutdown-timeout): no leaked-semaphore warning, no dead-engine traceback
+    assert "leaked semaphore" not in log and "EngineDeadError" not in log
     with TraceStore(served["record"], read_only=True) as store:
         calls = store.tool_calls()
         runs = store.table("runs")

@@ -78,6 +78,10 @@ def _has_flag(args: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
+#: Seconds vLLM may take to drain on SIGTERM (``--shutdown-timeout``) before it aborts.
+SHUTDOWN_TIMEOUT_S = 5
+
+
 def vllm_args(
     model: str | None, port: int | None, cfg: ServeConfig, extra_args: Sequence[str] = ()
 ) -> list[str]:
@@ -96,6 +100,10 @@ def vllm_args(
         args += ["--scheduler-cls", SCHEDULER_CLS]
     if MIDDLEWARE not in args:
         args += ["--middleware", MIDDLEWARE]  # request metadata vLLM would refuse is made acceptable
+    if not _has_flag(args, "--shutdown-timeout"):
+        # SIGTERM / Ctrl-C drain gracefully: vLLM's default (0: abort) force-kills its worker, which leaves
+        # "leaked semaphore / shared_memory" warnings and an EngineDeadError traceback on every stop
+        args += ["--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
     return args
 
 
