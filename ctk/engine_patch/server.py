@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -207,16 +208,60 @@ def wait_ready(base_url: str, timeout: float = 180.0, proc: subprocess.Popen | N
 
 
 def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> int:
-    """Terminate the server (and its engine process group); returns the exit code."""
+    """Stop the server and everything it started; returns the API server's exit code.
+
+    SIGTERM goes to the API server alone first, so vLLM drains its engine and worker itself
+    (``--shutdown-timeout``); a signal to the whole group at once makes every process abort on its own
+    (leaked semaphores, a dead-engine traceback). Whatever is left of the process group afterwards is
+    terminated, then killed, and the call returns only once the group is empty.
+    """
+    pgid = proc.pid  # launch_server starts the server as a process-group leader
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            _signal_group(pgid, signal.SIGKILL)
             proc.wait(10)
+    for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        if not _group_alive(pgid):
+            break
+        _signal_group(pgid, sig)
+        deadline = time.monotonic() + wait_s
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
     return proc.returncode
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Some process of the group still runs (zombies of already-reaped children do not count)."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:
+        import psutil
+
+        return any(
+            p.status() != psutil.STATUS_ZOMBIE
+            for p in psutil.process_iter()
+            if _pgid(p.pid) == pgid
+        )
+    except Exception:  # psutil missing or a race: the signal check said the group exists
+        return True
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
 
 
 def _log_tail(proc: subprocess.Popen | None, n: int = 30) -> str:
