@@ -1,4 +1,4 @@
-"""The comparison's TTL model and prefill profile, made in-process (no ``ctk train`` / ``ctk profile`` child)."""
+"""The comparison's TTL model and prefill profile, made in-process (no `ctk train` / `ctk profile` child)."""
 
 from __future__ import annotations
 
