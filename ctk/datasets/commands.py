@@ -14,9 +14,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ctk.progress import progress_bar
 from ctk.store import TABLES, StoreError, TraceStore
 
 # Piped output (CI logs, tests) gets a wide console instead of rich's 80 columns.
@@ -98,20 +98,11 @@ def import_cmd(
     created = not db.exists()
     store = open_store(db)
     total = len(found)
-    with Progress(
-        TextColumn("importing"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-        console=err_console,
-        transient=True,
-        disable=not err_console.is_terminal,
-    ) as progress:
-        task = progress.add_task("", total=total)
+    with progress_bar(status=True, console=err_console, only_on_terminal=True) as progress:
+        task = progress.add_task("importing", total=total, status="")
 
         def advance(path: Path) -> None:
-            progress.update(task, advance=1, description=path.name[:40])
+            progress.update(task, advance=1, status=path.name[:40])
 
         def committed(n_programs: int) -> None:
             if verbose:

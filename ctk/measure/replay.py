@@ -23,6 +23,7 @@ from ctk.errors import CtkError
 from ctk.measure import server_metrics
 from ctk.measure.results import ProgramResult, ReplayResult, TurnResult
 from ctk.measure.workload import ProgramSpec, WorkloadConfig, synthetic_ids
+from ctk.progress import progress_bar
 
 
 class ReplayError(CtkError, RuntimeError):
@@ -286,18 +287,7 @@ class Replayer:
 
 
 def _make_progress(enabled: bool):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("turns"),
-        TimeElapsedColumn(),
-        transient=True,
-    )
+    return progress_bar(unit="turns") if enabled else None
 
 
 def run_replay(programs: list[ProgramSpec], workload: WorkloadConfig, cfg: ReplayConfig) -> ReplayResult:

@@ -158,16 +158,9 @@ def simulate(
 
 class _Bar:
     def __init__(self, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from ctk.progress import progress_bar
 
-        self.p = Progress(
-            TextColumn("simulate"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("programs"),
-            TimeElapsedColumn(),
-            transient=True,
-        )
+        self.p = progress_bar(unit="programs")
         self.task = self.p.add_task("simulate", total=total)
         self.p.start()
 
