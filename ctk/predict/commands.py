@@ -51,17 +51,11 @@ def _errors() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _progress() -> Iterator:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """The ``Progress`` callback of train/evaluate/profile: ctk's progress bar on stderr (one line per step
+    when piped)."""
+    from ctk.progress import progress_bar
 
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-        disable=not err_console.is_terminal,
-    ) as prog:
+    with progress_bar(console=err_console, only_on_terminal=True) as prog:
         tasks: dict[str, int] = {}
 
         def update(step: str, done: int, total: int) -> None:
