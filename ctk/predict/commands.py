@@ -268,7 +268,7 @@ def predict(
 
     with _errors():
         m = ModelFile.load(model)
-        m.fitted_predictor(predictor)  # a wrong --predictor fails before INPUT is read
+        m.predictor_name(predictor)  # a wrong --predictor fails before INPUT is read
         rows, _ = _open_rows(input_path, None)
         pred = predict_rows(m, rows, pressure, predictor, online)
         _write_rows(pred.rows, output)

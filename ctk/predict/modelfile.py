@@ -259,10 +259,27 @@ class ModelFile:
 
     def fitted(self) -> dict[str, Predictor]:
         """Every predictor of the file, rebuilt (lightgbm from its model string); raises ModelFileError."""
+        return {n: self._rebuild(n) for n in self.predictors}
+
+    def predictor_name(self, name: str | None = None) -> str:
+        """``name`` (default: the primary predictor) if the file holds it; else a ModelFileError."""
+        name = name or self.predictor
+        if name not in self.predictors:
+            raise ModelFileError(
+                f"{self.name}: holds no predictor {name!r} (has {', '.join(self.predictors) or 'none'})"
+            )
+        return name
+
+    def fitted_predictor(self, name: str | None = None) -> tuple[str, Predictor]:
+        """``(name, predictor)``: the one named, else the primary, rebuilt; raises ModelFileError."""
+        name = self.predictor_name(name)
+        return name, self._rebuild(name)
+
+    def _rebuild(self, name: str) -> Predictor:
         from ctk.predict.predictors import predictor_from_dict
 
         try:
-            return {n: predictor_from_dict(d) for n, d in self.predictors.items()}
+            return predictor_from_dict(self.predictors[name])
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise ModelFileError(
                 f"{self.name}: cannot rebuild the predictors ({type(exc).__name__}: {exc})"
@@ -271,15 +288,6 @@ class ModelFile:
             raise ModelFileError(
                 f"{self.name}: corrupt predictor in model file ({type(exc).__name__}: {exc})"
             ) from None
-
-    def fitted_predictor(self, name: str | None = None) -> tuple[str, Predictor]:
-        """``(name, predictor)``: the one named, else the primary; raises ModelFileError if absent."""
-        name = name or self.predictor
-        if name not in self.predictors:
-            raise ModelFileError(
-                f"{self.name}: holds no predictor {name!r} (has {', '.join(self.predictors) or 'none'})"
-            )
-        return name, self.fitted()[name]
 
 
 _DISK_KEY = {attr: key for key, attr in ModelFile._KEYS.items()}
