@@ -66,9 +66,9 @@ def serve(
     age_factor: Annotated[
         float, typer.Option(help="age bound: a waiting request is overdue after this x the mean wait")
     ] = _DEFAULTS.age_factor,
-    detectors: Annotated[
-        str, typer.Option(help="tool-call detectors for output text")
-    ] = ",".join(_DEFAULTS.detectors),
+    detectors: Annotated[str, typer.Option(help="tool-call detectors for output text")] = ",".join(
+        _DEFAULTS.detectors
+    ),
     online: Annotated[
         bool, typer.Option(help="adapt the TTL tables online from observed tool durations")
     ] = True,
