@@ -12,7 +12,6 @@ import sys
 
 import pytest
 import typer
-from engine_fixtures import tiny_model_dir  # noqa: F401 - session fixture
 
 import ctk
 from ctk.cli import app, main
@@ -193,7 +192,7 @@ def test_replay_runs_against_the_scripted_server(monkeypatch, capsys, tmp_path) 
     assert all(e["header_session_id"] and e["header_session_id"] == e["body_session_id"] for e in seen)
 
 
-def test_tiny_model_files_respect_the_umask(tiny_model_dir) -> None:  # noqa: F811
+def test_tiny_model_files_respect_the_umask(tiny_model_dir) -> None:
     from ctk.files import new_file_mode
 
     files = [p for p in tiny_model_dir.iterdir() if p.is_file()]
