@@ -33,7 +33,6 @@ from ctk.wire import (
     AGENTIC_CONTEXT,
     LAST_TURN,
     MAX_CONTEXT_CHARS,
-    MAX_ID_CHARS,  # noqa: F401  (request_filter imports it from here)
     MAX_TOOL_CHARS,
     MAX_TURN_INDEX,
     SESSION_ID,
@@ -107,7 +106,7 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
         elif isinstance(raw, str) and raw.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
             last = raw.strip().lower() in ("true", "1", "yes")
         else:
-            _warn("last_turn", f"last_turn: expected a boolean: {str(raw)[:40]!r}", warnings)
+            _warn(LAST_TURN, f"{LAST_TURN}: expected a boolean: {str(raw)[:40]!r}", warnings)
     elif ctx.get("expected_resume") is False:  # the router's way to say "no next turn"
         last = True
 
@@ -117,7 +116,7 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
         if isinstance(raw, str) and raw.strip():
             tool = raw.strip()[:MAX_TOOL_CHARS]
         elif not (isinstance(raw, str)):
-            _warn("tool", f"tool: expected a string, got {type(raw).__name__}", warnings)
+            _warn(TOOL, f"{TOOL}: expected a string, got {type(raw).__name__}", warnings)
 
     duration = _non_negative(xargs, TOOL_DURATION_S, warnings)
     ttl_hint = _non_negative(xargs, TTL_HINT_S, warnings)
