@@ -98,3 +98,19 @@ def test_trajectory_import_uses_the_same_rules(tmp_path: Path) -> None:
     assert [t.censored for t in tools] == [True, False]
     assert tools[0].quality_flag == "timeout_censored" and tools[0].exit_status == "timeout"
     assert tools[1].command_or_args == long[:MAX_COMMAND_CHARS]
+
+
+def test_the_engine_recorder_keeps_as_much_of_a_command_as_the_collectors(tmp_path: Path) -> None:
+    from ctk.engine_patch.detect import ToolCall
+    from ctk.engine_patch.events import ToolObservation
+    from ctk.engine_patch.recorder import TraceRecorder
+    from ctk.store import TraceStore
+
+    long = "python -c " + "x" * 3000
+    recorder = TraceRecorder(tmp_path / "s.duckdb")
+    obs = ToolObservation("p", 1, ToolCall("hint", None, long), ["python", "*"], 1.5, 1e9, 100, 10)
+    recorder.tool_observed(obs)
+    recorder.close()
+    with TraceStore(tmp_path / "s.duckdb", read_only=True) as store:
+        [command] = store.table("tool_calls")["command_or_args"].tolist()
+    assert command == clip_command(long) == long[:MAX_COMMAND_CHARS]
