@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -46,19 +44,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# Registration order is the order of the loop: collect -> predict -> serve -> measure.
-COMMAND_MODULES = (
-    "ctk.datasets.commands",
-    "ctk.collect.commands",
-    "ctk.predict.commands",
-    "ctk.engine_patch.commands",
-    "ctk.measure.commands",
-    "ctk.simulate.commands",
-)
+# Registration order is the order of the loop: collect -> predict -> serve -> measure. Each ``register`` only
+# declares commands; heavy libraries are imported inside the commands, so ``ctk --help`` stays fast.
+from ctk.collect import commands as _collect  # noqa: E402
+from ctk.datasets import commands as _datasets  # noqa: E402
+from ctk.engine_patch import commands as _serve  # noqa: E402
+from ctk.measure import commands as _measure  # noqa: E402
+from ctk.predict import commands as _predict  # noqa: E402
+from ctk.simulate import commands as _simulate  # noqa: E402
 
-for _name in COMMAND_MODULES:
-    if importlib.util.find_spec(_name) is not None:  # TODO(lead): drop once every part has landed
-        importlib.import_module(_name).register(app)
+for _part in (_datasets, _collect, _predict, _serve, _measure, _simulate):
+    _part.register(app)
 
 
 @app.callback()

@@ -1,4 +1,9 @@
-"""Shared pytest set-up: paths of the shared traces and the bundled sample."""
+"""Shared pytest set-up: paths of the shared traces and the bundled sample, and every fixture module.
+
+The fixtures of each part (a tiny model and engine, sample stores, trained models) live in
+``tests/<part>_fixtures.py`` and are registered here once, so a test names a fixture as an argument and
+imports nothing for it.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ SHARED_TRACES = REPO.parent / "shared" / "data" / "agent-traces"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+
+pytest_plugins = ("engine_fixtures", "measure_fixtures", "predict_fixtures")
 
 
 @pytest.fixture(scope="session")

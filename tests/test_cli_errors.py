@@ -12,7 +12,6 @@ import sys
 
 import pytest
 import typer
-from engine_fixtures import tiny_model_dir  # noqa: F401 - session fixture
 
 import ctk
 from ctk.cli import app, main
@@ -69,35 +68,61 @@ def test_entry_turns_errors_into_one_line(capsys, tmp_path) -> None:
         run_cli(raise_(ValueError("bug")))
 
 
-MISSING = "/nonexistent/ctk-test/missing"
+def _command_paths() -> list[tuple[str, ...]]:
+    """Every command in the ``ctk --help`` tree (``("collect", "bfcl")`` for a group's subcommand)."""
+    paths: list[tuple[str, ...]] = []
+    for name, cmd in typer.main.get_command(app).commands.items():
+        subs = getattr(cmd, "commands", None)
+        paths += [(name, s) for s in subs] if subs else [(name,)]
+    return paths
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["import", f"{MISSING}.csv", "--db", "{tmp}/t.duckdb"],
-        ["stats", "--db", f"{MISSING}.duckdb"],
-        ["export", "--db", f"{MISSING}.duckdb", "-o", "{tmp}/x.csv"],
-        ["train", "--db", f"{MISSING}.duckdb", "-o", "{tmp}/m.pkl"],
-        ["evaluate", "--db", f"{MISSING}.duckdb"],
-        ["predict", f"{MISSING}.csv", "--model", f"{MISSING}.pkl"],
-        ["inspect", f"{MISSING}.pkl"],
-        ["replay", "--db", f"{MISSING}.duckdb", "--url", "http://127.0.0.1:1/v1", "-o", "{tmp}/r.json"],
-        ["report", "--db", f"{MISSING}.duckdb", "-o", "{tmp}/report"],
-        ["collect", "swebench", "--db", "{tmp}/c.duckdb", "--instances", f"{MISSING}.jsonl"],
-        ["collect", "bfcl", "--db", "{tmp}/c.duckdb", "--url", "http://127.0.0.1:1/v1",
-         "--tool-latency", f"{MISSING}.csv"],
-        ["proxy", "--url", "http://127.0.0.1:1/v1", "--db", "{tmp}"],  # a folder, not a store
-    ],
-    ids=lambda a: " ".join(a[:2]),
-)
-def test_each_command_with_a_missing_file(monkeypatch, capsys, tmp_path, args) -> None:
-    code, out = _run(monkeypatch, capsys, *[a.replace("{tmp}", str(tmp_path)) for a in args])
-    assert code != 0, out
-    assert "Traceback" not in out, out
-    errors = [line for line in out.splitlines() if "error" in line.lower()]
-    assert errors, out
-    assert not (tmp_path / "t.duckdb").exists()
+# Each command with an input that is not there ({missing}: no such file; {blocked}: a path under a regular
+# file, so not even root can create it). ctk serve fails on its model file before vLLM starts.
+DOWN = "http://127.0.0.1:1/v1"
+MISSING_INPUT: dict[tuple[str, ...], list[str]] = {
+    ("import",): ["{missing}.csv", "--db", "{tmp}/t.duckdb"],
+    ("stats",): ["--db", "{missing}.duckdb"],
+    ("export",): ["--db", "{missing}.duckdb", "-o", "{tmp}/x.csv"],
+    ("proxy",): ["--url", DOWN, "--db", "{blocked}/p.duckdb"],
+    ("train",): ["--db", "{missing}.duckdb", "-o", "{tmp}/m.pkl"],
+    ("evaluate",): ["--db", "{missing}.duckdb"],
+    ("predict",): ["{missing}.csv", "--model", "{missing}.pkl"],
+    ("inspect",): ["{missing}.pkl"],
+    ("profile",): ["--url", DOWN, "-o", "{blocked}/profile.json"],
+    ("serve",): ["{missing}-model", "--ttl-model", "{missing}.pkl"],
+    ("tiny-model",): ["{blocked}/tiny"],
+    ("replay",): ["--db", "{missing}.duckdb", "--url", DOWN, "-o", "{tmp}/r.json"],
+    ("report",): ["--db", "{missing}.duckdb", "-o", "{tmp}/report"],
+    ("demo",): ["-o", "{blocked}/demo"],
+    ("simulate",): ["--db", "{missing}.duckdb"],
+    ("collect", "swebench"): ["--db", "{tmp}/c.duckdb", "--instances", "{missing}.jsonl"],
+    ("collect", "bfcl"): ["--db", "{tmp}/c.duckdb", "--url", DOWN, "--tool-latency", "{missing}.csv"],
+}
+
+
+def test_every_command_has_a_missing_input_case() -> None:
+    assert sorted(_command_paths()) == sorted(MISSING_INPUT)
+
+
+@pytest.mark.parametrize("path", sorted(MISSING_INPUT), ids=" ".join)
+def test_each_command_with_a_missing_file(monkeypatch, capsys, tmp_path, path) -> None:
+    """One line on stderr, no traceback, a non-zero exit, and nothing written."""
+    (tmp_path / "file").write_text("a regular file")
+    where = {
+        "{tmp}": str(tmp_path),
+        "{missing}": str(tmp_path / "missing"),
+        "{blocked}": str(tmp_path / "file"),
+    }
+    args = [next((a.replace(k, v) for k, v in where.items() if k in a), a) for a in MISSING_INPUT[path]]
+    monkeypatch.setattr(sys, "argv", ["ctk", *path, *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert info.value.code not in (0, None), out
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in out.out, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"], "a failed command left files behind"
 
 
 def test_version_and_help_conventions(monkeypatch, capsys) -> None:
@@ -167,7 +192,7 @@ def test_replay_runs_against_the_scripted_server(monkeypatch, capsys, tmp_path) 
     assert all(e["header_session_id"] and e["header_session_id"] == e["body_session_id"] for e in seen)
 
 
-def test_tiny_model_files_respect_the_umask(tiny_model_dir) -> None:  # noqa: F811
+def test_tiny_model_files_respect_the_umask(tiny_model_dir) -> None:
     from ctk.files import new_file_mode
 
     files = [p for p in tiny_model_dir.iterdir() if p.is_file()]

@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import pytest
 from collect_fixtures import read_table, scripted_server
-from engine_fixtures import tiny_model_dir  # noqa: F401 - session fixture
 
 from ctk.collect.proxy import ProxyOptions, create_app, program_from_request, tool_of_response
 from ctk.datasets.scripted_server import BackgroundServer
@@ -149,7 +148,7 @@ def _observed(port: int) -> float:
 
 
 @pytest.mark.engine
-def test_proxy_in_front_of_vllm_passes_the_session_id(tmp_path: Path, tiny_model_dir: Path) -> None:  # noqa: F811
+def test_proxy_in_front_of_vllm_passes_the_session_id(tmp_path: Path, tiny_model_dir: Path) -> None:
     from ctk.engine_patch.server import free_port, launch_server, stop_server, wait_ready
 
     port = free_port()

@@ -190,5 +190,5 @@ def test_serve_usage_names_the_model_and_its_defaults_are_the_engines():
     assert res.exit_code == 0 and "ctk serve MODEL [OPTIONS]" in res.output
     params = inspect.signature(serve).parameters
     defaults = ServeConfig()  # what launch_server, the benchmarks and the simulator run with
-    assert params["age_factor"].default.default == defaults.age_factor
-    assert params["max_pin_share"].default.default == defaults.max_pin_share
+    assert params["age_factor"].default == defaults.age_factor
+    assert params["max_pin_share"].default == defaults.max_pin_share

@@ -5,19 +5,13 @@ from __future__ import annotations
 import random
 
 import pytest
-from engine_fixtures import (  # noqa: F401 (pytest fixtures)
-    LONG_TTL_KEY,
-    engine_llm,
-    scheduler_of,
-    tiny_model_dir,
-    ttl_model_file,
-)
+from engine_fixtures import LONG_TTL_KEY, scheduler_of
 
 pytestmark = pytest.mark.engine
 
 
 @pytest.fixture
-def sched(engine_llm, ttl_model_file):  # noqa: F811
+def sched(engine_llm, ttl_model_file):
     s = scheduler_of(engine_llm)
     s.ctk_reconfigure(policy="ttl", ttl_model=str(ttl_model_file), max_pin_share=0.5, online=False)
     yield s
@@ -52,7 +46,7 @@ def _count_calls(monkeypatch, obj, name) -> list[int]:
     return calls
 
 
-def test_no_pin_no_demand_walk_no_valve(engine_llm, sched, monkeypatch):  # noqa: F811
+def test_no_pin_no_demand_walk_no_valve(engine_llm, sched, monkeypatch):
     """Zero pins: the waiting queue is never walked for its demand during steps (only when a finish is
     judged) and allocate_slots is vLLM's own method; a held pin turns both on, its release turns them off."""
     door, kv = sched.ctk_door, sched.kv_cache_manager
@@ -72,7 +66,7 @@ def test_no_pin_no_demand_walk_no_valve(engine_llm, sched, monkeypatch):  # noqa
     assert sched.ctk_pinned_request_ids() == [] and "allocate_slots" not in vars(kv)
 
 
-def test_stock_policy_tracks_nothing_and_keeps_vllm_order(engine_llm, sched, monkeypatch):  # noqa: F811
+def test_stock_policy_tracks_nothing_and_keeps_vllm_order(engine_llm, sched, monkeypatch):
     sched.ctk_reconfigure(policy="vllm")
     door = sched.ctk_door
     reorders = _count_calls(monkeypatch, door, "reorder_waiting")
@@ -82,7 +76,7 @@ def test_stock_policy_tracks_nothing_and_keeps_vllm_order(engine_llm, sched, mon
     assert sched.ctk.stats.pins_created == 0 and sched.ctk_pinned_request_ids() == []
 
 
-def test_program_order_goes_through_the_request_queue(engine_llm, sched):  # noqa: F811
+def test_program_order_goes_through_the_request_queue(engine_llm, sched):
     """vLLM's own waiting-queue seam: a RequestQueue subclass re-ordered in place by the policy."""
     from vllm.v1.core.sched.request_queue import FCFSRequestQueue, RequestQueue
 

@@ -6,15 +6,7 @@ import random
 import time
 
 import pytest
-from engine_fixtures import (  # noqa: F401 (pytest fixtures)
-    LONG_TTL_KEY,
-    SHORTEST_TTL_KEY,
-    TEST_TTLS,
-    engine_llm,
-    scheduler_of,
-    tiny_model_dir,
-    ttl_model_file,
-)
+from engine_fixtures import LONG_TTL_KEY, SHORTEST_TTL_KEY, TEST_TTLS, scheduler_of
 
 pytestmark = pytest.mark.engine
 
@@ -22,7 +14,7 @@ PROMPT = 1500  # tokens: 11 full blocks of 128 + a partial one
 
 
 @pytest.fixture
-def sched(engine_llm, ttl_model_file):  # noqa: F811
+def sched(engine_llm, ttl_model_file):
     s = scheduler_of(engine_llm)
     s.ctk_reconfigure(policy="ttl", ttl_model=str(ttl_model_file), max_pin_share=0.5, online=False)
     yield s
@@ -60,7 +52,7 @@ def flood(llm, rng, n=12):
     gen(llm, [toks(rng) for _ in range(n)], params(2))
 
 
-def test_prefix_survives_a_flood_with_ttl_and_is_evicted_with_stock(engine_llm, sched):  # noqa: F811
+def test_prefix_survives_a_flood_with_ttl_and_is_evicted_with_stock(engine_llm, sched):
     cached = {}
     for policy, seed in (("vllm", 1), ("ttl", 2)):
         sched.ctk_reconfigure(policy=policy)
@@ -77,7 +69,7 @@ def test_prefix_survives_a_flood_with_ttl_and_is_evicted_with_stock(engine_llm, 
     assert sched.ctk.stats.pin_hits == 1 and sched.ctk.stats.releases.get("hit") == 1
 
 
-def test_expiry_frees_the_blocks_even_without_engine_steps(engine_llm, sched):  # noqa: F811
+def test_expiry_frees_the_blocks_even_without_engine_steps(engine_llm, sched):
     rng = random.Random(3)
     before = free_blocks(sched)
     gen(engine_llm, [toks(rng)], params(program_id="E", tool=SHORTEST_TTL_KEY))
@@ -90,7 +82,7 @@ def test_expiry_frees_the_blocks_even_without_engine_steps(engine_llm, sched):  
     assert sched.ctk.stats.releases.get("expired") == 1
 
 
-def test_abort_of_the_next_turn_frees_the_pin(engine_llm, sched):  # noqa: F811
+def test_abort_of_the_next_turn_frees_the_pin(engine_llm, sched):
     rng = random.Random(4)
     out = gen(engine_llm, [a1 := toks(rng)], params(program_id="B", tool=LONG_TTL_KEY))[0]
     assert sched.ctk.pinned_blocks == 12
@@ -105,7 +97,7 @@ def test_abort_of_the_next_turn_frees_the_pin(engine_llm, sched):  # noqa: F811
     assert free_blocks(sched) == all_blocks(sched)
 
 
-def test_last_turn_and_final_answers_never_pin(engine_llm, sched):  # noqa: F811
+def test_last_turn_and_final_answers_never_pin(engine_llm, sched):
     rng = random.Random(5)
     gen(engine_llm, [toks(rng)], params(program_id="L", tool=LONG_TTL_KEY, last_turn=True))
     gen(engine_llm, [toks(rng)], params(program_id="M"))  # no hint, random text: no tool call
@@ -114,7 +106,7 @@ def test_last_turn_and_final_answers_never_pin(engine_llm, sched):  # noqa: F811
     assert free_blocks(sched) == all_blocks(sched)
 
 
-def test_tool_call_is_detected_from_real_output_tokens(engine_llm, sched):  # noqa: F811
+def test_tool_call_is_detected_from_real_output_tokens(engine_llm, sched):
     tok = engine_llm.get_tokenizer()
 
     class Fake:
@@ -126,7 +118,7 @@ def test_tool_call_is_detected_from_real_output_tokens(engine_llm, sched):  # no
 
 
 @pytest.mark.parametrize("policy", ["ttl", "continuum"])
-def test_more_pins_than_memory_all_complete_and_pins_go_before_preemption(engine_llm, sched, policy):  # noqa: F811
+def test_more_pins_than_memory_all_complete_and_pins_go_before_preemption(engine_llm, sched, policy):
     """8 programs x 12 pinned blocks > 63 blocks: pins are released (by the price as soon as memory keeps a
     request out, or by the valve when an allocation fails, Continuum's only way); no preemption with pins."""
     sched.ctk_reconfigure(policy=policy, max_pin_share=1.0, continuum_ttl_s=30.0)
@@ -191,7 +183,7 @@ def admission_order(llm, sched, tag):
     return [r[len(tag) :].split("-")[0] for r in admitted if r.startswith((f"{tag}new-1", f"{tag}old-2"))]
 
 
-def test_program_fcfs_admits_older_programs_first(engine_llm, sched):  # noqa: F811
+def test_program_fcfs_admits_older_programs_first(engine_llm, sched):
     """With both running slots busy, a later turn of an older program overtakes a newer program."""
     sched.ctk_reconfigure(age_min_s=60.0)  # keep the age bound out of this test
     assert admission_order(engine_llm, sched, "ctk-") == ["old", "new"]
@@ -201,7 +193,7 @@ def test_program_fcfs_admits_older_programs_first(engine_llm, sched):  # noqa: F
     assert admission_order(engine_llm, sched, "stock-") == ["new", "old"]
 
 
-def test_random_workload_with_aborts_leaks_nothing(engine_llm, sched):  # noqa: F811
+def test_random_workload_with_aborts_leaks_nothing(engine_llm, sched):
     eng = engine_llm.llm_engine
     rng = random.Random(8)
     live: dict[str, int] = {}
@@ -241,7 +233,7 @@ def test_random_workload_with_aborts_leaks_nothing(engine_llm, sched):  # noqa: 
     assert sched.requests == {}
 
 
-def test_async_scheduler_pins_and_hits_through_the_same_mixin(engine_llm, sched):  # noqa: F811
+def test_async_scheduler_pins_and_hits_through_the_same_mixin(engine_llm, sched):
     """The GPU default ``AsyncScheduler`` (CPU forces sync) built on the live engine's configuration and
     driven at its hooks without a model: admission, a natural finish pinned, the next turn's hit."""
     from vllm.v1.request import Request, RequestStatus

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from engine_fixtures import KV_BYTES, LONG_TTL_KEY, tiny_model_dir, ttl_model_file  # noqa: F401
+from engine_fixtures import KV_BYTES, LONG_TTL_KEY
 
 BLOCK = 128  # tokens per KV block of the CPU engine
 # turn 1's prompt and output fill exactly 4 blocks of computed KV (the last output token is never computed)
@@ -105,7 +105,7 @@ def test_serve_a_missing_model_is_one_line_and_exit_2(ctk_bin, model, replicas):
 
 
 @pytest.fixture(scope="module")
-def fleet(tiny_model_dir, ttl_model_file):  # noqa: F811
+def fleet(tiny_model_dir, ttl_model_file):
     pytest.importorskip("vllm_router")
     from ctk.engine_patch.server import free_port
 

@@ -8,14 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from engine_fixtures import (  # noqa: F401 (pytest fixtures)
-    KV_BYTES,
-    LONG_TTL_KEY,
-    SHORTEST_TTL_KEY,
-    TEST_TTLS,
-    tiny_model_dir,
-    ttl_model_file,
-)
+from engine_fixtures import KV_BYTES, LONG_TTL_KEY, SHORTEST_TTL_KEY, TEST_TTLS
 
 pytestmark = pytest.mark.engine
 
@@ -23,7 +16,7 @@ WORDS = ["alpha", "beta", "gamma", "delta", "repo", "test", "python", "file", "e
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model_dir, ttl_model_file, tmp_path_factory):  # noqa: F811
+def served(tiny_model_dir, ttl_model_file, tmp_path_factory):
     from ctk.engine_patch.server import free_port, launch_server, stop_server, wait_ready
 
     record = tmp_path_factory.mktemp("served") / "traces.duckdb"

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from engine_fixtures import tiny_model_dir  # noqa: F401
 from typer.testing import CliRunner
 
 from ctk.cli import app
 
 
-def test_tiny_model_files_and_tokenizer(tiny_model_dir):  # noqa: F811
+def test_tiny_model_files_and_tokenizer(tiny_model_dir):
     from transformers import AutoConfig, AutoTokenizer
 
     cfg = AutoConfig.from_pretrained(tiny_model_dir)
@@ -23,7 +22,7 @@ def test_tiny_model_files_and_tokenizer(tiny_model_dir):  # noqa: F811
     assert tok.convert_tokens_to_ids("<tool_call>") < 10
 
 
-def test_chat_template_renders_tool_calls(tiny_model_dir):  # noqa: F811
+def test_chat_template_renders_tool_calls(tiny_model_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

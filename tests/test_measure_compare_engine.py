@@ -12,12 +12,12 @@ from ctk.measure.table import format_table
 from ctk.measure.workload import WorkloadConfig
 from ctk.predict.modelfile import load_ttl_tables
 from ctk.store import TraceStore
-from tests.measure_fixtures import MSWEA_SOURCE, measure_model_dir, sample_store  # noqa: F401
+from tests.measure_fixtures import MSWEA_SOURCE
 
 pytestmark = pytest.mark.engine
 
 
-def test_oracle_then_ttl_share_a_model_trained_on_other_programs(sample_store, measure_model_dir, tmp_path):  # noqa: F811
+def test_oracle_then_ttl_share_a_model_trained_on_other_programs(sample_store, measure_model_dir, tmp_path):
     cfg = CompareConfig(
         policies=["oracle", "ttl"],
         workload=WorkloadConfig(

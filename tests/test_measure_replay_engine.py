@@ -12,7 +12,7 @@ import pytest
 from ctk.measure.replay import ReplayConfig, ReplayError, run_replay
 from ctk.measure.workload import WorkloadConfig, load_programs
 from ctk.store import TraceStore
-from tests.measure_fixtures import MSWEA_SOURCE, live_server, measure_model_dir, sample_store  # noqa: F401
+from tests.measure_fixtures import MSWEA_SOURCE
 
 pytestmark = pytest.mark.engine
 
@@ -20,7 +20,7 @@ SMALL = dict(sources=[MSWEA_SOURCE], max_turns=4, max_output_tokens=16, max_obse
              system_prompt_tokens=128, task_prompt_tokens=128, max_context_tokens=2048, max_pause_s=20.0)
 
 
-def test_replay_is_token_exact_hits_the_prefix_cache_and_records_everything(live_server, sample_store):  # noqa: F811
+def test_replay_is_token_exact_hits_the_prefix_cache_and_records_everything(live_server, sample_store):
     wcfg = WorkloadConfig(n_programs=3, seed=1, **SMALL)
     with TraceStore(sample_store, read_only=True) as store:
         programs = load_programs(store, wcfg)
@@ -57,7 +57,7 @@ def test_replay_is_token_exact_hits_the_prefix_cache_and_records_everything(live
 
 
 def test_replay_cli_records_json_and_store_and_stops_cleanly_on_ctrl_c(
-    live_server, sample_store, tmp_path, ctk_bin  # noqa: F811
+    live_server, sample_store, tmp_path, ctk_bin
 ):
     out, rec = tmp_path / "r.json", tmp_path / "rec.duckdb"
     args = [*ctk_bin, "replay", "--db", str(sample_store), "--base-url", live_server,
@@ -80,7 +80,7 @@ def test_replay_cli_records_json_and_store_and_stops_cleanly_on_ctrl_c(
         assert store.table("llm_calls")["ttft_s"].notna().sum() >= len(done)
 
 
-def test_unreachable_server_is_a_clear_error(sample_store):  # noqa: F811
+def test_unreachable_server_is_a_clear_error(sample_store):
     wcfg = WorkloadConfig(n_programs=1, **SMALL)
     with TraceStore(sample_store, read_only=True) as store:
         programs = load_programs(store, wcfg)
@@ -88,7 +88,7 @@ def test_unreachable_server_is_a_clear_error(sample_store):  # noqa: F811
         run_replay(programs, wcfg, ReplayConfig(base_url="http://127.0.0.1:9", progress=False))
 
 
-def test_poisson_arrivals_are_seeded_and_spread(live_server, sample_store):  # noqa: F811
+def test_poisson_arrivals_are_seeded_and_spread(live_server, sample_store):
     wcfg = WorkloadConfig(n_programs=4, seed=5, **{**SMALL, "max_turns": 2})
     with TraceStore(sample_store, read_only=True) as store:
         programs = load_programs(store, wcfg)

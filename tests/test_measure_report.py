@@ -16,7 +16,6 @@ import pytest
 from ctk.measure.report import ReportInputs, build_report, is_valid_png, load_inputs, referenced_images
 from ctk.measure.results import ProgramResult, ReplayResult, TurnResult
 from ctk.store import TraceStore
-from tests.measure_fixtures import sample_store  # noqa: F401
 
 
 def _fit_tables(tool_calls):
@@ -50,7 +49,7 @@ def _results() -> list[ReplayResult]:
     return out
 
 
-def test_report_images_exist_and_are_valid_pngs(sample_store, tmp_path):  # noqa: F811
+def test_report_images_exist_and_are_valid_pngs(sample_store, tmp_path):
     with TraceStore(sample_store, read_only=True) as store:
         tools = store.tool_calls()
     inputs = ReportInputs(tool_calls=tools, tables=_fit_tables(tools), results=_results())
@@ -64,7 +63,7 @@ def test_report_images_exist_and_are_valid_pngs(sample_store, tmp_path):  # noqa
     assert "Not drawn" not in page.read_text()
 
 
-def test_missing_inputs_are_named_not_drawn(sample_store, tmp_path):  # noqa: F811
+def test_missing_inputs_are_named_not_drawn(sample_store, tmp_path):
     inputs = load_inputs(sample_store, [], None)
     page = build_report(inputs, tmp_path / "r")
     text = page.read_text()

@@ -8,7 +8,7 @@ import pytest
 
 from ctk.measure.workload import WorkloadConfig, WorkloadError, load_programs, synthetic_ids
 from ctk.store import LLMCallRecord, ProgramRecord, ToolCallRecord, TraceStore
-from tests.measure_fixtures import MSWEA_SOURCE, sample_store  # noqa: F401
+from tests.measure_fixtures import MSWEA_SOURCE
 
 
 def _store_with(tmp_path, turns: list[tuple[float | None, int | None]]) -> TraceStore:
@@ -51,7 +51,7 @@ def test_context_cap_cuts_the_program_and_marks_the_new_last_turn(tmp_path):
     assert p.turns[-1].last_turn
 
 
-def test_sample_is_seeded_and_stable(sample_store):  # noqa: F811
+def test_sample_is_seeded_and_stable(sample_store):
     cfg = WorkloadConfig(n_programs=5, seed=3, sources=[MSWEA_SOURCE])
     with TraceStore(sample_store, read_only=True) as store:
         a = load_programs(store, cfg)
@@ -84,7 +84,7 @@ def test_empty_or_unusable_store_gives_a_clear_error(tmp_path):
         WorkloadConfig(token_id_low=5, token_id_high=5).validate()
 
 
-def test_long_pause_selection_takes_the_programs_with_the_most_long_pause_time(sample_store):  # noqa: F811
+def test_long_pause_selection_takes_the_programs_with_the_most_long_pause_time(sample_store):
     base = WorkloadConfig(n_programs=None, sources=[MSWEA_SOURCE], max_turns=8, max_pause_s=30.0)
     with TraceStore(sample_store, read_only=True) as store:
         every = load_programs(store, base)

@@ -19,7 +19,6 @@ from ctk.predict.dataset import prepare_frame, rows_fingerprint
 from ctk.predict.modelfile import load_model, load_ttl_tables
 from ctk.predict.profile import cost_model_from
 from ctk.store import TraceStore
-from tests.predict_fixtures import predict_sample_store, synthetic_store, trained_model  # noqa: F401
 
 runner = CliRunner()
 
@@ -28,7 +27,7 @@ def _run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def test_model_file_contents(trained_model, predict_sample_store):  # noqa: F811
+def test_model_file_contents(trained_model, predict_sample_store):
     m = load_model(trained_model)
     for key in (
         "format_version",
@@ -56,7 +55,7 @@ def test_model_file_contents(trained_model, predict_sample_store):  # noqa: F811
     assert set(ev) == {"lightgbm", "running-mean", "histogram"}
 
 
-def test_inspect(trained_model):  # noqa: F811
+def test_inspect(trained_model):
     r = _run("inspect", trained_model)
     assert r.exit_code == 0, r.output
     assert "TTL tables" in r.output and "fingerprint" in r.output and "Decision regret" in r.output
@@ -65,7 +64,7 @@ def test_inspect(trained_model):  # noqa: F811
     assert meta["predictor"] == "lightgbm" and meta["table_keys"] > 5
 
 
-def test_predict_csv_and_store(trained_model, predict_sample_store, tmp_path):  # noqa: F811
+def test_predict_csv_and_store(trained_model, predict_sample_store, tmp_path):
     src = sample_traces_dir() / "tool_calls.csv.gz"
     out = tmp_path / "pred.csv"
     r = _run("predict", "--model", trained_model, src, "-o", out)
@@ -89,7 +88,7 @@ def test_predict_csv_and_store(trained_model, predict_sample_store, tmp_path):  
     assert tight["ttl_s"].mean() < pred["ttl_s"].mean()  # under memory pressure pins get shorter
 
 
-def test_evaluate_model_on_another_store_json(trained_model, synthetic_store):  # noqa: F811
+def test_evaluate_model_on_another_store_json(trained_model, synthetic_store):
     r = _run("evaluate", "--db", synthetic_store, "--model", trained_model, "--json")
     assert r.exit_code == 0, r.output
     res = json.loads(r.output)
@@ -102,7 +101,7 @@ def test_evaluate_model_on_another_store_json(trained_model, synthetic_store):  
     assert res["model"]["predictor"] == "lightgbm"
 
 
-def test_evaluate_without_model(predict_sample_store, tmp_path):  # noqa: F811
+def test_evaluate_without_model(predict_sample_store, tmp_path):
     r = _run(
         "evaluate",
         "--db",
@@ -130,7 +129,7 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_inspect_refuses_code_and_bad_files(tmp_path, trained_model, ctk_bin):  # noqa: F811
+def test_inspect_refuses_code_and_bad_files(tmp_path, trained_model, ctk_bin):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pkl"
     evil.write_bytes(pickle.dumps({"kind": "ctk-model", "format_version": 1, "x": _Evil(marker)}, protocol=4))
@@ -150,7 +149,7 @@ def test_inspect_refuses_code_and_bad_files(tmp_path, trained_model, ctk_bin):  
     assert r.exit_code == 2 and "no such model file" in r.output
 
 
-def test_clear_errors(tmp_path, predict_sample_store):  # noqa: F811
+def test_clear_errors(tmp_path, predict_sample_store):
     r = _run("train", "--db", tmp_path / "missing.duckdb", "-o", tmp_path / "m.pkl")
     assert r.exit_code == 2 and "no such trace store" in r.output
     r = _run("train", "--db", predict_sample_store, "--levels", "0.1,0.2", "-o", tmp_path / "m.pkl")
@@ -168,7 +167,7 @@ def test_clear_errors(tmp_path, predict_sample_store):  # noqa: F811
     assert not (tmp_path / "m.pkl").exists()
 
 
-def test_train_histogram_and_running_mean(predict_sample_store, tmp_path):  # noqa: F811
+def test_train_histogram_and_running_mean(predict_sample_store, tmp_path):
     for kind in ("histogram", "running-mean"):
         out = tmp_path / f"{kind}.pkl"
         r = _run("train", "--db", predict_sample_store, "--predictor", kind, "-o", out)
@@ -204,7 +203,7 @@ def _slow_prefill_app(seconds_per_token: float):
     return api
 
 
-def test_profile_against_a_live_server(tmp_path, predict_sample_store):  # noqa: F811
+def test_profile_against_a_live_server(tmp_path, predict_sample_store):
     from ctk.datasets.scripted_server import BackgroundServer
 
     per_token = 20e-6
@@ -237,7 +236,7 @@ def test_profile_against_a_live_server(tmp_path, predict_sample_store):  # noqa:
     assert r.exit_code == 2 and "request failed" in r.output
 
 
-def test_numeric_options_are_checked_against_their_range(trained_model, tmp_path):  # noqa: F811
+def test_numeric_options_are_checked_against_their_range(trained_model, tmp_path):
     src = sample_traces_dir() / "tool_calls.csv.gz"
     for bad in ("-1", "nan", "1.5", "inf", "abc"):
         r = _run("predict", "--model", trained_model, src, "-o", tmp_path / "p.csv", "--pressure", bad)
@@ -249,7 +248,7 @@ def test_numeric_options_are_checked_against_their_range(trained_model, tmp_path
     assert r.exit_code == 2 and "--requeue-delay" in r.output
 
 
-def test_model_file_respects_the_umask(trained_model, tmp_path):  # noqa: F811
+def test_model_file_respects_the_umask(trained_model, tmp_path):
     from ctk.predict.modelfile import save_model
 
     old = os.umask(0o022)

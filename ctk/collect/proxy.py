@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ctk.collect.recorder import ProgramRecorder, Stamp
 from ctk.collect.writer import StoreWriter, open_store
 from ctk.store import ProgramRecord, RunRecord
+from ctk.wire import MAX_BODY_BYTES, SESSION_HEADER, SESSION_ID, program_identity
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class ProxyOptions:
     idle_finish_s: float = 600.0
     timeout_s: float = 600.0
     model: str | None = None
-    max_body_bytes: int = 32_000_000  # larger request bodies get HTTP 413 (untrusted clients)
+    max_body_bytes: int = MAX_BODY_BYTES  # larger request bodies get HTTP 413 (untrusted clients)
 
 
 def check_upstream(url: str) -> None:
@@ -90,16 +91,11 @@ async def _read_body(request: Request, limit: int) -> bytes | None:
 
 
 def program_from_request(headers: dict[str, str], body: dict[str, Any]) -> tuple[str, bool]:
-    """``(program id, given)``: the client's identity, or one inferred from the first messages."""
-    xargs = body.get("vllm_xargs") if isinstance(body.get("vllm_xargs"), dict) else {}
-    for value in (
-        body.get("session_id"),
-        headers.get("x-session-id"),
-        xargs.get("session_id"),
-        xargs.get("program_id"),
-    ):
-        if isinstance(value, str) and value:
-            return value, True
+    """``(program id, given)``: the client's identity (:func:`ctk.wire.program_identity`), or one inferred
+    from the first messages."""
+    given = program_identity(headers, body)
+    if given is not None:
+        return given, True
     msgs = body.get("messages")
     if isinstance(msgs, list):
         head = [m for m in msgs if isinstance(m, dict) and m.get("role") in ("system", "developer")][:1]
@@ -364,8 +360,8 @@ def create_app(opts: ProxyOptions) -> FastAPI:
             )
         lower = {k.lower(): v for k, v in headers.items()}
         program, _given = program_from_request(lower, body)
-        if not body.get("session_id"):
-            headers = {k: v for k, v in headers.items() if k.lower() != "x-session-id"}
+        if not body.get(SESSION_ID):
+            headers = {k: v for k, v in headers.items() if k.lower() != SESSION_HEADER}
             headers["X-Session-ID"] = program
         recorder: ProxyRecorder = app.state.recorder
         sent = Stamp.now()

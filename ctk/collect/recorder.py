@@ -18,10 +18,9 @@ from typing import Any
 
 from ctk.collect.writer import StoreWriter
 from ctk.store import LLMCallRecord, ProgramRecord, ToolCallRecord
+from ctk.wire import clip_command, is_timeout
 
 log = logging.getLogger(__name__)
-
-MAX_COMMAND_CHARS = 2000
 
 
 @dataclass
@@ -127,7 +126,7 @@ class ProgramRecorder:
             source=self.program.source,
             tool_name=tool,
             main_program=main,
-            command_or_args=command[:MAX_COMMAND_CHARS] if command else command,
+            command_or_args=clip_command(command),
             duration_s=end.mono - start.mono,
             call_index=self._call_index,
             start_unix_s=start.unix,
@@ -284,9 +283,7 @@ class RecordingEnvironment:
             raise
         end = Stamp.now()
         extra = output.get("extra") or {}
-        timed_out = extra.get("exception_type") in ("TimeoutExpired", "TimeoutError") or (
-            "timeout" in str(extra.get("exception_type", "")).lower()
-        )
+        timed_out = is_timeout(extra.get("exception_type"))
         rc = output.get("returncode")
         self._recorder.tool_call(
             start,

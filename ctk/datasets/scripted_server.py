@@ -38,6 +38,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ctk.errors import CtkError
+from ctk.wire import SESSION_HEADER, SESSION_ID, XARGS, program_identity
 
 
 class ScriptError(CtkError, ValueError):
@@ -125,21 +126,6 @@ class Script:
                 if fnmatch.fnmatchcase(program, pattern):
                     return turns
         return self.default
-
-
-def program_of(headers: dict[str, str], body: dict[str, Any]) -> str | None:
-    """The program identity of a request, in vLLM's order: body ``session_id``, ``X-Session-ID`` header,
-    ``vllm_xargs.session_id``; then ctk's ``vllm_xargs.program_id``."""
-    xargs = body.get("vllm_xargs") if isinstance(body.get("vllm_xargs"), dict) else {}
-    for value in (
-        body.get("session_id"),
-        headers.get("x-session-id"),
-        xargs.get("session_id"),
-        xargs.get("program_id"),
-    ):
-        if isinstance(value, str) and value:
-            return value
-    return None
 
 
 def _approx_tokens(text: str) -> int:
@@ -314,14 +300,14 @@ def _invalid(message: str) -> JSONResponse:
 def _log_request(log: RequestLog, request: Request, body: dict[str, Any]) -> str | None:
     """Note what the request carried (for tests); returns its program identity."""
     headers = {k.lower(): v for k, v in request.headers.items()}
-    program = program_of(headers, body)
+    program = program_identity(headers, body)
     log.add(
         {
             "time_unix_s": time.time(),
             "program": program,
-            "header_session_id": headers.get("x-session-id"),
-            "body_session_id": body.get("session_id"),
-            "vllm_xargs": body.get("vllm_xargs"),
+            "header_session_id": headers.get(SESSION_HEADER),
+            "body_session_id": body.get(SESSION_ID),
+            "vllm_xargs": body.get(XARGS),
             "n_messages": len(body.get("messages") or []),
             "stream": bool(body.get("stream")),
         }

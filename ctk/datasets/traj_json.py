@@ -24,10 +24,10 @@ from typing import Any
 from ctk.datasets.agent_traces_csv import FormatError
 from ctk.datasets.shell import split_command
 from ctk.store import LLMCallRecord, ProgramRecord, ToolCallRecord
+from ctk.wire import clip_command, is_timeout
 
 TRAJ_SUFFIX = ".traj.json"
 OBSERVATION_ROLES = ("tool", "user")
-TIMEOUT_EXCEPTIONS = ("TimeoutExpired", "TimeoutError", "CommandTimeoutError")
 
 
 def is_trajectory_file(path: Path) -> bool:
@@ -136,7 +136,7 @@ def read_trajectory(
                 call_index=k,
                 tool_name=tool_name,
                 main_program=main_program,
-                command_or_args=(command or "")[:2000],
+                command_or_args=clip_command(command or ""),
                 context_tokens=_int(usage.get("prompt_tokens")),
                 llm_output_tokens=_int(usage.get("completion_tokens")),
                 llm_output_chars=len(content),
@@ -144,8 +144,7 @@ def read_trajectory(
             if k < len(observations):
                 obs_extra = observations[k]["extra"]
                 end = float(obs_extra["timestamp"])
-                exc_type = obs_extra.get("exception_type")
-                censored = exc_type in TIMEOUT_EXCEPTIONS
+                censored = is_timeout(obs_extra.get("exception_type"))
                 flag = "timeout_censored" if censored else ("batched" if len(actions) > 1 else "ok")
                 raw_output = obs_extra.get("raw_output")
                 tool_calls.append(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -13,20 +14,23 @@ _DEFAULTS = ServeConfig()  # the CLI's defaults are the engine's (one source)
 
 
 def tiny_model(
-    path: Path = typer.Argument(..., metavar="PATH", help="output folder (created)"),
-    hidden_size: int = typer.Option(256, help="hidden size"),
-    num_layers: int = typer.Option(4, help="decoder layers"),
-    num_heads: int = typer.Option(4, help="attention heads"),
-    num_kv_heads: int = typer.Option(2, help="key/value heads (GQA)"),
-    intermediate_size: int = typer.Option(512, help="MLP width"),
-    vocab_size: int = typer.Option(4096, help="vocabulary size (tokenizer is trained to exactly this size)"),
-    max_position_embeddings: int = typer.Option(8192, help="maximum context length"),
-    dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32"),
-    seed: int = typer.Option(0, help="weight initialisation seed"),
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="output folder (created)")],
+    hidden_size: Annotated[int, typer.Option(help="hidden size")] = 256,
+    num_layers: Annotated[int, typer.Option(help="decoder layers")] = 4,
+    num_heads: Annotated[int, typer.Option(help="attention heads")] = 4,
+    num_kv_heads: Annotated[int, typer.Option(help="key/value heads (GQA)")] = 2,
+    intermediate_size: Annotated[int, typer.Option(help="MLP width")] = 512,
+    vocab_size: Annotated[
+        int, typer.Option(help="vocabulary size (tokenizer is trained to exactly this size)")
+    ] = 4096,
+    max_position_embeddings: Annotated[int, typer.Option(help="maximum context length")] = 8192,
+    dtype: Annotated[str, typer.Option(help="bfloat16 | float16 | float32")] = "bfloat16",
+    seed: Annotated[int, typer.Option(help="weight initialisation seed")] = 0,
 ) -> None:
     """Build a tiny random-weight Llama + local tokenizer + tool-call chat template (no download)."""
     from ctk.engine_patch.tiny_model import build_tiny_model
 
+    path.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made fails before the notice
     typer.echo(f"building a tiny random-weight model in {path} (tokenizer, weights; ~10-20 s) ...", err=True)
     try:
         out = build_tiny_model(
@@ -49,21 +53,31 @@ def tiny_model(
 
 def serve(
     ctx: typer.Context,
-    ttl_model: Path | None = typer.Option(None, "--ttl-model", help="model.pkl with TTL tables (ctk train)"),
-    policy: str = typer.Option("ttl", help=" | ".join(POLICY_NAMES)),
-    record: Path | None = typer.Option(None, help="record observed tool durations into this trace store"),
-    max_pin_share: float = typer.Option(
-        _DEFAULTS.max_pin_share, help="pinned KV blocks never exceed this share of the cache"
+    ttl_model: Annotated[
+        Path | None, typer.Option("--ttl-model", help="model.pkl with TTL tables (ctk train)")
+    ] = None,
+    policy: Annotated[str, typer.Option(help=" | ".join(POLICY_NAMES))] = _DEFAULTS.policy,
+    record: Annotated[
+        Path | None, typer.Option(help="record observed tool durations into this trace store")
+    ] = None,
+    max_pin_share: Annotated[
+        float, typer.Option(help="pinned KV blocks never exceed this share of the cache")
+    ] = _DEFAULTS.max_pin_share,
+    age_factor: Annotated[
+        float, typer.Option(help="age bound: a waiting request is overdue after this x FCFS's p99 wait (measured online)")
+    ] = _DEFAULTS.age_factor,
+    detectors: Annotated[str, typer.Option(help="tool-call detectors for output text")] = ",".join(
+        _DEFAULTS.detectors
     ),
-    age_factor: float = typer.Option(
-        _DEFAULTS.age_factor, help="age bound: a waiting request is overdue after this x the mean wait"
-    ),
-    detectors: str = typer.Option("bash,tool_call,openai", help="tool-call detectors for output text"),
-    online: bool = typer.Option(True, help="adapt the TTL tables online from observed tool durations"),
-    replicas: int = typer.Option(1, min=1, help="N replicas behind vllm-router (--port is the router's)"),
-    routing: str = typer.Option(
-        "consistent-hash", help="with --replicas: consistent-hash | round-robin | program-scheduling"
-    ),
+    online: Annotated[
+        bool, typer.Option(help="adapt the TTL tables online from observed tool durations")
+    ] = True,
+    replicas: Annotated[
+        int, typer.Option(min=1, help="N replicas behind vllm-router (--port is the router's)")
+    ] = 1,
+    routing: Annotated[
+        str, typer.Option(help="with --replicas: consistent-hash | round-robin | program-scheduling")
+    ] = "consistent-hash",
 ) -> None:
     """Serve a model with vLLM and the ctk scheduler; other arguments go to vLLM's OpenAI server.
 

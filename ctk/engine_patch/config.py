@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Annotated, Any, Literal
+
+from annotated_types import Ge, Gt, Le
 
 from ctk.engine_patch.policies import POLICY_NAMES, Policy
 from ctk.errors import CtkError
 
 POLICIES = POLICY_NAMES  # the registry lives in ctk.engine_patch.policies
 DETECTORS = ("bash", "tool_call", "openai")
+
+# Value ranges, checked by pydantic in :meth:`ServeConfig.validate` (no nan, no infinity).
+Share = Annotated[float, Gt(0), Le(1)]
+Positive = Annotated[float, Gt(0)]
+NonNegative = Annotated[float, Ge(0)]
+AtLeastOne = Annotated[int, Ge(1)]
+Count = Annotated[int, Ge(0)]
 
 
 class ConfigError(CtkError, ValueError):
@@ -26,58 +35,54 @@ class ConfigError(CtkError, ValueError):
 
 @dataclass
 class ServeConfig:
-    """Knobs of the pin / ordering policy (defaults are the recommended settings)."""
+    """Knobs of the pin / ordering policy (defaults are the recommended settings).
 
-    policy: str = Policy.TTL.value  # one of Policy (validated into the enum)
+    The field types and ranges are the validation rules: :meth:`validate` checks them with pydantic (and the
+    two rules that join fields); :meth:`from_mapping` converts text (environment variables) by them.
+    """
+
+    __pydantic_config__ = {"allow_inf_nan": False}  # read by pydantic; not a field (no annotation)
+
+    policy: Policy = Policy.TTL
     ttl_model: str | None = None  # model.pkl with TTL tables (required by ``ttl``; optional elsewhere)
     record: str | None = None  # DuckDB trace store to record observed tool durations into
-    max_pin_share: float = 0.5  # pinned blocks never exceed this share of the KV cache
-    age_factor: float = 1.0  # a waiting request is overdue after age_factor x (FCFS's tail wait) ...
-    age_quantile: float = 0.99  # ... that tail: this quantile of the waits FCFS would give ...
-    age_min_s: float = 0.0  # ... but never before this many seconds (0: no floor above stock FCFS)
+    max_pin_share: Share = 0.5  # pinned blocks never exceed this share of the KV cache
+    age_factor: Positive = 1.0  # a waiting request is overdue after age_factor x (FCFS's tail wait) ...
+    age_quantile: Share = 0.99  # ... that tail: this quantile of the waits FCFS would give ...
+    age_min_s: NonNegative = 0.0  # ... but never before this many seconds (0: no floor above stock FCFS)
     program_fcfs: bool | None = None  # program-first waiting order (None: the policy's own)
-    detectors: tuple[str, ...] = DETECTORS  # tool-call detectors applied to the output text
+    detectors: tuple[Literal["bash", "tool_call", "openai"], ...] = DETECTORS  # tool-call detectors (output)
     online: bool = True  # adapt the tables online from observed tool durations
-    online_min_samples: int = 5  # observations before a key's online distribution is used
-    online_prior_weight: int = 20  # the table's prior counts as at most this many observations
-    online_window: int = 256  # most recent observations kept per key
-    max_observed_gap_s: float = 3600.0  # finish -> next arrival gaps above this are not tool durations
-    continuum_ttl_s: float = 2.0  # Continuum: fixed pin length and running-mean threshold
-    oracle_slack_s: float = 0.25  # oracle: pin for the true duration + measured round trip + this slack
-    progress_window: int = 100  # progress-ttl: finish -> next-arrival gaps in the log-normal fit
-    price_decay_s: float = 1.0  # the memory price decays with this time constant once the shortage clears
-    price_tolerance: float = 0.1  # held pins are re-judged when the price moves by more than this (relative)
-    max_programs: int = 100_000  # program records kept (oldest idle ones are forgotten first)
-    extra: dict[str, Any] = field(default_factory=dict)
+    online_min_samples: AtLeastOne = 5  # observations before a key's online distribution is used
+    online_prior_weight: Count = 20  # the table's prior counts as at most this many observations
+    online_window: AtLeastOne = 256  # most recent observations kept per key
+    max_observed_gap_s: Positive = 3600.0  # finish -> next arrival gaps above this are not tool durations
+    continuum_ttl_s: NonNegative = 2.0  # Continuum: fixed pin length and running-mean threshold
+    oracle_slack_s: NonNegative = 0.25  # oracle: pin for the true duration + measured round trip + this slack
+    progress_window: Annotated[int, Ge(2)] = 100  # progress-ttl: finish -> next-arrival gaps in the fit
+    price_decay_s: Positive = 1.0  # the memory price decays with this time constant once the shortage clears
+    price_tolerance: NonNegative = 0.1  # held pins are re-judged when the price moves by more than this
+    max_programs: AtLeastOne = 100_000  # program records kept (oldest idle ones are forgotten first)
 
     def validate(self) -> ServeConfig:
-        if self.policy not in POLICY_NAMES:
-            raise ConfigError(f"policy must be one of {', '.join(POLICY_NAMES)}, not {self.policy!r}")
-        self.policy = Policy(self.policy)
-        if not 0.0 < self.max_pin_share <= 1.0:
-            raise ConfigError(f"max_pin_share must be in (0, 1], not {self.max_pin_share}")
-        if self.age_factor <= 0 or self.age_min_s < 0:
-            raise ConfigError("age_factor must be > 0 and age_min_s >= 0")
-        if not 0.0 < self.age_quantile <= 1.0:
-            raise ConfigError("age_quantile must be in (0, 1]")
-        bad = [d for d in self.detectors if d not in DETECTORS]
-        if bad:
-            raise ConfigError(f"unknown tool-call detector(s) {bad}; choose from {', '.join(DETECTORS)}")
-        if self.progress_window < 2 or self.price_decay_s <= 0 or self.price_tolerance < 0:
-            raise ConfigError("progress_window must be >= 2, price_decay_s > 0 and price_tolerance >= 0")
+        """Check every field's type and range (converting, e.g. the policy name to :class:`Policy`) and the
+        rules joining fields; raises :class:`ConfigError` naming the first bad setting. Returns ``self``."""
+        self._set(_checked(asdict(self)))
         if self.policy is Policy.TTL and not self.ttl_model:
             raise ConfigError("policy 'ttl' needs a TTL model file (ctk serve --ttl-model model.pkl)")
-        if self.online_min_samples < 1 or self.online_window < self.online_min_samples:
+        if self.online_window < self.online_min_samples:
             raise ConfigError("online_min_samples must be >= 1 and <= online_window")
         return self
+
+    def _set(self, other: ServeConfig) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(other, f.name))
 
     # -- transport ---------------------------------------------------------------------------------------
 
     def to_env(self) -> dict[str, str]:
         env = {}
         for f in fields(self):
-            if f.name == "extra":
-                continue
             value = getattr(self, f.name)
             if value is None:
                 continue
@@ -90,53 +95,70 @@ class ServeConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], base: ServeConfig | None = None) -> ServeConfig:
-        """Settings from a mapping of field name -> value (strings are converted); unknown names fail."""
+        """``base`` (default: the defaults) with the settings of a mapping of field name -> value, converted
+        and range-checked (text too: ``"0.3"``, ``"true"``, ``"bash,openai"``); unknown names fail."""
         cfg = base or cls()
-        known = {f.name: f for f in fields(cls)}
-        for name, raw in data.items():
-            if name not in known or name == "extra":
+        known = {f.name for f in fields(cls)}
+        for name in data:
+            if name not in known:
                 raise ConfigError(f"unknown ctk setting {name!r}")
-            optional_bool = name in _OPTIONAL_BOOLS
-            current = False if optional_bool else getattr(cls(), name)
-            try:
-                unset = optional_bool and (raw is None or str(raw).lower() in ("", "none", "default"))
-                value = None if unset else _convert(raw, current, name)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"ctk setting {name}={raw!r}: {exc}") from None
-            setattr(cfg, name, value)
+        text = {name: _from_text(name, raw) for name, raw in data.items()}
+        cfg._set(_checked({**asdict(cfg), **text}))
         return cfg
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServeConfig:
         environ = os.environ if environ is None else environ
         data = {k[len(ENV_PREFIX) :].lower(): v for k, v in environ.items() if k.startswith(ENV_PREFIX)}
-        data = {k: v for k, v in data.items() if k in {f.name for f in fields(cls)} and k != "extra"}
+        data = {k: v for k, v in data.items() if k in {f.name for f in fields(cls)}}
         return cls.from_mapping(data)
 
 
 ENV_PREFIX = "CTK_"
-_OPTIONAL_BOOLS = frozenset({"program_fcfs"})  # bool or None (None: the policy's default)
+_OPTIONAL = frozenset(f.name for f in fields(ServeConfig) if f.default is None)  # "" means None
+_OPTIONAL_BOOLS = frozenset({"program_fcfs"})  # bool or None: "none" / "default" mean None too
+_FLAGS = frozenset(f.name for f in fields(ServeConfig) if isinstance(f.default, bool))
 #: Environment variables the engine reads (``CTK_POLICY``, ``CTK_TTL_MODEL``, ``CTK_RECORD``, ...).
-ENV = tuple(ENV_PREFIX + f.name.upper() for f in fields(ServeConfig) if f.name != "extra")
+ENV = tuple(ENV_PREFIX + f.name.upper() for f in fields(ServeConfig))
 
 
-def _convert(raw: Any, current: Any, name: str) -> Any:
-    if isinstance(current, bool):
-        if isinstance(raw, str):
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError("expected a boolean")
-        return bool(raw)
-    if isinstance(current, tuple):
-        if isinstance(raw, str):
-            return tuple(s.strip() for s in raw.split(",") if s.strip())
-        return tuple(str(s) for s in raw)
-    if isinstance(current, int):
-        return int(raw)
-    if isinstance(current, float):
-        return float(raw)
-    if raw is None or raw == "":
+def _from_text(name: str, raw: Any) -> Any:
+    """What text means beyond pydantic's own conversions: a comma list, an empty flag, an unset option."""
+    if not isinstance(raw, str):
+        return raw
+    if name == "detectors":
+        return tuple(s.strip() for s in raw.split(",") if s.strip())
+    if name in _OPTIONAL and not raw.strip():
         return None
-    return str(raw)
+    if name in _OPTIONAL_BOOLS and raw.strip().lower() in ("none", "default"):
+        return None
+    if name in _FLAGS and not raw.strip():
+        return False
+    return raw
+
+
+def _checked(values: dict[str, Any]) -> ServeConfig:
+    """A ServeConfig from ``values``, checked by the field types and ranges; ConfigError names the first bad
+    setting."""
+    from pydantic import TypeAdapter, ValidationError
+
+    global _ADAPTER
+    if _ADAPTER is None:
+        _ADAPTER = TypeAdapter(ServeConfig)
+    values = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in values.items()}
+    try:
+        return _ADAPTER.validate_python(values)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+
+
+_ADAPTER = None
+
+
+def _one_line(exc: Any) -> str:
+    """The first error of a pydantic ValidationError as one line naming the setting."""
+    err = exc.errors()[0]
+    name = ".".join(str(part) for part in err["loc"][:1])
+    if err["type"] in ("enum", "literal_error"):
+        return f"{name} must be one of {err['ctx']['expected']}, not {err['input']!r}"
+    return f"ctk setting {name}={err['input']!r}: {err['msg']}"

@@ -1,6 +1,7 @@
-"""Program identity and per-request hints from request metadata (docs/CONTRACTS.md, client -> serve).
+"""Program identity and per-request hints from request metadata, read leniently on the engine's hot path.
 
-Program = vLLM's ``session_id`` (body field, ``X-Session-ID`` header, or ``vllm_xargs.session_id``), else
+The key names, their order and bounds are the wire contract in :mod:`ctk.wire`. Program = vLLM's
+``session_id`` (body field, ``X-Session-ID`` header, or ``vllm_xargs.session_id``), else
 ``vllm_xargs.program_id``. Other ``vllm_xargs`` keys: ``turn_index`` (int), ``last_turn`` (bool/int),
 ``tool`` (str), ``tool_duration_s`` (float, oracle only), ``kv_retention_ttl_seconds`` (float: a client's TTL
 hint, vllm-router's name for it; read by the pin rules as ``ttl_hint_s``). Garbage values are ignored with a
@@ -28,12 +29,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ctk.wire import (
+    AGENTIC_CONTEXT,
+    LAST_TURN,
+    MAX_CONTEXT_CHARS,
+    MAX_TOOL_CHARS,
+    MAX_TURN_INDEX,
+    SESSION_ID,
+    TOOL,
+    TOOL_DURATION_S,
+    TTL_HINT_S,
+    TURN_INDEX,
+    XARGS_IDENTITY_KEYS,
+    as_program_id,
+)
+
 logger = logging.getLogger("ctk.engine_patch")
 
-MAX_ID_CHARS = 256
-MAX_TOOL_CHARS = 4000
-MAX_TURN_INDEX = 2**31 - 1
-MAX_CONTEXT_CHARS = 16 * 1024  # vllm-router's bound on an agentic_context
 _warned: set[tuple[str, str]] = set()
 
 
@@ -58,16 +70,10 @@ def _warn(key: str, msg: str, warnings: list[str]) -> None:
 def _as_id(value: Any, key: str, warnings: list[str]) -> str | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        _warn(key, f"{key}: expected a string, got {type(value).__name__}", warnings)
-        return None
-    s = str(value).strip()
-    if not s:
-        return None
-    if len(s) > MAX_ID_CHARS:
-        _warn(key, f"{key}: longer than {MAX_ID_CHARS} characters", warnings)
-        return None
-    return s
+    program, problem = as_program_id(value)
+    if problem is not None:
+        _warn(key, f"{key}: {problem}", warnings)
+    return program
 
 
 def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> RequestHints:
@@ -76,22 +82,22 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
     xargs: Mapping[str, Any] = extra_args if isinstance(extra_args, Mapping) else {}
     if extra_args is not None and not isinstance(extra_args, Mapping):
         _warn("vllm_xargs", f"vllm_xargs: expected an object, got {type(extra_args).__name__}", warnings)
-    ctx = _agentic_context(xargs.get("agentic_context"), warnings)
+    ctx = _agentic_context(xargs.get(AGENTIC_CONTEXT), warnings)
 
     program = _context_program(ctx, session_id, warnings)
     if program is None:
-        program = _as_id(session_id, "session_id", warnings)
-    if program is None:
-        program = _as_id(xargs.get("session_id"), "session_id", warnings)
-    if program is None:
-        program = _as_id(xargs.get("program_id"), "program_id", warnings)
+        program = _as_id(session_id, SESSION_ID, warnings)
+    for key in XARGS_IDENTITY_KEYS:
+        if program is not None:
+            break
+        program = _as_id(xargs.get(key), key, warnings)
 
-    turn = _turn(xargs, "turn_index", warnings)
+    turn = _turn(xargs, TURN_INDEX, warnings)
     if turn is None:
         turn = _turn(ctx, "step_id", warnings)
 
     last = False
-    raw = xargs.get("last_turn")
+    raw = xargs.get(LAST_TURN)
     if raw is not None:
         if isinstance(raw, bool):
             last = raw
@@ -100,22 +106,22 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
         elif isinstance(raw, str) and raw.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
             last = raw.strip().lower() in ("true", "1", "yes")
         else:
-            _warn("last_turn", f"last_turn: expected a boolean: {str(raw)[:40]!r}", warnings)
+            _warn(LAST_TURN, f"{LAST_TURN}: expected a boolean: {str(raw)[:40]!r}", warnings)
     elif ctx.get("expected_resume") is False:  # the router's way to say "no next turn"
         last = True
 
     tool = None
-    raw = xargs.get("tool")
+    raw = xargs.get(TOOL)
     if raw is not None:
         if isinstance(raw, str) and raw.strip():
             tool = raw.strip()[:MAX_TOOL_CHARS]
         elif not (isinstance(raw, str)):
-            _warn("tool", f"tool: expected a string, got {type(raw).__name__}", warnings)
+            _warn(TOOL, f"{TOOL}: expected a string, got {type(raw).__name__}", warnings)
 
-    duration = _non_negative(xargs, "tool_duration_s", warnings)
-    ttl_hint = _non_negative(xargs, "kv_retention_ttl_seconds", warnings)
+    duration = _non_negative(xargs, TOOL_DURATION_S, warnings)
+    ttl_hint = _non_negative(xargs, TTL_HINT_S, warnings)
     if ttl_hint is None:
-        ttl_hint = _non_negative(ctx, "kv_retention_ttl_seconds", warnings)
+        ttl_hint = _non_negative(ctx, TTL_HINT_S, warnings)
 
     return RequestHints(program, turn, last, tool, duration, ttl_hint, tuple(warnings))
 

@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 from ctk.engine_patch.events import Pin, Release, ToolObservation
+from ctk.wire import clip_command
 
 logger = logging.getLogger("ctk.engine_patch")
 
@@ -117,7 +118,7 @@ class TraceRecorder:
             source=SOURCE,
             tool_name=name,
             main_program=obs.keys[-2] if len(obs.keys) >= 2 else None,
-            command_or_args=(tool.command[:500] if tool is not None and tool.command else None),
+            command_or_args=clip_command(tool.command) if tool is not None and tool.command else None,
             duration_s=obs.duration_s,
             start_unix_s=obs.finished_unix_s,
             end_unix_s=obs.finished_unix_s + obs.duration_s,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -13,30 +14,44 @@ def _fail(msg: str, code: int = 2) -> typer.Exit:
 
 
 def replay(
-    db: Path = typer.Option(..., "--db", help="trace store to take the programs from"),
-    base_url: str = typer.Option(
-        ..., "--url", "--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000"
+    db: Annotated[Path, typer.Option("--db", help="trace store to take the programs from")],
+    base_url: Annotated[
+        str, typer.Option("--url", "--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000")
+    ],
+    out: Annotated[Path, typer.Option("-o", "--output", "--out", help="results JSON")] = Path(
+        "replay-results.json"
     ),
-    out: Path = typer.Option(Path("replay-results.json"), "-o", "--output", "--out", help="results JSON"),
-    record_db: Path | None = typer.Option(None, "--record-db", help="also write the replayed calls here"),
-    label: str = typer.Option("replay", help="name of this run (e.g. the server's policy)"),
-    programs: int = typer.Option(16, "-n", "--programs", help="programs to replay (0: all)"),
-    source: list[str] | None = typer.Option(
-        None, "--source", help="only programs of this source (repeatable)"
-    ),
-    seed: int = typer.Option(0, help="sampling and synthetic-content seed"),
-    concurrency: int = typer.Option(8, help="programs in flight at most (0: unbounded, needs --rate)"),
-    rate: float | None = typer.Option(None, help="Poisson arrivals, programs per second"),
-    time_scale: float = typer.Option(1.0, "--time-scale", help="tool pause = recorded duration x this"),
-    max_turns: int = typer.Option(24, help="turns per program at most"),
-    token_scale: float = typer.Option(1.0, help="multiply every token count taken from the trace"),
-    max_context: int = typer.Option(6144, help="context tokens per program at most (the program is cut)"),
-    max_output: int = typer.Option(96, help="output tokens per turn at most"),
-    max_observation: int = typer.Option(512, help="observation tokens per turn at most"),
-    max_pause: float = typer.Option(120.0, help="tool pause at most, seconds before scaling"),
-    model: str | None = typer.Option(None, help="model name (default: the first the server lists)"),
-    no_oracle: bool = typer.Option(False, "--no-oracle-hint", help="do not send the true tool durations"),
-    progress: bool = typer.Option(True, help="show a progress bar"),
+    record_db: Annotated[
+        Path | None, typer.Option("--record-db", help="also write the replayed calls here")
+    ] = None,
+    label: Annotated[str, typer.Option(help="name of this run (e.g. the server's policy)")] = "replay",
+    programs: Annotated[int, typer.Option("-n", "--programs", help="programs to replay (0: all)")] = 16,
+    source: Annotated[
+        list[str] | None, typer.Option("--source", help="only programs of this source (repeatable)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="sampling and synthetic-content seed")] = 0,
+    concurrency: Annotated[
+        int, typer.Option(help="programs in flight at most (0: unbounded, needs --rate)")
+    ] = 8,
+    rate: Annotated[float | None, typer.Option(help="Poisson arrivals, programs per second")] = None,
+    time_scale: Annotated[
+        float, typer.Option("--time-scale", help="tool pause = recorded duration x this")
+    ] = 1.0,
+    max_turns: Annotated[int, typer.Option(help="turns per program at most")] = 24,
+    token_scale: Annotated[float, typer.Option(help="multiply every token count taken from the trace")] = 1.0,
+    max_context: Annotated[
+        int, typer.Option(help="context tokens per program at most (the program is cut)")
+    ] = 6144,
+    max_output: Annotated[int, typer.Option(help="output tokens per turn at most")] = 96,
+    max_observation: Annotated[int, typer.Option(help="observation tokens per turn at most")] = 512,
+    max_pause: Annotated[float, typer.Option(help="tool pause at most, seconds before scaling")] = 120.0,
+    model: Annotated[
+        str | None, typer.Option(help="model name (default: the first the server lists)")
+    ] = None,
+    no_oracle: Annotated[
+        bool, typer.Option("--no-oracle-hint", help="do not send the true tool durations")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Replay recorded programs against a live server and record JCT, TTFT, queue wait and cache hits."""
     from ctk.measure.replay import ReplayConfig, ReplayError, run_replay
@@ -90,15 +105,20 @@ def replay(
 
 
 def report(
-    db: Path | None = typer.Option(None, "--db", help="trace store (tool-duration plots)"),
-    results: list[Path] | None = typer.Option(
-        None, "--results", help="replay JSON or compare-results.json (repeatable)"
-    ),
-    model: Path | None = typer.Option(None, "--model", help="model.pkl (calibration and TTL plots)"),
-    time_scale: float = typer.Option(
-        1.0, "--time-scale", help="the model's clock / the store's (a comparison trains on scaled durations)"
-    ),
-    out: Path = typer.Option(Path("report"), "-o", "--output", "--out", help="output folder"),
+    db: Annotated[Path | None, typer.Option("--db", help="trace store (tool-duration plots)")] = None,
+    results: Annotated[
+        list[Path] | None, typer.Option("--results", help="replay JSON or compare-results.json (repeatable)")
+    ] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="model.pkl (calibration and TTL plots)")
+    ] = None,
+    time_scale: Annotated[
+        float,
+        typer.Option(
+            "--time-scale", help="the model's clock / the store's (a comparison trains on scaled durations)"
+        ),
+    ] = 1.0,
+    out: Annotated[Path, typer.Option("-o", "--output", "--out", help="output folder")] = Path("report"),
 ) -> None:
     """Write an HTML report with PNG plots: durations, calibration, TTLs, JCT and TTFT per policy, pins."""
     from ctk.measure.report import ReportInputs, build_report, load_inputs
@@ -115,13 +135,13 @@ def report(
 
 
 def demo(
-    out: Path = typer.Option(
-        Path("demo-out"), "-o", "--output", "--out", help="work folder (reused: store, model)"
-    ),
-    policies: str | None = typer.Option(
-        None, help="comma-separated policies (default: vllm,continuum,ttl,oracle)"
-    ),
-    programs: int | None = typer.Option(None, "-n", "--programs", help="programs per policy"),
+    out: Annotated[
+        Path, typer.Option("-o", "--output", "--out", help="work folder (reused: store, model)")
+    ] = Path("demo-out"),
+    policies: Annotated[
+        str | None, typer.Option(help="comma-separated policies (default: vllm,continuum,ttl,oracle)")
+    ] = None,
+    programs: Annotated[int | None, typer.Option("-n", "--programs", help="programs per policy")] = None,
 ) -> None:
     """The whole loop on the bundled sample: import, train, serve each policy, replay, report."""
     import os

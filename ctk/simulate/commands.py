@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -24,35 +25,56 @@ def _floats(text: str, name: str) -> list[float]:
 
 
 def simulate(
-    db: Path = typer.Option(..., "--db", help="trace store to take the programs from"),
-    hardware: str = typer.Option("h100", help="simulated hardware: h100, h100x4 (TP 4), cpu"),
-    model: str = typer.Option("llama-3.1-8b", help="simulated model: llama-3.1-8b, llama-3.1-70b, tiny"),
-    profile_file: Path | None = typer.Option(
-        None, "--profile", help="a profile JSON instead of a bundled one"
-    ),
-    policies: str = typer.Option("vllm,continuum,progress-ttl,ttl,oracle", help="comma-separated policies"),
-    rates: str | None = typer.Option("0.5,1,2,4", help="Poisson program arrival rates (programs/s)"),
-    concurrency: int | None = typer.Option(None, help="closed loop: programs in flight (instead of --rates)"),
-    programs: int = typer.Option(
-        0, "-n", "--programs", help="programs to simulate (0: every distinct one; more: repeated)"
-    ),
-    source: list[str] | None = typer.Option(None, "--source", help="only programs of this source"),
-    max_turns: int = typer.Option(30, help="turns per program at most"),
-    max_context: int | None = typer.Option(None, help="context tokens per program at most"),
-    token_scale: float | None = typer.Option(None, help="multiply every token count taken from the trace"),
-    time_scale: float = typer.Option(1.0, help="tool pause = recorded duration x this"),
-    rtt: float | None = typer.Option(None, help="client round trip in seconds (default: the profile's)"),
-    replicas: int = typer.Option(1, help="engines behind the router"),
-    routing: str = typer.Option("consistent-hash", help="round-robin | consistent-hash | least-loaded"),
-    kv_blocks: int | None = typer.Option(None, help="KV blocks per engine (default: the profile's)"),
-    ttl_model: Path | None = typer.Option(
-        None, help="TTL model for 'ttl' (default: train on other programs)"
-    ),
-    seed: int = typer.Option(0, help="program sample and arrival seed"),
-    json_out: Path | None = typer.Option(None, "--json", help="write the figures to this JSON file"),
-    plots: Path | None = typer.Option(None, "--plots", help="write the JCT-vs-rate figure into this folder"),
-    work_dir: Path = typer.Option(Path("out/simulate"), help="folder for the trained TTL model"),
-    progress: bool = typer.Option(True, help="show a progress bar"),
+    db: Annotated[Path, typer.Option("--db", help="trace store to take the programs from")],
+    hardware: Annotated[str, typer.Option(help="simulated hardware: h100, h100x4 (TP 4), cpu")] = "h100",
+    model: Annotated[
+        str, typer.Option(help="simulated model: llama-3.1-8b, llama-3.1-70b, tiny")
+    ] = "llama-3.1-8b",
+    profile_file: Annotated[
+        Path | None, typer.Option("--profile", help="a profile JSON instead of a bundled one")
+    ] = None,
+    policies: Annotated[
+        str, typer.Option(help="comma-separated policies")
+    ] = "vllm,continuum,progress-ttl,ttl,oracle",
+    rates: Annotated[
+        str | None, typer.Option(help="Poisson program arrival rates (programs/s)")
+    ] = "0.5,1,2,4",
+    concurrency: Annotated[
+        int | None, typer.Option(help="closed loop: programs in flight (instead of --rates)")
+    ] = None,
+    programs: Annotated[
+        int,
+        typer.Option("-n", "--programs", help="programs to simulate (0: every distinct one; more: repeated)"),
+    ] = 0,
+    source: Annotated[list[str] | None, typer.Option("--source", help="only programs of this source")] = None,
+    max_turns: Annotated[int, typer.Option(help="turns per program at most")] = 30,
+    max_context: Annotated[int | None, typer.Option(help="context tokens per program at most")] = None,
+    token_scale: Annotated[
+        float | None, typer.Option(help="multiply every token count taken from the trace")
+    ] = None,
+    time_scale: Annotated[float, typer.Option(help="tool pause = recorded duration x this")] = 1.0,
+    rtt: Annotated[
+        float | None, typer.Option(help="client round trip in seconds (default: the profile's)")
+    ] = None,
+    replicas: Annotated[int, typer.Option(help="engines behind the router")] = 1,
+    routing: Annotated[
+        str, typer.Option(help="round-robin | consistent-hash | least-loaded")
+    ] = "consistent-hash",
+    kv_blocks: Annotated[
+        int | None, typer.Option(help="KV blocks per engine (default: the profile's)")
+    ] = None,
+    ttl_model: Annotated[
+        Path | None, typer.Option(help="TTL model for 'ttl' (default: train on other programs)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="program sample and arrival seed")] = 0,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="write the figures to this JSON file")
+    ] = None,
+    plots: Annotated[
+        Path | None, typer.Option("--plots", help="write the JCT-vs-rate figure into this folder")
+    ] = None,
+    work_dir: Annotated[Path, typer.Option(help="folder for the trained TTL model")] = Path("out/simulate"),
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Simulate vLLM 0.32 engines running ctk's own policy code on recorded agent programs."""
     from ctk.engine_patch.policies import POLICY_NAMES
