@@ -20,7 +20,7 @@ from ctk.collect.bfcl import (
     parse_call_string,
     to_openai_tools,
 )
-from ctk.collect.swebench import CollectError
+from ctk.collect.runner import CollectError
 
 IDS = r"^multi_turn_(base_(0|1)|miss_func_0)$"
 

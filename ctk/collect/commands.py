@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -16,6 +17,30 @@ MAX_BODY_MB = 32.0
 
 collect_app = typer.Typer(help="Record real agent runs into a trace store.", no_args_is_help=True)
 
+# The options every collector takes, declared once; parameter names are CollectOptions' field names.
+DbOpt = Annotated[Path, typer.Option("--db", help=DB_HELP)]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="model name sent to the endpoint")]
+ApiKeyOpt = Annotated[
+    str | None, typer.Option("--api-key", envvar="CTK_API_KEY", help="API key (never logged)")
+]
+SliceOpt = Annotated[str, typer.Option("--slice", help="start:stop[:step] over the selected tasks")]
+WorkersOpt = Annotated[int, typer.Option("--workers", "-w", help="programs run concurrently", min=1)]
+ArrivalOpt = Annotated[str, typer.Option("--arrival", help="fixed (concurrency = workers) or poisson")]
+RateOpt = Annotated[
+    float | None, typer.Option("--rate", help="poisson arrivals: programs per second", parser=POSITIVE)
+]
+SeedOpt = Annotated[int, typer.Option("--seed")]
+RepeatsOpt = Annotated[int, typer.Option("--repeats", help="runs per task (program ids get #k)", min=1)]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="skip complete programs, redo unfinished ones")]
+SourceOpt = Annotated[str, typer.Option("--source", help="source label; program ids are SOURCE/ID")]
+SendMetadataOpt = Annotated[
+    bool,
+    typer.Option(
+        "--send-metadata/--no-send-metadata",
+        help="send session_id / vllm_xargs (turn this off for non-vLLM APIs)",
+    ),
+]
+
 
 def _fail(msg: str, code: int = 2) -> None:
     typer.secho(f"error: {msg}", err=True, fg="red")
@@ -23,19 +48,12 @@ def _fail(msg: str, code: int = 2) -> None:
 
 
 class _Progress:
-    """A rich progress bar over programs, with a running count of outcomes."""
+    """A progress bar over programs, with a running count of outcomes."""
 
     def __init__(self, total: int, label: str):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from ctk.progress import progress_bar
 
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[status]}"),
-            transient=False,
-        )
+        self.progress = progress_bar(status=True, transient=False)
         self.task = self.progress.add_task(label, total=total, status="")
         self.ok = self.failed = self.stopped = self.running = 0
 
@@ -44,7 +62,7 @@ class _Progress:
         self._update()
 
     def on_done(self, res) -> None:
-        from ctk.collect.swebench import was_stopped
+        from ctk.collect.runner import was_stopped
 
         self.running -= 1
         if res.ok:
@@ -91,61 +109,85 @@ def _print_summary(summary, db: Path) -> None:
         )
 
 
+def _collect(collector, tasks: list[dict], label: str) -> None:
+    """Run ``collector`` over ``tasks`` under a progress bar, print the summary, exit with its status
+    (130 interrupted, 1 when a program failed)."""
+    from ctk.collect.arrival import ArrivalError
+    from ctk.collect.runner import CollectError, collect
+    from ctk.store import StoreError
+
+    opts = collector.options
+    try:
+        with _Progress(len(tasks) * opts.repeats, label) as prog:
+            summary = collect(collector, tasks, on_start=prog.on_start, on_done=prog.on_done)
+    except (CollectError, ArrivalError, StoreError) as exc:
+        _fail(str(exc))
+    _print_summary(summary, opts.db)
+    if summary.interrupted:
+        raise typer.Exit(130)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
 @collect_app.command("swebench")
 def swebench(
-    db: Path = typer.Option(..., "--db", help=DB_HELP),
-    base_url: str = typer.Option(None, "--url", "--base-url", help=URL_HELP),
-    model: str = typer.Option("default", "--model", "-m", help="model name sent to the endpoint"),
-    api_key: str = typer.Option(None, "--api-key", envvar="CTK_API_KEY", help="API key (never logged)"),
-    instances: str = typer.Option(
-        None, "--instances", help="JSON/JSONL file or folder of instances, or 'bundled'"
-    ),
-    subset: str = typer.Option(
-        None, "--subset", help="SWE-bench subset from the hub: verified|lite|full|..."
-    ),
-    split: str = typer.Option("test", "--split"),
-    slice_spec: str = typer.Option("", "--slice", help="start:stop[:step] over the selected instances"),
-    filter_spec: str = typer.Option("", "--filter", help="regex on instance ids"),
-    env: str = typer.Option("local", "--env", help="local (a git working copy per instance) or docker"),
-    repo_dir: Path = typer.Option(
-        None, "--repo-dir", help="local env: folder of repositories/archives by name"
-    ),
-    config: list[str] = typer.Option(
-        [], "--config", "-c", help="mini-swe-agent config spec(s); default swebench.yaml"
-    ),
-    model_class: str = typer.Option(
-        None, "--model-class", help="mini-swe-agent model class (default litellm)"
-    ),
-    step_limit: int = typer.Option(None, "--step-limit", help="max LLM calls per program", min=1),
-    timeout: int = typer.Option(None, "--timeout", help="seconds per tool call before it is killed", min=1),
-    retries: int = typer.Option(
-        None, "--retries", help="retries of a failed LLM call, 4 s, 4 s, 8 s, ... apart [default: 2]", min=0
-    ),
-    workers: int = typer.Option(1, "--workers", "-w", help="programs run concurrently", min=1),
-    arrival: str = typer.Option("fixed", "--arrival", help="fixed (concurrency = workers) or poisson"),
-    rate: float = typer.Option(None, "--rate", help="poisson arrivals: programs per second", parser=POSITIVE),
-    seed: int = typer.Option(0, "--seed"),
-    repeats: int = typer.Option(1, "--repeats", help="runs per instance (program ids get #k)", min=1),
-    resume: bool = typer.Option(False, "--resume", help="skip complete programs, redo unfinished ones"),
-    source: str = typer.Option(
-        "collect-swebench", "--source", help="source label; program ids are SOURCE/ID"
-    ),
-    workdir: Path = typer.Option(
-        None, "--workdir", help="local env: where working copies go (default: temp)"
-    ),
-    keep_workdirs: bool = typer.Option(False, "--keep-workdirs"),
-    traj_dir: Path = typer.Option(None, "--traj-dir", help="also save mini-swe-agent *.traj.json files here"),
-    send_metadata: bool = typer.Option(
-        True,
-        "--send-metadata/--no-send-metadata",
-        help="send session_id / vllm_xargs (turn this off for non-vLLM APIs)",
-    ),
+    ctx: typer.Context,
+    db: DbOpt,
+    base_url: Annotated[str | None, typer.Option("--url", "--base-url", help=URL_HELP)] = None,
+    model: ModelOpt = "default",
+    api_key: ApiKeyOpt = None,
+    instances: Annotated[
+        str | None, typer.Option("--instances", help="JSON/JSONL file or folder of instances, or 'bundled'")
+    ] = None,
+    subset: Annotated[
+        str | None, typer.Option("--subset", help="SWE-bench subset from the hub: verified|lite|full|...")
+    ] = None,
+    split: Annotated[str, typer.Option("--split")] = "test",
+    slice_spec: SliceOpt = "",
+    filter_spec: Annotated[str, typer.Option("--filter", help="regex on instance ids")] = "",
+    env: Annotated[
+        str, typer.Option("--env", help="local (a git working copy per instance) or docker")
+    ] = "local",
+    repo_dir: Annotated[
+        Path | None, typer.Option("--repo-dir", help="local env: folder of repositories/archives by name")
+    ] = None,
+    configs: Annotated[
+        list[str], typer.Option("--config", "-c", help="mini-swe-agent config spec(s); default swebench.yaml")
+    ] = [],  # noqa: B006 - typer reads the default, never mutates it
+    model_class: Annotated[
+        str | None, typer.Option("--model-class", help="mini-swe-agent model class (default litellm)")
+    ] = None,
+    step_limit: Annotated[
+        int | None, typer.Option("--step-limit", help="max LLM calls per program", min=1)
+    ] = None,
+    timeout: Annotated[
+        int | None, typer.Option("--timeout", help="seconds per tool call before it is killed", min=1)
+    ] = None,
+    retries: Annotated[
+        int | None,
+        typer.Option(
+            "--retries", help="retries of a failed LLM call, 4 s, 4 s, 8 s, ... apart [default: 2]", min=0
+        ),
+    ] = None,
+    workers: WorkersOpt = 1,
+    arrival: ArrivalOpt = "fixed",
+    rate: RateOpt = None,
+    seed: SeedOpt = 0,
+    repeats: RepeatsOpt = 1,
+    resume: ResumeOpt = False,
+    source: SourceOpt = "collect-swebench",
+    workdir: Annotated[
+        Path | None, typer.Option("--workdir", help="local env: where working copies go (default: temp)")
+    ] = None,
+    keep_workdirs: Annotated[bool, typer.Option("--keep-workdirs")] = False,
+    traj_dir: Annotated[
+        Path | None, typer.Option("--traj-dir", help="also save mini-swe-agent *.traj.json files here")
+    ] = None,
+    send_metadata: SendMetadataOpt = True,
 ) -> None:
     """Run mini-swe-agent over SWE-bench instances and record every LLM and tool call."""
-    from ctk.collect.arrival import ArrivalError
-    from ctk.collect.swebench import CollectError, SwebenchOptions, collect_swebench
+    from ctk.collect.swebench import SwebenchCollector, SwebenchOptions
     from ctk.datasets.instances import InstanceError, load_instances
-    from ctk.store import StoreError
 
     try:
         rows = load_instances(instances, subset, split, filter_spec, slice_spec)
@@ -153,113 +195,62 @@ def swebench(
         _fail(str(exc))
     if not rows:
         _fail("no instances selected (check --filter / --slice)")
-    opts = SwebenchOptions(
-        db=db,
-        base_url=base_url,
-        model=model,
-        api_key=api_key,
-        model_class=model_class,
-        env=env,
-        configs=list(config),
-        step_limit=step_limit,
-        timeout=timeout,
-        workers=workers,
-        arrival=arrival,
-        rate=rate,
-        seed=seed,
-        resume=resume,
-        repeats=repeats,
-        source=source,
-        repo_dir=repo_dir,
-        workdir=workdir,
-        keep_workdirs=keep_workdirs,
-        traj_dir=traj_dir,
-        send_metadata=send_metadata,
-        retries=retries,
-    )
-    try:
-        with _Progress(len(rows) * repeats, "swebench") as prog:
-            summary = collect_swebench(opts, rows, on_start=prog.on_start, on_done=prog.on_done)
-    except (CollectError, ArrivalError, StoreError) as exc:
-        _fail(str(exc))
-    _print_summary(summary, db)
-    if summary.interrupted:
-        raise typer.Exit(130)
-    if summary.failed:
-        raise typer.Exit(1)
+    _collect(SwebenchCollector(SwebenchOptions.from_params(ctx.params)), rows, "swebench")
 
 
 @collect_app.command("bfcl")
 def bfcl(
-    db: Path = typer.Option(..., "--db", help=DB_HELP),
-    base_url: str = typer.Option(..., "--url", "--base-url", help=URL_HELP + " (with tool calling)"),
-    model: str = typer.Option("default", "--model", "-m"),
-    api_key: str = typer.Option(None, "--api-key", envvar="CTK_API_KEY", help="API key (never logged)"),
-    category: list[str] = typer.Option(["base"], "--category", help="base|miss_func|miss_param|long_context"),
-    slice_spec: str = typer.Option("", "--slice", help="start:stop[:step] over the selected entries"),
-    filter_spec: str = typer.Option(
-        "", "--filter", help="regex on entry ids, e.g. '^multi_turn_base_(0|1)$'"
-    ),
-    tool_latency: str = typer.Option(
-        None,
-        "--tool-latency",
-        help="inject latency per call: SECONDS, exp:MEAN, uniform:LO,HI, "
-        "lognormal:MEDIAN,SIGMA, or a trace store / CSV to sample from",
-    ),
-    latency_max: float = typer.Option(
-        300.0, "--latency-max", help="cap on one injected latency (s)", parser=POSITIVE
-    ),
-    max_steps: int = typer.Option(20, "--max-steps", help="model steps per user turn (BFCL uses 20)", min=1),
-    temperature: float = typer.Option(0.0, "--temperature", parser=NON_NEGATIVE),
-    max_tokens: int = typer.Option(None, "--max-tokens", min=1),
-    stream: bool = typer.Option(True, "--stream/--no-stream", help="stream (records time to first token)"),
-    workers: int = typer.Option(1, "--workers", "-w", min=1),
-    arrival: str = typer.Option("fixed", "--arrival", help="fixed or poisson"),
-    rate: float = typer.Option(None, "--rate", help="poisson arrivals: programs per second", parser=POSITIVE),
-    seed: int = typer.Option(0, "--seed"),
-    resume: bool = typer.Option(False, "--resume", help="skip complete programs, redo unfinished ones"),
-    source: str = typer.Option("collect-bfcl", "--source"),
-    send_metadata: bool = typer.Option(True, "--send-metadata/--no-send-metadata"),
+    ctx: typer.Context,
+    db: DbOpt,
+    base_url: Annotated[str, typer.Option("--url", "--base-url", help=URL_HELP + " (with tool calling)")],
+    model: ModelOpt = "default",
+    api_key: ApiKeyOpt = None,
+    categories: Annotated[
+        list[str], typer.Option("--category", help="base|miss_func|miss_param|long_context")
+    ] = ["base"],  # noqa: B006 - typer reads the default, never mutates it
+    slice_spec: SliceOpt = "",
+    filter_spec: Annotated[
+        str, typer.Option("--filter", help="regex on entry ids, e.g. '^multi_turn_base_(0|1)$'")
+    ] = "",
+    tool_latency: Annotated[
+        str | None,
+        typer.Option(
+            "--tool-latency",
+            help="inject latency per call: SECONDS, exp:MEAN, uniform:LO,HI, "
+            "lognormal:MEDIAN,SIGMA, or a trace store / CSV to sample from",
+        ),
+    ] = None,
+    latency_max_s: Annotated[
+        float, typer.Option("--latency-max", help="cap on one injected latency (s)", parser=POSITIVE)
+    ] = 300.0,
+    max_steps: Annotated[
+        int, typer.Option("--max-steps", help="model steps per user turn (BFCL uses 20)", min=1)
+    ] = 20,
+    temperature: Annotated[float, typer.Option("--temperature", parser=NON_NEGATIVE)] = 0.0,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=1)] = None,
+    stream: Annotated[
+        bool, typer.Option("--stream/--no-stream", help="stream (records time to first token)")
+    ] = True,
+    workers: WorkersOpt = 1,
+    arrival: ArrivalOpt = "fixed",
+    rate: RateOpt = None,
+    seed: SeedOpt = 0,
+    repeats: RepeatsOpt = 1,
+    resume: ResumeOpt = False,
+    source: SourceOpt = "collect-bfcl",
+    send_metadata: SendMetadataOpt = True,
 ) -> None:
     """Run BFCL multi-turn tasks (bfcl-eval's simulated APIs) and record every LLM and tool call."""
-    from ctk.collect.arrival import ArrivalError
-    from ctk.collect.bfcl import BfclOptions, collect_bfcl, load_entries
-    from ctk.collect.swebench import CollectError
-    from ctk.store import StoreError
+    from ctk.collect.bfcl import BfclCollector, BfclOptions, load_entries
+    from ctk.collect.runner import CollectError
 
-    opts = BfclOptions(
-        db=db,
-        base_url=base_url,
-        model=model,
-        api_key=api_key,
-        categories=list(category),
-        tool_latency=tool_latency,
-        latency_max_s=latency_max,
-        max_steps=max_steps,
-        temperature=temperature,
-        max_tokens=max_tokens,
-        stream=stream,
-        workers=workers,
-        arrival=arrival,
-        rate=rate,
-        seed=seed,
-        resume=resume,
-        source=source,
-        send_metadata=send_metadata,
-    )
     try:
-        entries = load_entries(opts.categories, filter_spec, slice_spec)
-        if not entries:
-            _fail("no BFCL entries selected (check --filter / --slice)")
-        with _Progress(len(entries), "bfcl") as prog:
-            summary = collect_bfcl(opts, entries, on_start=prog.on_start, on_done=prog.on_done)
-    except (CollectError, ArrivalError, StoreError) as exc:
+        entries = load_entries(categories, filter_spec, slice_spec)
+    except CollectError as exc:
         _fail(str(exc))
-    _print_summary(summary, db)
-    if summary.interrupted:
-        raise typer.Exit(130)
-    if summary.failed:
-        raise typer.Exit(1)
+    if not entries:
+        _fail("no BFCL entries selected (check --filter / --slice)")
+    _collect(BfclCollector(BfclOptions.from_params(ctx.params)), entries, "bfcl")
 
 
 def proxy(
