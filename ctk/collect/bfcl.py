@@ -28,9 +28,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from ctk.collect.arrival import JobResult
 from ctk.collect.recorder import ProgramRecorder, Stamp
-from ctk.collect.runner import CollectError, CollectOptions, CollectSummary, Program, check_endpoint, collect
+from ctk.collect.runner import CollectError, CollectOptions, Program
 from ctk.store import EXCLUDED_QUALITY_FLAGS, TraceStore
 
 CATEGORIES = ("base", "miss_func", "miss_param", "long_context")
@@ -360,16 +359,11 @@ class BfclCollector:
             raise CollectError("--max-steps must be at least 1")
         if opts.tool_latency:
             self.sampler = LatencySampler(opts.tool_latency, opts.seed, opts.latency_max_s)
-        check_endpoint(opts.base_url, opts.api_key)
 
     def run_config(self) -> dict[str, Any]:
         opts = self.options
         return {
-            "base_url": opts.base_url,
             "categories": opts.categories,
-            "workers": opts.workers,
-            "arrival": opts.arrival,
-            "rate": opts.rate,
             "tool_latency": opts.tool_latency,
             "max_steps": opts.max_steps,
             "stream": opts.stream,
@@ -495,15 +489,3 @@ class BfclCollector:
             return program.finish("step_limit" if hit_limit else "completed")
         finally:
             _forget_instances(model_tag)
-
-
-def collect_bfcl(
-    opts: BfclOptions,
-    entries: list[dict[str, Any]],
-    *,
-    on_start: Callable[[str], None] | None = None,
-    on_done: Callable[[JobResult], None] | None = None,
-    stop: threading.Event | None = None,
-) -> CollectSummary:
-    """Run and record BFCL ``entries`` (from :func:`load_entries`)."""
-    return collect(BfclCollector(opts), entries, on_start=on_start, on_done=on_done, stop=stop)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -17,29 +19,50 @@ MAX_BODY_MB = 32.0
 
 collect_app = typer.Typer(help="Record real agent runs into a trace store.", no_args_is_help=True)
 
-# The options every collector takes, declared once; parameter names are CollectOptions' field names.
+# Options every collector takes; parameter names are CollectOptions' field names (see from_params).
 DbOpt = Annotated[Path, typer.Option("--db", help=DB_HELP)]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="model name sent to the endpoint")]
 ApiKeyOpt = Annotated[
     str | None, typer.Option("--api-key", envvar="CTK_API_KEY", help="API key (never logged)")
 ]
 SliceOpt = Annotated[str, typer.Option("--slice", help="start:stop[:step] over the selected tasks")]
-WorkersOpt = Annotated[int, typer.Option("--workers", "-w", help="programs run concurrently", min=1)]
-ArrivalOpt = Annotated[str, typer.Option("--arrival", help="fixed (concurrency = workers) or poisson")]
-RateOpt = Annotated[
-    float | None, typer.Option("--rate", help="poisson arrivals: programs per second", parser=POSITIVE)
-]
-SeedOpt = Annotated[int, typer.Option("--seed")]
-RepeatsOpt = Annotated[int, typer.Option("--repeats", help="runs per task (program ids get #k)", min=1)]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="skip complete programs, redo unfinished ones")]
 SourceOpt = Annotated[str, typer.Option("--source", help="source label; program ids are SOURCE/ID")]
-SendMetadataOpt = Annotated[
-    bool,
-    typer.Option(
+
+
+def _option(name: str, kind: Any, default: Any, *decls: str, **option: Any) -> inspect.Parameter:
+    """One keyword option ``name`` of type ``kind``, declared as a typer option with ``decls``."""
+    annotation = Annotated[kind, typer.Option(*decls, **option)]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+#: How programs are run and started, the same for every collector: added to each command's options by
+#: :func:`_with_run_options`.
+RUN_OPTIONS = [
+    _option("workers", int, 1, "--workers", "-w", help="programs run concurrently", min=1),
+    _option("arrival", str, "fixed", "--arrival", help="fixed (concurrency = workers) or poisson"),
+    _option(
+        "rate", float | None, None, "--rate", help="poisson arrivals: programs per second", parser=POSITIVE
+    ),
+    _option("seed", int, 0, "--seed"),
+    _option("repeats", int, 1, "--repeats", help="runs per task (program ids get #k)", min=1),
+    _option("resume", bool, False, "--resume", help="skip complete programs, redo unfinished ones"),
+    _option(
+        "send_metadata",
+        bool,
+        True,
         "--send-metadata/--no-send-metadata",
         help="send session_id / vllm_xargs (turn this off for non-vLLM APIs)",
     ),
 ]
+
+
+def _with_run_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Add :data:`RUN_OPTIONS` to a collect command, after its own options. The command takes them as
+    ``**run_options`` and builds its options object from ``ctx.params``, which holds every option."""
+    own = inspect.signature(command, eval_str=True).parameters.values()
+    params = [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    command.__signature__ = inspect.Signature([*params, *RUN_OPTIONS])  # type: ignore[attr-defined]
+    return command
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -130,6 +153,7 @@ def _collect(collector, tasks: list[dict], label: str) -> None:
 
 
 @collect_app.command("swebench")
+@_with_run_options
 def swebench(
     ctx: typer.Context,
     db: DbOpt,
@@ -169,12 +193,6 @@ def swebench(
             "--retries", help="retries of a failed LLM call, 4 s, 4 s, 8 s, ... apart [default: 2]", min=0
         ),
     ] = None,
-    workers: WorkersOpt = 1,
-    arrival: ArrivalOpt = "fixed",
-    rate: RateOpt = None,
-    seed: SeedOpt = 0,
-    repeats: RepeatsOpt = 1,
-    resume: ResumeOpt = False,
     source: SourceOpt = "collect-swebench",
     workdir: Annotated[
         Path | None, typer.Option("--workdir", help="local env: where working copies go (default: temp)")
@@ -183,7 +201,7 @@ def swebench(
     traj_dir: Annotated[
         Path | None, typer.Option("--traj-dir", help="also save mini-swe-agent *.traj.json files here")
     ] = None,
-    send_metadata: SendMetadataOpt = True,
+    **run_options: Any,
 ) -> None:
     """Run mini-swe-agent over SWE-bench instances and record every LLM and tool call."""
     from ctk.collect.swebench import SwebenchCollector, SwebenchOptions
@@ -199,6 +217,7 @@ def swebench(
 
 
 @collect_app.command("bfcl")
+@_with_run_options
 def bfcl(
     ctx: typer.Context,
     db: DbOpt,
@@ -231,14 +250,8 @@ def bfcl(
     stream: Annotated[
         bool, typer.Option("--stream/--no-stream", help="stream (records time to first token)")
     ] = True,
-    workers: WorkersOpt = 1,
-    arrival: ArrivalOpt = "fixed",
-    rate: RateOpt = None,
-    seed: SeedOpt = 0,
-    repeats: RepeatsOpt = 1,
-    resume: ResumeOpt = False,
     source: SourceOpt = "collect-bfcl",
-    send_metadata: SendMetadataOpt = True,
+    **run_options: Any,
 ) -> None:
     """Run BFCL multi-turn tasks (bfcl-eval's simulated APIs) and record every LLM and tool call."""
     from ctk.collect.bfcl import BfclCollector, BfclOptions, load_entries

@@ -146,11 +146,12 @@ class Collector(Protocol):
         ...
 
     def prepare(self) -> None:
-        """Check options and endpoint before anything is written; raise :class:`CollectError` to refuse."""
+        """Check the options before anything is written; raise :class:`CollectError` to refuse. (The
+        runner then checks that a server answers at ``base_url``.)"""
         ...
 
     def run_config(self) -> dict[str, Any]:
-        """The settings the run record keeps."""
+        """The collector's own settings the run record keeps (next to base_url, workers, arrival, rate)."""
         ...
 
     def session(self) -> contextlib.AbstractContextManager[Any]:
@@ -274,22 +275,31 @@ def collect(
 ) -> CollectSummary:
     """Run and record every task ``repeats`` times; raises :class:`CollectError` for bad options."""
     opts = collector.options
-    if opts.repeats < 1:
-        raise CollectError("--repeats must be at least 1")
-    collector.prepare()
+    for name in ("repeats", "workers"):
+        if getattr(opts, name) < 1:
+            raise CollectError(f"--{name} must be at least 1")
     by_pid: dict[str, tuple[str, dict[str, Any]]] = {}
     for task in tasks:
         task_id = collector.task_id(task)
         for r in range(opts.repeats):
             by_pid[program_id_for(opts.source, task_id, r, opts.repeats)] = (task_id, task)
     offsets = arrival_offsets(len(by_pid), opts.arrival, opts.rate, opts.seed)  # validate before any write
+    collector.prepare()
+    if opts.base_url:
+        check_endpoint(opts.base_url, opts.api_key)
     run = RunRecord(
         kind=collector.kind,
         source=opts.source,
         agent=collector.agent,
         model=opts.model,
         host=platform.node(),
-        config=collector.run_config(),
+        config={
+            "base_url": opts.base_url,
+            "workers": opts.workers,
+            "arrival": opts.arrival,
+            "rate": opts.rate,
+            **collector.run_config(),
+        },
     )
     summary = CollectSummary()
     todo = register_run(opts.db, list(by_pid), run, opts.resume, summary)

@@ -14,21 +14,16 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctk.collect.arrival import JobResult
 from ctk.collect.recorder import RecordingEnvironment, RecordingModel
 from ctk.collect.runner import (
     CollectError,
     CollectOptions,
-    CollectSummary,
     Program,
-    check_endpoint,
-    collect,
 )
 from ctk.datasets.instances import ARCHIVE_SUFFIXES, find_repo_source
 
@@ -238,19 +233,13 @@ class SwebenchCollector:
             os.environ.setdefault(_RETRY_KNOB, str(DEFAULT_RETRIES + 1))
         quiet_litellm()
         model_cfg = self.config.get("model") or {}
-        if opts.base_url:
-            check_endpoint(opts.base_url, opts.api_key)
-        elif "litellm" in (model_cfg.get("model_class") or "litellm"):
+        if not opts.base_url and "litellm" in (model_cfg.get("model_class") or "litellm"):
             check_provider(str(model_cfg.get("model_name") or opts.model))
 
     def run_config(self) -> dict[str, Any]:
         opts = self.options
         return {
             "env": opts.env,
-            "base_url": opts.base_url,
-            "workers": opts.workers,
-            "arrival": opts.arrival,
-            "rate": opts.rate,
             "configs": opts.configs,
             "step_limit": opts.step_limit,
             "timeout": opts.timeout,
@@ -326,15 +315,3 @@ class SwebenchCollector:
                     log.warning("environment cleanup failed: %s", exc)
             if workdir is not None and not opts.keep_workdirs:
                 shutil.rmtree(workdir.parent, ignore_errors=True)
-
-
-def collect_swebench(
-    opts: SwebenchOptions,
-    instances: list[dict[str, Any]],
-    *,
-    on_start: Callable[[str], None] | None = None,
-    on_done: Callable[[JobResult], None] | None = None,
-    stop: threading.Event | None = None,
-) -> CollectSummary:
-    """Run and record ``instances``; raises :class:`CollectError` for bad options."""
-    return collect(SwebenchCollector(opts), instances, on_start=on_start, on_done=on_done, stop=stop)
