@@ -20,11 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ctk.collect.recorder import RecordingEnvironment, RecordingModel
-from ctk.collect.runner import (
-    CollectError,
-    CollectOptions,
-    Program,
-)
+from ctk.collect.runner import CollectError, CollectOptions, Program
 from ctk.datasets.instances import ARCHIVE_SUFFIXES, find_repo_source
 
 log = logging.getLogger(__name__)
