@@ -22,7 +22,6 @@ import pandas as pd
 
 from ctk.predict.cost import CostModel
 from ctk.predict.dataset import prepare_frame
-from ctk.predict.modelfile import save_model
 from ctk.predict.train import TrainConfig, load_rows, train_model
 from ctk.store import TraceStore
 
@@ -124,7 +123,7 @@ def timed_train(db: Path, predictor: str, out: Path) -> dict[str, float]:
         prev = at
     t = time.perf_counter()
     phases["rest"] = t - prev if prev < end else 0.0
-    save_model(model, out)
+    model.save(out)
     phases["write model.pkl"] = time.perf_counter() - t
     phases["total"] = time.perf_counter() - t0
     return phases

@@ -541,6 +541,8 @@ def test_config_errors_are_clear():
         ServeConfig(policy="ttl").validate()
     with pytest.raises(ConfigError, match="unknown ctk setting"):
         ServeConfig.from_mapping({"nope": 1})
+    with pytest.raises(ConfigError, match="age_quantile"):
+        ServeConfig(policy="vllm", age_quantile=1.5).validate()
     cfg = ServeConfig.from_env({"CTK_POLICY": "oracle", "CTK_MAX_PIN_SHARE": "0.3", "CTK_DETECTORS": "bash"})
     assert (cfg.policy, cfg.max_pin_share, cfg.detectors) == ("oracle", 0.3, ("bash",))
     assert ServeConfig.from_env(cfg.to_env()) == cfg

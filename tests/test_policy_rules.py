@@ -308,22 +308,55 @@ def test_continuum_quirks_live_in_its_rule():
 # -- the age bound ---------------------------------------------------------------------------------------
 
 
-def test_age_bound_follows_the_measured_wait_without_a_floor():
+def test_age_bound_is_fcfs_tail_wait_without_a_floor():
     c = make_core("ttl", priced_tables())
     assert c.order.age_bound_s == 0.0  # nothing measured yet: plain FCFS, no floor above stock
     c.arrived("o", h("old"), now=0.0)
     c.arrived("y", h("young"), now=1.0)
     c.arrived("o2", h("old"), now=1.5)
     assert c.order_waiting(["y", "o2"], now=1.6) == [0, 1]  # both overdue at once: arrival order
-    for i in range(20):  # FCFS waits of 1 s measured
+    c.aborted("o", now=1.7)  # never admitted: FCFS would not have admitted it either
+    c.aborted("y", now=1.7)
+    c.aborted("o2", now=1.7)
+    # 20 requests arrive 1 s apart; the engine admits them in REVERSE order 30 s later (program order):
+    # FCFS would have admitted the k-th arrival at the k-th admission time, i.e. waits of 11..49 s.
+    for i in range(20):
         c.arrived(f"w{i}", h(f"w{i}"), now=10.0 + i)
-        c.admitted(f"w{i}", 0, now=11.0 + i)
-    assert c.order.age_bound_s == pytest.approx(1.0, rel=0.05)  # the mean wait (age_factor 1)
-    c.arrived("y3", h("young3"), now=40.0)
-    c.arrived("o3", h("old"), now=40.2)
-    assert c.order_waiting(["y3", "o3"], now=40.5) == [1, 0]  # an older program may overtake ...
-    assert c.order_waiting(["y3", "o3"], now=41.1) == [0, 1]  # ... for at most the bound
+    for k, i in enumerate(reversed(range(20))):
+        c.admitted(f"w{i}", 0, now=40.0 + k)
+    fcfs_waits = sorted(40.0 + k - (10.0 + k) for k in range(20))  # 30 s each under FCFS
+    assert c.order.age_bound_s == pytest.approx(fcfs_waits[-1])  # the tail (q 0.99) of FCFS's waits
+    # the bound follows FCFS's tail: 20 more at 1 s waits pull the 0.99 quantile to the 30 s ones
+    for i in range(100):
+        c.arrived(f"v{i}", h(f"v{i}"), now=100.0 + i)
+        c.admitted(f"v{i}", 0, now=101.0 + i)
+    assert c.order.age_bound_s == pytest.approx(30.0)  # 20 of 120 waits were 30 s: still the tail
+    for i in range(1000):
+        c.arrived(f"u{i}", h(f"u{i}"), now=300.0 + i)
+        c.admitted(f"u{i}", 0, now=301.0 + i)
+    assert c.order.age_bound_s == pytest.approx(1.0)  # the window (512) forgot the slow ones
+    c.arrived("y3", h("young3"), now=2000.0)
+    c.arrived("o3", h("old"), now=2000.2)
+    assert c.order_waiting(["y3", "o3"], now=2000.5) == [1, 0]  # an older program may overtake ...
+    assert c.order_waiting(["y3", "o3"], now=2001.1) == [0, 1]  # ... for at most the bound
     assert make_core("ttl", priced_tables(), age_factor=2.0).order.age_factor == 2.0
+
+
+def test_pins_pay_the_price_only_when_the_queue_head_goes_before_their_return():
+    """Under program ordering a returning pinned program goes before every waiting request but an overdue
+    one: its pin is charged the memory price only while the queue's head is overdue."""
+    c = make_core("ttl", priced_tables())
+    c.price.value = 1e-3
+    c.order._bound = 10.0
+    c.arrived("w", h("waiter"), now=0.0)
+    assert c._charged_price(5.0) == 0.0  # the head waited 5 s < 10 s: the pin's return goes first
+    assert c._charged_price(10.5) == 1e-3  # overdue: it goes before the return, the pin pays
+    c.admitted("w", 0, now=11.0)
+    assert c._charged_price(11.0) == 0.0  # nothing waits
+    fcfs = make_core("ttl", priced_tables(), program_fcfs=False)
+    fcfs.price.value = 1e-3
+    fcfs.arrived("w", h("waiter"), now=0.0)
+    assert fcfs._charged_price(0.1) == 1e-3  # FCFS: the return queues behind everyone, always pays
 
 
 def test_cdf_value_and_hazard():

@@ -15,6 +15,7 @@ from ctk.predict.cost import CostModel, choose_ttl, expected_holding_s
 from ctk.predict.features import command_keys
 from ctk.predict.modelfile import (
     FORMAT_VERSION,
+    ModelFile,
     ModelFileError,
     load_model,
     load_ttl_tables,
@@ -229,6 +230,8 @@ def test_malicious_pickle_refused_and_nothing_runs(tmp_path):
         load_model(path)
     with pytest.raises(ModelFileError):
         load_ttl_tables(path)
+    with pytest.raises(ModelFileError, match="refusing to load"):
+        ModelFile.load(path)
     assert not marker.exists()
     # sanity: the payload does run under plain pickle (so the refusal above is what protected us)
     pickle.loads(path.read_bytes())

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from ctk.cli import app
 from ctk.datasets.samples import sample_traces_dir
-from ctk.engine_patch.online import LogShiftCalibrator, OnlineDurations
-from ctk.predict.cost import CostModel
+from ctk.engine_patch.online import LogShiftCalibrator, OnlineDurations, blend_quantiles
+from ctk.predict.cost import CDF, CostModel, cdf_knots
 from ctk.predict.dataset import prepare_frame
 from ctk.predict.modelfile import save_model
 from ctk.predict.online_eval import (
@@ -135,3 +135,19 @@ def test_predict_online_cli_writes_predict_columns_in_start_order(sample, held_o
     assert res["variants"]["online"]["pinball_mean"] < res["variants"]["offline"]["pinball_mean"]
     r_bad = runner.invoke(app, ["evaluate", "--db", db, "--online"])
     assert r_bad.exit_code == 2 and "--model" in r_bad.output
+
+
+def test_prior_blend_uses_the_cost_models_cdf_with_point_masses():
+    """The online prior is :func:`ctk.predict.cost.cdf_knots` without the TTL floor: a quantile of 0 s is a
+    point mass at 0 (``F(0)`` counts it), equal quantiles jump, an infinite one ends the knots."""
+    levels = [0.1, 0.25, 0.5, 0.9]
+    prior = [0.0, 0.0, 2.0, float("inf")]
+    ts, fs = cdf_knots(levels, prior, floor_s=0.0)
+    assert ts == [0.0, 0.0, 0.0, 2.0] and fs == [0.0, 0.1, 0.25, 0.5]
+    cdf = CDF(ts, fs)
+    assert cdf.at(0.0)[0] == 0.25 and cdf.at(1.0)[0] == pytest.approx(0.375) and cdf.at(9.0)[0] == 0.5
+    assert CDF.from_quantiles(levels, prior).at(0.0) == (0.0, 0.0)  # the pin rule's floor: no mass at 0
+    # only the prior (no observation): the blend gives back the prior (F never reaches 0.9: infinite)
+    assert blend_quantiles(levels, prior, 5.0, []) == [0.0, 0.0, 2.0, float("inf")]
+    # one observation at 1 s with weight 1 against a prior of weight 1: the median moves onto it
+    assert blend_quantiles(levels, prior, 1.0, [1.0])[2] == 1.0

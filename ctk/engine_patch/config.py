@@ -32,7 +32,8 @@ class ServeConfig:
     ttl_model: str | None = None  # model.pkl with TTL tables (required by ``ttl``; optional elsewhere)
     record: str | None = None  # DuckDB trace store to record observed tool durations into
     max_pin_share: float = 0.5  # pinned blocks never exceed this share of the KV cache
-    age_factor: float = 1.0  # a waiting request is overdue after age_factor x (measured FCFS wait) ...
+    age_factor: float = 1.0  # a waiting request is overdue after age_factor x (FCFS's tail wait) ...
+    age_quantile: float = 0.99  # ... that tail: this quantile of the waits FCFS would give ...
     age_min_s: float = 0.0  # ... but never before this many seconds (0: no floor above stock FCFS)
     program_fcfs: bool | None = None  # program-first waiting order (None: the policy's own)
     detectors: tuple[str, ...] = DETECTORS  # tool-call detectors applied to the output text
@@ -57,6 +58,8 @@ class ServeConfig:
             raise ConfigError(f"max_pin_share must be in (0, 1], not {self.max_pin_share}")
         if self.age_factor <= 0 or self.age_min_s < 0:
             raise ConfigError("age_factor must be > 0 and age_min_s >= 0")
+        if not 0.0 < self.age_quantile <= 1.0:
+            raise ConfigError("age_quantile must be in (0, 1]")
         bad = [d for d in self.detectors if d not in DETECTORS]
         if bad:
             raise ConfigError(f"unknown tool-call detector(s) {bad}; choose from {', '.join(DETECTORS)}")

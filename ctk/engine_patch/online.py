@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ctk.predict.cost import CDF
 from ctk.predict.tables import TTLTables
 
 #: Keys tracked at most (bounds memory against unbounded key sets).
@@ -47,18 +48,6 @@ class KeyStats:
     last_recompute: float = float("-inf")
 
 
-def _prior_cdf(levels: Sequence[float], quantiles: Sequence[float], t: float) -> float:
-    """Piecewise-linear CDF through (0, 0) and the (quantile, level) knots; flat after the last knot."""
-    prev_t, prev_f = 0.0, 0.0
-    for lvl, q in zip(levels, quantiles, strict=True):
-        if t < q:
-            if q <= prev_t:
-                return lvl
-            return prev_f + (lvl - prev_f) * (t - prev_t) / (q - prev_t)
-        prev_t, prev_f = max(prev_t, q), lvl
-    return prev_f
-
-
 def blend_quantiles(
     levels: Sequence[float], prior: Sequence[float] | None, prior_weight: float, observed: Sequence[float]
 ) -> list[float]:
@@ -69,10 +58,12 @@ def blend_quantiles(
     if n == 0 and w == 0:
         raise ValueError("nothing to blend")
     cands = sorted(set(obs) | set(float(q) for q in (prior or ())) | {0.0})
+    # the prior: piecewise linear through (0, 0) and its (quantile, level) knots, flat after the last
+    prior_cdf = CDF.from_quantiles(levels, prior, floor_s=0.0) if prior is not None and levels else None
 
     def cdf(t: float) -> float:
         f_obs = bisect.bisect_right(obs, t) / n if n else 0.0
-        f_pri = _prior_cdf(levels, prior, t) if prior is not None else 0.0
+        f_pri = prior_cdf.at(t)[0] if prior_cdf is not None else 0.0
         return (w * f_pri + n * f_obs) / (w + n)
 
     out = []

@@ -99,8 +99,12 @@ class PolicyCore:
         self.pins: dict[str, Pin] = {}  # request id -> pin
         self.pinned_blocks = 0
         self.price = MemoryPrice(config.price_decay_s, config.price_tolerance)
-        self.order = ProgramOrder(config.age_factor if rule.age_bound else math.inf, config.age_min_s)
+        self.order = ProgramOrder(
+            config.age_factor if rule.age_bound else math.inf, config.age_min_s, config.age_quantile
+        )
         self.reorders = rule.program_fcfs
+        self._queue: dict[str, float] = {}  # waiting (not yet admitted) request id -> arrival, oldest first
+        self._charging = False  # the price was last charged to the held pins (the queue's head is overdue)
         self._order_dirty = True  # set by every event that can change the waiting order
         self._order_len = 0
         self._order_bound = self.order.age_bound_s
@@ -164,6 +168,9 @@ class PolicyCore:
             self.stats.ignored_metadata += 1
         pid = hints.program_id
         self.requests[request_id] = Pending(pid, now, hints)
+        if self.reorders:
+            self.order.arrived(now)
+            self._queue[request_id] = now
         if pid is None:
             return []
         prog = self._program(pid, now)
@@ -202,7 +209,9 @@ class PolicyCore:
         if pend is None or pend.admitted:
             return []
         pend.admitted = True
-        self.order.record_wait(now - pend.arrival)
+        if self.reorders:
+            self.order.admitted(now)
+            self._queue.pop(request_id, None)
         # Leaving the queue keeps the order of the others; only a moved age bound makes it stale.
         self._order_len -= 1
         bound = self.order.age_bound_s
@@ -270,7 +279,7 @@ class PolicyCore:
             hints,
         )
         releases += self._reprice(state)  # the driver may not have stepped the core while no pin was held
-        d = self.rule.decide(call, state, self.price.value)
+        d = self.rule.decide(call, state, self._charged_price(now))
         if d.ttl_s <= 0:
             self.stats.pins_declined += 1
             return False, releases
@@ -326,6 +335,8 @@ class PolicyCore:
     def aborted(self, request_id: str, now: float) -> list[Release]:
         """The request was aborted (client gone): free its and its program's pins."""
         pend = self.requests.pop(request_id, None)
+        if pend is not None and not pend.admitted and self._queue.pop(request_id, None) is not None:
+            self.order.dropped()
         out = []
         own = self.pins.get(request_id)
         if own is not None:
@@ -347,13 +358,36 @@ class PolicyCore:
         out = self.expire(state.now)
         return out + self._reprice(state)
 
+    def _head_overdue(self, now: float) -> bool:
+        """The oldest waiting request has waited the age bound: it goes before any pinned program's return."""
+        for arrival in self._queue.values():
+            return now - arrival >= self.order.age_bound_s
+        return False
+
+    def _charged_price(self, now: float) -> float:
+        """The price a pin pays: what its memory costs the requests that would be served before its
+        program's return. Under program ordering a returning pinned program goes before every waiting
+        request but the overdue ones, so its memory keeps nobody out that would not wait for it anyway: the
+        pin pays only while the queue's head is overdue. Without program ordering the return queues behind
+        everyone: the pin always pays."""
+        price = self.price.value
+        if price <= 0.0 or not self.reorders or self._head_overdue(now):
+            return price
+        return 0.0
+
     def _reprice(self, state: EngineState) -> list[Release]:
-        """Update the price; when it moved, re-judge every held pin (those whose program is back excepted)."""
+        """Update the price; when the price charged to pins moved, re-judge every held pin (those whose
+        program is back excepted)."""
         moved = self.price.update(self._priced_state(state))
         self.stats.price = self.price.value
-        if not moved or not self.pins:
+        price = self._charged_price(state.now)
+        charging = price > 0.0
+        if charging != self._charging:
+            self._charging = charging
+            moved = charging  # starting to charge re-judges; stopping cannot drop a pin
+        if not moved or not self.pins or not charging:
             return []
-        price, rule = self.price.value, self.rule
+        rule = self.rule
         self.stats.rejudged += len(self.pins)
         drop = [
             p for p in self.pins.values() if not self._held_for_next(p) and not rule.keep(p, state, price)

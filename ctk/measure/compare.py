@@ -6,8 +6,9 @@ Used by ``bench/policies.py``, ``ctk demo`` and the measure tests. An *arm* is a
 ``rounds`` times in rotated order (:mod:`ctk.measure.rounds`), a server is started on the tiny model with a
 KV cache smaller than the working set, warmed up, the programs are replayed, ``/metrics`` is read, and the
 server is stopped. ``ttl`` and ``oracle`` are served with the same model file: a TTL model trained once per
-run (``ctk train``) on the store's other programs, never on the replayed ones, with tool durations on the
-replay's clock (multiplied by ``time_scale``) and the served engine's prefill cost (``ctk profile``).
+run (``ctk train``, called in-process) on the store's other programs, never on the replayed ones, with tool
+durations on the replay's clock (multiplied by ``time_scale``) and the served engine's prefill cost
+(``ctk profile``, in-process too).
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ import contextlib
 import dataclasses
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
@@ -38,6 +38,9 @@ from ctk.measure.rounds import (
 )
 from ctk.measure.workload import ProgramSpec, WorkloadConfig, load_programs
 from ctk.store import TraceStore
+
+if TYPE_CHECKING:
+    from ctk.predict.train import TrainConfig
 
 #: The benchmark's policies, in table order.
 POLICIES: tuple[str, ...] = POLICY_NAMES
@@ -133,7 +136,7 @@ class CompareConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     rounds: int = 1  # every arm this many times, in rotated order
     ttl_model: Path | None = None  # None: train one on the store's other programs
-    train_args: list[str] = field(default_factory=list)  # extra arguments of ``ctk train``
+    train: TrainConfig | None = None  # how the TTL model is trained (None: ``ctk train``'s defaults)
     port: int | None = None  # None: a free port
 
     def arms(self) -> list[Arm]:
@@ -220,42 +223,42 @@ def training_store(db: Path, exclude: set[str], time_scale: float, out: Path) ->
     return out
 
 
-def train_ttl_model(train_db: Path, out: Path, extra_args: list[str] = ()) -> Path:
-    """Run ``ctk train`` (the predict part's CLI) in a subprocess."""
-    cmd = [sys.executable, "-m", "ctk.cli", "train", "--db", str(train_db), "-o", str(out), *extra_args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not out.exists():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise CompareError("ctk train failed: " + " | ".join(tail))
+def train_ttl_model(
+    train_db: Path,
+    out: Path,
+    profile: Path | None = None,
+    block_size: int | None = None,
+    config: TrainConfig | None = None,
+) -> Path:
+    """What ``ctk train --db train_db -o out [--profile] [--block-size]`` does, in this process (the
+    predict part's :func:`~ctk.predict.train.train_from_store`); a failure is a CompareError with the whole
+    message."""
+    from ctk.predict.profile import cost_model_from
+    from ctk.predict.train import TrainConfig, train_from_store
+
+    try:
+        cost = cost_model_from(profile, block_size_tokens=block_size)
+        model, _ = train_from_store(train_db, config or TrainConfig(), cost)
+        model.save(out)
+    except (CtkError, ValueError, OSError) as exc:
+        raise CompareError(f"training the TTL model on {train_db} failed: {exc}") from exc
     return out
 
 
 def profile_prefill(base_url: str, out: Path, max_model_len: int = 8192) -> Path:
-    """``ctk profile`` (the predict part's CLI) against a running server.
+    """What ``ctk profile`` does against a running server, in this process; raises CompareError.
 
     ``ctk profile`` lengths are words; the tiny tokenizer splits its words into about 2.9 tokens, so the
     longest prompt is ``max_model_len / 3.1`` words.
     """
+    from ctk.predict.profile import measure_prefill, save_profile
+
     longest = int(max_model_len / 3.1)
     lengths = sorted({min(n, longest) for n in (128, 512, longest // 2, longest)})
-    cmd = [
-        sys.executable,
-        "-m",
-        "ctk.cli",
-        "profile",
-        "--url",
-        base_url,
-        "--lengths",
-        ",".join(map(str, lengths)),
-        "--repeats",
-        "2",
-        "-o",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not out.exists():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise CompareError("ctk profile failed: " + " | ".join(tail))
+    try:
+        save_profile(measure_prefill(base_url, None, lengths, repeats=2), out)
+    except (CtkError, OSError) as exc:
+        raise CompareError(f"profiling prefill at {base_url} failed: {exc}") from exc
     return out
 
 
@@ -433,12 +436,10 @@ class _ModelMaker:
                 self.profile(base_url)
         exclude = {p.program_id for p in self.programs}
         train_db = training_store(self.db, exclude, self.cfg.replay.time_scale, self.out_dir / "train.duckdb")
-        args = list(self.cfg.train_args)
-        if self.profile_path.exists():
-            args += ["--profile", str(self.profile_path)]
-        if self.engine.get("block_size", "").isdigit() and "--block-size" not in args:
-            args += ["--block-size", self.engine["block_size"]]
-        self.path = train_ttl_model(train_db, self.out_dir / "model.pkl", args)
+        profile = self.profile_path if self.profile_path.exists() else None
+        block = self.engine.get("block_size", "")
+        block_size = int(block) if block.isdigit() else None
+        self.path = train_ttl_model(train_db, self.out_dir / "model.pkl", profile, block_size, self.cfg.train)
         self.log(f"trained {self.path} on {self.db} minus the {len(exclude)} replayed programs")
         return self.path
 

@@ -129,17 +129,9 @@ def plot_calibration(tools: pd.DataFrame, tables, out_dir: Path, scale: float = 
     if seen.max(initial=0) == 0:
         return Figure(title, None, "", "no tool call matched a key of the model")
     cover = np.divide(hits, seen, out=np.full(len(levels), np.nan), where=seen > 0)
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.2, 5))
-    ax.plot([0, 1], [0, 1], color="#999", ls="--", lw=1, label="calibrated")
-    ax.plot(levels, cover, "o-", color="#d62728", label="ctk model (table quantiles)")
-    ax.set_xlabel("predicted quantile level")
-    ax.set_ylabel("share of true durations at or below it")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
-    name = _save(fig, out_dir, "calibration.png")
+    from ctk.predict.plots import plot_calibration as draw_calibration
+
+    name = draw_calibration({"ctk model (table quantiles)": (levels, cover)}, out_dir).name
     err = float(np.nanmean(np.abs(cover - levels)))
     return Figure(
         title,

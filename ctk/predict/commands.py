@@ -51,17 +51,11 @@ def _errors() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _progress() -> Iterator:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """The ``Progress`` callback of train/evaluate/profile: ctk's progress bar on stderr (one line per step
+    when piped)."""
+    from ctk.progress import progress_bar
 
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-        disable=not err_console.is_terminal,
-    ) as prog:
+    with progress_bar(console=err_console, only_on_terminal=True) as prog:
         tasks: dict[str, int] = {}
 
         def update(step: str, done: int, total: int) -> None:
@@ -140,7 +134,6 @@ def train(
 ) -> None:
     """Train a tool-duration predictor, evaluate it on held-out programs, write model.pkl with TTL tables."""
     from ctk.predict.evaluate import plot, render
-    from ctk.predict.modelfile import save_model
     from ctk.predict.train import TrainConfig, train_from_store
 
     with _errors():
@@ -154,15 +147,14 @@ def train(
         with _progress() as update:
             model, evaluation = train_from_store(db, config, cost, source, update)
         render(evaluation, console)
-        save_model(model, output)
+        model.save(output)
         if plots:
             for p in plot(evaluation, plots):
                 console.print(f"plot: {p}")
-    td = model["training_data"]
-    tables = model["ttl_tables"]
+    td = model.training_data
     console.print(
         f"wrote {output}: {predictor}, {td['rows']} calls from {td['programs']} programs "
-        f"(fingerprint {td['fingerprint']}), {len(tables['ttl_s'])} table keys"
+        f"(fingerprint {td['fingerprint']}), {len(model.ttl_tables().ttl_s)} table keys"
     )
 
 
@@ -194,9 +186,8 @@ def evaluate(
     """Evaluate predictors on held-out programs, or a trained model on another store's programs."""
     from ctk.predict.dataset import prepare_frame
     from ctk.predict.evaluate import evaluate_fitted, evaluate_frame, plot, render
-    from ctk.predict.modelfile import load_model
+    from ctk.predict.modelfile import ModelFile
     from ctk.predict.predictors import PREDICTOR_NAMES
-    from ctk.predict.train import model_cost, model_tables, predictors_from_model
 
     with _errors():
         rows, _ = _open_rows(db, source)
@@ -204,15 +195,10 @@ def evaluate(
             return _evaluate_online(rows, model, as_json)
         frame, skipped = prepare_frame(rows)
         if model is not None:
-            m = load_model(model)
-            fitted = predictors_from_model(m, str(model))
-            cost = _cost(profile, None, None) if profile else model_cost(m)
-            result = evaluate_fitted(frame, fitted, cost, {m.get("predictor"): model_tables(m, str(model))})
-            result["model"] = {
-                "path": str(model),
-                "predictor": m.get("predictor"),
-                "training_data": m.get("training_data", {}),
-            }
+            m = ModelFile.load(model)
+            cost = _cost(profile, None, None) if profile else m.cost
+            result = evaluate_fitted(frame, m.fitted(), cost, {m.predictor: m.ttl_tables()})
+            result["model"] = {"path": str(model), "predictor": m.predictor, "training_data": m.training_data}
         else:
             names = [n.strip() for n in predictors.split(",") if n.strip()]
             bad = [n for n in names if n not in PREDICTOR_NAMES]
@@ -277,59 +263,34 @@ def predict(
     ] = False,
 ) -> None:
     """Predict duration quantiles, the TTL and P(T <= TTL) for every tool call of INPUT."""
-    import numpy as np
-
-    from ctk.predict.dataset import prepare_frame
-    from ctk.predict.evaluate import prediction_rows, row_costs
-    from ctk.predict.modelfile import load_model
-    from ctk.predict.train import model_cost, model_tables, predictors_from_model
+    from ctk.predict.modelfile import ModelFile
+    from ctk.predict.prediction import predict_rows
 
     with _errors():
-        m = load_model(model)
-        fitted = predictors_from_model(m, str(model))
-        name = predictor or m.get("predictor")
-        if name not in fitted:
-            raise _fail(f"{model}: holds no predictor {name!r} (has {', '.join(fitted)})")
-        pr = fitted[name]
-        cost = model_cost(m)
-        tables = model_tables(m, str(model))
+        m = ModelFile.load(model)
+        m.predictor_name(predictor)  # a wrong --predictor fails before INPUT is read
         rows, _ = _open_rows(input_path, None)
-        if online:
-            return _predict_online(rows, tables, pressure, output, name)
-        if "duration_s" not in rows.columns:
-            rows = rows.assign(duration_s=np.nan)
-        frame, skipped = prepare_frame(rows, keep_unlabelled=True)
-        q = pr.predict_quantiles(frame)
-        b, c = row_costs(frame, cost, pressure)
-        ttl, hit = pr.choose_ttls(frame, q, b, c)
-        ctx = frame["context_est"].fillna(0).astype(int).tolist()
-        dec = [tables.lookup(k, x, pressure) for k, x in zip(frame["keys"], ctx, strict=True)]
-        out = prediction_rows(frame, pr.levels, q, ttl, hit, dec)
-        _write_rows(out, output)
-    console.print(
-        json.dumps({"rows": len(out), "skipped_rows": skipped, "predictor": name, "output": str(output)})
-    )
-
-
-def _predict_online(rows, tables, pressure: float, output: Path, name: str) -> None:
-    from ctk.predict.online_eval import online_predictions
-
-    out, skipped = online_predictions(rows, tables, pressure)
-    _write_rows(out, output)
+        pred = predict_rows(m, rows, pressure, predictor, online)
+        _write_rows(pred.rows, output)
     console.print(
         json.dumps(
-            {"rows": len(out), "skipped_rows": skipped, "predictor": f"{name}+online", "output": str(output)}
+            {
+                "rows": len(pred.rows),
+                "skipped_rows": pred.skipped_rows,
+                "predictor": pred.predictor,
+                "output": str(output),
+            }
         )
     )
 
 
 def _evaluate_online(rows, model: Path | None, as_json: bool) -> None:
-    from ctk.predict.modelfile import load_model
+    from ctk.predict.modelfile import ModelFile
     from ctk.predict.online_eval import evaluate_online, render_online
 
     if model is None:
         raise _fail("--online evaluates a trained model: give --model model.pkl")
-    result = evaluate_online(rows, load_model(model), str(model))
+    result = evaluate_online(rows, ModelFile.load(model))
     if as_json:
         sys.stdout.write(json.dumps(_jsonable(result), indent=1) + "\n")
     else:
@@ -357,23 +318,21 @@ def inspect(
 ) -> None:
     """Print what is inside a model file (refuses anything but plain data; never runs code)."""
     from ctk.predict.evaluate import render
-    from ctk.predict.modelfile import load_model
-    from ctk.predict.train import model_tables
+    from ctk.predict.modelfile import ModelFile
 
     with _errors():
-        m = load_model(model)
-        tables = model_tables(m, str(model))
-    meta = {
-        k: m.get(k) for k in ("format_version", "ctk_version", "created_utc", "predictor", "quantile_levels")
-    }
-    meta["training_data"] = m.get("training_data", {})
-    meta["cost_model"] = m.get("cost_model", {})
-    meta["calibration"] = m.get("calibration", {})
-    meta["predictors"] = sorted(m.get("predictors", {}))
+        m = ModelFile.load(model)
+        tables = m.ttl_tables()
+    meta = {k: getattr(m, k) for k in ("format_version", "ctk_version", "created_utc", "predictor")}
+    meta["quantile_levels"] = m.quantile_levels or None
+    meta["training_data"] = m.training_data
+    meta["cost_model"] = m.cost.to_dict()
+    meta["calibration"] = m.calibration
+    meta["predictors"] = sorted(m.predictors)
     meta["table_keys"] = len(tables.ttl_s)
     if as_json:
-        meta["feature_importance"] = m.get("feature_importance", {})
-        meta["evaluation"] = m.get("evaluation", {})
+        meta["feature_importance"] = m.feature_importance
+        meta["evaluation"] = m.evaluation
         sys.stdout.write(json.dumps(_jsonable(meta), indent=1, default=str) + "\n")
         return
     t = Table(title=f"{model}", show_header=False)
@@ -419,14 +378,14 @@ def inspect(
         ttls = [f"{tables.ttl_s[k][mid][tables.pressure_levels.index(p)]:.3g}" for p in shown_p]
         tt.add_row(k, str(tables.n_samples.get(k, 0)), *qcells, *ttls)
     console.print(tt)
-    fi = m.get("feature_importance") or {}
+    fi = m.feature_importance
     if fi:
         console.print(
             "feature importance (gain, q0.5): "
             + ", ".join(f"{k} {v:.2f}" for k, v in sorted(fi.items(), key=lambda kv: -kv[1])[:8])
         )
-    if m.get("evaluation", {}).get("program_split"):
-        render(m["evaluation"], console)
+    if m.evaluation.get("program_split"):
+        render(m.evaluation, console)
 
 
 # -- profile ---------------------------------------------------------------------------------------------

@@ -127,13 +127,17 @@ class CostModel:
         return cls(**known)
 
 
-def _cdf_knots(levels: Sequence[float], quantiles_s: Sequence[float]) -> tuple[list[float], list[float]]:
-    """Knots (t, F(t)) of the piecewise-linear CDF, starting at (0, 0), non-crossing (t >= MIN_TTL_S)."""
+def cdf_knots(
+    levels: Sequence[float], quantiles_s: Sequence[float], floor_s: float = MIN_TTL_S
+) -> tuple[list[float], list[float]]:
+    """Knots (t, F(t)) of the piecewise-linear CDF through the quantiles, starting at (0, 0): the one rule
+    turning quantiles into a distribution (pin decisions, online blending, reports). Quantiles are sorted
+    by level, floored at ``floor_s`` and made non-crossing; knots stop at the first non-finite quantile."""
     if len(levels) != len(quantiles_s) or not levels:
         raise ValueError("levels and quantiles_s must be non-empty and of equal length")
     ts = [0.0]
     fs = [0.0]
-    q_prev = MIN_TTL_S
+    q_prev = floor_s
     for lvl, q in sorted(zip(levels, quantiles_s, strict=True)):
         q = float(q)
         if not math.isfinite(q):  # an infinite upper quantile: F never reaches this level in finite time
@@ -193,8 +197,11 @@ class CDF:
         self._neg_slopes = neg
 
     @classmethod
-    def from_quantiles(cls, levels: Sequence[float], quantiles_s: Sequence[float]) -> CDF:
-        return cls(*_cdf_knots(levels, quantiles_s))
+    def from_quantiles(
+        cls, levels: Sequence[float], quantiles_s: Sequence[float], floor_s: float = MIN_TTL_S
+    ) -> CDF:
+        """The CDF through :func:`cdf_knots`."""
+        return cls(*cdf_knots(levels, quantiles_s, floor_s))
 
     @classmethod
     def linear(cls, ttl_s: float, p_hit: float) -> CDF:
@@ -215,9 +222,9 @@ class CDF:
         return self.ts[-1]
 
     def at(self, t: float) -> tuple[float, float]:
-        """``(F(t), H(t))``."""
+        """``(F(t), H(t))``; right-continuous: a point mass at ``t`` is counted in ``F(t)``."""
         ts = self.ts
-        if t <= 0.0:
+        if t < 0.0:
             return 0.0, 0.0
         if t >= ts[-1]:
             return self.fs[-1], self.hs[-1] + (t - ts[-1]) * (1.0 - self.fs[-1])
@@ -302,19 +309,7 @@ def choose_ttl(
 
 def expected_holding_s(levels: Sequence[float], quantiles_s: Sequence[float], ttl_s: float) -> float:
     """E[min(T, ttl)] under the piecewise-linear CDF of the quantiles (for reports)."""
-    ts, fs = _cdf_knots(levels, quantiles_s)
-    held = 0.0
-    for i in range(1, len(ts)):
-        if ttl_s <= ts[i - 1]:
-            break
-        if ts[i] == ts[i - 1]:
-            continue
-        t1 = min(ts[i], ttl_s)
-        f1 = fs[i - 1] + (fs[i] - fs[i - 1]) * (t1 - ts[i - 1]) / (ts[i] - ts[i - 1])
-        held += (t1 - ts[i - 1]) * (1.0 - 0.5 * (f1 + fs[i - 1]))
-    if ttl_s > ts[-1]:
-        held += (ttl_s - ts[-1]) * (1.0 - fs[-1])
-    return held
+    return CDF.from_quantiles(levels, quantiles_s).at(ttl_s)[1]
 
 
 def realized_cost(ttl_s: float, duration_s: float, benefit_s: float, holding_cost_per_s: float) -> float:

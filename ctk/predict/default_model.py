@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ctk.predict.modelfile import default_model_path, save_model
+from ctk.predict.modelfile import default_model_path
 
 
 def build_default_model(output: Path | None = None) -> Path:
@@ -28,8 +28,8 @@ def build_default_model(output: Path | None = None) -> Path:
     config = TrainConfig(predictor="histogram", eval_folds=2, baselines=("running-mean",))
     info = {"store": "bundled sample"}
     model, _ = train_model(frame, config, CostModel(), skipped_rows=skipped, store_info=info)
-    model["evaluation"] = {"split": model["evaluation"]["split"]}  # the figures live in bench/, not here
-    return save_model(model, output or default_model_path())
+    model.evaluation = {"split": model.evaluation["split"]}  # the figures live in bench/, not here
+    return model.save(output or default_model_path())
 
 
 if __name__ == "__main__":

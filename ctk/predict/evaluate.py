@@ -503,29 +503,22 @@ def plot(result: dict, out_dir) -> list:
     """PNG plots: calibration curve (nominal vs empirical coverage) and per-tool pinball loss."""
     from pathlib import Path
 
-    import matplotlib
+    from ctk.predict.plots import plot_calibration, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rep = result["program_split"]
-    paths = []
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="ideal")
-    for n, e in rep["predictors"].items():
-        lv = e["levels"]
-        ax.plot(lv, [e["coverage"][f"{x:g}"] for x in lv], marker="o", label=n)
-    ax.set_xlabel("stated quantile level")
-    ax.set_ylabel("share of held-out calls at or below it")
-    ax.set_title("Calibration on held-out programs")
-    ax.legend()
-    fig.tight_layout()
-    p = out_dir / "calibration.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    curves = {
+        n: (e["levels"], [e["coverage"][f"{x:g}"] for x in e["levels"]]) for n, e in rep["predictors"].items()
+    }
+    paths = [
+        plot_calibration(
+            curves,
+            out_dir,
+            "Calibration on held-out programs",
+            ylabel="share of held-out calls at or below it",
+        )
+    ]
     names = list(rep["predictors"])
     tools = list(rep["predictors"][names[0]]["per_tool"])
     fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.3 * len(tools) * len(names))), 4.5))

@@ -1,7 +1,7 @@
 """Features of a tool call for the learned predictor.
 
-Command parsing and the table keys (:func:`command_keys`, :func:`parse_command`) live in the one shell parser,
-:mod:`ctk.datasets.shell`, and are re-exported here: the serve path and training key calls identically.
+Command parsing and the table keys live in the one shell parser, :mod:`ctk.datasets.shell`;
+:func:`command_keys` is re-exported here: the serve path and training key calls identically.
 :class:`FeatureSpec` names the learned predictor's features; they are computed, vectorized, by
 :mod:`ctk.predict.dataset` (pandas), which the serve path never imports.
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ctk.datasets.shell import PARSE_CHARS, command_keys, parse_command
+from ctk.datasets.shell import PARSE_CHARS, command_keys
 
-__all__ = ["PARSE_CHARS", "FeatureSpec", "command_keys", "parse_command"]
+__all__ = ["PARSE_CHARS", "FeatureSpec", "command_keys"]
 
 
 # -- features for the learned predictor ---------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""model.pkl: a pickle of plain data only, loaded with a restricted unpickler that cannot run code.
+"""model.pkl: the :class:`ModelFile` type; on disk a pickle of plain data only, loaded with a restricted
+unpickler that cannot run code.
 
 A pickle runs code only through the globals it names (``GLOBAL`` / ``STACK_GLOBAL`` / extension codes, all
 resolved by :meth:`pickle.Unpickler.find_class`) and through persistent ids. Plain data (dict, list, tuple,
@@ -15,12 +16,17 @@ import math
 import os
 import pickle
 import tempfile
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ctk.errors import CtkError
 from ctk.files import respect_umask
+from ctk.predict.cost import CostModel
 from ctk.predict.tables import TTLTables
+
+if TYPE_CHECKING:
+    from ctk.predict.predictors import Predictor
 
 FORMAT_VERSION = 1
 MODEL_KIND = "ctk-model"
@@ -150,6 +156,7 @@ def load_model(path: str | Path) -> dict:
 
 
 def tables_from_model(model: dict, name: str = "model") -> TTLTables:
+    """The validated TTL tables of a model dict (raises :class:`ModelFileError`)."""
     d = model.get("ttl_tables")
     if d is None:
         raise ModelFileError(f"{name}: model has no TTL tables")
@@ -165,6 +172,127 @@ def tables_from_model(model: dict, name: str = "model") -> TTLTables:
     return tables
 
 
+@dataclass
+class ModelFile:
+    """What ``ctk train`` writes and every reader uses: metadata, the cost model, the TTL tables, the fitted
+    predictors (as their plain ``to_dict()`` specs) and the held-out evaluation.
+
+    On disk it is :meth:`to_dict`, a dict of plain data with one key per field (the keys ``train.py`` has
+    always written, so older files load); keys this version does not know are kept in ``extra``.
+    """
+
+    tables: TTLTables | None = None
+    cost: CostModel = field(default_factory=CostModel)
+    predictor: str | None = None  # the primary predictor, the one the tables were built from
+    predictors: dict[str, dict] = field(default_factory=dict)  # name -> Predictor.to_dict()
+    evaluation: dict = field(default_factory=dict)
+    quantile_levels: list[float] = field(default_factory=list)
+    feature_spec: dict = field(default_factory=dict)
+    training_data: dict = field(default_factory=dict)
+    train_config: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    feature_importance: dict = field(default_factory=dict)
+    ctk_version: str | None = None
+    created_unix_s: float | None = None
+    created_utc: str | None = None
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+    name: str = field(default="model", compare=False)  # the file it came from, for error messages
+
+    #: on-disk key -> field, where they differ
+    _KEYS: ClassVar[dict[str, str]] = {"ttl_tables": "tables", "cost_model": "cost"}
+
+    def to_dict(self) -> dict:
+        """The plain-data dict written to disk (see :func:`save_model`)."""
+        out: dict[str, Any] = {"kind": MODEL_KIND}
+        for f in fields(self):
+            if f.name in ("extra", "name"):
+                continue
+            value = getattr(self, f.name)
+            if f.name == "tables":
+                if value is None:
+                    continue
+                value = value.to_dict()
+            elif f.name == "cost":
+                value = value.to_dict()
+            elif f.name == "feature_importance" and not value:
+                continue
+            out[_DISK_KEY.get(f.name, f.name)] = value
+        return {**self.extra, **out}
+
+    @classmethod
+    def from_dict(cls, d: dict, name: str = "model") -> ModelFile:
+        """Rebuild from :meth:`to_dict` output (or any file ``ctk train`` wrote); raises ModelFileError."""
+        known = {f.name for f in fields(cls)} - {"extra", "name", "tables", "cost"}
+        kw: dict[str, Any] = {"name": name, "extra": {}}
+        for k, v in d.items():
+            attr = cls._KEYS.get(k, k)
+            if attr in known:
+                kw[attr] = v
+            elif k not in cls._KEYS and k != "kind":
+                kw["extra"][k] = v
+        if d.get("ttl_tables") is not None:
+            kw["tables"] = tables_from_model(d, name)
+        try:
+            kw["cost"] = CostModel.from_dict(d.get("cost_model") or {})
+        except (ValueError, TypeError) as exc:
+            raise ModelFileError(f"{name}: bad cost model in model file ({exc})") from None
+        for attr in ("predictors", "evaluation", "training_data", "calibration"):
+            if not isinstance(kw.get(attr, {}), dict):
+                raise ModelFileError(f"{name}: {attr} must be a dict, not {type(kw[attr]).__name__}")
+        return cls(**kw)
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically as plain data (:func:`save_model`)."""
+        return save_model(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelFile:
+        """Read through the restricted unpickler (:func:`load_model`); raises ModelFileError."""
+        return cls.from_dict(load_model(path), str(path))
+
+    def ttl_tables(self) -> TTLTables:
+        """The TTL tables (what the engine serves with); raises ModelFileError if the file has none."""
+        if self.tables is None:
+            raise ModelFileError(f"{self.name}: model has no TTL tables")
+        return self.tables
+
+    def fitted(self) -> dict[str, Predictor]:
+        """Every predictor of the file, rebuilt (lightgbm from its model string); raises ModelFileError."""
+        return {n: self._rebuild(n) for n in self.predictors}
+
+    def predictor_name(self, name: str | None = None) -> str:
+        """``name`` (default: the primary predictor) if the file holds it; else a ModelFileError."""
+        name = name or self.predictor
+        if name not in self.predictors:
+            raise ModelFileError(
+                f"{self.name}: holds no predictor {name!r} (has {', '.join(self.predictors) or 'none'})"
+            )
+        return name
+
+    def fitted_predictor(self, name: str | None = None) -> tuple[str, Predictor]:
+        """``(name, predictor)``: the one named, else the primary, rebuilt; raises ModelFileError."""
+        name = self.predictor_name(name)
+        return name, self._rebuild(name)
+
+    def _rebuild(self, name: str) -> Predictor:
+        from ctk.predict.predictors import predictor_from_dict
+
+        try:
+            return predictor_from_dict(self.predictors[name])
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise ModelFileError(
+                f"{self.name}: cannot rebuild the predictors ({type(exc).__name__}: {exc})"
+            ) from None
+        except Exception as exc:  # lightgbm raises its own error type on a corrupt model string
+            raise ModelFileError(
+                f"{self.name}: corrupt predictor in model file ({type(exc).__name__}: {exc})"
+            ) from None
+
+
+_DISK_KEY = {attr: key for key, attr in ModelFile._KEYS.items()}
+
+
 def default_model_path() -> Path:
     """The model shipped with ctk (a histogram trained on the bundled sample; ``make default-model``)."""
     from importlib.resources import files
@@ -174,4 +302,4 @@ def default_model_path() -> Path:
 
 def load_ttl_tables(path: str | Path) -> TTLTables:
     """The TTL tables of a model file (what the engine needs at serve time)."""
-    return tables_from_model(load_model(path), str(path))
+    return ModelFile.load(path).ttl_tables()

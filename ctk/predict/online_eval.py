@@ -18,6 +18,7 @@ import pandas as pd
 
 from ctk.engine_patch.online import OnlineDurations
 from ctk.predict.dataset import DataError
+from ctk.predict.modelfile import ModelFile
 from ctk.predict.tables import TTLDecision, TTLTables
 
 #: Calls before this many are left out of the "converged" coverage figure.
@@ -182,20 +183,18 @@ def online_predictions(rows: pd.DataFrame, tables: TTLTables, pressure: float) -
     return online_decisions(frame, tables, pressure), skipped + no_start
 
 
-def evaluate_online(rows: pd.DataFrame, model: dict, name: str = "model") -> dict:
+def evaluate_online(rows: pd.DataFrame, model: ModelFile) -> dict:
     """``ctk evaluate --online``: the model's offline prediction vs the prequential online replay."""
     from ctk.predict.dataset import prepare_frame
-    from ctk.predict.train import model_tables, predictors_from_model
 
     frame, skipped = prepare_frame(rows)
     frame, no_start = order_by_start(frame)
     if frame.empty:
         raise DataError("no call has a start time and a duration to replay")
-    fitted = predictors_from_model(model, name)
-    primary = model.get("predictor")
-    offline = fitted[primary].predict_quantiles(frame)
-    out = online_report(frame, offline, model_tables(model, name))
-    out.update({"model": name, "predictor": primary, "skipped_rows": skipped + no_start})
+    primary, predictor = model.fitted_predictor()
+    offline = predictor.predict_quantiles(frame)
+    out = online_report(frame, offline, model.ttl_tables())
+    out.update({"model": model.name, "predictor": primary, "skipped_rows": skipped + no_start})
     return out
 
 

@@ -1,4 +1,4 @@
-"""``ctk train``: fit a predictor, evaluate it on held-out programs, build TTL tables, write model.pkl."""
+"""``ctk train``: fit a predictor, evaluate it on held-out programs, build the TTL tables: a ModelFile."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ctk.predict.cost import CostModel
 from ctk.predict.dataset import DataError, prepare_frame, rows_fingerprint
 from ctk.predict.evaluate import Progress, evaluate_frame
 from ctk.predict.features import FeatureSpec
-from ctk.predict.modelfile import FORMAT_VERSION, MODEL_KIND, ModelFileError, tables_from_model
+from ctk.predict.modelfile import ModelFile
 from ctk.predict.predictors import (
     DEFAULT_LEVELS,
     PREDICTOR_NAMES,
@@ -23,9 +23,8 @@ from ctk.predict.predictors import (
     RunningMeanPredictor,
     build_tables,
     make_predictor,
-    predictor_from_dict,
 )
-from ctk.predict.tables import DEFAULT_CONTEXT_EDGES, TTLTables
+from ctk.predict.tables import DEFAULT_CONTEXT_EDGES
 
 #: Below this many calls ``ctk train`` evaluates with 5-fold by program (every call predicted once);
 #: above, one 25 % program hold-out keeps training time bounded.
@@ -73,7 +72,7 @@ def train_model(
     progress: Progress | None = None,
     skipped_rows: int = 0,
     store_info: dict | None = None,
-) -> tuple[dict, dict]:
+) -> tuple[ModelFile, dict]:
     """Evaluate on held-out programs, fit on all rows, build the TTL tables; returns (model, evaluation)."""
     config.validate()
     names = [config.predictor] + [b for b in config.baselines if b != config.predictor]
@@ -104,16 +103,15 @@ def train_model(
     if progress:
         progress("TTL tables", 1, 1)
     now = time.time()
-    model = {
-        "kind": MODEL_KIND,
-        "format_version": FORMAT_VERSION,
-        "ctk_version": ctk.__version__,
-        "created_unix_s": now,
-        "created_utc": datetime.fromtimestamp(now, UTC).isoformat(),
-        "predictor": config.predictor,
-        "quantile_levels": list(config.levels),
-        "feature_spec": FeatureSpec().to_dict(),
-        "training_data": {
+    model = ModelFile(
+        tables=tables,
+        cost=cost,
+        predictor=config.predictor,
+        predictors={n: p.to_dict() for n, p in fitted.items()},
+        evaluation=evaluation,
+        quantile_levels=list(config.levels),
+        feature_spec=FeatureSpec().to_dict(),
+        training_data={
             "rows": len(frame),
             "fingerprint": rows_fingerprint(frame),
             "programs": int(frame["program_id"].nunique()),
@@ -122,20 +120,18 @@ def train_model(
             "skipped_rows": int(skipped_rows),
             **(store_info or {}),
         },
-        "cost_model": cost.to_dict(),
-        "ttl_tables": tables.to_dict(),
-        "predictors": {n: p.to_dict() for n, p in fitted.items()},
-        "calibration": fitted[config.predictor].to_dict().get("calibration", {}),
-        "evaluation": evaluation,
-        "train_config": {
+        train_config={
             "eval_folds": folds,
             "loso": config.loso,
             "seed": config.seed,
             "context_edges": list(config.context_edges),
         },
-    }
-    if hasattr(primary, "feature_importance"):
-        model["feature_importance"] = primary.feature_importance()
+        calibration=fitted[config.predictor].to_dict().get("calibration", {}),
+        feature_importance=primary.feature_importance() if hasattr(primary, "feature_importance") else {},
+        ctk_version=ctk.__version__,
+        created_unix_s=now,
+        created_utc=datetime.fromtimestamp(now, UTC).isoformat(),
+    )
     return model, evaluation
 
 
@@ -145,31 +141,9 @@ def train_from_store(
     cost: CostModel,
     sources: Sequence[str] | None = None,
     progress: Progress | None = None,
-) -> tuple[dict, dict]:
+) -> tuple[ModelFile, dict]:
     rows, store_fp = load_rows(db, sources)
     frame, skipped = prepare_frame(rows)
     return train_model(
         frame, config, cost, progress, skipped, {"store": str(db), "store_fingerprint": store_fp}
     )
-
-
-def predictors_from_model(model: dict, name: str = "model") -> dict[str, Predictor]:
-    try:
-        return {n: predictor_from_dict(d) for n, d in model.get("predictors", {}).items()}
-    except (KeyError, ValueError, TypeError) as exc:
-        raise ModelFileError(f"{name}: cannot rebuild the predictors ({type(exc).__name__}: {exc})") from None
-    except Exception as exc:  # lightgbm raises its own error type on a corrupt model string
-        raise ModelFileError(
-            f"{name}: corrupt predictor in model file ({type(exc).__name__}: {exc})"
-        ) from None
-
-
-def model_tables(model: dict, name: str = "model") -> TTLTables:
-    return tables_from_model(model, name)
-
-
-def model_cost(model: dict) -> CostModel:
-    try:
-        return CostModel.from_dict(model.get("cost_model", {}))
-    except (ValueError, TypeError) as exc:
-        raise ModelFileError(f"bad cost model in model file ({exc})") from None

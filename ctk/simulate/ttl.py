@@ -36,8 +36,8 @@ def ttl_tables(
         prof_path.write_text(json.dumps(profile.prefill_profile(), indent=1))
         exclude = {p.program_id for p in programs}
         train_db = training_store(db, exclude, time_scale, work_dir / "train.duckdb")
-        args = ["--profile", str(prof_path), "--block-size", str(profile.block_size)]
-        ttl_model = train_ttl_model(train_db, work_dir / f"model-{profile.name}.pkl", args)
+        model_path = work_dir / f"model-{profile.name}.pkl"
+        ttl_model = train_ttl_model(train_db, model_path, prof_path, profile.block_size)
         if log is not None:
             n = len(exclude)
             log(f"trained {ttl_model} on {db} minus the {n} simulated programs ({profile.name} costs)")
