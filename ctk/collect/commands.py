@@ -267,19 +267,21 @@ def bfcl(
 
 
 def proxy(
-    upstream: str = typer.Option(..., "--url", "--upstream", help="upstream " + URL_HELP),
-    db: Path = typer.Option(..., "--db", help=DB_HELP),
-    host: str = typer.Option("127.0.0.1", "--host", help="bind address (default: loopback only)"),
-    port: int = typer.Option(8080, "--port", parser=PORT),
-    source: str = typer.Option("proxy", "--source", help="source label of the recorded programs"),
-    idle_finish: float = typer.Option(
-        600.0, "--idle-finish", help="finish a program after this many idle s", parser=POSITIVE
-    ),
-    timeout: float = typer.Option(600.0, "--timeout", help="upstream request timeout (s)", parser=POSITIVE),
-    max_body_mb: float = typer.Option(
-        MAX_BODY_MB, "--max-body-mb", help="refuse larger request bodies (HTTP 413)", parser=POSITIVE
-    ),
-    model: str = typer.Option(None, "--model", help="model label stored with the programs"),
+    upstream: Annotated[str, typer.Option("--url", "--upstream", help="upstream " + URL_HELP)],
+    db: DbOpt,
+    host: Annotated[str, typer.Option("--host", help="bind address (default: loopback only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", parser=PORT)] = 8080,
+    source: Annotated[str, typer.Option("--source", help="source label of the recorded programs")] = "proxy",
+    idle_finish: Annotated[
+        float, typer.Option("--idle-finish", help="finish a program after this many idle s", parser=POSITIVE)
+    ] = 600.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="upstream request timeout (s)", parser=POSITIVE)
+    ] = 600.0,
+    max_body_mb: Annotated[
+        float, typer.Option("--max-body-mb", help="refuse larger request bodies (HTTP 413)", parser=POSITIVE)
+    ] = MAX_BODY_MB,
+    model: Annotated[str | None, typer.Option("--model", help="model label stored with the programs")] = None,
 ) -> None:
     """Record LLM calls (and the tool pauses between them) of any agent pointed at this proxy."""
     from ctk.collect.proxy import ProxyOptions, check_upstream, serve_proxy
