@@ -65,6 +65,8 @@ class CollectOptions:
 
 @dataclass
 class CollectSummary:
+    """What a collection did: programs planned, skipped, redone, completed, failed, stopped; calls made."""
+
     planned: int = 0
     skipped_complete: int = 0
     redone_incomplete: int = 0
@@ -170,6 +172,7 @@ class Collector(Protocol):
 
 
 def program_id_for(source: str, task_id: str, repeat: int, repeats: int) -> str:
+    """``SOURCE/TASK_ID``, and ``#k`` for the k-th of several repeats."""
     return f"{source}/{task_id}" + (f"#{repeat}" if repeats > 1 else "")
 
 
