@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 
 from ctk.collect.recorder import ProgramRecorder, Stamp
-from ctk.collect.runner import CollectError, CollectOptions, Program
+from ctk.collect.runner import CollectError, CollectOptions, Program, session_fields, session_headers
 from ctk.store import EXCLUDED_QUALITY_FLAGS, TraceStore
 
 CATEGORIES = ("base", "miss_func", "miss_param", "long_context")
@@ -392,10 +392,7 @@ class BfclCollector:
         if opts.max_tokens:
             body["max_tokens"] = opts.max_tokens
         if opts.send_metadata:
-            xargs: dict[str, Any] = {"program_id": program_id, "turn_index": turn}
-            if last:
-                xargs["last_turn"] = 1
-            body |= {"session_id": program_id, "vllm_xargs": xargs}
+            body |= session_fields(program_id, turn, last)
         return body
 
     def _ask(self, rec: ProgramRecorder, url: str, body: dict[str, Any], headers: dict[str, str]) -> _Reply:
@@ -454,7 +451,7 @@ class BfclCollector:
         model_tag = f"ctk_{program.run.run_id}_{abs(hash(program_id)) % 10**8}"
         functions = list(entry["function"])
         messages: list[dict[str, Any]] = []
-        headers = {"X-Session-ID": program_id} if opts.send_metadata else {}
+        headers = session_headers(program_id) if opts.send_metadata else {}
         if opts.api_key:
             headers["Authorization"] = f"Bearer {opts.api_key}"
         url = opts.base_url.rstrip("/") + "/chat/completions"

@@ -171,6 +171,23 @@ class Collector(Protocol):
         ...
 
 
+def session_fields(
+    program_id: str, turn: int, last_turn: bool, xargs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The body fields a collector adds to every LLM request (with ``--send-metadata``) so ``ctk serve``
+    knows the program: ``session_id`` and ``vllm_xargs`` (``program_id``, ``turn_index``, and ``last_turn``
+    when this turn is known to be the last, on top of ``xargs``). Sent with :func:`session_headers`."""
+    merged = {**(xargs or {}), "program_id": program_id, "turn_index": turn}
+    if last_turn:
+        merged["last_turn"] = 1
+    return {"session_id": program_id, "vllm_xargs": merged}
+
+
+def session_headers(program_id: str) -> dict[str, str]:
+    """The header naming the program on every LLM request (with ``--send-metadata``)."""
+    return {"X-Session-ID": program_id}
+
+
 def program_id_for(source: str, task_id: str, repeat: int, repeats: int) -> str:
     """``SOURCE/TASK_ID``, and ``#k`` for the k-th of several repeats."""
     return f"{source}/{task_id}" + (f"#{repeat}" if repeats > 1 else "")

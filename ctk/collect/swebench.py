@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ctk.collect.recorder import RecordingEnvironment, RecordingModel
-from ctk.collect.runner import CollectError, CollectOptions, Program
+from ctk.collect.runner import CollectError, CollectOptions, Program, session_fields, session_headers
 from ctk.datasets.instances import ARCHIVE_SUFFIXES, find_repo_source
 
 log = logging.getLogger(__name__)
@@ -160,12 +160,11 @@ def _session_kwargs(
     base_headers = dict(base.get("extra_headers") or {})
 
     def kwargs(turn: int) -> dict[str, Any]:
-        xargs = {**(base_body.get("vllm_xargs") or {}), "program_id": program_id, "turn_index": turn}
-        if step_limit > 0 and turn + 1 >= step_limit:
-            xargs["last_turn"] = 1
+        last = step_limit > 0 and turn + 1 >= step_limit
+        fields = session_fields(program_id, turn, last, base_body.get("vllm_xargs"))
         return {
-            "extra_body": {**base_body, "session_id": program_id, "vllm_xargs": xargs},
-            "extra_headers": {**base_headers, "X-Session-ID": program_id},
+            "extra_body": {**base_body, **fields},
+            "extra_headers": {**base_headers, **session_headers(program_id)},
         }
 
     return kwargs
