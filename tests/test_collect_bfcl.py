@@ -11,16 +11,16 @@ import pytest
 from collect_fixtures import COLLECT_ENV, CTK, read_table, scripted_server
 
 from ctk.collect.bfcl import (
+    BfclCollector,
     BfclOptions,
     LatencySampler,
     call_string,
-    collect_bfcl,
     ground_truth_script,
     load_entries,
     parse_call_string,
     to_openai_tools,
 )
-from ctk.collect.swebench import CollectError
+from ctk.collect.runner import CollectError, collect
 
 IDS = r"^multi_turn_(base_(0|1)|miss_func_0)$"
 
@@ -113,8 +113,10 @@ def test_latency_sampler_specs_and_trace_store(tmp_path: Path, entries: list[dic
     script = ground_truth_script(entries[:1])
     db = tmp_path / "src.duckdb"
     with scripted_server(script) as srv:
-        collect_bfcl(BfclOptions(db=db, base_url=srv.base_url, tool_latency="uniform:0.05,0.06"), entries[:1])
-        collect_bfcl(BfclOptions(db=db, base_url=srv.base_url, source="measured", stream=False), entries[:1])
+        injected = BfclOptions(db=db, base_url=srv.base_url, tool_latency="uniform:0.05,0.06")
+        collect(BfclCollector(injected), entries[:1])
+        no_latency = BfclOptions(db=db, base_url=srv.base_url, source="measured", stream=False)
+        collect(BfclCollector(no_latency), entries[:1])
     sampled = LatencySampler(str(db), seed=0)
     measured = read_table(db, "tool_calls").query("source == 'measured'")["duration_s"].to_numpy()
     assert all(min(abs(measured - sampled.sample())) < 1e-12 for _ in range(20))

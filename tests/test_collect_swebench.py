@@ -13,7 +13,8 @@ import pytest
 from collect_fixtures import COLLECT_ENV, CTK, bundled_script_dict, read_table, scripted_server
 
 from ctk.collect.arrival import arrival_offsets
-from ctk.collect.swebench import SwebenchOptions, collect_swebench
+from ctk.collect.runner import collect
+from ctk.collect.swebench import SwebenchCollector, SwebenchOptions
 from ctk.datasets.instances import load_instances
 
 CALC = "ctk-samples__calc-1"
@@ -195,7 +196,8 @@ def test_poisson_arrivals_and_step_limit_hint(tmp_path: Path) -> None:
             step_limit=3,
         )
         started: list[float] = []
-        summary = collect_swebench(opts, rows, on_start=lambda key: started.append(time.monotonic()))
+        on_start = lambda key: started.append(time.monotonic())  # noqa: E731
+        summary = collect(SwebenchCollector(opts), rows, on_start=on_start)
         seen = srv.requests()
     assert summary.completed == 3 and summary.outcomes == {"LimitsExceeded": 3}
     # the step limit makes the third call the known last turn

@@ -15,7 +15,8 @@ from collect_fixtures import read_table, scripted_server
 
 from ctk.collect.arrival import ArrivalError, arrival_offsets, run_jobs
 from ctk.collect.recorder import ProgramRecorder, Stamp
-from ctk.collect.swebench import CollectError, prepare_working_copy
+from ctk.collect.runner import CollectError
+from ctk.collect.swebench import prepare_working_copy
 from ctk.collect.writer import StoreWriter
 from ctk.datasets.instances import InstanceError, find_repo_source, load_instances, load_local, select
 from ctk.datasets.scripted_server import Script, ScriptError

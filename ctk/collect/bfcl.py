@@ -15,11 +15,11 @@ Requests stream, so the time to first token is recorded too.
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
-import platform
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -28,19 +28,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from ctk.collect.arrival import arrival_offsets, run_jobs
 from ctk.collect.recorder import ProgramRecorder, Stamp
-from ctk.collect.swebench import (
-    CollectError,
-    CollectionInterrupted,
-    CollectSummary,
-    check_endpoint,
-    count_recorded,
-    register_run,
-    summarize,
-)
-from ctk.collect.writer import StoreWriter
-from ctk.store import EXCLUDED_QUALITY_FLAGS, ProgramRecord, RunRecord, TraceStore
+from ctk.collect.runner import CollectError, CollectOptions, Program, session_fields, session_headers
+from ctk.store import EXCLUDED_QUALITY_FLAGS, TraceStore
 
 CATEGORIES = ("base", "miss_func", "miss_param", "long_context")
 MAX_STEPS_PER_TURN = 20  # bfcl_eval.constants.default_prompts.MAXIMUM_STEP_LIMIT
@@ -251,11 +241,7 @@ class LatencySampler:
 
 
 @dataclass
-class BfclOptions:
-    db: Path
-    base_url: str
-    model: str = "default"
-    api_key: str | None = None
+class BfclOptions(CollectOptions):
     categories: list[str] = field(default_factory=lambda: ["base"])
     tool_latency: str | None = None
     latency_max_s: float = 300.0
@@ -263,13 +249,7 @@ class BfclOptions:
     temperature: float = 0.0
     max_tokens: int | None = None
     stream: bool = True
-    workers: int = 1
-    arrival: str = "fixed"
-    rate: float | None = None
-    seed: int = 0
-    resume: bool = False
     source: str = "collect-bfcl"
-    send_metadata: bool = True
     request_timeout_s: float = 600.0
 
 
@@ -357,188 +337,152 @@ def _forget_instances(model_tag: str) -> None:
         vars(multi_turn_utils).pop(key, None)
 
 
-def run_program(ctx: _BfclContext, entry: dict[str, Any], program_id: str) -> str:
-    """Run one BFCL entry; returns its outcome (``completed`` or ``step_limit``)."""
-    opts = ctx.opts
-    rec = ProgramRecorder(
-        ctx.writer,
-        ProgramRecord(
-            program_id=program_id,
-            source=opts.source,
-            run_id=ctx.run_id,
-            task_id=entry["id"],
-            dataset=f"bfcl-{entry['id'].rsplit('_', 1)[0]}",
-            agent="ctk-bfcl",
-            model=opts.model,
-        ),
-        provenance="ctk-monotonic-wrap",
-    )
-    model_tag = f"ctk_{ctx.run_id}_{abs(hash(program_id)) % 10**8}"
-    functions = list(entry["function"])
-    messages: list[dict[str, Any]] = []
-    headers = {"X-Session-ID": program_id} if opts.send_metadata else {}
-    if opts.api_key:
-        headers["Authorization"] = f"Bearer {opts.api_key}"
-    url = opts.base_url.rstrip("/") + "/chat/completions"
-    hit_limit = False
-    _execute(entry, model_tag, [])  # load the scenario's initial state
-    try:
-        for t, turn_msgs in enumerate(entry["question"]):
-            if t in entry["missed_docs"]:
-                functions += entry["missed_docs"][t]
-                turn_msgs = turn_msgs or [{"role": "user", "content": ADDITIONAL_FUNCTION_PROMPT}]
-            messages += turn_msgs
-            tools = to_openai_tools(functions)
-            for step in range(opts.max_steps):
-                if ctx.stop.is_set():
-                    raise CollectionInterrupted("collection interrupted before this LLM call")
-                turn = rec.next_turn()
-                body: dict[str, Any] = {
-                    "model": opts.model,
-                    "messages": messages,
-                    "tools": tools,
-                    "temperature": opts.temperature,
-                    "stream": opts.stream,
-                }
-                if opts.stream:
-                    body["stream_options"] = {"include_usage": True}
-                if opts.max_tokens:
-                    body["max_tokens"] = opts.max_tokens
-                if opts.send_metadata:
-                    xargs: dict[str, Any] = {"program_id": program_id, "turn_index": turn}
-                    if step + 1 == opts.max_steps and t + 1 == len(entry["question"]):
-                        xargs["last_turn"] = 1
-                    body |= {"session_id": program_id, "vllm_xargs": xargs}
-                sent = Stamp.now()
-                try:
-                    reply = _post_chat(ctx.client, url, body, headers)
-                except (httpx.HTTPError, json.JSONDecodeError) as exc:
-                    rec.llm_call(sent, Stamp.now(), finish_reason="error", quality_flag="error")
-                    raise CollectError(f"LLM request failed: {exc}") from None
-                chars = len(reply.content) + sum(len(c["function"]["arguments"]) for c in reply.tool_calls)
-                rec.llm_call(
-                    sent,
-                    Stamp.now(),
-                    first_token=reply.first_token,
-                    usage=reply.usage,
-                    finish_reason=reply.finish_reason,
-                    response_chars=chars,
-                )
-                assistant: dict[str, Any] = {"role": "assistant", "content": reply.content or None}
-                if reply.tool_calls:
-                    for i, c in enumerate(reply.tool_calls):
-                        c["id"] = c.get("id") or f"call_{turn}_{i}"
-                    assistant["tool_calls"] = reply.tool_calls
-                messages.append(assistant)
-                if not reply.tool_calls:
-                    break
-                for c in reply.tool_calls:
-                    name = c["function"]["name"]
-                    start = Stamp.now()
-                    try:
-                        args = json.loads(c["function"]["arguments"] or "{}")
-                        if not isinstance(args, dict):
-                            raise ValueError("arguments are not an object")
-                        text = call_string(name, args)
-                        delay = ctx.sampler.sample() if ctx.sampler else 0.0
-                        if delay > 0:
-                            time.sleep(delay)
-                        result = _execute(entry, model_tag, [text])[0]
-                        status = "error" if result.startswith("Error during execution") else "0"
-                    except (ValueError, SyntaxError) as exc:
-                        text, result, status = (
-                            c["function"]["arguments"],
-                            f"Error during execution: {exc}",
-                            "error",
-                        )
-                    end = Stamp.now()
-                    rec.tool_call(
-                        start,
-                        end,
-                        command=text,
-                        tool_name=name,
-                        exit_status=status,
-                        output_chars=len(result),
-                        injected=ctx.sampler is not None,
-                        provenance=f"injected:{opts.tool_latency}" if ctx.sampler else "measured",
-                    )
-                    messages.append({"role": "tool", "tool_call_id": c["id"], "content": result})
-            else:
-                hit_limit = True
-        outcome = "step_limit" if hit_limit else "completed"
-        rec.finish(outcome)
-        with ctx.lock:
-            ctx.summary.outcomes[outcome] += 1
-        return outcome
-    finally:
-        count_recorded(ctx.summary, ctx.lock, rec)
-        _forget_instances(model_tag)
+class BfclCollector:
+    """BFCL's multi-turn function-calling loop, one entry per program, on bfcl-eval's simulated APIs."""
 
+    kind = "collect-bfcl"
+    agent = "ctk-bfcl"
 
-@dataclass
-class _BfclContext:
-    opts: BfclOptions
-    writer: StoreWriter
-    run_id: str
-    client: httpx.Client
-    sampler: LatencySampler | None
-    stop: threading.Event
-    summary: CollectSummary
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(self, options: BfclOptions):
+        self.options = options
+        self.sampler: LatencySampler | None = None
+        self.client: httpx.Client | None = None
 
+    def task_id(self, task: dict[str, Any]) -> str:
+        return task["id"]
 
-def collect_bfcl(
-    opts: BfclOptions,
-    entries: list[dict[str, Any]],
-    *,
-    on_start: Callable[[str], None] | None = None,
-    on_done: Callable[[Any], None] | None = None,
-    stop: threading.Event | None = None,
-) -> CollectSummary:
-    """Run and record BFCL ``entries`` (from :func:`load_entries`)."""
-    if opts.max_steps < 1:
-        raise CollectError("--max-steps must be at least 1")
-    sampler = LatencySampler(opts.tool_latency, opts.seed, opts.latency_max_s) if opts.tool_latency else None
-    by_pid = {f"{opts.source}/{e['id']}": e for e in entries}
-    offsets = arrival_offsets(len(by_pid), opts.arrival, opts.rate, opts.seed)
-    summary = CollectSummary()
-    run = RunRecord(
-        kind="collect-bfcl",
-        source=opts.source,
-        agent="ctk-bfcl",
-        model=opts.model,
-        host=platform.node(),
-        config={
-            "base_url": opts.base_url,
+    def prepare(self) -> None:
+        opts = self.options
+        if not opts.base_url:
+            raise CollectError("--url is required: BFCL needs an OpenAI-compatible server with tool calling")
+        if opts.max_steps < 1:
+            raise CollectError("--max-steps must be at least 1")
+        if opts.tool_latency:
+            self.sampler = LatencySampler(opts.tool_latency, opts.seed, opts.latency_max_s)
+
+    def run_config(self) -> dict[str, Any]:
+        opts = self.options
+        return {
             "categories": opts.categories,
-            "workers": opts.workers,
-            "arrival": opts.arrival,
-            "rate": opts.rate,
             "tool_latency": opts.tool_latency,
             "max_steps": opts.max_steps,
             "stream": opts.stream,
-        },
-    )
-    check_endpoint(opts.base_url, opts.api_key)
-    todo = register_run(opts.db, list(by_pid), run, opts.resume, summary)
-    if not todo:
-        return summary
-    stop = stop or threading.Event()
-    limits = httpx.Limits(max_connections=max(opts.workers, 1) * 2)
-    with (
-        StoreWriter(opts.db) as writer,
-        httpx.Client(timeout=opts.request_timeout_s, limits=limits) as client,
-    ):
-        ctx = _BfclContext(opts, writer, run.run_id, client, sampler, stop, summary)
-        jobs = [(pid, (lambda pid=pid: run_program(ctx, by_pid[pid], pid))) for pid in todo]
-        results, interrupted = run_jobs(
-            jobs,
-            workers=opts.workers,
-            offsets=offsets[: len(jobs)],
-            stop=stop,
-            on_start=on_start,
-            on_done=on_done,
+        }
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """One HTTP client for every program."""
+        limits = httpx.Limits(max_connections=max(self.options.workers, 1) * 2)
+        with httpx.Client(timeout=self.options.request_timeout_s, limits=limits) as self.client:
+            yield
+
+    def _request_body(
+        self, program_id: str, turn: int, last: bool, messages: list[dict], tools: list[dict]
+    ) -> dict[str, Any]:
+        opts = self.options
+        body: dict[str, Any] = {
+            "model": opts.model,
+            "messages": messages,
+            "tools": tools,
+            "temperature": opts.temperature,
+            "stream": opts.stream,
+        }
+        if opts.stream:
+            body["stream_options"] = {"include_usage": True}
+        if opts.max_tokens:
+            body["max_tokens"] = opts.max_tokens
+        if opts.send_metadata:
+            body |= session_fields(program_id, turn, last)
+        return body
+
+    def _ask(self, rec: ProgramRecorder, url: str, body: dict[str, Any], headers: dict[str, str]) -> _Reply:
+        """One LLM call, recorded (a failed request too, then the program fails)."""
+        assert self.client is not None, "programs run inside session()"
+        sent = Stamp.now()
+        try:
+            reply = _post_chat(self.client, url, body, headers)
+        except (httpx.HTTPError, json.JSONDecodeError) as exc:
+            rec.llm_call(sent, Stamp.now(), finish_reason="error", quality_flag="error")
+            raise CollectError(f"LLM request failed: {exc}") from None
+        chars = len(reply.content) + sum(len(c["function"]["arguments"]) for c in reply.tool_calls)
+        rec.llm_call(
+            sent,
+            Stamp.now(),
+            first_token=reply.first_token,
+            usage=reply.usage,
+            finish_reason=reply.finish_reason,
+            response_chars=chars,
         )
-    summarize(results, interrupted, summary)
-    summary.errors += writer.errors
-    return summary
+        return reply
+
+    def _call_tool(self, rec: ProgramRecorder, entry: dict[str, Any], model_tag: str, call: dict) -> str:
+        """Execute one returned tool call on the simulated APIs (after the injected latency); record it."""
+        name = call["function"]["name"]
+        start = Stamp.now()
+        try:
+            args = json.loads(call["function"]["arguments"] or "{}")
+            if not isinstance(args, dict):
+                raise ValueError("arguments are not an object")
+            text = call_string(name, args)
+            delay = self.sampler.sample() if self.sampler else 0.0
+            if delay > 0:
+                time.sleep(delay)
+            result = _execute(entry, model_tag, [text])[0]
+            status = "error" if result.startswith("Error during execution") else "0"
+        except (ValueError, SyntaxError) as exc:
+            text, result, status = call["function"]["arguments"], f"Error during execution: {exc}", "error"
+        rec.tool_call(
+            start,
+            Stamp.now(),
+            command=text,
+            tool_name=name,
+            exit_status=status,
+            output_chars=len(result),
+            injected=self.sampler is not None,
+            provenance=f"injected:{self.options.tool_latency}" if self.sampler else "measured",
+        )
+        return result
+
+    def run_program(self, program: Program) -> str:
+        """Run one BFCL entry; returns its outcome (``completed`` or ``step_limit``)."""
+        opts, entry, program_id = self.options, program.task, program.program_id
+        assert opts.base_url, "prepare() refuses a collection without --url"
+        rec = program.record(f"bfcl-{entry['id'].rsplit('_', 1)[0]}")
+        model_tag = f"ctk_{program.run.run_id}_{abs(hash(program_id)) % 10**8}"
+        functions = list(entry["function"])
+        messages: list[dict[str, Any]] = []
+        headers = session_headers(program_id) if opts.send_metadata else {}
+        if opts.api_key:
+            headers["Authorization"] = f"Bearer {opts.api_key}"
+        url = opts.base_url.rstrip("/") + "/chat/completions"
+        hit_limit = False
+        _execute(entry, model_tag, [])  # load the scenario's initial state
+        try:
+            for t, turn_msgs in enumerate(entry["question"]):
+                if t in entry["missed_docs"]:
+                    functions += entry["missed_docs"][t]
+                    turn_msgs = turn_msgs or [{"role": "user", "content": ADDITIONAL_FUNCTION_PROMPT}]
+                messages += turn_msgs
+                tools = to_openai_tools(functions)
+                for step in range(opts.max_steps):
+                    program.check_stop()
+                    turn = rec.next_turn()
+                    last = step + 1 == opts.max_steps and t + 1 == len(entry["question"])
+                    body = self._request_body(program_id, turn, last, messages, tools)
+                    reply = self._ask(rec, url, body, headers)
+                    assistant: dict[str, Any] = {"role": "assistant", "content": reply.content or None}
+                    if reply.tool_calls:
+                        for i, c in enumerate(reply.tool_calls):
+                            c["id"] = c.get("id") or f"call_{turn}_{i}"
+                        assistant["tool_calls"] = reply.tool_calls
+                    messages.append(assistant)
+                    if not reply.tool_calls:
+                        break
+                    for c in reply.tool_calls:
+                        result = self._call_tool(rec, entry, model_tag, c)
+                        messages.append({"role": "tool", "tool_call_id": c["id"], "content": result})
+                else:
+                    hit_limit = True
+            return program.finish("step_limit" if hit_limit else "completed")
+        finally:
+            _forget_instances(model_tag)

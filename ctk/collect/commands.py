@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
@@ -16,6 +19,51 @@ MAX_BODY_MB = 32.0
 
 collect_app = typer.Typer(help="Record real agent runs into a trace store.", no_args_is_help=True)
 
+# Options every collector takes; parameter names are CollectOptions' field names (see from_params).
+DbOpt = Annotated[Path, typer.Option("--db", help=DB_HELP)]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="model name sent to the endpoint")]
+ApiKeyOpt = Annotated[
+    str | None, typer.Option("--api-key", envvar="CTK_API_KEY", help="API key (never logged)")
+]
+SliceOpt = Annotated[str, typer.Option("--slice", help="start:stop[:step] over the selected tasks")]
+SourceOpt = Annotated[str, typer.Option("--source", help="source label; program ids are SOURCE/ID")]
+
+
+def _option(name: str, kind: Any, default: Any, *decls: str, **option: Any) -> inspect.Parameter:
+    """One keyword option ``name`` of type ``kind``, declared as a typer option with ``decls``."""
+    annotation = Annotated[kind, typer.Option(*decls, **option)]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+#: How programs are run and started, the same for every collector: added to each command's options by
+#: :func:`_with_run_options`.
+RUN_OPTIONS = [
+    _option("workers", int, 1, "--workers", "-w", help="programs run concurrently", min=1),
+    _option("arrival", str, "fixed", "--arrival", help="fixed (concurrency = workers) or poisson"),
+    _option(
+        "rate", float | None, None, "--rate", help="poisson arrivals: programs per second", parser=POSITIVE
+    ),
+    _option("seed", int, 0, "--seed"),
+    _option("repeats", int, 1, "--repeats", help="runs per task (program ids get #k)", min=1),
+    _option("resume", bool, False, "--resume", help="skip complete programs, redo unfinished ones"),
+    _option(
+        "send_metadata",
+        bool,
+        True,
+        "--send-metadata/--no-send-metadata",
+        help="send session_id / vllm_xargs (turn this off for non-vLLM APIs)",
+    ),
+]
+
+
+def _with_run_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Add :data:`RUN_OPTIONS` to a collect command, after its own options. The command takes them as
+    ``**run_options`` and builds its options object from ``ctx.params``, which holds every option."""
+    own = inspect.signature(command, eval_str=True).parameters.values()
+    params = [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    command.__signature__ = inspect.Signature([*params, *RUN_OPTIONS])  # type: ignore[attr-defined]
+    return command
+
 
 def _fail(msg: str, code: int = 2) -> None:
     typer.secho(f"error: {msg}", err=True, fg="red")
@@ -23,19 +71,12 @@ def _fail(msg: str, code: int = 2) -> None:
 
 
 class _Progress:
-    """A rich progress bar over programs, with a running count of outcomes."""
+    """A progress bar over programs, with a running count of outcomes."""
 
     def __init__(self, total: int, label: str):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from ctk.progress import progress_bar
 
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[status]}"),
-            transient=False,
-        )
+        self.progress = progress_bar(status=True, transient=False)
         self.task = self.progress.add_task(label, total=total, status="")
         self.ok = self.failed = self.stopped = self.running = 0
 
@@ -44,7 +85,7 @@ class _Progress:
         self._update()
 
     def on_done(self, res) -> None:
-        from ctk.collect.swebench import was_stopped
+        from ctk.collect.runner import was_stopped
 
         self.running -= 1
         if res.ok:
@@ -91,61 +132,80 @@ def _print_summary(summary, db: Path) -> None:
         )
 
 
+def _collect(collector, tasks: list[dict], label: str) -> None:
+    """Run ``collector`` over ``tasks`` under a progress bar, print the summary, exit with its status
+    (130 interrupted, 1 when a program failed)."""
+    from ctk.collect.arrival import ArrivalError
+    from ctk.collect.runner import CollectError, collect
+    from ctk.store import StoreError
+
+    opts = collector.options
+    try:
+        with _Progress(len(tasks) * opts.repeats, label) as prog:
+            summary = collect(collector, tasks, on_start=prog.on_start, on_done=prog.on_done)
+    except (CollectError, ArrivalError, StoreError) as exc:
+        _fail(str(exc))
+    _print_summary(summary, opts.db)
+    if summary.interrupted:
+        raise typer.Exit(130)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
 @collect_app.command("swebench")
+@_with_run_options
 def swebench(
-    db: Path = typer.Option(..., "--db", help=DB_HELP),
-    base_url: str = typer.Option(None, "--url", "--base-url", help=URL_HELP),
-    model: str = typer.Option("default", "--model", "-m", help="model name sent to the endpoint"),
-    api_key: str = typer.Option(None, "--api-key", envvar="CTK_API_KEY", help="API key (never logged)"),
-    instances: str = typer.Option(
-        None, "--instances", help="JSON/JSONL file or folder of instances, or 'bundled'"
-    ),
-    subset: str = typer.Option(
-        None, "--subset", help="SWE-bench subset from the hub: verified|lite|full|..."
-    ),
-    split: str = typer.Option("test", "--split"),
-    slice_spec: str = typer.Option("", "--slice", help="start:stop[:step] over the selected instances"),
-    filter_spec: str = typer.Option("", "--filter", help="regex on instance ids"),
-    env: str = typer.Option("local", "--env", help="local (a git working copy per instance) or docker"),
-    repo_dir: Path = typer.Option(
-        None, "--repo-dir", help="local env: folder of repositories/archives by name"
-    ),
-    config: list[str] = typer.Option(
-        [], "--config", "-c", help="mini-swe-agent config spec(s); default swebench.yaml"
-    ),
-    model_class: str = typer.Option(
-        None, "--model-class", help="mini-swe-agent model class (default litellm)"
-    ),
-    step_limit: int = typer.Option(None, "--step-limit", help="max LLM calls per program", min=1),
-    timeout: int = typer.Option(None, "--timeout", help="seconds per tool call before it is killed", min=1),
-    retries: int = typer.Option(
-        None, "--retries", help="retries of a failed LLM call, 4 s, 4 s, 8 s, ... apart [default: 2]", min=0
-    ),
-    workers: int = typer.Option(1, "--workers", "-w", help="programs run concurrently", min=1),
-    arrival: str = typer.Option("fixed", "--arrival", help="fixed (concurrency = workers) or poisson"),
-    rate: float = typer.Option(None, "--rate", help="poisson arrivals: programs per second", parser=POSITIVE),
-    seed: int = typer.Option(0, "--seed"),
-    repeats: int = typer.Option(1, "--repeats", help="runs per instance (program ids get #k)", min=1),
-    resume: bool = typer.Option(False, "--resume", help="skip complete programs, redo unfinished ones"),
-    source: str = typer.Option(
-        "collect-swebench", "--source", help="source label; program ids are SOURCE/ID"
-    ),
-    workdir: Path = typer.Option(
-        None, "--workdir", help="local env: where working copies go (default: temp)"
-    ),
-    keep_workdirs: bool = typer.Option(False, "--keep-workdirs"),
-    traj_dir: Path = typer.Option(None, "--traj-dir", help="also save mini-swe-agent *.traj.json files here"),
-    send_metadata: bool = typer.Option(
-        True,
-        "--send-metadata/--no-send-metadata",
-        help="send session_id / vllm_xargs (turn this off for non-vLLM APIs)",
-    ),
+    ctx: typer.Context,
+    db: DbOpt,
+    base_url: Annotated[str | None, typer.Option("--url", "--base-url", help=URL_HELP)] = None,
+    model: ModelOpt = "default",
+    api_key: ApiKeyOpt = None,
+    instances: Annotated[
+        str | None, typer.Option("--instances", help="JSON/JSONL file or folder of instances, or 'bundled'")
+    ] = None,
+    subset: Annotated[
+        str | None, typer.Option("--subset", help="SWE-bench subset from the hub: verified|lite|full|...")
+    ] = None,
+    split: Annotated[str, typer.Option("--split")] = "test",
+    slice_spec: SliceOpt = "",
+    filter_spec: Annotated[str, typer.Option("--filter", help="regex on instance ids")] = "",
+    env: Annotated[
+        str, typer.Option("--env", help="local (a git working copy per instance) or docker")
+    ] = "local",
+    repo_dir: Annotated[
+        Path | None, typer.Option("--repo-dir", help="local env: folder of repositories/archives by name")
+    ] = None,
+    configs: Annotated[
+        list[str], typer.Option("--config", "-c", help="mini-swe-agent config spec(s); default swebench.yaml")
+    ] = [],  # noqa: B006 - typer reads the default, never mutates it
+    model_class: Annotated[
+        str | None, typer.Option("--model-class", help="mini-swe-agent model class (default litellm)")
+    ] = None,
+    step_limit: Annotated[
+        int | None, typer.Option("--step-limit", help="max LLM calls per program", min=1)
+    ] = None,
+    timeout: Annotated[
+        int | None, typer.Option("--timeout", help="seconds per tool call before it is killed", min=1)
+    ] = None,
+    retries: Annotated[
+        int | None,
+        typer.Option(
+            "--retries", help="retries of a failed LLM call, 4 s, 4 s, 8 s, ... apart [default: 2]", min=0
+        ),
+    ] = None,
+    source: SourceOpt = "collect-swebench",
+    workdir: Annotated[
+        Path | None, typer.Option("--workdir", help="local env: where working copies go (default: temp)")
+    ] = None,
+    keep_workdirs: Annotated[bool, typer.Option("--keep-workdirs")] = False,
+    traj_dir: Annotated[
+        Path | None, typer.Option("--traj-dir", help="also save mini-swe-agent *.traj.json files here")
+    ] = None,
+    **run_options: Any,
 ) -> None:
     """Run mini-swe-agent over SWE-bench instances and record every LLM and tool call."""
-    from ctk.collect.arrival import ArrivalError
-    from ctk.collect.swebench import CollectError, SwebenchOptions, collect_swebench
+    from ctk.collect.swebench import SwebenchCollector, SwebenchOptions
     from ctk.datasets.instances import InstanceError, load_instances
-    from ctk.store import StoreError
 
     try:
         rows = load_instances(instances, subset, split, filter_spec, slice_spec)
@@ -153,129 +213,75 @@ def swebench(
         _fail(str(exc))
     if not rows:
         _fail("no instances selected (check --filter / --slice)")
-    opts = SwebenchOptions(
-        db=db,
-        base_url=base_url,
-        model=model,
-        api_key=api_key,
-        model_class=model_class,
-        env=env,
-        configs=list(config),
-        step_limit=step_limit,
-        timeout=timeout,
-        workers=workers,
-        arrival=arrival,
-        rate=rate,
-        seed=seed,
-        resume=resume,
-        repeats=repeats,
-        source=source,
-        repo_dir=repo_dir,
-        workdir=workdir,
-        keep_workdirs=keep_workdirs,
-        traj_dir=traj_dir,
-        send_metadata=send_metadata,
-        retries=retries,
-    )
-    try:
-        with _Progress(len(rows) * repeats, "swebench") as prog:
-            summary = collect_swebench(opts, rows, on_start=prog.on_start, on_done=prog.on_done)
-    except (CollectError, ArrivalError, StoreError) as exc:
-        _fail(str(exc))
-    _print_summary(summary, db)
-    if summary.interrupted:
-        raise typer.Exit(130)
-    if summary.failed:
-        raise typer.Exit(1)
+    _collect(SwebenchCollector(SwebenchOptions.from_params(ctx.params)), rows, "swebench")
 
 
 @collect_app.command("bfcl")
+@_with_run_options
 def bfcl(
-    db: Path = typer.Option(..., "--db", help=DB_HELP),
-    base_url: str = typer.Option(..., "--url", "--base-url", help=URL_HELP + " (with tool calling)"),
-    model: str = typer.Option("default", "--model", "-m"),
-    api_key: str = typer.Option(None, "--api-key", envvar="CTK_API_KEY", help="API key (never logged)"),
-    category: list[str] = typer.Option(["base"], "--category", help="base|miss_func|miss_param|long_context"),
-    slice_spec: str = typer.Option("", "--slice", help="start:stop[:step] over the selected entries"),
-    filter_spec: str = typer.Option(
-        "", "--filter", help="regex on entry ids, e.g. '^multi_turn_base_(0|1)$'"
-    ),
-    tool_latency: str = typer.Option(
-        None,
-        "--tool-latency",
-        help="inject latency per call: SECONDS, exp:MEAN, uniform:LO,HI, "
-        "lognormal:MEDIAN,SIGMA, or a trace store / CSV to sample from",
-    ),
-    latency_max: float = typer.Option(
-        300.0, "--latency-max", help="cap on one injected latency (s)", parser=POSITIVE
-    ),
-    max_steps: int = typer.Option(20, "--max-steps", help="model steps per user turn (BFCL uses 20)", min=1),
-    temperature: float = typer.Option(0.0, "--temperature", parser=NON_NEGATIVE),
-    max_tokens: int = typer.Option(None, "--max-tokens", min=1),
-    stream: bool = typer.Option(True, "--stream/--no-stream", help="stream (records time to first token)"),
-    workers: int = typer.Option(1, "--workers", "-w", min=1),
-    arrival: str = typer.Option("fixed", "--arrival", help="fixed or poisson"),
-    rate: float = typer.Option(None, "--rate", help="poisson arrivals: programs per second", parser=POSITIVE),
-    seed: int = typer.Option(0, "--seed"),
-    resume: bool = typer.Option(False, "--resume", help="skip complete programs, redo unfinished ones"),
-    source: str = typer.Option("collect-bfcl", "--source"),
-    send_metadata: bool = typer.Option(True, "--send-metadata/--no-send-metadata"),
+    ctx: typer.Context,
+    db: DbOpt,
+    base_url: Annotated[str, typer.Option("--url", "--base-url", help=URL_HELP + " (with tool calling)")],
+    model: ModelOpt = "default",
+    api_key: ApiKeyOpt = None,
+    categories: Annotated[
+        list[str], typer.Option("--category", help="base|miss_func|miss_param|long_context")
+    ] = ["base"],  # noqa: B006 - typer reads the default, never mutates it
+    slice_spec: SliceOpt = "",
+    filter_spec: Annotated[
+        str, typer.Option("--filter", help="regex on entry ids, e.g. '^multi_turn_base_(0|1)$'")
+    ] = "",
+    tool_latency: Annotated[
+        str | None,
+        typer.Option(
+            "--tool-latency",
+            help="inject latency per call: SECONDS, exp:MEAN, uniform:LO,HI, "
+            "lognormal:MEDIAN,SIGMA, or a trace store / CSV to sample from",
+        ),
+    ] = None,
+    latency_max_s: Annotated[
+        float, typer.Option("--latency-max", help="cap on one injected latency (s)", parser=POSITIVE)
+    ] = 300.0,
+    max_steps: Annotated[
+        int, typer.Option("--max-steps", help="model steps per user turn (BFCL uses 20)", min=1)
+    ] = 20,
+    temperature: Annotated[float, typer.Option("--temperature", parser=NON_NEGATIVE)] = 0.0,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=1)] = None,
+    stream: Annotated[
+        bool, typer.Option("--stream/--no-stream", help="stream (records time to first token)")
+    ] = True,
+    source: SourceOpt = "collect-bfcl",
+    **run_options: Any,
 ) -> None:
     """Run BFCL multi-turn tasks (bfcl-eval's simulated APIs) and record every LLM and tool call."""
-    from ctk.collect.arrival import ArrivalError
-    from ctk.collect.bfcl import BfclOptions, collect_bfcl, load_entries
-    from ctk.collect.swebench import CollectError
-    from ctk.store import StoreError
+    from ctk.collect.bfcl import BfclCollector, BfclOptions, load_entries
+    from ctk.collect.runner import CollectError
 
-    opts = BfclOptions(
-        db=db,
-        base_url=base_url,
-        model=model,
-        api_key=api_key,
-        categories=list(category),
-        tool_latency=tool_latency,
-        latency_max_s=latency_max,
-        max_steps=max_steps,
-        temperature=temperature,
-        max_tokens=max_tokens,
-        stream=stream,
-        workers=workers,
-        arrival=arrival,
-        rate=rate,
-        seed=seed,
-        resume=resume,
-        source=source,
-        send_metadata=send_metadata,
-    )
     try:
-        entries = load_entries(opts.categories, filter_spec, slice_spec)
-        if not entries:
-            _fail("no BFCL entries selected (check --filter / --slice)")
-        with _Progress(len(entries), "bfcl") as prog:
-            summary = collect_bfcl(opts, entries, on_start=prog.on_start, on_done=prog.on_done)
-    except (CollectError, ArrivalError, StoreError) as exc:
+        entries = load_entries(categories, filter_spec, slice_spec)
+    except CollectError as exc:
         _fail(str(exc))
-    _print_summary(summary, db)
-    if summary.interrupted:
-        raise typer.Exit(130)
-    if summary.failed:
-        raise typer.Exit(1)
+    if not entries:
+        _fail("no BFCL entries selected (check --filter / --slice)")
+    _collect(BfclCollector(BfclOptions.from_params(ctx.params)), entries, "bfcl")
 
 
 def proxy(
-    upstream: str = typer.Option(..., "--url", "--upstream", help="upstream " + URL_HELP),
-    db: Path = typer.Option(..., "--db", help=DB_HELP),
-    host: str = typer.Option("127.0.0.1", "--host", help="bind address (default: loopback only)"),
-    port: int = typer.Option(8080, "--port", parser=PORT),
-    source: str = typer.Option("proxy", "--source", help="source label of the recorded programs"),
-    idle_finish: float = typer.Option(
-        600.0, "--idle-finish", help="finish a program after this many idle s", parser=POSITIVE
-    ),
-    timeout: float = typer.Option(600.0, "--timeout", help="upstream request timeout (s)", parser=POSITIVE),
-    max_body_mb: float = typer.Option(
-        MAX_BODY_MB, "--max-body-mb", help="refuse larger request bodies (HTTP 413)", parser=POSITIVE
-    ),
-    model: str = typer.Option(None, "--model", help="model label stored with the programs"),
+    upstream: Annotated[str, typer.Option("--url", "--upstream", help="upstream " + URL_HELP)],
+    db: DbOpt,
+    host: Annotated[str, typer.Option("--host", help="bind address (default: loopback only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", parser=PORT)] = 8080,
+    source: Annotated[str, typer.Option("--source", help="source label of the recorded programs")] = "proxy",
+    idle_finish: Annotated[
+        float, typer.Option("--idle-finish", help="finish a program after this many idle s", parser=POSITIVE)
+    ] = 600.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="upstream request timeout (s)", parser=POSITIVE)
+    ] = 600.0,
+    max_body_mb: Annotated[
+        float, typer.Option("--max-body-mb", help="refuse larger request bodies (HTTP 413)", parser=POSITIVE)
+    ] = MAX_BODY_MB,
+    model: Annotated[str | None, typer.Option("--model", help="model label stored with the programs")] = None,
 ) -> None:
     """Record LLM calls (and the tool pauses between them) of any agent pointed at this proxy."""
     from ctk.collect.proxy import ProxyOptions, check_upstream, serve_proxy
