@@ -269,7 +269,7 @@ def test_oracle_pins_exactly_the_true_duration_plus_measured_round_trip():
 
 
 def test_oracle_keeps_a_pin_while_its_benefit_exceeds_the_price_of_the_rest_of_the_hold():
-    c = make_core("oracle", oracle_slack_s=0.0)
+    c = make_core("oracle", oracle_slack_s=0.0, program_fcfs=False)  # FCFS: pins always pay
     finish(c, "near", h("p0", tool_duration_s=1.0), now=0.0)  # B = 0.4 s, 4000 tokens
     finish(c, "far", h("p1", tool_duration_s=100.0), now=0.0)
     # 2.5e-6 JCT-s per token-s: holding 4000 tokens costs 0.01 s per s -> 'near' (0.9 s left) stays,
@@ -357,6 +357,10 @@ def test_pins_pay_the_price_only_when_the_queue_head_goes_before_their_return():
     fcfs.price.value = 1e-3
     fcfs.arrived("w", h("waiter"), now=0.0)
     assert fcfs._charged_price(0.1) == 1e-3  # FCFS: the return queues behind everyone, always pays
+    oracle = make_core("oracle")  # strict program FCFS (no age bound): nothing is ever overdue
+    oracle.price.value = 1e-3
+    oracle.arrived("w", h("waiter"), now=0.0)
+    assert oracle.order.age_bound_s == math.inf and oracle._charged_price(1e6) == 0.0
 
 
 def test_cdf_value_and_hazard():
@@ -391,7 +395,7 @@ def test_without_program_ordering_an_admission_may_take_any_pin():
 
 
 def test_a_finish_prices_with_the_state_it_is_given_not_a_stale_price():
-    c = make_core("oracle")
+    c = make_core("oracle", program_fcfs=False)  # FCFS: pins always pay the price
     finish(c, "a", h("p0", tool_duration_s=100.0), now=0.0)
     c.step(state(0.1, free=0, num_waiting=4, waiting_demand_tokens=8000))  # shortage: 'a' is dropped
     assert c.price.value > 0 and not c.pins
