@@ -11,7 +11,7 @@ import pytest
 
 from ctk.engine_patch.config import ConfigError, ServeConfig
 from ctk.engine_patch.detect import ToolCall
-from ctk.engine_patch.events import EngineState, Finished, PinCall, ReleaseReason, ToolObservation
+from ctk.engine_patch.events import EngineState, Finished, Pin, PinCall, ReleaseReason, ToolObservation
 from ctk.engine_patch.hints import parse_hints
 from ctk.engine_patch.policies import POLICY_NAMES, Policy, make_rule
 from ctk.engine_patch.policy import PolicyCore
@@ -416,3 +416,28 @@ def test_decision_at_finish_by_hull_equals_the_knot_search():
         b, c = rng.choice([0.1, 1.0, 5.0]), rng.choice([0.0, 1e-3, 0.1, 1.0, 10.0]) * rng.random()
         best = max([0.0] + [cdf.fs[i] * b - c * cdf.hs[i] for i in range(1, len(cdf.ts))])
         assert cdf.best_ttl(b, c)[2] == pytest.approx(best, abs=1e-9)
+
+
+def test_return_share_learns_that_pinned_programs_return_elsewhere():
+    """Behind round-robin a pin's program mostly returns to another replica: the pins' expiries teach the
+    core that share, and an unreturned pin's memory is then priced even while the queue's head is young."""
+    from ctk.engine_patch.policy import ReturnShare
+
+    def pin(p_hit: float) -> Pin:
+        return Pin("r", "p", 4, 64, 10.0, 0.0, 10.0, p_hit, 1.0, "k", None)
+
+    affinity, scattered = ReturnShare(alpha=0.05), ReturnShare(alpha=0.05)
+    for i in range(400):
+        affinity.pin_ended(pin(0.9), ReleaseReason.HIT if i % 10 else ReleaseReason.EXPIRED)  # as promised
+        scattered.pin_ended(pin(0.9), ReleaseReason.HIT if i % 4 == 0 else ReleaseReason.EXPIRED)  # 1 in 4
+        scattered.pin_ended(pin(0.9), ReleaseReason.PRESSURE)  # cut short: says nothing
+    assert affinity.share == pytest.approx(1.0, abs=0.1)
+    assert scattered.share == pytest.approx(0.25 / 0.9, abs=0.1)
+    c = make_core("ttl", priced_tables())
+    c.returns = scattered
+    c.price.value = 1e-3
+    c.order._bound = 10.0
+    c.arrived("w", h("waiter"), now=0.0)
+    r = scattered.share
+    assert c._charged_price(5.0) == pytest.approx(1e-3 * (1 - r) / r)  # young head: the share not coming back
+    assert c._charged_price(10.5) == pytest.approx(1e-3 / r)  # overdue head: all of it, per expected return
