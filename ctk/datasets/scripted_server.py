@@ -354,20 +354,12 @@ def _completion_chunks(
 def _stream_chunks(
     rid: str, created: int, model: str, message: dict[str, Any], finish: str, usage: dict[str, Any] | None
 ) -> Iterator[str]:
+    def event(**fields: Any) -> str:
+        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, **fields}
+        return "data: " + json.dumps(body) + "\n\n"
+
     def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> str:
-        return (
-            "data: "
-            + json.dumps(
-                {
-                    "id": rid,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-                }
-            )
-            + "\n\n"
-        )
+        return event(choices=[{"index": 0, "delta": delta, "finish_reason": finish_reason}])
 
     yield chunk({"role": "assistant", "content": ""})
     content = message.get("content") or ""
@@ -391,20 +383,7 @@ def _stream_chunks(
         )
     yield chunk({}, finish)
     if usage is not None:
-        yield (
-            "data: "
-            + json.dumps(
-                {
-                    "id": rid,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model,
-                    "choices": [],
-                    "usage": usage,
-                }
-            )
-            + "\n\n"
-        )
+        yield event(choices=[], usage=usage)
     yield "data: [DONE]\n\n"
 
 

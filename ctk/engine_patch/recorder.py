@@ -15,7 +15,7 @@ import queue
 import threading
 from pathlib import Path
 
-from ctk.engine_patch.events import Pin, Release, ToolObservation
+from ctk.engine_patch.events import NullSink, ToolObservation
 from ctk.wire import clip_command
 
 logger = logging.getLogger("ctk.engine_patch")
@@ -24,7 +24,7 @@ SOURCE = "serve"
 _STOP = object()
 
 
-class TraceRecorder:
+class TraceRecorder(NullSink):
     def __init__(
         self, path: str | Path, model: str | None = None, config: dict | None = None, max_queue: int = 100_000
     ):
@@ -45,15 +45,6 @@ class TraceRecorder:
             raise RuntimeError(self.error)
 
     # -- EventSink ---------------------------------------------------------------------------------------
-
-    def pin_created(self, pin: Pin) -> None:
-        pass
-
-    def pin_released(self, release: Release, pinned_blocks: int) -> None:
-        pass
-
-    def pin_hit(self, pin: Pin) -> None:
-        pass
 
     def tool_observed(self, obs: ToolObservation) -> None:
         try:

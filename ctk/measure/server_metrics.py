@@ -26,15 +26,21 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
-def scrape(base_url: str, timeout: float = 10.0) -> dict[str, float]:
-    """Raw samples from ``base_url/metrics``; an empty dict when the server has no metrics endpoint."""
+def _metrics_text(base_url: str, timeout: float) -> str | None:
+    """The text of ``base_url/metrics`` (``/v1`` dropped); None when the server has no metrics endpoint."""
     url = base_url.rstrip("/").removesuffix("/v1") + "/metrics"
     try:
         r = httpx.get(url, timeout=timeout)
         r.raise_for_status()
     except httpx.HTTPError:
-        return {}
-    return parse_metrics(r.text)
+        return None
+    return r.text
+
+
+def scrape(base_url: str, timeout: float = 10.0) -> dict[str, float]:
+    """Raw samples from ``base_url/metrics``; an empty dict when the server has no metrics endpoint."""
+    text = _metrics_text(base_url, timeout)
+    return parse_metrics(text) if text is not None else {}
 
 
 def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -78,13 +84,10 @@ def info_labels(
     base_url: str, family: str = "vllm:cache_config_info", timeout: float = 10.0
 ) -> dict[str, str]:
     """The labels of an info metric (e.g. the engine's cache config: ``block_size``, ...); {} if absent."""
-    url = base_url.rstrip("/").removesuffix("/v1") + "/metrics"
-    try:
-        r = httpx.get(url, timeout=timeout)
-        r.raise_for_status()
-    except httpx.HTTPError:
+    text = _metrics_text(base_url, timeout)
+    if text is None:
         return {}
-    for fam in text_string_to_metric_families(r.text):
+    for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             if s.name.startswith(family):
                 return dict(s.labels)
