@@ -128,7 +128,7 @@ def simulate(
     for e in engines:
         attach_policy(e, policy, cfg.serve, tables, cost)
     router = make_router(cfg.routing, len(engines))
-    clients = make_clients(programs, label=policy)
+    clients = make_clients(programs)  # the same program ids under every policy: the same replica per program
     half = arr.rtt_s / 2
     seq = itertools.count()
     arrivals: list[tuple[float, int, Client]] = []  # a request reaches the router
