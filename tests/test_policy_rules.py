@@ -441,3 +441,27 @@ def test_return_share_learns_that_pinned_programs_return_elsewhere():
     r = scattered.share
     assert c._charged_price(5.0) == pytest.approx(1e-3 * (1 - r) / r)  # young head: the share not coming back
     assert c._charged_price(10.5) == pytest.approx(1e-3 / r)  # overdue head: all of it, per expected return
+
+
+def test_oracle_orders_strictly_only_while_its_programs_come_back():
+    """Behind round-robin the oracle's pinned programs return to other replicas: it then falls back from
+    strict program FCFS to the age bound and lets young waiting requests take pins; Continuum stays strict."""
+    from ctk.engine_patch.policy import RETURNS_TO_DEFER
+
+    def scattered() -> object:
+        from ctk.engine_patch.policy import ReturnShare
+
+        r = ReturnShare(alpha=0.2)
+        for _ in range(50):
+            r.pin_ended(Pin("r", "p", 4, 64, 10.0, 0.0, 10.0, 1.0, 1.0, "k", None), ReleaseReason.EXPIRED)
+        assert r.share < RETURNS_TO_DEFER
+        return r
+
+    for policy, relaxes in (("oracle", True), ("continuum", False)):
+        c = make_core(policy)
+        assert c.order.age_bound_s == math.inf
+        c.returns = scattered()
+        c.arrived("a", h("a"), now=0.0)
+        c.arrived("b", h("b"), now=0.1)
+        c.order_waiting(["a", "b"], now=0.2)
+        assert (c.order.age_bound_s < math.inf) is relaxes, policy

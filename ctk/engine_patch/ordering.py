@@ -103,6 +103,11 @@ class ProgramOrder:
     def dropped(self) -> None:
         self.fcfs.dropped()
 
+    def relax(self, age_factor: float) -> None:
+        """From strict program FCFS to the age bound with this factor (the waits measured so far count)."""
+        self.age_factor = age_factor
+        self._bound = max(self.age_min_s, age_factor * self.fcfs.quantile(self.age_quantile))
+
     @property
     def age_bound_s(self) -> float:
         return self._bound

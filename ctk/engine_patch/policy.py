@@ -103,6 +103,7 @@ class PolicyCore:
             config.age_factor if rule.age_bound else math.inf, config.age_min_s, config.age_quantile
         )
         self.reorders = rule.program_fcfs
+        self._strict_needs_returns = not rule.age_bound and rule.strict_needs_returns
         self._queue: dict[str, float] = {}  # waiting (not yet admitted) request id -> arrival, oldest first
         self._charging = False  # the price was last charged to the held pins (the queue's head is overdue)
         self.returns = ReturnShare()
@@ -441,7 +442,8 @@ class PolicyCore:
         """
         if not self.pins:
             return None
-        if admitting is not None and engine_busy and self.reorders:
+        defers = self.rule.valve_last_resort or self.returns.share >= RETURNS_TO_DEFER
+        if admitting is not None and engine_busy and self.reorders and defers:
             pend = self.requests.get(admitting)
             if pend is not None and now - pend.arrival < self.order.age_bound_s:
                 self.stats.valve_deferred += 1  # it waits for the running requests to give memory back
@@ -493,6 +495,10 @@ class PolicyCore:
                 items.append((pend.arrival, None, False))
             else:
                 items.append((pend.arrival, prog.first_arrival, prog.pin is not None))
+        if self._strict_needs_returns and self.returns.share < RETURNS_TO_DEFER:
+            self._strict_needs_returns = False  # programs mostly return elsewhere: strict order keeps nothing
+            self.order.relax(self.config.age_factor)
+            self._order_bound = self.order.age_bound_s
         order, self._next_overdue = self.order.order(items, now)
         self._order_bound = self.order.age_bound_s
         self._order_dirty = False
@@ -501,6 +507,11 @@ class PolicyCore:
 
 
 _ANY_TOOL = ToolCall("hint", None, None)
+
+#: A young waiting request defers to the running ones (leaves the pins alone) only while at least this share
+#: of the pins' expected returns come back to this engine; behind round-robin most do not, and a pin whose
+#: program returns elsewhere only keeps the queue out.
+RETURNS_TO_DEFER = 0.8
 
 
 class ReturnShare:

@@ -36,6 +36,7 @@ class PinRule(Protocol):
     release_on_next_finish: bool  # Continuum: a pin is released when the program's NEXT request finishes
     age_bound: bool  # False: strict program FCFS, a waiting request may be overtaken without bound
     valve_last_resort: bool  # True: pins go only when nothing running can free memory (Continuum)
+    strict_needs_returns: bool  # strict order only while pinned programs come back here (else the age bound)
     max_pin_share: float  # pinned blocks never exceed this share of the KV cache
 
     def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision: ...
@@ -88,6 +89,7 @@ class NoPins:
     release_on_next_finish = False
     age_bound = True
     valve_last_resort = False
+    strict_needs_returns = False
     max_pin_share = 0.0
 
     def __init__(self) -> None:
@@ -119,6 +121,7 @@ class ContinuumRule:
     release_on_next_finish = True
     age_bound = False
     valve_last_resort = True
+    strict_needs_returns = False  # the public behaviour: strict whatever the routing
     max_pin_share = 1.0
 
     def __init__(self, ttl_s: float = 2.0):
@@ -215,6 +218,7 @@ class ProgressTTLRule:
     release_on_next_finish = False
     age_bound = True
     valve_last_resort = False
+    strict_needs_returns = False
 
     def __init__(self, window: int = 100, max_pin_share: float = 0.5):
         self.program_fcfs = True
@@ -265,6 +269,7 @@ class TTLRule:
     release_on_next_finish = False
     age_bound = True
     valve_last_resort = False
+    strict_needs_returns = False
 
     def __init__(
         self,
@@ -353,8 +358,9 @@ class OracleRule:
     policy = Policy.ORACLE
     pins = True
     release_on_next_finish = False
-    age_bound = False  # strict program FCFS: the bound on mean JCT has no tail bound (as Continuum)
+    age_bound = False  # strict program FCFS: the bound on mean JCT has no tail bound (as Continuum) ...
     valve_last_resort = False
+    strict_needs_returns = True  # ... while programs come back here (not behind round-robin)
     max_pin_share = 1.0
 
     def __init__(self, cost: CostModel, slack_s: float = 0.25, overhead_alpha: float = 0.2):
