@@ -213,8 +213,11 @@ def _takes_target(tok: str) -> bool:
     return "&" not in tok
 
 
-def _program_words(seg: list[str]) -> list[str]:
-    """The segment's words without redirections and their targets."""
+def _program_words(seg: list[str], text: str) -> list[str]:
+    """The segment's words without redirections and their targets (``text``: the segment's text; a
+    redirection holds ``<`` or ``>``, so without either the words are the tokens)."""
+    if "<" not in text and ">" not in text:
+        return seg
     out: list[str] = []
     skip = False
     for tok in seg:
@@ -253,6 +256,8 @@ def _strip_wrappers(words: list[str]) -> list[str]:
 
 
 def _subcommand(prog: str, words: list[str], seg: list[str]) -> str | None:
+    if prog != "python" and prog not in _SUBCOMMAND_PROGRAMS and prog not in _WRITERS:
+        return None
     args = [_unquote(w) for w in words[1:]]
     if prog == "python":
         for j, a in enumerate(args):
@@ -296,11 +301,15 @@ def _parse_cached(head: str) -> tuple[str | None, str | None]:
     for n_seg, (w0, text) in enumerate(_segment_spans(_head(head))):
         if n_seg >= MAX_SEGMENTS:  # a long chain of quick utilities: decided by what was seen
             break
-        # fast path: a plain first word that is set-up or a further quick utility needs no tokenizing
+        # fast path: a plain first word that is set-up, a shell keyword alone or before no program (``done``,
+        # ``for x in y``, ``then``) or a further quick utility needs no tokenizing; the tokenizing path below
+        # finds the same (the plain first word is its first token, neither a redirection nor a wrapper)
         if not w0:
             continue
         if w0[0] not in "_'\"" and "=" not in w0 and "<" not in w0 and ">" not in w0:
             p0 = normalize_program(w0)
+            if p0 in _KEYWORD_SEGMENTS or (p0 in _KEYWORD_PREFIXES and text.strip() == w0):
+                continue
             if p0 in _SETUP:
                 if first[0] is None:
                     first = (p0, None)
@@ -308,7 +317,7 @@ def _parse_cached(head: str) -> tuple[str | None, str | None]:
             if p0 in _QUICK and quick[0] is not None:
                 continue
         seg = _TOKEN_RE.findall(text)
-        words = _strip_wrappers(_program_words(seg))
+        words = _strip_wrappers(_program_words(seg, text))
         if not words:
             continue
         prog = normalize_program(words[0])

@@ -338,7 +338,8 @@ class VllmDoor:
         self._natural = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
         self._aborted = RequestStatus.FINISHED_ABORTED
         self._allocate = self.kv.allocate_slots
-        self._managers = self.kv.coordinator.single_type_managers  # one per KV-cache group
+        # request id -> blocks, one map per KV-cache group (each built once in its manager's __init__)
+        self._block_maps = tuple(m.req_to_blocks for m in self.kv.coordinator.single_type_managers)
         self._tokenizer = None
         self._tokenizer_failed = False
         waiting = scheduler.waiting
@@ -387,7 +388,10 @@ class VllmDoor:
 
     def blocks_of(self, request_id: str) -> int:
         """KV blocks the request holds, all KV-cache groups (``get_block_ids`` without building id lists)."""
-        return sum(len(m.req_to_blocks.get(request_id, ())) for m in self._managers)
+        n = 0
+        for blocks in self._block_maps:
+            n += len(blocks.get(request_id, ()))
+        return n
 
     def hold(self, request_id: str) -> None:
         """Keep a finished request's blocks: it leaves ``Scheduler.requests`` without a free."""
