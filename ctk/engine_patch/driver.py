@@ -186,7 +186,9 @@ class PolicyDriver:
             for rid, cached in admitted:
                 if rid in hints and rid not in seen:
                     seen.add(rid)
-                    self._apply(core.admitted(rid, cached, now))
+                    releases = core.admitted(rid, cached, now)
+                    if releases:
+                        self._apply(releases)
 
     def allocation_failed(self, request_id: str, running: bool, now: float) -> bool:
         """The engine could not get blocks for ``request_id`` (``running``: it would preempt; otherwise the
