@@ -283,7 +283,7 @@ def test_continuum_running_mean_fixed_ttl_release_on_next_finish():
 
 
 def test_oracle_pins_true_duration_when_it_pays():
-    c = core("oracle", oracle_slack_s=0.1)
+    c = core("oracle", oracle_slack_s=0.1, program_fcfs=False)  # FCFS: pins always pay
     short = hints(tool_duration_s=0.5)
     c.arrived("r1", short, now=0.0)
     assert c.finished(fin("r1", short, "", tokens=2000), state())[0]  # no tool text needed: hint...

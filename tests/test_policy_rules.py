@@ -11,7 +11,7 @@ import pytest
 
 from ctk.engine_patch.config import ConfigError, ServeConfig
 from ctk.engine_patch.detect import ToolCall
-from ctk.engine_patch.events import EngineState, Finished, PinCall, ReleaseReason, ToolObservation
+from ctk.engine_patch.events import EngineState, Finished, Pin, PinCall, ReleaseReason, ToolObservation
 from ctk.engine_patch.hints import parse_hints
 from ctk.engine_patch.policies import POLICY_NAMES, Policy, make_rule
 from ctk.engine_patch.policy import PolicyCore
@@ -269,7 +269,7 @@ def test_oracle_pins_exactly_the_true_duration_plus_measured_round_trip():
 
 
 def test_oracle_keeps_a_pin_while_its_benefit_exceeds_the_price_of_the_rest_of_the_hold():
-    c = make_core("oracle", oracle_slack_s=0.0)
+    c = make_core("oracle", oracle_slack_s=0.0, program_fcfs=False)  # FCFS: pins always pay
     finish(c, "near", h("p0", tool_duration_s=1.0), now=0.0)  # B = 0.4 s, 4000 tokens
     finish(c, "far", h("p1", tool_duration_s=100.0), now=0.0)
     # 2.5e-6 JCT-s per token-s: holding 4000 tokens costs 0.01 s per s -> 'near' (0.9 s left) stays,
@@ -357,6 +357,10 @@ def test_pins_pay_the_price_only_when_the_queue_head_goes_before_their_return():
     fcfs.price.value = 1e-3
     fcfs.arrived("w", h("waiter"), now=0.0)
     assert fcfs._charged_price(0.1) == 1e-3  # FCFS: the return queues behind everyone, always pays
+    oracle = make_core("oracle")  # strict program FCFS (no age bound): nothing is ever overdue
+    oracle.price.value = 1e-3
+    oracle.arrived("w", h("waiter"), now=0.0)
+    assert oracle.order.age_bound_s == math.inf and oracle._charged_price(1e6) == 0.0
 
 
 def test_cdf_value_and_hazard():
@@ -391,7 +395,7 @@ def test_without_program_ordering_an_admission_may_take_any_pin():
 
 
 def test_a_finish_prices_with_the_state_it_is_given_not_a_stale_price():
-    c = make_core("oracle")
+    c = make_core("oracle", program_fcfs=False)  # FCFS: pins always pay the price
     finish(c, "a", h("p0", tool_duration_s=100.0), now=0.0)
     c.step(state(0.1, free=0, num_waiting=4, waiting_demand_tokens=8000))  # shortage: 'a' is dropped
     assert c.price.value > 0 and not c.pins
@@ -412,3 +416,28 @@ def test_decision_at_finish_by_hull_equals_the_knot_search():
         b, c = rng.choice([0.1, 1.0, 5.0]), rng.choice([0.0, 1e-3, 0.1, 1.0, 10.0]) * rng.random()
         best = max([0.0] + [cdf.fs[i] * b - c * cdf.hs[i] for i in range(1, len(cdf.ts))])
         assert cdf.best_ttl(b, c)[2] == pytest.approx(best, abs=1e-9)
+
+
+def test_return_share_learns_that_pinned_programs_return_elsewhere():
+    """Behind round-robin a pin's program mostly returns to another replica: the pins' expiries teach the
+    core that share, and an unreturned pin's memory is then priced even while the queue's head is young."""
+    from ctk.engine_patch.policy import ReturnShare
+
+    def pin(p_hit: float) -> Pin:
+        return Pin("r", "p", 4, 64, 10.0, 0.0, 10.0, p_hit, 1.0, "k", None)
+
+    affinity, scattered = ReturnShare(alpha=0.05), ReturnShare(alpha=0.05)
+    for i in range(400):
+        affinity.pin_ended(pin(0.9), ReleaseReason.HIT if i % 10 else ReleaseReason.EXPIRED)  # as promised
+        scattered.pin_ended(pin(0.9), ReleaseReason.HIT if i % 4 == 0 else ReleaseReason.EXPIRED)  # 1 in 4
+        scattered.pin_ended(pin(0.9), ReleaseReason.PRESSURE)  # cut short: says nothing
+    assert affinity.share == pytest.approx(1.0, abs=0.1)
+    assert scattered.share == pytest.approx(0.25 / 0.9, abs=0.1)
+    c = make_core("ttl", priced_tables())
+    c.returns = scattered
+    c.price.value = 1e-3
+    c.order._bound = 10.0
+    c.arrived("w", h("waiter"), now=0.0)
+    r = scattered.share
+    assert c._charged_price(5.0) == pytest.approx(1e-3 * (1 - r) / r)  # young head: the share not coming back
+    assert c._charged_price(10.5) == pytest.approx(1e-3 / r)  # overdue head: all of it, per expected return

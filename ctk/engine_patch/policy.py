@@ -105,6 +105,7 @@ class PolicyCore:
         self.reorders = rule.program_fcfs
         self._queue: dict[str, float] = {}  # waiting (not yet admitted) request id -> arrival, oldest first
         self._charging = False  # the price was last charged to the held pins (the queue's head is overdue)
+        self.returns = ReturnShare()
         self._order_dirty = True  # set by every event that can change the waiting order
         self._order_len = 0
         self._order_bound = self.order.age_bound_s
@@ -142,6 +143,7 @@ class PolicyCore:
             prog.pin = None
         self._order_dirty = True
         self.stats.releases[reason] = self.stats.releases.get(reason, 0) + 1
+        self.returns.pin_ended(pin, reason)
         rel = Release(pin.request_id, reason, pin.blocks)
         self.sink.pin_released(rel, self.pinned_blocks)
         return rel
@@ -371,9 +373,12 @@ class PolicyCore:
         pin pays only while the queue's head is overdue. Without program ordering the return queues behind
         everyone: the pin always pays."""
         price = self.price.value
-        if price <= 0.0 or not self.reorders or self._head_overdue(now):
-            return price
-        return 0.0
+        if price <= 0.0:
+            return 0.0
+        r = self.returns.share
+        if not self.reorders or self._head_overdue(now):
+            return price / r
+        return price * (1.0 - r) / r
 
     def _reprice(self, state: EngineState) -> list[Release]:
         """Update the price; when the price charged to pins moved, re-judge every held pin (those whose
@@ -496,6 +501,38 @@ class PolicyCore:
 
 
 _ANY_TOOL = ToolCall("hint", None, None)
+
+
+class ReturnShare:
+    """How many of the returns the pins expected came back to this engine: realised hits over the hits the
+    pins' own distributions promised (``p_hit``), exponentially weighted over pins that ended by a return
+    (hit or miss: 1) or by expiry (0); releases that cut a pin short (price, pressure, budget, ...) say
+    nothing. About 1 behind session affinity; about 1/N behind round-robin over N replicas, where a pin's
+    program mostly returns elsewhere. Clamped to [0.05, 1]."""
+
+    __slots__ = ("alpha", "_seen", "_promised")
+
+    def __init__(self, alpha: float = 0.02):
+        self.alpha = alpha
+        self._seen = 1.0
+        self._promised = 1.0
+
+    def pin_ended(self, pin: Pin, reason: ReleaseReason) -> None:
+        if reason is ReleaseReason.HIT or reason is ReleaseReason.MISS:
+            seen = 1.0
+        elif reason is ReleaseReason.EXPIRED:
+            seen = 0.0
+        else:
+            return
+        a = self.alpha
+        self._seen += a * (seen - self._seen)
+        self._promised += a * (min(1.0, max(0.0, pin.p_hit)) - self._promised)
+
+    @property
+    def share(self) -> float:
+        if self._promised <= 0.0:
+            return 1.0
+        return min(1.0, max(0.05, self._seen / self._promised))
 
 
 @lru_cache(maxsize=4096)

@@ -346,12 +346,14 @@ class OracleRule:
     ``ttl``, no pin budget but memory. The return is expected in ``[T + o, T + o + slack]`` with ``o`` the
     client's measured round trip (finish -> next arrival minus T, learned online), so the pin lasts exactly
     that long, is taken only when ``B > price·N·E[hold]``, is kept while ``B`` still exceeds the price of the
-    rest of the hold, and the valve drops the program returning last first (Belady)."""
+    rest of the hold, and the valve drops the program returning last first (Belady). Its waiting order is
+    strict program FCFS with no age bound (as Continuum's): it bounds what clairvoyant pins and program
+    ordering can do for mean JCT, at whatever tail latency that costs; ``ttl`` keeps stock vLLM's tail."""
 
     policy = Policy.ORACLE
     pins = True
     release_on_next_finish = False
-    age_bound = True
+    age_bound = False  # strict program FCFS: the bound on mean JCT has no tail bound (as Continuum)
     valve_last_resort = False
     max_pin_share = 1.0
 
