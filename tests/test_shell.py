@@ -24,6 +24,13 @@ CASES = [
     ("export X=1; cd a; ls -la | head", ["ls", "*"]),
     ("cd /app && . venv/bin/activate && pip install x", ["pip:install", "pip", "*"]),
     ("cd /app", ["cd", "*"]),
+    # segments: separators inside quotes do not split, ``>&`` is a redirection, ``>&&`` ends one
+    ('echo "a && b" && make test', ["make:test", "make", "*"]),
+    ("echo 'x | y; z' ; python3 run.py", ["python:script", "python", "*"]),
+    ("make 2>&1 >&2 && pytest -q", ["make", "*"]),
+    ("cmd >&& python x.py", ["cmd", "*"]),
+    ('ls "dir" && "python3" run.py', ["python:script", "python", "*"]),
+    ('echo "unterminated && python run.py', ["echo", "*"]),
     # wrappers: timeout / nohup / env / sudo, with their options and values
     ("timeout 30 python train.py", ["python:script", "python", "*"]),
     ("timeout -s KILL 10m nohup env A=1 sudo -u app python -m pytest -q", ["python:pytest", "python", "*"]),

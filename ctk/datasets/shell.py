@@ -33,7 +33,9 @@ _WORD = r"(?:[^\s;|&<>()'\"]++|" + _SQ + "|" + _DQ + r")++"
 _TOKEN_RE = re.compile(_REDIR + r"|&&|\|\||[;|&\n()]|" + _WORD)
 _REDIR_RE = re.compile(_REDIR)
 _SEPARATORS = {"&&", "||", ";", "|", "&", "\n", "(", ")"}
-_SEP_RE = re.compile(r"&&|\|\||[;|\n()]|(?<![<>])&")
+#: A segment between separators (``&&``, ``||``, ``;``, ``|``, ``&``, newline, parentheses): quoted strings
+#: whole, and an ``&`` only as a redirection's ``>&`` / ``<&`` (not followed by another ``&``).
+_SEGMENT_RE = re.compile(r"(?:[^'\"&|;\n()]++|" + _SQ + "|" + _DQ + r"|(?<=[<>])&(?!&))++")
 _QUOTE_RE = re.compile(_SQ + "|" + _DQ)
 _ASSIGN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\+?=")
 _VERSION_SUFFIX_RE = re.compile(r"^(python|pip|pytest|node|ruby|perl|php|gcc|g\+\+|clang|java)[0-9.]*$")
@@ -44,6 +46,7 @@ _PROGRAM_RE = re.compile(r"^(?:\[\[?|[a-z0-9_][a-z0-9_.+-]*)$")
 _DATA_EXT_RE = re.compile(
     r"\.(?:log|txt|html?|json|jsonl|csv|tsv|md|xml|ya?ml|toml|ini|conf|cfg|out|err|gz|zip|tar|pkl|npy|png|jpe?g)$"
 )
+_LETTER_RE = re.compile(r"[a-z]")  # a program name is lower-case ASCII (_PROGRAM_RE)
 _SUB_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 _MAX_SUB_LEN = 24
 
@@ -141,7 +144,7 @@ def _is_program(raw: str, prog: str) -> bool:
     """A program name, not an argument a wrapped line left at a line start (``2``, ``EOF``, ``auth.log``)."""
     if not prog or not _PROGRAM_RE.match(prog) or _DATA_EXT_RE.search(prog):
         return False
-    if prog[0] != "[" and not any(c.isalpha() for c in prog):  # "2", "10**9", "45.32.67.89"
+    if prog[0] != "[" and not _LETTER_RE.search(prog):  # "2", "10**9", "45.32.67.89"
         return False
     base = _unquote(raw).rsplit("/", 1)[-1]
     return not (len(base) > 1 and base.isupper())  # heredoc delimiters: EOF, END, PYEOF
@@ -186,16 +189,19 @@ def _mask(m: re.Match) -> str:
 
 
 def _segment_spans(head: str) -> Iterator[tuple[str, str]]:
-    """``(masked, original)`` text of each ``&&`` / ``|`` / ``;`` segment; quoted strings masked with ``_``
-    (so separators inside quotes do not split), all in C-speed regex passes."""
-    masked = _QUOTE_RE.sub(_mask, head) if ("'" in head or '"' in head) else head
-    start = 0
-    for m in _SEP_RE.finditer(masked):
-        if m.start() > start:
-            yield masked[start : m.start()], head[start : m.start()]
-        start = m.end()
-    if start < len(head):
-        yield masked[start:], head[start:]
+    """``(first word, text)`` of each ``&&`` / ``|`` / ``;`` segment, in one C-speed regex pass: quoted
+    strings are consumed whole, so separators inside quotes do not split. The first word has its quoted
+    strings masked by ``_`` (masked only when it holds a quote); ``""`` for a blank segment."""
+    for m in _SEGMENT_RE.finditer(head):
+        text = m.group()
+        w = text.split(None, 1)
+        if not w:
+            yield "", text
+            continue
+        w0 = w[0]
+        if "'" in w0 or '"' in w0:
+            w0 = _QUOTE_RE.sub(_mask, text).split(None, 1)[0]
+        yield w0, text
 
 
 def _is_redirect(tok: str) -> bool:
@@ -207,8 +213,11 @@ def _takes_target(tok: str) -> bool:
     return "&" not in tok
 
 
-def _program_words(seg: list[str]) -> list[str]:
-    """The segment's words without redirections and their targets."""
+def _program_words(seg: list[str], text: str) -> list[str]:
+    """The segment's words without redirections and their targets (``text``: the segment's text; a
+    redirection holds ``<`` or ``>``, so without either the words are the tokens)."""
+    if "<" not in text and ">" not in text:
+        return seg
     out: list[str] = []
     skip = False
     for tok in seg:
@@ -247,6 +256,8 @@ def _strip_wrappers(words: list[str]) -> list[str]:
 
 
 def _subcommand(prog: str, words: list[str], seg: list[str]) -> str | None:
+    if prog != "python" and prog not in _SUBCOMMAND_PROGRAMS and prog not in _WRITERS:
+        return None
     args = [_unquote(w) for w in words[1:]]
     if prog == "python":
         for j, a in enumerate(args):
@@ -287,16 +298,18 @@ def parse_command(command: str) -> tuple[str | None, str | None]:
 def _parse_cached(head: str) -> tuple[str | None, str | None]:
     first: tuple[str | None, str | None] = (None, None)
     quick: tuple[str | None, str | None] = (None, None)
-    for n_seg, (masked, text) in enumerate(_segment_spans(_head(head))):
+    for n_seg, (w0, text) in enumerate(_segment_spans(_head(head))):
         if n_seg >= MAX_SEGMENTS:  # a long chain of quick utilities: decided by what was seen
             break
-        # fast path: a plain first word that is set-up or a further quick utility needs no tokenizing
-        w = masked.split(None, 1)
-        if not w:
+        # fast path: a plain first word that is set-up, a shell keyword alone or before no program (``done``,
+        # ``for x in y``, ``then``) or a further quick utility needs no tokenizing; the tokenizing path below
+        # finds the same (the plain first word is its first token, neither a redirection nor a wrapper)
+        if not w0:
             continue
-        w0 = w[0]
         if w0[0] not in "_'\"" and "=" not in w0 and "<" not in w0 and ">" not in w0:
             p0 = normalize_program(w0)
+            if p0 in _KEYWORD_SEGMENTS or (p0 in _KEYWORD_PREFIXES and text.strip() == w0):
+                continue
             if p0 in _SETUP:
                 if first[0] is None:
                     first = (p0, None)
@@ -304,7 +317,7 @@ def _parse_cached(head: str) -> tuple[str | None, str | None]:
             if p0 in _QUICK and quick[0] is not None:
                 continue
         seg = _TOKEN_RE.findall(text)
-        words = _strip_wrappers(_program_words(seg))
+        words = _strip_wrappers(_program_words(seg, text))
         if not words:
             continue
         prog = normalize_program(words[0])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ctk.engine_patch.config import DETECTORS
 
@@ -28,9 +28,9 @@ _FENCE_RE = re.compile(r"```(?:bash|sh|shell|mswea_bash_command)[ \t]*\n(.*?)(?:
 _TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.S)
 
 
-@dataclass(frozen=True)
-class ToolCall:
-    """A detected (or hinted) tool call: ``command`` is shell text or the JSON arguments."""
+class ToolCall(NamedTuple):
+    """A detected (or hinted) tool call: ``command`` is shell text or the JSON arguments. Immutable; a tuple
+    so that building and hashing it (the table-key cache is keyed by it) cost no Python call."""
 
     kind: str  # bash | tool_call | openai | hint
     name: str | None

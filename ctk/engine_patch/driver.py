@@ -78,9 +78,10 @@ class EngineView(Protocol):
     def wake_at(self, deadline: float | None) -> None: ...  # call idle() at this time even if idle
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestEnd:
-    """What the engine knows about a request that finished (not aborted)."""
+    """What the engine knows about a request that finished (not aborted). Not frozen: a frozen dataclass
+    costs twice as much to build, once per finished request."""
 
     natural: bool  # stopped or hit its length limit (False: an error, ...)
     prompt_tokens: int
@@ -99,8 +100,10 @@ class PolicyDriver:
         self._admitted: set[str] = set()
         self._armed = False  # a wake-up deadline is set on the view
         self._preempt_free_blocks = preempt_order_free_share * view.total_blocks
+        self._pins = bool(core.pins_enabled)
+        self._reorders = bool(core.reorders)
         # Stock vLLM (no pins, no reordering): the driver tracks nothing at all.
-        self.tracking = bool(core.pins_enabled or core.reorders)
+        self.tracking = self._pins or self._reorders
 
     # -- engine state --------------------------------------------------------------------------------
 
@@ -113,15 +116,17 @@ class PolicyDriver:
             n_waiting, demand_tokens = v.waiting_demand()
         else:
             n_waiting, demand_tokens = v.num_waiting(), 0
+        # positional (once per step while pins are held, once per finished request): now, free_blocks,
+        # total_blocks, num_waiting, block_size, num_running, waiting_demand_tokens, pinned_blocks
         return EngineState(
-            now=now,
-            free_blocks=v.free_blocks(),
-            total_blocks=v.total_blocks,
-            block_size=v.block_size,
-            num_waiting=n_waiting,
-            num_running=v.num_running(),
-            waiting_demand_tokens=demand_tokens,
-            pinned_blocks=self.core.pinned_blocks,
+            now,
+            v.free_blocks(),
+            v.total_blocks,
+            n_waiting,
+            v.block_size,
+            v.num_running(),
+            demand_tokens,
+            self.core.pinned_blocks,
         )
 
     def _apply(self, releases: Iterable[Release]) -> None:
@@ -148,21 +153,26 @@ class PolicyDriver:
         if not self.tracking:
             return
         self.hints[request_id] = hints
-        self._apply(self.core.arrived(request_id, hints, now))
+        releases = self.core.arrived(request_id, hints, now)
+        if releases:
+            self._apply(releases)
 
     def step_begin(self, now: float) -> None:
-        """Before the engine schedules: held pins are judged, then the waiting and running orders set."""
-        core = self.core
+        """Before the engine schedules: held pins are judged, then the waiting and running orders set.
+        Called every step: with no pin held, two counts and the free blocks are read, nothing more."""
         if self.held:
-            self._apply(core.step(self.state(now)))
-        if not core.reorders:
+            self._apply(self.core.step(self.state(now)))
+        if not self._reorders:
             return
         view = self.view
-        if core.needs_reorder(view.num_waiting(), now):
+        n_waiting = view.num_waiting()
+        if n_waiting > 1 and self.core.needs_reorder(n_waiting, now):
+            core = self.core
             order = core.order_waiting(view.waiting_ids(), now)
             if order is not None and any(i != j for i, j in enumerate(order)):
                 view.reorder_waiting(order)
-        if view.free_blocks() < self._preempt_free_blocks and view.num_running() > 1:
+        if view.free_blocks() < self._preempt_free_blocks and view.num_running() > 1:  # rarely true first
+            core = self.core
             order = core.order_running(view.running_ids())
             if order is not None and any(i != j for i, j in enumerate(order)):
                 view.reorder_running(order)
@@ -176,7 +186,9 @@ class PolicyDriver:
             for rid, cached in admitted:
                 if rid in hints and rid not in seen:
                     seen.add(rid)
-                    self._apply(core.admitted(rid, cached, now))
+                    releases = core.admitted(rid, cached, now)
+                    if releases:
+                        self._apply(releases)
 
     def allocation_failed(self, request_id: str, running: bool, now: float) -> bool:
         """The engine could not get blocks for ``request_id`` (``running``: it would preempt; otherwise the
@@ -196,30 +208,32 @@ class PolicyDriver:
         """A request left the engine: ``end`` None = aborted. True when its blocks are now held (the
         engine must not free them; :meth:`EngineView.free_held` releases them later)."""
         hints = self.hints.pop(request_id, None)
-        self._admitted.discard(request_id)
         if hints is None:
             return False
+        self._admitted.discard(request_id)
         core = self.core
         if end is None:
             self._apply(core.aborted(request_id, now))
             return False
         natural = end.natural
-        candidate = natural and core.pins_enabled
+        candidate = natural and self._pins
+        view = self.view
         text = None
         if candidate and hints.tool is None and hints.program_id is not None and not hints.last_turn:
-            text = self.view.output_text(request_id)  # tool-call detection needs the output
+            text = view.output_text(request_id)  # tool-call detection needs the output
         ev = Finished(
-            request_id=request_id,
-            hints=hints,
-            output_text=text,
-            prompt_tokens=end.prompt_tokens,
-            num_tokens=end.num_tokens,
-            output_tokens=end.output_tokens,
-            blocks=self.view.blocks_of(request_id) if natural else 0,
-            natural=natural,
+            request_id,
+            hints,
+            text,
+            end.prompt_tokens,
+            end.num_tokens,
+            end.output_tokens,
+            view.blocks_of(request_id) if natural else 0,
+            natural,
         )
         pinned, releases = core.finished(ev, self.state(now, demand=candidate))
-        self._apply(releases)
+        if releases:
+            self._apply(releases)
         if pinned:
             self.held.add(request_id)
             self.view.hold(request_id)

@@ -41,6 +41,7 @@ from ctk.engine_patch.vllm_door import (  # noqa: F401 (re-exported for callers 
 )
 
 logger = logging.getLogger("ctk.engine_patch")
+_now = time.monotonic  # read once per hook (a module global: one lookup on the hot path)
 
 
 class CTKSchedulerMixin:
@@ -119,25 +120,28 @@ class CTKSchedulerMixin:
         driver = self.ctk_driver
         if not driver.tracking:
             return super().add_request(request)
+        door = self.ctk_door
         rid = request.request_id
-        is_new = not self.ctk_door.is_known(rid)  # a streaming update of a known request is not an arrival
+        is_new = not door.is_known(rid)  # a streaming update of a known request is not an arrival
         super().add_request(request)
         if is_new:
-            driver.request_added(rid, self.ctk_door.hints(request), time.monotonic())
+            driver.request_added(rid, door.hints(request), _now())
 
     def schedule(self, *args, **kwargs):
-        now = time.monotonic()
         driver = self.ctk_driver
+        if not driver.tracking:  # stock vLLM: nothing to order, nothing held
+            return super().schedule(*args, **kwargs)
+        now = _now()
         driver.step_begin(now)
         out = super().schedule(*args, **kwargs)
-        if out.scheduled_new_reqs:
+        if out.scheduled_new_reqs and driver.hints:
             driver.step_end(self.ctk_door.admissions(out), now)
         return out
 
     def _free_blocks(self, request) -> None:
         driver = self.ctk_driver
         if driver.hints and driver.request_finished(
-            request.request_id, self.ctk_door.end_of(request), time.monotonic()
+            request.request_id, self.ctk_door.end_of(request), _now()
         ):
             return  # pinned: the door holds the blocks (the request left ``requests``)
         super()._free_blocks(request)

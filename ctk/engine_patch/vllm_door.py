@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -337,21 +338,26 @@ class VllmDoor:
         self._natural = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
         self._aborted = RequestStatus.FINISHED_ABORTED
         self._allocate = self.kv.allocate_slots
-        self._managers = self.kv.coordinator.single_type_managers  # one per KV-cache group
+        # request id -> blocks, one map per KV-cache group (each built once in its manager's __init__)
+        self._block_maps = tuple(m.req_to_blocks for m in self.kv.coordinator.single_type_managers)
         self._tokenizer = None
         self._tokenizer_failed = False
         waiting = scheduler.waiting
         self.reorders_waiting = type(waiting) is FCFSRequestQueue and not waiting
         if self.reorders_waiting:
-            scheduler.waiting = program_order_queue_class()()
+            waiting = scheduler.waiting = program_order_queue_class()()
         else:
             logger.warning("ctk: waiting queue %s kept; program order off", type(waiting).__name__)
+        # vLLM builds ``self.waiting`` once (in __init__) and never rebinds it: its length is read every step,
+        # through deque's own C __len__ (vLLM's queue class defines __len__ in Python) when it is a deque.
+        self._waiting = waiting
+        self._waiting_len: Callable[[object], int] = deque.__len__ if isinstance(waiting, deque) else len
         self._timer = _WakeTimer(weakref.ref(engine_core)) if engine_core is not None else None
 
     # -- EngineView --------------------------------------------------------------------------------------
 
     def num_waiting(self) -> int:
-        return len(self.sched.waiting)
+        return self._waiting_len(self._waiting)
 
     def num_running(self) -> int:
         return len(self.sched.running)
@@ -374,12 +380,18 @@ class VllmDoor:
         """(requests, uncomputed tokens) of the waiting requests vLLM would admit next if memory allowed:
         the head of the queue, one per free run slot (``max_num_active_reqs``)."""
         sched = self.sched
-        uncomputed = (r.num_tokens - r.num_computed_tokens for r in sched.waiting)
-        return head_demand(uncomputed, sched.max_num_active_reqs - len(sched.running))
+        slots = sched.max_num_active_reqs - len(sched.running)
+        if slots <= 0:  # every run slot taken: memory keeps nobody out (head_demand's answer, without a walk)
+            return 0, 0
+        uncomputed = (r.num_tokens - r.num_computed_tokens for r in self._waiting)
+        return head_demand(uncomputed, slots)
 
     def blocks_of(self, request_id: str) -> int:
         """KV blocks the request holds, all KV-cache groups (``get_block_ids`` without building id lists)."""
-        return sum(len(m.req_to_blocks.get(request_id, ())) for m in self._managers)
+        n = 0
+        for blocks in self._block_maps:
+            n += len(blocks.get(request_id, ()))
+        return n
 
     def hold(self, request_id: str) -> None:
         """Keep a finished request's blocks: it leaves ``Scheduler.requests`` without a free."""
