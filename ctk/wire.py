@@ -62,6 +62,37 @@ def as_program_id(value: Any) -> tuple[str | None, str | None]:
     return (text or None), None
 
 
+SESSION_HEADER_NAME = "X-Session-ID"  # the header as clients send it (vllm-router routes on it)
+
+
+def turn_xargs(
+    program_id: str,
+    turn_index: int,
+    last_turn: bool | None,
+    tool: str | None = None,
+    tool_duration_s: float | None = None,
+) -> dict[str, Any]:
+    """The ``vllm_xargs`` a client sends to name a program's turn (``last_turn`` None: unknown, not sent)."""
+    xargs: dict[str, Any] = {PROGRAM_ID: program_id, TURN_INDEX: turn_index}
+    if last_turn is not None:
+        xargs[LAST_TURN] = int(last_turn)
+    if tool:
+        xargs[TOOL] = tool
+    if tool_duration_s is not None:
+        xargs[TOOL_DURATION_S] = tool_duration_s
+    return xargs
+
+
+def session_body(program_id: str, xargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The body fields naming the program: vLLM's ``session_id`` and ctk's ``vllm_xargs``."""
+    return {SESSION_ID: program_id, XARGS: dict(xargs)}
+
+
+def session_headers(program_id: str) -> dict[str, str]:
+    """The header naming the program (what vllm-router's consistent hashing and program binding read)."""
+    return {SESSION_HEADER_NAME: program_id}
+
+
 def program_identity(headers: Mapping[str, str], body: Mapping[str, Any]) -> str | None:
     """The program a request belongs to, as the client named it (None: unnamed).
 

@@ -114,3 +114,20 @@ def test_the_engine_recorder_keeps_as_much_of_a_command_as_the_collectors(tmp_pa
     with TraceStore(tmp_path / "s.duckdb", read_only=True) as store:
         [command] = store.table("tool_calls")["command_or_args"].tolist()
     assert command == clip_command(long) == long[:MAX_COMMAND_CHARS]
+
+
+def test_turn_metadata_round_trips_through_the_engine_parser():
+    """What clients send (collectors, replay, the simulator's programs) is what the engine reads back."""
+    from ctk.engine_patch.hints import parse_hints
+    from ctk.wire import program_identity, session_body, session_headers, turn_xargs
+
+    xargs = turn_xargs("prog/1", 3, True, "pytest -q", 1.5)
+    body = session_body("prog/1", xargs)
+    lower = {k.lower(): v for k, v in session_headers("prog/1").items()}  # as an HTTP server hands them over
+    assert program_identity(lower, {}) == "prog/1"
+    assert program_identity({}, body) == "prog/1"
+    hints = parse_hints("prog/1", body["vllm_xargs"])
+    got = (hints.turn_index, hints.last_turn, hints.tool, hints.tool_duration_s)
+    assert got == (3, True, "pytest -q", 1.5)
+    unknown = turn_xargs("p", 0, None)
+    assert "last_turn" not in unknown and not parse_hints("p", unknown).last_turn

@@ -29,8 +29,9 @@ import httpx
 import numpy as np
 
 from ctk.collect.recorder import ProgramRecorder, Stamp
-from ctk.collect.runner import CollectError, CollectOptions, Program, session_fields, session_headers
+from ctk.collect.runner import CollectError, CollectOptions, Program, session_fields
 from ctk.store import EXCLUDED_QUALITY_FLAGS, TraceStore
+from ctk.wire import session_headers
 
 CATEGORIES = ("base", "miss_func", "miss_param", "long_context")
 MAX_STEPS_PER_TURN = 20  # bfcl_eval.constants.default_prompts.MAXIMUM_STEP_LIMIT

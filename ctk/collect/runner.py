@@ -28,6 +28,7 @@ from ctk.collect.recorder import ProgramRecorder
 from ctk.collect.writer import StoreWriter, open_store
 from ctk.errors import CtkError
 from ctk.store import ProgramRecord, RunRecord, TraceStore
+from ctk.wire import session_body, turn_xargs
 
 
 class CollectError(CtkError, RuntimeError):
@@ -177,15 +178,8 @@ def session_fields(
     """The body fields a collector adds to every LLM request (with ``--send-metadata``) so ``ctk serve``
     knows the program: ``session_id`` and ``vllm_xargs`` (``program_id``, ``turn_index``, and ``last_turn``
     when this turn is known to be the last, on top of ``xargs``). Sent with :func:`session_headers`."""
-    merged = {**(xargs or {}), "program_id": program_id, "turn_index": turn}
-    if last_turn:
-        merged["last_turn"] = 1
-    return {"session_id": program_id, "vllm_xargs": merged}
-
-
-def session_headers(program_id: str) -> dict[str, str]:
-    """The header naming the program on every LLM request (with ``--send-metadata``)."""
-    return {"X-Session-ID": program_id}
+    own = turn_xargs(program_id, turn, True if last_turn else None)
+    return session_body(program_id, {**(xargs or {}), **own})
 
 
 def program_id_for(source: str, task_id: str, repeat: int, repeats: int) -> str:

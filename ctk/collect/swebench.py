@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from ctk.collect.recorder import RecordingEnvironment, RecordingModel
-from ctk.collect.runner import CollectError, CollectOptions, Program, session_fields, session_headers
+from ctk.collect.runner import CollectError, CollectOptions, Program, session_fields
 from ctk.datasets.instances import ARCHIVE_SUFFIXES, find_repo_source
+from ctk.wire import session_headers
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,9 @@ import numpy as np
 from ctk.errors import CtkError
 from ctk.measure import server_metrics
 from ctk.measure.results import ProgramResult, ReplayResult, TurnResult
-from ctk.measure.workload import ProgramSpec, WorkloadConfig, synthetic_ids
+from ctk.measure.workload import ProgramSpec, WorkloadConfig, replay_xargs, synthetic_ids
 from ctk.progress import progress_bar
+from ctk.wire import session_body, session_headers
 
 
 class ReplayError(CtkError, RuntimeError):
@@ -102,15 +103,7 @@ class Replayer:
         k: int,
     ) -> tuple[TurnResult, list[int]]:
         turn = spec.turns[k]
-        xargs: dict[str, object] = {
-            "program_id": replay_id,
-            "turn_index": turn.turn_index,
-            "last_turn": int(turn.last_turn),
-        }
-        if turn.tool:
-            xargs["tool"] = turn.tool
-        if self.cfg.send_oracle_duration and not turn.last_turn:
-            xargs["tool_duration_s"] = round(turn.tool_duration_s * self.cfg.time_scale, 6)
+        xargs = replay_xargs(replay_id, turn, self.cfg.time_scale, self.cfg.send_oracle_duration)
         body = {
             "model": model,
             "prompt": prompt,
@@ -122,8 +115,7 @@ class Replayer:
             "stream": True,
             "stream_options": {"include_usage": True},
             "return_token_ids": True,
-            "session_id": replay_id,
-            "vllm_xargs": xargs,
+            **session_body(replay_id, xargs),
         }
         res = TurnResult(turn_index=turn.turn_index, sent_unix_s=time.time())
         t0 = time.perf_counter()
@@ -131,7 +123,7 @@ class Replayer:
         n_chunks_text = 0
         try:
             # X-Session-ID too: what vllm-router (consistent hashing, program binding) routes on
-            headers = {"X-Session-ID": replay_id}
+            headers = session_headers(replay_id)
             async with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
                 if r.status_code >= 400:
                     text = (await r.aread()).decode(errors="replace")[:300]

@@ -15,12 +15,14 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ctk.errors import CtkError
 from ctk.store import EXCLUDED_QUALITY_FLAGS, TraceStore
+from ctk.wire import turn_xargs
 
 
 class WorkloadError(CtkError, ValueError):
@@ -252,3 +254,14 @@ def load_programs(store: TraceStore, cfg: WorkloadConfig) -> list[ProgramSpec]:
     if cfg.n_programs is not None:
         order = order[: cfg.n_programs]
     return [specs[i] for i in order]
+
+
+def replay_xargs(
+    replay_id: str, turn: TurnSpec, time_scale: float, send_oracle_duration: bool
+) -> dict[str, Any]:
+    """The ``vllm_xargs`` of a replayed turn (also what the simulator's programs carry): program, turn, last
+    turn, the tool it will run and, for the oracle, the true (scaled) duration."""
+    duration = None
+    if send_oracle_duration and not turn.last_turn:
+        duration = round(turn.tool_duration_s * time_scale, 6)
+    return turn_xargs(replay_id, turn.turn_index, turn.last_turn, turn.tool, duration)

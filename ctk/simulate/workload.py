@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ctk.engine_patch.hints import parse_hints
-from ctk.measure.workload import ProgramSpec
+from ctk.measure.workload import ProgramSpec, replay_xargs
 from ctk.simulate.engine import SimRequest
 
 
@@ -71,15 +71,7 @@ class Client:
     def request(self, arrivals: Arrivals) -> SimRequest:
         """The next turn's request (its hints exactly as ``ctk replay`` sends them)."""
         t = self.spec.turns[self.turn]
-        xargs: dict[str, object] = {
-            "program_id": self.replay_id,
-            "turn_index": t.turn_index,
-            "last_turn": int(t.last_turn),
-        }
-        if t.tool:
-            xargs["tool"] = t.tool
-        if arrivals.send_oracle_duration and not t.last_turn:
-            xargs["tool_duration_s"] = round(t.tool_duration_s * arrivals.time_scale, 6)
+        xargs = replay_xargs(self.replay_id, t, arrivals.time_scale, arrivals.send_oracle_duration)
         hints = parse_hints(self.replay_id, xargs)
         req = SimRequest(
             f"{self.replay_id}-t{self.turn}", self.replay_id, self.context, t.output_tokens, hints
