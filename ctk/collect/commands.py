@@ -10,12 +10,13 @@ from typing import Annotated, Any
 import typer
 
 from ctk.options import NON_NEGATIVE, PORT, POSITIVE
+from ctk.wire import MAX_BODY_BYTES
 
 #: One name for "the OpenAI-compatible server ctk talks to" in every command (old names still accepted).
 URL_HELP = "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"
 DB_HELP = "trace store (DuckDB file; created if missing)"
 #: ``ctk proxy``'s default cap on a request body (an agent's whole context is far below this).
-MAX_BODY_MB = 32.0
+MAX_BODY_MB = MAX_BODY_BYTES / 1e6  # the option's default, in MB, from the one limit in ctk.wire
 
 collect_app = typer.Typer(help="Record real agent runs into a trace store.", no_args_is_help=True)
 
