@@ -88,6 +88,16 @@ def ranking(figs: dict[str, dict]) -> list[str]:
     )
 
 
+def adopt_run_config(cfg, run_config: dict) -> None:
+    """Take a real run's workload, replay and server settings (as its compare-results.json recorded them)."""
+    for section in ("workload", "replay", "server"):
+        target = getattr(cfg, section)
+        for key, value in (run_config.get(section) or {}).items():
+            if key != "progress" and hasattr(target, key):
+                current = getattr(target, key)
+                setattr(target, key, tuple(value) if isinstance(current, tuple) else value)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from policies import trace_store  # bench/policies.py
@@ -122,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             d = json.loads(path.read_text())
             real_runs.append(d["policies"])
             ttl_model = ttl_model or d.get("config", {}).get("ttl_model")
+            if len(real_runs) == 1:
+                adopt_run_config(cfg, d.get("config", {}))  # simulate what was run (concurrency, KV, ...)
             measured.append(path.parent / "prefill_profile.json")
     else:
         model_dir = out_dir / "tiny-model"
