@@ -11,14 +11,15 @@ The age bound is ``max(age_min_s, age_factor × W_q)``, with ``W_q`` the ``age_q
 plain FCFS would give, measured online (:class:`FCFSWaits`): FCFS admits the k-th arrival k-th, so pairing
 the k-th admission with the k-th arrival measures, at the engine's real throughput, the wait the k-th
 request would have had under FCFS. A request may be overtaken by younger programs until it has waited as long
-as FCFS's own tail wait, and then it goes first: program ordering does not push the TTFT tail above FCFS's,
-and there is no constant floor (``age_min_s`` 0 by default) — when nothing queues the bound is ~0 and the
+as FCFS's own tail wait, and then it goes first: program ordering is bounded by FCFS's own tail (pins, which
+hold memory, can still lengthen the waits: the README has the measured tails), and there is no constant floor (``age_min_s`` 0 by default) — when nothing queues the bound is ~0 and the
 order is plain FCFS. Continuum's strict program FCFS is ``age_factor = inf``.
 
 Why a tail quantile and not the mean: under overload most requests wait about the mean, so a bound at the
 mean makes half the queue overdue, and overdue requests take pinned memory (the valve) from the programs about
-to return; the simulator (H100 8B, 0.75 programs/s, 1,000 programs) put ``ttl`` at 1.03× stock vLLM with
-the mean bound and at 1.2–1.6× with tail bounds, at a p99 TTFT no higher than stock's.
+to return. In the simulator (H100 8B, 0.75 programs/s, 1,000 programs of 238) ``ttl`` was 1.03× stock vLLM
+on mean JCT with the mean bound and is 1.13× with the p99 bound at stock's p99 TTFT (79 vs 81 s); factor 2
+gives 1.45× at 1.47× stock's p99 TTFT.
 """
 
 from __future__ import annotations

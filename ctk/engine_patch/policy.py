@@ -435,7 +435,7 @@ class PolicyCore:
         ``admitting``: the waiting request being admitted (None: a running request would be preempted).
         ``engine_busy``: something runs (it will give memory back without the valve); ask :meth:`valve_open`
         first. Under program ordering a waiting request takes a pin only once it is overdue (waited the age
-        bound, the measured FCFS wait) or when nothing runs; before that it waits for the running requests
+        bound, FCFS's measured p99 wait) or when nothing runs; before that it waits for the running requests
         to give memory back (in the simulator: 5-10 % more pin hits than letting older programs'
         requests take younger programs' pins, at the same p99 TTFT). With nothing running every pin may go,
         so pins never deadlock the engine.
