@@ -13,7 +13,8 @@ the k-th admission with the k-th arrival measures, at the engine's real throughp
 request would have had under FCFS. A request may be overtaken by younger programs until it has waited as long
 as FCFS's own tail wait, and then it goes first: program ordering is bounded by FCFS's own tail (pins, which
 hold memory, can still lengthen the waits: the README has the measured tails), and there is no constant
-floor (``age_min_s`` 0 by default) — when nothing queues the bound is ~0 and the order is plain FCFS. Continuum's strict program FCFS is ``age_factor = inf``.
+floor (``age_min_s`` 0 by default) — when nothing queues the bound is ~0 and the order is plain FCFS.
+Continuum's strict program FCFS is ``age_factor = inf``.
 
 Why a tail quantile and not the mean: under overload most requests wait about the mean, so a bound at the
 mean makes half the queue overdue, and overdue requests take pinned memory (the valve) from the programs about
