@@ -221,6 +221,8 @@ def test_held_pins_are_rejudged_only_when_the_price_moves():
     assert set(c.pins) == {"s", "f"}
     assert c.step(state(0.1)) == []  # nothing waits: price 0, no re-judgement
     assert c.stats.rejudged == 0
+    c.arrived("w1", h("w1"), now=0.15)  # the two requests the engine reports waiting (overdue: nothing
+    c.arrived("w2", h("w2"), now=0.15)  # measured yet, the bound is 0), so the pins pay the price
     short = state(0.2, free=10, num_waiting=2, waiting_demand_tokens=4000)
     released = c.step(short)
     assert [(r.request_id, r.reason) for r in released] == [("s", "price")]  # the long tail goes
@@ -465,3 +467,16 @@ def test_oracle_orders_strictly_only_while_its_programs_come_back():
         c.arrived("b", h("b"), now=0.1)
         c.order_waiting(["a", "b"], now=0.2)
         assert (c.order.age_bound_s < math.inf) is relaxes, policy
+
+
+def test_a_request_ending_while_it_waits_leaves_the_queue():
+    """A request that ends before its admission (not aborted: e.g. refused by the engine) must not stay the
+    queue's head, or every later pin would be charged as if an overdue request waited behind it."""
+    c = make_core("ttl", priced_tables())
+    c.price.value = 1e-3
+    c.order._bound = 10.0
+    c.arrived("gone", h("gone"), now=0.0)
+    c.finished(Finished("gone", h("gone"), None, 10, 10, 0, 0, natural=False), state(1.0))
+    c.arrived("w", h("waiter"), now=20.0)
+    assert c._charged_price(21.0) == 0.0  # the young waiter is the head, not the request that ended at 1 s
+    assert len(c.order.fcfs._arrivals) == 1  # only the waiter's arrival is left to pair

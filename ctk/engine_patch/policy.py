@@ -235,7 +235,7 @@ class PolicyCore:
 
     def finished(self, ev: Finished, state: EngineState) -> tuple[bool, list[Release]]:
         """Decide whether to pin ``ev``'s blocks. Returns (pin?, releases to apply first)."""
-        self.requests.pop(ev.request_id, None)
+        self._left_unadmitted(ev.request_id, self.requests.pop(ev.request_id, None))
         hints = ev.hints
         pid = hints.program_id
         releases: list[Release] = []
@@ -335,11 +335,16 @@ class PolicyCore:
             out.append(self._release(p, ReleaseReason.BUDGET))
         return out
 
+    def _left_unadmitted(self, request_id: str, pend: Pending | None) -> None:
+        """A request left the engine before its admission (aborted, or ended while waiting): it leaves the
+        waiting queue, and FCFS would not have admitted it either (its arrival is not paired)."""
+        if pend is not None and not pend.admitted and self._queue.pop(request_id, None) is not None:
+            self.order.dropped()
+
     def aborted(self, request_id: str, now: float) -> list[Release]:
         """The request was aborted (client gone): free its and its program's pins."""
         pend = self.requests.pop(request_id, None)
-        if pend is not None and not pend.admitted and self._queue.pop(request_id, None) is not None:
-            self.order.dropped()
+        self._left_unadmitted(request_id, pend)
         out = []
         own = self.pins.get(request_id)
         if own is not None:
