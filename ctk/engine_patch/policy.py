@@ -55,6 +55,7 @@ from ctk.predict.features import command_keys
 class Program:
     program_id: str
     first_arrival: float
+    rank: int = 0  # programs seen before it (ties of first arrival, as in a simulator's batch start)
     turns: int = 0  # requests seen
     pending: set[str] = field(default_factory=set)  # request ids in the engine (waiting or running)
     pin: Pin | None = None
@@ -95,6 +96,7 @@ class PolicyCore:
         self.unix_offset_s = unix_offset_s  # caller's clock -> wall clock, for the recorder
         self.stats = PolicyStats()
         self.programs: OrderedDict[str, Program] = OrderedDict()
+        self._programs_seen = 0
         self.requests: dict[str, Pending] = {}
         self.pins: dict[str, Pin] = {}  # request id -> pin
         self.pinned_blocks = 0
@@ -121,7 +123,8 @@ class PolicyCore:
     def _program(self, program_id: str, now: float) -> Program:
         prog = self.programs.get(program_id)
         if prog is None:
-            prog = self.programs[program_id] = Program(program_id, now)
+            self._programs_seen += 1
+            prog = self.programs[program_id] = Program(program_id, now, self._programs_seen)
             self._trim_programs()
         else:
             self.programs.move_to_end(program_id)
@@ -440,7 +443,7 @@ class PolicyCore:
         ``admitting``: the waiting request being admitted (None: a running request would be preempted).
         ``engine_busy``: something runs (it will give memory back without the valve); ask :meth:`valve_open`
         first. Under program ordering a waiting request takes a pin only once it is overdue (waited the age
-        bound, FCFS's measured p99 wait) or when nothing runs; before that it waits for the running requests
+        bound, FCFS's measured tail wait) or when nothing runs; before that it waits for the running requests
         to give memory back (in the simulator: 5-10 % more pin hits than letting older programs'
         requests take younger programs' pins, at the same p99 TTFT). With nothing running every pin may go,
         so pins never deadlock the engine.
@@ -474,9 +477,9 @@ class PolicyCore:
                 prog.first_arrival if prog is not None else (pend.arrival if pend is not None else math.inf)
             )
             last = pend is not None and pend.hints.last_turn
-            keys.append((0 if last else 1, first, i))
+            keys.append((0 if last else 1, first, prog.rank if prog is not None else 0, i))
         keys.sort()
-        return [k[2] for k in keys]
+        return [k[3] for k in keys]
 
     def needs_reorder(self, n_waiting: int, now: float) -> bool:
         """False when the last order still holds: nothing changed and nobody became overdue since."""
@@ -493,13 +496,13 @@ class PolicyCore:
         for rid in request_ids:
             pend = requests.get(rid)
             if pend is None:
-                items.append((now, None, False))
+                items.append((now, None, False, 0))
                 continue
             prog = progs.get(pend.program_id) if pend.program_id is not None else None
             if prog is None:
-                items.append((pend.arrival, None, False))
+                items.append((pend.arrival, None, False, 0))
             else:
-                items.append((pend.arrival, prog.first_arrival, prog.pin is not None))
+                items.append((pend.arrival, prog.first_arrival, prog.pin is not None, prog.rank))
         if self._strict_needs_returns and self.returns.share < RETURNS_TO_DEFER:
             self._strict_needs_returns = False  # programs mostly return elsewhere: strict order keeps nothing
             self.order.relax(self.config.age_factor)
