@@ -106,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     from ctk.measure.presets import bench_config
     from ctk.measure.workload import load_programs
     from ctk.simulate.profiles import load_profile
-    from ctk.simulate.run import SimConfig, simulate
-    from ctk.simulate.workload import Arrivals
+    from ctk.simulate.run import comparison_sim_config, simulate
     from ctk.store import TraceStore
 
     t0 = time.monotonic()
@@ -171,20 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         from ctk.predict.modelfile import load_ttl_tables
 
         tables = load_ttl_tables(str(ttl_model))
-    sim_cfg = SimConfig(
-        arrivals=Arrivals(
-            rate=cfg.replay.rate,
-            concurrency=cfg.replay.concurrency,
-            time_scale=cfg.replay.time_scale,
-            rtt_s=prof.rtt_s,
-            seed=cfg.replay.seed,
-        ),
-        kv_blocks=prof.kv_blocks if cfg.server.kv_cache_bytes == 16 * 2**20 else None,
-        max_num_seqs=cfg.server.max_num_seqs,
-        shared_prefix_tokens=cfg.workload.system_prompt_tokens,
-    )
-    if cfg.server.kv_cache_bytes != 16 * 2**20:  # the profile's cache is the benchmark's 16 MiB one
-        sim_cfg.kv_blocks = int(prof.kv_blocks * cfg.server.kv_cache_bytes / (16 * 2**20))
+    sim_cfg = comparison_sim_config(cfg, prof)
     sim: dict[str, dict] = {}
     for policy in cfg.policies:
         run_cfg = dataclasses.replace(sim_cfg, serve={"ttl_model": str(ttl_model)} if policy == "ttl" else {})

@@ -64,7 +64,7 @@ def serve(
         float, typer.Option(help="pinned KV blocks never exceed this share of the cache")
     ] = _DEFAULTS.max_pin_share,
     age_factor: Annotated[
-        float, typer.Option(help="age bound: overdue after this x FCFS's tail (q0.95) wait")
+        float, typer.Option(help="age bound: overdue after this x FCFS's tail (q0.99) wait")
     ] = _DEFAULTS.age_factor,
     detectors: Annotated[str, typer.Option(help="tool-call detectors for output text")] = ",".join(
         _DEFAULTS.detectors

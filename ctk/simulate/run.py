@@ -42,6 +42,28 @@ class SimConfig:
     serve: dict[str, Any] = field(default_factory=dict)  # ServeConfig settings (ctk serve's knobs)
 
 
+#: The KV cache the bundled ``cpu--tiny`` profile was measured with (``bench/policies.py``'s server).
+CPU_PROFILE_KV_BYTES = 16 * 2**20
+
+
+def comparison_sim_config(cfg, profile: HardwareProfile) -> SimConfig:
+    """The simulation of a policy comparison's configuration (``ctk.measure.compare.CompareConfig``): its
+    arrivals, the server's KV cache (scaled from the profile's measured one) and ``max_num_seqs``."""
+    kv = cfg.server.kv_cache_bytes
+    return SimConfig(
+        arrivals=Arrivals(
+            rate=cfg.replay.rate,
+            concurrency=cfg.replay.concurrency,
+            time_scale=cfg.replay.time_scale,
+            rtt_s=profile.rtt_s,
+            seed=cfg.replay.seed,
+        ),
+        kv_blocks=None if kv == CPU_PROFILE_KV_BYTES else int(profile.kv_blocks * kv / CPU_PROFILE_KV_BYTES),
+        max_num_seqs=cfg.server.max_num_seqs,
+        shared_prefix_tokens=cfg.workload.system_prompt_tokens,
+    )
+
+
 def attach_policy(engine: SimEngine, policy: str, serve: dict[str, Any], tables, cost) -> Any:
     """Give ``engine`` the policy exactly as ``ctk serve`` builds it: rule, core, driver."""
     from ctk.engine_patch.config import ServeConfig
