@@ -131,3 +131,26 @@ def test_results_go_into_the_store_without_tool_calls(tmp_path):
         assert set(progs["source"]) == {"replay:ttl"} and progs["complete"].all()
         assert len(calls) == 4 and calls["ttft_s"].notna().all() and (calls["cached_tokens"] == 50).all()
         assert store.counts()["tool_calls"] == 0  # replays never become training data
+
+
+def test_pin_releases_are_reported_per_reason():
+    """The served engine's release counter is labelled by reason; the replay keeps each reason's increase
+    (where the pins went), not only their sum, and the per-reason copies are not mistaken for gauges."""
+    from ctk.measure import server_metrics
+
+    def text(hit, pressure, pinned):
+        return (
+            "# HELP ctk:pin_releases_total Pins released\n# TYPE ctk:pin_releases_total counter\n"
+            f'ctk:pin_releases_total{{policy="ttl",reason="hit"}} {hit}\n'
+            f'ctk:pin_releases_total{{policy="ttl",reason="pressure"}} {pressure}\n'
+            "# HELP ctk:pinned_blocks Pinned blocks\n# TYPE ctk:pinned_blocks gauge\n"
+            f'ctk:pinned_blocks{{policy="ttl"}} {pinned}\n'
+        )
+
+    before = server_metrics.parse_metrics(text(3, 1, 0))
+    after = server_metrics.parse_metrics(text(10, 4, 7))
+    d = server_metrics.delta(before, after)
+    assert (d["pin_releases"], d["pin_releases_hit"], d["pin_releases_pressure"]) == (10.0, 7.0, 3.0)
+    assert server_metrics.gauges(after) == {"pinned_blocks": 7.0}
+    res = ReplayResult(label="x", config={}, programs=[], server_metrics=d)
+    assert res.summary()["pin_releases_pressure"] == 3.0

@@ -116,6 +116,9 @@ class ReplayResult:
         for key, name in names.items():
             if name in m:
                 out[key] = m[name]
+        for name, value in m.items():  # where the pins went: pin_releases_hit, pin_releases_pressure, ...
+            if name.startswith("pin_releases_"):
+                out[name] = value
         return out
 
     # -- files -------------------------------------------------------------------------------------

@@ -17,12 +17,21 @@ COUNTERS = {
 }
 
 
+#: Between a sample's name and its ``reason`` label in the keys :func:`parse_metrics` adds per reason.
+REASON_SEP = "|"
+
+
 def parse_metrics(text: str) -> dict[str, float]:
-    """All samples summed over their labels, keyed by sample name (``ctk:*`` and ``vllm:*`` alike)."""
+    """All samples summed over their labels, keyed by sample name (``ctk:*`` and ``vllm:*`` alike); a
+    ``ctk`` sample with a ``reason`` label (pin releases) is also kept per reason, as ``name|reason``."""
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             out[s.name] = out.get(s.name, 0.0) + float(s.value)
+            reason = s.labels.get("reason")
+            if reason and s.name.startswith("ctk"):
+                key = f"{s.name}{REASON_SEP}{reason}"
+                out[key] = out.get(key, 0.0) + float(s.value)
     return out
 
 
@@ -47,7 +56,8 @@ def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
     """Counter increases over a run, under short names, plus every ``ctk*`` counter (pins and friends).
 
     The serve part's pin counters are reported under their names without prefix and ``_total`` suffix
-    (``ctk:pins_total`` -> ``pins``).
+    (``ctk:pins_total`` -> ``pins``), per-reason ones with the reason appended
+    (``ctk:pin_releases_total{reason="hit"}`` -> ``pin_releases_hit``).
     """
     out: dict[str, float] = {}
     for short, names in COUNTERS.items():
@@ -56,10 +66,10 @@ def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
                 out[short] = after[name] - before.get(name, 0.0)
                 break
     for name, value in after.items():
-        if name.startswith("ctk") and name.endswith("_total"):
-            short = name.split(":", 1)[-1].removesuffix("_total")
-            short = short.removeprefix("ctk_")
-            out[short] = value - before.get(name, 0.0)
+        base, _, reason = name.partition(REASON_SEP)
+        if name.startswith("ctk") and base.endswith("_total"):
+            short = base.split(":", 1)[-1].removesuffix("_total").removeprefix("ctk_")
+            out[f"{short}_{reason}" if reason else short] = value - before.get(name, 0.0)
     return out
 
 
@@ -75,6 +85,8 @@ def gauges(samples: dict[str, float]) -> dict[str, float]:
     """The sampled gauges, plus every ``ctk*`` gauge (e.g. pinned blocks) under its short name."""
     out = {short: samples[name] for short, name in GAUGES.items() if name in samples}
     for name, value in samples.items():
+        if REASON_SEP in name:
+            continue  # a counter's per-reason copy
         if name.startswith("ctk") and not name.endswith(("_total", "_created", "_sum", "_count", "_bucket")):
             out[name.split(":", 1)[-1].removeprefix("ctk_")] = value
     return out
