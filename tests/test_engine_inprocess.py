@@ -82,6 +82,18 @@ def test_expiry_frees_the_blocks_even_without_engine_steps(engine_llm, sched):
     assert sched.ctk.stats.releases.get("expired") == 1
 
 
+def test_a_pin_counts_only_the_blocks_nobody_else_holds(engine_llm, sched):
+    """Two programs with a common 4-block prefix (a shared system prompt): the second pin costs only its own
+    blocks, so the budget and the price see memory held once, not once per pin."""
+    rng = random.Random(5)
+    system = toks(rng, 4 * 128)
+    gen(engine_llm, [system + toks(rng, PROMPT - 4 * 128)], params(program_id="S1", tool=LONG_TTL_KEY))
+    gen(engine_llm, [system + toks(rng, PROMPT - 4 * 128)], params(program_id="S2", tool=LONG_TTL_KEY))
+    first, second = (p for p in sched.ctk.pins.values() if p.program_id in ("S1", "S2"))
+    assert (first.blocks, second.blocks) == (12, 12 - 4)  # the prefix was the first pin's when S2 finished
+    assert sched.ctk.pinned_blocks == 20 and free_blocks(sched) == all_blocks(sched) - 20
+
+
 def test_abort_of_the_next_turn_frees_the_pin(engine_llm, sched):
     rng = random.Random(4)
     out = gen(engine_llm, [a1 := toks(rng)], params(program_id="B", tool=LONG_TTL_KEY))[0]

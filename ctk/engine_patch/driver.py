@@ -71,7 +71,7 @@ class EngineView(Protocol):
     def running_ids(self) -> list[str]: ...  # the last one is the preemption victim
     def reorder_running(self, order: list[int]) -> None: ...
     def waiting_demand(self) -> tuple[int, int]: ...  # (requests, tokens): see above
-    def blocks_of(self, request_id: str) -> int: ...  # blocks a (just finished) request holds
+    def blocks_of(self, request_id: str) -> int: ...  # blocks only a (just finished) request holds
     def hold(self, request_id: str) -> None: ...  # keep a finished request's blocks
     def free_held(self, request_id: str) -> None: ...  # release kept blocks to the (cached) free queue
     def output_text(self, request_id: str) -> str | None: ...  # tail of a finished request's output

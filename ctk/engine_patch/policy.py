@@ -305,7 +305,7 @@ class PolicyCore:
             cdf=d.cdf,
         )
         budget = int(self.rule.max_pin_share * state.total_blocks)
-        if self.pinned_blocks + pin.blocks > budget:
+        if self.rule.max_pin_share < 1.0 and self.pinned_blocks + pin.blocks > budget:  # 1: memory only
             releases += self._make_room(pin, budget, now)
             if self.pinned_blocks + pin.blocks > budget:
                 self.stats.pins_skipped_budget += 1

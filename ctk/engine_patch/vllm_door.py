@@ -110,6 +110,7 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
     Internal(_KV, "coordinator", "attribute", "its single-type managers: blocks a finished request holds"),
     Internal(_COORD, "single_type_managers", "attribute", "one manager per KV-cache group"),
     Internal(_TYPE_MGR, "req_to_blocks", "attribute", "request id -> blocks (counted, not copied)"),
+    Internal("vllm.v1.core.kv_cache_utils:KVCacheBlock", "ref_cnt", "attribute", "shared blocks a pin skips"),
     Internal(_KV, "block_pool", "attribute", "free-block count, pool size"),
     Internal("vllm.v1.core.block_pool:BlockPool", "get_num_free_blocks", "method", "free + evictable"),
     Internal("vllm.v1.core.block_pool:BlockPool", "num_gpu_blocks", "attribute", "pool size (+1 null)"),
@@ -387,10 +388,19 @@ class VllmDoor:
         return head_demand(uncomputed, slots)
 
     def blocks_of(self, request_id: str) -> int:
-        """KV blocks the request holds, all KV-cache groups (``get_block_ids`` without building id lists)."""
+        """KV blocks only this request holds, all KV-cache groups: what pinning it keeps from the others.
+
+        Prefix caching shares prefixes, so the blocks others also reference (``ref_cnt`` > 1: the system
+        prompt every program starts with, ...) lead the list; they are skipped, not walked past."""
         n = 0
-        for blocks in self._block_maps:
-            n += len(blocks.get(request_id, ()))
+        for group in self._block_maps:
+            blocks = group.get(request_id, ())
+            shared = 0
+            for b in blocks:
+                if b.ref_cnt <= 1:
+                    break
+                shared += 1
+            n += len(blocks) - shared
         return n
 
     def hold(self, request_id: str) -> None:

@@ -185,7 +185,7 @@ class SimEngine:
         r = self.requests.get(request_id) or self.held.get(request_id)
         if r is None or (r.n_blocks == 0 and r.num_computed == 0):
             return 0
-        return self.shared_blocks + r.n_blocks
+        return r.n_blocks  # the shared system prompt is everyone's (as VllmDoor.blocks_of counts)
 
     def hold(self, request_id: str) -> None:
         r = self.requests.pop(request_id, None)
