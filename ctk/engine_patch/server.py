@@ -81,7 +81,7 @@ def _has_flag(args: Sequence[str], flag: str) -> bool:
 
 #: Seconds vLLM may take on SIGTERM (``--shutdown-timeout``) to drain in-flight requests *and* tear the
 #: engine core down (its worker's exit included): the API server SIGKILLs the engine core when they are
-#: over. Tearing down alone took 5-6 s on 2 loaded cores, so 5 s killed most clean stops.
+#: over. A clean stop took 6-12 s on 2 loaded cores (2026-11-29), so 5 s killed every one of 30.
 SHUTDOWN_TIMEOUT_S = 30
 
 
