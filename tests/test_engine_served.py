@@ -136,7 +136,10 @@ def test_recorded_tool_durations_land_in_the_trace_store(served):
     assert stop_server(served["proc"]) is not None
     log = Path(served["proc"].log_path).read_text(errors="replace")
     # SIGTERM drains (ctk serve's --shutdown-timeout): no leaked-semaphore warning, no dead-engine traceback
+    # (vLLM 0.32 logs one in some stops unless ctk.engine_patch.clean_stop is installed), and the engine
+    # core's teardown ends within the timeout instead of being killed
     assert "leaked semaphore" not in log and "EngineDeadError" not in log
+    assert "force killing" not in log
     with TraceStore(served["record"], read_only=True) as store:
         calls = store.tool_calls()
         runs = store.table("runs")

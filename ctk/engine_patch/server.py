@@ -79,8 +79,10 @@ def _has_flag(args: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
-#: Seconds vLLM may take to drain on SIGTERM (``--shutdown-timeout``) before it aborts.
-SHUTDOWN_TIMEOUT_S = 5
+#: Seconds vLLM may take on SIGTERM (``--shutdown-timeout``) to drain in-flight requests *and* tear the
+#: engine core down (its worker's exit included): the API server SIGKILLs the engine core when they are
+#: over. A clean stop took 6-12 s on 2 loaded cores (2026-11-29), so 5 s killed every one of 30.
+SHUTDOWN_TIMEOUT_S = 30
 
 
 def vllm_args(
@@ -207,13 +209,14 @@ def wait_ready(base_url: str, timeout: float = 180.0, proc: subprocess.Popen | N
     raise ServerError(f"{url} not ready after {timeout:.0f} s (last: {last})" + tail)
 
 
-def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> int:
+def stop_server(proc: subprocess.Popen, timeout: float = SHUTDOWN_TIMEOUT_S + 30.0) -> int:
     """Stop the server and everything it started; returns the API server's exit code.
 
     SIGTERM goes to the API server alone first, so vLLM drains its engine and worker itself
     (``--shutdown-timeout``); a signal to the whole group at once makes every process abort on its own
-    (leaked semaphores, a dead-engine traceback). Whatever is left of the process group afterwards is
-    terminated, then killed, and the call returns only once the group is empty.
+    (leaked semaphores, a dead-engine traceback). ``timeout`` (the API server's whole exit) must exceed
+    the shutdown timeout. Whatever is left of the process group afterwards is terminated, then killed,
+    and the call returns only once the group is empty.
     """
     pgid = proc.pid  # launch_server starts the server as a process-group leader
     if proc.poll() is None:
@@ -294,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         argv += ["--scheduler-cls", SCHEDULER_CLS]
     sys.argv = ["ctk-serve", *argv]
     try:
+        from ctk.engine_patch import clean_stop
+
+        clean_stop.install()  # a deliberate stop logs no dead-engine traceback (vLLM 0.32 race)
         from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
 
         vllm_main()
