@@ -5,7 +5,9 @@ Every name of vLLM's that ctk relies on and that vLLM does not promise to keep (
 attributes of the scheduler and the KV-cache manager, request fields, the engine core's input queue) is used
 in this module only, and listed in :data:`VLLM_INTERNALS`. :func:`check_vllm_contract` checks exactly that
 list against the installed vLLM (the contract test runs it; the scheduler runs it at construction), so
-another vLLM version fails loudly, naming what is missing, instead of misbehaving.
+another vLLM version fails loudly, naming what is missing, instead of misbehaving. One exception lives apart
+because it runs in the API-server process, not the engine core: the quiet-stop patch of ``ctk serve``
+(:mod:`ctk.engine_patch.clean_stop`, its names in ``STOP_INTERNALS``, checked by the same function).
 
 The seams used, and why:
 
