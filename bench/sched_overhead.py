@@ -92,7 +92,16 @@ class Switch:
         return call
 
 
-SHARED_LLM_CALLS = Path(__file__).resolve().parents[1].parent / "shared/data/agent-traces/llm_calls.csv"
+def _shared_llm_calls() -> Path:
+    """The shared traces' LLM calls: the first ``shared/data/agent-traces`` above the repository (a git
+    worktree sits deeper than the main checkout; the old fixed path fell back to synthetic lengths there)."""
+    for up in Path(__file__).resolve().parents[1].parents:
+        if (up / "shared/data/agent-traces").is_dir():
+            return up / "shared/data/agent-traces/llm_calls.csv"
+    return Path(__file__).resolve().parents[2] / "shared/data/agent-traces/llm_calls.csv"
+
+
+SHARED_LLM_CALLS = _shared_llm_calls()
 
 
 def output_lengths(kind: str) -> list[int]:
@@ -202,6 +211,8 @@ def main() -> None:
         timer = Switch(sched, Scheduler, CTKScheduler)
         use = timer.use
         lengths = output_lengths(args.outputs)
+        source = SHARED_LLM_CALLS if SHARED_LLM_CALLS.exists() else "synthetic log-normal"
+        print(f"output lengths: {args.outputs} ({source if args.outputs == 'real' else '8..24 tokens'})")
 
         for variant in ("stock", "ctk"):  # warm-up, not counted
             use(variant)
