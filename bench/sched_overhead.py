@@ -11,6 +11,7 @@ program's turns arrive one after another, so program FCFS orders the queue as FC
 the same schedule (same step count) and the ratio is the plugin's own cost (the order is still computed).
 
     .venv/bin/python bench/sched_overhead.py [--model PATH] [--phases 4] [--requests 32] [--outputs real]
+                                              [--clock wall|cpu]
 
 Prints the per-step scheduler time of both and the ratio ctk / stock of the scheduler time spent on the same
 workload (target: <= 1.02). ctk's cost is per request (metadata, decision at finish), vLLM's per request
@@ -55,10 +56,11 @@ TIMED = ("add_request", "schedule", "update_from_output")
 class Switch:
     """Instance-level dispatch of the scheduler hooks to vLLM's or ctk's methods, timing the entry points."""
 
-    def __init__(self, sched, stock_cls, ctk_cls):
+    def __init__(self, sched, stock_cls, ctk_cls, clock=time.perf_counter):
         from vllm.v1.core.sched.request_queue import FCFSRequestQueue
 
         self.sched = sched
+        self.clock = clock
         self.total = 0.0
         self.impl = {
             "stock": {h: getattr(stock_cls, h) for h in HOOKS},
@@ -77,22 +79,31 @@ class Switch:
         self.variant = variant
 
     def _wrap(self, name, timed):
-        sched = self.sched
+        sched, clock = self.sched, self.clock
 
         def call(*args, **kwargs):
             fn = self.impl[self.variant][name]
             if not timed:
                 return fn(sched, *args, **kwargs)
-            t = time.perf_counter()
+            t = clock()
             try:
                 return fn(sched, *args, **kwargs)
             finally:
-                self.total += time.perf_counter() - t
+                self.total += clock() - t
 
         return call
 
 
-SHARED_LLM_CALLS = Path(__file__).resolve().parents[1].parent / "shared/data/agent-traces/llm_calls.csv"
+def _shared_llm_calls() -> Path:
+    """The shared traces' LLM calls: the first ``shared/data/agent-traces`` above the repository (a git
+    worktree sits deeper than the main checkout; the old fixed path fell back to synthetic lengths there)."""
+    for up in Path(__file__).resolve().parents[1].parents:
+        if (up / "shared/data/agent-traces").is_dir():
+            return up / "shared/data/agent-traces/llm_calls.csv"
+    return Path(__file__).resolve().parents[2] / "shared/data/agent-traces/llm_calls.csv"
+
+
+SHARED_LLM_CALLS = _shared_llm_calls()
 
 
 def output_lengths(kind: str) -> list[int]:
@@ -175,6 +186,13 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="extra ctk setting for the ctk variant (diagnostics), e.g. program_fcfs=0",
     )
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: perf_counter; cpu: this thread's CPU time (time other processes take is not counted; "
+        "each reading costs ~0.75 us, added to both variants alike)",
+    )
     args = ap.parse_args()
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -199,9 +217,13 @@ def main() -> None:
             additional_config={"ctk": {"policy": "ttl", "ttl_model": model_file, "online": False, **extra}},
         )
         sched = llm.llm_engine.engine_core.engine_core.scheduler
-        timer = Switch(sched, Scheduler, CTKScheduler)
+        timer = Switch(
+            sched, Scheduler, CTKScheduler, time.thread_time if args.clock == "cpu" else time.perf_counter
+        )
         use = timer.use
         lengths = output_lengths(args.outputs)
+        source = SHARED_LLM_CALLS if SHARED_LLM_CALLS.exists() else "synthetic log-normal"
+        print(f"output lengths: {args.outputs} ({source if args.outputs == 'real' else '8..24 tokens'})")
 
         for variant in ("stock", "ctk"):  # warm-up, not counted
             use(variant)
@@ -228,12 +250,24 @@ def main() -> None:
         if n_stock != n_ctk:
             print(f"WARNING: different schedules ({n_stock} vs {n_ctk} steps): not pure overhead")
         mean = {v: statistics.mean(a + sum(st) for a, st in runs[v]) for v in runs}
-        print(f"\n{args.phases} alternating phases x {args.requests} requests, outputs: {args.outputs}")
+        # each phase's two variants run back to back, under about the same load from other processes
+        paired = sorted(
+            (c_add + sum(c_steps)) / (s_add + sum(s_steps))
+            for (s_add, s_steps), (c_add, c_steps) in zip(runs["stock"], runs["ctk"], strict=True)
+        )
+        print(
+            f"\n{args.phases} alternating phases x {args.requests} requests, outputs: {args.outputs}, "
+            f"clock: {args.clock}"
+        )
         print("(for each step index the minimum over the phases: load from other processes drops out)")
         print(f"  stock vLLM Scheduler : {1e6 * stock / n_stock:7.1f} us/step over {n_stock} steps")
         print(f"  ctk, zero pins       : {1e6 * ctk / n_ctk:7.1f} us/step over {n_ctk} steps")
         print(f"  ratio ctk / stock (scheduler time, same workload): {ctk / stock:.3f}  (target <= 1.02)")
         print(f"  (plain means, noisy: ratio {mean['ctk'] / mean['stock']:.3f})")
+        print(
+            f"  (per phase, the two variants back to back: median ratio {statistics.median(paired):.3f}, "
+            f"range {paired[0]:.3f}-{paired[-1]:.3f}: the spread is the machine's noise)"
+        )
 
 
 if __name__ == "__main__":

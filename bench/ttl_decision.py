@@ -42,12 +42,23 @@ TARGET_P99_US = 20.0
 REPO = Path(__file__).resolve().parents[1]
 
 
+def shared_traces() -> Path:
+    """The shared agent traces: the first ``shared/data/agent-traces`` above the repository (a git worktree
+    sits deeper than the main checkout; the old ``REPO.parent`` default silently fell back to the sample
+    traces there)."""
+    for up in REPO.parents:
+        if (up / "shared" / "data" / "agent-traces").is_dir():
+            return up / "shared" / "data" / "agent-traces"
+    return REPO.parent / "shared" / "data" / "agent-traces"
+
+
 def _commands(traces: Path) -> pd.DataFrame:
     csv = traces / "tool_calls.csv"
     if not csv.exists():
         from ctk.datasets.samples import sample_traces_dir
 
         csv = sample_traces_dir() / "tool_calls.csv.gz"
+    print(f"commands from {csv}")
     return pd.read_csv(csv)
 
 
@@ -59,7 +70,7 @@ def _pct(ns: list[int]) -> tuple[float, float, float]:
 def main() -> None:
     print(f"load average before the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--traces", type=Path, default=REPO.parent / "shared" / "data" / "agent-traces")
+    ap.add_argument("--traces", type=Path, default=shared_traces())
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
 

@@ -79,12 +79,14 @@ def _as_id(value: Any, key: str, warnings: list[str]) -> str | None:
 def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> RequestHints:
     """Hints of one request; never raises."""
     warnings: list[str] = []
-    xargs: Mapping[str, Any] = extra_args if isinstance(extra_args, Mapping) else {}
-    if extra_args is not None and not isinstance(extra_args, Mapping):
+    is_mapping = isinstance(extra_args, Mapping)
+    xargs: Mapping[str, Any] = extra_args if is_mapping else {}
+    if extra_args is not None and not is_mapping:
         _warn("vllm_xargs", f"vllm_xargs: expected an object, got {type(extra_args).__name__}", warnings)
+    # the router's context, when given (every read of an empty context finds nothing and warns nothing)
     ctx = _agentic_context(xargs.get(AGENTIC_CONTEXT), warnings)
 
-    program = _context_program(ctx, session_id, warnings)
+    program = _context_program(ctx, session_id, warnings) if ctx else None
     if program is None:
         program = _as_id(session_id, SESSION_ID, warnings)
     for key in XARGS_IDENTITY_KEYS:
@@ -93,7 +95,7 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
         program = _as_id(xargs.get(key), key, warnings)
 
     turn = _turn(xargs, TURN_INDEX, warnings)
-    if turn is None:
+    if turn is None and ctx:
         turn = _turn(ctx, "step_id", warnings)
 
     last = False
@@ -107,7 +109,7 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
             last = raw.strip().lower() in ("true", "1", "yes")
         else:
             _warn(LAST_TURN, f"{LAST_TURN}: expected a boolean: {str(raw)[:40]!r}", warnings)
-    elif ctx.get("expected_resume") is False:  # the router's way to say "no next turn"
+    elif ctx and ctx.get("expected_resume") is False:  # the router's way to say "no next turn"
         last = True
 
     tool = None
@@ -120,7 +122,7 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
 
     duration = _non_negative(xargs, TOOL_DURATION_S, warnings)
     ttl_hint = _non_negative(xargs, TTL_HINT_S, warnings)
-    if ttl_hint is None:
+    if ttl_hint is None and ctx:
         ttl_hint = _non_negative(ctx, TTL_HINT_S, warnings)
 
     return RequestHints(program, turn, last, tool, duration, ttl_hint, tuple(warnings))

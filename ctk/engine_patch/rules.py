@@ -292,14 +292,15 @@ class TTLRule:
             }
         self._cdfs: dict[str, tuple[list[float], CDF]] = {}
 
-    def _cdf(self, keys, context_tokens: int, pressure: float) -> tuple[str, CDF | None] | None:
-        """The first key the tables know, with its return-time distribution (None: tabulated not to pin)."""
+    def _cdf(self, keys, context_tokens: int, state: EngineState) -> tuple[str, CDF | None] | None:
+        """The first key the tables know, with its return-time distribution (None: tabulated not to pin).
+        Only tabulated rows read the pressure (quantiles are priced live)."""
         tables = self.tables
         quantiles = tables.quantiles_s
         for key in keys:
             fixed = self._fixed.get(key)
             if fixed is not None:
-                c, p = tables.context_bucket(context_tokens), tables.pressure_index(pressure)
+                c, p = tables.context_bucket(context_tokens), tables.pressure_index(state.pressure)
                 ttl = fixed[0][c][p]
                 return key, CDF.linear(ttl, fixed[1][c][p]) if ttl > 0 else None
             q = quantiles.get(key)
@@ -309,14 +310,14 @@ class TTLRule:
                     hit = self._cdfs[key] = (q, CDF.from_quantiles(tables.quantile_levels, q))
                 return key, hit[1]
             if key in tables.ttl_s:  # rows without quantiles (an old file): the tabulated TTL
-                d = tables.lookup((key,), context_tokens, pressure)
+                d = tables.lookup((key,), context_tokens, state.pressure)
                 return key, CDF.linear(d.ttl_s, d.p_hit) if d.ttl_s > 0 else None
         return None
 
     def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision:
         if self.tables is None:
             return NO_PIN
-        found = self._cdf(call.keys, call.context_tokens, state.pressure)
+        found = self._cdf(call.keys, call.context_tokens, state)
         if found is None:
             return NO_PIN
         key, cdf = found
