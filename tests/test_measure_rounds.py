@@ -127,6 +127,15 @@ def test_arms_name_a_policy_and_optionally_its_program_ordering():
     for bad in ("lru", "ttl/lifo"):
         with pytest.raises(CompareError, match="choose from"):
             Arm.parse(bad)
+    # any serve setting, checked when the arm is named, not when its server starts
+    arm = Arm.parse("ttl@age_factor=0.75,max_pin_share=1")
+    assert arm.policy == Policy.TTL and arm.settings() == {"age_factor": "0.75", "max_pin_share": "1"}
+    assert arm.tag == "ttl-age_factor0.75-max_pin_share1"
+    assert Arm.parse("ttl/fcfs@age_factor=2").settings() == {"age_factor": "2", "program_fcfs": False}
+    bad_arms = (("ttl@age_factor=-1", "age_factor"), ("ttl@no_such=1", "unknown"), ("ttl@x", "key=value"))
+    for bad, why in bad_arms:
+        with pytest.raises(CompareError, match=why):
+            Arm.parse(bad)
     with pytest.raises(CompareError, match="twice"):
         CompareConfig(policies=["ttl", "ttl"]).validate()
     with pytest.raises(CompareError, match="rounds"):

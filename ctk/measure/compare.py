@@ -66,18 +66,30 @@ class Arm:
     name: str
     policy: Policy
     program_fcfs: bool | None = None  # None: the policy's default
+    serve: tuple[tuple[str, str], ...] = ()  # further ServeConfig settings (``ttl@age_factor=0.75``)
 
     @classmethod
     def parse(cls, name: str) -> Arm:
-        """``ttl`` or ``oracle/fcfs`` (policy / ordering); raises CompareError naming the choices."""
-        policy, _, ordering = name.partition("/")
+        """``ttl``, ``oracle/fcfs`` (policy / ordering) or ``ttl@age_factor=0.75,max_pin_share=1`` (serve
+        settings, checked by ``ServeConfig``); raises CompareError naming the choices."""
+        from ctk.engine_patch.config import ConfigError, ServeConfig
+
+        head, _, extra = name.partition("@")
+        policy, _, ordering = head.partition("/")
         if policy not in POLICY_NAMES:
             raise CompareError(f"unknown policy {policy!r}; choose from {', '.join(POLICY_NAMES)}")
         if ordering and ordering not in ORDERINGS:
             raise CompareError(
                 f"unknown ordering {ordering!r} in {name!r}; choose from {', '.join(ORDERINGS)}"
             )
-        return cls(name, Policy(policy), ORDERINGS[ordering] if ordering else None)
+        serve = tuple(tuple(kv.split("=", 1)) for kv in extra.split(",") if kv)
+        if any(len(kv) != 2 for kv in serve):
+            raise CompareError(f"serve settings in {name!r} are key=value pairs, comma-separated")
+        try:
+            ServeConfig.from_mapping({**dict(serve), "policy": policy})
+        except ConfigError as exc:
+            raise CompareError(f"{name!r}: {exc}") from None
+        return cls(name, Policy(policy), ORDERINGS[ordering] if ordering else None, serve)
 
     @property
     def needs_model(self) -> bool:
@@ -86,11 +98,14 @@ class Arm:
     @property
     def tag(self) -> str:
         """The name in file names."""
-        return self.name.replace("/", "-")
+        return self.name.replace("/", "-").replace("@", "-").replace(",", "-").replace("=", "")
 
     def settings(self) -> dict[str, Any]:
         """``ServeConfig`` fields this arm sets (``launch_server``'s ``settings``)."""
-        return {} if self.program_fcfs is None else {"program_fcfs": self.program_fcfs}
+        out: dict[str, Any] = dict(self.serve)
+        if self.program_fcfs is not None:
+            out["program_fcfs"] = self.program_fcfs
+        return out
 
     def server_args(self) -> list[str]:
         """Stock vLLM with program ordering still needs ctk's scheduler class (``ctk serve`` adds it only
