@@ -51,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--real", type=Path, action="append", help="compare-results.json of real runs to reuse")
     p.add_argument("--profile", type=Path, help="simulator profile JSON (default: the bundled cpu--tiny)")
     p.add_argument(
+        "--no-client-timing",
+        action="store_true",
+        help="every turn's round trip is the profile's rtt_s (default: each turn draws the round trip and "
+        "the client's gap measured in the real run's replays, ctk.simulate.client_timing)",
+    )
+    p.add_argument(
         "--no-calibrate",
         action="store_true",
         help="use the profile as is (default: scale its step times to the prefill speed ctk profile measured "
@@ -126,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     from ctk.measure.compare import run_comparison
     from ctk.measure.presets import bench_config
     from ctk.measure.workload import load_programs
+    from ctk.simulate.client_timing import load_client_timing
     from ctk.simulate.profiles import load_profile
     from ctk.simulate.run import comparison_sim_config, simulate
     from ctk.store import TraceStore
@@ -141,11 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg.replay.progress = sys.stderr.isatty()
     out_dir = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.db is None and args.real:  # the programs the real run replayed
+        recorded = json.loads(args.real[0].read_text()).get("config", {}).get("db")
+        args.db = Path(recorded) if recorded and Path(recorded).exists() else None
     db = trace_store(argparse.Namespace(db=args.db), out_dir)
 
     # -- the real engine ---------------------------------------------------------------------------
     real_runs: list[dict[str, dict]] = []
     measured: list[Path] = []  # ctk profile of the real engine, measured in each real run
+    replays: list[Path] = []  # the real runs' replay results (client timing)
     ttl_model = None
     if args.real:
         for path in args.real:
@@ -155,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(real_runs) == 1:
                 adopt_run_config(cfg, d.get("config", {}))  # simulate what was run (concurrency, KV, ...)
             measured.append(path.parent / "prefill_profile.json")
+            replays += sorted(path.parent.glob("replay-*.json"))
     else:
         model_dir = out_dir / "tiny-model"
         if not (model_dir / "config.json").exists():
@@ -173,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             real_runs.append(comp.figures())
             ttl_model = ttl_model or comp.config.get("ttl_model")
             measured.append(out_dir / f"round-{k}" / "prefill_profile.json")
+            replays += sorted((out_dir / f"round-{k}").glob("replay-*.json"))
     real = median_figures(real_runs)
 
     # -- the simulator -----------------------------------------------------------------------------
@@ -191,7 +204,16 @@ def main(argv: list[str] | None = None) -> int:
         from ctk.predict.modelfile import load_ttl_tables
 
         tables = load_ttl_tables(str(ttl_model))
-    sim_cfg = comparison_sim_config(cfg, prof)
+    timing = None
+    if not args.no_client_timing and replays:
+        timing = load_client_timing(replays, prof.prefill_time_s)
+        t = timing.summary()
+        print(
+            f"client timing measured in {len(replays)} replays ({t['turns']} turns): round trip mean "
+            f"{t['rtt_mean_s']:.3f} s (p50 {t['rtt_p50_s']:.3f}, p90 {t['rtt_p90_s']:.3f}; profile "
+            f"{prof.rtt_s:.4f}), client gap mean {t['gap_mean_s']:.3f} s (p90 {t['gap_p90_s']:.3f})"
+        )
+    sim_cfg = comparison_sim_config(cfg, prof, timing)
     sim: dict[str, dict] = {}
     for policy in cfg.policies:
         run_cfg = dataclasses.replace(sim_cfg, serve={"ttl_model": str(ttl_model)} if policy == "ttl" else {})
@@ -252,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "server": dataclasses.asdict(cfg.server),
         "profile": prof.name,
         "speed_factor": factor,
+        "client_timing": timing.summary() if timing is not None else None,
         "ttl_model": str(ttl_model) if ttl_model else None,
         "wall_s": time.monotonic() - t0,
     }

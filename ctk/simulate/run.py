@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ctk.measure.workload import ProgramSpec
+from ctk.simulate.client_timing import ClientTiming
 from ctk.simulate.engine import EngineConfig, SimEngine
 from ctk.simulate.fleet import make_router
 from ctk.simulate.profiles import HardwareProfile
@@ -46,9 +47,10 @@ class SimConfig:
 CPU_PROFILE_KV_BYTES = 16 * 2**20
 
 
-def comparison_sim_config(cfg, profile: HardwareProfile) -> SimConfig:
+def comparison_sim_config(cfg, profile: HardwareProfile, timing: ClientTiming | None = None) -> SimConfig:
     """The simulation of a policy comparison's configuration (``ctk.measure.compare.CompareConfig``): its
-    arrivals, the server's KV cache (scaled from the profile's measured one) and ``max_num_seqs``."""
+    arrivals, the server's KV cache (scaled from the profile's measured one) and ``max_num_seqs``; with
+    ``timing`` (measured in the real run), every turn's round trip and client gap drawn from it."""
     kv = cfg.server.kv_cache_bytes
     return SimConfig(
         arrivals=Arrivals(
@@ -57,6 +59,8 @@ def comparison_sim_config(cfg, profile: HardwareProfile) -> SimConfig:
             time_scale=cfg.replay.time_scale,
             rtt_s=profile.rtt_s,
             seed=cfg.replay.seed,
+            rtt_samples_s=timing.rtt_samples_s if timing is not None else (),
+            gap_samples_s=timing.gap_samples_s if timing is not None else (),
         ),
         kv_blocks=None if kv == CPU_PROFILE_KV_BYTES else int(profile.kv_blocks * kv / CPU_PROFILE_KV_BYTES),
         max_num_seqs=cfg.server.max_num_seqs,
@@ -151,7 +155,6 @@ def simulate(
         attach_policy(e, policy, cfg.serve, tables, cost)
     router = make_router(cfg.routing, len(engines))
     clients = make_clients(programs)  # the same program ids under every policy: the same replica per program
-    half = arr.rtt_s / 2
     seq = itertools.count()
     arrivals: list[tuple[float, int, Client]] = []  # a request reaches the router
     events: list[tuple[float, int, int, int]] = []  # (time, seq, engine, kind) kind 0: step end, 1: wake
@@ -169,7 +172,7 @@ def simulate(
             pending.pop()
             in_flight += 1
             c.start_s = t0
-            heapq.heappush(arrivals, (t0 + half, next(seq), c))
+            heapq.heappush(arrivals, (t0 + c.start(arr), next(seq), c))
 
     def kick(i: int, now: float) -> None:
         """Start engine ``i``'s next step if it is free and has work; else arm its wake-up."""
@@ -218,20 +221,23 @@ def simulate(
             continue
         for r in e.end_step(now):
             c = r.client
-            pause = c.turn_done(r, arr)
-            if pause is None:
-                c.finish_s = now + half
+            delay = c.turn_done(r, arr)
+            if delay is None:
+                c.finish_s = now + c.rtt_s / 2
                 done += 1
                 in_flight -= 1
                 if progress is not None:
                     progress(1)
-                start_programs(now + half)
+                start_programs(c.finish_s)
             else:
-                heapq.heappush(arrivals, (now + half + pause + half, next(seq), c))
+                heapq.heappush(arrivals, (now + delay, next(seq), c))
         kick(i, now)
     for c in clients:
         if c.finish_s is None:
             c.failed = c.failed or "did not finish (the engine could not place its request)"
     cfg_dict = dataclasses.asdict(cfg)
+    for key in ("rtt_samples_s", "gap_samples_s"):  # the samples' size and mean, not every sample
+        xs = cfg_dict["arrivals"][key]
+        cfg_dict["arrivals"][key] = {"n": len(xs), "mean_s": float(np.mean(xs))} if xs else None
     cfg_dict["profile"] = profile.name
     return SimResult(policy, clients, engines, now, time.perf_counter() - t_wall, cfg_dict)

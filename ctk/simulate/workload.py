@@ -27,6 +27,11 @@ class Arrivals:
     time_scale: float = 1.0  # tool pause = recorded duration x this
     rtt_s: float = 0.005  # client <-> engine round trip (half each way)
     seed: int = 0
+    #: Measured round trips (a real run's, :mod:`ctk.simulate.client_timing`): each turn draws one (seeded per
+    #: program, so every policy sees the same draws); empty: every turn takes ``rtt_s``.
+    rtt_samples_s: tuple[float, ...] = ()
+    #: Measured client time between a response and the next request beyond the tool pause (empty: none).
+    gap_samples_s: tuple[float, ...] = ()
     send_oracle_duration: bool = True
 
     def validate(self) -> None:
@@ -60,9 +65,23 @@ class Client:
     cached_tokens: int = 0
     failed: str | None = None
     replica: int | None = None
+    rtt_s: float = 0.0  # the round trip of the current turn (see :meth:`start`)
+    _rng: np.random.Generator | None = None
 
     def __post_init__(self) -> None:
         self.context = self.spec.first_prompt_tokens
+
+    def _draw(self, samples: tuple[float, ...], default: float, arrivals: Arrivals) -> float:
+        if not samples:
+            return default
+        if self._rng is None:
+            self._rng = np.random.default_rng([arrivals.seed, self.index])
+        return float(samples[self._rng.integers(len(samples))])
+
+    def start(self, arrivals: Arrivals) -> float:
+        """The program starts: the delay until its first request reaches the engine (half a round trip)."""
+        self.rtt_s = self._draw(arrivals.rtt_samples_s, arrivals.rtt_s, arrivals)
+        return self.rtt_s / 2
 
     @property
     def jct_s(self) -> float | None:
@@ -80,18 +99,22 @@ class Client:
         return req
 
     def turn_done(self, req: SimRequest, arrivals: Arrivals) -> float | None:
-        """Record the finished turn; the pause before the next one, or None when the program is done."""
+        """Record the finished turn; the time from its end in the engine to the next request's arrival there
+        (half this turn's round trip back, the client's gap, the tool pause, half the next round trip), or
+        None when the program is done (its response reaches the client ``rtt_s / 2`` later)."""
         t = self.spec.turns[self.turn]
-        rtt = arrivals.rtt_s
+        back = self.rtt_s / 2
         if req.first_token_s is not None:
-            self.ttfts.append(req.first_token_s - req.arrival + rtt)
+            self.ttfts.append(req.first_token_s - req.arrival + self.rtt_s)
         self.prompt_tokens += req.prompt_tokens
         self.cached_tokens += req.cached_tokens or 0
         self.context += t.output_tokens + t.observation_tokens
         self.turn += 1
         if t.last_turn or self.turn >= len(self.spec.turns):
             return None
-        return t.tool_duration_s * arrivals.time_scale
+        gap = self._draw(arrivals.gap_samples_s, 0.0, arrivals)
+        self.rtt_s = self._draw(arrivals.rtt_samples_s, arrivals.rtt_s, arrivals)
+        return back + gap + t.tool_duration_s * arrivals.time_scale + self.rtt_s / 2
 
 
 def repeat_programs(specs: list[ProgramSpec], n: int) -> list[ProgramSpec]:
