@@ -1,0 +1,87 @@
+"""The simulated client's timing: each turn's round trip and the client's gap, measured in a real replay
+(:mod:`ctk.simulate.client_timing`) and drawn per turn by the simulator."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ctk.measure.workload import ProgramSpec, TurnSpec
+from ctk.simulate.client_timing import client_timing, load_client_timing
+from ctk.simulate.profiles import load_profile
+from ctk.simulate.run import SimConfig, simulate
+from ctk.simulate.workload import Arrivals
+from tests.test_simulate import flat_profile
+from tests.test_simulate_policy import programs
+
+
+def replay(turns: list[dict]) -> dict:
+    return {"programs": [{"turns": turns}]}
+
+
+def test_client_timing_measures_the_time_outside_the_engine(tmp_path):
+    turns = [
+        # 1.0 s apart: 0.3 s response + 0.5 s tool pause -> 0.2 s client gap
+        dict(
+            sent_unix_s=100.0,
+            ttft_s=0.25,
+            queue_s=0.05,
+            prompt_tokens=1000,
+            cached_tokens=500,
+            latency_s=0.3,
+            pause_s=0.5,
+        ),
+        dict(
+            sent_unix_s=101.0,
+            ttft_s=0.12,
+            queue_s=0.0,
+            prompt_tokens=1200,
+            cached_tokens=1100,
+            latency_s=0.2,
+            pause_s=None,
+        ),
+        dict(sent_unix_s=102.0, ttft_s=None, queue_s=None, error="HTTP 500"),  # failed turn: skipped
+    ]
+    t = client_timing([replay(turns)], prefill_s=lambda n: n * 1e-4)
+    assert t.rtt_samples_s == pytest.approx((0.25 - 0.05 - 0.05, 0.12 - 0.0 - 0.01))
+    assert t.gap_samples_s == pytest.approx((0.2,))
+    assert t.turns == 2
+    # no per-request metrics (queue time): no round trip, the client's gap still counts
+    turns[0]["queue_s"] = None
+    path = tmp_path / "replay-x.json"
+    path.write_text(json.dumps(replay(turns[:2])))
+    t = load_client_timing([path], prefill_s=lambda n: 0.0)
+    assert t.rtt_samples_s == pytest.approx((0.12,)) and t.gap_samples_s == pytest.approx((0.2,))
+    assert t.summary()["rtt_mean_s"] == pytest.approx(0.12)
+
+
+def one_program(turns: int = 5, pause: float = 1.0) -> list[ProgramSpec]:
+    ts = [TurnSpec(k, 16, 8, pause, "make") for k in range(turns)]
+    ts[-1].last_turn, ts[-1].tool_duration_s, ts[-1].observation_tokens = True, 0.0, 0
+    return [ProgramSpec("p0", "test", 64, ts)]
+
+
+def test_every_turn_takes_its_drawn_round_trip_and_gap():
+    """One program alone on an engine: the measured timing adds exactly one round trip per turn and one
+    client gap per tool pause to its JCT, and the round trip to every TTFT."""
+    prof = flat_profile()
+    idle = SimConfig(arrivals=Arrivals(rtt_s=0.0), shared_prefix_tokens=0)
+    base = simulate(one_program(), prof, "vllm", idle).summary()
+    arr = Arrivals(rtt_s=0.0, rtt_samples_s=(0.2,), gap_samples_s=(0.1,))
+    timed = simulate(one_program(), prof, "vllm", SimConfig(arrivals=arr, shared_prefix_tokens=0)).summary()
+    assert timed["mean_jct_s"] - base["mean_jct_s"] == pytest.approx(5 * 0.2 + 4 * 0.1)
+    assert timed["mean_ttft_s"] - base["mean_ttft_s"] == pytest.approx(0.2)
+
+
+def test_every_policy_draws_the_same_round_trips():
+    """The draws are seeded per program, not by the order events happen in: policies are compared on the
+    same client behaviour."""
+    prof = load_profile("cpu", "tiny")
+    arr = Arrivals(concurrency=8, rtt_samples_s=(0.01, 0.1, 0.3, 0.6), gap_samples_s=(0.0, 0.2))
+    last = {}
+    for policy in ("vllm", "continuum"):
+        res = simulate(programs(), prof, policy, SimConfig(arrivals=arr, shared_prefix_tokens=512))
+        last[policy] = [c.rtt_s for c in res.clients]
+    assert last["vllm"] == last["continuum"]
+    assert len(set(last["vllm"])) > 1
