@@ -8,11 +8,13 @@ The real side is ``ctk.measure.compare.run_comparison`` (one fresh ``ctk serve``
 programs replayed), by default the median of 2 rounds with the policy order rotated between rounds. The
 simulated side replays the same programs (same workload configuration and seed) through
 ``ctk.simulate`` with the bundled ``cpu--tiny`` profile (measured on this machine), the server's KV size,
-``max_num_seqs`` and the same TTL model file. Prints per policy real vs simulated mean JCT, p99 TTFT, hit
-rate and preemptions with the errors, and checks the targets: mean JCT within 15%, hit rate within 0.05,
-the same ranking of policies by mean JCT. Real policies within the rounds' own noise have no real order, so
-it also checks the orders every real round agrees on (a faster than b in each round) and whether the
-simulator keeps them. JSON: ``{"policies": {"<policy>": {"real": {...}, "sim":
+``max_num_seqs`` and the same TTL model file, and the client's timing measured in the real run's replays
+(every turn draws a round trip and a client gap from them, :mod:`ctk.simulate.client_timing`; under load a
+turn spends ~0.1 s outside the engine's scheduler, not the idle profile's 8 ms). Prints per policy real
+vs simulated mean JCT, p99 TTFT, hit rate and preemptions with the errors, and checks the targets: mean JCT
+within 15%, hit rate within 0.05, the same ranking of policies by mean JCT. Real policies within the rounds'
+own noise have no real order, so it also checks the orders every real round agrees on (a faster than b in
+each round) and whether the simulator keeps them. JSON: ``{"policies": {"<policy>": {"real": {...}, "sim":
 {...}, "error": {...}}}, "targets": {...}, "config": {...}}``.
 """
 
