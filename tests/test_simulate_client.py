@@ -21,26 +21,10 @@ def replay(turns: list[dict]) -> dict:
 
 
 def test_client_timing_measures_the_time_outside_the_engine(tmp_path):
-    turns = [
-        # 1.0 s apart: 0.3 s response + 0.5 s tool pause -> 0.2 s client gap
-        dict(
-            sent_unix_s=100.0,
-            ttft_s=0.25,
-            queue_s=0.05,
-            prompt_tokens=1000,
-            cached_tokens=500,
-            latency_s=0.3,
-            pause_s=0.5,
-        ),
-        dict(
-            sent_unix_s=101.0,
-            ttft_s=0.12,
-            queue_s=0.0,
-            prompt_tokens=1200,
-            cached_tokens=1100,
-            latency_s=0.2,
-            pause_s=None,
-        ),
+    keys = ("sent_unix_s", "ttft_s", "queue_s", "prompt_tokens", "cached_tokens", "latency_s", "pause_s")
+    turns = [  # 1.0 s apart: 0.3 s response + 0.5 s tool pause -> 0.2 s client gap
+        dict(zip(keys, (100.0, 0.25, 0.05, 1000, 500, 0.3, 0.5), strict=True)),
+        dict(zip(keys, (101.0, 0.12, 0.0, 1200, 1100, 0.2, None), strict=True)),
         dict(sent_unix_s=102.0, ttft_s=None, queue_s=None, error="HTTP 500"),  # failed turn: skipped
     ]
     t = client_timing([replay(turns)], prefill_s=lambda n: n * 1e-4)
