@@ -90,7 +90,7 @@ def trace_store(args: argparse.Namespace, out_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ctk.measure.compare import FACTORIAL_ARMS, CompareError, run_comparison
+    from ctk.measure.compare import FACTORIAL_ARMS, CompareError, run_comparison, split_arms
     from ctk.measure.presets import preset
     from ctk.measure.table import format_table
     from ctk.measure.workload import WorkloadError
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.factorial:
         cfg.policies = list(FACTORIAL_ARMS)
     elif args.policies:
-        cfg.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+        cfg.policies = split_arms(args.policies)
     cfg.rounds = args.rounds
     try:
         cfg.validate()

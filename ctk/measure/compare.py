@@ -59,6 +59,20 @@ class CompareError(CtkError, RuntimeError):
     """The comparison cannot run (a server does not start, training fails); the message says why."""
 
 
+def split_arms(text: str | None) -> list[str]:
+    """Arm names of a comma-separated list; a ``key=value`` piece belongs to the arm before it, so
+    ``vllm,ttl@age_factor=0.75,max_pin_share=1`` is two arms."""
+    arms: list[str] = []
+    for piece in (p.strip() for p in (text or "").split(",")):
+        if not piece:
+            continue
+        if arms and "=" in piece and "@" not in piece and "@" in arms[-1]:
+            arms[-1] += "," + piece
+        else:
+            arms.append(piece)
+    return arms
+
+
 @dataclass(frozen=True)
 class Arm:
     """One column of the comparison: a policy, and its program ordering unless the policy's default."""
