@@ -4,6 +4,7 @@
     python bench/policies.py --rounds 3 --json f.json # every policy 3 times, rotated order, medians
     python bench/policies.py --config long-tail      # unscaled pauses, the programs with the longest ones
     python bench/policies.py --factorial             # {stock, oracle pins} x {FCFS, program FCFS}
+    python bench/policies.py --both-orders           # ttl and the oracle, strict and age-bounded order
 
 Starts the tiny model once per policy and round with a KV cache smaller than the programs' working set,
 replays the same recorded programs (same seed) against each, and prints one table of medians over rounds:
@@ -56,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="run vllm and oracle each with program ordering off and on (instead of --policies)",
     )
+    p.add_argument(
+        "--both-orders",
+        action="store_true",
+        help="ttl and the oracle each in strict program order and under the age bound, with the baselines "
+        "(instead of --policies)",
+    )
     p.add_argument("--programs", type=int, help="programs to replay")
     p.add_argument("--concurrency", type=int, help="programs in flight")
     p.add_argument("--time-scale", type=float, help="tool pause = recorded duration x this")
@@ -90,7 +97,7 @@ def trace_store(args: argparse.Namespace, out_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ctk.measure.compare import FACTORIAL_ARMS, CompareError, run_comparison
+    from ctk.measure.compare import BOTH_ORDERS_ARMS, FACTORIAL_ARMS, CompareError, run_comparison, split_arms
     from ctk.measure.presets import preset
     from ctk.measure.table import format_table
     from ctk.measure.workload import WorkloadError
@@ -102,13 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     except CompareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.factorial and args.policies:
-        print("error: --factorial sets the policies; give one of --factorial, --policies", file=sys.stderr)
+    if sum(map(bool, (args.factorial, args.both_orders, args.policies))) > 1:
+        print("error: give one of --factorial, --both-orders, --policies", file=sys.stderr)
         return 2
     if args.factorial:
         cfg.policies = list(FACTORIAL_ARMS)
+    elif args.both_orders:
+        cfg.policies = list(BOTH_ORDERS_ARMS)
     elif args.policies:
-        cfg.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+        cfg.policies = split_arms(args.policies)
     cfg.rounds = args.rounds
     try:
         cfg.validate()

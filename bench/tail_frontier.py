@@ -10,7 +10,9 @@ same policy code as ``ctk serve``. Per seed every arm sees the same programs; ``
 is trained on the trace store minus every seed's programs (as the benchmark trains, tool durations on the
 replay's clock). Prints per arm the geometric mean over seeds of mean JCT × stock vLLM (min-max), the median
 over seeds of p99 TTFT / stock's (max), and the hit rate: the frontier between mean JCT and the tail that
-``age_factor`` moves along. One p99 over ~200 requests is nearly a maximum, so single seeds are noisy; the
+``age_factor`` moves along. The oracle also runs under each finite bound (``age_bound`` on: clairvoyant pins,
+the same tail bound), which separates what ttl loses to its predictions from what the bound costs every
+policy. One p99 over ~200 requests is nearly a maximum, so single seeds are noisy; the
 medians are the figures to quote. Simulated time: no machine noise, a few seconds per arm and seed.
 """
 
@@ -56,6 +58,16 @@ def arms(factors: list[float], quantiles: list[float]) -> list[tuple[str, str, d
                 continue  # without a bound the quantile does not matter
             # ServeConfig takes finite factors only: 1e6 x any wait is no bound
             out.append((f"ttl {name}", "ttl", {"age_factor": min(f, 1e6), "age_quantile": q}))
+    for q in quantiles:  # the oracle held to the same bounds: what clairvoyant pins give at a given tail
+        for f in factors:
+            if not math.isinf(f):
+                out.append(
+                    (
+                        f"oracle f={f:g} q={q:g}",
+                        "oracle",
+                        {"age_bound": True, "age_factor": f, "age_quantile": q},
+                    )
+                )
     return out
 
 

@@ -192,3 +192,4 @@ def test_serve_usage_names_the_model_and_its_defaults_are_the_engines():
     defaults = ServeConfig()  # what launch_server, the benchmarks and the simulator run with
     assert params["age_factor"].default == defaults.age_factor
     assert params["max_pin_share"].default == defaults.max_pin_share
+    assert params["age_bound"].default == defaults.age_bound and "--no-age-bound" in res.output

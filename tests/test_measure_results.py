@@ -154,3 +154,25 @@ def test_pin_releases_are_reported_per_reason():
     assert server_metrics.gauges(after) == {"pinned_blocks": 7.0}
     res = ReplayResult(label="x", config={}, programs=[], server_metrics=d)
     assert res.summary()["pin_releases_pressure"] == 3.0
+
+
+def test_share_of_the_bounded_oracles_gain():
+    """With the oracle held to ttl's tail bound in the run, ttl's share of that oracle's gain is reported."""
+    from ctk.measure.rounds import BOUNDED_ORACLE
+
+    comp = Comparison.single(
+        {
+            "vllm": _result("vllm", [20.0, 20.0], ttft=0.2),
+            "ttl": _result("ttl", [18.0, 18.0], ttft=0.2),
+            "oracle": _result("oracle", [10.0, 10.0], ttft=0.9),
+            BOUNDED_ORACLE: _result(BOUNDED_ORACLE, [17.5, 17.5], ttft=0.2),
+        },
+        config={},
+    )
+    f = comp.figures()
+    assert f["ttl"]["oracle_gain_captured"] == pytest.approx(0.2)
+    assert f["ttl"]["bounded_oracle_gain_captured"] == pytest.approx(2 / 2.5)
+    assert "80% of the gain of the oracle held to the same tail bound" in format_table(comp)
+    assert "bounded_oracle_gain_captured" not in Comparison.single(
+        {k: _result(k, [j, j], 0.2) for k, j in [("vllm", 20.0), ("ttl", 18.0), ("oracle", 10.0)]}, config={}
+    ).figures()["ttl"]

@@ -165,3 +165,18 @@ def test_presets():
     assert tuple(demo_config().policies) == DEMO_POLICIES
     with pytest.raises(CompareError, match="long-tail"):
         preset("huge")
+
+
+def test_both_orders_arms_are_valid_and_pair_each_pin_rule_with_both_orders():
+    from ctk.engine_patch import rules
+    from ctk.measure.compare import BOTH_ORDERS_ARMS
+
+    CompareConfig(policies=list(BOTH_ORDERS_ARMS)).validate()
+    own = {Policy.TTL: rules.TTLRule.age_bound, Policy.ORACLE: rules.OracleRule.age_bound}
+    orders: dict[Policy, set[bool]] = {}
+    for arm in map(Arm.parse, BOTH_ORDERS_ARMS):
+        if arm.policy in own:
+            setting = arm.settings().get("age_bound")
+            bound = own[arm.policy] if setting is None else setting == "true"
+            orders.setdefault(arm.policy, set()).add(bound)
+    assert orders == {Policy.TTL: {True, False}, Policy.ORACLE: {True, False}}

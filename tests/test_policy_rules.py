@@ -495,3 +495,17 @@ def test_a_request_ending_while_it_waits_leaves_the_queue():
     c.arrived("w", h("waiter"), now=20.0)
     assert c._charged_price(21.0) == 0.0  # the young waiter is the head, not the request that ended at 1 s
     assert len(c.order.fcfs._arrivals) == 1  # only the waiter's arrival is left to pair
+
+
+def test_age_bound_switch_for_any_policy():
+    """``age_bound`` overrides the rule's own: the oracle held to ttl's tail bound, ttl in strict order."""
+    for policy, setting, strict in [("oracle", None, True), ("oracle", True, False), ("ttl", None, False),
+                                    ("ttl", False, True)]:
+        c = make_core(policy, priced_tables(), age_bound=setting, age_min_s=1.0)
+        c.arrived("a", h("A"), now=0.0)
+        c.arrived("b", h("B"), now=1.0)
+        c.arrived("a2", h("A"), now=2.0)
+        # at 5 s "b" has waited 4 s, over the 1 s floor: bounded order admits it first, strict keeps A first
+        ids = ["b", "a2"]
+        order = c.order_waiting(ids, now=5.0) or range(len(ids))
+        assert [ids[i] for i in order][0] == ("a2" if strict else "b"), (policy, setting)

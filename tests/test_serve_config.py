@@ -52,6 +52,7 @@ def test_text_settings_convert_and_round_trip_through_the_environment() -> None:
             "CTK_MAX_PIN_SHARE": "0.3",
             "CTK_DETECTORS": "bash, openai",
             "CTK_PROGRAM_FCFS": "default",
+            "CTK_AGE_BOUND": "0",
             "CTK_ONLINE": "off",
             "CTK_RECORD": "",
             "CTK_ONLINE_WINDOW": "64",
@@ -59,6 +60,7 @@ def test_text_settings_convert_and_round_trip_through_the_environment() -> None:
     )
     assert (cfg.policy, cfg.max_pin_share, cfg.detectors) == (Policy.ORACLE, 0.3, ("bash", "openai"))
     assert (cfg.program_fcfs, cfg.online, cfg.record, cfg.online_window) == (None, False, None, 64)
+    assert cfg.age_bound is False
     cfg.program_fcfs = True
     assert ServeConfig.from_env(cfg.to_env()) == cfg
     assert set(cfg.to_env()) <= set(ENV)

@@ -185,3 +185,27 @@ def test_every_policy_sees_the_same_fleet_placement():
     }
     assert len(set(placement["vllm"])) == 3  # the programs spread over the replicas
     assert placement["vllm"] == placement["continuum"] == placement["oracle"]
+
+
+def test_a_sweep_runs_arms_with_serve_settings():
+    """``ctk simulate --policies`` takes the comparison's arms: the setting reaches the simulated policy."""
+    from ctk.simulate.sweep import run_sweep
+
+    prof = load_profile("cpu", "tiny")
+    cfg = SimConfig(arrivals=Arrivals(concurrency=8), shared_prefix_tokens=512)
+    arms = ["oracle", "oracle@age_bound=true", "oracle/fcfs"]
+    figs = run_sweep(programs(), prof, arms, [None], cfg).to_json()["rates"]["closed"]
+    assert list(figs) == arms
+    # strict program order, the age bound and plain FCFS order the same programs differently
+    assert len({round(f["mean_jct_s"], 6) for f in figs.values()}) == 3
+
+
+def test_policy_lists_keep_each_arms_settings_together():
+    from ctk.measure.compare import split_arms
+
+    assert split_arms("vllm, ttl@age_factor=0.75,max_pin_share=1,oracle/fcfs,") == [
+        "vllm",
+        "ttl@age_factor=0.75,max_pin_share=1",
+        "oracle/fcfs",
+    ]
+    assert split_arms(None) == [] and split_arms("ttl") == ["ttl"]

@@ -66,6 +66,15 @@ def serve(
     age_factor: Annotated[
         float, typer.Option(help="age bound: overdue after this x FCFS's tail (q0.99) wait")
     ] = _DEFAULTS.age_factor,
+    age_bound: Annotated[
+        bool | None,
+        typer.Option(
+            "--age-bound/--no-age-bound",
+            help="program order with the age bound (ttl, progress-ttl) or strict (continuum, oracle; best "
+            "mean JCT, unbounded tail); default: the policy's own",
+            show_default=False,
+        ),
+    ] = None,
     detectors: Annotated[str, typer.Option(help="tool-call detectors for output text")] = ",".join(
         _DEFAULTS.detectors
     ),
@@ -109,6 +118,7 @@ def serve(
                 "record": str(record) if record else None,
                 "max_pin_share": max_pin_share,
                 "age_factor": age_factor,
+                "age_bound": age_bound,
                 "detectors": detectors,
                 "online": online,
             }

@@ -51,6 +51,7 @@ class ServeConfig:
     age_quantile: Share = 0.99  # ... that tail: this quantile of the waits FCFS would give ...
     age_min_s: NonNegative = 0.0  # ... but never before this many seconds (0: no floor above stock FCFS)
     program_fcfs: bool | None = None  # program-first waiting order (None: the policy's own)
+    age_bound: bool | None = None  # program order bounded by the age bound (None: the policy's own)
     detectors: tuple[Literal["bash", "tool_call", "openai"], ...] = DETECTORS  # tool-call detectors (output)
     online: bool = True  # adapt the tables online from observed tool durations
     online_min_samples: AtLeastOne = 5  # observations before a key's online distribution is used
@@ -116,7 +117,7 @@ class ServeConfig:
 
 ENV_PREFIX = "CTK_"
 _OPTIONAL = frozenset(f.name for f in fields(ServeConfig) if f.default is None)  # "" means None
-_OPTIONAL_BOOLS = frozenset({"program_fcfs"})  # bool or None: "none" / "default" mean None too
+_OPTIONAL_BOOLS = frozenset({"program_fcfs", "age_bound"})  # bool or None: "none" / "default" mean None too
 _FLAGS = frozenset(f.name for f in fields(ServeConfig) if isinstance(f.default, bool))
 #: Environment variables the engine reads (``CTK_POLICY``, ``CTK_TTL_MODEL``, ``CTK_RECORD``, ...).
 ENV = tuple(ENV_PREFIX + f.name.upper() for f in fields(ServeConfig))

@@ -52,4 +52,6 @@ def make_rule(
         rule = rules.OracleRule(cost, config.oracle_slack_s)
     if config.program_fcfs is not None:
         rule.program_fcfs = config.program_fcfs
+    if config.age_bound is not None:  # e.g. the oracle held to ttl's tail bound, or ttl in strict order
+        rule.age_bound = config.age_bound
     return rule

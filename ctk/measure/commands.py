@@ -148,9 +148,10 @@ def demo(
 
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ctk.measure.compare import split_arms
     from ctk.measure.demo import main
 
-    names = [p.strip() for p in (policies or "").split(",") if p.strip()]
+    names = split_arms(policies)
     code = main(out, names, programs)
     if code:
         raise typer.Exit(code)

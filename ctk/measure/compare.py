@@ -31,6 +31,7 @@ from ctk.measure import server_metrics
 from ctk.measure.replay import ReplayConfig, run_replay
 from ctk.measure.results import ReplayResult
 from ctk.measure.rounds import (
+    BOUNDED_ORACLE,
     check_targets,
     median_figures,
     rotated_orders,
@@ -51,12 +52,37 @@ MODEL_POLICIES = frozenset({Policy.TTL, Policy.ORACLE})
 ORDERINGS = {"fcfs": False, "program-fcfs": True}
 #: {stock eviction, oracle pins} x {FCFS, program FCFS}.
 FACTORIAL_ARMS = ("vllm/fcfs", "vllm/program-fcfs", "oracle/fcfs", "oracle/program-fcfs")
+#: ``bench/policies.py --both-orders``: ttl and the oracle each in strict program order and under the age
+#: bound, next to the baselines: what ttl loses to its predictions at one order, and what the order costs.
+BOTH_ORDERS_ARMS = (
+    "vllm",
+    "continuum",
+    "progress-ttl",
+    "ttl",
+    "ttl@age_bound=false",
+    "oracle",
+    BOUNDED_ORACLE,
+)
 #: Server flags every replayed server needs: cached tokens and queue time in each response.
 REPLAY_SERVER_ARGS = ("--enable-prompt-tokens-details", "--enable-per-request-metrics")
 
 
 class CompareError(CtkError, RuntimeError):
     """The comparison cannot run (a server does not start, training fails); the message says why."""
+
+
+def split_arms(text: str | None) -> list[str]:
+    """Arm names of a comma-separated list; a ``key=value`` piece belongs to the arm before it, so
+    ``vllm,ttl@age_factor=0.75,max_pin_share=1`` is two arms."""
+    arms: list[str] = []
+    for piece in (p.strip() for p in (text or "").split(",")):
+        if not piece:
+            continue
+        if arms and "=" in piece and "@" not in piece and "@" in arms[-1]:
+            arms[-1] += "," + piece
+        else:
+            arms.append(piece)
+    return arms
 
 
 @dataclass(frozen=True)

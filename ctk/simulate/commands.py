@@ -78,6 +78,7 @@ def simulate(
 ) -> None:
     """Simulate vLLM 0.32 engines running ctk's own policy code on recorded agent programs."""
     from ctk.engine_patch.policies import POLICY_NAMES
+    from ctk.measure.compare import Arm, CompareError, split_arms
     from ctk.measure.workload import WorkloadError, load_programs
     from ctk.simulate.fleet import ROUTINGS
     from ctk.simulate.profiles import ProfileError, load_profile
@@ -86,10 +87,13 @@ def simulate(
     from ctk.simulate.workload import Arrivals, repeat_programs
     from ctk.store import StoreError, TraceStore
 
-    pols = [p.strip() for p in policies.split(",") if p.strip()]
-    bad = [p for p in pols if p not in POLICY_NAMES]
-    if bad or not pols:
-        raise _fail(f"unknown policies {bad}; choose from {', '.join(POLICY_NAMES)}")
+    pols = split_arms(policies)
+    if not pols:
+        raise _fail(f"no policies; choose from {', '.join(POLICY_NAMES)}")
+    try:
+        needs_ttl = any(Arm.parse(p).policy == "ttl" for p in pols)
+    except CompareError as exc:
+        raise _fail(str(exc)) from None
     if routing not in ROUTINGS:
         raise _fail(f"--routing must be one of {', '.join(ROUTINGS)}")
     if replicas < 1:
@@ -115,7 +119,7 @@ def simulate(
             wl.token_scale = token_scale
     else:
         wl = gpu_workload(None, seed, **overrides)
-    train_here = "ttl" in pols and ttl_model is None
+    train_here = needs_ttl and ttl_model is None
     try:
         with TraceStore(db, read_only=True) as store:
             distinct = load_programs(store, wl)
@@ -139,7 +143,7 @@ def simulate(
     cfg = SimConfig(replicas=replicas, routing=routing, arrivals=arrivals, kv_blocks=kv_blocks)
     cfg.shared_prefix_tokens = wl.system_prompt_tokens
     tables, ttl_path = None, None
-    if "ttl" in pols:
+    if needs_ttl:
         from ctk.simulate.ttl import ttl_tables
 
         try:

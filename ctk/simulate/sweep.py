@@ -96,7 +96,11 @@ def run_sweep(
     progress: Callable[[int], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Sweep:
-    """Simulate every (rate, policy) pair; the same programs and seed everywhere."""
+    """Simulate every (rate, policy) pair; the same programs and seed everywhere. A policy may be an arm of
+    the policy comparison (``ttl@age_factor=2``, ``oracle@age_bound=true``, ``vllm/program-fcfs``)."""
+    from ctk.measure.compare import Arm
+
+    arms = [Arm.parse(p) for p in policies]
     cost = tables.cost_model if tables is not None else profile.cost_model()
     sweep = Sweep(list(rates), list(policies))
     for rate in rates:
@@ -104,17 +108,18 @@ def run_sweep(
         if rate is not None and cfg.arrivals.rate is None and cfg.arrivals.concurrency:
             arrivals.concurrency = None  # a Poisson sweep is open loop unless a rate was the base
         run_cfg = dataclasses.replace(cfg, arrivals=arrivals)
-        for policy in policies:
-            serve = dict(cfg.serve)
-            if policy == "ttl" and ttl_model:
+        for arm in arms:
+            policy, is_ttl = arm.name, arm.policy == "ttl"
+            serve = {**cfg.serve, **arm.settings()}
+            if is_ttl and ttl_model:
                 serve["ttl_model"] = ttl_model
             run_cfg.serve = serve
             res = simulate(
                 programs,
                 profile,
-                policy,
+                arm.policy.value,
                 run_cfg,
-                tables=tables if policy == "ttl" else None,
+                tables=tables if is_ttl else None,
                 cost=cost,
                 progress=progress,
             )
