@@ -462,7 +462,8 @@ def test_return_share_learns_that_pinned_programs_return_elsewhere():
 
 def test_oracle_orders_strictly_only_while_its_programs_come_back():
     """Behind round-robin the oracle's pinned programs return to other replicas: it then falls back from
-    strict program FCFS to the age bound and lets young waiting requests take pins; Continuum stays strict."""
+    strict program FCFS to the age bound and lets young waiting requests take pins; so does ttl in strict
+    order; Continuum stays strict."""
     from ctk.engine_patch.policy import RETURNS_TO_DEFER
 
     def scattered() -> object:
@@ -474,8 +475,12 @@ def test_oracle_orders_strictly_only_while_its_programs_come_back():
         assert r.share < RETURNS_TO_DEFER
         return r
 
-    for policy, relaxes in (("oracle", True), ("continuum", False)):
-        c = make_core(policy)
+    for policy, settings, relaxes in (
+        ("oracle", {}, True),
+        ("ttl", {"age_bound": False}, True),  # ctk's pins in strict order (--no-age-bound) fall back too
+        ("continuum", {}, False),
+    ):
+        c = make_core(policy, priced_tables() if policy == "ttl" else None, **settings)
         assert c.order.age_bound_s == math.inf
         c.returns = scattered()
         c.arrived("a", h("a"), now=0.0)

@@ -269,7 +269,7 @@ class TTLRule:
     release_on_next_finish = False
     age_bound = True
     valve_last_resort = False
-    strict_needs_returns = False
+    strict_needs_returns = True  # in strict order (--no-age-bound): only while programs come back here
 
     def __init__(
         self,
