@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from policies import trace_store  # bench/policies.py
 
-    from ctk.measure.compare import run_comparison
+    from ctk.measure.compare import Arm, run_comparison, split_arms
     from ctk.measure.presets import bench_config
     from ctk.measure.workload import load_programs
     from ctk.simulate.client_timing import load_client_timing
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     cfg = bench_config(seed=args.seed)
     if args.policies:
-        cfg.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+        cfg.policies = split_arms(args.policies)
     if args.programs:
         cfg.workload.n_programs = args.programs
     if args.max_turns:
@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     with TraceStore(db, read_only=True) as store:
         programs = load_programs(store, cfg.workload)
     tables = None
-    if ttl_model and "ttl" in cfg.policies:
+    arms = {name: Arm.parse(name) for name in cfg.policies}  # an arm may carry serve settings
+    if ttl_model and any(arm.policy == "ttl" for arm in arms.values()):
         from ctk.predict.modelfile import load_ttl_tables
 
         tables = load_ttl_tables(str(ttl_model))
@@ -217,10 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     sim_cfg = comparison_sim_config(cfg, prof, timing)
     sim: dict[str, dict] = {}
-    for policy in cfg.policies:
-        run_cfg = dataclasses.replace(sim_cfg, serve={"ttl_model": str(ttl_model)} if policy == "ttl" else {})
+    for policy, arm in arms.items():
+        is_ttl = arm.policy == "ttl"
+        serve = {**arm.settings(), **({"ttl_model": str(ttl_model)} if is_ttl else {})}
+        run_cfg = dataclasses.replace(sim_cfg, serve=serve)
         cost = tables.cost_model if tables is not None else prof.cost_model()
-        res = simulate(programs, prof, policy, run_cfg, tables=tables if policy == "ttl" else None, cost=cost)
+        res = simulate(
+            programs, prof, arm.policy.value, run_cfg, tables=tables if is_ttl else None, cost=cost
+        )
         sim[policy] = {k: res.summary()[k] for k in FIGURES}
 
     # -- the comparison ----------------------------------------------------------------------------
