@@ -11,7 +11,7 @@ program's turns arrive one after another, so program FCFS orders the queue as FC
 the same schedule (same step count) and the ratio is the plugin's own cost (the order is still computed).
 
     .venv/bin/python bench/sched_overhead.py [--model PATH] [--phases 4] [--requests 32] [--outputs real]
-                                              [--clock wall|cpu]
+                                              [--clock wall|cpu] [--without step,finish,arrival]
 
 Prints the per-step scheduler time of both and the ratio ctk / stock of the scheduler time spent on the same
 workload (target: <= 1.02). ctk's cost is per request (metadata, decision at finish), vLLM's per request
@@ -168,6 +168,21 @@ def robust_total(runs: list[tuple[float, list[float]]]) -> tuple[float, int]:
     return total, n
 
 
+SKIPPABLE = ("step", "finish", "arrival")
+
+
+def skip_driver_calls(driver, parts: list[str]) -> None:
+    """Diagnostics: replace driver calls by no-ops on this instance (``step``, ``finish``, ``arrival``)."""
+    hints = driver.hints
+    noops = {
+        "step": ("step_begin", lambda now, free_floor=-1: None),
+        "finish": ("request_finished", lambda request_id, end, now: hints.pop(request_id, None) and False),
+        "arrival": ("request_added", lambda request_id, h, now: None),
+    }
+    for part in parts:
+        setattr(driver, *noops[part])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="model folder (default: build the tiny model)")
@@ -187,6 +202,13 @@ def main() -> None:
         help="extra ctk setting for the ctk variant (diagnostics), e.g. program_fcfs=0",
     )
     ap.add_argument(
+        "--without",
+        default="",
+        metavar="PARTS",
+        help="diagnostics: the ctk variant skips these driver calls (comma-separated: step = step_begin, "
+        "finish = the decision at finish, arrival = request_added), to see what each costs in the engine",
+    )
+    ap.add_argument(
         "--clock",
         choices=("wall", "cpu"),
         default="wall",
@@ -198,6 +220,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     extra = dict(kv.split("=", 1) for kv in args.ctk)
+    without = [p for p in args.without.split(",") if p]
+    if set(without) - set(SKIPPABLE):
+        ap.error(f"--without: one or more of {', '.join(SKIPPABLE)}")
     with tempfile.TemporaryDirectory(prefix="ctk-bench-") as tmp:
         model_dir, model_file = build_inputs(Path(tmp), args.model)
         from vllm import LLM
@@ -217,6 +242,9 @@ def main() -> None:
             additional_config={"ctk": {"policy": "ttl", "ttl_model": model_file, "online": False, **extra}},
         )
         sched = llm.llm_engine.engine_core.engine_core.scheduler
+        if without:
+            skip_driver_calls(sched.ctk_driver, without)
+            print(f"DIAGNOSTIC: the ctk variant skips {', '.join(without)} (its decisions are off)")
         timer = Switch(
             sched, Scheduler, CTKScheduler, time.thread_time if args.clock == "cpu" else time.perf_counter
         )

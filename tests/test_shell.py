@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from ctk.datasets.shell import PROGRAM_KEY, QUICK_KEY, command_keys, parse_command, split_command
+from ctk.datasets.shell import (
+    PARSE_CHARS,
+    PROGRAM_KEY,
+    QUICK_KEY,
+    command_keys,
+    parse_command,
+    split_command,
+)
 
 
 def chain(command: str, tool: str | None = None) -> list[str]:
@@ -132,3 +139,17 @@ def test_long_command_is_cached_and_bounded() -> None:
     long = "cd /r && " + "echo x && " * 5000 + "python train.py"
     assert command_keys(long)[-1] == "*"
     assert command_keys(long) == command_keys(long)
+
+
+def test_a_line_continuation_segment_holds_no_program(shared_traces) -> None:
+    """A segment made only of a line continuation (``cmd && \\`` then a newline) is skipped without
+    tokenizing: over the real commands, continuing each ``&&`` on the next line keeps every key."""
+    import csv
+
+    with (shared_traces / "tool_calls.csv").open() as fh:
+        rows = [r["command_or_args"] for r in csv.DictReader(fh) if " && " in r["command_or_args"]]
+    # within the parsed head and segment budget either way (longer texts are cut where they differ)
+    commands = [c for c in rows if len(c) + 2 * c.count("&&") <= PARSE_CHARS and c.count("&&") < 5]
+    assert len(commands) > 100
+    for c in commands:
+        assert command_keys(c.replace(" && ", " && \\\n")) == command_keys(c), c

@@ -46,6 +46,8 @@ _PROGRAM_RE = re.compile(r"^(?:\[\[?|[a-z0-9_][a-z0-9_.+-]*)$")
 _DATA_EXT_RE = re.compile(
     r"\.(?:log|txt|html?|json|jsonl|csv|tsv|md|xml|ya?ml|toml|ini|conf|cfg|out|err|gz|zip|tar|pkl|npy|png|jpe?g)$"
 )
+#: The characters a program name can start with (the first of ``_PROGRAM_RE``).
+_PROGRAM_START = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_[")
 _LETTER_RE = re.compile(r"[a-z]")  # a program name is lower-case ASCII (_PROGRAM_RE)
 _SUB_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 _MAX_SUB_LEN = 24
@@ -315,6 +317,10 @@ def _parse_cached(head: str) -> tuple[str | None, str | None]:
                     first = (p0, None)
                 continue
             if p0 in _QUICK and quick[0] is not None:
+                continue
+            # not a wrapper nor a keyword: the plain first word is the program the tokenizing path would
+            # judge, and one that cannot start a program name (a line continuation ``\``) is none
+            if p0[:1] not in _PROGRAM_START and p0 not in _KEYWORD_PREFIXES:
                 continue
         seg = _TOKEN_RE.findall(text)
         words = _strip_wrappers(_program_words(seg, text))
