@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             ttl_model = ttl_model or d.get("config", {}).get("ttl_model")
             if len(real_runs) == 1:
                 adopt_run_config(cfg, d.get("config", {}))  # simulate what was run (concurrency, KV, ...)
+                if not args.policies:  # and every arm it ran (bench/policies.py --both-orders has seven)
+                    cfg.policies = list(d["policies"])
             measured.append(path.parent / "prefill_profile.json")
             replays += sorted(path.parent.glob("replay-*.json"))
     else:
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     # -- the comparison ----------------------------------------------------------------------------
     out = {"policies": {}, "config": {}}
     print(
-        f"\n{'policy':<13} {'mean JCT real':>13} {'sim':>7} {'err':>6}  {'p99 TTFT real':>13} {'sim':>7}  "
+        f"\n{'policy':<22} {'mean JCT real':>13} {'sim':>7} {'err':>6}  {'p99 TTFT real':>13} {'sim':>7}  "
         f"{'hit real':>8} {'sim':>6} {'diff':>6}  {'preempt real':>12} {'sim':>5}"
     )
     jct_ok, hit_ok = True, True
@@ -255,10 +257,10 @@ def main(argv: list[str] | None = None) -> int:
             (s["preemptions"], "{:.0f}", 5),
         ]
         print(
-            f"{policy:<13}" + " ".join(("-" if v is None else fmt.format(v)).rjust(w) for v, fmt, w in cells)
+            f"{policy:<22}" + " ".join(("-" if v is None else fmt.format(v)).rjust(w) for v, fmt, w in cells)
         )
-    rank_real, rank_sim = ranking(real), ranking(sim)
-    pairs = separated_pairs(round_jcts(real_runs))
+    rank_real, rank_sim = ranking({k: v for k, v in real.items() if k in sim}), ranking(sim)
+    pairs = [(a, b) for a, b in separated_pairs(round_jcts(real_runs)) if a in sim and b in sim]
     kept = [(a, b) for a, b in pairs if sim[a]["mean_jct_s"] < sim[b]["mean_jct_s"]]
     out["targets"] = {
         f"mean_jct within {JCT_TOLERANCE:.0%} for every policy": jct_ok,
