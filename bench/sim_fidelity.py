@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     from ctk.measure.workload import load_programs
     from ctk.simulate.client_timing import load_client_timing
     from ctk.simulate.profiles import load_profile
-    from ctk.simulate.run import comparison_sim_config, simulate
+    from ctk.simulate.run import comparison_sim_config, simulate_arm
     from ctk.store import TraceStore
 
     t0 = time.monotonic()
@@ -204,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     with TraceStore(db, read_only=True) as store:
         programs = load_programs(store, cfg.workload)
     tables = None
-    arms = {name: Arm.parse(name) for name in cfg.policies}  # an arm may carry serve settings
-    if ttl_model and any(arm.policy == "ttl" for arm in arms.values()):
+    if ttl_model and any(Arm.parse(name).policy == "ttl" for name in cfg.policies):  # arms carry settings
         from ctk.predict.modelfile import load_ttl_tables
 
         tables = load_ttl_tables(str(ttl_model))
@@ -220,15 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     sim_cfg = comparison_sim_config(cfg, prof, timing)
     sim: dict[str, dict] = {}
-    for policy, arm in arms.items():
-        is_ttl = arm.policy == "ttl"
-        serve = {**arm.settings(), **({"ttl_model": str(ttl_model)} if is_ttl else {})}
-        run_cfg = dataclasses.replace(sim_cfg, serve=serve)
-        cost = tables.cost_model if tables is not None else prof.cost_model()
-        res = simulate(
-            programs, prof, arm.policy.value, run_cfg, tables=tables if is_ttl else None, cost=cost
-        )
-        sim[policy] = {k: res.summary()[k] for k in FIGURES}
+    cost = tables.cost_model if tables is not None else prof.cost_model()
+    for policy in cfg.policies:
+        summary = simulate_arm(programs, prof, policy, sim_cfg, tables, ttl_model, cost).summary()
+        sim[policy] = {k: summary[k] for k in FIGURES}
 
     # -- the comparison ----------------------------------------------------------------------------
     out = {"policies": {}, "config": {}}

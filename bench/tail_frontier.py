@@ -48,25 +48,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def arms(factors: list[float], quantiles: list[float]) -> list[tuple[str, str, dict]]:
-    """(label, policy, serve overrides) of every arm; stock vLLM first (the baseline)."""
-    out = [(p, p, {}) for p in BASELINES]
+def arms(factors: list[float], quantiles: list[float]) -> list[tuple[str, str]]:
+    """(label, arm of the policy comparison) of every arm; stock vLLM first (the baseline)."""
+    out = [(p, p) for p in BASELINES]
     for q in quantiles:
         for f in factors:
             name = "no bound" if math.isinf(f) else f"f={f:g} q={q:g}"
             if math.isinf(f) and q != quantiles[0]:
                 continue  # without a bound the quantile does not matter
             # ServeConfig takes finite factors only: 1e6 x any wait is no bound
-            out.append((f"ttl {name}", "ttl", {"age_factor": min(f, 1e6), "age_quantile": q}))
+            out.append((f"ttl {name}", f"ttl@age_factor={min(f, 1e6)!r},age_quantile={q!r}"))
     for q in quantiles:  # the oracle held to the same bounds: what clairvoyant pins give at a given tail
         for f in factors:
             if not math.isinf(f):
                 out.append(
-                    (
-                        f"oracle f={f:g} q={q:g}",
-                        "oracle",
-                        {"age_bound": True, "age_factor": f, "age_quantile": q},
-                    )
+                    (f"oracle f={f:g} q={q:g}", f"oracle@age_bound=true,age_factor={f!r},age_quantile={q!r}")
                 )
     return out
 
@@ -95,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from ctk.measure.presets import bench_config
     from ctk.measure.workload import load_programs
     from ctk.simulate.profiles import load_profile
-    from ctk.simulate.run import comparison_sim_config, simulate
+    from ctk.simulate.run import comparison_sim_config, simulate_arm
     from ctk.simulate.ttl import ttl_tables
     from ctk.store import TraceStore
 
@@ -119,16 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg.replay.concurrency = concurrency
             sim_cfg = comparison_sim_config(cfg, prof)
             figs = {}
-            for label, policy, serve in arm_list:
-                sim_cfg.serve = {**serve, "ttl_model": str(model)} if policy == "ttl" else dict(serve)
-                res = simulate(
-                    programs,
-                    prof,
-                    policy,
-                    sim_cfg,
-                    tables=tables if policy == "ttl" else None,
-                    cost=tables.cost_model,
-                )
+            for label, arm in arm_list:
+                res = simulate_arm(programs, prof, arm, sim_cfg, tables, str(model), tables.cost_model)
                 figs[label] = res.summary()
             per_seed.append(figs)
         table = summarize(per_seed)

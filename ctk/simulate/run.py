@@ -136,6 +136,37 @@ def make_engines(profile: HardwareProfile, cfg: SimConfig) -> list[SimEngine]:
     return [SimEngine(ecfg, profile, name=f"engine-{i}") for i in range(cfg.replicas)]
 
 
+def simulate_arm(
+    programs: list[ProgramSpec],
+    profile: HardwareProfile,
+    arm: str,
+    cfg: SimConfig,
+    tables=None,
+    ttl_model: str | None = None,
+    cost=None,
+    progress: Callable[[int], None] | None = None,
+) -> SimResult:
+    """:func:`simulate` one arm of the policy comparison (``ttl``, ``ttl@age_factor=2``,
+    ``vllm/program-fcfs``, ``oracle@age_bound=true``): its serve settings over ``cfg.serve``; only ``ttl``
+    gets the TTL model and ``tables``."""
+    from ctk.measure.compare import Arm
+
+    parsed = Arm.parse(arm)
+    is_ttl = parsed.policy == "ttl"
+    serve = {**cfg.serve, **parsed.settings()}
+    if is_ttl and ttl_model:
+        serve["ttl_model"] = str(ttl_model)
+    return simulate(
+        programs,
+        profile,
+        parsed.policy.value,
+        dataclasses.replace(cfg, serve=serve),
+        tables=tables if is_ttl else None,
+        cost=cost,
+        progress=progress,
+    )
+
+
 def simulate(
     programs: list[ProgramSpec],
     profile: HardwareProfile,

@@ -18,7 +18,7 @@ from typing import Any
 
 from ctk.measure.workload import ProgramSpec, WorkloadConfig
 from ctk.simulate.profiles import HardwareProfile
-from ctk.simulate.run import SimConfig, simulate
+from ctk.simulate.run import SimConfig, simulate_arm
 
 #: Workload defaults at GPU scale: recorded token counts unscaled, contexts up to 64k tokens.
 GPU_WORKLOAD = dict(
@@ -98,9 +98,6 @@ def run_sweep(
 ) -> Sweep:
     """Simulate every (rate, policy) pair; the same programs and seed everywhere. A policy may be an arm of
     the policy comparison (``ttl@age_factor=2``, ``oracle@age_bound=true``, ``vllm/program-fcfs``)."""
-    from ctk.measure.compare import Arm
-
-    arms = [Arm.parse(p) for p in policies]
     cost = tables.cost_model if tables is not None else profile.cost_model()
     sweep = Sweep(list(rates), list(policies))
     for rate in rates:
@@ -108,24 +105,11 @@ def run_sweep(
         if rate is not None and cfg.arrivals.rate is None and cfg.arrivals.concurrency:
             arrivals.concurrency = None  # a Poisson sweep is open loop unless a rate was the base
         run_cfg = dataclasses.replace(cfg, arrivals=arrivals)
-        for arm in arms:
-            policy, is_ttl = arm.name, arm.policy == "ttl"
-            serve = {**cfg.serve, **arm.settings()}
-            if is_ttl and ttl_model:
-                serve["ttl_model"] = ttl_model
-            run_cfg.serve = serve
-            res = simulate(
-                programs,
-                profile,
-                arm.policy.value,
-                run_cfg,
-                tables=tables if is_ttl else None,
-                cost=cost,
-                progress=progress,
-            )
-            sweep.add(rate, policy, res.summary())
+        for policy in policies:
+            res = simulate_arm(programs, profile, policy, run_cfg, tables, ttl_model, cost, progress)
+            s = res.summary()
+            sweep.add(rate, policy, s)
             if log is not None:
-                s = res.summary()
                 log(
                     f"[rate {rate_key(rate)}] {policy}: mean JCT {s['mean_jct_s'] or 0:.2f} s, hit rate "
                     f"{s['hit_rate'] or 0:.2f}, pins {s['pins']}, {res.wall_s:.1f} s wall"
