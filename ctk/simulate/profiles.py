@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import statistics
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -132,11 +133,18 @@ class HardwareProfile:
 
     def speed_factor(self, measured: dict) -> float:
         """Median ratio of a ``ctk profile`` measurement's prefill times to this profile's at the same
-        lengths (> 1: the engine now runs slower than when this profile was made)."""
+        lengths (> 1: the engine now runs slower than when this profile was made).
+
+        ``ctk profile`` reports each length's latency minus the shortest prompt's (its ``raw[0]``), so that
+        prompt's own prefill is subtracted from this profile's too; else a profile that predicts prefill
+        exactly would read as ~5% too slow."""
+        raw = measured.get("raw") or []
+        base_tokens = int(statistics.median(raw[0]["tokens"])) if raw and raw[0].get("tokens") else 0
+        base = self.prefill_time_s(base_tokens)
         ratios = [
-            s / self.prefill_time_s(n)
+            s / (self.prefill_time_s(n) - base)
             for n, s in zip(measured["prefill_tokens"], measured["prefill_s"], strict=True)
-            if n > 0 and s > 0
+            if n > base_tokens and s > 0
         ]
         if not ratios:
             raise ProfileError("the measured prefill profile has no positive point")

@@ -1,0 +1,103 @@
+"""The CPU step model's calibration: fitting measured decode / prefill / mixed steps, the profile built from
+one measurement, and the speed factor read from a ``ctk profile`` file."""
+
+from __future__ import annotations
+
+import pytest
+
+from ctk.simulate.derive import cpu_profile
+from ctk.simulate.profiles import HardwareProfile, load_profile
+from ctk.simulate.steps import DECODE_POINTS, OUTPUT_TOKENS, PREFILL_POINTS, StepPoint, fit_steps
+
+TRUE = {  # a CPU engine's step: overhead, per token, per prefill (query, key) pair, per decode context token
+    "step_overhead_s": 0.002,
+    "per_token_s": 1.8e-5,
+    "attn_prefill_s": 2.2e-8,
+    "attn_decode_s": 1.4e-7,
+    "decode_seq_s": 1.6e-4,
+}
+
+
+def grid(coef: dict[str, float]) -> list[StepPoint]:
+    """The measurement grid's steps, timed by a known step model."""
+    points = []
+    for ctx, b in DECODE_POINTS:
+        points.append(StepPoint(0, 0.0, b, b * (ctx + OUTPUT_TOKENS // 2), 0.0, "decode"))
+    for tokens, cached, b, ctx in PREFILL_POINTS:
+        points.append(StepPoint(tokens, tokens * (cached + tokens / 2), b, b * ctx, 0.0, "mixed"))
+    for p in points:
+        p.step_s = sum(c * f for c, f in zip(coef.values(), p.features(), strict=True))
+    return points
+
+
+def measurement(points: list[StepPoint]) -> dict:
+    prof = HardwareProfile.from_dict({**load_profile("cpu", "tiny").to_dict(), **fitted_profile_fields(TRUE)})
+    short = prof.prefill_time_s(405)
+    return {
+        "prefill": {
+            "prefill_tokens": [0, 1579, 3035],
+            "prefill_s": [0.0, prof.prefill_time_s(1579) - short, prof.prefill_time_s(3035) - short],
+            "overhead_s": short + 0.01,
+            "raw": [{"requested": 128, "tokens": [405, 405], "latency_s": [short + 0.01, short + 0.01]}],
+        },
+        "steps": [p.__dict__ for p in points],
+        "info": {"num_gpu_blocks": 64, "block_size": 128},
+        "server_args": ["--max-num-seqs", "8"],
+        "measured_unix_s": 1.0,
+    }
+
+
+def fitted_profile_fields(coef: dict[str, float]) -> dict:
+    return {
+        "step_overhead_s": coef["step_overhead_s"],
+        "linear_tokens": [0, 2048],
+        "linear_s": [0.0, coef["per_token_s"] * 2048],
+        "attn_prefill_s": coef["attn_prefill_s"],
+        "attn_decode_s": coef["attn_decode_s"],
+        "decode_seq_s": coef["decode_seq_s"],
+    }
+
+
+def test_fit_recovers_the_step_model_from_the_measurement_grid():
+    fit = fit_steps(grid(TRUE))
+    for name, value in TRUE.items():
+        assert fit[name] == pytest.approx(value, rel=1e-3), name
+
+
+def test_cpu_profile_is_fitted_to_decode_and_mixed_steps_not_prefill_alone():
+    """The profile predicts every measured step (batched decode included) and its round trip is the shortest
+    prompt's latency minus that prompt's prefill step."""
+    prof = HardwareProfile.from_dict(cpu_profile(measurement(grid(TRUE))))
+    for p in grid(TRUE):
+        assert prof.step_s(p.prefill_tokens, p.prefill_attn, p.n_decode, p.decode_ctx) == pytest.approx(
+            p.step_s, rel=1e-3
+        )
+    # eight decoding sequences at ~300 tokens of context: overhead + 8 x per-sequence, not x 8 the overhead
+    assert prof.step_s(0, 0.0, 8, 8 * 288) == pytest.approx(0.002 + 8 * (1.8e-5 + 1.6e-4) + 8 * 288 * 1.4e-7)
+    assert prof.rtt_s == pytest.approx(0.01, abs=1e-5)
+    assert "steps" in prof.sources["raw"]
+
+
+def test_speed_factor_subtracts_the_shortest_prompt_as_ctk_profile_does():
+    """``ctk profile`` reports latency minus the shortest prompt's latency: a measurement made on exactly
+    the profiled engine reads as speed 1.0, one 1.3x slower as 1.3."""
+    prof = HardwareProfile.from_dict(cpu_profile(measurement(grid(TRUE))))
+    measured = measurement(grid(TRUE))["prefill"]
+    assert prof.speed_factor(measured) == pytest.approx(1.0, rel=1e-6)
+    slow = dict(measured, prefill_s=[1.3 * s for s in measured["prefill_s"]])
+    assert prof.speed_factor(slow) == pytest.approx(1.3, rel=1e-6)
+
+
+def test_bundled_cpu_profile_predicts_its_measured_steps():
+    """The bundled profile keeps its raw step measurement; the fitted model stays within 20% of every
+    measured step (decode batches of 1-8, prefill alone and next to decodes)."""
+    import json
+
+    prof = load_profile("cpu", "tiny")
+    raw = json.loads(prof.sources["raw"])
+    kinds = {p["kind"] for p in raw["steps"]}
+    assert kinds == {"decode", "prefill", "mixed"}
+    assert max(p["n_decode"] for p in raw["steps"]) >= 6
+    for p in raw["steps"]:
+        est = prof.step_s(p["prefill_tokens"], p["prefill_attn"], p["n_decode"], p["decode_ctx"])
+        assert est == pytest.approx(p["step_s"], rel=0.2), p
