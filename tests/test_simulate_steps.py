@@ -101,3 +101,38 @@ def test_bundled_cpu_profile_predicts_its_measured_steps():
     for p in raw["steps"]:
         est = prof.step_s(p["prefill_tokens"], p["prefill_attn"], p["n_decode"], p["decode_ctx"])
         assert est == pytest.approx(p["step_s"], rel=0.2), p
+
+
+def replay_of(turns: list[dict]) -> dict:
+    return {"label": "r", "programs": [{"turns": turns}]}
+
+
+def turn(sent: float, ttft: float, latency: float, prompt: int, cached: int = 0, n: int = 11) -> dict:
+    return {
+        "sent_unix_s": sent,
+        "ttft_s": ttft,
+        "latency_s": latency,
+        "queue_s": 0.0,
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+        "completion_tokens": n,
+    }
+
+
+def test_decode_window_check_compares_a_replays_decode_time_with_the_profile():
+    """One turn alone decodes n - 1 steps at its context: a window of exactly that predicted time reads 1.0,
+    twice as long 2.0; a second turn decoding over the same window doubles the batch the model charges."""
+    from ctk.simulate.step_check import check_replays, decode_window_check
+
+    prof = HardwareProfile.from_dict(cpu_profile(measurement(grid(TRUE))))
+    step = prof.step_s(0, 0.0, 1, 1000 + 11 / 2)
+    alone = replay_of([turn(0.0, 0.1, 0.1 + 10 * step, 1000)])
+    assert decode_window_check(alone, prof.step_s)["real_over_model"] == pytest.approx(1.0)
+    slow = replay_of([turn(0.0, 0.1, 0.1 + 20 * step, 1000)])
+    assert decode_window_check(slow, prof.step_s)["real_over_model"] == pytest.approx(2.0)
+    pair_step = prof.step_s(0, 0.0, 2, 2 * (1000 + 11 / 2))
+    pair = replay_of([turn(0.0, 0.1, 0.1 + 10 * pair_step, 1000), turn(0.0, 0.1, 0.1 + 10 * pair_step, 1000)])
+    res = decode_window_check(pair, prof.step_s)
+    assert res["batch"] == pytest.approx(2.0) and res["real_over_model"] == pytest.approx(1.0)
+    both = check_replays([alone, slow], prof.step_s)
+    assert both["all"]["real_over_model"] == pytest.approx(1.5)
