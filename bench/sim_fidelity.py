@@ -70,9 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-calibrate",
         action="store_true",
-        help="use the profile as is (default with --real or --profile: scale its step times to the prefill "
-        "speed ctk profile measured in the run, after its first replay: a shared machine runs slower than "
-        "when the profile was made; a profile measured by this run itself is used as is)",
+        help="use the profile as is (default with --real or --profile: scale its prefill work, per token and "
+        "attention, to the prefill speed ctk profile measured in the run after its first replay; a shared "
+        "machine runs slower than when the profile was made; a profile measured by this run itself is used "
+        "as is)",
     )
     return p.parse_args(argv)
 
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from ctk.measure.presets import bench_config
     from ctk.measure.workload import load_programs
     from ctk.simulate.client_timing import load_client_timing
-    from ctk.simulate.profiles import load_profile
+    from ctk.simulate.profiles import PREFILL_TERMS, load_profile
     from ctk.simulate.run import comparison_sim_config, simulate_arm
     from ctk.simulate.step_check import check_replays
     from ctk.store import TraceStore
@@ -217,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         factors = [prof.speed_factor(json.loads(m.read_text())) for m in measured if m.exists()]
         if factors:
             factor = statistics.median(factors)
-            prof = prof.scaled(factor, "the real engine's prefill speed measured in this run")
-    print(f"simulator profile {prof.name} (step times x {factor:.2f} of the bundled measurement)")
+            why = "the real engine's prefill speed measured in this run"
+            prof = prof.scaled(factor, why, PREFILL_TERMS)
+    print(f"simulator profile {prof.name} (prefill work x {factor:.2f} of the profile's measurement)")
     step_check = None
     if replays:  # the profile on the steps the real engine ran: its decode windows, measured vs predicted
         step_check = check_replays((json.loads(p.read_text()) for p in replays), prof.step_s)

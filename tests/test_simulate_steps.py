@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ctk.simulate.derive import cpu_profile
-from ctk.simulate.profiles import HardwareProfile, load_profile
+from ctk.simulate.profiles import PREFILL_TERMS, HardwareProfile, load_profile
 from ctk.simulate.steps import DECODE_POINTS, OUTPUT_TOKENS, PREFILL_POINTS, StepPoint, fit_steps
 
 TRUE = {  # a CPU engine's step: overhead, per token, per prefill (query, key) pair, per decode context token
@@ -78,14 +78,29 @@ def test_cpu_profile_is_fitted_to_decode_and_mixed_steps_not_prefill_alone():
     assert "steps" in prof.sources["raw"]
 
 
+def ctk_profile_of(prof: HardwareProfile) -> dict:
+    """What ``ctk profile`` reports on an engine that runs exactly as ``prof``: each length's latency minus
+    the shortest prompt's (405 tokens)."""
+    short = prof.prefill_time_s(405)
+    lengths = [1579, 3035, 6056]
+    return {
+        "prefill_tokens": [0, *lengths],
+        "prefill_s": [0.0, *(prof.prefill_time_s(n) - short for n in lengths)],
+        "raw": [{"requested": 128, "tokens": [405, 405], "latency_s": [short, short]}],
+    }
+
+
 def test_speed_factor_subtracts_the_shortest_prompt_as_ctk_profile_does():
-    """``ctk profile`` reports latency minus the shortest prompt's latency: a measurement made on exactly
-    the profiled engine reads as speed 1.0, one 1.3x slower as 1.3."""
+    """A ``ctk profile`` of exactly the profiled engine reads as speed 1.0; of one whose prefill work runs
+    1.3x slower, 1.3, and scaling the profile's prefill terms by it reproduces the measurement."""
     prof = HardwareProfile.from_dict(cpu_profile(measurement(grid(TRUE))))
-    measured = measurement(grid(TRUE))["prefill"]
-    assert prof.speed_factor(measured) == pytest.approx(1.0, rel=1e-6)
-    slow = dict(measured, prefill_s=[1.3 * s for s in measured["prefill_s"]])
-    assert prof.speed_factor(slow) == pytest.approx(1.3, rel=1e-6)
+    assert prof.speed_factor(ctk_profile_of(prof)) == pytest.approx(1.0, rel=1e-6)
+    slow = ctk_profile_of(prof.scaled(1.3, terms=PREFILL_TERMS))
+    factor = prof.speed_factor(slow)
+    assert factor == pytest.approx(1.3, rel=1e-6)
+    assert ctk_profile_of(prof.scaled(factor, terms=PREFILL_TERMS))["prefill_s"] == pytest.approx(
+        slow["prefill_s"]
+    )
 
 
 def test_bundled_cpu_profile_predicts_its_measured_steps():
