@@ -109,6 +109,13 @@ def ranking(figs: dict[str, dict]) -> list[str]:
     )
 
 
+def pair_agreement(rank_real: list[str], rank_sim: list[str]) -> float | None:
+    """The share of policy pairs the simulator orders as the real run does (1.0: the same ranking)."""
+    pos = {p: i for i, p in enumerate(rank_sim)}
+    pairs = [(a, b) for i, a in enumerate(rank_real) for b in rank_real[i + 1 :] if a in pos and b in pos]
+    return sum(pos[a] < pos[b] for a, b in pairs) / len(pairs) if pairs else None
+
+
 def round_jcts(runs: list[dict[str, dict]]) -> dict[str, list[float]]:
     """Per policy, the mean JCT of every real round (a multi-round file keeps its rounds under "rounds")."""
     out: dict[str, list[float]] = {}
@@ -290,9 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         "same ranking by mean JCT": rank_real == rank_sim,
         "the simulator keeps every order the real rounds separate": len(kept) == len(pairs),
     }
+    agreement = pair_agreement(rank_real, rank_sim)
     out["ranking"] = {
         "real": rank_real,
         "sim": rank_sim,
+        "pairs_in_the_same_order": agreement,
         "separated_in_every_real_round": [f"{a} < {b}" for a, b in pairs],
         "kept_by_the_simulator": [f"{a} < {b}" for a, b in kept],
     }
@@ -311,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.monotonic() - t0,
     }
     print(f"ranking by mean JCT: real {' < '.join(rank_real)}; sim {' < '.join(rank_sim)}")
+    if agreement is not None:
+        print(f"policy pairs the simulator orders as the real run: {agreement:.0%}")
     missed = [f"{a} < {b}" for a, b in pairs if (a, b) not in kept]
     agreed = ", ".join(f"{a} < {b}" for a, b in pairs) or "-"
     print(
