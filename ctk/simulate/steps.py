@@ -78,7 +78,7 @@ class StepPoint:
 
 
 class _Stream(threading.Thread):
-    """One streamed completion: chunk arrival times and the server's per-request metrics."""
+    """One streamed completion: each token's arrival time and the server's per-request metrics."""
 
     def __init__(self, client, base: str, model: str, prompt: list[int], max_tokens: int):
         super().__init__(daemon=True)
@@ -97,9 +97,10 @@ class _Stream(threading.Thread):
             "max_tokens": max_tokens,
             "min_tokens": max_tokens,
             "ignore_eos": True,
-            "temperature": 0.0,
+            "temperature": 1.0,  # as ctk replay asks: sampled, streamed, token ids returned
             "stream": True,
             "stream_options": {"include_usage": True},
+            "return_token_ids": True,
         }
         try:
             with client.stream("POST", f"{base}/completions", json=body) as r:
@@ -107,8 +108,10 @@ class _Stream(threading.Thread):
                     if not line.startswith("data:") or line.strip() == "data: [DONE]":
                         continue
                     chunk = json.loads(line[5:])
-                    if any(c.get("text") for c in chunk.get("choices") or []):
-                        self.times.append(time.perf_counter())
+                    now = time.perf_counter()
+                    for c in chunk.get("choices") or []:  # one time per token (a late chunk carries several)
+                        n = len(c.get("token_ids") or []) or bool(c.get("text"))
+                        self.times.extend([now] * n)
                     self.metrics.update(chunk.get("metrics") or {})
         except Exception as exc:  # noqa: BLE001 - reported by the caller as one line
             self.error = f"{type(exc).__name__}: {exc}"
