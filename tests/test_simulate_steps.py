@@ -104,7 +104,7 @@ def test_speed_factor_subtracts_the_shortest_prompt_as_ctk_profile_does():
 
 
 def test_bundled_cpu_profile_predicts_its_measured_steps():
-    """The bundled profile keeps its raw step measurement; the fitted model stays within 20% of every
+    """The bundled profile keeps its raw step measurement; the fitted model stays within 25% of every
     measured step (decode batches of 1-8, prefill alone and next to decodes)."""
     import json
 
@@ -115,7 +115,7 @@ def test_bundled_cpu_profile_predicts_its_measured_steps():
     assert max(p["n_decode"] for p in raw["steps"]) >= 6
     for p in raw["steps"]:
         est = prof.step_s(p["prefill_tokens"], p["prefill_attn"], p["n_decode"], p["decode_ctx"])
-        assert est == pytest.approx(p["step_s"], rel=0.2), p
+        assert est == pytest.approx(p["step_s"], rel=0.25), p
 
 
 def replay_of(turns: list[dict]) -> dict:
