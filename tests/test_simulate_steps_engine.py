@@ -26,21 +26,21 @@ def server(tiny_model_dir, tmp_path_factory):
 
 
 def test_measure_steps_times_decode_batches_and_mixed_prefill(server):
-    from ctk.simulate.steps import measure_steps
+    from ctk.simulate.steps import OUTPUT_TOKENS, measure_steps
 
     points = measure_steps(
         server,
         decode_points=((256, 1), (256, 4)),
         prefill_points=((1024, 0, 0, 0), (1024, 0, 2, 512)),
-        repeats=1,
+        repeats=2,
         seed=1,
     )
     by_kind = {(p.kind, p.n_decode): p for p in points}
     assert set(by_kind) == {("decode", 1), ("decode", 4), ("prefill", 0), ("mixed", 2)}
     one, four = by_kind["decode", 1], by_kind["decode", 4]
-    assert 0 < one.step_s < 0.05 and four.decode_ctx == 4 * (256 + 32)
+    assert 0 < one.step_s < 0.05 and four.decode_ctx == 4 * (256 + OUTPUT_TOKENS // 2)
     assert four.step_s < 4 * one.step_s  # a batch shares the step's fixed cost
     prefill, mixed = by_kind["prefill", 0], by_kind["mixed", 2]
     assert prefill.prefill_tokens == 1024 and prefill.prefill_attn == 1024 * 512
     assert prefill.step_s > one.step_s  # 1024 prompt tokens cost more than one decode token
-    assert mixed.prefill_tokens == 1024 and mixed.decode_ctx == 2 * (512 + 32)
+    assert mixed.prefill_tokens == 1024 and mixed.decode_ctx == 2 * (512 + OUTPUT_TOKENS // 2)

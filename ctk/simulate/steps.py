@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-#: (context, batch) decode points: b x (c + 64) must fit the benchmark server's 16 MiB cache (~8k tokens).
+#: (context, batch) decode points: b x (c + 128) must fit the benchmark server's 16 MiB cache (~8k tokens).
 DECODE_POINTS = (
     (256, 1),
     (256, 4),
@@ -52,7 +52,7 @@ PREFILL_POINTS = (
     (1900, 0, 4, 1024),
     (512, 1024, 6, 512),
 )
-OUTPUT_TOKENS = 64
+OUTPUT_TOKENS = 128  # long enough that every request of a batch decodes together for 100+ steps
 
 
 @dataclass
@@ -80,9 +80,10 @@ class StepPoint:
 class _Stream(threading.Thread):
     """One streamed completion: each token's arrival time and the server's per-request metrics."""
 
-    def __init__(self, client, base: str, model: str, prompt: list[int], max_tokens: int):
+    def __init__(self, client, base, model, prompt: list[int], max_tokens: int, start=None):
         super().__init__(daemon=True)
         self.args = (client, base, model, prompt, max_tokens)
+        self.start_together = start  # a threading.Barrier: the batch's requests leave at once
         self.times: list[float] = []
         self.metrics: dict = {}
         self.error: str | None = None
@@ -91,6 +92,8 @@ class _Stream(threading.Thread):
         import json
 
         client, base, model, prompt, max_tokens = self.args
+        if self.start_together is not None:
+            self.start_together.wait()
         body = {
             "model": model,
             "prompt": prompt,
@@ -122,7 +125,8 @@ def _prompt(rng: random.Random, n: int) -> list[int]:
 
 
 def _decode_step(client, base, model, rng, ctx: int, batch: int) -> float | None:
-    streams = [_Stream(client, base, model, _prompt(rng, ctx), OUTPUT_TOKENS) for _ in range(batch)]
+    together = threading.Barrier(batch)
+    streams = [_Stream(client, base, model, _prompt(rng, ctx), OUTPUT_TOKENS, together) for _ in range(batch)]
     for s in streams:
         s.start()
     for s in streams:
@@ -139,7 +143,10 @@ def _decode_step(client, base, model, rng, ctx: int, batch: int) -> float | None
 
 
 def _prefill_step(client, base, model, rng, tokens: int, cached: int, batch: int, ctx: int) -> float | None:
-    decoders = [_Stream(client, base, model, _prompt(rng, ctx), OUTPUT_TOKENS * 3) for _ in range(batch)]
+    together = threading.Barrier(max(1, batch))
+    decoders = [
+        _Stream(client, base, model, _prompt(rng, ctx), OUTPUT_TOKENS * 2, together) for _ in range(batch)
+    ]
     for s in decoders:
         s.start()
     t0 = time.perf_counter()
