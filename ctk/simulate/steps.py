@@ -4,8 +4,8 @@
 often with a prefill chunk in the same step. This module measures those steps on the real server, the way
 the replay drives it (streamed completions of fresh token-id prompts, the server's per-request metrics):
 
-- decode: ``b`` requests of ``c`` prompt tokens decode together; the step time is the time the last-started
-  request's stream takes per token while every request decodes (client-side chunk times, prefill excluded);
+- decode: ``b`` requests of ``c`` prompt tokens leave together and decode together; the step time is the
+  server's mean inter-token time of the request that started last (its per-request metrics);
 - prefill, alone or mixed: a fresh prompt of ``p`` tokens (after a cached prefix of ``k``) arrives while
   ``b`` requests decode; the step that prefills it is timed by the server itself (per-request metrics:
   first token minus scheduled, one step when ``p`` fits the token budget).
@@ -133,11 +133,17 @@ def _decode_step(client, base, model, rng, ctx: int, batch: int) -> float | None
         s.join()
     if any(s.error or len(s.times) < 8 for s in streams):
         return None
-    start = max(s.times[0] for s in streams)  # every request decodes from here...
-    end = min(s.times[-1] for s in streams)  # ...to here
+    # the server's own inter-token time (engine timestamps; a client that reads a burst of chunks at once
+    # cannot shrink it); the request that started last decoded beside every other one, and the fewest
+    # mixed prefill steps: the smallest
+    itl = [s.metrics.get("mean_itl_ms") for s in streams]
+    if all(x is not None and x > 0 for x in itl):
+        return min(itl) / 1e3
+    start = max(s.times[0] for s in streams)  # no server metrics: every request decodes from here...
+    end = min(s.times[-1] for s in streams)  # ...to here, client-side
     last = max(streams, key=lambda s: s.times[0])
     inside = [t for t in last.times if start < t <= end]
-    if len(inside) < 8:
+    if len(inside) < 8 or inside[-1] <= start:
         return None
     return (inside[-1] - start) / len(inside)
 
