@@ -5,7 +5,8 @@ often with a prefill chunk in the same step. This module measures those steps on
 the replay drives it (streamed completions of fresh token-id prompts, the server's per-request metrics):
 
 - decode: ``b`` requests of ``c`` prompt tokens leave together and decode together; the step time is the
-  server's mean inter-token time of the request that started last (its per-request metrics);
+  time per token of the request that started last while every request decodes, client-side as the replay
+  sees it (the server's own mean inter-token time when the client read a burst of chunks at once);
 - prefill, alone or mixed: a fresh prompt of ``p`` tokens (after a cached prefix of ``k``) arrives while
   ``b`` requests decode; the step that prefills it is timed by the server itself (per-request metrics:
   first token minus scheduled, one step when ``p`` fits the token budget).
@@ -133,19 +134,19 @@ def _decode_step(client, base, model, rng, ctx: int, batch: int) -> float | None
         s.join()
     if any(s.error or len(s.times) < 8 for s in streams):
         return None
-    # the server's own inter-token time (engine timestamps; a client that reads a burst of chunks at once
-    # cannot shrink it); the request that started last decoded beside every other one, and the fewest
-    # mixed prefill steps: the smallest
-    itl = [s.metrics.get("mean_itl_ms") for s in streams]
-    if all(x is not None and x > 0 for x in itl):
-        return min(itl) / 1e3
-    start = max(s.times[0] for s in streams)  # no server metrics: every request decodes from here...
-    end = min(s.times[-1] for s in streams)  # ...to here, client-side
+    # client-side, as the replay sees a turn: the time the request that started last takes per token while
+    # every request decodes
+    start = max(s.times[0] for s in streams)
+    end = min(s.times[-1] for s in streams)
     last = max(streams, key=lambda s: s.times[0])
     inside = [t for t in last.times if start < t <= end]
-    if len(inside) < 8 or inside[-1] <= start:
-        return None
-    return (inside[-1] - start) / len(inside)
+    client = (inside[-1] - start) / len(inside) if len(inside) >= 8 else None
+    # the server's own mean inter-token time of that request: a floor when the client read a burst of
+    # chunks at once (a starved client thread; it shrinks the client-side time towards 0)
+    server = (last.metrics.get("mean_itl_ms") or 0.0) / 1e3
+    if client is None or client < 0.5 * server:
+        return server or None
+    return client
 
 
 def _prefill_step(client, base, model, rng, tokens: int, cached: int, batch: int, ctx: int) -> float | None:
