@@ -7,14 +7,18 @@
 The real side is ``ctk.measure.compare.run_comparison`` (one fresh ``ctk serve`` per policy, the recorded
 programs replayed), by default the median of 2 rounds with the policy order rotated between rounds. The
 simulated side replays the same programs (same workload configuration and seed) through
-``ctk.simulate`` with the bundled ``cpu--tiny`` profile (measured on this machine), the server's KV size,
+``ctk.simulate`` with a CPU step model measured on this machine (decode batches, prefill alone and mixed with
+decodes, :mod:`ctk.simulate.steps`): right before the real rounds, or with ``--real`` the bundled
+``cpu--tiny`` scaled to the prefill speed ``ctk profile`` measured in that run; the server's KV size,
 ``max_num_seqs`` and the same TTL model file, and the client's timing measured in the real run's replays
 (every turn draws a round trip and a client gap from them, :mod:`ctk.simulate.client_timing`; under load a
 turn spends ~0.1 s outside the engine's scheduler, not the idle profile's 8 ms). Prints per policy real
 vs simulated mean JCT, p99 TTFT, hit rate and preemptions with the errors, and checks the targets: mean JCT
 within 15%, hit rate within 0.05, the same ranking of policies by mean JCT. Real policies within the rounds'
 own noise have no real order, so it also checks the orders every real round agrees on (a faster than b in
-each round) and whether the simulator keeps them. JSON: ``{"policies": {"<policy>": {"real": {...}, "sim":
+each round) and whether the simulator keeps them. Apart from the simulation, the step model is checked
+on the steps the real engine ran (:mod:`ctk.simulate.step_check`: the replays' decode windows, measured
+against predicted). JSON: ``{"policies": {"<policy>": {"real": {...}, "sim":
 {...}, "error": {...}}}, "targets": {...}, "config": {...}}``.
 """
 
@@ -51,7 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-turns", type=int, help="turns per program at most")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--real", type=Path, action="append", help="compare-results.json of real runs to reuse")
-    p.add_argument("--profile", type=Path, help="simulator profile JSON (default: the bundled cpu--tiny)")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        help="simulator profile JSON (default: with --real the bundled cpu--tiny; else measured on this "
+        "machine right before the real rounds, ctk.simulate.derive.measure_cpu)",
+    )
     p.add_argument(
         "--no-client-timing",
         action="store_true",
@@ -61,8 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-calibrate",
         action="store_true",
-        help="use the profile as is (default: scale its step times to the prefill speed ctk profile measured "
-        "in this run, after the first replay: a shared machine runs slower than when the profile was made)",
+        help="use the profile as is (default with --real or --profile: scale its prefill work, per token and "
+        "attention, to the prefill speed ctk profile measured in the run after its first replay; a shared "
+        "machine runs slower than when the profile was made; a profile measured by this run itself is used "
+        "as is)",
     )
     return p.parse_args(argv)
 
@@ -96,6 +107,13 @@ def ranking(figs: dict[str, dict]) -> list[str]:
     return sorted(
         (p for p in figs if figs[p].get("mean_jct_s") is not None), key=lambda p: figs[p]["mean_jct_s"]
     )
+
+
+def pair_agreement(rank_real: list[str], rank_sim: list[str]) -> float | None:
+    """The share of policy pairs the simulator orders as the real run does (1.0: the same ranking)."""
+    pos = {p: i for i, p in enumerate(rank_sim)}
+    pairs = [(a, b) for i, a in enumerate(rank_real) for b in rank_real[i + 1 :] if a in pos and b in pos]
+    return sum(pos[a] < pos[b] for a, b in pairs) / len(pairs) if pairs else None
 
 
 def round_jcts(runs: list[dict[str, dict]]) -> dict[str, list[float]]:
@@ -135,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     from ctk.measure.presets import bench_config
     from ctk.measure.workload import load_programs
     from ctk.simulate.client_timing import load_client_timing
-    from ctk.simulate.profiles import load_profile
+    from ctk.simulate.profiles import PREFILL_TERMS, load_profile
     from ctk.simulate.run import comparison_sim_config, simulate_arm
+    from ctk.simulate.step_check import check_replays
     from ctk.store import TraceStore
 
     t0 = time.monotonic()
@@ -177,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
             from ctk.engine_patch.tiny_model import build_tiny_model
 
             build_tiny_model(model_dir)
+        if args.profile is None:  # the step model measured on this machine now, before the real rounds
+            from ctk.simulate.derive import cpu_profile, measure_cpu
+
+            print("measuring the simulator's CPU profile (decode, prefill and mixed steps)", flush=True)
+            args.profile = out_dir / "cpu-profile.json"
+            args.profile.write_text(json.dumps(cpu_profile(measure_cpu(out_dir)), indent=1))
+            args.no_calibrate = True  # measured minutes before the rounds: no speed to correct
         for k in range(args.rounds):
             rc = dataclasses.replace(
                 cfg, policies=cfg.policies[k % len(cfg.policies) :] + cfg.policies[: k % len(cfg.policies)]
@@ -199,8 +225,17 @@ def main(argv: list[str] | None = None) -> int:
         factors = [prof.speed_factor(json.loads(m.read_text())) for m in measured if m.exists()]
         if factors:
             factor = statistics.median(factors)
-            prof = prof.scaled(factor, "the real engine's prefill speed measured in this run")
-    print(f"simulator profile {prof.name} (step times x {factor:.2f} of the bundled measurement)")
+            why = "the real engine's prefill speed measured in this run"
+            prof = prof.scaled(factor, why, PREFILL_TERMS)
+    print(f"simulator profile {prof.name} (prefill work x {factor:.2f} of the profile's measurement)")
+    step_check = None
+    if replays:  # the profile on the steps the real engine ran: its decode windows, measured vs predicted
+        step_check = check_replays((json.loads(p.read_text()) for p in replays), prof.step_s)
+        per = [v["real_over_model"] for k, v in step_check.items() if k != "all"]
+        print(
+            f"real decode windows / the profile's time for the same steps: "
+            f"{step_check['all']['real_over_model']:.2f} (per replay {min(per):.2f}-{max(per):.2f})"
+        )
     with TraceStore(db, read_only=True) as store:
         programs = load_programs(store, cfg.workload)
     tables = None
@@ -262,9 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         "same ranking by mean JCT": rank_real == rank_sim,
         "the simulator keeps every order the real rounds separate": len(kept) == len(pairs),
     }
+    agreement = pair_agreement(rank_real, rank_sim)
     out["ranking"] = {
         "real": rank_real,
         "sim": rank_sim,
+        "pairs_in_the_same_order": agreement,
         "separated_in_every_real_round": [f"{a} < {b}" for a, b in pairs],
         "kept_by_the_simulator": [f"{a} < {b}" for a, b in kept],
     }
@@ -277,11 +314,14 @@ def main(argv: list[str] | None = None) -> int:
         "server": dataclasses.asdict(cfg.server),
         "profile": prof.name,
         "speed_factor": factor,
+        "step_check": step_check,
         "client_timing": timing.summary() if timing is not None else None,
         "ttl_model": str(ttl_model) if ttl_model else None,
         "wall_s": time.monotonic() - t0,
     }
     print(f"ranking by mean JCT: real {' < '.join(rank_real)}; sim {' < '.join(rank_sim)}")
+    if agreement is not None:
+        print(f"policy pairs the simulator orders as the real run: {agreement:.0%}")
     missed = [f"{a} < {b}" for a, b in pairs if (a, b) not in kept]
     agreed = ", ".join(f"{a} < {b}" for a, b in pairs) or "-"
     print(

@@ -8,7 +8,7 @@ import pytest
 from ctk.simulate.blocks import BlockPool
 from ctk.simulate.engine import EngineConfig, SimEngine, SimRequest
 from ctk.simulate.fleet import ConsistentHash, LeastLoaded, RoundRobin
-from ctk.simulate.profiles import HardwareProfile, load_profile
+from ctk.simulate.profiles import PREFILL_TERMS, HardwareProfile, load_profile
 
 
 def flat_profile(step_s: float = 0.01, **kw) -> HardwareProfile:
@@ -226,4 +226,10 @@ def test_profile_recalibration_to_a_measured_speed():
     slow = p.scaled(2.5, "test")
     assert slow.step_s(300, 300 * 150.0, 4, 4000) == pytest.approx(2.5 * p.step_s(300, 300 * 150.0, 4, 4000))
     assert slow.rtt_s == p.rtt_s and "scaled" in slow.sources
+    # a measurement of prefill recalibrates prefill's work, not the step overhead or decode
+    slow = p.scaled(2.5, "test", PREFILL_TERMS)
     assert p.speed_factor(slow.prefill_profile()) == pytest.approx(2.5, rel=1e-3)
+    assert slow.step_s(0, 0.0, 4, 4000) == pytest.approx(p.step_s(0, 0.0, 4, 4000) + 1.5 * p.linear(4))
+    assert slow.step_s(1024, 1024 * 512.0, 0, 0) - p.step_overhead_s == pytest.approx(
+        2.5 * (p.step_s(1024, 1024 * 512.0, 0, 0) - p.step_overhead_s)
+    )

@@ -1,5 +1,5 @@
 """How the bundled profiles were made. GPU: Vidur's measured operator times + a roofline for the rest.
-CPU: one short run of the real engine on this machine.
+CPU: one short run of the real engine on this machine (prefill, decode and mixed steps).
 
     python -m ctk.simulate.derive gpu /path/to/vidur/git-dir  # rewrites ctk/simulate/profiles/h100*.json
     python -m ctk.simulate.derive cpu [work-dir]              # measures ctk serve, rewrites cpu--tiny.json
@@ -167,15 +167,17 @@ def write_gpu_profiles(vidur_git: Path) -> None:
 
 def measure_cpu(work_dir: Path) -> dict:
     """Start ``ctk serve`` (policy vllm) on the tiny model with the benchmark's server flags, measure prefill
-    (``ctk profile``) and decode steps, stop it; the raw measurement."""
+    (``ctk profile``) and engine steps (:func:`ctk.simulate.steps.measure_steps`: decode batches, prefill
+    alone and mixed with decodes), stop it; the raw measurement."""
     import time
+    from dataclasses import asdict
 
     from ctk.engine_patch.server import free_port, launch_server, stop_server, wait_ready
     from ctk.engine_patch.tiny_model import build_tiny_model
     from ctk.measure import server_metrics
-    from ctk.measure.compare import warm_up
+    from ctk.measure.compare import profile_prefill, warm_up
     from ctk.measure.presets import bench_config
-    from ctk.predict.profile import fit_decode, measure_decode, measure_prefill
+    from ctk.simulate.steps import measure_steps
 
     work_dir.mkdir(parents=True, exist_ok=True)
     model = work_dir / "tiny-model"
@@ -191,16 +193,13 @@ def measure_cpu(work_dir: Path) -> dict:
         wait_ready(base, cfg.server.startup_timeout_s, proc)
         warm_up(base)
         info = server_metrics.info_labels(base)
-        longest = int(max_len / 3.1)  # ctk profile lengths are words of ~2.9 tokens
-        lengths = sorted({min(n, longest) for n in (16, 128, 512, longest // 2, longest)})
-        pre = measure_prefill(base, lengths=lengths, repeats=3)
-        dec = measure_decode(base, batch_sizes=(1, 4, 8), contexts=(128, 2048), repeats=2)
+        pre = json.loads(profile_prefill(base, work_dir / "prefill_profile.json", max_len).read_text())
+        steps = measure_steps(base, block_size=int(info["block_size"]))
     finally:
         stop_server(proc)
     return {
         "prefill": pre,
-        "decode": dec,
-        "fit": fit_decode(dec["points"]),
+        "steps": [asdict(p) for p in steps],
         "info": info,
         "server_args": args,
         "measured_unix_s": time.time(),
@@ -218,85 +217,87 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "gpu":
         write_gpu_profiles(Path(argv[1]))
         return 0
+    from ctk.simulate.profiles import HardwareProfile
+
     work = Path(argv[1]) if len(argv) > 1 else Path("out/simulate-cpu-profile")
     measure = measure_cpu(work)
     (work / "cpu_measure.json").write_text(json.dumps(measure, indent=1))
     prof = cpu_profile(measure)
     path = PROFILES / "cpu--tiny.json"
     path.write_text(json.dumps(prof, indent=1) + "\n")
-    print(path, f"step overhead {prof['step_overhead_s'] * 1e3:.1f} ms, {prof['kv_blocks']} blocks")
+    print(path, f"step overhead {prof['step_overhead_s'] * 1e3:.2f} ms, {prof['kv_blocks']} blocks")
+    model = HardwareProfile.from_dict(prof)
+    for p in measure["steps"]:
+        est = model.step_s(p["prefill_tokens"], p["prefill_attn"], p["n_decode"], p["decode_ctx"])
+        print(
+            f"  {p['kind']:<7} prefill {p['prefill_tokens']:>5} decode {p['n_decode']} x ctx "
+            f"{p['decode_ctx']:>5}: measured {p['step_s'] * 1e3:6.2f} ms, model {est * 1e3:6.2f} ms"
+        )
     return 0
 
 
 def cpu_profile(measure: dict, max_model_len: int = 6144) -> dict:
-    """The tiny CPU model's profile from one real-server measurement (``ctk profile`` prefill points and
-    :func:`ctk.predict.profile.measure_decode` decode points), fitted to the step model."""
-    import numpy as np
+    """The tiny CPU model's profile from one real-server measurement (:func:`measure_cpu`): the step model
+    fitted to the measured decode, prefill and mixed steps (:func:`ctk.simulate.steps.fit_steps`); the
+    round trip from ``ctk profile``'s shortest prompt."""
+    from ctk.simulate.profiles import HardwareProfile
+    from ctk.simulate.steps import StepPoint, fit_steps
 
-    info, pre, fit = measure["info"], measure["prefill"], measure["fit"]
+    info, pre = measure["info"], measure["prefill"]
+    points = [StepPoint(**p) for p in measure["steps"]]
+    fit = fit_steps(points)
     chunk = 2048  # vLLM 0.32 CPU default max_num_batched_tokens (OpenAI server, 1 worker)
-    rows, ys = [], []
-    for n, s in zip(pre["prefill_tokens"][1:], pre["prefill_s"][1:], strict=True):
-        lin, attn, done = 0.0, 0.0, 0
-        while done < n:
-            c = min(chunk, n - done)
-            lin += c
-            attn += c * (done + c / 2)
-            done += c
-        n_chunks = -(-n // chunk)
-        rows.append([lin, attn])
-        ys.append(s - (n_chunks - 1) * fit["base_s"])  # later chunks pay the step overhead again
-    (per_token, per_pair), *_ = np.linalg.lstsq(np.array(rows), np.array(ys), rcond=None)
-    per_token, per_pair = max(per_token, 1e-7), max(per_pair, 0.0)
-    block_size = int(info["block_size"])
-    raw = pre.get("raw") or []
-    rtt = float(np.median(raw[0]["latency_s"])) - 2 * fit["base_s"] if raw else pre["overhead_s"]
     when = measure.get("measured_unix_s")
-    return {
+    prof = {
         "name": "cpu--tiny",
         "hardware": "cpu",
         "model": "tiny",
         "kv_blocks": int(info["num_gpu_blocks"]) - 1,
-        "block_size": block_size,
+        "block_size": int(info["block_size"]),
         "max_num_batched_tokens": chunk,
         "max_num_seqs": 8,
         "max_model_len": max_model_len,
-        "step_overhead_s": round(fit["base_s"], 7),
+        "step_overhead_s": round(fit["step_overhead_s"], 7),
         "linear_tokens": [0, chunk],
-        "linear_s": [0.0, round(per_token * chunk, 7)],
-        "attn_prefill_s": float(per_pair),
-        "attn_decode_s": float(fit["per_ctx_token_s"]),
-        "decode_seq_s": float(fit["per_seq_s"]),
-        "rtt_s": round(max(0.001, rtt), 5),
+        "linear_s": [0.0, round(fit["per_token_s"] * chunk, 7)],
+        "attn_prefill_s": fit["attn_prefill_s"],
+        "attn_decode_s": fit["attn_decode_s"],
+        "decode_seq_s": fit["decode_seq_s"],
+        "rtt_s": 0.0,
         "sources": {
             "measurement": (
                 "one run of `ctk serve` (vLLM 0.32.0 CPU, policy vllm) on the tiny model "
                 f"(ctk.engine_patch.tiny_model) with {' '.join(measure['server_args'])}, on this "
-                f"2-core machine "
-                f"shared with other jobs (noisy), unix time {when:.0f}"
-                if when
-                else "one run of ctk serve"
+                "2-core machine (noisy), unix time " + (f"{when:.0f}" if when else "?")
             ),
             "kv_blocks": "the server's num_gpu_blocks minus vLLM's null block; block_size: the server's",
-            "linear_s / attn_prefill_s": (
-                "least squares of `ctk profile` prefill latencies (minus the shortest prompt's) at "
-                f"{pre['prefill_tokens'][1:]} tokens to chunks of 2048: per token + per (query, key) pair"
+            "step_overhead_s / linear_s / attn_prefill_s / attn_decode_s / decode_seq_s": (
+                "non-negative least squares (relative error) of the step model on the steps "
+                "ctk.simulate.steps.measure_steps timed on that server: decode batches (streamed, "
+                "client-side), prefill alone and mixed with decodes (the server's per-request metrics)"
             ),
-            "step_overhead_s / decode_seq_s / attn_decode_s": (
-                "least squares of decode step times (ctk.predict.profile.measure_decode: b concurrent "
-                "completions of 72 vs 8 tokens) over batch {1,4,8} x context {128,2048}"
-            ),
-            "rtt_s": "the shortest prompt's latency minus two steps (HTTP + tokenisation)",
+            "rtt_s": "ctk profile's shortest prompt's latency minus its prefill step (HTTP + tokenisation)",
             "max_num_batched_tokens": "vLLM 0.32 CPU default (OpenAI server): 2048",
             "max_num_seqs": "bench/policies.py's --max-num-seqs 8",
             "raw": json.dumps(
                 {
                     "prefill": {k: pre[k] for k in ("prefill_tokens", "prefill_s", "overhead_s")},
-                    "decode": measure["decode"]["points"],
+                    "steps": measure["steps"],
                 }
             ),
         },
     }
+    shortest = (pre.get("raw") or [{}])[0]
+    if shortest.get("latency_s"):
+        import statistics
+
+        model = HardwareProfile.from_dict(prof)
+        tokens = statistics.median(shortest["tokens"])
+        rtt = statistics.median(shortest["latency_s"]) - model.prefill_time_s(int(tokens))
+        prof["rtt_s"] = round(max(0.001, rtt), 5)
+    else:
+        prof["rtt_s"] = round(max(0.001, pre.get("overhead_s", 0.005)), 5)
+    return prof
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import statistics
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -25,6 +26,11 @@ from ctk.predict.cost import CostModel
 
 #: ``--hardware`` / ``--model`` pairs with a bundled profile.
 PROFILE_DIR = "profiles"
+
+
+#: The step-time coefficients of a profile; those a prefill-only measurement (``ctk profile``) observes.
+STEP_TERMS = ("step_overhead_s", "linear_s", "attn_prefill_s", "attn_decode_s", "decode_seq_s")
+PREFILL_TERMS = ("linear_s", "attn_prefill_s")
 
 
 class ProfileError(CtkError, ValueError):
@@ -118,25 +124,42 @@ class HardwareProfile:
         kw.update(overrides)
         return CostModel(**kw)
 
-    def scaled(self, factor: float, why: str = "") -> HardwareProfile:
-        """The same engine ``factor`` times slower (every step-time coefficient; the round trip unchanged):
-        a measured profile recalibrated to the speed the machine runs at now."""
+    def scaled(self, factor: float, why: str = "", terms: tuple[str, ...] = STEP_TERMS) -> HardwareProfile:
+        """The same engine ``factor`` times slower in ``terms`` (by default every step-time coefficient; the
+        round trip unchanged): a measured profile recalibrated to the speed the machine runs at now.
+        ``PREFILL_TERMS``: only the per-token and prefill-attention work, what a ``ctk profile`` measures."""
         d = self.to_dict()
-        for k in ("step_overhead_s", "attn_prefill_s", "attn_decode_s", "decode_seq_s"):
-            d[k] *= factor
-        d["linear_s"] = [x * factor for x in d["linear_s"]]
+        for k in terms:
+            d[k] = [x * factor for x in d[k]] if k == "linear_s" else d[k] * factor
         d["name"] = f"{self.name}x{factor:.2f}"
-        note = f"every step time x {factor:.3f}" + (f" ({why})" if why else "")
+        which = "every step time" if set(terms) == set(STEP_TERMS) else " and ".join(terms)
+        note = f"{which} x {factor:.3f}" + (f" ({why})" if why else "")
         d["sources"] = {**self.sources, "scaled": note}
         return HardwareProfile.from_dict(d)
 
     def speed_factor(self, measured: dict) -> float:
-        """Median ratio of a ``ctk profile`` measurement's prefill times to this profile's at the same
-        lengths (> 1: the engine now runs slower than when this profile was made)."""
+        """How much slower (> 1) the work a ``ctk profile`` measurement observes, prefill's per-token and
+        attention work (``PREFILL_TERMS``), runs now than in this profile: the median over its lengths of
+        the factor that makes this profile reproduce the measured time; ``scaled(factor,
+        terms=PREFILL_TERMS)`` is the recalibrated profile.
+
+        ``ctk profile`` reports each length's latency minus the shortest prompt's (its ``raw[0]``), so that
+        prompt's own prefill is subtracted from this profile's too; else a profile that predicts prefill
+        exactly would read as ~5% too slow. The per-step overhead is not what it measures: a step of a few
+        decoding requests is mostly overhead, and prefill's speed on a given night says little about it."""
+        raw = measured.get("raw") or []
+        base_tokens = int(statistics.median(raw[0]["tokens"])) if raw and raw[0].get("tokens") else 0
+        rest = tuple(t for t in STEP_TERMS if t not in PREFILL_TERMS)
+        fixed = self.scaled(0.0, terms=PREFILL_TERMS)  # the step overheads of a prefill alone
+        work = self.scaled(0.0, terms=rest)  # its per-token and attention work
+
+        def delta(prof: HardwareProfile, n: int) -> float:
+            return prof.prefill_time_s(n) - prof.prefill_time_s(base_tokens)
+
         ratios = [
-            s / self.prefill_time_s(n)
+            (s - delta(fixed, n)) / delta(work, n)
             for n, s in zip(measured["prefill_tokens"], measured["prefill_s"], strict=True)
-            if n > 0 and s > 0
+            if n > base_tokens and s > 0 and delta(work, n) > 0
         ]
         if not ratios:
             raise ProfileError("the measured prefill profile has no positive point")
