@@ -133,13 +133,14 @@ class CTKSchedulerMixin:
         if is_new:
             driver.request_added(rid, door.hints(request), _now())
 
-    def schedule(self, *args, **kwargs):
+    def schedule(self, throttle_prefills: bool = False):
+        # (vLLM's SchedulerInterface signature: no *args/**kwargs to pack and unpack every step)
         driver = self.ctk_driver
         if not driver.tracking:  # stock vLLM: nothing to order, nothing held
-            return self._ctk_schedule(*args, **kwargs)
+            return self._ctk_schedule(throttle_prefills)
         now = _now()
         driver.step_begin(now)
-        out = self._ctk_schedule(*args, **kwargs)
+        out = self._ctk_schedule(throttle_prefills)
         if out.scheduled_new_reqs and driver.hints:
             driver.step_end(self.ctk_door.admissions(out), now)
         return out
