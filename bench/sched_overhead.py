@@ -16,7 +16,9 @@ the same schedule (same step count) and the ratio is the plugin's own cost (the 
 Prints the per-step scheduler time of both and the ratio ctk / stock of the scheduler time spent on the same
 workload (target: <= 1.02). ctk's cost is per request (metadata, decision at finish), vLLM's per request
 and step, so the ratio depends on output lengths: ``--outputs real`` samples them from real agent LLM calls
-(default), ``--outputs short`` is the worst case.
+(default), ``--outputs short`` is the worst case. Then, per entry point, ctk's time minus stock's (us/step,
+median over phases): where a difference is. Differences of about 1 us/step are inside this box's noise (an
+A/A run of stock against stock gives up to ±2% on the ratio).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class Switch:
         self.sched = sched
         self.clock = clock
         self.total = 0.0
+        self.per_hook = dict.fromkeys(TIMED, 0.0)  # the same time, by entry point (where a difference is)
         self.impl = {
             "stock": {h: getattr(stock_cls, h) for h in HOOKS},
             "ctk": {h: getattr(ctk_cls, h) for h in HOOKS},
@@ -89,7 +92,9 @@ class Switch:
             try:
                 return fn(sched, *args, **kwargs)
             finally:
-                self.total += clock() - t
+                dt = clock() - t
+                self.total += dt
+                self.per_hook[name] += dt
 
         return call
 
@@ -131,7 +136,8 @@ def run_phase(
     tag: str,
     lengths: list[int] | None = None,
 ):
-    """One workload; returns (scheduler seconds of add_request, [scheduler seconds per engine step]).
+    """One workload; returns (scheduler seconds of add_request, [scheduler seconds per engine step],
+    {entry point: scheduler seconds}).
 
     The shape (prompt lengths, output lengths, programs) comes from ``shape_seed`` and is the same in every
     phase, so step i does the same work in every phase; the token contents come from ``content_seed`` so
@@ -141,6 +147,7 @@ def run_phase(
     eng = llm.llm_engine
     shape, content = random.Random(shape_seed), random.Random(content_seed)
     timer.total = 0.0
+    timer.per_hook = dict.fromkeys(TIMED, 0.0)
     for i in range(n_requests):
         # a program's turns arrive one after another: program FCFS = FCFS, both variants schedule alike
         prog = f"{tag}-p{i // 3}"
@@ -157,7 +164,7 @@ def run_phase(
         timer.total = 0.0
         eng.step()
         steps.append(timer.total)
-    return add_s, steps
+    return add_s, steps, dict(timer.per_hook)
 
 
 def robust_total(runs: list[tuple[float, list[float]]]) -> tuple[float, int]:
@@ -257,11 +264,12 @@ def main() -> None:
             use(variant)
             run_phase(llm, timer, 1, 1, args.requests, f"warm-{variant}", lengths)
         runs: dict[str, list] = {"stock": [], "ctk": []}
+        hooks: dict[str, list[dict[str, float]]] = {"stock": [], "ctk": []}
         for phase in range(args.phases):
             order = ("stock", "ctk") if phase % 2 == 0 else ("ctk", "stock")
             for variant in order:
                 use(variant)
-                add_s, steps = run_phase(
+                add_s, steps, per_hook = run_phase(
                     llm,
                     timer,
                     7,
@@ -271,6 +279,7 @@ def main() -> None:
                     lengths,
                 )
                 runs[variant].append((add_s, steps))
+                hooks[variant].append(per_hook)
                 us = 1e6 * (add_s + sum(steps)) / len(steps)
                 print(f"phase {phase} {variant:5s}: {len(steps):4d} steps, scheduler {us:7.1f} us/step")
         assert sched.ctk.stats.pins_created == 0, "the bench table must never pin"
@@ -296,6 +305,11 @@ def main() -> None:
             f"  (per phase, the two variants back to back: median ratio {statistics.median(paired):.3f}, "
             f"range {paired[0]:.3f}-{paired[-1]:.3f}: the spread is the machine's noise)"
         )
+        print(f"  where: ctk - stock per entry point, us/step (median over phases; {n_stock} steps)")
+        for hook in TIMED:
+            s_med, c_med = (statistics.median(h[hook] for h in hooks[v]) for v in ("stock", "ctk"))
+            diff, stock_us = 1e6 * (c_med - s_med) / n_stock, 1e6 * s_med / n_stock
+            print(f"    {hook:20s} {diff:+7.2f}  (stock {stock_us:6.1f})")
 
 
 if __name__ == "__main__":

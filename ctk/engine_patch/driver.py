@@ -97,7 +97,6 @@ class PolicyDriver:
         self.view = view
         self.held: set[str] = set()  # request ids whose blocks the engine keeps for a pin
         self.hints: dict[str, RequestHints] = {}  # requests the core tracks (waiting or running)
-        self._admitted: set[str] = set()
         self._armed = False  # a wake-up deadline is set on the view
         self._preempt_free_blocks = preempt_order_free_share * view.total_blocks
         self._pins = bool(core.pins_enabled)
@@ -180,15 +179,12 @@ class PolicyDriver:
     def step_end(self, admitted: Iterable[tuple[str, int]], now: float) -> None:
         """After the engine scheduled: ``admitted`` = (request id, prefix-cached tokens) of the requests
         that got KV blocks this step (a preempted request coming back is not a new admission)."""
-        hints = self.hints
-        if hints:
-            core, seen = self.core, self._admitted
-            for rid, cached in admitted:
-                if rid in hints and rid not in seen:
-                    seen.add(rid)
-                    releases = core.admitted(rid, cached, now)
-                    if releases:
-                        self._apply(releases)
+        hints, core = self.hints, self.core
+        for rid, cached in admitted:
+            if rid in hints:  # the core answers a second admission (a preempted request back) with []
+                releases = core.admitted(rid, cached, now)
+                if releases:
+                    self._apply(releases)
 
     def allocation_failed(self, request_id: str, running: bool, now: float) -> bool:
         """The engine could not get blocks for ``request_id`` (``running``: it would preempt; otherwise the
@@ -210,7 +206,6 @@ class PolicyDriver:
         hints = self.hints.pop(request_id, None)
         if hints is None:
             return False
-        self._admitted.discard(request_id)
         core = self.core
         if end is None:
             self._apply(core.aborted(request_id, now))
@@ -253,4 +248,3 @@ class PolicyDriver:
         """Release every pin (shutdown, prefix-cache reset, reconfiguration)."""
         self._apply(self.core.release_all(reason))
         self.hints.clear()
-        self._admitted.clear()

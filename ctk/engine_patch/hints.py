@@ -77,24 +77,26 @@ def _as_id(value: Any, key: str, warnings: list[str]) -> str | None:
 
 
 def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> RequestHints:
-    """Hints of one request; never raises."""
+    """Hints of one request; never raises. (On the engine's hot path, with cold caches: a helper is called
+    only for a key that is present.)"""
     warnings: list[str] = []
     is_mapping = isinstance(extra_args, Mapping)
     xargs: Mapping[str, Any] = extra_args if is_mapping else {}
     if extra_args is not None and not is_mapping:
         _warn("vllm_xargs", f"vllm_xargs: expected an object, got {type(extra_args).__name__}", warnings)
     # the router's context, when given (every read of an empty context finds nothing and warns nothing)
-    ctx = _agentic_context(xargs.get(AGENTIC_CONTEXT), warnings)
+    ctx = _agentic_context(xargs[AGENTIC_CONTEXT], warnings) if AGENTIC_CONTEXT in xargs else {}
 
     program = _context_program(ctx, session_id, warnings) if ctx else None
-    if program is None:
+    if program is None and session_id is not None:
         program = _as_id(session_id, SESSION_ID, warnings)
     for key in XARGS_IDENTITY_KEYS:
         if program is not None:
             break
-        program = _as_id(xargs.get(key), key, warnings)
+        if key in xargs:
+            program = _as_id(xargs[key], key, warnings)
 
-    turn = _turn(xargs, TURN_INDEX, warnings)
+    turn = _turn(xargs, TURN_INDEX, warnings) if TURN_INDEX in xargs else None
     if turn is None and ctx:
         turn = _turn(ctx, "step_id", warnings)
 
@@ -120,12 +122,12 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
         elif not (isinstance(raw, str)):
             _warn(TOOL, f"{TOOL}: expected a string, got {type(raw).__name__}", warnings)
 
-    duration = _non_negative(xargs, TOOL_DURATION_S, warnings)
-    ttl_hint = _non_negative(xargs, TTL_HINT_S, warnings)
+    duration = _non_negative(xargs, TOOL_DURATION_S, warnings) if TOOL_DURATION_S in xargs else None
+    ttl_hint = _non_negative(xargs, TTL_HINT_S, warnings) if TTL_HINT_S in xargs else None
     if ttl_hint is None and ctx:
         ttl_hint = _non_negative(ctx, TTL_HINT_S, warnings)
 
-    return RequestHints(program, turn, last, tool, duration, ttl_hint, tuple(warnings))
+    return RequestHints(program, turn, last, tool, duration, ttl_hint, tuple(warnings) if warnings else ())
 
 
 def _agentic_context(raw: Any, warnings: list[str]) -> Mapping[str, Any]:
@@ -165,6 +167,8 @@ def _turn(xargs: Mapping[str, Any], key: str, warnings: list[str]) -> int | None
     raw = xargs.get(key)
     if raw is None:
         return None
+    if type(raw) is int and 0 <= raw <= MAX_TURN_INDEX:  # the usual case, as the general rule below reads it
+        return raw
     if isinstance(raw, bool) or not isinstance(raw, int | float | str):
         _warn(key, f"{key}: expected an integer, got {type(raw).__name__}", warnings)
         return None
