@@ -182,7 +182,7 @@ def skip_driver_calls(driver, parts: list[str]) -> None:
     """Diagnostics: replace driver calls by no-ops on this instance (``step``, ``finish``, ``arrival``)."""
     hints = driver.hints
     noops = {
-        "step": ("step_begin", lambda now, free_floor=-1: None),
+        "step": ("step_begin", lambda now: None),
         "finish": ("request_finished", lambda request_id, end, now: hints.pop(request_id, None) and False),
         "arrival": ("request_added", lambda request_id, h, now: None),
     }

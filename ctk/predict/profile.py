@@ -53,7 +53,8 @@ def _prompt(n_tokens: int) -> str:
     return f"{nonce} " + " ".join(words)
 
 
-def _first_model(client, base: str) -> str:
+def first_model(client, base: str) -> str:
+    """The first model an OpenAI-compatible server at ``base`` (…/v1) lists."""
     r = client.get(f"{base}/models")
     r.raise_for_status()
     data = r.json().get("data") or []
@@ -82,7 +83,7 @@ def measure_prefill(
     samples: dict[int, list[tuple[int, float]]] = {}
     try:
         with httpx.Client(timeout=timeout_s) as client:
-            model = model or _first_model(client, base)
+            model = model or first_model(client, base)
             # warm-up (first request compiles / allocates)
             _one(client, base, model, lengths[0])
             total = len(lengths) * repeats

@@ -17,6 +17,7 @@ HardwareProfile.step_s`) with non-negative least squares, relative errors weight
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
 import threading
@@ -90,8 +91,6 @@ class _Stream(threading.Thread):
         self.error: str | None = None
 
     def run(self) -> None:
-        import json
-
         client, base, model, prompt, max_tokens = self.args
         if self.start_together is not None:
             self.start_together.wait()
@@ -188,14 +187,14 @@ def measure_steps(
     ``block_size`` (vLLM's CPU default 128)."""
     import httpx
 
-    from ctk.predict.profile import _first_model
+    from ctk.predict.profile import first_model
 
     base = url.rstrip("/")
     base = base if base.endswith("/v1") else base + "/v1"
     rng = random.Random(time.time_ns() if seed is None else seed)
     points: list[StepPoint] = []
     with httpx.Client(timeout=300.0, limits=httpx.Limits(max_connections=32)) as client:
-        model = model or _first_model(client, base)
+        model = model or first_model(client, base)
         _decode_step(client, base, model, rng, 64, 1)  # warm-up
         for ctx, batch in decode_points:
             xs = [x for _ in range(repeats) if (x := _decode_step(client, base, model, rng, ctx, batch))]
