@@ -97,10 +97,11 @@ def trace_store(args: argparse.Namespace, out_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ctk.measure.compare import BOTH_ORDERS_ARMS, FACTORIAL_ARMS, CompareError, run_comparison, split_arms
+    from ctk.measure.compare import BOTH_ORDERS_ARMS, FACTORIAL_ARMS, CompareError, run_comparison
     from ctk.measure.presets import preset
     from ctk.measure.table import format_table
     from ctk.measure.workload import WorkloadError
+    from ctk.policy.arms import split_arms
     from ctk.store import StoreError
 
     t0 = time.monotonic()

@@ -191,10 +191,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from ctk.engine_patch.serve.fleet import router_executable
     from ctk.engine_patch.serve.server import ServerError
-    from ctk.measure.compare import CompareError, train_ttl_model, training_store
+    from ctk.measure.compare import CompareError
     from ctk.measure.presets import bench_config
     from ctk.measure.workload import load_programs
     from ctk.policy.config import ConfigError
+    from ctk.predict.train import TrainError, train_ttl_model, training_store
     from ctk.store import TraceStore
 
     try:
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 out_dir,
                 lambda m: print(m, flush=True),
             )
-    except (KeyError, ServerError, CompareError) as exc:
+    except (KeyError, ServerError, CompareError, TrainError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -149,9 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from policies import trace_store  # bench/policies.py
 
-    from ctk.measure.compare import Arm, run_comparison, split_arms
+    from ctk.measure.compare import run_comparison
     from ctk.measure.presets import bench_config
     from ctk.measure.workload import load_programs
+    from ctk.policy.arms import Arm, split_arms
     from ctk.simulate.client_timing import load_client_timing
     from ctk.simulate.profiles import PREFILL_TERMS, load_profile
     from ctk.simulate.run import comparison_sim_config, simulate_arm

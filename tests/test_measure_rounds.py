@@ -6,11 +6,12 @@ import json
 
 import pytest
 
-from ctk.measure.compare import FACTORIAL_ARMS, Arm, CompareConfig, CompareError, Comparison
-from ctk.measure.presets import DEMO_POLICIES, demo_config, long_tail_config, preset
+from ctk.measure.compare import FACTORIAL_ARMS, CompareConfig, CompareError, Comparison, server_args
+from ctk.measure.presets import demo_config, preset
 from ctk.measure.rounds import check_targets, median_figures, rotated_orders, round_figures
 from ctk.measure.table import format_table
-from ctk.policy.rules import Policy
+from ctk.policy.arms import Arm, ArmError
+from ctk.policy.rules import POLICY_NAMES, Policy
 from tests.test_measure_results import _result
 
 
@@ -122,10 +123,11 @@ def test_arms_name_a_policy_and_optionally_its_program_ordering():
     # the oracle is served with ttl's model file (cost profile); the other baselines need none
     assert [p for p in Policy if Arm.parse(p.value).uses_model_file] == [Policy.TTL, Policy.ORACLE]
     # stock eviction with program ordering needs ctk's scheduler class; plain stock vLLM does not
-    assert "--scheduler-cls" in Arm.parse("vllm/program-fcfs").server_args()
-    assert Arm.parse("vllm").server_args() == [] and Arm.parse("vllm/fcfs").server_args() == []
+    assert "--scheduler-cls" in server_args(Arm.parse("vllm/program-fcfs"))
+    assert server_args(Arm.parse("vllm")) == [] and server_args(Arm.parse("vllm/fcfs")) == []
+    assert server_args(Arm.parse("ttl/program-fcfs")) == []  # ctk serve adds it for every pin policy
     for bad in ("lru", "ttl/lifo"):
-        with pytest.raises(CompareError, match="choose from"):
+        with pytest.raises(ArmError, match="choose from"):
             Arm.parse(bad)
     # any serve setting, checked when the arm is named, not when its server starts
     arm = Arm.parse("ttl@age_factor=0.75,max_pin_share=1")
@@ -134,8 +136,10 @@ def test_arms_name_a_policy_and_optionally_its_program_ordering():
     assert Arm.parse("ttl/fcfs@age_factor=2").settings() == {"age_factor": "2", "program_fcfs": False}
     bad_arms = (("ttl@age_factor=-1", "age_factor"), ("ttl@no_such=1", "unknown"), ("ttl@x", "key=value"))
     for bad, why in bad_arms:
-        with pytest.raises(CompareError, match=why):
+        with pytest.raises(ArmError, match=why):
             Arm.parse(bad)
+    with pytest.raises(CompareError, match="choose from"):  # the comparison names it as its own error
+        CompareConfig(policies=["vllm", "lru"]).validate()
     with pytest.raises(CompareError, match="twice"):
         CompareConfig(policies=["ttl", "ttl"]).validate()
     with pytest.raises(CompareError, match="rounds"):
@@ -158,11 +162,15 @@ def test_factorial_table_separates_caching_from_ordering():
 
 
 def test_presets():
-    lt = long_tail_config()
-    assert lt.replay.time_scale == 1.0 and lt.workload.long_pause_s == 2.0
-    assert preset("long-tail").workload.n_programs == lt.workload.n_programs
-    assert preset("default").policies == ["vllm", "continuum", "progress-ttl", "ttl", "oracle"]
-    assert tuple(demo_config().policies) == DEMO_POLICIES
+    default, lt, demo = preset("default"), preset("long-tail", seed=3), demo_config()
+    # long-tail: the recorded pauses unscaled, programs ranked by their time in pauses over 2 s
+    assert lt.replay.time_scale == 1.0 and lt.workload.long_pause_s == 2.0 and lt.workload.seed == 3
+    assert default.replay.time_scale < 1.0 and default.workload.long_pause_s is None
+    assert default.policies == list(POLICY_NAMES) and preset("full").workload.n_programs > 16
+    # the demo: every arm valid, no progress-ttl (its 100-gap window never fills in the demo's few turns)
+    demo.validate()
+    assert "progress-ttl" not in demo.policies and set(demo.policies) < set(POLICY_NAMES)
+    assert demo.workload.n_programs * demo.workload.max_turns < 100
     with pytest.raises(CompareError, match="long-tail"):
         preset("huge")
 

@@ -209,7 +209,7 @@ def test_a_sweep_runs_arms_with_serve_settings():
 
 
 def test_policy_lists_keep_each_arms_settings_together():
-    from ctk.measure.compare import split_arms
+    from ctk.policy.arms import split_arms
 
     assert split_arms("vllm, ttl@age_factor=0.75,max_pin_share=1,oracle/fcfs,") == [
         "vllm",

@@ -148,8 +148,8 @@ def demo(
 
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from ctk.measure.compare import split_arms
     from ctk.measure.demo import main
+    from ctk.policy.arms import split_arms
 
     names = split_arms(policies)
     code = main(out, names, programs)

@@ -37,7 +37,10 @@ from ctk.measure.rounds import (
     round_figures,
 )
 from ctk.measure.workload import ProgramSpec, WorkloadConfig, load_programs
+from ctk.policy.arms import Arm, ArmError
 from ctk.policy.rules import POLICY_NAMES, RULES, Policy
+from ctk.predict.profile import ProfileError, profile_prefill
+from ctk.predict.train import TrainError, train_ttl_model, training_store
 from ctk.store import TraceStore
 
 if TYPE_CHECKING:
@@ -45,8 +48,6 @@ if TYPE_CHECKING:
 
 #: The benchmark's policies, in table order.
 POLICIES: tuple[str, ...] = POLICY_NAMES
-#: Program ordering of an arm: ``<policy>/<ordering>`` forces ``ServeConfig.program_fcfs``.
-ORDERINGS = {"fcfs": False, "program-fcfs": True}
 #: {stock eviction, oracle pins} x {FCFS, program FCFS}.
 FACTORIAL_ARMS = ("vllm/fcfs", "vllm/program-fcfs", "oracle/fcfs", "oracle/program-fcfs")
 #: ``bench/policies.py --both-orders``: ttl and the oracle each in strict program order and under the age
@@ -68,83 +69,14 @@ class CompareError(CtkError, RuntimeError):
     """The comparison cannot run (a server does not start, training fails); the message says why."""
 
 
-def split_arms(text: str | None) -> list[str]:
-    """Arm names of a comma-separated list; a ``key=value`` piece belongs to the arm before it, so
-    ``vllm,ttl@age_factor=0.75,max_pin_share=1`` is two arms."""
-    arms: list[str] = []
-    for piece in (p.strip() for p in (text or "").split(",")):
-        if not piece:
-            continue
-        if arms and "=" in piece and "@" not in piece and "@" in arms[-1]:
-            arms[-1] += "," + piece
-        else:
-            arms.append(piece)
-    return arms
+def server_args(arm: Arm) -> list[str]:
+    """Stock vLLM with program ordering still needs ctk's scheduler class (``ctk serve`` adds it only
+    for pin policies)."""
+    if arm.program_fcfs and not RULES[arm.policy].needs_ctk_scheduler:
+        from ctk.engine_patch.serve.server import SCHEDULER_CLS
 
-
-@dataclass(frozen=True)
-class Arm:
-    """One column of the comparison: a policy, and its program ordering unless the policy's default."""
-
-    name: str
-    policy: Policy
-    program_fcfs: bool | None = None  # None: the policy's default
-    serve: tuple[tuple[str, str], ...] = ()  # further ServeConfig settings (``ttl@age_factor=0.75``)
-
-    @classmethod
-    def parse(cls, name: str) -> Arm:
-        """``ttl``, ``oracle/fcfs`` (policy / ordering) or ``ttl@age_factor=0.75,max_pin_share=1`` (serve
-        settings, checked by ``ServeConfig``); raises CompareError naming the choices."""
-        from ctk.policy.config import ConfigError, ServeConfig
-
-        head, _, extra = name.partition("@")
-        policy, _, ordering = head.partition("/")
-        if policy not in POLICY_NAMES:
-            raise CompareError(f"unknown policy {policy!r}; choose from {', '.join(POLICY_NAMES)}")
-        if ordering and ordering not in ORDERINGS:
-            raise CompareError(
-                f"unknown ordering {ordering!r} in {name!r}; choose from {', '.join(ORDERINGS)}"
-            )
-        serve = tuple(tuple(kv.split("=", 1)) for kv in extra.split(",") if kv)
-        if any(len(kv) != 2 for kv in serve):
-            raise CompareError(f"serve settings in {name!r} are key=value pairs, comma-separated")
-        try:
-            ServeConfig.from_mapping({**dict(serve), "policy": policy})
-        except ConfigError as exc:
-            raise CompareError(f"{name!r}: {exc}") from None
-        return cls(name, Policy(policy), ORDERINGS[ordering] if ordering else None, serve)
-
-    @property
-    def needs_model_file(self) -> bool:
-        """The arm's rule cannot run without the TTL model file (``ttl``)."""
-        return RULES[self.policy].needs_model_file
-
-    @property
-    def uses_model_file(self) -> bool:
-        """The arm is served with the TTL model file: its tables and profiled cost model (``ttl``; the oracle
-        needs the cost model as much, to know whether a pin pays)."""
-        return RULES[self.policy].uses_model_file
-
-    @property
-    def tag(self) -> str:
-        """The name in file names."""
-        return self.name.replace("/", "-").replace("@", "-").replace(",", "-").replace("=", "")
-
-    def settings(self) -> dict[str, Any]:
-        """``ServeConfig`` fields this arm sets (``launch_server``'s ``settings``)."""
-        out: dict[str, Any] = dict(self.serve)
-        if self.program_fcfs is not None:
-            out["program_fcfs"] = self.program_fcfs
-        return out
-
-    def server_args(self) -> list[str]:
-        """Stock vLLM with program ordering still needs ctk's scheduler class (``ctk serve`` adds it only
-        for pin policies)."""
-        if self.program_fcfs and not RULES[self.policy].needs_ctk_scheduler:
-            from ctk.engine_patch.serve.server import SCHEDULER_CLS
-
-            return ["--scheduler-cls", SCHEDULER_CLS]
-        return []
+        return ["--scheduler-cls", SCHEDULER_CLS]
+    return []
 
 
 @dataclass
@@ -190,7 +122,10 @@ class CompareConfig:
             raise CompareError("no policy to compare")
         if len(set(self.policies)) != len(self.policies):
             raise CompareError(f"a policy is listed twice in {self.policies}")
-        return [Arm.parse(p) for p in self.policies]
+        try:
+            return [Arm.parse(p) for p in self.policies]
+        except ArmError as exc:
+            raise CompareError(str(exc)) from None
 
     def validate(self) -> None:
         self.arms()
@@ -243,68 +178,6 @@ def warm_up(base_url: str, model: str | None = None) -> None:
     model = model or served_model(base_url)
     body = {"model": model, "prompt": list(range(3900, 3964)), "max_tokens": 4, "ignore_eos": True}
     httpx.post(base_url + "/v1/completions", json=body, timeout=120.0).raise_for_status()
-
-
-# -- training the TTL model on the programs that are not replayed ------------------------------------
-
-
-def training_store(db: Path, exclude: set[str], time_scale: float, out: Path) -> Path:
-    """Copy ``db`` without the ``exclude``d programs, tool durations multiplied by ``time_scale``."""
-    out.unlink(missing_ok=True)
-    with TraceStore(db, read_only=True) as src, TraceStore(out) as dst:
-        progs = src.table("programs")
-        progs = progs[~progs["program_id"].isin(exclude)]
-        llm = src.table("llm_calls")
-        tools = src.table("tool_calls")
-        tools = tools[~tools["program_id"].isin(exclude)].copy()
-        tools["duration_s"] = tools["duration_s"] * time_scale
-        for b in range(0, len(progs), 200):
-            ids = set(progs["program_id"].iloc[b : b + 200])
-            dst.add_programs(
-                progs[progs["program_id"].isin(ids)],
-                llm[llm["program_id"].isin(ids)],
-                tools[tools["program_id"].isin(ids)],
-            )
-    return out
-
-
-def train_ttl_model(
-    train_db: Path,
-    out: Path,
-    profile: Path | None = None,
-    block_size: int | None = None,
-    config: TrainConfig | None = None,
-) -> Path:
-    """What ``ctk train --db train_db -o out [--profile] [--block-size]`` does, in this process (the
-    predict part's :func:`~ctk.predict.train.train_from_store`); a failure is a CompareError with the whole
-    message."""
-    from ctk.predict.profile import cost_model_from
-    from ctk.predict.train import TrainConfig, train_from_store
-
-    try:
-        cost = cost_model_from(profile, block_size_tokens=block_size)
-        model, _ = train_from_store(train_db, config or TrainConfig(), cost)
-        model.save(out)
-    except (CtkError, ValueError, OSError) as exc:
-        raise CompareError(f"training the TTL model on {train_db} failed: {exc}") from exc
-    return out
-
-
-def profile_prefill(base_url: str, out: Path, max_model_len: int = 8192) -> Path:
-    """What ``ctk profile`` does against a running server, in this process; raises CompareError.
-
-    ``ctk profile`` lengths are words; the tiny tokenizer splits its words into about 2.9 tokens, so the
-    longest prompt is ``max_model_len / 3.1`` words.
-    """
-    from ctk.predict.profile import measure_prefill, save_profile
-
-    longest = int(max_model_len / 3.1)
-    lengths = sorted({min(n, longest) for n in (128, 512, longest // 2, longest)})
-    try:
-        save_profile(measure_prefill(base_url, None, lengths, repeats=2), out)
-    except (CtkError, OSError) as exc:
-        raise CompareError(f"profiling prefill at {base_url} failed: {exc}") from exc
-    return out
 
 
 # -- the comparison ----------------------------------------------------------------------------------
@@ -459,7 +332,7 @@ class _ModelMaker:
                 f"profiled prefill -> {self.profile_path} "
                 f"(KV block size {self.engine.get('block_size', '?')})"
             )
-        except CompareError as exc:
+        except ProfileError as exc:
             self.log(f"warning: {exc}; training with the default cost model")
 
     def get(self, model_dir: Path) -> Path:
@@ -484,7 +357,11 @@ class _ModelMaker:
         profile = self.profile_path if self.profile_path.exists() else None
         block = self.engine.get("block_size", "")
         block_size = int(block) if block.isdigit() else None
-        self.path = train_ttl_model(train_db, self.out_dir / "model.pkl", profile, block_size, self.cfg.train)
+        try:
+            model_path = self.out_dir / "model.pkl"
+            self.path = train_ttl_model(train_db, model_path, profile, block_size, self.cfg.train)
+        except TrainError as exc:
+            raise CompareError(str(exc)) from exc
         self.log(f"trained {self.path} on {self.db} minus the {len(exclude)} replayed programs")
         return self.path
 
@@ -508,7 +385,7 @@ def serving(
     log_path = out_dir / f"server-{arm.tag}{suffix}.log"
     log_path.unlink(missing_ok=True)  # the launcher appends
     t0 = time.monotonic()
-    args = cfg.server.args(cfg.workload.max_context_tokens) + arm.server_args()
+    args = cfg.server.args(cfg.workload.max_context_tokens) + server_args(arm)
     proc = launcher(Path(model_dir), port, arm.policy.value, ttl_model, args, log_path, arm.settings())
     try:
         try:

@@ -11,11 +11,13 @@ import html
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ctk.measure.results import ReplayResult
+from ctk.predict.plots import pyplot
 
 POLICY_COLORS = {"vllm": "#7f7f7f", "continuum": "#1f77b4", "ttl": "#d62728", "oracle": "#2ca02c"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -39,19 +41,10 @@ class ReportInputs:
     simulate: list[dict] = field(default_factory=list)  # ``ctk simulate --json`` files (rates x policies)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, out_dir: Path, name: str) -> str:
     fig.tight_layout()
     fig.savefig(out_dir / name, dpi=110)
-    _plt().close(fig)
+    pyplot().close(fig)
     return name
 
 
@@ -70,7 +63,7 @@ def plot_tool_durations(tools: pd.DataFrame, out_dir: Path, top: int = 12) -> Fi
     df["tool"] = df["main_program"].fillna(df["tool_name"]).fillna("?").astype(str)
     counts = df["tool"].value_counts()
     tools_top = list(counts.index[:top])
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 0.42 * len(tools_top) + 1.6))
     data = [np.log10(df.loc[df["tool"] == t, "duration_s"].to_numpy()) for t in tools_top]
     fliers = {"markersize": 2, "alpha": 0.4}
@@ -105,7 +98,7 @@ def _quantiles_for(tables, command, tool) -> list[float] | None:
     return None
 
 
-def plot_calibration(tools: pd.DataFrame, tables, out_dir: Path, scale: float = 1.0) -> Figure:
+def calibration_figure(tools: pd.DataFrame, tables, out_dir: Path, scale: float = 1.0) -> Figure:
     """Coverage: the share of true durations at or below each predicted quantile (diagonal = calibrated)."""
     title = "Predictor calibration"
     levels = np.asarray(tables.quantile_levels, dtype=float)
@@ -129,9 +122,9 @@ def plot_calibration(tools: pd.DataFrame, tables, out_dir: Path, scale: float = 
     if seen.max(initial=0) == 0:
         return Figure(title, None, "", "no tool call matched a key of the model")
     cover = np.divide(hits, seen, out=np.full(len(levels), np.nan), where=seen > 0)
-    from ctk.predict.plots import plot_calibration as draw_calibration
+    from ctk.predict.plots import plot_calibration
 
-    name = draw_calibration({"ctk model (table quantiles)": (levels, cover)}, out_dir).name
+    name = plot_calibration({"ctk model (table quantiles)": (levels, cover)}, out_dir).name
     err = float(np.nanmean(np.abs(cover - levels)))
     return Figure(
         title,
@@ -163,7 +156,7 @@ def plot_ttl_vs_duration(tools: pd.DataFrame, tables, out_dir: Path, scale: floa
     d, ttl = np.array(rows).T
     floor = max(1e-3, float(np.min(d[d > 0])) if (d > 0).any() else 1e-3)
     hit = (ttl > 0) & (d <= ttl)
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
     pinned = ttl > 0
     rng = np.random.default_rng(0)
@@ -218,7 +211,7 @@ def plot_jct_cdf(results: list[ReplayResult], out_dir: Path) -> Figure:
     title = "Job completion time per policy"
     if not any(len(r.jcts()) for r in results):
         return Figure(title, None, "", "no replay results")
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, r in enumerate(results):
         j = np.sort(r.jcts())
@@ -243,7 +236,7 @@ def plot_ttft_tail(results: list[ReplayResult], out_dir: Path) -> Figure:
     title = "TTFT tail per policy"
     if not any(len(r.ttfts()) for r in results):
         return Figure(title, None, "", "no replay results")
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, r in enumerate(results):
         t = np.sort(r.ttfts())
@@ -278,7 +271,7 @@ def plot_timeline(results: list[ReplayResult], out_dir: Path) -> Figure:
     pin_key = next(
         (k for r in with_tl for row in r.timeline for k in row if "pinned" in k and "block" in k), None
     )
-    plt = _plt()
+    plt = pyplot()
     n = 2 if pin_key else 1
     fig, axes = plt.subplots(n, 1, figsize=(8, 3 * n + 0.5), sharex=True, squeeze=False)
     for i, r in enumerate(results):
@@ -327,10 +320,36 @@ def _table_html(figs: dict) -> str:
     return f"<table><tr><th>policy</th>{head}</tr>{''.join(body)}</table>"
 
 
+def plot_rates(data: dict[str, Any], out_dir: Path, name: str = "simulate-jct-vs-rate.png") -> Path | None:
+    """The figure from a ``ctk simulate --json`` file's content; None when it has fewer than two rates."""
+    per_rate = {float(r): v for r, v in data.get("rates", {}).items() if r != "closed"}
+    if len(per_rate) < 2:
+        return None
+    plt = pyplot()
+    rates = sorted(per_rate)
+    policies = list(dict.fromkeys(p for r in rates for p in per_rate[r]))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for policy in policies:
+        pts = [(r, per_rate[r].get(policy) or {}) for r in rates]
+        pts = [(r, s) for r, s in pts if s.get("mean_jct_s") is not None]
+        ax1.plot([r for r, _ in pts], [s["mean_jct_s"] for _, s in pts], marker="o", label=policy)
+        ax2.plot([r for r, _ in pts], [s.get("p99_ttft_s") for _, s in pts], marker="o", label=policy)
+    ax1.set(xlabel="program arrival rate (programs/s)", ylabel="mean JCT (s)", title="job completion time")
+    ax2.set(xlabel="program arrival rate (programs/s)", ylabel="p99 TTFT (s)", title="time to first token")
+    ax1.legend()
+    cfg = data.get("config", {})
+    where = f"{cfg.get('profile', '')}, {cfg.get('replicas', 1)} replica(s), {cfg.get('routing', '')}"
+    fig.suptitle(f"ctk simulate: {where}")
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _simulate_html(sim: dict, out: Path, i: int) -> list[str]:
     """A ``ctk simulate`` sweep: one table per arrival rate and the JCT-vs-rate figure."""
-    from ctk.simulate.sweep import plot_rates
-
     cfg = sim.get("config", {})
     title = (
         f"Simulated: {cfg.get('profile', '?')}, {cfg.get('replicas', 1)} replica(s), {cfg.get('routing', '')}"
@@ -360,7 +379,7 @@ def build_report(inputs: ReportInputs, out_dir: str | Path) -> Path:
     if inputs.tool_calls is not None:
         figures.append(plot_tool_durations(inputs.tool_calls, out))
         if inputs.tables is not None:
-            figures.append(plot_calibration(inputs.tool_calls, inputs.tables, out, inputs.duration_scale))
+            figures.append(calibration_figure(inputs.tool_calls, inputs.tables, out, inputs.duration_scale))
             figures.append(plot_ttl_vs_duration(inputs.tool_calls, inputs.tables, out, inputs.duration_scale))
         else:
             figures += [
@@ -456,7 +475,7 @@ def is_valid_png(path: Path) -> bool:
     if not data.startswith(PNG_MAGIC):
         return False
     try:
-        img = _plt().imread(path)
+        img = pyplot().imread(path)
     except Exception:
         return False
     return img.ndim >= 2 and img.shape[0] > 10 and img.shape[1] > 10 and float(np.ptp(img)) > 0

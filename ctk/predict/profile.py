@@ -167,3 +167,18 @@ def cost_model_from(profile_path: str | Path | None = None, **overrides) -> Cost
         return CostModel(**kw)
     except (TypeError, ValueError) as exc:
         raise ProfileError(f"bad cost model ({exc})") from None
+
+
+def profile_prefill(base_url: str, out: Path, max_model_len: int = 8192) -> Path:
+    """What ``ctk profile`` does against a running server, in this process; raises ProfileError.
+
+    ``ctk profile`` lengths are words; the tiny tokenizer splits its words into about 2.9 tokens, so the
+    longest prompt is ``max_model_len / 3.1`` words.
+    """
+    longest = int(max_model_len / 3.1)
+    lengths = sorted({min(n, longest) for n in (128, 512, longest // 2, longest)})
+    try:
+        save_profile(measure_prefill(base_url, None, lengths, repeats=2), out)
+    except (CtkError, OSError) as exc:
+        raise ProfileError(f"profiling prefill at {base_url} failed: {exc}") from exc
+    return out

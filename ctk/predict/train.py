@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 import ctk
+from ctk.errors import CtkError
 from ctk.predict.cost import CostModel
 from ctk.predict.dataset import DataError, prepare_frame, rows_fingerprint
 from ctk.predict.evaluate import Progress, evaluate_frame
@@ -25,10 +26,15 @@ from ctk.predict.predictors import (
     make_predictor,
 )
 from ctk.predict.tables import DEFAULT_CONTEXT_EDGES
+from ctk.store import TraceStore
 
 #: Below this many calls ``ctk train`` evaluates with 5-fold by program (every call predicted once);
 #: above, one 25 % program hold-out keeps training time bounded.
 AUTO_FOLDS_ROWS = 100_000
+
+
+class TrainError(CtkError, RuntimeError):
+    """Training a TTL model in process failed; the message has the whole reason."""
 
 
 @dataclass
@@ -147,3 +153,46 @@ def train_from_store(
     return train_model(
         frame, config, cost, progress, skipped, {"store": str(db), "store_fingerprint": store_fp}
     )
+
+
+# -- training on the programs a benchmark does not replay ------------------------------------------
+
+
+def training_store(db: Path, exclude: set[str], time_scale: float, out: Path) -> Path:
+    """Copy ``db`` without the ``exclude``d programs, tool durations multiplied by ``time_scale``."""
+    out.unlink(missing_ok=True)
+    with TraceStore(db, read_only=True) as src, TraceStore(out) as dst:
+        progs = src.table("programs")
+        progs = progs[~progs["program_id"].isin(exclude)]
+        llm = src.table("llm_calls")
+        tools = src.table("tool_calls")
+        tools = tools[~tools["program_id"].isin(exclude)].copy()
+        tools["duration_s"] = tools["duration_s"] * time_scale
+        for b in range(0, len(progs), 200):
+            ids = set(progs["program_id"].iloc[b : b + 200])
+            dst.add_programs(
+                progs[progs["program_id"].isin(ids)],
+                llm[llm["program_id"].isin(ids)],
+                tools[tools["program_id"].isin(ids)],
+            )
+    return out
+
+
+def train_ttl_model(
+    train_db: Path,
+    out: Path,
+    profile: Path | None = None,
+    block_size: int | None = None,
+    config: TrainConfig | None = None,
+) -> Path:
+    """What ``ctk train --db train_db -o out [--profile] [--block-size]`` does, in this process
+    (:func:`train_from_store`); a failure is a TrainError with the whole message."""
+    from ctk.predict.profile import cost_model_from
+
+    try:
+        cost = cost_model_from(profile, block_size_tokens=block_size)
+        model, _ = train_from_store(train_db, config or TrainConfig(), cost)
+        model.save(out)
+    except (CtkError, ValueError, OSError) as exc:
+        raise TrainError(f"training the TTL model on {train_db} failed: {exc}") from exc
+    return out

@@ -77,8 +77,8 @@ def simulate(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Simulate vLLM 0.32 engines running ctk's own policy code on recorded agent programs."""
-    from ctk.measure.compare import Arm, CompareError, split_arms
     from ctk.measure.workload import WorkloadError, load_programs
+    from ctk.policy.arms import Arm, ArmError, split_arms
     from ctk.policy.rules import POLICY_NAMES
     from ctk.simulate.fleet import ROUTINGS
     from ctk.simulate.profiles import ProfileError, load_profile
@@ -92,7 +92,7 @@ def simulate(
         raise _fail(f"no policies; choose from {', '.join(POLICY_NAMES)}")
     try:
         needs_ttl = any(Arm.parse(p).needs_model_file for p in pols)
-    except CompareError as exc:
+    except ArmError as exc:
         raise _fail(str(exc)) from None
     if routing not in ROUTINGS:
         raise _fail(f"--routing must be one of {', '.join(ROUTINGS)}")

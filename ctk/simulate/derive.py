@@ -175,8 +175,9 @@ def measure_cpu(work_dir: Path) -> dict:
     from ctk.engine_patch.serve.server import free_port, launch_server, stop_server, wait_ready
     from ctk.engine_patch.serve.tiny_model import build_tiny_model
     from ctk.measure import server_metrics
-    from ctk.measure.compare import profile_prefill, warm_up
+    from ctk.measure.compare import warm_up
     from ctk.measure.presets import bench_config
+    from ctk.predict.profile import profile_prefill
     from ctk.simulate.steps import measure_steps
 
     work_dir.mkdir(parents=True, exist_ok=True)

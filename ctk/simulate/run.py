@@ -149,7 +149,7 @@ def simulate_arm(
     """:func:`simulate` one arm of the policy comparison (``ttl``, ``ttl@age_factor=2``,
     ``vllm/program-fcfs``, ``oracle@age_bound=true``): its serve settings over ``cfg.serve``; only a rule
     that needs the model file (``ttl``) gets the TTL model and ``tables``."""
-    from ctk.measure.compare import Arm
+    from ctk.policy.arms import Arm
 
     parsed = Arm.parse(arm)
     needs_model = parsed.needs_model_file

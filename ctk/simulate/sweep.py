@@ -162,36 +162,6 @@ def format_tables(sweep: Sweep) -> str:
 
 def plot_jct_vs_rate(sweep: Sweep, out_dir: Path) -> Path | None:
     """Mean JCT and p99 TTFT vs arrival rate per policy (Continuum's lead figure); None without two rates."""
+    from ctk.measure.report import plot_rates
+
     return plot_rates(sweep.to_json(), out_dir)
-
-
-def plot_rates(data: dict[str, Any], out_dir: Path, name: str = "simulate-jct-vs-rate.png") -> Path | None:
-    """The figure from a ``ctk simulate --json`` file's content; None when it has fewer than two rates."""
-    per_rate = {float(r): v for r, v in data.get("rates", {}).items() if r != "closed"}
-    if len(per_rate) < 2:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rates = sorted(per_rate)
-    policies = list(dict.fromkeys(p for r in rates for p in per_rate[r]))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for policy in policies:
-        pts = [(r, per_rate[r].get(policy) or {}) for r in rates]
-        pts = [(r, s) for r, s in pts if s.get("mean_jct_s") is not None]
-        ax1.plot([r for r, _ in pts], [s["mean_jct_s"] for _, s in pts], marker="o", label=policy)
-        ax2.plot([r for r, _ in pts], [s.get("p99_ttft_s") for _, s in pts], marker="o", label=policy)
-    ax1.set(xlabel="program arrival rate (programs/s)", ylabel="mean JCT (s)", title="job completion time")
-    ax2.set(xlabel="program arrival rate (programs/s)", ylabel="p99 TTFT (s)", title="time to first token")
-    ax1.legend()
-    cfg = data.get("config", {})
-    where = f"{cfg.get('profile', '')}, {cfg.get('replicas', 1)} replica(s), {cfg.get('routing', '')}"
-    fig.suptitle(f"ctk simulate: {where}")
-    fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / name
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -12,8 +12,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from ctk.measure.compare import train_ttl_model, training_store
 from ctk.measure.workload import ProgramSpec
+from ctk.predict.train import train_ttl_model, training_store
 from ctk.simulate.profiles import HardwareProfile
 
 
