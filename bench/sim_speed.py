@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from policies import trace_store  # bench/policies.py: the shared traces as a store
 
+    from ctk.measure.presets import gpu_workload
     from ctk.measure.workload import load_programs
     from ctk.policy.rules import RULES, Policy
     from ctk.simulate.profiles import load_profile
     from ctk.simulate.run import SimConfig, simulate
-    from ctk.simulate.sweep import gpu_workload
     from ctk.simulate.workload import Arrivals
     from ctk.store import TraceStore
 

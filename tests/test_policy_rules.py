@@ -305,6 +305,26 @@ def test_oracle_keeps_a_pin_while_its_benefit_exceeds_the_price_of_the_rest_of_t
 # -- Continuum -----------------------------------------------------------------------------------------
 
 
+def test_the_engine_rule_and_the_training_baseline_name_a_tool_alike():
+    """Continuum's running mean groups calls by one name, in the engine and in the running-mean baseline."""
+    import pandas as pd
+
+    from ctk.policy.rules import continuum_tool
+    from ctk.predict.dataset import continuum_tool as frame_tool
+
+    calls = [  # (what the engine sees, the stored row: command_or_args, tool_name)
+        (ToolCall("bash", None, "  python3 x.py -q"), ("  python3 x.py -q", None)),
+        (ToolCall("hint", None, "make build"), ("make build", "")),
+        (ToolCall("openai", "apply_patch", '{"patch": "x"}'), ('{"patch": "x"}', "apply_patch")),
+        (ToolCall("tool_call", None, None), (None, None)),
+        (ToolCall("bash", None, "   "), ("   ", None)),
+    ]
+    engine = [continuum_tool(t) for t, _ in calls]
+    rows = pd.DataFrame([r for _, r in calls], columns=["command_or_args", "tool_name"])
+    assert engine == ["python3", "make", "apply_patch", "?", "?"]
+    assert list(frame_tool(rows["command_or_args"], rows["tool_name"])) == engine
+
+
 def test_continuum_quirks_live_in_its_rule():
     c = make_core("continuum")
     assert finish(c, "r1", h("p"), 0.0, text="```bash\npython x.py\n```")[0]

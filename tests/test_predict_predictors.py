@@ -7,12 +7,11 @@ import pandas as pd
 import pytest
 
 from ctk.datasets.shell import PROGRAM_KEY
-from ctk.predict.cost import CostModel
+from ctk.predict.cost import CONTINUUM_PIN_S, CostModel
 from ctk.predict.dataset import DataError, prepare_frame, program_fold
 from ctk.predict.evaluate import pinball
 from ctk.predict.modelfile import load_model, save_model
 from ctk.predict.predictors import (
-    CONTINUUM_PIN_S,
     HistogramPredictor,
     LightGBMPredictor,
     RunningMeanPredictor,

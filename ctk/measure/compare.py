@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -133,21 +133,6 @@ class CompareConfig:
             raise CompareError("rounds must be at least 1")
 
 
-class Launcher(Protocol):
-    """Starts a server for one arm and returns its process (stopped with ``stop_server``)."""
-
-    def __call__(
-        self,
-        model_path: Path,
-        port: int,
-        policy: str,
-        ttl_model: Path | None,
-        extra_args: list[str],
-        log_path: Path,
-        settings: Mapping[str, Any] | None = None,
-    ) -> subprocess.Popen: ...
-
-
 def default_launcher(
     model_path: Path,
     port: int,
@@ -157,7 +142,9 @@ def default_launcher(
     log_path: Path,
     settings: Mapping[str, Any] | None = None,
 ) -> subprocess.Popen:
-    """``ctk serve``'s launcher (the serve part's ``launch_server``); ``settings`` are ServeConfig fields."""
+    """``ctk serve``'s launcher (the serve part's ``launch_server``); ``settings`` are ServeConfig fields.
+    Any :data:`Launcher` takes these arguments and returns the server's process (stopped with
+    ``stop_server``)."""
     from ctk.engine_patch.serve.server import launch_server
 
     return launch_server(
@@ -169,6 +156,10 @@ def default_launcher(
         settings=dict(settings) if settings else None,
         log_path=log_path,
     )
+
+
+#: Starts a server for one arm: called as :func:`default_launcher` is, returns its process.
+Launcher = Callable[..., subprocess.Popen]
 
 
 def warm_up(base_url: str, model: str | None = None) -> None:

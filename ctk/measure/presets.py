@@ -1,4 +1,5 @@
-"""Named configurations of the policy comparison: the benchmark's default, ``full``, ``long-tail``, the demo.
+"""Named configurations of the policy comparison (the benchmark's default, ``full``, ``long-tail``, the demo)
+and the GPU-scale workload of ``ctk simulate``.
 
 The reasoning behind the numbers is in bench/README.md. In short: the tiny CPU model re-prefills a
 3,000-token context in about 0.3 s, which is what a GPU pays for a 10k-token context of an 8-70B model;
@@ -15,16 +16,35 @@ from collections.abc import Callable
 from ctk.measure.compare import CompareConfig, CompareError, ServerConfig
 from ctk.measure.replay import ReplayConfig
 from ctk.measure.workload import WorkloadConfig
+from ctk.predict.cost import CONTINUUM_PIN_S
 
 #: Multi-turn mini-swe-agent programs (source A of the shared agent traces and of the bundled sample).
 MSWEA_SOURCE = "tbench1_leaderboard_mini-swe-agent-v1_claude-sonnet-4"
 
 
 #: A pause longer than Continuum's fixed 2 s pin (the long-tail preset ranks programs by time in these).
-LONG_PAUSE_S = 2.0
+LONG_PAUSE_S = CONTINUUM_PIN_S
 #: The demo's policies: ``progress-ttl`` fits its TTL only after 100 observed gaps, which the demo's 8 short
 #: programs never reach, so it would repeat ``vllm``.
 DEMO_POLICIES = ("vllm", "continuum", "ttl", "oracle")
+
+
+#: Workload defaults at GPU scale: recorded token counts unscaled, contexts up to 64k tokens.
+GPU_WORKLOAD = dict(
+    max_turns=30,
+    token_scale=1.0,
+    system_prompt_tokens=512,
+    task_prompt_tokens=1024,
+    max_output_tokens=2048,
+    max_observation_tokens=8192,
+    max_context_tokens=65536,
+    max_pause_s=600.0,
+)
+
+
+def gpu_workload(n_programs: int | None, seed: int = 0, **overrides) -> WorkloadConfig:
+    """``ctk simulate`` on a GPU profile: :data:`GPU_WORKLOAD` with ``overrides``."""
+    return WorkloadConfig(n_programs=n_programs, seed=seed, **{**GPU_WORKLOAD, **overrides})
 
 
 def bench_config(full: bool = False, seed: int = 0) -> CompareConfig:

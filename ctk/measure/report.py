@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ctk.measure.results import ReplayResult
+from ctk.predict.cost import CONTINUUM_PIN_S
 from ctk.predict.plots import pyplot
 
 POLICY_COLORS = {"vllm": "#7f7f7f", "continuum": "#1f77b4", "ttl": "#d62728", "oracle": "#2ca02c"}
@@ -72,7 +73,7 @@ def plot_tool_durations(tools: pd.DataFrame, out_dir: Path, top: int = 12) -> Fi
     ax.invert_yaxis()
     ticks = [-3, -2, -1, 0, 1, 2, 3]
     ax.set_xticks(ticks, ["1 ms", "10 ms", "0.1 s", "1 s", "10 s", "100 s", "1000 s"])
-    ax.axvline(math.log10(2.0), color="#1f77b4", ls="--", lw=1, label="Continuum's fixed 2 s pin")
+    ax.axvline(math.log10(CONTINUUM_PIN_S), color="#1f77b4", ls="--", lw=1, label="Continuum's fixed 2 s pin")
     ax.set_xlabel("duration (log scale)")
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(axis="x", alpha=0.3)

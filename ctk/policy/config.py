@@ -18,6 +18,7 @@ from annotated_types import Ge, Gt, Le
 from ctk.errors import CtkError
 from ctk.policy.detect import DETECTORS
 from ctk.policy.rules import RULES, Policy
+from ctk.predict.cost import CONTINUUM_PIN_S
 
 # Value ranges, checked by pydantic in :meth:`ServeConfig.validate` (no nan, no infinity).
 Share = Annotated[float, Gt(0), Le(1)]
@@ -56,7 +57,7 @@ class ServeConfig:
     online_prior_weight: Count = 20  # the table's prior counts as at most this many observations
     online_window: AtLeastOne = 256  # most recent observations kept per key
     max_observed_gap_s: Positive = 3600.0  # finish -> next arrival gaps above this are not tool durations
-    continuum_ttl_s: NonNegative = 2.0  # Continuum: fixed pin length and running-mean threshold
+    continuum_ttl_s: NonNegative = CONTINUUM_PIN_S  # Continuum: fixed pin length and running-mean threshold
     oracle_slack_s: NonNegative = 0.25  # oracle: pin for the true duration + measured round trip + this slack
     progress_window: Annotated[int, Ge(2)] = 100  # progress-ttl: finish -> next-arrival gaps in the fit
     price_decay_s: Positive = 1.0  # the memory price decays with this time constant once the shortage clears

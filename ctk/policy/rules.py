@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, Self
 
 from ctk.policy.detect import ToolCall
 from ctk.policy.events import NO_PIN, EngineState, Pin, PinCall, PinDecision, ToolObservation
-from ctk.predict.cost import CDF, CostModel
+from ctk.predict.cost import CDF, CONTINUUM_PIN_S, CostModel
+from ctk.predict.features import continuum_tool_name
 
 if TYPE_CHECKING:
     from ctk.predict.online import OnlineDurations
@@ -105,12 +106,9 @@ def value_by_cdf(pin: Pin, now: float) -> float:
     return pin.p_hit * pin.benefit_s / (max(1, pin.held_tokens) * left)
 
 
-def continuum_tool_name(tool: ToolCall) -> str:
-    """Continuum's tool name: the first word of the command (the function name for API tool calls)."""
-    if tool.kind in ("bash", "hint") and tool.command:
-        words = tool.command.split(None, 1)
-        return words[0] if words else "?"
-    return tool.name or "?"
+def continuum_tool(tool: ToolCall) -> str:
+    """Continuum's tool name of a detected or hinted call (a shell command for ``bash`` and ``hint``)."""
+    return continuum_tool_name(tool.command, tool.name, tool.kind in ("bash", "hint"))
 
 
 # -- the rules --------------------------------------------------------------------------------------------
@@ -169,7 +167,7 @@ class ContinuumRule:
     strict_needs_returns = False  # the public behaviour: strict whatever the routing
     max_pin_share = 1.0
 
-    def __init__(self, ttl_s: float = 2.0):
+    def __init__(self, ttl_s: float = CONTINUUM_PIN_S):
         self.ttl_s = ttl_s
         self.program_fcfs = True
         self.means: dict[str, tuple[float, int]] = {}
@@ -179,7 +177,7 @@ class ContinuumRule:
         return cls(settings.continuum_ttl_s)
 
     def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision:
-        name = continuum_tool_name(call.tool)
+        name = continuum_tool(call.tool)
         mean, n = self.means.get(name, (0.0, 0))
         if n == 0 or mean <= self.ttl_s:
             return PinDecision(self.ttl_s, 1.0, name)
@@ -188,7 +186,7 @@ class ContinuumRule:
     def observe(self, obs: ToolObservation, now: float) -> None:
         if obs.tool is None:
             return
-        name = continuum_tool_name(obs.tool)
+        name = continuum_tool(obs.tool)
         mean, n = self.means.get(name, (0.0, 0))
         self.means[name] = ((mean * n + obs.duration_s) / (n + 1), n + 1)
 

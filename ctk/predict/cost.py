@@ -19,6 +19,9 @@ from dataclasses import asdict, dataclass
 
 #: Shortest pin worth tabulating; quantiles below it are raised to it (a zero-length pin never hits).
 MIN_TTL_S = 0.001
+#: The public Continuum rule: pin for this long when the tool's mean duration is at most this long (the
+#: engine's ``continuum`` policy, the running-mean baseline, the long-tail preset's "long pause").
+CONTINUUM_PIN_S = 2.0
 
 #: Default prefill-time profile (context tokens -> seconds): an 8B model on one datacenter GPU, roughly
 #: linear with a quadratic attention term. Replace it with a measurement (``ctk profile``) of your engine.

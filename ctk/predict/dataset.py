@@ -17,7 +17,7 @@ import pandas as pd
 
 from ctk.datasets.shell import PROGRAM_KEY, QUICK_KEY
 from ctk.errors import CtkError
-from ctk.predict.features import PARSE_CHARS, command_keys
+from ctk.predict.features import PARSE_CHARS, command_keys, continuum_tool_name
 from ctk.store import usable_duration
 
 KIND_KEYS = (QUICK_KEY, PROGRAM_KEY)
@@ -136,10 +136,14 @@ def _text_feature_frame(commands: pd.Series) -> pd.DataFrame:
 
 
 def continuum_tool(commands: pd.Series, tools: pd.Series) -> pd.Series:
-    """The public Continuum's tool name: the first word of the command (or the recorded tool name)."""
-    first = commands.where(commands.notna(), "").astype(str).str.strip().str.split(n=1).str[0]
-    out = tools.where(tools.notna() & (tools.astype(str) != ""), first)
-    return out.fillna("").astype(str).replace("", "*")
+    """Continuum's tool name per row (:func:`~ctk.predict.features.continuum_tool_name`): a recorded tool name
+    is the name (an API tool call's, or a shell command's first word as the recorders store it); a row
+    without one is named by its command."""
+    names = []
+    for command, tool in zip(commands, tools, strict=True):
+        name = tool if isinstance(tool, str) and tool else None
+        names.append(continuum_tool_name(command if isinstance(command, str) else None, name, name is None))
+    return pd.Series(names, index=commands.index, dtype=object)
 
 
 def prepare_frame(rows: pd.DataFrame, keep_unlabelled: bool = False) -> tuple[pd.DataFrame, int]:

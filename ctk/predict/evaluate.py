@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ctk.predict.cost import CostModel
+from ctk.predict.cost import CONTINUUM_PIN_S, CostModel
 from ctk.predict.dataset import program_fold
 from ctk.predict.predictors import (
-    CONTINUUM_PIN_S,
     Predictor,
     RunningMeanPredictor,
     build_tables,

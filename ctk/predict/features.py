@@ -12,7 +12,17 @@ from dataclasses import dataclass
 
 from ctk.datasets.shell import PARSE_CHARS, command_keys
 
-__all__ = ["PARSE_CHARS", "FeatureSpec", "command_keys"]
+__all__ = ["PARSE_CHARS", "FeatureSpec", "command_keys", "continuum_tool_name"]
+
+
+def continuum_tool_name(command: str | None, name: str | None, shell: bool) -> str:
+    """The public Continuum's tool name: the first word of a shell command, else the tool's name (the
+    function name of an API tool call); ``"?"`` when there is neither. Used by the engine's Continuum rule and
+    by the training data's running-mean baseline alike."""
+    if shell and command:
+        words = command.split(None, 1)
+        return words[0] if words else "?"
+    return name or "?"
 
 
 # -- features for the learned predictor ---------------------------------------------------------------------

@@ -24,7 +24,7 @@ import pandas as pd
 from sklearn.base import BaseEstimator
 
 from ctk.datasets.shell import PROGRAM_KEY, QUICK_KEY
-from ctk.predict.cost import MIN_TTL_S, CostModel
+from ctk.predict.cost import CONTINUUM_PIN_S, MIN_TTL_S, CostModel
 from ctk.predict.dataset import program_fold
 from ctk.predict.features import FeatureSpec
 from ctk.predict.survival import KaplanMeier
@@ -32,8 +32,6 @@ from ctk.predict.tables import DEFAULT_CONTEXT_EDGES, TTLTables
 
 DEFAULT_LEVELS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 PREDICTOR_NAMES = ("running-mean", "histogram", "lightgbm")
-#: The public Continuum rule: pin for this long when the tool's mean duration is at most this long.
-CONTINUUM_PIN_S = 2.0
 #: Rows per key whose predicted distributions are mixed into the key's table quantiles.
 TABLE_ROWS_PER_KEY = 1000
 

@@ -43,8 +43,9 @@ _WORDS = (
 )
 
 
-class ProfileError(CtkError):
-    """The server could not be profiled or a profile file is unreadable; the message says why."""
+class ProfileError(CtkError, ValueError):
+    """A server could not be profiled, or a profile (prefill or simulator) is unreadable or inconsistent;
+    the message says why."""
 
 
 def _prompt(n_tokens: int) -> str:
@@ -140,7 +141,8 @@ def save_profile(profile: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(profile, indent=1))
 
 
-def load_profile(path: str | Path) -> dict:
+def load_prefill_profile(path: str | Path) -> dict:
+    """A ``ctk profile`` file (prefill_tokens, prefill_s); ProfileError names what is wrong."""
     try:
         d = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -156,7 +158,7 @@ def cost_model_from(profile_path: str | Path | None = None, **overrides) -> Cost
     """The cost model: defaults, the measured prefill profile if given, then explicit overrides."""
     kw: dict = {}
     if profile_path is not None:
-        prof = load_profile(profile_path)
+        prof = load_prefill_profile(profile_path)
         kw.update(
             prefill_tokens=tuple(prof["prefill_tokens"]),
             prefill_s=tuple(prof["prefill_s"]),

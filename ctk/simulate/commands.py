@@ -77,13 +77,14 @@ def simulate(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Simulate vLLM 0.32 engines running ctk's own policy code on recorded agent programs."""
+    from ctk.measure.presets import bench_config, gpu_workload
     from ctk.measure.workload import WorkloadError, load_programs
     from ctk.policy.arms import Arm, ArmError, split_arms
     from ctk.policy.rules import POLICY_NAMES
     from ctk.simulate.fleet import ROUTINGS
     from ctk.simulate.profiles import ProfileError, load_profile
     from ctk.simulate.run import SimConfig
-    from ctk.simulate.sweep import format_tables, gpu_workload, plot_jct_vs_rate, run_sweep
+    from ctk.simulate.sweep import format_tables, plot_jct_vs_rate, run_sweep
     from ctk.simulate.workload import Arrivals, repeat_programs
     from ctk.store import StoreError, TraceStore
 
@@ -108,8 +109,6 @@ def simulate(
     if token_scale is not None:
         overrides["token_scale"] = token_scale
     if prof.hardware == "cpu":  # the tiny model: the benchmark's scaled programs
-        from ctk.measure.presets import bench_config
-
         wl = bench_config(seed=seed).workload
         wl.n_programs, wl.max_turns = None, max_turns
         wl.sources = source or wl.sources

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from ctk.errors import CtkError
 from ctk.predict.cost import CostModel
+from ctk.predict.profile import ProfileError
 
 #: ``--hardware`` / ``--model`` pairs with a bundled profile.
 PROFILE_DIR = "profiles"
@@ -31,10 +31,6 @@ PROFILE_DIR = "profiles"
 #: The step-time coefficients of a profile; those a prefill-only measurement (``ctk profile``) observes.
 STEP_TERMS = ("step_overhead_s", "linear_s", "attn_prefill_s", "attn_decode_s", "decode_seq_s")
 PREFILL_TERMS = ("linear_s", "attn_prefill_s")
-
-
-class ProfileError(CtkError, ValueError):
-    """A profile is missing or malformed; the message says which."""
 
 
 @dataclass

@@ -16,26 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctk.measure.workload import ProgramSpec, WorkloadConfig
+from ctk.measure.workload import ProgramSpec
 from ctk.simulate.profiles import HardwareProfile
 from ctk.simulate.run import SimConfig, simulate_arm
 
-#: Workload defaults at GPU scale: recorded token counts unscaled, contexts up to 64k tokens.
-GPU_WORKLOAD = dict(
-    max_turns=30,
-    token_scale=1.0,
-    system_prompt_tokens=512,
-    task_prompt_tokens=1024,
-    max_output_tokens=2048,
-    max_observation_tokens=8192,
-    max_context_tokens=65536,
-    max_pause_s=600.0,
-)
 KV_USAGE_MARK = 0.8
-
-
-def gpu_workload(n_programs: int | None, seed: int = 0, **overrides) -> WorkloadConfig:
-    return WorkloadConfig(n_programs=n_programs, seed=seed, **{**GPU_WORKLOAD, **overrides})
 
 
 @dataclass
