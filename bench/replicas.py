@@ -42,13 +42,6 @@ PEER_STATS_WINDOW = 20
 FOUND = 0.9
 
 
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    name: str
-    routing: str
-    policy: str
-
-
 def variants():
     from ctk.engine_patch.serve.fleet import ConsistentHash, ProgramScheduling, RoundRobin
 

@@ -130,10 +130,13 @@ def test_garbage_metadata_is_ignored(served):
 
 def test_recorded_tool_durations_land_in_the_trace_store(served):
     """Runs last: stops the server (the engine process owns the DuckDB file while it runs)."""
-    from ctk.engine_patch.serve.server import stop_server
+    from ctk.engine_patch.serve.server import _group_alive, stop_server
     from ctk.store import TraceStore
 
-    assert stop_server(served["proc"]) is not None
+    proc = served["proc"]
+    assert proc.poll() is None  # it served every test before this one
+    stop_server(proc)
+    assert proc.poll() is not None and not _group_alive(proc.pid)  # nothing the server started is left
     log = Path(served["proc"].log_path).read_text(errors="replace")
     # SIGTERM drains (ctk serve's --shutdown-timeout): no leaked-semaphore warning, no dead-engine traceback
     # (vLLM 0.32 logs one in some stops unless ctk.engine_patch.clean_stop is installed), and the engine

@@ -46,8 +46,6 @@ from ctk.store import TraceStore
 if TYPE_CHECKING:
     from ctk.predict.train import TrainConfig
 
-#: The benchmark's policies, in table order.
-POLICIES: tuple[str, ...] = POLICY_NAMES
 #: {stock eviction, oracle pins} x {FCFS, program FCFS}.
 FACTORIAL_ARMS = ("vllm/fcfs", "vllm/program-fcfs", "oracle/fcfs", "oracle/program-fcfs")
 #: ``bench/policies.py --both-orders``: ttl and the oracle each in strict program order and under the age
@@ -107,7 +105,7 @@ class ServerConfig:
 
 @dataclass
 class CompareConfig:
-    policies: list[str] = field(default_factory=lambda: list(POLICIES))  # arm names (see Arm.parse)
+    policies: list[str] = field(default_factory=lambda: list(POLICY_NAMES))  # arm names (see Arm.parse)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     server: ServerConfig = field(default_factory=ServerConfig)

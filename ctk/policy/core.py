@@ -444,9 +444,8 @@ class PolicyCore:
         ``engine_busy``: something runs (it will give memory back without the valve); ask :meth:`valve_open`
         first. Under program ordering a waiting request takes a pin only once it is overdue (waited the age
         bound, FCFS's measured tail wait) or when nothing runs; before that it waits for the running requests
-        to give memory back (in the simulator: 5-10 % more pin hits than letting older programs'
-        requests take younger programs' pins, at the same p99 TTFT). With nothing running every pin may go,
-        so pins never deadlock the engine.
+        to give memory back (rather than letting older programs' requests take younger programs' pins).
+        With nothing running every pin may go, so pins never deadlock the engine.
         """
         if not self.pins:
             return None

@@ -38,8 +38,7 @@ class ReleaseReason(StrEnum):
 class EngineState:
     """The engine at a decision / step: time and KV-cache occupancy (built by the driver from its view).
 
-    Positional order ``now, free_blocks, total_blocks, num_waiting`` is kept for old callers; pass the rest
-    by keyword.
+    Positional: ``now, free_blocks, total_blocks, num_waiting``; pass the rest by keyword.
     """
 
     now: float  # monotonic seconds
@@ -63,17 +62,8 @@ class EngineState:
         return max(0, self.free_blocks) * self.block_size
 
     @property
-    def pinned_tokens(self) -> int:
-        return max(0, self.pinned_blocks) * self.block_size
-
-    @property
     def total_tokens(self) -> int:
         return max(0, self.total_blocks) * self.block_size
-
-    @property
-    def shortage_tokens(self) -> int:
-        """Waiting demand that free memory cannot take now (0 when nothing waits)."""
-        return max(0, self.waiting_demand_tokens - self.free_tokens)
 
 
 @dataclass

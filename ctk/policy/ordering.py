@@ -18,15 +18,12 @@ Continuum's strict program FCFS is ``age_factor = inf``.
 
 Why a tail quantile and not the mean: under overload most requests wait about the mean, so a bound at the
 mean makes half the queue overdue, and overdue requests take pinned memory (the valve) from the programs about
-to return. In the simulator (H100 8B, 0.75 programs/s, 1,000 programs of 238) ``ttl`` was 1.03× stock vLLM
-on mean JCT with the mean bound and is 1.13× with the p99 bound at stock's p99 TTFT (79 vs 81 s); factor 2
-gives 1.45× at 1.47× stock's p99 TTFT.
+to return.
 
 The bound is on the wait and stock's p99 TTFT on the TTFT: a request at the bound still waits behind the
 other overdue ones and, its pin gone, pays its whole prefill, so the tail lands near stock's, not under it.
-``bench/tail_frontier.py`` (simulator, 16 workload seeds) measures the frontier: at factor 1, p99 TTFT /
-stock's 1.01-1.11 (median) for 1.03-1.11× mean JCT; factor 0.75 is at 0.94-0.98 for 1.02-1.07×; q0.95
-instead of q0.99 moved neither beyond the seeds' noise.
+``bench/tail_frontier.py`` measures the frontier of mean JCT against p99 TTFT over ``age_factor``; the
+README ("Where ctk stands") has the figures.
 """
 
 from __future__ import annotations
