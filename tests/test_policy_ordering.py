@@ -1,0 +1,76 @@
+"""The waiting order on its own (no core, no engine): FCFS's measured waits, the age bound, the order keys."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ctk.policy.ordering import FCFSWaits, ProgramOrder, WaitingItem
+
+
+def test_fcfs_waits_pair_the_kth_admission_with_the_kth_arrival():
+    w = FCFSWaits()
+    assert w.quantile(0.99) == 0.0 and len(w) == 0  # nothing admitted yet
+    for t in (0.0, 1.0, 2.0):
+        w.arrived(t)
+    w.admitted(5.0)  # whichever request was admitted, FCFS would have admitted the one of t=0
+    w.admitted(5.5)  # ... and then the one of t=1
+    assert w.quantile(0.0) == 4.5 and w.quantile(0.99) == 5.0
+    w.dropped()  # the request of t=2 was aborted before admission: FCFS would not have admitted it
+    w.admitted(9.0)  # no arrival left to pair: not a wait
+    assert len(w) == 2
+
+
+def test_fcfs_waits_keep_only_the_last_window():
+    w = FCFSWaits(window=3)
+    for i, wait in enumerate((10.0, 1.0, 2.0, 3.0)):
+        w.arrived(float(i))
+        w.admitted(i + wait)
+    assert len(w) == 3 and w.quantile(0.99) == 3.0  # the 10 s wait has left the window
+
+
+def test_a_waiting_request_may_be_overtaken_until_it_has_waited_fcfs_tail_wait():
+    order = ProgramOrder(age_factor=1.0, age_quantile=0.99)
+    order.arrived(0.0)
+    order.admitted(4.0)  # FCFS's waits: 4 s
+    assert order.age_bound_s == 4.0
+    items = [
+        WaitingItem(arrival=10.0, program_first_arrival=10.0),  # a new program
+        WaitingItem(arrival=11.0, program_first_arrival=1.0),  # an old program's next turn
+        WaitingItem(arrival=12.0, program_first_arrival=5.0, has_pin=True),  # its prefix is held
+    ]
+    ids, next_change = order.order(items, now=12.0)
+    assert ids == [2, 1, 0]  # pinned program first, then the oldest program
+    assert next_change == 14.0  # the request of t=10 becomes overdue at 10 + 4 s
+    ids, _ = order.order(items, now=14.0)
+    assert ids == [0, 2, 1]  # overdue: it goes first, before the pin
+
+
+def test_overdue_requests_go_oldest_first_and_ties_of_first_arrival_by_rank():
+    order = ProgramOrder(age_factor=1.0, age_min_s=1.0)  # no wait measured: the floor is the bound
+    assert order.age_bound_s == 1.0
+    items = [
+        WaitingItem(5.0, 0.0),
+        WaitingItem(3.0, 4.0),  # overdue, older
+        WaitingItem(9.5, 2.0, False, 1),
+        WaitingItem(9.6, 2.0, False, 0),  # same first arrival, seen first by the engine
+        WaitingItem(9.7, None),  # no program: its own arrival
+        WaitingItem(9.8, 20.0),  # a first arrival after its own: its own arrival counts
+    ]
+    ids, next_change = order.order(items, now=9.9)
+    assert ids == [1, 0, 3, 2, 4, 5]
+    assert next_change == pytest.approx(10.5)
+
+
+def test_strict_program_fcfs_has_no_bound_until_relaxed():
+    order = ProgramOrder(age_factor=math.inf)
+    order.arrived(0.0)
+    order.admitted(30.0)
+    items = [WaitingItem(500.0, 1.0), WaitingItem(2.0, 2.0)]  # an old program's turn, a long wait
+    ids, next_change = order.order(items, now=1e6)
+    assert ids == [0, 1] and next_change == math.inf  # the older program goes first, however long
+    order.relax(2.0)  # the waits measured while strict count
+    assert order.age_bound_s == 60.0
+    ids, _ = order.order(items, now=1e6)
+    assert ids == [1, 0]  # both overdue: plain arrival order
