@@ -264,8 +264,8 @@ def test_impossible_durations_are_flagged_and_never_used(tmp_path):
     csv.write_text("\n".join(rows) + "\n")
     db = tmp_path / "t.duckdb"
     res = _ctk("import", csv, "--db", db)
-    assert "impossible durations (flagged, not used)" in res.stdout
-    assert res.stdout.split("impossible durations (flagged, not used)")[1].split()[1] == str(len(bad))
+    label = "impossible tool durations (flagged, not used)"
+    assert res.stdout.split(label)[1].split()[1] == str(len(bad))
     with TraceStore(db, read_only=True) as store:
         assert store.counts()["tool_calls"] == len(bad) + len(good)  # stored, flagged: nothing is lost
         usable = store.tool_calls()  # what every predictor reads

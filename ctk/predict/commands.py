@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ctk.errors import print_error
 from ctk.options import FRACTION, NON_NEGATIVE, at_least
 
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -27,7 +28,7 @@ DEFAULT_LEVELS_TEXT = "0.1,0.25,0.5,0.75,0.9,0.95,0.99"
 
 
 def _fail(msg: str) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {msg}")
+    print_error(err_console, msg)
     return typer.Exit(2)
 
 
