@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ctk.errors import print_error
+from ctk.files import check_output, write_atomically
 from ctk.progress import progress_bar
 from ctk.store import TABLES, StoreError, TraceStore
 
@@ -242,22 +243,14 @@ def export_cmd(
     if suffix not in (".csv", ".parquet"):
         print_error(err_console, "output must end in .csv or .parquet")
         raise typer.Exit(2)
+    check_output(output)  # before reading the store
     store = open_store(db, read_only=True)
     df = store.export_frame(table)
     store.close()
-    tmp = output.with_name(output.name + ".partial")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        if suffix == ".csv":
-            df.to_csv(tmp, index=False)
-        else:
-            df.to_parquet(tmp, index=False)
-        tmp.replace(output)  # never leave a half-written file under the final name
-    except OSError as exc:
-        if tmp.parent.is_dir():
-            tmp.unlink(missing_ok=True)
-        print_error(err_console, f"cannot write {output}: {exc.strerror or exc}")
-        raise typer.Exit(2) from None
+    if suffix == ".csv":
+        write_atomically(output, lambda tmp: df.to_csv(tmp, index=False))
+    else:
+        write_atomically(output, lambda tmp: df.to_parquet(tmp, index=False))
     console.print(json.dumps({"table": table, "rows": len(df), "output": str(output)}))
 
 
