@@ -240,3 +240,10 @@ def test_train_checks_its_output_before_training(monkeypatch, capsys, predict_sa
     assert code == 2 and out.strip().splitlines() == [  # nothing trained, nothing rendered
         "error: /proc/m.pkl: cannot create files in /proc (No such file or directory)"
     ]
+
+
+def test_train_names_an_unknown_source_and_the_known_ones(monkeypatch, capsys, predict_sample_store) -> None:
+    code, out = _run(monkeypatch, capsys, "train", "--db", predict_sample_store, "-o", "/tmp/never.pkl",
+                     "--source", "nosuchsource")
+    assert code == 2 and len(out.strip().splitlines()) == 1, out
+    assert "--source nosuchsource: no tool calls of that source" in out and "tbench1_" in out, out

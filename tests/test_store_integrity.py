@@ -208,3 +208,21 @@ def test_a_sound_store_passes_verify(tmp_path):
         import_paths(store, [SAMPLE])
         store.verify()
         assert np.all(np.array(list(store.counts().values())) > 0)
+
+
+# -- 10. messages that say what is wrong, in one line ----------------------------------------------------
+
+
+def test_a_bad_import_is_one_line_naming_the_missing_columns(tmp_path):
+    wrong = tmp_path / "tool_calls.csv"
+    wrong.write_text("source,program_id,turn_index,tool_name\ns,p,1,ls\n")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    db = tmp_path / "t.duckdb"
+    for path, says in [(wrong, "not a tool-calls table: missing column(s) duration_s"), (empty, "empty")]:
+        res = _ctk("import", path, "--db", db, check=False)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 1 and len(lines) == 1, lines
+        assert lines[0].startswith("error: nothing imported"), lines
+        assert str(path) in lines[0] and says in lines[0], lines
+        assert not db.exists()

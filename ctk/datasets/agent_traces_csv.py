@@ -45,6 +45,12 @@ LLM_MARKERS = (
     "finish_reason",
 )
 KINDS = tuple(REQUIRED_COLUMNS)
+_NAMED = {
+    "tool_calls": "a tool-calls",
+    "llm_calls": "an LLM-calls",
+    "programs": "a programs",
+    "runs": "a runs",
+}
 EMPTY_LLM = pd.DataFrame(columns=_COLUMNS["llm_calls"])
 
 
@@ -127,13 +133,14 @@ def why_not_a_table(columns: Iterable[str]) -> str:
         return "no columns (empty file?)"
 
     def missing(kind: str) -> list[str]:
-        return [c for c in REQUIRED_COLUMNS[kind] if c not in cols]
+        lacking = [c for c in REQUIRED_COLUMNS[kind] if c not in cols]
+        if kind == "llm_calls" and not set(cols) & set(LLM_MARKERS):
+            lacking.append(f"one of {', '.join(LLM_MARKERS)}")
+        return lacking
 
-    closest = min(KINDS, key=lambda k: (len(missing(k)) / len(REQUIRED_COLUMNS[k]), KINDS.index(k)))
-    lacking = missing(closest)
-    if closest == "llm_calls" and not lacking:
-        lacking = [f"one of {', '.join(LLM_MARKERS)}"]
-    return f"not a {closest.replace('_', '-')} table: missing column(s) {', '.join(lacking)}"
+    candidates = [k for k in KINDS if not (k == "llm_calls" and "tool_name" in cols)]
+    closest = min(candidates, key=lambda k: (len(missing(k)) / len(REQUIRED_COLUMNS[k]), KINDS.index(k)))
+    return f"not {_NAMED[closest]} table: missing column(s) {', '.join(missing(closest))}"
 
 
 def detect(path: Path) -> tuple[str | None, str]:
