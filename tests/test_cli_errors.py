@@ -247,3 +247,12 @@ def test_train_names_an_unknown_source_and_the_known_ones(monkeypatch, capsys, p
                      "--source", "nosuchsource")
     assert code == 2 and len(out.strip().splitlines()) == 1, out
     assert "--source nosuchsource: no tool calls of that source" in out and "tbench1_" in out, out
+
+
+def test_train_refuses_an_all_zero_prefill_profile(monkeypatch, capsys, tmp_path, predict_sample_store):
+    zero = tmp_path / "profile.json"  # what `ctk profile` measured against the scripted server
+    zero.write_text('{"prefill_tokens": [0, 128, 1024], "prefill_s": [0.0, 0.0, 0.0]}')
+    code, out = _run(monkeypatch, capsys, "train", "--db", predict_sample_store, "-o", tmp_path / "m.pkl",
+                     "--profile", zero)
+    assert code == 2 and "prefill time is zero at every prompt length" in out, out
+    assert not (tmp_path / "m.pkl").exists()
