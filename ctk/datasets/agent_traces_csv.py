@@ -54,6 +54,14 @@ _NAMED = {
 EMPTY_LLM = pd.DataFrame(columns=_COLUMNS["llm_calls"])
 
 
+#: Columns read as text whatever they hold (an exit status ``0``, a command ``NA``, a numeric task id).
+TEXT_COLUMNS = (
+    "source", "program_id", "run_id", "task_id", "dataset", "agent", "model", "outcome", "kind", "host",
+    "config", "tool_name", "main_program", "command_or_args", "exit_status", "quality_flag", "provenance",
+    "duration_method", "finish_reason",
+)  # fmt: skip
+
+
 class FormatError(CtkError, ValueError):
     """The file is not in the expected format; the message names the file and the reason."""
 
@@ -102,7 +110,7 @@ def read_table(path: Path, nrows: int | None = None) -> pd.DataFrame:
             nrows=nrows,
             keep_default_na=False,
             na_values=[""],
-            dtype={"exit_status": "string", "program_id": "string", "source": "string", "run_id": "string"},
+            dtype=dict.fromkeys(TEXT_COLUMNS, "string"),
         )
     except OSError:
         raise
@@ -187,7 +195,10 @@ def _int_or_none(col: pd.Series) -> pd.Series:
 
 
 def _text(col: pd.Series) -> pd.Series:
-    return col.astype("string").astype(object).where(col.notna(), None)
+    """A text column as text (a CSV reads every known text column as strings already: no copy then)."""
+    if col.dtype == object or isinstance(col.dtype, pd.StringDtype):
+        return col
+    return col.astype("string")
 
 
 def _bool(col: pd.Series, default: bool = False) -> pd.Series:
