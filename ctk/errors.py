@@ -69,6 +69,14 @@ def run_cli(main: Callable[[], Any]) -> None:
         raise
 
 
+def print_error(console: Any, message: str) -> None:
+    """Print ``error: message`` on a rich console as one line: never wrapped at the console's width, and
+    brackets in a path are text, not markup."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", soft_wrap=True, highlight=False)
+
+
 def _fail(message: str) -> None:
     sys.stderr.write(f"error: {message}\n")
     sys.exit(EXIT_ERROR)

@@ -20,8 +20,10 @@ all; collectors that write a program step by step (:meth:`begin_program`, :meth:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import threading
 import time
 import uuid
@@ -57,16 +59,38 @@ def usable_duration(durations: pd.Series) -> pd.Series:
     return d.notna() & np.isfinite(d) & (d >= 0) & (d <= MAX_PLAUSIBLE_DURATION_S)
 
 
-def flag_impossible_durations(tool_calls: pd.DataFrame) -> pd.Series:
-    """Flag rows whose ``duration_s`` is given but impossible (negative, infinite, > 30 days) as
-    :data:`IMPOSSIBLE_DURATION_FLAG`, in place; returns the mask of flagged rows (to count them)."""
-    if tool_calls.empty or "duration_s" not in tool_calls:
-        return pd.Series(False, index=tool_calls.index)
-    given = tool_calls["duration_s"].notna()  # a missing duration is "no duration", not an impossible one
-    bad = given & ~usable_duration(tool_calls["duration_s"])
+def is_usable_duration(duration: float) -> bool:
+    """:func:`usable_duration` for one number (the step-wise writers' path)."""
+    return math.isfinite(duration) and 0 <= duration <= MAX_PLAUSIBLE_DURATION_S
+
+
+#: The timing columns of each table that the rule checks: a tool call's duration, an LLM call's latency and
+#: time to first token. A value given but not usable flags the whole row :data:`IMPOSSIBLE_DURATION_FLAG`.
+TIMING_COLUMNS = {"tool_calls": ("duration_s",), "llm_calls": ("latency_s", "ttft_s")}
+
+
+def flag_impossible_durations(frame: pd.DataFrame, table: str = "tool_calls") -> pd.Series:
+    """Flag rows whose timing (:data:`TIMING_COLUMNS` of ``table``) is given but impossible (negative,
+    infinite, > 30 days) as :data:`IMPOSSIBLE_DURATION_FLAG`, in place; returns the mask of flagged rows."""
+    bad = pd.Series(False, index=frame.index)
+    for column in TIMING_COLUMNS[table]:
+        if frame.empty or column not in frame:
+            continue
+        values = frame[column]
+        given = values.notna()  # a missing value is "not measured", not an impossible one
+        bad |= given & ~usable_duration(values)
     if bad.any():
-        tool_calls.loc[bad, "quality_flag"] = IMPOSSIBLE_DURATION_FLAG
+        frame.loc[bad, "quality_flag"] = IMPOSSIBLE_DURATION_FLAG
     return bad
+
+
+def flag_impossible_record(record: Any, table: str) -> Any:
+    """The same rule for one record written step by step (collectors, the proxy): returns it flagged."""
+    for column in TIMING_COLUMNS.get(table, ()):
+        value = getattr(record, column, None)
+        if value is not None and not is_usable_duration(float(value)):
+            return dataclasses.replace(record, quality_flag=IMPOSSIBLE_DURATION_FLAG)
+    return record
 
 
 class StoreError(CtkError):
@@ -83,6 +107,51 @@ def _lock_holder(exc: duckdb.Error) -> str:
 
     m = re.search(r"PID (\d+)", str(exc))
     return f"PID {m.group(1)}" if m else "another process"
+
+
+#: DuckDB errors that mean the file itself is damaged (truncated, a table dropped, a block unreadable), not a
+#: bug in ctk: they become a :class:`StoreError` naming the store.
+_DAMAGE_ERRORS = (
+    duckdb.IOException,
+    duckdb.CatalogException,
+    duckdb.TransactionException,
+    duckdb.InternalException,
+    duckdb.SerializationException,
+)
+
+
+def damaged(path: Path, exc: BaseException) -> StoreError:
+    """The one-line error for a store DuckDB cannot read: the user's path and DuckDB's first line."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StoreError(f"{path}: damaged or truncated trace store, left as it was ({first})")
+
+
+class _Connection:
+    """A store's DuckDB connection: a damage error (:data:`_DAMAGE_ERRORS`) becomes a :class:`StoreError`
+    naming the store instead of a traceback; anything else (a bug) is raised as it is."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, path: Path):
+        self._con, self.path = con, path
+
+    def execute(self, sql: str, params: Sequence[Any] | None = None) -> duckdb.DuckDBPyConnection:
+        try:
+            return self._con.execute(sql, params) if params is not None else self._con.execute(sql)
+        except _DAMAGE_ERRORS as exc:
+            raise damaged(self.path, exc) from None
+
+    def register(self, name: str, frame: pd.DataFrame) -> None:
+        try:
+            self._con.register(name, frame)
+        except _DAMAGE_ERRORS as exc:
+            raise damaged(self.path, exc) from None
+
+    def unregister(self, name: str) -> None:
+        """Clean-up after a query: never hides the query's own error (an aborted transaction refuses it)."""
+        with contextlib.suppress(duckdb.Error):
+            self._con.unregister(name)
+
+    def close(self) -> None:
+        self._con.close()
 
 
 @dataclass
@@ -242,7 +311,7 @@ class TraceStore:
         #: Set when the store was locked by a writer and this reader opened a copy taken now instead.
         self.snapshot: Path | None = None
         try:
-            self._con = duckdb.connect(str(self.path), read_only=read_only)
+            con = duckdb.connect(str(self.path), read_only=read_only)
         except duckdb.Error as exc:
             if not _is_lock_conflict(exc):
                 raise StoreError(f"{self.path}: cannot open as a DuckDB trace store ({exc})") from None
@@ -251,8 +320,13 @@ class TraceStore:
                     f"{self.path}: being written by another process ({_lock_holder(exc)}, e.g. `ctk proxy`"
                     " or `ctk collect`); stop it first or write to another --db"
                 ) from None
-            self._con = self._connect_snapshot()
-        self._check_or_create_schema()
+            con = self._connect_snapshot()
+        self._con = _Connection(con, self.path)
+        try:
+            self._check_or_create_schema()
+        except BaseException:
+            self.close()
+            raise
 
     def _connect_snapshot(self) -> duckdb.DuckDBPyConnection:
         """Read a copy of a store that a writer holds locked (DuckDB allows one writing process, and no
@@ -315,6 +389,7 @@ class TraceStore:
                 )
             if version < 1:
                 raise StoreError(f"{self.path}: unknown schema version {version}")
+            self._check_tables()
             return
         if tables:
             raise StoreError(
@@ -328,6 +403,31 @@ class TraceStore:
                 "INSERT INTO ctk_meta VALUES ('schema_version', ?), ('created_unix_s', ?)",
                 [str(SCHEMA_VERSION), str(time.time())],
             )
+
+    def _check_tables(self) -> None:
+        """Every table with every column this ctk reads: a store with a table dropped or altered is refused
+        on opening, before anything reads or writes it."""
+        rows = self._con.execute(
+            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'main'"
+        ).fetchall()
+        present: dict[str, set[str]] = {}
+        for table, column in rows:
+            present.setdefault(table, set()).add(column)
+        for table in TABLES:
+            if table not in present:
+                raise StoreError(f"{self.path}: damaged trace store: table {table} is missing")
+            missing = [c for c in _COLUMNS[table] if c not in present[table]]
+            if missing:
+                raise StoreError(
+                    f"{self.path}: damaged trace store: table {table} lacks column(s) {', '.join(missing)}"
+                )
+
+    def verify(self) -> None:
+        """Read every value of every table once; a damaged file raises :class:`StoreError` here (so
+        ``ctk import`` refuses it before writing a byte, and the file stays as it was)."""
+        with self._lock:
+            for table in TABLES:
+                self._con.execute(f"SELECT bit_xor(hash(COLUMNS(*))) FROM {table}").fetchall()
 
     def _transaction(self):
         store = self
@@ -375,7 +475,10 @@ class TraceStore:
             return 0
         if len(tools):
             tools = tools.copy()
-            flag_impossible_durations(tools)
+            flag_impossible_durations(tools, "tool_calls")
+        if len(llm):
+            llm = llm.copy()
+            flag_impossible_durations(llm, "llm_calls")
         with self._transaction():
             self._con.register("_new_programs", progs)
             try:
@@ -394,6 +497,16 @@ class TraceStore:
             if len(tools):
                 self._insert_frame("tool_calls", tools[tools["program_id"].isin(keep)])
         return len(keep)
+
+    def add_runs(self, runs: pd.DataFrame) -> int:
+        """Add run rows (a ``runs`` table read back from ``ctk export``); a stored run_id is kept as it is.
+        Returns how many were new."""
+        if runs.empty:
+            return 0
+        with self._transaction():
+            before = self._con.execute("SELECT count(*) FROM runs").fetchall()[0][0]
+            self._insert_frame("runs", runs, skip_existing_on="run_id")
+            return self._con.execute("SELECT count(*) FROM runs").fetchall()[0][0] - before
 
     def _insert_frame(self, table: str, df: pd.DataFrame, skip_existing_on: str | None = None) -> None:
         if df.empty:
@@ -432,6 +545,7 @@ class TraceStore:
 
     def _insert_records(self, table: str, records: Sequence[Any]) -> None:
         """A few records: parameterised INSERT (≈3x cheaper than a frame for one row); many: a frame."""
+        records = [flag_impossible_record(r, table) for r in records]
         if len(records) > 64:
             self._insert_frame(table, records_frame(records, table))
             return

@@ -205,3 +205,54 @@ def test_bfcl_checks_the_endpoint_before_the_first_program(monkeypatch, capsys, 
                      "--url", "http://127.0.0.1:1/v1", "--slice", "0:1")
     assert code == 2 and "no server answers" in out and "Traceback" not in out, out
     assert not (tmp_path / "b.duckdb").exists()
+
+
+@pytest.mark.parametrize("args", [["--rates", "nan"], ["--rates", "1,inf"], ["-n", "-5"]], ids=" ".join)
+def test_simulate_refuses_nan_inf_and_negative_counts(monkeypatch, capsys, tmp_path, args) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out = _run(monkeypatch, capsys, "simulate", "--db", tmp_path / "none.duckdb", *args,
+                     "--json", tmp_path / "o.json")
+    assert code == 2 and "outside" in out and "Traceback" not in out, out
+    assert list(tmp_path.iterdir()) == []  # no JSON, no out/simulate
+
+
+def _outputs(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    return {"/proc": "/proc/p.csv", "file": str(blocker / "x.csv")}
+
+
+@pytest.mark.parametrize("where", ["/proc", "file"])
+def test_output_errors_name_the_users_path_and_the_cause(monkeypatch, capsys, tmp_path, where,
+                                                         predict_sample_store, trained_model) -> None:
+    out_path = _outputs(tmp_path)[where]
+    cause = {"/proc": "cannot create files in /proc", "file": "a-file is a file, not a folder"}[where]
+    for args in (["export", "--db", predict_sample_store, "-o", out_path],
+                 ["predict", predict_sample_store, "--model", trained_model, "-o", out_path]):
+        code, out = _run(monkeypatch, capsys, *args)
+        assert code == 2 and out.startswith(f"error: {out_path}: ") and cause in out, out
+        assert ".tmp" not in out and ".partial" not in out and "File exists" not in out, out
+
+
+def test_train_checks_its_output_before_training(monkeypatch, capsys, predict_sample_store) -> None:
+    code, out = _run(monkeypatch, capsys, "train", "--db", predict_sample_store, "-o", "/proc/m.pkl",
+                     "--predictor", "histogram")
+    assert code == 2 and out.strip().splitlines() == [  # nothing trained, nothing rendered
+        "error: /proc/m.pkl: cannot create files in /proc (No such file or directory)"
+    ]
+
+
+def test_train_names_an_unknown_source_and_the_known_ones(monkeypatch, capsys, predict_sample_store) -> None:
+    code, out = _run(monkeypatch, capsys, "train", "--db", predict_sample_store, "-o", "/tmp/never.pkl",
+                     "--source", "nosuchsource")
+    assert code == 2 and len(out.strip().splitlines()) == 1, out
+    assert "--source nosuchsource: no tool calls of that source" in out and "tbench1_" in out, out
+
+
+def test_train_refuses_an_all_zero_prefill_profile(monkeypatch, capsys, tmp_path, predict_sample_store):
+    zero = tmp_path / "profile.json"  # what `ctk profile` measured against the scripted server
+    zero.write_text('{"prefill_tokens": [0, 128, 1024], "prefill_s": [0.0, 0.0, 0.0]}')
+    code, out = _run(monkeypatch, capsys, "train", "--db", predict_sample_store, "-o", tmp_path / "m.pkl",
+                     "--profile", zero)
+    assert code == 2 and "prefill time is zero at every prompt length" in out, out
+    assert not (tmp_path / "m.pkl").exists()

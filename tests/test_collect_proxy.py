@@ -225,6 +225,14 @@ def test_proxy_refuses_bad_input_and_stops_cleanly(tmp_path: Path) -> None:
             status = 413
         assert status == 413
         assert httpx.post(url + "/chat/completions", json={"messages": []}, timeout=30).status_code == 200
+        refused = httpx.post(url + "/chat/completions", content=b"[1]", timeout=30)  # vLLM's 400 type
+        assert refused.status_code == 400 and refused.json()["error"]["type"] == "BadRequestError"
+        # a second proxy on the same port: one line before any banner, no store written
+        second = subprocess.run([*CTK, *map(str, [*args[:4], tmp_path / "q.duckdb", *args[5:]])],
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and second.stdout == "", second.stdout
+        assert second.stderr.startswith("error: cannot listen on") and second.stderr.count("\n") == 1
+        assert not (tmp_path / "q.duckdb").exists()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err

@@ -243,3 +243,23 @@ def test_proxy_recorder_idle_finish_and_unique_ids(tmp_path: Path) -> None:
     assert programs.loc["prog", "outcome"] == "idle" and programs.loc["prog#2", "outcome"] == "proxy_stopped"
     tools = read_table(db, "tool_calls")
     assert list(tools["command_or_args"]) == ["make test"] and list(tools["main_program"]) == ["make"]
+
+
+def test_a_killed_collections_work_folder_is_cleaned_by_the_next(tmp_path) -> None:
+    import os
+    import sys
+
+    from ctk.collect.swebench import OWNER_FILE, clean_stale_workroots
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    stale = tmp_path / "ctk-collect-stale"  # its owner exited without cleaning up (SIGKILL)
+    (stale / "p" / "repo").mkdir(parents=True)
+    (stale / OWNER_FILE).write_text(dead.stdout.strip())
+    live = tmp_path / "ctk-collect-live"  # a collection running now
+    live.mkdir()
+    (live / OWNER_FILE).write_text(str(os.getppid()))
+    unknown = tmp_path / "ctk-collect-unknown"  # not ours to judge: no owner file
+    unknown.mkdir()
+    assert clean_stale_workroots(tmp_path) == 1
+    assert not stale.exists() and live.exists() and unknown.exists()

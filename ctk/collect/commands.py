@@ -285,11 +285,12 @@ def proxy(
     model: Annotated[str | None, typer.Option("--model", help="model label stored with the programs")] = None,
 ) -> None:
     """Record LLM calls (and the tool pauses between them) of any agent pointed at this proxy."""
-    from ctk.collect.proxy import ProxyOptions, check_upstream, serve_proxy
+    from ctk.collect.proxy import ProxyOptions, check_listen, check_upstream, serve_proxy
     from ctk.store import StoreError, TraceStore
 
     try:
         check_upstream(upstream)
+        check_listen(host, port)  # before the banner and before the store gets a run row
     except ValueError as exc:
         _fail(str(exc))
     try:  # fail early and clearly on a bad store path

@@ -77,6 +77,37 @@ def check_upstream(url: str) -> None:
         raise ValueError(f"--url {url!r} is not an http(s) URL, e.g. http://127.0.0.1:8000/v1")
 
 
+#: The error types of the proxy's own answers, vLLM's names (its 400 is ``BadRequestError``), so a client
+#: sees one ``type`` per status whether the proxy or the engine behind it refused the request.
+ERROR_TYPES = {400: "BadRequestError", 413: "BadRequestError", 502: "BadGatewayError"}
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    """An error the proxy answers itself, in vLLM's (OpenAI-compatible) shape: message, type, code."""
+    return JSONResponse({"error": {"message": message, "type": ERROR_TYPES[status], "code": status}}, status)
+
+
+def check_listen(host: str, port: int) -> None:
+    """Raise ValueError (one line) unless ``host:port`` can be bound now, as uvicorn binds it
+    (``SO_REUSEADDR``): checked before the proxy prints its banner or writes a byte to the store."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ValueError(f"--host {host!r}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise ValueError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another process using it? "
+                "choose another --port)"
+            ) from None
+
+
 async def _read_body(request: Request, limit: int) -> bytes | None:
     """The request body, or None when it is larger than ``limit`` bytes (read no further than that)."""
     length = request.headers.get("content-length", "")
@@ -335,9 +366,7 @@ def create_app(opts: ProxyOptions) -> FastAPI:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
         raw = await _read_body(request, opts.max_body_bytes)
         if raw is None:
-            return JSONResponse(
-                {"error": {"message": f"request body larger than {opts.max_body_bytes} bytes"}}, 413
-            )
+            return error_response(413, f"request body larger than {opts.max_body_bytes} bytes")
         url = f"{upstream}/{path}"
         if request.method != "POST" or path not in RECORDED_PATHS:
             try:
@@ -345,19 +374,14 @@ def create_app(opts: ProxyOptions) -> FastAPI:
                     request.method, url, params=request.query_params, headers=headers, content=raw
                 )
             except httpx.HTTPError as exc:
-                return JSONResponse(
-                    {"error": {"message": f"upstream unreachable: {type(exc).__name__}"}}, 502
-                )
+                return error_response(502, f"upstream unreachable: {type(exc).__name__}")
             return Response(r.content, r.status_code, media_type=r.headers.get("content-type"))
         try:
             body = json.loads(raw)
             if not isinstance(body, dict):
                 raise ValueError
         except ValueError:
-            return JSONResponse(
-                {"error": {"message": "request body is not a JSON object", "type": "invalid_request_error"}},
-                400,
-            )
+            return error_response(400, "request body is not a JSON object")
         lower = {k.lower(): v for k, v in headers.items()}
         program, _given = program_from_request(lower, body)
         if not body.get(SESSION_ID):
@@ -381,7 +405,7 @@ def create_app(opts: ProxyOptions) -> FastAPI:
                 message={},
                 ok=False,
             )
-            return JSONResponse({"error": {"message": f"upstream unreachable: {type(exc).__name__}"}}, 502)
+            return error_response(502, f"upstream unreachable: {type(exc).__name__}")
         is_sse = "text/event-stream" in resp.headers.get("content-type", "")
         if not is_sse:
             try:

@@ -55,6 +55,36 @@ class SwebenchOptions(CollectOptions):
     retries: int | None = None
 
 
+WORKROOT_PREFIX = "ctk-collect-"
+#: The PID of the collection that owns a work folder; a folder whose owner is gone is stale.
+OWNER_FILE = ".ctk-owner-pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another account's process
+        return True
+    return True
+
+
+def clean_stale_workroots(tmp: Path) -> int:
+    """Remove ``ctk-collect-*`` work folders whose owning collection no longer runs (it was killed before
+    its clean-up); returns how many. Folders without an owner file or of a live process are left alone."""
+    removed = 0
+    for folder in tmp.glob(f"{WORKROOT_PREFIX}*"):
+        try:
+            pid = int((folder / OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 def _git(args: list[str], cwd: Path) -> None:
     proc = subprocess.run(["git", *args], cwd=cwd, env=os.environ | _GIT_ENV, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -245,7 +275,12 @@ class SwebenchCollector:
     def session(self) -> Iterator[None]:
         """A root for the working copies (removed after unless ``--workdir`` / ``--keep-workdirs``)."""
         opts = self.options
-        self.workroot = Path(opts.workdir) if opts.workdir else Path(tempfile.mkdtemp(prefix="ctk-collect-"))
+        if opts.workdir:
+            self.workroot = Path(opts.workdir)
+        else:
+            clean_stale_workroots(Path(tempfile.gettempdir()))  # left by a collection that was SIGKILLed
+            self.workroot = Path(tempfile.mkdtemp(prefix=WORKROOT_PREFIX))
+            (self.workroot / OWNER_FILE).write_text(str(os.getpid()))
         self.workroot.mkdir(parents=True, exist_ok=True)
         if opts.traj_dir is not None:
             Path(opts.traj_dir).mkdir(parents=True, exist_ok=True)

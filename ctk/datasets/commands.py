@@ -10,14 +10,19 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from ctk.errors import print_error
+from ctk.files import check_output, write_atomically
 from ctk.progress import progress_bar
 from ctk.store import TABLES, StoreError, TraceStore
+
+if TYPE_CHECKING:
+    from ctk.datasets.importer import ImportSummary
 
 # Piped output (CI logs, tests) gets a wide console instead of rich's 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -37,7 +42,7 @@ def open_store(path: Path, read_only: bool = False) -> TraceStore:
     try:
         store = TraceStore(path, read_only=read_only)
     except StoreError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        print_error(err_console, str(exc))
         raise typer.Exit(2) from None
     if store.snapshot is not None:
         err_console.print(
@@ -82,20 +87,21 @@ def import_cmd(
     from ctk.datasets.importer import discover, import_paths
 
     if fmt not in ("auto", "mswea-traj", "agent-traces-csv"):
-        err_console.print(f"[red]error:[/red] unknown --format {fmt!r}")
+        print_error(err_console, f"unknown --format {fmt!r}")
         raise typer.Exit(2)
     missing = [p for p in paths if not p.exists()]
     if missing:
-        err_console.print(f"[red]error:[/red] {missing[0]}: no such file or folder", highlight=False)
+        print_error(err_console, f"{missing[0]}: no such file or folder")
         raise typer.Exit(2)
     found = discover(paths, fmt)  # type: ignore[arg-type]
     if not found:
-        err_console.print(
-            f"[red]error:[/red] no trajectory or tool_calls CSV file under {', '.join(map(str, paths))}",
-            highlight=False,
-        )
+        where = ", ".join(map(str, paths))
+        print_error(err_console, f"no trajectory or trace table (CSV / Parquet) under {where}")
         raise typer.Exit(2)
     created = not db.exists()
+    if not created:  # a damaged store is refused before a byte is written: it stays as it was
+        with open_store(db, read_only=True) as existing:
+            existing.verify()
     store = open_store(db)
     total = len(found)
     with progress_bar(status=True, console=err_console, only_on_terminal=True) as progress:
@@ -126,29 +132,28 @@ def import_cmd(
     counts = store.counts()
     store.close()
 
+    nothing = summary.programs_added + summary.programs_already_present + summary.runs_added == 0
+    if nothing and not summary.interrupted:
+        if created:  # do not leave an empty store behind for `ctk train` to stumble on
+            for leftover in (db, db.with_name(db.name + ".wal")):
+                leftover.unlink(missing_ok=True)
+        message = _nothing_imported(summary, len(found)) + ("" if created else f"; {db} is unchanged")
+        print_error(err_console, message)
+        raise typer.Exit(1)
     for path, reason in summary.skipped_files:
         err_console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
     if summary.interrupted and summary.programs_added == 0 and created:
         for leftover in (db, db.with_name(db.name + ".wal")):
             leftover.unlink(missing_ok=True)
-    elif summary.programs_added + summary.programs_already_present == 0 and not summary.interrupted:
-        if created:  # do not leave an empty store behind for `ctk train` to stumble on
-            for leftover in (db, db.with_name(db.name + ".wal")):
-                leftover.unlink(missing_ok=True)
-        err_console.print(
-            f"[red]error:[/red] nothing imported: no program could be read from {len(found)} file(s)"
-            + ("" if created else f"; {db} is unchanged"),
-            highlight=False,
-        )
-        raise typer.Exit(1)
     table = Table(title=f"import into {db}")
     table.add_column("what")
     table.add_column("count", justify="right")
     for label, value in [
         ("files read", summary.files_read),
         ("files skipped", len(summary.skipped_files)),
-        ("rows skipped (no key / duration)", summary.rows_skipped),
-        ("impossible durations (flagged, not used)", summary.impossible_durations),
+        ("rows skipped (no key / unreadable duration)", summary.rows_skipped),
+        ("impossible tool durations (flagged, not used)", summary.impossible_durations),
+        ("impossible LLM latencies (flagged, not used)", summary.impossible_latencies),
         ("programs added", summary.programs_added),
         ("programs already present", summary.programs_already_present),
         ("tool calls added", summary.tool_calls_added),
@@ -167,6 +172,15 @@ def import_cmd(
         raise typer.Exit(130)
 
 
+def _nothing_imported(summary: ImportSummary, n_files: int) -> str:
+    """One line for an import that read no program: the reason, for the first file that has one."""
+    if not summary.skipped_files:
+        return f"nothing imported: no program could be read from {n_files} file(s)"
+    path, reason = summary.skipped_files[0]
+    more = len(summary.skipped_files) - 1
+    return f"nothing imported: {path}: {reason}" + (f" (and {more} more file(s) skipped)" if more else "")
+
+
 def _fmt_s(x: float) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
@@ -181,7 +195,7 @@ def stats_cmd(
 ) -> None:
     """Tool-call duration statistics per source and tool: count, p50/p90/p99, shares, censored share."""
     if by not in ("tool", "source"):
-        err_console.print("[red]error:[/red] --by must be 'tool' or 'source'")
+        print_error(err_console, "--by must be 'tool' or 'source'")
         raise typer.Exit(2)
     store = open_store(db, read_only=True)
     keys = ("source", "main_program") if by == "tool" else ("source",)
@@ -223,28 +237,20 @@ def export_cmd(
 ) -> None:
     """Export a table of the trace store to CSV or Parquet (tool calls use the agent-traces CSV names)."""
     if table not in TABLES:
-        err_console.print(f"[red]error:[/red] unknown table {table!r}; choose one of {', '.join(TABLES)}")
+        print_error(err_console, f"unknown table {table!r}; choose one of {', '.join(TABLES)}")
         raise typer.Exit(2)
     suffix = output.suffix.lower()
     if suffix not in (".csv", ".parquet"):
-        err_console.print("[red]error:[/red] output must end in .csv or .parquet")
+        print_error(err_console, "output must end in .csv or .parquet")
         raise typer.Exit(2)
+    check_output(output)  # before reading the store
     store = open_store(db, read_only=True)
     df = store.export_frame(table)
     store.close()
-    tmp = output.with_name(output.name + ".partial")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        if suffix == ".csv":
-            df.to_csv(tmp, index=False)
-        else:
-            df.to_parquet(tmp, index=False)
-        tmp.replace(output)  # never leave a half-written file under the final name
-    except OSError as exc:
-        if tmp.parent.is_dir():
-            tmp.unlink(missing_ok=True)
-        err_console.print(f"[red]error:[/red] cannot write {output}: {exc.strerror or exc}", highlight=False)
-        raise typer.Exit(2) from None
+    if suffix == ".csv":
+        write_atomically(output, lambda tmp: df.to_csv(tmp, index=False))
+    else:
+        write_atomically(output, lambda tmp: df.to_parquet(tmp, index=False))
     console.print(json.dumps({"table": table, "rows": len(df), "output": str(output)}))
 
 

@@ -136,7 +136,7 @@ def read_trajectory(
                 call_index=k,
                 tool_name=tool_name,
                 main_program=main_program,
-                command_or_args=clip_command(command or ""),
+                command_or_args=clip_command(command),
                 context_tokens=_int(usage.get("prompt_tokens")),
                 llm_output_tokens=_int(usage.get("completion_tokens")),
                 llm_output_chars=len(content),
@@ -150,7 +150,7 @@ def read_trajectory(
                 tool_calls.append(
                     ToolCallRecord(
                         **base,
-                        duration_s=max(0.0, end - prev_end),
+                        duration_s=end - prev_end,  # negative: the store flags it impossible_duration
                         start_unix_s=prev_end,
                         end_unix_s=end,
                         exit_status="timeout" if censored else str(obs_extra.get("returncode")),

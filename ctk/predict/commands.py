@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ctk.errors import print_error
 from ctk.options import FRACTION, NON_NEGATIVE, at_least
 
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -27,13 +28,14 @@ DEFAULT_LEVELS_TEXT = "0.1,0.25,0.5,0.75,0.9,0.95,0.99"
 
 
 def _fail(msg: str) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {msg}")
+    print_error(err_console, msg)
     return typer.Exit(2)
 
 
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
     """Turn the expected error types into a clear message and exit code 2 (never a traceback)."""
+    from ctk.files import OutputError
     from ctk.predict.dataset import DataError
     from ctk.predict.modelfile import ModelFileError
     from ctk.predict.profile import ProfileError
@@ -41,7 +43,7 @@ def _errors() -> Iterator[None]:
 
     try:
         yield
-    except (ModelFileError, StoreError, DataError, ProfileError) as exc:
+    except (ModelFileError, StoreError, DataError, ProfileError, OutputError) as exc:
         raise _fail(str(exc)) from None
     except ValueError as exc:
         raise _fail(str(exc)) from None
@@ -133,6 +135,7 @@ def train(
     seed: Annotated[int, typer.Option(help="Split / boosting seed.")] = 0,
 ) -> None:
     """Train a tool-duration predictor, evaluate it on held-out programs, write model.pkl with TTL tables."""
+    from ctk.files import check_output
     from ctk.predict.evaluate import plot, render
     from ctk.predict.train import TrainConfig, train_from_store
 
@@ -144,6 +147,7 @@ def train(
         config.validate()
         if not db.exists():
             raise _fail(f"{db}: no such trace store")
+        check_output(output)  # before training, not after it
         with _progress() as update:
             model, evaluation = train_from_store(db, config, cost, source, update)
         render(evaluation, console)
@@ -299,13 +303,12 @@ def _evaluate_online(rows, model: Path | None, as_json: bool) -> None:
 
 def _write_rows(out, output: Path) -> None:
     """Write a prediction table atomically as CSV (or Parquet by suffix)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
+    from ctk.files import write_atomically
+
     if output.suffix.lower() == ".parquet":
-        out.to_parquet(tmp, index=False)
+        write_atomically(output, lambda tmp: out.to_parquet(tmp, index=False))
     else:
-        out.to_csv(tmp, index=False)
-    tmp.replace(output)
+        write_atomically(output, lambda tmp: out.to_csv(tmp, index=False))
 
 
 # -- inspect ---------------------------------------------------------------------------------------------

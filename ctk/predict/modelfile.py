@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ctk.errors import CtkError
-from ctk.files import respect_umask
+from ctk.files import OutputError, write_atomically
 from ctk.predict.cost import CostModel
 from ctk.predict.tables import TTLTables
 
@@ -83,20 +81,15 @@ def save_model(model: dict, path: str | Path) -> Path:
     plain.setdefault("kind", MODEL_KIND)
     plain.setdefault("format_version", FORMAT_VERSION)
     path = Path(path)
+
+    def dump(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            pickle.dump(plain, fh, protocol=PICKLE_PROTOCOL)
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                pickle.dump(plain, fh, protocol=PICKLE_PROTOCOL)
-            respect_umask(tmp)  # mkstemp makes it 0600: other accounts could not load the model
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        raise ModelFileError(f"{path}: cannot write model file ({exc.strerror or exc})") from None
-    return path
+        return write_atomically(path, dump)  # umask mode: other accounts can load the model
+    except OutputError as exc:
+        raise ModelFileError(f"cannot write model file: {exc}") from None
 
 
 def loads_model(data: bytes, name: str = "<bytes>") -> dict:

@@ -106,6 +106,7 @@ def measure_prefill(
         if toks > tokens[-1]:
             tokens.append(toks)
             secs.append(max(secs[-1], lat - overhead))  # prefill time never falls with length
+    check_prefill(secs, base)
     return {
         "prefill_tokens": tokens,
         "prefill_s": secs,
@@ -137,6 +138,20 @@ def _one(client, base: str, model: str, n: int) -> tuple[int, float]:
     return int(usage.get("prompt_tokens") or n), elapsed
 
 
+def check_prefill(prefill_s: Sequence[float], where: str) -> None:
+    """Refuse a profile whose prefill time never grows with the prompt: the server did no prefill work
+    (a scripted or mock server), and a cost model built on it would price every re-prefill at zero."""
+    try:
+        longest = max(float(x) for x in prefill_s)
+    except (TypeError, ValueError):
+        raise ProfileError(f"{where}: prefill_s must be a list of numbers") from None
+    if not longest > 0:
+        raise ProfileError(
+            f"{where}: prefill time is zero at every prompt length: the server does no prefill work "
+            "(a scripted or mock server?); profile a real engine"
+        )
+
+
 def save_profile(profile: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(profile, indent=1))
 
@@ -151,6 +166,7 @@ def load_prefill_profile(path: str | Path) -> dict:
         raise ProfileError(f"{path}: not a JSON profile ({exc})") from None
     if not isinstance(d, dict) or "prefill_tokens" not in d or "prefill_s" not in d:
         raise ProfileError(f"{path}: a profile needs prefill_tokens and prefill_s lists")
+    check_prefill(d["prefill_s"], str(path))
     return d
 
 

@@ -66,6 +66,15 @@ def load_rows(db: str | Path, sources: Sequence[str] | None = None) -> tuple[pd.
     from ctk.store import TraceStore
 
     with TraceStore(db, read_only=True) as store:
+        if sources:
+            known = sorted(store.query("SELECT DISTINCT source FROM tool_calls")["source"].dropna())
+            unknown = [s for s in sources if s not in known]
+            if unknown:
+                shown = ", ".join(known[:8]) + (f" ... ({len(known)} in all)" if len(known) > 8 else "")
+                raise DataError(
+                    f"--source {', '.join(unknown)}: no tool calls of that source in {db}; "
+                    f"its sources: {shown or 'none'}"
+                )
         rows = store.tool_calls(sources=list(sources) if sources else None)
         tasks = store.table("programs")[["program_id", "task_id"]]
         return rows.merge(tasks, on="program_id", how="left"), store.fingerprint()

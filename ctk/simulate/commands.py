@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from ctk.options import at_least
+
 
 def _fail(msg: str, code: int = 2) -> typer.Exit:
     typer.echo(f"error: {msg}", err=True)
@@ -15,11 +17,16 @@ def _fail(msg: str, code: int = 2) -> typer.Exit:
 
 
 def _floats(text: str, name: str) -> list[float]:
+    """Comma-separated positive finite numbers (``nan`` and ``inf`` refused, as every ranged option)."""
+    import click
+
+    from ctk.options import POSITIVE
+
     try:
-        out = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise _fail(f"--{name} must be comma-separated numbers, not {text!r}") from None
-    if not out or any(x <= 0 for x in out):
+        out = [POSITIVE.convert(x.strip(), None, None) for x in text.split(",") if x.strip()]
+    except click.BadParameter as exc:
+        raise _fail(f"--{name}: {exc.message}") from None
+    if not out:
         raise _fail(f"--{name} needs positive numbers")
     return out
 
@@ -44,7 +51,12 @@ def simulate(
     ] = None,
     programs: Annotated[
         int,
-        typer.Option("-n", "--programs", help="programs to simulate (0: every distinct one; more: repeated)"),
+        typer.Option(
+            "-n",
+            "--programs",
+            help="programs to simulate (0: every distinct one; more: repeated)",
+            parser=at_least(0),
+        ),
     ] = 0,
     source: Annotated[list[str] | None, typer.Option("--source", help="only programs of this source")] = None,
     max_turns: Annotated[int, typer.Option(help="turns per program at most")] = 30,
