@@ -104,8 +104,21 @@ def test_histogram_backs_off_to_coarser_keys():
     assert h.predict_quantiles(frame2[frame2["key0"] == "git:status"])[0].tolist() == h.table_["git:status"]
 
 
-def test_histogram_treats_timeouts_as_censored(split):
+@pytest.fixture(scope="module")
+def longer_cap_split():
+    """The same calls prepared for a deployment with a longer cap: killed calls are censored run times."""
+    frame, _ = prepare_frame(synthetic_rows(240, 12, seed=3), serve_cap_s=600.0)
+    test = program_fold(frame["program_id"], 0.3, seed=0)
+    return frame[~test], frame[test]
+
+
+def test_killed_calls_are_exact_pauses_under_their_own_cap(split):
     train, _ = split
+    assert train["killed"].any() and not train["censored"].any()
+
+
+def test_histogram_treats_timeouts_as_censored_under_a_longer_cap(longer_cap_split):
+    train, _ = longer_cap_split
     pip = train[train["key0"] == "pip:install"]
     assert pip["censored"].any()
     h = HistogramPredictor(LEVELS).fit(train)
@@ -137,12 +150,13 @@ def test_lightgbm_uses_program_history_where_the_histogram_cannot(split, lgbm):
     assert p_lgb < p_hist < p_rm
 
 
-def test_lightgbm_censoring_raises_upper_quantiles(split, lgbm):
-    train, test = split
+def test_lightgbm_censoring_raises_upper_quantiles(longer_cap_split):
+    train, test = longer_cap_split
+    cens = LightGBMPredictor(LEVELS, n_estimators=120).fit(train)
     naive = LightGBMPredictor(LEVELS, n_estimators=120).fit(train.assign(censored=False))
     pip = test[test["key0"] == "pip:install"]
     top = LEVELS.index(0.99)
-    assert np.median(lgbm.predict_quantiles(pip)[:, top]) > np.median(naive.predict_quantiles(pip)[:, top])
+    assert np.median(cens.predict_quantiles(pip)[:, top]) > np.median(naive.predict_quantiles(pip)[:, top])
 
 
 @pytest.mark.parametrize("kind", ["running-mean", "histogram", "lightgbm"])

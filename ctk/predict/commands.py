@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ctk.options import FRACTION, NON_NEGATIVE, at_least
+from ctk.options import FRACTION, NON_NEGATIVE, POSITIVE, at_least
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -131,6 +131,15 @@ def train(
     ] = None,
     plots: Annotated[Path | None, typer.Option(help="Write calibration / per-tool PNG plots here.")] = None,
     seed: Annotated[int, typer.Option(help="Split / boosting seed.")] = 0,
+    serve_cap: Annotated[
+        float | None,
+        typer.Option(
+            help="Predict pauses for a harness that kills tool calls at this many seconds (default: each "
+            "source's own cap, as recorded). Longer than a source's cap: its killed calls become censored "
+            "run times.",
+            parser=POSITIVE,
+        ),
+    ] = None,
 ) -> None:
     """Train a tool-duration predictor, evaluate it on held-out programs, write model.pkl with TTL tables."""
     from ctk.predict.evaluate import plot, render
@@ -139,7 +148,12 @@ def train(
     with _errors():
         cost = _cost(profile, block_size, requeue_delay)
         config = TrainConfig(
-            predictor=predictor, levels=_levels(levels), eval_folds=folds, loso=loso, seed=seed
+            predictor=predictor,
+            levels=_levels(levels),
+            eval_folds=folds,
+            loso=loso,
+            seed=seed,
+            serve_cap_s=serve_cap,
         )
         config.validate()
         if not db.exists():
@@ -330,6 +344,7 @@ def inspect(
     meta["calibration"] = m.calibration
     meta["predictors"] = sorted(m.predictors)
     meta["table_keys"] = len(tables.ttl_s)
+    meta["harness_caps"] = m.harness_caps
     if as_json:
         meta["feature_importance"] = m.feature_importance
         meta["evaluation"] = m.evaluation
@@ -354,6 +369,7 @@ def inspect(
             f"{[round(s, 3) for s in cal.get('shifts_log', [])]}",
         )
     console.print(t)
+    _print_caps(m.harness_caps, m.train_config.get("serve_cap_s"))
     tt = Table(
         title=f"TTL tables: {len(tables.ttl_s)} keys x {len(tables.context_edges)} context buckets "
         f"(edges {tables.context_edges}) x pressure {tables.pressure_levels}"
@@ -386,6 +402,26 @@ def inspect(
         )
     if m.evaluation.get("program_split"):
         render(m.evaluation, console)
+
+
+def _print_caps(caps: dict, serve_cap_s: float | None) -> None:
+    """The harness caps the model's pauses were learned under (one row per capped source)."""
+    served = f"served under a {serve_cap_s:g} s cap" if serve_cap_s else "each source under its own cap"
+    if not caps:
+        console.print(f"harness caps: none known ({served})")
+        return
+    t = Table(title=f"Harness caps: a killed call is an exact pause at its cap ({served})")
+    for c in ("source", "cap s", "pause bound s", "killed calls", "from"):
+        t.add_column(c, justify="left" if c in ("source", "from") else "right")
+    for src, c in sorted(caps.items()):
+        t.add_row(
+            src,
+            f"{c['cap_s']:.2f}",
+            f"{c['bound_s']:.2f}",
+            f"{c['killed_calls']} of {c['calls']}",
+            c["origin"],
+        )
+    console.print(t)
 
 
 # -- profile ---------------------------------------------------------------------------------------------

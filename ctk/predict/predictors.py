@@ -24,6 +24,15 @@ import pandas as pd
 from sklearn.base import BaseEstimator
 
 from ctk.datasets.shell import PROGRAM_KEY, QUICK_KEY
+from ctk.predict.caps import (
+    HarnessCap,
+    caps_from_dict,
+    caps_to_dict,
+    clip_to_bounds,
+    key_bounds,
+    learn_caps,
+    row_bounds,
+)
 from ctk.predict.cost import MIN_TTL_S, CostModel
 from ctk.predict.dataset import program_fold
 from ctk.predict.features import FeatureSpec
@@ -125,7 +134,7 @@ def _chain_counts(frame: pd.DataFrame, source_keys: bool = False) -> dict[str, n
     codes, uniq = pd.factorize(keys.to_numpy(dtype=object))
     order = np.argsort(codes, kind="stable")
     bounds = np.searchsorted(codes[order], np.arange(len(uniq) + 1))
-    return {str(k): pos[order[bounds[i]:bounds[i + 1]]] for i, k in enumerate(uniq)}
+    return {str(k): pos[order[bounds[i] : bounds[i + 1]]] for i, k in enumerate(uniq)}
 
 
 def build_tables(
@@ -134,10 +143,13 @@ def build_tables(
     cost: CostModel,
     context_edges: Sequence[int] = DEFAULT_CONTEXT_EDGES,
 ) -> TTLTables:
-    """TTL tables from the predictor's per-key quantiles and the cost model."""
+    """TTL tables from the predictor's per-key quantiles and the cost model; a key whose calls all come from
+    capped sources never states a pause past the largest of their bounds (:mod:`ctk.predict.caps`)."""
     kq = predictor.key_quantiles(frame)
+    bounds = key_bounds(frame, learn_caps(frame), _chain_counts(frame))
+    bounds["*"] = bounds.get("*", float("inf"))
     return TTLTables.build(
-        {k: q for k, (q, _) in kq.items()},
+        {k: [min(x, bounds.get(k, float("inf"))) for x in q] for k, (q, _) in kq.items()},
         {k: n for k, (_, n) in kq.items()},
         predictor.levels,
         cost,
@@ -332,6 +344,7 @@ class HistogramPredictor(BaseEstimator):
             self.counts_[k] = len(idx)
         self.sources_ = sorted(frame["source"].astype(str).unique()) if self.by_source else []
         self.similarity_ = self._similarity(grid)
+        self.caps_: dict[str, HarnessCap] = learn_caps(frame)
         self._cache: dict = {}
         return self
 
@@ -391,7 +404,8 @@ class HistogramPredictor(BaseEstimator):
         pooled = _backoff_lookup(frame["keys"], self.table_)
         for src, chain, pool in zip(frame["source"].astype(str), frame["keys"], pooled, strict=True):
             rows.append(self._source_quantiles(src, tuple(chain)) if src in known else pool)
-        return np.asarray(rows, dtype=float).reshape(len(frame), -1)
+        q = np.asarray(rows, dtype=float).reshape(len(frame), -1)
+        return clip_to_bounds(q, row_bounds(frame, self.caps_))
 
     def kaplan_meier(self, chain: Sequence[str], source: str | None = None) -> KaplanMeier:
         for k in source_chain(source, chain) if (self.by_source and source) else chain:
@@ -419,6 +433,7 @@ class HistogramPredictor(BaseEstimator):
             "source_grid": self.source_grid_,
             "sources": self.sources_,
             "similarity": self.similarity_,
+            "caps": caps_to_dict(self.caps_),
         }
 
     @classmethod
@@ -435,6 +450,7 @@ class HistogramPredictor(BaseEstimator):
         p.source_grid_ = {k: list(v) for k, v in d.get("source_grid", {}).items()}
         p.sources_ = list(d.get("sources", []))
         p.similarity_ = {a: dict(v) for a, v in d.get("similarity", {}).items()}
+        p.caps_ = caps_from_dict(d.get("caps"))
         p.km_, p._cache = {}, {}
         return p
 
@@ -606,6 +622,7 @@ class LightGBMPredictor(BaseEstimator):
         if len(cal_df) > p["max_cal_rows"]:  # conformal shifts need thousands of rows, not millions
             cal_df = cal_df.sample(p["max_cal_rows"], random_state=p["seed"])
         self._calibrate(cal_df)
+        self.caps_: dict[str, HarnessCap] = learn_caps(frame)
         return self
 
     def _calibrate(self, cal: pd.DataFrame) -> None:
@@ -627,7 +644,7 @@ class LightGBMPredictor(BaseEstimator):
 
     def predict_quantiles(self, frame: pd.DataFrame) -> np.ndarray:
         q = self._raw(self._matrix(frame)) + np.asarray(self.shifts_)[None, :]
-        return np.exp(np.sort(q, axis=1))
+        return clip_to_bounds(np.exp(np.sort(q, axis=1)), row_bounds(frame, self.caps_))
 
     def choose_ttls(self, frame, quantiles, benefit_s, cost_per_s):
         return cost_model_ttls(self.levels, quantiles, benefit_s, cost_per_s)
@@ -668,6 +685,7 @@ class LightGBMPredictor(BaseEstimator):
                 "shifts_log": list(self.shifts_),
                 "rows": self.cal_rows_,
             },
+            "caps": caps_to_dict(self.caps_),
         }
 
     @classmethod
@@ -686,6 +704,7 @@ class LightGBMPredictor(BaseEstimator):
         cal = d.get("calibration", {})
         p.shifts_ = [float(s) for s in cal.get("shifts_log", [0.0] * len(p.levels))]
         p.cal_rows_ = int(cal.get("rows", 0))
+        p.caps_ = caps_from_dict(d.get("caps"))
         return p
 
 
