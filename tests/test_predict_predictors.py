@@ -265,3 +265,37 @@ def test_histogram_keeps_sources_apart():
     assert pooled > 1000.0  # no source known: the pooled key (the engine's tables; online adapts them)
     back = predictor_from_dict(h.to_dict())
     np.testing.assert_allclose(back.predict_quantiles(frame), h.predict_quantiles(frame))
+
+
+def test_histogram_never_takes_a_rare_keys_tail_from_another_source_unshrunk():
+    """A key with 2 calls of its own source, which another, alike source runs for an hour: the own
+    source's coarser key is the prior, so the other source's hour does not become the median."""
+    rows = []
+    for src, foo_s in (("mine", 0.1), ("other", 3600.0)):
+        for p in range(30):
+            for t, cmd in enumerate(("ls -la", "git status", "cat a.txt")):
+                rows.append(
+                    {
+                        "program_id": f"{src}{p}",
+                        "turn_index": t,
+                        "source": src,
+                        "command_or_args": cmd,
+                        "duration_s": 0.05,
+                    }
+                )
+        n_foo = 2 if src == "mine" else 12
+        for i in range(n_foo):
+            rows.append(
+                {
+                    "program_id": f"{src}{i}",
+                    "turn_index": 9,
+                    "source": src,
+                    "command_or_args": "foo --run",
+                    "duration_s": foo_s,
+                }
+            )
+    frame, _ = prepare_frame(pd.DataFrame(rows))
+    h = HistogramPredictor(LEVELS, rare_calls=0).fit(frame)
+    assert h.similarity_["mine"]["other"] > 0.96  # the sources look alike on their shared keys
+    q = h.predict_quantiles(frame[(frame["source"] == "mine") & (frame["key0"] == "foo")].head(1))[0]
+    assert q[LEVELS.index(0.5)] < 1.0

@@ -374,28 +374,46 @@ class HistogramPredictor(BaseEstimator):
         return sim
 
     def _source_quantiles(self, source: str, chain: tuple[str, ...]) -> list[float]:
-        """The shrunk, similarity-weighted mixture of the first key of ``chain`` with enough calls."""
+        """The quantiles at ``levels`` of :meth:`_source_grid` (the call's own source's chain)."""
         hit = self._cache.get((source, chain))
+        if hit is None:
+            grid = _grid(self.levels)
+            g = self._source_grid(source, chain)
+            hit = self._cache[(source, chain)] = [g[grid.index(lv)] for lv in self.levels]
+        return hit
+
+    def _source_grid(self, source: str, chain: tuple[str, ...]) -> list[float]:
+        """Quantiles at the mixing grid of a key of ``source``: its own calls (weight ``n_own``), other
+        sources' calls of the key (similarity-weighted, at most ``prior_samples`` each, shrunk by
+        ``prior_samples / (prior_samples + n_own)``) and, as the prior, the same source's next key of the
+        chain (weight ``prior_samples``). A key with few calls of its own thus leans on its own source's
+        coarser key: another source's tail never decides alone."""
+        hit = self._cache.get(("grid", source, chain))
         if hit is not None:
             return hit
         grid = _grid(self.levels)
-        out = None
-        for k in chain:
-            own_key = f"{source}{SOURCE_SEP}{k}"
-            n_own = self.counts_.get(own_key, 0)
-            comps = [(self.source_grid_[own_key], float(n_own))] if n_own else []
-            shrink = self.prior_samples / (self.prior_samples + n_own)
-            for other, sim in self.similarity_.get(source, {}).items():
-                n = self.counts_.get(f"{other}{SOURCE_SEP}{k}", 0)
-                w = sim * min(n, self.prior_samples) * shrink
-                if w > 1e-6:
-                    comps.append((self.source_grid_[f"{other}{SOURCE_SEP}{k}"], w))
-            if comps and (sum(w for _, w in comps) >= self.min_samples or k == "*"):
-                out = weighted_mixture_quantiles(comps, grid, self.levels)
-                break
-        if out is None:
-            out = _backoff_lookup([chain], self.table_)[0]
-        self._cache[(source, chain)] = out
+        k = chain[0]
+        parent = self._source_grid(source, chain[1:]) if len(chain) > 1 else None
+        own_key = f"{source}{SOURCE_SEP}{k}"
+        n_own = self.counts_.get(own_key, 0)
+        comps = [(self.source_grid_[own_key], float(n_own))] if n_own else []
+        shrink = self.prior_samples / (self.prior_samples + n_own)
+        for other, sim in self.similarity_.get(source, {}).items():
+            n = self.counts_.get(f"{other}{SOURCE_SEP}{k}", 0)
+            w = sim * min(n, self.prior_samples) * shrink
+            if w > 1e-6:
+                comps.append((self.source_grid_[f"{other}{SOURCE_SEP}{k}"], w))
+        if parent is not None:
+            if not comps:
+                out = parent
+            else:
+                out = weighted_mixture_quantiles([*comps, (parent, float(self.prior_samples))], grid, grid)
+        elif comps:
+            out = weighted_mixture_quantiles(comps, grid, grid)
+        else:
+            t = self.table_["*"]
+            out = [float(np.interp(g, self.levels, t)) for g in grid]
+        self._cache[("grid", source, chain)] = out
         return out
 
     def predict_quantiles(self, frame: pd.DataFrame) -> np.ndarray:
