@@ -40,7 +40,7 @@ def predict_rows(
     if online:
         from ctk.predict.online_eval import online_predictions
 
-        out, skipped = online_predictions(rows, tables, pressure)
+        out, skipped = online_predictions(rows, tables, pressure, pr)
         return RowPredictions(out, skipped, f"{name}+online")
     if "duration_s" not in rows.columns:
         rows = rows.assign(duration_s=np.nan)
