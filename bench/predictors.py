@@ -125,7 +125,8 @@ def online(frame, add_s_list=(0.0, 0.2)) -> tuple[bool, dict]:
     )
     print(
         f"{'case':<44} {'model':<9} {'+s':>4} | after 100 calls, pinball q0.5/q0.9 and q0.9 coverage: "
-        "offline | online-tables (the engine) | online (ctk predict --online)"
+        "offline | online-no-duel (before issue 24) | online-tables (the engine) | "
+        "online (ctk predict --online)"
     )
     held_task = fold_ids(frame, 1, seed=0) == 0  # 25% of the task groups, by hash
     cases = []
@@ -148,7 +149,7 @@ def online(frame, add_s_list=(0.0, 0.2)) -> tuple[bool, dict]:
                 cells = " | ".join(
                     f"{v[k]['pinball_0.5_after_warmup']:.3f}/{v[k]['pinball_0.9_after_warmup']:.3f} "
                     f"{v[k]['coverage_0.9_after_warmup']:.3f}"
-                    for k in ("offline", "online-tables", "online")
+                    for k in ("offline", "online-no-duel", "online-tables", "online")
                 )
                 print(f"{label:<44} {name:<9} {add:>4.1f} | {cells}  ({time.perf_counter() - t0:.1f} s)")
                 cov = v["online"]["coverage_0.9_after_warmup"]

@@ -173,7 +173,7 @@ class OnlineDurations:
         calibrate: bool = True,
         learning_rate: float = 0.05,
         refresh_log_step: float = 0.1,
-        duel_min_calls: int = 20,
+        duel_min_calls: int | None = 20,
     ):
         self.tables = tables
         self.min_samples = min_samples
@@ -229,6 +229,8 @@ class OnlineDurations:
     def _wins(self, key: str) -> list[bool]:
         """Per level, does the adapted row decide: the key's own duel once it has enough calls, else the
         duel over every call; offline until either has."""
+        if self.duel_min_calls is None:  # no duel: the adapted row always (the rule before issue 24)
+            return [True] * len(self.tables.quantile_levels)
         d = self.duels.get(key)
         w = d.wins(self.duel_min_calls) if d is not None else None
         if w is None:

@@ -35,7 +35,7 @@ class OnlineConfig:
     min_interval_s: float = 0.5
     calibrate: bool = True
     learning_rate: float = 0.05
-    duel_min_calls: int = 20
+    duel_min_calls: int | None = 20  # None: no duel, the adapted quantiles always
 
 
 def start_times(frame: pd.DataFrame) -> pd.Series:
@@ -153,6 +153,7 @@ def online_report(
         ],
         "online-blend": replay(frame, copy_tables(tables), replace(cfg, calibrate=False))[0],
         "online-tables": replay(frame, copy_tables(tables), cfg)[0],
+        "online-no-duel": replay(frame, copy_tables(tables), replace(cfg, duel_min_calls=None))[0],
         "online": replay(frame, copy_tables(tables), cfg, offline=np.asarray(offline_q, dtype=float))[0],
     }
     after = np.arange(len(frame)) >= warmup
