@@ -326,3 +326,17 @@ def realized_cost(ttl_s: float, duration_s: float, benefit_s: float, holding_cos
 
 def oracle_cost(duration_s: float, benefit_s: float, holding_cost_per_s: float) -> float:
     return min(benefit_s, holding_cost_per_s * duration_s)
+
+
+#: Live memory prices (JCT-seconds per token-second, :mod:`ctk.policy.price`) at which ``ctk inspect`` shows
+#: the engine's decision: free memory, and a cache of ~800k tokens with 1, 8 and 80 requests blocked.
+REPRESENTATIVE_PRICES = (0.0, 1.25e-6, 1e-5, 1e-4)
+
+
+def live_ttl(cdf: CDF, benefit_s: float, price: float, held_tokens: int) -> tuple[float, float]:
+    """The engine's pin decision when a turn ends in a tool call: the TTL maximising
+    ``F(τ)·B − price·N·H(τ)`` over the key's return-time distribution, and ``F(TTL)``; ``(0, 0)``: do not pin.
+    The ``ttl`` rule decides with it, and every offline figure of a key's TTL (``ctk inspect``) calls it."""
+    ttl, f, _ = cdf.best_ttl(benefit_s, price * held_tokens)
+    return (ttl, f) if ttl > 0.0 else (0.0, 0.0)
+

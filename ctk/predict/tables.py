@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ctk.predict.cost import CostModel, choose_ttl
+from ctk.predict.cost import CDF, CostModel, choose_ttl, live_ttl
 
 #: Upper edges (tokens) of the context-length buckets; contexts above the last edge use the last bucket.
 DEFAULT_CONTEXT_EDGES = (1024, 4096, 16384, 65536, 262144)
@@ -84,6 +84,22 @@ class TTLTables:
                 c = self.context_bucket(context_tokens)
                 p = self.pressure_index(pressure)
                 return TTLDecision(rows[c][p], self.p_hit[key][c][p], key)
+        return NO_PIN
+
+    def live_decision(self, keys: Sequence[str], context_tokens: int, price: float) -> TTLDecision:
+        """What the engine's ``ttl`` rule decides for a call of this chain at this context and live price
+        (:func:`ctk.predict.cost.live_ttl` on the first key's quantiles; the tables' cost profile; memory
+        held = the context's blocks). Keys without quantiles (old or hand-set files): the tabulated row."""
+        for key in keys:
+            q = self.quantiles_s.get(key)
+            if q is not None and not self.fixed_ttl:
+                cm = self.cost_model
+                held = cm.blocks(context_tokens) * cm.block_size_tokens
+                cdf = CDF.from_quantiles(self.quantile_levels, q)
+                ttl, f = live_ttl(cdf, cm.benefit_s(context_tokens), price, held)
+                return TTLDecision(ttl, f, key)
+            if key in self.ttl_s or key in self._stale:
+                return self.lookup((key,), context_tokens, 1.0)
         return NO_PIN
 
     @property
