@@ -302,3 +302,42 @@ def test_evaluation_never_claims_more_folds_than_task_groups(tmp_path):
     r = _run("evaluate", "--db", csv, "--predictors", "running-mean", "--folds", "5", "--json", "--no-loso")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["split"] == "3-fold by task group"  # 3 programs, no task ids
+
+
+def test_the_regret_grades_the_engine_rules_decisions(trained_model, predict_sample_store):
+    """``ctk evaluate``'s table regret and ``ctk predict``'s table columns are the ttl rule's decisions at the
+    live price equivalent to each pressure, call by call."""
+    from ctk.policy.config import ServeConfig
+    from ctk.policy.detect import ToolCall
+    from ctk.policy.events import EngineState, PinCall
+    from ctk.policy.hints import parse_hints
+    from ctk.policy.policies import make_rule
+    from ctk.predict.evaluate import predict_all
+    from ctk.predict.modelfile import ModelFile
+    from ctk.predict.predictors import build_tables
+
+    m = ModelFile.load(trained_model)
+    with TraceStore(predict_sample_store, read_only=True) as s:
+        frame, _ = prepare_frame(s.tool_calls())
+    frame = frame.head(200)
+    pr = m.fitted_predictor()[1]
+    tables = build_tables(pr, frame, m.cost)  # the tables predict_all grades (built from its train rows)
+    rule = make_rule("ttl", ServeConfig(policy="ttl", ttl_model="x", online=False), tables)
+    cm = tables.cost_model
+    pred = predict_all(pr, frame, frame, m.cost, pressures=(0.5, 0.95))
+    for p in (0.5, 0.95):
+        decided = []
+        for keys, ctx in zip(frame["keys"], frame["context_est"].fillna(0).astype(int), strict=True):
+            call = PinCall(
+                "p",
+                "r",
+                ToolCall("hint", None, keys[0]),
+                tuple(keys),
+                ctx,
+                cm.blocks(ctx),
+                cm.block_size_tokens,
+                parse_hints(None, {"program_id": "p"}),
+            )
+            decided.append(rule.decide(call, EngineState(0.0, 900, 1000, block_size=16), cm.live_price_at(p)))
+        np.testing.assert_allclose(pred.ttl_table[p], [d.ttl_s for d in decided], rtol=1e-12)
+        assert any(d.ttl_s > 0 for d in decided)

@@ -111,6 +111,12 @@ class CostModel:
         p = min(max(float(pressure), self.pressure_levels[0]), self.pressure_levels[-1])
         return _interp(p, self.pressure_levels, self.block_second_price)
 
+    def live_price_at(self, pressure: float) -> float:
+        """The live memory price (JCT-s per token-s, what the engine's ``ttl`` rule is given) at which the
+        engine's decision costs what this profile's λ(pressure) charges: ``λ / block size``, so that
+        ``price · held tokens = λ · blocks``. Offline figures grade the engine's rule at these prices."""
+        return self.block_second_price_at(pressure) / self.block_size_tokens
+
     def holding_cost_per_s(self, context_tokens: int | None, pressure: float) -> float:
         """c = λ(pressure)·M: seconds of saved work lost per second of holding the context's blocks."""
         return self.block_second_price_at(pressure) * self.blocks(context_tokens)

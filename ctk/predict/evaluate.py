@@ -124,7 +124,7 @@ def prediction_rows(
     decisions: Sequence,
 ) -> pd.DataFrame:
     """The columns ``ctk predict`` writes per call: ids, key, quantiles, the row's TTL and P(hit), and the
-    decision of the TTL table (what the engine reads)."""
+    engine's decision (its ``ttl`` rule on the tables' quantiles, at the live price of the pressure)."""
     out = pd.DataFrame(
         {
             "program_id": frame["program_id"],
@@ -173,7 +173,7 @@ def predict_all(
         ctx = test["context_est"].fillna(0).astype(int).tolist()
         for p in pressures:
             pred.ttl_table[p] = np.array(
-                [t.lookup(k, x, p).ttl_s for k, x in zip(test["keys"], ctx, strict=True)]
+                [t.engine_decision(k, x, p).ttl_s for k, x in zip(test["keys"], ctx, strict=True)]
             )
     return pred
 
@@ -461,7 +461,7 @@ def evaluate_fitted(
             ctx = frame["context_est"].fillna(0).astype(int).tolist()
             for p in EVAL_PRESSURES:
                 preds[name].ttl_table[p] = np.array(
-                    [t.lookup(k, x, p).ttl_s for k, x in zip(frame["keys"], ctx, strict=True)]
+                    [t.engine_decision(k, x, p).ttl_s for k, x in zip(frame["keys"], ctx, strict=True)]
                 )
     return {
         "split": "trained model on all rows of the given store",
@@ -532,7 +532,7 @@ def render(result: dict, console=None) -> None:
         )
         if "regret_table" in e:
             r.add_row(
-                f"{n} (TTL table)",
+                f"{n} (engine rule, tables)",
                 *[_f(e["regret_table"].get(f"{p:g}"), 4) for p in rep["pressures"]],
                 _f(e["regret_table"]["mean"], 4),
             )

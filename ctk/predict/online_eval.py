@@ -97,7 +97,7 @@ def replay(
         if row is not None:
             q[i] = row
         if pressure is not None:
-            decisions.append(tables.lookup(keys[i], ctx[i], pressure))
+            decisions.append(tables.engine_decision(keys[i], ctx[i], pressure))
         heapq.heappush(pending, (starts[i] + durations[i], i))
     return q, decisions
 

@@ -49,5 +49,5 @@ def predict_rows(
     b, c = row_costs(frame, model.cost, pressure)
     ttl, hit = pr.choose_ttls(frame, q, b, c)
     ctx = frame["context_est"].fillna(0).astype(int).tolist()
-    dec = [tables.lookup(k, x, pressure) for k, x in zip(frame["keys"], ctx, strict=True)]
+    dec = [tables.engine_decision(k, x, pressure) for k, x in zip(frame["keys"], ctx, strict=True)]
     return RowPredictions(prediction_rows(frame, pr.levels, q, ttl, hit, dec), skipped, name)
