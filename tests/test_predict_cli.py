@@ -72,7 +72,7 @@ def test_inspect_ttl_is_the_engine_rules_decision(trained_model):
     from ctk.policy.detect import ToolCall
     from ctk.policy.events import EngineState, PinCall
     from ctk.policy.hints import parse_hints
-    from ctk.policy.policies import make_rule
+    from ctk.policy.rules import make_rule
 
     meta = json.loads(_run("inspect", trained_model, "--json", "--keys", "12").output)
     shown = meta["engine_ttl"]
@@ -311,7 +311,7 @@ def test_the_regret_grades_the_engine_rules_decisions(trained_model, predict_sam
     from ctk.policy.detect import ToolCall
     from ctk.policy.events import EngineState, PinCall
     from ctk.policy.hints import parse_hints
-    from ctk.policy.policies import make_rule
+    from ctk.policy.rules import make_rule
     from ctk.predict.evaluate import predict_all
     from ctk.predict.modelfile import ModelFile
     from ctk.predict.predictors import build_tables
