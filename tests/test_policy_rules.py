@@ -264,7 +264,7 @@ def test_fixed_ttl_tables_of_the_engine_tests_keep_their_meaning(tmp_path):
     tables = load_ttl_tables(write_test_model(tmp_path / "m.pkl"))
     assert tables.fixed_ttl
     rule = make_rule("ttl", ServeConfig(policy="ttl", ttl_model="x", online_min_samples=1), tables)
-    for i in range(20):  # online observations rewrite the table's rows and quantiles of 'sleep' ...
+    for i in range(40):  # observations (once they win their duel) rewrite the rows of 'sleep' ...
         rule.observe(ToolObservation("p", i, None, ["sleep", "*"], 50.0, 0.0, 100, 10), now=float(i))
     assert tables.quantiles_s["sleep"][0] > 1.0
     for price in (0.0, 1e-6):  # ... but the hand-set TTLs still decide

@@ -58,10 +58,45 @@ def test_model_file_contents(trained_model, predict_sample_store):
 def test_inspect(trained_model):
     r = _run("inspect", trained_model)
     assert r.exit_code == 0, r.output
-    assert "TTL tables" in r.output and "fingerprint" in r.output and "Decision regret" in r.output
+    assert "table keys" in r.output and "fingerprint" in r.output and "Decision regret" in r.output
+    assert "Harness caps" in r.output or "harness caps: none" in r.output
     r = _run("inspect", trained_model, "--json")
     meta = json.loads(r.output)
     assert meta["predictor"] == "lightgbm" and meta["table_keys"] > 5
+
+
+def test_inspect_ttl_is_the_engine_rules_decision(trained_model):
+    """The TTL ``ctk inspect`` prints for a key at a live price and context is the TTL the engine's ttl rule
+    decides for a call of that key, price and context."""
+    from ctk.policy.config import ServeConfig
+    from ctk.policy.detect import ToolCall
+    from ctk.policy.events import EngineState, PinCall
+    from ctk.policy.hints import parse_hints
+    from ctk.policy.rules import make_rule
+
+    meta = json.loads(_run("inspect", trained_model, "--json", "--keys", "12").output)
+    shown = meta["engine_ttl"]
+    ctx = shown["context_tokens"]
+    tables = load_ttl_tables(trained_model)
+    rule = make_rule("ttl", ServeConfig(policy="ttl", ttl_model="x", online=False), tables)
+    cm = tables.cost_model
+    pinned = 0
+    for key, by_price in shown["ttl_s"].items():
+        for price, ttl in by_price.items():
+            call = PinCall(
+                "p",
+                "r",
+                ToolCall("hint", None, key),
+                (key,),
+                ctx,
+                cm.blocks(ctx),
+                cm.block_size_tokens,
+                parse_hints(None, {"program_id": "p"}),
+            )
+            decided = rule.decide(call, EngineState(0.0, 900, 1000, block_size=16), float(price)).ttl_s
+            assert decided == pytest.approx(ttl, rel=1e-12, abs=1e-12), (key, price)
+            pinned += ttl > 0
+    assert len(shown["ttl_s"]) == 12 and 0 < pinned < 12 * len(next(iter(shown["ttl_s"].values())))
 
 
 def test_predict_csv_and_store(trained_model, predict_sample_store, tmp_path):
@@ -267,3 +302,42 @@ def test_evaluation_never_claims_more_folds_than_task_groups(tmp_path):
     r = _run("evaluate", "--db", csv, "--predictors", "running-mean", "--folds", "5", "--json", "--no-loso")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["split"] == "3-fold by task group"  # 3 programs, no task ids
+
+
+def test_the_regret_grades_the_engine_rules_decisions(trained_model, predict_sample_store):
+    """``ctk evaluate``'s table regret and ``ctk predict``'s table columns are the ttl rule's decisions at the
+    live price equivalent to each pressure, call by call."""
+    from ctk.policy.config import ServeConfig
+    from ctk.policy.detect import ToolCall
+    from ctk.policy.events import EngineState, PinCall
+    from ctk.policy.hints import parse_hints
+    from ctk.policy.rules import make_rule
+    from ctk.predict.evaluate import predict_all
+    from ctk.predict.modelfile import ModelFile
+    from ctk.predict.predictors import build_tables
+
+    m = ModelFile.load(trained_model)
+    with TraceStore(predict_sample_store, read_only=True) as s:
+        frame, _ = prepare_frame(s.tool_calls())
+    frame = frame.head(200)
+    pr = m.fitted_predictor()[1]
+    tables = build_tables(pr, frame, m.cost)  # the tables predict_all grades (built from its train rows)
+    rule = make_rule("ttl", ServeConfig(policy="ttl", ttl_model="x", online=False), tables)
+    cm = tables.cost_model
+    pred = predict_all(pr, frame, frame, m.cost, pressures=(0.5, 0.95))
+    for p in (0.5, 0.95):
+        decided = []
+        for keys, ctx in zip(frame["keys"], frame["context_est"].fillna(0).astype(int), strict=True):
+            call = PinCall(
+                "p",
+                "r",
+                ToolCall("hint", None, keys[0]),
+                tuple(keys),
+                ctx,
+                cm.blocks(ctx),
+                cm.block_size_tokens,
+                parse_hints(None, {"program_id": "p"}),
+            )
+            decided.append(rule.decide(call, EngineState(0.0, 900, 1000, block_size=16), cm.live_price_at(p)))
+        np.testing.assert_allclose(pred.ttl_table[p], [d.ttl_s for d in decided], rtol=1e-12)
+        assert any(d.ttl_s > 0 for d in decided)

@@ -151,3 +151,34 @@ def test_prior_blend_uses_the_cost_models_cdf_with_point_masses():
     assert blend_quantiles(levels, prior, 5.0, []) == [0.0, 0.0, 2.0, float("inf")]
     # one observation at 1 s with weight 1 against a prior of weight 1: the median moves onto it
     assert blend_quantiles(levels, prior, 1.0, [1.0])[2] == 1.0
+
+
+def _duel_tables(row: list[float]) -> TTLTables:
+    return TTLTables.build({"k": row, "*": row}, {"k": 50, "*": 50}, [0.5, 0.9], CostModel())
+
+
+def test_online_keeps_a_good_offline_prediction_level_by_level():
+    """Durations 1 s (80%) / 10 s (20%); the call's own offline prediction is right at q0.5 and wrong at
+    q0.9, the model file's row wrong at both: online adapts q0.9 (it beats the offline q0.9 on the key's
+    calls) and keeps the offline q0.5 (nothing beat it), each level on its own."""
+    tables = _duel_tables([5.0, 5.0])
+    online = OnlineDurations(tables, min_samples=5, duel_min_calls=20, min_interval_s=0.0)
+    offline = [1.0, 1.5]
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        d = 10.0 if rng.random() < 0.2 else 1.0
+        online.observe(["k", "*"], d, float(i), offline)
+    q = online.quantiles(["k", "*"], offline)
+    assert q[0] == offline[0]  # the adapted median never beat the exact offline one
+    assert q[1] > 5.0  # the adapted q0.9 did beat the offline 1.5 s
+    wins = online._wins("k")
+    assert wins == [False, True]
+
+
+def test_online_falls_back_to_offline_until_the_key_has_calls():
+    tables = _duel_tables([5.0, 5.0])
+    online = OnlineDurations(tables, min_samples=5, duel_min_calls=20, min_interval_s=0.0)
+    for i in range(10):  # fewer calls than the duel needs: the offline prediction stands
+        online.observe(["k", "*"], 0.2, float(i), [0.3, 0.6])
+    assert online.quantiles(["k", "*"], [0.3, 0.6]) == [0.3, 0.6]
+    assert tables.quantiles_s["k"] == [5.0, 5.0]  # the engine's row too: the model file's until won

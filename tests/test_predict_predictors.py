@@ -103,8 +103,21 @@ def test_histogram_backs_off_to_coarser_keys():
     assert h.predict_quantiles(frame2[frame2["key0"] == "git:status"])[0].tolist() == h.table_["git:status"]
 
 
-def test_histogram_treats_timeouts_as_censored(split):
+@pytest.fixture(scope="module")
+def longer_cap_split():
+    """The same calls prepared for a deployment with a longer cap: killed calls are censored run times."""
+    frame, _ = prepare_frame(synthetic_rows(240, 12, seed=3), serve_cap_s=600.0)
+    test = program_fold(frame["program_id"], 0.3, seed=0)
+    return frame[~test], frame[test]
+
+
+def test_killed_calls_are_exact_pauses_under_their_own_cap(split):
     train, _ = split
+    assert train["killed"].any() and not train["censored"].any()
+
+
+def test_histogram_treats_timeouts_as_censored_under_a_longer_cap(longer_cap_split):
+    train, _ = longer_cap_split
     pip = train[train["key0"] == "pip:install"]
     assert pip["censored"].any()
     h = HistogramPredictor(LEVELS).fit(train)
@@ -136,12 +149,13 @@ def test_lightgbm_uses_program_history_where_the_histogram_cannot(split, lgbm):
     assert p_lgb < p_hist < p_rm
 
 
-def test_lightgbm_censoring_raises_upper_quantiles(split, lgbm):
-    train, test = split
+def test_lightgbm_censoring_raises_upper_quantiles(longer_cap_split):
+    train, test = longer_cap_split
+    cens = LightGBMPredictor(LEVELS, n_estimators=120).fit(train)
     naive = LightGBMPredictor(LEVELS, n_estimators=120).fit(train.assign(censored=False))
     pip = test[test["key0"] == "pip:install"]
     top = LEVELS.index(0.99)
-    assert np.median(lgbm.predict_quantiles(pip)[:, top]) > np.median(naive.predict_quantiles(pip)[:, top])
+    assert np.median(cens.predict_quantiles(pip)[:, top]) > np.median(naive.predict_quantiles(pip)[:, top])
 
 
 @pytest.mark.parametrize("kind", ["running-mean", "histogram", "lightgbm"])
@@ -250,3 +264,37 @@ def test_histogram_keeps_sources_apart():
     assert pooled > 1000.0  # no source known: the pooled key (the engine's tables; online adapts them)
     back = predictor_from_dict(h.to_dict())
     np.testing.assert_allclose(back.predict_quantiles(frame), h.predict_quantiles(frame))
+
+
+def test_histogram_never_takes_a_rare_keys_tail_from_another_source_unshrunk():
+    """A key with 2 calls of its own source, which another, alike source runs for an hour: the own
+    source's coarser key is the prior, so the other source's hour does not become the median."""
+    rows = []
+    for src, foo_s in (("mine", 0.1), ("other", 3600.0)):
+        for p in range(30):
+            for t, cmd in enumerate(("ls -la", "git status", "cat a.txt")):
+                rows.append(
+                    {
+                        "program_id": f"{src}{p}",
+                        "turn_index": t,
+                        "source": src,
+                        "command_or_args": cmd,
+                        "duration_s": 0.05,
+                    }
+                )
+        n_foo = 2 if src == "mine" else 12
+        for i in range(n_foo):
+            rows.append(
+                {
+                    "program_id": f"{src}{i}",
+                    "turn_index": 9,
+                    "source": src,
+                    "command_or_args": "foo --run",
+                    "duration_s": foo_s,
+                }
+            )
+    frame, _ = prepare_frame(pd.DataFrame(rows))
+    h = HistogramPredictor(LEVELS, rare_calls=0).fit(frame)
+    assert h.similarity_["mine"]["other"] > 0.96  # the sources look alike on their shared keys
+    q = h.predict_quantiles(frame[(frame["source"] == "mine") & (frame["key0"] == "foo")].head(1))[0]
+    assert q[LEVELS.index(0.5)] < 1.0

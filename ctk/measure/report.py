@@ -150,7 +150,7 @@ def plot_ttl_vs_duration(tools: pd.DataFrame, tables, out_dir: Path, scale: floa
         )
         ctx = getattr(row, "context_tokens", None)
         ctx = int(ctx) if ctx is not None and not pd.isna(ctx) else 2048
-        dec = tables.lookup(keys, ctx, pressure)
+        dec = tables.engine_decision(keys, ctx, pressure)
         rows.append((float(row.duration_s) * scale, dec.ttl_s))
     if not rows:
         return Figure(title, None, "", "no tool calls")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, Self
 
 from ctk.policy.detect import ToolCall
 from ctk.policy.events import NO_PIN, EngineState, Pin, PinCall, PinDecision, ToolObservation
-from ctk.predict.cost import CDF, CONTINUUM_PIN_S, CostModel
+from ctk.predict.cost import CDF, CONTINUUM_PIN_S, CostModel, live_ttl
 from ctk.predict.features import continuum_tool_name
 
 if TYPE_CHECKING:
@@ -392,7 +392,7 @@ class TTLRule:
             if hint <= 0.0 or (price > 0.0 and f * benefit - c * h <= 0.0):
                 return PinDecision(0.0, 0.0, key, benefit)
             return PinDecision(hint, f, key, benefit, cdf)
-        ttl, f, _ = cdf.best_ttl(benefit, c)
+        ttl, f = live_ttl(cdf, benefit, price, call.held_tokens)
         if ttl <= 0.0:
             return PinDecision(0.0, 0.0, key, benefit)
         return PinDecision(ttl, f, key, benefit, cdf)

@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ctk.errors import print_error
-from ctk.options import FRACTION, NON_NEGATIVE, at_least
+from ctk.options import FRACTION, NON_NEGATIVE, POSITIVE, at_least
+from ctk.predict.cost import REPRESENTATIVE_PRICES
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -133,6 +134,15 @@ def train(
     ] = None,
     plots: Annotated[Path | None, typer.Option(help="Write calibration / per-tool PNG plots here.")] = None,
     seed: Annotated[int, typer.Option(help="Split / boosting seed.")] = 0,
+    serve_cap: Annotated[
+        float | None,
+        typer.Option(
+            help="Predict pauses for a harness that kills tool calls at this many seconds (default: each "
+            "source's own cap, as recorded). Longer than a source's cap: its killed calls become censored "
+            "run times.",
+            parser=POSITIVE,
+        ),
+    ] = None,
 ) -> None:
     """Train a tool-duration predictor, evaluate it on held-out programs, write model.pkl with TTL tables."""
     from ctk.files import check_output
@@ -142,7 +152,12 @@ def train(
     with _errors():
         cost = _cost(profile, block_size, requeue_delay)
         config = TrainConfig(
-            predictor=predictor, levels=_levels(levels), eval_folds=folds, loso=loso, seed=seed
+            predictor=predictor,
+            levels=_levels(levels),
+            eval_folds=folds,
+            loso=loso,
+            seed=seed,
+            serve_cap_s=serve_cap,
         )
         config.validate()
         if not db.exists():
@@ -333,6 +348,14 @@ def inspect(
     meta["calibration"] = m.calibration
     meta["predictors"] = sorted(m.predictors)
     meta["table_keys"] = len(tables.ttl_s)
+    meta["harness_caps"] = m.harness_caps
+    top = sorted(tables.ttl_s, key=lambda k: -tables.n_samples.get(k, 0))[:keys]
+    engine = engine_ttls(tables, top, inspect_context(tables))
+    meta["engine_ttl"] = {
+        "context_tokens": inspect_context(tables),
+        "unit": "TTL s per key at live price (JCT-s per token-s)",
+        "ttl_s": engine,
+    }
     if as_json:
         meta["feature_importance"] = m.feature_importance
         meta["evaluation"] = m.evaluation
@@ -357,20 +380,19 @@ def inspect(
             f"{[round(s, 3) for s in cal.get('shifts_log', [])]}",
         )
     console.print(t)
+    _print_caps(m.harness_caps, m.train_config.get("serve_cap_s"))
     tt = Table(
-        title=f"TTL tables: {len(tables.ttl_s)} keys x {len(tables.context_edges)} context buckets "
-        f"(edges {tables.context_edges}) x pressure {tables.pressure_levels}"
+        title=f"{len(tables.ttl_s)} table keys: quantiles, and the TTL the engine's ttl rule decides "
+        "from them at a live memory price (JCT-s per token-s)"
     )
     tt.add_column("key")
     tt.add_column("n", justify="right")
     for lv in (0.5, 0.9):
         if lv in tables.quantile_levels:
             tt.add_column(f"q{lv:g} s", justify="right")
-    mid = min(1, len(tables.context_edges) - 1)
-    shown_p = [p for p in (0.5, 0.9, 0.95) if p in tables.pressure_levels]
-    for p in shown_p:
-        tt.add_column(f"TTL s @{p:g} ({tables.context_edges[mid]} tok)", justify="right")
-    top = sorted(tables.ttl_s, key=lambda k: -tables.n_samples.get(k, 0))[:keys]
+    ctx = inspect_context(tables)
+    for p in REPRESENTATIVE_PRICES:
+        tt.add_column(f"TTL s @price {p:g} ({ctx} tok)", justify="right")
     for k in top:
         q = tables.quantiles_s.get(k, [])
         qcells = [
@@ -378,7 +400,7 @@ def inspect(
             for lv in (0.5, 0.9)
             if lv in tables.quantile_levels and q
         ]
-        ttls = [f"{tables.ttl_s[k][mid][tables.pressure_levels.index(p)]:.3g}" for p in shown_p]
+        ttls = [f"{engine[k][f'{p:g}']:.3g}" for p in REPRESENTATIVE_PRICES]
         tt.add_row(k, str(tables.n_samples.get(k, 0)), *qcells, *ttls)
     console.print(tt)
     fi = m.feature_importance
@@ -389,6 +411,40 @@ def inspect(
         )
     if m.evaluation.get("program_split"):
         render(m.evaluation, console)
+
+
+def inspect_context(tables) -> int:
+    """The context ``ctk inspect`` shows decisions at: the second context bucket's edge (4,096 tokens)."""
+    return tables.context_edges[min(1, len(tables.context_edges) - 1)]
+
+
+def engine_ttls(tables, keys: list[str], context_tokens: int) -> dict[str, dict[str, float]]:
+    """Per key: the TTL the engine's ``ttl`` rule decides at each representative live price (its own rule,
+    :meth:`ctk.predict.tables.TTLTables.live_decision`; never the tabulated pressure rows)."""
+    return {
+        k: {f"{p:g}": tables.live_decision((k,), context_tokens, p).ttl_s for p in REPRESENTATIVE_PRICES}
+        for k in keys
+    }
+
+
+def _print_caps(caps: dict, serve_cap_s: float | None) -> None:
+    """The harness caps the model's pauses were learned under (one row per capped source)."""
+    served = f"served under a {serve_cap_s:g} s cap" if serve_cap_s else "each source under its own cap"
+    if not caps:
+        console.print(f"harness caps: none known ({served})")
+        return
+    t = Table(title=f"Harness caps: a killed call is an exact pause at its cap ({served})")
+    for c in ("source", "cap s", "pause bound s", "killed calls", "from"):
+        t.add_column(c, justify="left" if c in ("source", "from") else "right")
+    for src, c in sorted(caps.items()):
+        t.add_row(
+            src,
+            f"{c['cap_s']:.2f}",
+            f"{c['bound_s']:.2f}",
+            f"{c['killed_calls']} of {c['calls']}",
+            c["origin"],
+        )
+    console.print(t)
 
 
 # -- profile ---------------------------------------------------------------------------------------------

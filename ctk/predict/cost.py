@@ -114,6 +114,12 @@ class CostModel:
         p = min(max(float(pressure), self.pressure_levels[0]), self.pressure_levels[-1])
         return _interp(p, self.pressure_levels, self.block_second_price)
 
+    def live_price_at(self, pressure: float) -> float:
+        """The live memory price (JCT-s per token-s, what the engine's ``ttl`` rule is given) at which the
+        engine's decision costs what this profile's λ(pressure) charges: ``λ / block size``, so that
+        ``price · held tokens = λ · blocks``. Offline figures grade the engine's rule at these prices."""
+        return self.block_second_price_at(pressure) / self.block_size_tokens
+
     def holding_cost_per_s(self, context_tokens: int | None, pressure: float) -> float:
         """c = λ(pressure)·M: seconds of saved work lost per second of holding the context's blocks."""
         return self.block_second_price_at(pressure) * self.blocks(context_tokens)
@@ -329,3 +335,17 @@ def realized_cost(ttl_s: float, duration_s: float, benefit_s: float, holding_cos
 
 def oracle_cost(duration_s: float, benefit_s: float, holding_cost_per_s: float) -> float:
     return min(benefit_s, holding_cost_per_s * duration_s)
+
+
+#: Live memory prices (JCT-seconds per token-second, :mod:`ctk.policy.price`) at which ``ctk inspect`` shows
+#: the engine's decision: free memory, and a cache of ~800k tokens with 1, 8 and 80 requests blocked.
+REPRESENTATIVE_PRICES = (0.0, 1.25e-6, 1e-5, 1e-4)
+
+
+def live_ttl(cdf: CDF, benefit_s: float, price: float, held_tokens: int) -> tuple[float, float]:
+    """The engine's pin decision when a turn ends in a tool call: the TTL maximising
+    ``F(τ)·B − price·N·H(τ)`` over the key's return-time distribution, and ``F(TTL)``; ``(0, 0)``: do not pin.
+    The ``ttl`` rule decides with it, and every offline figure of a key's TTL (``ctk inspect``) calls it."""
+    ttl, f, _ = cdf.best_ttl(benefit_s, price * held_tokens)
+    return (ttl, f) if ttl > 0.0 else (0.0, 0.0)
+

@@ -3,8 +3,12 @@
 Input: a frame with the ``tool_calls`` columns of the trace store (or the shared agent-traces CSV names).
 Output adds: ``keys`` (the :func:`~ctk.predict.features.command_keys` chain), ``key0`` / ``key1`` / ``kind``,
 ``tool``, the text features, the program-history features (previous durations in the same program),
-``context_est`` (context tokens, estimated when not recorded), ``y`` (duration, floored at 1 ms)
-and ``censored``.
+``context_est`` (context tokens, estimated when not recorded), ``y`` (duration, floored at 1 ms),
+``killed`` (the harness killed the call at its cap), ``serve_cap_s`` and ``censored``.
+
+The target is the **pause** the engine sees (see :mod:`ctk.predict.caps`): a call the harness killed is an
+exact pause at its source's cap, censored only when predicting for a deployment with a longer cap
+(``serve_cap_s``).
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def normalize_rows(rows: pd.DataFrame, keep_unlabelled: bool = False) -> tuple[p
         cens = df["censored"].fillna(False).astype(str).str.lower().isin(["true", "1", "1.0"])
     else:
         cens = pd.Series(False, index=df.index)
-    df["censored"] = cens | flags.isin(CENSORED_FLAGS)
+    df["killed"] = cens | flags.isin(CENSORED_FLAGS)
     df["duration_s"] = pd.to_numeric(df["duration_s"], errors="coerce")
     labelled = usable_duration(df["duration_s"])  # finite, >= 0, at most 30 days (the store's rule)
     if keep_unlabelled:
@@ -74,7 +78,7 @@ def normalize_rows(rows: pd.DataFrame, keep_unlabelled: bool = False) -> tuple[p
     df["source"] = _col(df, "source", "unknown").fillna("unknown").astype(str)
     df["turn_index"] = pd.to_numeric(_col(df, "turn_index", 0), errors="coerce").fillna(0).astype(int)
     df["call_index"] = pd.to_numeric(_col(df, "call_index", 0), errors="coerce").fillna(0).astype(int)
-    for c in ("context_tokens", "llm_output_chars", "output_chars"):
+    for c in ("context_tokens", "llm_output_chars", "output_chars", "harness_cap_s"):
         df[c] = pd.to_numeric(_col(df, c, None), errors="coerce").astype(float)
     df["command_or_args"] = _col(df, "command_or_args", None)
     df["tool_name"] = _col(df, "tool_name", None)
@@ -146,11 +150,23 @@ def continuum_tool(commands: pd.Series, tools: pd.Series) -> pd.Series:
     return pd.Series(names, index=commands.index, dtype=object)
 
 
-def prepare_frame(rows: pd.DataFrame, keep_unlabelled: bool = False) -> tuple[pd.DataFrame, int]:
-    """Normalize and featurize tool-call rows. Returns ``(frame, n_skipped)``; raises :class:`DataError`."""
+def prepare_frame(
+    rows: pd.DataFrame, keep_unlabelled: bool = False, serve_cap_s: float | None = None
+) -> tuple[pd.DataFrame, int]:
+    """Normalize and featurize tool-call rows. Returns ``(frame, n_skipped)``; raises :class:`DataError`.
+
+    ``serve_cap_s``: predict for a deployment whose harness kills calls at this cap (None: each source's own
+    cap, as recorded). Killed calls of sources with a shorter cap are then censored run times.
+    """
+    from ctk.predict.caps import learn_caps, pause_censoring
+
+    if serve_cap_s is not None and not (serve_cap_s > 0 and np.isfinite(serve_cap_s)):
+        raise DataError(f"serve cap must be a positive number of seconds, not {serve_cap_s!r}")
     df, skipped = normalize_rows(rows, keep_unlabelled)
     if df.empty:
         raise DataError("no usable tool-call rows (all missing a duration or flagged as clock errors)")
+    df["serve_cap_s"] = float(serve_cap_s) if serve_cap_s is not None else np.nan
+    df["censored"] = pause_censoring(df, learn_caps(df), serve_cap_s)
     df["keys"] = _keys_for(df["command_or_args"], df["tool_name"])
     df["key0"] = [k[0] for k in df["keys"]]
     named = [[x for x in k if x not in KIND_KEYS] for k in df["keys"]]
@@ -201,8 +217,8 @@ def program_fold(program_ids: Sequence[str] | pd.Series, fraction: float, seed: 
 
 
 def rows_fingerprint(df: pd.DataFrame) -> str:
-    """Row count + a hash of (program, turn, call, duration, censored, command) of the training rows."""
-    cols = df[["program_id", "turn_index", "call_index", "duration_s", "censored"]].copy()
+    """Row count + a hash of (program, turn, call, duration, killed, command) of the training rows."""
+    cols = df[["program_id", "turn_index", "call_index", "duration_s", "killed"]].copy()
     cols["cmd"] = df["command_or_args"].fillna("").astype(str)
     h = pd.util.hash_pandas_object(cols, index=False).to_numpy()
     digest = hashlib.sha256(np.sort(h).tobytes()).hexdigest()[:16]

@@ -33,6 +33,9 @@ from ctk.predict.predictors import (
 )
 
 HEADLINE_LEVELS = (0.5, 0.9)
+#: Size of the task subsets the per-source spread is drawn at (the unseen-task set the issue was judged on).
+SPREAD_CALLS = 876
+SPREAD_DRAWS = 1000
 EVAL_PRESSURES = (0.5, 0.8, 0.9, 0.95)
 TOP_TOOLS = 12
 
@@ -120,7 +123,7 @@ def prediction_rows(
     decisions: Sequence,
 ) -> pd.DataFrame:
     """The columns ``ctk predict`` writes per call: ids, key, quantiles, the row's TTL and P(hit), and the
-    decision of the TTL table (what the engine reads)."""
+    engine's decision (its ``ttl`` rule on the tables' quantiles, at the live price of the pressure)."""
     out = pd.DataFrame(
         {
             "program_id": frame["program_id"],
@@ -169,7 +172,7 @@ def predict_all(
         ctx = test["context_est"].fillna(0).astype(int).tolist()
         for p in pressures:
             pred.ttl_table[p] = np.array(
-                [t.lookup(k, x, p).ttl_s for k, x in zip(test["keys"], ctx, strict=True)]
+                [t.engine_decision(k, x, p).ttl_s for k, x in zip(test["keys"], ctx, strict=True)]
             )
     return pred
 
@@ -310,6 +313,79 @@ def report_for(
                 }
         entry["per_tool"] = per_tool
         out["predictors"][name] = entry
+    out["per_source"] = per_source_report(frame, preds)
+    return out
+
+
+def row_pinball_mean(frame: pd.DataFrame, q: np.ndarray, levels: Sequence[float]) -> np.ndarray:
+    """Per row: the mean over the headline levels of the pinball loss (the summed figure's summands)."""
+    y = frame["y"].to_numpy()
+    cens = frame["censored"].to_numpy(dtype=bool)
+    lv = list(levels)
+    return np.mean([pinball(y, q[:, lv.index(h)], h, cens) for h in HEADLINE_LEVELS if h in lv], axis=0)
+
+
+def task_spread(
+    loss_a: np.ndarray,
+    loss_b: np.ndarray,
+    groups: np.ndarray,
+    n_calls: int = SPREAD_CALLS,
+    draws: int = SPREAD_DRAWS,
+    seed: int = 0,
+) -> dict:
+    """How the ratio of two predictors' summed losses spreads over sets of whole unseen tasks: random task
+    subsets of about ``n_calls`` calls (drawn without replacement); quantiles of ``sum(a) / sum(b)``."""
+    g = pd.DataFrame({"g": groups, "a": loss_a, "b": loss_b}).groupby("g").agg(
+        a=("a", "sum"), b=("b", "sum"), n=("a", "size")
+    )
+    a, b, n = g["a"].to_numpy(), g["b"].to_numpy(), g["n"].to_numpy()
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for _ in range(draws if len(g) > 1 else 0):
+        perm = rng.permutation(len(g))
+        take = perm[: int(np.searchsorted(np.cumsum(n[perm]), n_calls)) + 1]
+        if b[take].sum() > 0:
+            ratios.append(a[take].sum() / b[take].sum())
+    qs = np.quantile(ratios, [0.05, 0.5, 0.95]) if ratios else [float("nan")] * 3
+    return {
+        "calls": int(min(n_calls, n.sum())),
+        "tasks": len(g),
+        "p05": float(qs[0]),
+        "p50": float(qs[1]),
+        "p95": float(qs[2]),
+        "share_above_1": float(np.mean(np.asarray(ratios) >= 1.0)) if ratios else float("nan"),
+    }
+
+
+#: (numerator, denominator) predictor pairs whose per-source ratio spread is reported.
+SPREAD_PAIRS = (("histogram", "running-mean"), ("lightgbm", "histogram"))
+
+
+def per_source_report(frame: pd.DataFrame, preds: dict[str, Predictions]) -> dict:
+    """Per source (never pooled): pinball per headline level per predictor, and the spread over sets of
+    unseen tasks of the ratios in :data:`SPREAD_PAIRS` (a pooled mean hides a source, and one draw of
+    tasks can sit far from another)."""
+    out: dict = {}
+    src = frame["source"].astype(str).to_numpy()
+    groups = task_groups(frame)
+    for s in sorted(set(src)):
+        m = src == s
+        sub = frame[m]
+        entry: dict = {"n": int(m.sum()), "tasks": len(np.unique(groups[m])), "predictors": {}, "spread": {}}
+        losses = {}
+        for name, pr in preds.items():
+            sc = score_rows(sub, pr.q[m], pr.levels)
+            entry["predictors"][name] = {
+                "pinball_mean": sc["pinball_mean"],
+                "pinball_0.5": sc["pinball"].get("0.5"),
+                "pinball_0.9": sc["pinball"].get("0.9"),
+                "coverage_0.9": sc["coverage"].get("0.9"),
+            }
+            losses[name] = row_pinball_mean(sub, pr.q[m], pr.levels)
+        for a, b in SPREAD_PAIRS:
+            if a in losses and b in losses:
+                entry["spread"][f"{a}/{b}"] = task_spread(losses[a], losses[b], groups[m])
+        out[s] = entry
     return out
 
 
@@ -384,7 +460,7 @@ def evaluate_fitted(
             ctx = frame["context_est"].fillna(0).astype(int).tolist()
             for p in EVAL_PRESSURES:
                 preds[name].ttl_table[p] = np.array(
-                    [t.lookup(k, x, p).ttl_s for k, x in zip(frame["keys"], ctx, strict=True)]
+                    [t.engine_decision(k, x, p).ttl_s for k, x in zip(frame["keys"], ctx, strict=True)]
                 )
     return {
         "split": "trained model on all rows of the given store",
@@ -455,7 +531,7 @@ def render(result: dict, console=None) -> None:
         )
         if "regret_table" in e:
             r.add_row(
-                f"{n} (TTL table)",
+                f"{n} (engine rule, tables)",
                 *[_f(e["regret_table"].get(f"{p:g}"), 4) for p in rep["pressures"]],
                 _f(e["regret_table"]["mean"], 4),
             )
@@ -475,6 +551,29 @@ def render(result: dict, console=None) -> None:
             cells.append(f"{_f(e['pinball_mean'])} / {_f(e['coverage_0.9'], 2)}" if e else "-")
         pt.add_row(tool, str(rep["predictors"][names[0]]["per_tool"][tool]["n"]), *cells)
     console.print(pt)
+    ps = rep.get("per_source")
+    if ps:
+        st = Table(
+            title="Per source, unseen tasks: pinball mean (s) / q0.9 coverage; ratio over sets of ~"
+            f"{SPREAD_CALLS} calls of whole tasks (5% / 50% / 95%)"
+        )
+        st.add_column("source")
+        st.add_column("n (tasks)", justify="right")
+        for n in names:
+            st.add_column(n, justify="right")
+        pairs = [f"{a}/{b}" for a, b in SPREAD_PAIRS if a in names and b in names]
+        for pair in pairs:
+            st.add_column(pair, justify="right")
+        for src, e in ps.items():
+            cells = [
+                f"{_f(e['predictors'][n]['pinball_mean'])} / {_f(e['predictors'][n]['coverage_0.9'], 2)}"
+                for n in names
+            ]
+            for pair in pairs:
+                sp = e["spread"].get(pair)
+                cells.append(f"{_f(sp['p05'], 2)} / {_f(sp['p50'], 2)} / {_f(sp['p95'], 2)}" if sp else "-")
+            st.add_row(src, f"{e['n']} ({e['tasks']})", *cells)
+        console.print(st)
     loso = result.get("leave_one_source_out")
     if loso:
         lt = Table(title="Leave one source out: pinball mean (s) / q0.9 coverage / regret mean")

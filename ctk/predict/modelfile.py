@@ -185,6 +185,8 @@ class ModelFile:
     train_config: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     feature_importance: dict = field(default_factory=dict)
+    #: per source: the harness cap the pauses were learned under (:class:`ctk.predict.caps.HarnessCap`)
+    harness_caps: dict = field(default_factory=dict)
     ctk_version: str | None = None
     created_unix_s: float | None = None
     created_utc: str | None = None
@@ -208,7 +210,7 @@ class ModelFile:
                 value = value.to_dict()
             elif f.name == "cost":
                 value = value.to_dict()
-            elif f.name == "feature_importance" and not value:
+            elif f.name in ("feature_importance", "harness_caps") and not value:
                 continue
             out[_DISK_KEY.get(f.name, f.name)] = value
         return {**self.extra, **out}
@@ -230,7 +232,7 @@ class ModelFile:
             kw["cost"] = CostModel.from_dict(d.get("cost_model") or {})
         except (ValueError, TypeError) as exc:
             raise ModelFileError(f"{name}: bad cost model in model file ({exc})") from None
-        for attr in ("predictors", "evaluation", "training_data", "calibration"):
+        for attr in ("predictors", "evaluation", "training_data", "calibration", "harness_caps"):
             if not isinstance(kw.get(attr, {}), dict):
                 raise ModelFileError(f"{name}: {attr} must be a dict, not {type(kw[attr]).__name__}")
         return cls(**kw)

@@ -117,6 +117,44 @@ class LogShiftCalibrator:
         self.n += 1
 
 
+def pinball_loss(level: float, duration_s: float, q: float) -> float:
+    d = duration_s - q
+    return level * d if d >= 0 else (level - 1.0) * d
+
+
+@dataclass
+class Scoreboard:
+    """Prequential duel per quantile level: the summed pinball loss of the adapted quantile and of the
+    offline one on the calls seen so far. The adapted one is used at a level once ``n >= min_calls`` and its
+    loss is below the offline one's; each level decides on its own."""
+
+    levels: Sequence[float]
+    adapted: list[float] = field(default_factory=list)
+    offline: list[float] = field(default_factory=list)
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        self.adapted = self.adapted or [0.0] * len(self.levels)
+        self.offline = self.offline or [0.0] * len(self.levels)
+
+    def update(self, adapted: Sequence[float], offline: Sequence[float], duration_s: float) -> None:
+        for j, lvl in enumerate(self.levels):
+            self.adapted[j] += pinball_loss(lvl, duration_s, adapted[j])
+            self.offline[j] += pinball_loss(lvl, duration_s, offline[j])
+        self.n += 1
+
+    def wins(self, min_calls: int) -> list[bool] | None:
+        """Per level: the adapted quantile has beaten the offline one (None: too few calls to say)."""
+        if self.n < min_calls:
+            return None
+        return [a < o for a, o in zip(self.adapted, self.offline, strict=True)]
+
+
+def select(adapted: Sequence[float], offline: Sequence[float], wins: Sequence[bool]) -> list[float]:
+    """Per level the winner of its duel, made non-decreasing (a rearrangement never raises pinball loss)."""
+    return sorted(a if w else o for a, o, w in zip(adapted, offline, wins, strict=True))
+
+
 class OnlineDurations:
     """Per-key windows of observed durations and calibrators; refreshes ``tables`` rows as calls finish.
 
@@ -135,6 +173,7 @@ class OnlineDurations:
         calibrate: bool = True,
         learning_rate: float = 0.05,
         refresh_log_step: float = 0.1,
+        duel_min_calls: int | None = 20,
     ):
         self.tables = tables
         self.min_samples = min_samples
@@ -144,6 +183,7 @@ class OnlineDurations:
         self.calibrate = calibrate
         self.learning_rate = learning_rate
         self.refresh_log_step = refresh_log_step
+        self.duel_min_calls = duel_min_calls
         self.keys: dict[str, KeyStats] = {}
         self.recomputes = 0
         levels = list(tables.quantile_levels) if tables is not None else []
@@ -157,6 +197,9 @@ class OnlineDurations:
             }
         self._base: dict[str, list[float]] = {}  # keys whose base was re-blended from observations
         self._global_applied = [0.0] * len(levels)
+        self._adapted: dict[str, list[float]] = {}  # per key: the adapted row (blend x calibration)
+        self.duels: dict[str, Scoreboard] = {}  # per key: adapted vs offline, level by level
+        self.global_duel = Scoreboard(levels)  # every call, at the key that decides it
         self._last_refresh = float("-inf")
 
     # -- what a call is predicted with -----------------------------------------------------------------
@@ -171,10 +214,40 @@ class OnlineDurations:
                 return k
         return None
 
-    def quantiles(self, keys: Sequence[str]) -> list[float] | None:
-        """The quantiles the tables state now for a call of this chain (None: no key known)."""
+    def quantiles(self, keys: Sequence[str], offline: Sequence[float] | None = None) -> list[float] | None:
+        """The quantiles for a call of this chain (None: no key known). Without ``offline``: what the tables
+        state now (the engine's read). With the call's own offline prediction (``ctk predict --online``):
+        per level the adapted quantile where it has beaten the offline one on the key's calls, else the
+        offline one."""
         k = self.lookup_key(keys)
-        return list(self.tables.quantiles_s[k]) if k is not None else None
+        if offline is None:
+            return list(self.tables.quantiles_s[k]) if k is not None else None
+        if k is None or k not in self._adapted:
+            return [float(x) for x in offline]
+        return select(self._adapted[k], offline, self._wins(k))
+
+    def _wins(self, key: str) -> list[bool]:
+        """Per level, does the adapted row decide: the key's own duel once it has enough calls, else the
+        duel over every call; offline until either has."""
+        if self.duel_min_calls is None:  # no duel: the adapted row always (the rule before issue 24)
+            return [True] * len(self.tables.quantile_levels)
+        d = self.duels.get(key)
+        w = d.wins(self.duel_min_calls) if d is not None else None
+        if w is None:
+            w = self.global_duel.wins(self.duel_min_calls)
+        return w if w is not None else [False] * len(self.tables.quantile_levels)
+
+    def _offline_row(self, key: str) -> list[float] | None:
+        exp = self._exported.get(key)
+        return list(exp[0]) if exp is not None else None
+
+    def _write(self, key: str, adapted: list[float], n_samples: int) -> None:
+        """Put ``key``'s row into the tables: per level the adapted quantile where it won its duel, else the
+        model file's (a key the file does not have: the adapted row)."""
+        self._adapted[key] = adapted
+        off = self._offline_row(key)
+        row = adapted if off is None else select(adapted, off, self._wins(key))
+        self.tables.set_quantiles(key, row, n_samples)
 
     def _base_of(self, key: str) -> list[float] | None:
         if key in self._base:
@@ -190,11 +263,17 @@ class OnlineDurations:
 
     # -- learning ----------------------------------------------------------------------------------------
 
-    def observe(self, keys: Sequence[str], duration_s: float, now: float) -> str | None:
+    def observe(
+        self, keys: Sequence[str], duration_s: float, now: float, offline: Sequence[float] | None = None
+    ) -> str | None:
         """Record one duration under every key of its chain (``python:pytest``, ``python``, ``*``: each level
-        learns the deployment's own calls); returns the most specific key whose table rows were refreshed."""
+        learns the deployment's own calls); returns the most specific key whose table rows were refreshed.
+        ``offline``: the call's own offline prediction (else the model file's row of each key) for the duels.
+        """
         if not keys:
             return None
+        if self.tables is not None:
+            self._duel(keys, duration_s, offline)
         if self.tables is not None and self.calibrate:
             self._calibrate(keys, duration_s)
         refreshed = None
@@ -213,6 +292,23 @@ class OnlineDurations:
         if self.tables is not None and self.calibrate:
             self._refresh_global(now)
         return refreshed
+
+    def _duel(self, keys: Sequence[str], duration_s: float, offline: Sequence[float] | None) -> None:
+        """Score, before learning from it, each chain key's adapted row against the offline prediction."""
+        decisive = self.lookup_key(keys)
+        for k in keys:
+            adapted = self._adapted.get(k)
+            off = offline if offline is not None else self._offline_row(k)
+            if adapted is None or off is None:
+                continue
+            d = self.duels.get(k)
+            if d is None:
+                if len(self.duels) >= MAX_KEYS:
+                    continue
+                d = self.duels[k] = Scoreboard(self.tables.quantile_levels)
+            d.update(adapted, off, duration_s)
+            if k == decisive:
+                self.global_duel.update(adapted, off, duration_s)
 
     def _calibrate(self, keys: Sequence[str], duration_s: float) -> None:
         """Update the calibrators before this call is learned: the global one against the model file's own
@@ -244,7 +340,7 @@ class OnlineDurations:
                 self.tables.quantile_levels, prior, min(n_prior, self.prior_weight), st.samples
             )
             q = shifted(base, self._shifts_for(key)) if self.calibrate else base
-            self.tables.set_quantiles(key, q, n_prior + st.n_total)
+            self._write(key, q, n_prior + st.n_total)
         except ValueError:
             return None
         if key not in self._base and key in self.key_cal:  # its own data now: start its shift afresh
@@ -257,9 +353,11 @@ class OnlineDurations:
     def _refresh_global(self, now: float) -> None:
         """Re-derive the rows of keys on the global shift once it has moved by ``refresh_log_step``."""
         g = self.global_cal.shifts
-        if max((abs(a - b) for a, b in zip(g, self._global_applied, strict=True)), default=0.0) < (
-            self.refresh_log_step
-        ) or now - self._last_refresh < self.min_interval_s:
+        if (
+            max((abs(a - b) for a, b in zip(g, self._global_applied, strict=True)), default=0.0)
+            < (self.refresh_log_step)
+            or now - self._last_refresh < self.min_interval_s
+        ):
             return
         for k in list(self.tables.quantiles_s):
             cal = self.key_cal.get(k)
@@ -267,7 +365,7 @@ class OnlineDurations:
                 continue  # calibrated on its own calls
             base = self._base_of(k)
             if base is not None:
-                self.tables.set_quantiles(k, shifted(base, g), self.tables.n_samples.get(k, 0))
+                self._write(k, shifted(base, g), self.tables.n_samples.get(k, 0))
                 self.recomputes += 1
         self._global_applied = list(g)
         self._last_refresh = now

@@ -35,6 +35,7 @@ class OnlineConfig:
     min_interval_s: float = 0.5
     calibrate: bool = True
     learning_rate: float = 0.05
+    duel_min_calls: int | None = 20  # None: no duel, the adapted quantiles always
 
 
 def start_times(frame: pd.DataFrame) -> pd.Series:
@@ -63,10 +64,13 @@ def replay(
     tables: TTLTables,
     config: OnlineConfig | None = None,
     pressure: float | None = None,
+    offline: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[TTLDecision]]:
     """Per call (rows of ``frame`` in start order, see :func:`order_by_start`): the quantiles the engine's
     tables state when the call starts, after observing every call that finished before, and (``pressure``
-    given) the table's decision then. ``tables`` is adapted in place (pass a copy to keep the model's)."""
+    given) the table's decision then. ``tables`` is adapted in place (pass a copy to keep the model's).
+    ``offline``: each call's own offline prediction; the online quantiles then adapt it (per key and level,
+    the adapted quantile only where it has beaten the offline one on the calls before)."""
     cfg = config or OnlineConfig()
     online = OnlineDurations(
         tables,
@@ -76,6 +80,7 @@ def replay(
         cfg.min_interval_s,
         calibrate=cfg.calibrate,
         learning_rate=cfg.learning_rate,
+        duel_min_calls=cfg.duel_min_calls,
     )
     starts = frame["start_s"].to_numpy(dtype=float)
     durations = frame["duration_s"].to_numpy(dtype=float)
@@ -87,12 +92,12 @@ def replay(
     for i in range(len(frame)):
         while pending and pending[0][0] <= starts[i]:
             end, j = heapq.heappop(pending)
-            online.observe(keys[j], durations[j], end)
-        row = online.quantiles(keys[i])
+            online.observe(keys[j], durations[j], end, None if offline is None else offline[j])
+        row = online.quantiles(keys[i], None if offline is None else offline[i])
         if row is not None:
             q[i] = row
         if pressure is not None:
-            decisions.append(tables.lookup(keys[i], ctx[i], pressure))
+            decisions.append(tables.engine_decision(keys[i], ctx[i], pressure))
         heapq.heappush(pending, (starts[i] + durations[i], i))
     return q, decisions
 
@@ -102,7 +107,11 @@ def copy_tables(tables: TTLTables) -> TTLTables:
 
 
 def online_decisions(
-    frame: pd.DataFrame, tables: TTLTables, pressure: float, config: OnlineConfig | None = None
+    frame: pd.DataFrame,
+    tables: TTLTables,
+    pressure: float,
+    config: OnlineConfig | None = None,
+    offline: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """``ctk predict --online``: per call the replay's quantiles and decisions, as ``ctk predict`` writes
     them (``ttl_s`` / ``p_hit``: the cost model on the row's quantiles and context; ``table_*``: the row the
@@ -111,7 +120,7 @@ def online_decisions(
     from ctk.predict.predictors import cost_model_ttls
 
     t = copy_tables(tables)
-    q, dec = replay(frame, t, config, pressure)
+    q, dec = replay(frame, t, config, pressure, offline)
     known = ~np.isnan(q[:, 0])
     b, c = row_costs(frame, t.cost_model, pressure)
     ttl, hit = cost_model_ttls(t.quantile_levels, np.where(np.isnan(q), 0.0, q), b, c)
@@ -143,7 +152,9 @@ def online_report(
             0
         ],
         "online-blend": replay(frame, copy_tables(tables), replace(cfg, calibrate=False))[0],
-        "online": replay(frame, copy_tables(tables), cfg)[0],
+        "online-tables": replay(frame, copy_tables(tables), cfg)[0],
+        "online-no-duel": replay(frame, copy_tables(tables), replace(cfg, duel_min_calls=None))[0],
+        "online": replay(frame, copy_tables(tables), cfg, offline=np.asarray(offline_q, dtype=float))[0],
     }
     after = np.arange(len(frame)) >= warmup
     out: dict = {"calls": len(frame), "warmup_calls": warmup, "variants": {}}
@@ -156,6 +167,8 @@ def online_report(
             "coverage_0.9": all_s["coverage"].get("0.9"),
             "coverage_0.5": all_s["coverage"].get("0.5"),
             "pinball_mean_after_warmup": late["pinball_mean"],
+            "pinball_0.5_after_warmup": late["pinball"].get("0.5"),
+            "pinball_0.9_after_warmup": late["pinball"].get("0.9"),
             "coverage_0.9_after_warmup": late["coverage"].get("0.9"),
         }
     return out
@@ -172,15 +185,19 @@ def shift_durations(frame: pd.DataFrame, add_s: float) -> pd.DataFrame:
 # -- the CLI's entry points (``ctk predict --online``, ``ctk evaluate --online``) ----------------------------
 
 
-def online_predictions(rows: pd.DataFrame, tables: TTLTables, pressure: float) -> tuple[pd.DataFrame, int]:
-    """``ctk predict --online``: featurize ``rows``, order them by start time, replay. ``(out, skipped)``."""
+def online_predictions(
+    rows: pd.DataFrame, tables: TTLTables, pressure: float, predictor=None
+) -> tuple[pd.DataFrame, int]:
+    """``ctk predict --online``: featurize ``rows``, order them by start time, replay, adapting
+    ``predictor``'s per-call prediction (None: the tables' rows). ``(out, skipped)``."""
     from ctk.predict.dataset import prepare_frame
 
     frame, skipped = prepare_frame(rows)
     frame, no_start = order_by_start(frame)
     if frame.empty:
         raise DataError("no call has a start time and a duration to replay")
-    return online_decisions(frame, tables, pressure), skipped + no_start
+    offline = predictor.predict_quantiles(frame) if predictor is not None else None
+    return online_decisions(frame, tables, pressure, offline=offline), skipped + no_start
 
 
 def evaluate_online(rows: pd.DataFrame, model: ModelFile) -> dict:

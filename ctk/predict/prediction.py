@@ -40,7 +40,7 @@ def predict_rows(
     if online:
         from ctk.predict.online_eval import online_predictions
 
-        out, skipped = online_predictions(rows, tables, pressure)
+        out, skipped = online_predictions(rows, tables, pressure, pr)
         return RowPredictions(out, skipped, f"{name}+online")
     if "duration_s" not in rows.columns:
         rows = rows.assign(duration_s=np.nan)
@@ -49,5 +49,5 @@ def predict_rows(
     b, c = row_costs(frame, model.cost, pressure)
     ttl, hit = pr.choose_ttls(frame, q, b, c)
     ctx = frame["context_est"].fillna(0).astype(int).tolist()
-    dec = [tables.lookup(k, x, pressure) for k, x in zip(frame["keys"], ctx, strict=True)]
+    dec = [tables.engine_decision(k, x, pressure) for k, x in zip(frame["keys"], ctx, strict=True)]
     return RowPredictions(prediction_rows(frame, pr.levels, q, ttl, hit, dec), skipped, name)

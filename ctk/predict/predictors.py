@@ -24,6 +24,15 @@ import pandas as pd
 from sklearn.base import BaseEstimator
 
 from ctk.datasets.shell import PROGRAM_KEY, QUICK_KEY
+from ctk.predict.caps import (
+    HarnessCap,
+    caps_from_dict,
+    caps_to_dict,
+    clip_to_bounds,
+    key_bounds,
+    learn_caps,
+    row_bounds,
+)
 from ctk.predict.cost import CONTINUUM_PIN_S, MIN_TTL_S, CostModel
 from ctk.predict.dataset import program_fold
 from ctk.predict.features import FeatureSpec
@@ -123,7 +132,7 @@ def _chain_counts(frame: pd.DataFrame, source_keys: bool = False) -> dict[str, n
     codes, uniq = pd.factorize(keys.to_numpy(dtype=object))
     order = np.argsort(codes, kind="stable")
     bounds = np.searchsorted(codes[order], np.arange(len(uniq) + 1))
-    return {str(k): pos[order[bounds[i]:bounds[i + 1]]] for i, k in enumerate(uniq)}
+    return {str(k): pos[order[bounds[i] : bounds[i + 1]]] for i, k in enumerate(uniq)}
 
 
 def build_tables(
@@ -132,10 +141,13 @@ def build_tables(
     cost: CostModel,
     context_edges: Sequence[int] = DEFAULT_CONTEXT_EDGES,
 ) -> TTLTables:
-    """TTL tables from the predictor's per-key quantiles and the cost model."""
+    """TTL tables from the predictor's per-key quantiles and the cost model; a key whose calls all come from
+    capped sources never states a pause past the largest of their bounds (:mod:`ctk.predict.caps`)."""
     kq = predictor.key_quantiles(frame)
+    bounds = key_bounds(frame, learn_caps(frame), _chain_counts(frame))
+    bounds["*"] = bounds.get("*", float("inf"))
     return TTLTables.build(
-        {k: q for k, (q, _) in kq.items()},
+        {k: [min(x, bounds.get(k, float("inf"))) for x in q] for k, (q, _) in kq.items()},
         {k: n for k, (_, n) in kq.items()},
         predictor.levels,
         cost,
@@ -330,6 +342,7 @@ class HistogramPredictor(BaseEstimator):
             self.counts_[k] = len(idx)
         self.sources_ = sorted(frame["source"].astype(str).unique()) if self.by_source else []
         self.similarity_ = self._similarity(grid)
+        self.caps_: dict[str, HarnessCap] = learn_caps(frame)
         self._cache: dict = {}
         return self
 
@@ -359,28 +372,46 @@ class HistogramPredictor(BaseEstimator):
         return sim
 
     def _source_quantiles(self, source: str, chain: tuple[str, ...]) -> list[float]:
-        """The shrunk, similarity-weighted mixture of the first key of ``chain`` with enough calls."""
+        """The quantiles at ``levels`` of :meth:`_source_grid` (the call's own source's chain)."""
         hit = self._cache.get((source, chain))
+        if hit is None:
+            grid = _grid(self.levels)
+            g = self._source_grid(source, chain)
+            hit = self._cache[(source, chain)] = [g[grid.index(lv)] for lv in self.levels]
+        return hit
+
+    def _source_grid(self, source: str, chain: tuple[str, ...]) -> list[float]:
+        """Quantiles at the mixing grid of a key of ``source``: its own calls (weight ``n_own``), other
+        sources' calls of the key (similarity-weighted, at most ``prior_samples`` each, shrunk by
+        ``prior_samples / (prior_samples + n_own)``) and, as the prior, the same source's next key of the
+        chain (weight ``prior_samples``). A key with few calls of its own thus leans on its own source's
+        coarser key: another source's tail never decides alone."""
+        hit = self._cache.get(("grid", source, chain))
         if hit is not None:
             return hit
         grid = _grid(self.levels)
-        out = None
-        for k in chain:
-            own_key = f"{source}{SOURCE_SEP}{k}"
-            n_own = self.counts_.get(own_key, 0)
-            comps = [(self.source_grid_[own_key], float(n_own))] if n_own else []
-            shrink = self.prior_samples / (self.prior_samples + n_own)
-            for other, sim in self.similarity_.get(source, {}).items():
-                n = self.counts_.get(f"{other}{SOURCE_SEP}{k}", 0)
-                w = sim * min(n, self.prior_samples) * shrink
-                if w > 1e-6:
-                    comps.append((self.source_grid_[f"{other}{SOURCE_SEP}{k}"], w))
-            if comps and (sum(w for _, w in comps) >= self.min_samples or k == "*"):
-                out = weighted_mixture_quantiles(comps, grid, self.levels)
-                break
-        if out is None:
-            out = _backoff_lookup([chain], self.table_)[0]
-        self._cache[(source, chain)] = out
+        k = chain[0]
+        parent = self._source_grid(source, chain[1:]) if len(chain) > 1 else None
+        own_key = f"{source}{SOURCE_SEP}{k}"
+        n_own = self.counts_.get(own_key, 0)
+        comps = [(self.source_grid_[own_key], float(n_own))] if n_own else []
+        shrink = self.prior_samples / (self.prior_samples + n_own)
+        for other, sim in self.similarity_.get(source, {}).items():
+            n = self.counts_.get(f"{other}{SOURCE_SEP}{k}", 0)
+            w = sim * min(n, self.prior_samples) * shrink
+            if w > 1e-6:
+                comps.append((self.source_grid_[f"{other}{SOURCE_SEP}{k}"], w))
+        if parent is not None:
+            if not comps:
+                out = parent
+            else:
+                out = weighted_mixture_quantiles([*comps, (parent, float(self.prior_samples))], grid, grid)
+        elif comps:
+            out = weighted_mixture_quantiles(comps, grid, grid)
+        else:
+            t = self.table_["*"]
+            out = [float(np.interp(g, self.levels, t)) for g in grid]
+        self._cache[("grid", source, chain)] = out
         return out
 
     def predict_quantiles(self, frame: pd.DataFrame) -> np.ndarray:
@@ -389,7 +420,8 @@ class HistogramPredictor(BaseEstimator):
         pooled = _backoff_lookup(frame["keys"], self.table_)
         for src, chain, pool in zip(frame["source"].astype(str), frame["keys"], pooled, strict=True):
             rows.append(self._source_quantiles(src, tuple(chain)) if src in known else pool)
-        return np.asarray(rows, dtype=float).reshape(len(frame), -1)
+        q = np.asarray(rows, dtype=float).reshape(len(frame), -1)
+        return clip_to_bounds(q, row_bounds(frame, self.caps_))
 
     def kaplan_meier(self, chain: Sequence[str], source: str | None = None) -> KaplanMeier:
         for k in source_chain(source, chain) if (self.by_source and source) else chain:
@@ -417,6 +449,7 @@ class HistogramPredictor(BaseEstimator):
             "source_grid": self.source_grid_,
             "sources": self.sources_,
             "similarity": self.similarity_,
+            "caps": caps_to_dict(self.caps_),
         }
 
     @classmethod
@@ -433,6 +466,7 @@ class HistogramPredictor(BaseEstimator):
         p.source_grid_ = {k: list(v) for k, v in d.get("source_grid", {}).items()}
         p.sources_ = list(d.get("sources", []))
         p.similarity_ = {a: dict(v) for a, v in d.get("similarity", {}).items()}
+        p.caps_ = caps_from_dict(d.get("caps"))
         p.km_, p._cache = {}, {}
         return p
 
@@ -604,6 +638,7 @@ class LightGBMPredictor(BaseEstimator):
         if len(cal_df) > p["max_cal_rows"]:  # conformal shifts need thousands of rows, not millions
             cal_df = cal_df.sample(p["max_cal_rows"], random_state=p["seed"])
         self._calibrate(cal_df)
+        self.caps_: dict[str, HarnessCap] = learn_caps(frame)
         return self
 
     def _calibrate(self, cal: pd.DataFrame) -> None:
@@ -625,7 +660,7 @@ class LightGBMPredictor(BaseEstimator):
 
     def predict_quantiles(self, frame: pd.DataFrame) -> np.ndarray:
         q = self._raw(self._matrix(frame)) + np.asarray(self.shifts_)[None, :]
-        return np.exp(np.sort(q, axis=1))
+        return clip_to_bounds(np.exp(np.sort(q, axis=1)), row_bounds(frame, self.caps_))
 
     def choose_ttls(self, frame, quantiles, benefit_s, cost_per_s):
         return cost_model_ttls(self.levels, quantiles, benefit_s, cost_per_s)
@@ -666,6 +701,7 @@ class LightGBMPredictor(BaseEstimator):
                 "shifts_log": list(self.shifts_),
                 "rows": self.cal_rows_,
             },
+            "caps": caps_to_dict(self.caps_),
         }
 
     @classmethod
@@ -684,6 +720,7 @@ class LightGBMPredictor(BaseEstimator):
         cal = d.get("calibration", {})
         p.shifts_ = [float(s) for s in cal.get("shifts_log", [0.0] * len(p.levels))]
         p.cal_rows_ = int(cal.get("rows", 0))
+        p.caps_ = caps_from_dict(d.get("caps"))
         return p
 
 

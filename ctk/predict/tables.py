@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ctk.predict.cost import CostModel, choose_ttl
+from ctk.predict.cost import CDF, CostModel, choose_ttl, live_ttl
 
 #: Upper edges (tokens) of the context-length buckets; contexts above the last edge use the last bucket.
 DEFAULT_CONTEXT_EDGES = (1024, 4096, 16384, 65536, 262144)
@@ -44,6 +44,8 @@ class TTLTables:
     _cost_model: CostModel | None = field(default=None, repr=False, compare=False)
     #: keys whose quantiles changed since their rows were derived (rows are re-derived on first lookup)
     _stale: set[str] = field(default_factory=set, repr=False, compare=False)
+    #: per key: (the quantiles list it was built from, its CDF), for :meth:`live_decision`
+    _cdfs: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.context_edges = [int(e) for e in self.context_edges]
@@ -84,6 +86,32 @@ class TTLTables:
                 c = self.context_bucket(context_tokens)
                 p = self.pressure_index(pressure)
                 return TTLDecision(rows[c][p], self.p_hit[key][c][p], key)
+        return NO_PIN
+
+    def engine_decision(self, keys: Sequence[str], context_tokens: int, pressure: float) -> TTLDecision:
+        """:meth:`live_decision` at the live price equivalent to ``pressure`` under the tables' cost profile
+        (:meth:`ctk.predict.cost.CostModel.live_price_at`): what offline figures grade per pressure."""
+        return self.live_decision(keys, context_tokens, self.cost_model.live_price_at(pressure), pressure)
+
+    def live_decision(
+        self, keys: Sequence[str], context_tokens: int, price: float, pressure: float = 1.0
+    ) -> TTLDecision:
+        """What the engine's ``ttl`` rule decides for a call of this chain at this context and live price
+        (:func:`ctk.predict.cost.live_ttl` on the first key's quantiles; the tables' cost profile; memory
+        held = the context's blocks). Keys without quantiles (old or hand-set files): the tabulated row at
+        ``pressure``, as the rule reads them."""
+        for key in keys:
+            q = self.quantiles_s.get(key)
+            if q is not None and not self.fixed_ttl:
+                cm = self.cost_model
+                held = cm.blocks(context_tokens) * cm.block_size_tokens
+                hit = self._cdfs.get(key)
+                if hit is None or hit[0] is not q:  # new key, or online adaptation replaced its quantiles
+                    hit = self._cdfs[key] = (q, CDF.from_quantiles(self.quantile_levels, q))
+                ttl, f = live_ttl(hit[1], cm.benefit_s(context_tokens), price, held)
+                return TTLDecision(ttl, f, key)
+            if key in self.ttl_s or key in self._stale:
+                return self.lookup((key,), context_tokens, pressure)
         return NO_PIN
 
     @property

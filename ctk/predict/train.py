@@ -12,6 +12,7 @@ import pandas as pd
 
 import ctk
 from ctk.errors import CtkError
+from ctk.predict.caps import caps_to_dict, learn_caps
 from ctk.predict.cost import CostModel
 from ctk.predict.dataset import DataError, prepare_frame, rows_fingerprint
 from ctk.predict.evaluate import Progress, evaluate_frame
@@ -47,6 +48,8 @@ class TrainConfig:
     context_edges: tuple[int, ...] = DEFAULT_CONTEXT_EDGES
     baselines: tuple[str, ...] = ("running-mean", "histogram")
     params: dict[str, dict] = field(default_factory=dict)
+    #: predict pauses for a deployment whose harness kills calls at this cap (None: each source's own cap)
+    serve_cap_s: float | None = None
 
     def validate(self) -> None:
         if self.predictor not in PREDICTOR_NAMES:
@@ -76,8 +79,28 @@ def load_rows(db: str | Path, sources: Sequence[str] | None = None) -> tuple[pd.
                     f"its sources: {shown or 'none'}"
                 )
         rows = store.tool_calls(sources=list(sources) if sources else None)
-        tasks = store.table("programs")[["program_id", "task_id"]]
-        return rows.merge(tasks, on="program_id", how="left"), store.fingerprint()
+        programs = store.table("programs")[["program_id", "task_id", "run_id"]]
+        caps = store.table("runs")[["run_id", "config"]]
+        fp = store.fingerprint()
+    caps = caps.assign(harness_cap_s=caps["config"].map(config_cap_s))[["run_id", "harness_cap_s"]]
+    programs = programs.merge(caps, on="run_id", how="left").drop(columns=["run_id"])
+    return rows.merge(programs, on="program_id", how="left"), fp
+
+
+def config_cap_s(config: str | dict | None) -> float | None:
+    """The per-call timeout a collection ran with (``ctk collect --timeout``: ``timeout`` in the run's
+    config), or None when the run did not record one."""
+    import json
+
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except ValueError:
+            return None
+    if not isinstance(config, dict):
+        return None
+    v = config.get("timeout")
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and v > 0 else None
 
 
 def train_model(
@@ -132,6 +155,7 @@ def train_model(
             "programs": int(frame["program_id"].nunique()),
             "sources": {str(k): int(v) for k, v in frame["source"].value_counts().items()},
             "censored_rows": int(frame["censored"].sum()),
+            "killed_rows": int(frame["killed"].sum()),
             "skipped_rows": int(skipped_rows),
             **(store_info or {}),
         },
@@ -140,7 +164,9 @@ def train_model(
             "loso": config.loso,
             "seed": config.seed,
             "context_edges": list(config.context_edges),
+            "serve_cap_s": config.serve_cap_s,
         },
+        harness_caps=caps_to_dict(learn_caps(frame)),
         calibration=fitted[config.predictor].to_dict().get("calibration", {}),
         feature_importance=primary.feature_importance() if hasattr(primary, "feature_importance") else {},
         ctk_version=ctk.__version__,
@@ -158,7 +184,7 @@ def train_from_store(
     progress: Progress | None = None,
 ) -> tuple[ModelFile, dict]:
     rows, store_fp = load_rows(db, sources)
-    frame, skipped = prepare_frame(rows)
+    frame, skipped = prepare_frame(rows, serve_cap_s=config.serve_cap_s)
     return train_model(
         frame, config, cost, progress, skipped, {"store": str(db), "store_fingerprint": store_fp}
     )
