@@ -250,11 +250,12 @@ def test_async_scheduler_pins_and_hits_through_the_same_mixin(engine_llm, sched)
     driven at its hooks without a model: admission, a natural finish pinned, the next turn's hit."""
     from vllm.v1.request import Request, RequestStatus
 
+    from ctk.engine_patch.emulation import engine_config
     from ctk.engine_patch.scheduler import CTKAsyncScheduler
 
     live = engine_llm.llm_engine.engine_core.engine_core
     s = CTKAsyncScheduler(
-        vllm_config=sched.vllm_config,
+        vllm_config=engine_config(sched.vllm_config, async_scheduling=True),
         kv_cache_config=sched.kv_cache_config,
         structured_output_manager=sched.structured_output_manager,
         block_size=sched.block_size,
