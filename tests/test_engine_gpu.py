@@ -309,3 +309,13 @@ def test_the_gpu_resolution_check_refuses_a_cpu_torch_and_a_shared_environment()
         "triton is not in the resolution",
         "flashinfer-python is not in the resolution",
     ]
+
+
+def test_the_gpu_smoke_test_says_no_gpu_here_and_exits_2():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_smoke.py"
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert (res.returncode, res.stdout) == (2, "no GPU\n")
