@@ -52,7 +52,7 @@ def ttl_table(path: Path, pins: bool) -> Path:
 
 class Server:
     def __init__(self, model: str, out: Path, name: str, policy: str, ttl_model: Path | None, cpu: bool):
-        from ctk.engine_patch.server import free_port, launch_server, wait_ready
+        from ctk.engine_patch.serve.server import free_port, launch_server, wait_ready
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -79,7 +79,7 @@ class Server:
         return Path(self.proc.log_path).read_text(errors="replace")
 
     def stop(self) -> None:
-        from ctk.engine_patch.server import stop_server
+        from ctk.engine_patch.serve.server import stop_server
 
         stop_server(self.proc)
 
@@ -171,8 +171,8 @@ def main() -> int:
     ap.add_argument("--out", help="folder for the server logs (default: a temporary one)")
     ap.add_argument("--allow-cpu", action="store_true", help="run checks 2-5 on the CPU build")
     args = ap.parse_args()
-    from ctk.engine_patch.config import ConfigError
     from ctk.engine_patch.device import pick_device
+    from ctk.policy.config import ConfigError
 
     try:
         dev = pick_device()
@@ -185,7 +185,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     model = args.model
     if model is None:
-        from ctk.engine_patch.tiny_model import build_tiny_model
+        from ctk.engine_patch.serve.tiny_model import build_tiny_model
 
         model = str(build_tiny_model(out / "tiny-model"))
     results: list[tuple[str, bool, str]] = []

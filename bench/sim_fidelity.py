@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model_dir = out_dir / "tiny-model"
         if not (model_dir / "config.json").exists():
-            from ctk.engine_patch.tiny_model import build_tiny_model
+            from ctk.engine_patch.serve.tiny_model import build_tiny_model
 
             build_tiny_model(model_dir)
         if args.profile is None:  # the step model measured on this machine now, before the real rounds
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     with TraceStore(db, read_only=True) as store:
         programs = load_programs(store, cfg.workload)
     tables = None
-    if ttl_model and any(Arm.parse(name).policy == "ttl" for name in cfg.policies):  # arms carry settings
+    if ttl_model and any(Arm.parse(name).needs_model_file for name in cfg.policies):  # arms carry settings
         from ctk.predict.modelfile import load_ttl_tables
 
         tables = load_ttl_tables(str(ttl_model))

