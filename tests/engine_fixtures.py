@@ -24,6 +24,9 @@ TEST_TTLS = {"ls": 30.0, "sleep": 1.0, "*": 0.0}
 SHORTEST_TTL_KEY, LONG_TTL_KEY = "sleep", "ls"
 #: Tiny engine: 16 MiB of KV = 63 blocks of 128 tokens; at most 2 requests run at once.
 KV_BYTES = 16 << 20
+#: The engine tests' KV block size: the platform's default (CPU 128, CUDA 16) unless CTK_TEST_BLOCK_SIZE says
+#: otherwise (``CTK_TEST_BLOCK_SIZE=16 make test`` runs them on the CPU at GPU's block size).
+TEST_BLOCK_SIZE = int(os.environ.get("CTK_TEST_BLOCK_SIZE") or 0) or None
 
 
 def write_test_model(path: Path, ttls: dict[str, float] | None = None) -> Path:
@@ -65,7 +68,8 @@ def engine_llm(tiny_model_dir, ttl_model_file):
             enable_prefix_caching=True,
             max_num_seqs=2,
             seed=0,
-            scheduler_cls="ctk.engine_patch.scheduler.CTKScheduler",
+            block_size=TEST_BLOCK_SIZE,
+            scheduler_cls="ctk.engine_patch.scheduler.matching_scheduler",
             additional_config={"ctk": {"policy": "ttl", "ttl_model": str(ttl_model_file)}},
         )
     finally:

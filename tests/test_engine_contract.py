@@ -33,6 +33,8 @@ def _attribute_uses(path: Path) -> tuple[set[str], set[str], set[str]]:
             (on_self if is_self else foreign).add(node.attr)
         elif isinstance(node, ast.keyword) and node.arg:
             every.add(node.arg)
+        elif isinstance(node, ast.FunctionDef):  # an override of a vLLM method
+            every.add(node.name)
     return every, foreign, on_self
 
 
@@ -196,3 +198,17 @@ def test_serve_usage_names_the_model_and_its_defaults_are_the_engines():
     assert params["age_factor"].default == defaults.age_factor
     assert params["max_pin_share"].default == defaults.max_pin_share
     assert params["age_bound"].default == defaults.age_bound and "--no-age-bound" in res.output
+
+
+def test_the_contract_states_what_it_assumes_vllm_does_and_each_assumption_holds():
+    from ctk.engine_patch.vllm_door import VLLM_PREMISES, Premise, check_vllm_contract
+
+    statements = " ".join(p.statement for p in VLLM_PREMISES)
+    for assumption in ("single free point", "allocate_slots before it preempts", "stop string", "async"):
+        assert assumption in statements
+    assert [p.statement for p in VLLM_PREMISES if not p.holds()] == []
+    # a vLLM where the free moved elsewhere is named, not silently trusted
+    moved = Premise(
+        "the free point moved", "vllm.v1.core.sched.scheduler:", counts=(("self._free_blocks(", 1),)
+    )
+    assert check_vllm_contract((), (moved,)) == ["premise: the free point moved"]

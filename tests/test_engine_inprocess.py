@@ -10,7 +10,7 @@ from engine_fixtures import LONG_TTL_KEY, SHORTEST_TTL_KEY, TEST_TTLS, scheduler
 
 pytestmark = pytest.mark.engine
 
-PROMPT = 1500  # tokens: 11 full blocks of 128 + a partial one
+PROMPT = 1500  # tokens: 11 full blocks of 128 (93 of 16) + a partial one
 
 
 @pytest.fixture
@@ -43,6 +43,11 @@ def all_blocks(s) -> int:
     return s.kv_cache_manager.block_pool.num_gpu_blocks - 1  # minus the null block
 
 
+def turn_blocks(s, tokens: int = PROMPT + 4) -> int:
+    """KV blocks of one turn (a PROMPT-token prompt and 4 output tokens): 12 of 128 tokens, 94 of 16."""
+    return -(-tokens // s.block_size)
+
+
 def next_turn(prompt, out, rng, extra=60):
     return prompt + list(out.outputs[0].token_ids) + toks(rng, extra)
 
@@ -65,7 +70,8 @@ def test_prefix_survives_a_flood_with_ttl_and_is_evicted_with_stock(engine_llm, 
         out2 = gen(engine_llm, [a2], params(program_id=f"A-{policy}", tool=LONG_TTL_KEY))[0]
         cached[policy] = out2.num_cached_tokens
     assert cached["vllm"] == 0  # stock: the flood evicted A's prefix
-    assert cached["ttl"] >= (PROMPT // 128) * 128  # ctk: every full block of A's first turn hit
+    bs = sched.block_size
+    assert cached["ttl"] >= (PROMPT // bs) * bs  # ctk: every full block of A's first turn hit
     assert sched.ctk.stats.pin_hits == 1 and sched.ctk.stats.releases.get("hit") == 1
 
 
@@ -73,8 +79,8 @@ def test_expiry_frees_the_blocks_even_without_engine_steps(engine_llm, sched):
     rng = random.Random(3)
     before = free_blocks(sched)
     gen(engine_llm, [toks(rng)], params(program_id="E", tool=SHORTEST_TTL_KEY))
-    assert sched.ctk_pinned_request_ids() and sched.ctk.pinned_blocks == 12
-    assert free_blocks(sched) == before - 12
+    assert sched.ctk_pinned_request_ids() and sched.ctk.pinned_blocks == turn_blocks(sched)
+    assert free_blocks(sched) == before - turn_blocks(sched)
     time.sleep(TEST_TTLS[SHORTEST_TTL_KEY] + 0.2)
     sched.has_requests()  # what the idle engine loop asks: it must run the expiry
     assert sched.ctk_pinned_request_ids() == [] and sched.ctk.pinned_blocks == 0
@@ -86,18 +92,20 @@ def test_a_pin_counts_only_the_blocks_nobody_else_holds(engine_llm, sched):
     """Two programs with a common 4-block prefix (a shared system prompt): the second pin costs only its own
     blocks, so the budget and the price see memory held once, not once per pin."""
     rng = random.Random(5)
-    system = toks(rng, 4 * 128)
-    gen(engine_llm, [system + toks(rng, PROMPT - 4 * 128)], params(program_id="S1", tool=LONG_TTL_KEY))
-    gen(engine_llm, [system + toks(rng, PROMPT - 4 * 128)], params(program_id="S2", tool=LONG_TTL_KEY))
+    shared = 4 * sched.block_size
+    system = toks(rng, shared)
+    gen(engine_llm, [system + toks(rng, PROMPT - shared)], params(program_id="S1", tool=LONG_TTL_KEY))
+    gen(engine_llm, [system + toks(rng, PROMPT - shared)], params(program_id="S2", tool=LONG_TTL_KEY))
     first, second = (p for p in sched.ctk.pins.values() if p.program_id in ("S1", "S2"))
-    assert (first.blocks, second.blocks) == (12, 12 - 4)  # the prefix was the first pin's when S2 finished
-    assert sched.ctk.pinned_blocks == 20 and free_blocks(sched) == all_blocks(sched) - 20
+    n = turn_blocks(sched)
+    assert (first.blocks, second.blocks) == (n, n - 4)  # the prefix was the first pin's when S2 finished
+    assert sched.ctk.pinned_blocks == 2 * n - 4 and free_blocks(sched) == all_blocks(sched) - (2 * n - 4)
 
 
 def test_abort_of_the_next_turn_frees_the_pin(engine_llm, sched):
     rng = random.Random(4)
     out = gen(engine_llm, [a1 := toks(rng)], params(program_id="B", tool=LONG_TTL_KEY))[0]
-    assert sched.ctk.pinned_blocks == 12
+    assert sched.ctk.pinned_blocks == turn_blocks(sched)
     eng = engine_llm.llm_engine
     eng.add_request(
         "b-turn-2", {"prompt_token_ids": next_turn(a1, out, rng)}, params(program_id="B", tool=LONG_TTL_KEY)
@@ -250,11 +258,12 @@ def test_async_scheduler_pins_and_hits_through_the_same_mixin(engine_llm, sched)
     driven at its hooks without a model: admission, a natural finish pinned, the next turn's hit."""
     from vllm.v1.request import Request, RequestStatus
 
+    from ctk.engine_patch.emulation import engine_config
     from ctk.engine_patch.scheduler import CTKAsyncScheduler
 
     live = engine_llm.llm_engine.engine_core.engine_core
     s = CTKAsyncScheduler(
-        vllm_config=sched.vllm_config,
+        vllm_config=engine_config(sched.vllm_config, async_scheduling=True),
         kv_cache_config=sched.kv_cache_config,
         structured_output_manager=sched.structured_output_manager,
         block_size=sched.block_size,
@@ -273,11 +282,36 @@ def test_async_scheduler_pins_and_hits_through_the_same_mixin(engine_llm, sched)
     assert [n.req_id for n in out.scheduled_new_reqs] == ["as-1"]
     s.finish_requests("as-1", RequestStatus.FINISHED_STOPPED)
     assert s.ctk_pinned_request_ids() == ["as-1"] and "as-1" not in s.requests
-    assert free_blocks(s) == all_blocks(s) - 12  # the pinned turn's blocks stay allocated
+    assert free_blocks(s) == all_blocks(s) - -(-PROMPT // s.block_size)  # the pinned turn's blocks stay
     s.add_request(request("as-2", first + toks(rng, 60)))
     out = s.schedule()
-    assert out.scheduled_new_reqs[0].num_computed_tokens == (PROMPT // 128) * 128  # the pinned prefix
+    bs = s.block_size
+    assert out.scheduled_new_reqs[0].num_computed_tokens == (PROMPT // bs) * bs  # the pinned prefix
     assert s.ctk.stats.pin_hits == 1 and s.ctk_pinned_request_ids() == []
     s.finish_requests("as-2", RequestStatus.FINISHED_ABORTED)
     assert free_blocks(s) == all_blocks(s) and s.requests == {}
     s.shutdown()
+
+
+def test_a_stop_string_finish_is_pinned_like_an_eos_finish(engine_llm, sched):
+    """vLLM's front end finds a stop string in the detokenized text and aborts the request in the engine
+    core (``FINISHED_ABORTED``): ctk tells it from a client abort by the stop string in the output's tail and
+    pins it, its context ending where the stop string ends."""
+    from vllm import SamplingParams
+
+    rng = random.Random(21)
+    prompt = toks(rng, 600)
+    greedy = {"max_tokens": 40, "temperature": 0.0, "ignore_eos": True}
+    text = gen(engine_llm, [prompt], SamplingParams(**greedy))[0].outputs[0].text
+    at = next(
+        i for i in range(12, len(text) - 6) if text.find(text[i : i + 6]) == i and text[i : i + 6].strip()
+    )
+    stop = text[at : at + 6]
+    before = sched.ctk.stats.pins_created
+    hinted = SamplingParams(**greedy, stop=[stop], extra_args={"program_id": "STOP", "tool": LONG_TTL_KEY})
+    out = gen(engine_llm, [prompt], hinted)[0]
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == stop
+    assert out.outputs[0].text == text[:at]
+    assert sched.ctk.stats.pins_created == before + 1
+    (pinned,) = sched.ctk.pins.values()
+    assert pinned.program_id == "STOP" and len(prompt) < pinned.context_tokens < len(prompt) + 40

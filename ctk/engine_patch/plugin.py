@@ -19,9 +19,9 @@ _PATCHED = False
 
 
 def _ctk_scheduler_cls(async_scheduling: bool):
-    from ctk.engine_patch import scheduler
+    from ctk.engine_patch.scheduler import scheduler_class
 
-    return scheduler.CTKAsyncScheduler if async_scheduling else scheduler.CTKScheduler
+    return scheduler_class(async_scheduling)
 
 
 def register() -> None:

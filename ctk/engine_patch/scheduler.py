@@ -1,8 +1,11 @@
 """The vLLM 0.32.0 scheduler plugin: a thin mixin that maps vLLM's hooks onto :class:`PolicyDriver` calls
 through a :class:`~ctk.engine_patch.vllm_door.VllmDoor` (the only place touching vLLM internals).
 
-Load it with ``--scheduler-cls ctk.engine_patch.scheduler.CTKScheduler`` (``ctk serve`` does), or through
-the ``vllm.general_plugins`` entry point with ``CTK_POLICY`` set (:mod:`ctk.engine_patch.plugin`). Settings
+Load it with ``--scheduler-cls ctk.engine_patch.scheduler.matching_scheduler`` (``ctk serve`` does: the class
+that matches vLLM's final async-scheduling mode, which vLLM settles only in the engine process), with one of
+the two classes by name, or through the ``vllm.general_plugins`` entry point with ``CTK_POLICY`` set
+(:mod:`ctk.engine_patch.plugin`). A class that does not match the mode, or a data-parallel size above 1, is
+refused at construction with one line (:func:`~ctk.engine_patch.vllm_door.check_engine_fit`). Settings
 come from ``CTK_*`` environment variables and ``additional_config["ctk"]``
 (:class:`~ctk.policy.config.ServeConfig`).
 
@@ -11,7 +14,8 @@ vLLM hook                  driver call
 =========================  ===========================================================================
 ``add_request``            :meth:`~PolicyDriver.request_added` (hints from ``session_id`` + ``vllm_xargs``)
 ``schedule``               :meth:`~PolicyDriver.step_begin`, vLLM schedules, :meth:`~PolicyDriver.step_end`
-allocation failure         :meth:`~PolicyDriver.allocation_failed` (the door's valve; retried per pin)
+allocation failure         :meth:`~PolicyDriver.allocation_failed` (the door's valve, armed for a step
+                           only when pins are held and memory could run short in it; retried per pin)
 ``_free_blocks``           :meth:`~PolicyDriver.request_finished`; True: the door holds the blocks
 ``has_requests``           :meth:`~PolicyDriver.idle` (pins held); the door wakes an idle engine at a deadline
 ``reset_prefix_cache``     :meth:`~PolicyDriver.shutdown` (held blocks would fail the reset)
@@ -32,6 +36,7 @@ from ctk.engine_patch.vllm_door import (  # noqa: F401 (re-exported for callers 
     SUPPORTED_VLLM,
     VllmContractError,
     VllmDoor,
+    check_engine_fit,
     check_vllm_contract,
     find_engine_core,
     require_vllm_contract,
@@ -49,9 +54,11 @@ class CTKSchedulerMixin:
 
     ctk_door: VllmDoor
     ctk_driver: PolicyDriver
+    ctk_async: bool  # built on vLLM's AsyncScheduler
 
     def __init__(self, *args, **kwargs):
         require_vllm_contract()
+        check_engine_fit(self.ctk_async, kwargs.get("vllm_config", args[0] if args else None))
         super().__init__(*args, **kwargs)
         # vLLM's own hooks, bound once: the hooks run with cold caches, where a ``super()`` lookup per call
         # (a new super object, a walk of the MRO) costs about a microsecond each step.
@@ -140,6 +147,8 @@ class CTKSchedulerMixin:
             return self._ctk_schedule(throttle_prefills)
         now = _now()
         driver.step_begin(now)
+        if driver.held:
+            self.ctk_door.arm_valve()
         out = self._ctk_schedule(throttle_prefills)
         if out.scheduled_new_reqs and driver.hints:
             driver.step_end(self.ctk_door.admissions(out), now)
@@ -184,8 +193,12 @@ def _make_classes():
     class CTKScheduler(CTKSchedulerMixin, Scheduler):
         """vLLM's synchronous Scheduler with ctk pins and program-level ordering."""
 
+        ctk_async = False
+
     class CTKAsyncScheduler(CTKSchedulerMixin, AsyncScheduler):
         """vLLM's AsyncScheduler (the GPU default) with ctk pins and program-level ordering."""
+
+        ctk_async = True
 
     for cls in (CTKScheduler, CTKAsyncScheduler):
         cls.__module__ = __name__
@@ -193,9 +206,31 @@ def _make_classes():
     return CTKScheduler, CTKAsyncScheduler
 
 
+def scheduler_class(async_scheduling: bool) -> type:
+    """The ctk class for vLLM's scheduling mode: ``CTKAsyncScheduler`` when async, else ``CTKScheduler``."""
+    sched, async_sched = _classes()
+    return async_sched if async_scheduling else sched
+
+
+def matching_scheduler(*args, **kwargs):
+    """What ``ctk serve`` passes as ``--scheduler-cls``: builds the class that matches the engine's final
+    async-scheduling mode (vLLM's engine core calls ``get_scheduler_cls()(vllm_config=..., ...)``)."""
+    vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+    cls = scheduler_class(bool(vllm_config.scheduler_config.async_scheduling))
+    mode = "on" if cls.ctk_async else "off"
+    logger.info("ctk scheduler: %s (vLLM's async scheduling is %s)", cls.__name__, mode)
+    return cls(*args, **kwargs)
+
+
+def _classes() -> tuple[type, type]:
+    return __getattr__("CTKScheduler"), __getattr__("CTKAsyncScheduler")
+
+
 def __getattr__(name: str):
     # The concrete classes import vLLM; build them on first use so the core stays importable without it.
     if name in ("CTKScheduler", "CTKAsyncScheduler"):
+        if name in globals():
+            return globals()[name]
         sched, async_sched = _make_classes()
         globals()["CTKScheduler"], globals()["CTKAsyncScheduler"] = sched, async_sched
         return globals()[name]

@@ -16,10 +16,12 @@ The seams used, and why:
   empty) ``FCFSRequestQueue`` by :class:`ProgramOrderQueue`, an ``FCFSRequestQueue`` that can re-order
   itself in place. vLLM only ever calls the ``RequestQueue`` API on it. With
   ``--scheduling-policy priority`` the priority queue is kept and ctk does not re-order.
-- **Pressure valve**: ``kv_cache_manager.allocate_slots`` is wrapped on the instance, only while pins are
-  held (the class method otherwise: zero cost): vLLM calls it right before it would preempt a running
-  request or refuse a waiting one, which is when a pin must go first. vLLM 0.32 has no other point that
-  sees a failed allocation before the preemption.
+- **Pressure valve**: ``kv_cache_manager.allocate_slots`` is wrapped on the instance, only for a step in
+  which pins are held and an allocation can fail (fewer free blocks than the step could ask for: its token
+  budget plus two blocks and the lookahead per run slot, per KV-cache group; the class method otherwise:
+  zero cost, where a wrapper would add a Python frame to each of up to 1,024 calls a step): vLLM calls it
+  right before it would preempt a running request or refuse a waiting one, which is when a pin must go
+  first. vLLM 0.32 has no other point that sees a failed allocation before the preemption.
 - **Holding a finished request's blocks**: ``Scheduler._free_blocks`` (the mixin's hook) is the single
   place vLLM frees a finished request; to hold, the door removes the request from ``Scheduler.requests``
   without freeing; ``Scheduler._free_request_blocks`` frees it later.
@@ -38,6 +40,7 @@ import contextlib
 import functools
 import importlib
 import inspect
+import itertools
 import logging
 import sys
 import threading
@@ -48,14 +51,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ctk.errors import CtkError
+from ctk.policy.config import ConfigError
+from ctk.policy.detect import detect_tool_call
 from ctk.policy.driver import RequestEnd, head_demand
 from ctk.policy.hints import RequestHints, parse_hints
 
 logger = logging.getLogger("ctk.engine_patch")
 
 SUPPORTED_VLLM = "0.32.0"
-#: Output tokens decoded for tool-call detection (a tool call ends the turn).
+#: Output tokens decoded for tool-call detection (a tool call ends the turn): at most
+#: :data:`DETECT_TAIL_TOKENS`, first the last :data:`DETECT_FIRST_TOKENS`, four times more only while the tail
+#: ends a tool call whose start it does not hold (see :meth:`VllmDoor.text_of`).
 DETECT_TAIL_TOKENS = 2048
+DETECT_FIRST_TOKENS = 256
+#: A tail holding one of these but no tool call may have cut the call's start off: decode a longer one.
+_CALL_END_MARKERS = ("```", "</tool_call>", '"name"')
+#: Output tokens decoded to find a stop string in an aborted request's output (the front end aborts right
+#: after it, at most a few steps later), beyond the stop string's own length in characters.
+STOP_TAIL_TOKENS = 64
 
 _SCHED = "vllm.v1.core.sched.scheduler:Scheduler"
 _KV = "vllm.v1.core.kv_cache_manager:KVCacheManager"
@@ -64,11 +77,13 @@ _STATUS = "vllm.v1.request:RequestStatus"
 _QUEUE = "vllm.v1.core.sched.request_queue:FCFSRequestQueue"
 _COORD = "vllm.v1.core.kv_cache_coordinator:KVCacheCoordinator"
 _TYPE_MGR = "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager"
+_BLOCK = "vllm.v1.core.kv_cache_utils:KVCacheBlock"
 
 
 @dataclass(frozen=True)
 class Internal:
-    """One vLLM name the door relies on. ``kind``: ``hook`` (a method the mixin overrides), ``method``,
+    """One vLLM name the door relies on. ``kind``: ``hook`` (a method the mixin overrides), ``override`` (a
+    method :class:`ProgramOrderQueue` overrides), ``method``,
     ``attribute`` (class attribute, property, dataclass field or ``self.<name>`` set in ``__init__``),
     ``member`` (enum member), ``param`` (constructor parameter), ``base`` (``owner`` subclasses ``name``),
     ``before-super`` (``owner``'s ``__init__`` sets ``self.<name>`` before calling ``super().__init__``)."""
@@ -108,12 +123,36 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
     Internal(_SCHED, "waiting = create_request_queue(", "source", "self.waiting is built from the policy"),
     Internal(_QUEUE, "collections.deque", "base", "ProgramOrderQueue re-orders it with deque operations"),
     Internal(_QUEUE, "vllm.v1.core.sched.request_queue.RequestQueue", "base", "vLLM's queue seam"),
+    Internal(_QUEUE, "add_request", "override", "ProgramOrderQueue: running demand sums"),
+    Internal(_QUEUE, "pop_request", "override", "ProgramOrderQueue: running demand sums"),
+    Internal(_QUEUE, "prepend_request", "override", "ProgramOrderQueue: running demand sums"),
+    Internal(_QUEUE, "prepend_requests", "override", "ProgramOrderQueue: running demand sums"),
+    Internal(_QUEUE, "remove_request", "override", "ProgramOrderQueue: sums stale"),
+    Internal(_QUEUE, "remove_requests", "override", "ProgramOrderQueue: sums stale"),
+    Internal(_SCHED, "_request_blocks_can_be_freed", "method", "valve: a deferred free will not help"),
     # KV cache
     Internal(_KV, "allocate_slots", "method", "wrapped on the instance while pins are held: the valve"),
+    Internal(_SCHED, "num_lookahead_tokens", "attribute", "valve: the most blocks a step can ask for"),
+    Internal("vllm.config.scheduler:SchedulerConfig", "max_num_batched_tokens", "attribute", "the same"),
     Internal(_KV, "coordinator", "attribute", "its single-type managers: blocks a finished request holds"),
     Internal(_COORD, "single_type_managers", "attribute", "one manager per KV-cache group"),
+    Internal(_COORD, "find_longest_cache_hit", "method", "what a next turn reuses (EAGLE, sliding window)"),
+    Internal(
+        "vllm.v1.core.kv_cache_coordinator:UnitaryKVCacheCoordinator",
+        _COORD.replace(":", "."),
+        "base",
+        "one KV-cache group: the full-block rule is exact without EAGLE",
+    ),
     Internal(_TYPE_MGR, "req_to_blocks", "attribute", "request id -> blocks (counted, not copied)"),
+    Internal(_TYPE_MGR, "use_eagle", "attribute", "EAGLE/MTP drops the last block of a hit"),
+    Internal(
+        "vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager",
+        _TYPE_MGR.replace(":", "."),
+        "base",
+        "the one manager that never pads its block lists with the null block",
+    ),
     Internal("vllm.v1.core.kv_cache_utils:KVCacheBlock", "ref_cnt", "attribute", "shared blocks a pin skips"),
+    Internal(_BLOCK, "is_null", "attribute", "padding a pin does not hold"),
     Internal(_KV, "block_pool", "attribute", "free-block count, pool size"),
     Internal("vllm.v1.core.block_pool:BlockPool", "get_num_free_blocks", "method", "free + evictable"),
     Internal("vllm.v1.core.block_pool:BlockPool", "num_gpu_blocks", "attribute", "pool size (+1 null)"),
@@ -128,6 +167,8 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
     Internal(_REQ, "num_output_tokens", "attribute", "finish record"),
     Internal(_REQ, "num_computed_tokens", "attribute", "waiting demand"),
     Internal(_REQ, "output_token_ids", "attribute", "tool-call detection (decoded tail)"),
+    Internal(_REQ, "block_hashes", "attribute", "what a next turn reuses (vLLM's own lookup)"),
+    Internal("vllm.sampling_params:SamplingParams", "stop", "attribute", "stop-string finish seen as abort"),
     Internal(_STATUS, "RUNNING", "member", "valve: preempting vs admitting"),
     Internal(_STATUS, "FINISHED_STOPPED", "member", "natural finish"),
     Internal(_STATUS, "FINISHED_LENGTH_CAPPED", "member", "natural finish"),
@@ -144,6 +185,86 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.config.scheduler:SchedulerConfig", "get_scheduler_cls", "method", "plugin hook"),
     Internal("vllm.config.scheduler:SchedulerConfig", "scheduler_cls", "attribute", "plugin"),
     Internal("vllm.config.scheduler:SchedulerConfig", "async_scheduling", "attribute", "plugin"),
+)
+
+
+@dataclass(frozen=True)
+class Premise:
+    """An assumption about what vLLM *does* that ctk relies on, beyond the names it has (``statement``);
+    the check reads ``owner``'s source (``module:Qual.name``, or ``module:`` for the whole module), which must
+    contain every text of ``contains``, none of ``absent``, and each text of ``counts`` that many times."""
+
+    statement: str
+    owner: str
+    contains: tuple[str, ...] = ()
+    absent: tuple[str, ...] = ()
+    counts: tuple[tuple[str, int], ...] = ()
+
+    def holds(self) -> bool:
+        module, qual = self.owner.split(":")
+        src = inspect.getsource(_resolve(self.owner) if qual else importlib.import_module(module))
+        return (
+            all(t in src for t in self.contains)
+            and not any(t in src for t in self.absent)
+            and all(src.count(t) == n for t, n in self.counts)
+        )
+
+
+_SCHED_MODULE = "vllm.v1.core.sched.scheduler:"
+
+#: What ctk assumes vLLM 0.32 does; the contract test (and the scheduler, at construction) checks each one.
+VLLM_PREMISES: tuple[Premise, ...] = (
+    Premise(
+        "Scheduler._free_blocks is the single free point of a finished request: _free_request_blocks is "
+        "called only there and on a preemption, and _free_blocks from _free_request and the KV connector's "
+        "delayed frees only (so skipping it holds the blocks, and nothing else frees them behind the pin)",
+        _SCHED_MODULE,
+        counts=(("self._free_request_blocks(", 2), ("self._free_blocks(", 3)),
+    ),
+    Premise(
+        "vLLM asks allocate_slots before it preempts a running request or leaves a waiting one out, and does "
+        "not preempt when the victim's free would be deferred (the valve mirrors both)",
+        _SCHED + ".schedule",
+        contains=(
+            "self.kv_cache_manager.allocate_slots(",
+            "self._request_blocks_can_be_freed(preempted_req)",
+        ),
+    ),
+    Premise(
+        "the scheduler changes the waiting queue only through the RequestQueue API (ProgramOrderQueue's "
+        "demand sums follow add/pop/prepend/remove)",
+        _SCHED_MODULE,
+        absent=("self.waiting.append", "self.waiting.popleft", "self.waiting.extend", "self.waiting.clear"),
+    ),
+    Premise(
+        "the engine core ends every abort as FINISHED_ABORTED, and the front end aborts a request in the "
+        "engine core when it finds a stop string (so a stop-string finish reaches _free_blocks as an abort)",
+        "vllm.v1.engine.core:EngineCore.abort_requests",
+        contains=("RequestStatus.FINISHED_ABORTED",),
+    ),
+    Premise(
+        "the front end aborts a request in the engine core when it detects a stop string",
+        "vllm.v1.engine.output_processor:",
+        contains=("detected stop string, abort needed in EngineCore", "reqs_to_abort.append(req_id)"),
+    ),
+    Premise(
+        "the engine core builds the scheduler by calling what get_scheduler_cls() returns with keywords "
+        "(so ctk serve's matching_scheduler, a factory, can pick the class for the final async mode)",
+        "vllm.v1.engine.core:EngineCore.__init__",
+        contains=("Scheduler = vllm_config.scheduler_config.get_scheduler_cls()", "vllm_config=vllm_config,"),
+    ),
+    Premise(
+        "a block returns to the free queue (and may be evicted) only when its ref_cnt drops to 0, so a held "
+        "request's blocks stay cached",
+        "vllm.v1.core.block_pool:BlockPool.free_blocks",
+        contains=("ref_cnt -= 1", "ref_cnt == 0"),
+    ),
+    Premise(
+        "vLLM turns async scheduling on by default when nothing prevents it (CUDA), so ctk serve must not "
+        "assume the synchronous class",
+        "vllm.config.vllm:VllmConfig",
+        contains=("self.scheduler_config.async_scheduling = True",),
+    ),
 )
 
 
@@ -172,7 +293,7 @@ def _init_source(cls) -> str:
 
 def _has(internal: Internal, obj) -> bool:
     name, kind = internal.name, internal.kind
-    if kind in ("hook", "method"):
+    if kind in ("hook", "override", "method"):
         return callable(getattr(obj, name, None))
     if kind == "member":
         return hasattr(obj, name)
@@ -194,8 +315,13 @@ def _has(internal: Internal, obj) -> bool:
     return f"self.{name} =" in src or f"self.{name}:" in src
 
 
-def check_vllm_contract(internals: tuple[Internal, ...] = VLLM_INTERNALS) -> list[str]:
-    """What the installed vLLM lacks of ``internals`` (empty: all there), one entry per missing name."""
+def check_vllm_contract(
+    internals: tuple[Internal, ...] = VLLM_INTERNALS, premises: tuple[Premise, ...] | None = None
+) -> list[str]:
+    """What the installed vLLM lacks of ``internals`` and ``premises`` (default: :data:`VLLM_PREMISES` with
+    the door's own internals, none otherwise); empty: all there. One entry per missing name or premise."""
+    if premises is None:
+        premises = VLLM_PREMISES if internals is VLLM_INTERNALS else ()
     try:
         import vllm
     except ImportError as exc:
@@ -211,6 +337,14 @@ def check_vllm_contract(internals: tuple[Internal, ...] = VLLM_INTERNALS) -> lis
             logger.debug("contract %s: %s", internal.label, exc)
         if not ok:
             missing.append(f"{internal.label} ({internal.kind}: {internal.use})")
+    for premise in premises:
+        try:
+            ok = premise.holds()
+        except (ImportError, AttributeError, OSError, TypeError, ValueError) as exc:
+            ok = False
+            logger.debug("premise %s: %s", premise.owner, exc)
+        if not ok:
+            missing.append(f"premise: {premise.statement}")
     return missing
 
 
@@ -221,6 +355,31 @@ def require_vllm_contract() -> None:
             "ctk scheduler: the installed vLLM lacks what ctk relies on: "
             + "; ".join(missing)
             + f". ctk supports vLLM {SUPPORTED_VLLM}."
+        )
+
+
+def check_engine_fit(async_class: bool, vllm_config) -> None:
+    """Refuse, in one line (ConfigError), an engine the ctk scheduler cannot serve right: a scheduler class
+    that does not match vLLM's async-scheduling mode (a sync class under async scheduling leaves many steps
+    empty; an async class under the sync loop miscounts its output placeholders), or data parallelism (each
+    rank would hold its own pins while vLLM's balancer ignores the program, and ``--record`` would open one
+    store from every rank)."""
+    if vllm_config is None:
+        return
+    is_async = bool(vllm_config.scheduler_config.async_scheduling)
+    if is_async != async_class:
+        names = ("CTKScheduler", "CTKAsyncScheduler")
+        want, have = names[is_async], names[not is_async]
+        raise ConfigError(
+            f"ctk scheduler: {have} does not match vLLM's async scheduling ({'on' if is_async else 'off'}); "
+            f"use ctk.engine_patch.scheduler.{want} or ctk.engine_patch.scheduler.matching_scheduler"
+        )
+    dp = vllm_config.parallel_config.data_parallel_size
+    if dp > 1:
+        raise ConfigError(
+            f"ctk scheduler: --data-parallel-size {dp} is not supported (each rank would pin for programs "
+            f"vLLM's balancer sends elsewhere); run ctk serve --replicas {dp}, which keeps a program on one "
+            "replica"
         )
 
 
@@ -243,8 +402,52 @@ def program_order_queue_class():
     if ProgramOrderQueue is None:
         from vllm.v1.core.sched.request_queue import FCFSRequestQueue
 
+        def uncomputed(r) -> int:
+            return r.num_tokens - r.num_computed_tokens
+
         class _ProgramOrderQueue(FCFSRequestQueue):
-            """vLLM's FCFS waiting queue that the policy can re-order in place (program FCFS)."""
+            """vLLM's FCFS waiting queue that the policy can re-order in place (program FCFS), and that keeps
+            the running sums of its requests' uncomputed tokens, so the demand of its head is two reads.
+
+            ``_cum[i]`` - ``_base`` is the uncomputed tokens of the first i + 1 requests (each counted as it
+            entered). vLLM's own moves (append, pop from the head, prepend) keep the sums in O(1); a removal
+            or a re-order marks them stale, and they are rebuilt at the next :meth:`head_demand`."""
+
+            def __init__(self, *args):
+                super().__init__(*args)
+                self._cum: deque[int] = deque()
+                self._base = 0
+                self._stale = True
+
+            def add_request(self, request) -> None:
+                self.append(request)
+                if not self._stale:
+                    cum = self._cum
+                    cum.append((cum[-1] if cum else self._base) + uncomputed(request))
+
+            def pop_request(self):
+                request = self.popleft()
+                if not self._stale:
+                    self._base = self._cum.popleft()
+                return request
+
+            def prepend_request(self, request) -> None:
+                self.appendleft(request)
+                if not self._stale:
+                    self._cum.appendleft(self._base)
+                    self._base -= uncomputed(request)
+
+            def prepend_requests(self, requests) -> None:
+                for request in requests:  # extendleft's order: each one goes to the front
+                    self.prepend_request(request)
+
+            def remove_request(self, request) -> None:
+                super().remove_request(request)
+                self._stale = True
+
+            def remove_requests(self, requests) -> None:
+                super().remove_requests(requests)
+                self._stale = True
 
             def ids(self) -> list[str]:
                 return [r.request_id for r in self]
@@ -253,6 +456,18 @@ def program_order_queue_class():
                 items = list(self)
                 self.clear()
                 self.extend([items[i] for i in order])
+                self._stale = True
+
+            def head_demand(self, slots: int) -> tuple[int, int]:
+                """(requests, uncomputed tokens) of the first ``slots`` requests (``head_demand``'s rule)."""
+                n = min(slots, len(self))
+                if n <= 0:
+                    return 0, 0
+                if self._stale:
+                    self._cum = deque(itertools.accumulate(map(uncomputed, self)))
+                    self._base = 0
+                    self._stale = False
+                return n, self._cum[n - 1] - self._base
 
         _ProgramOrderQueue.__name__ = _ProgramOrderQueue.__qualname__ = "ProgramOrderQueue"
         _ProgramOrderQueue.__module__ = __name__
@@ -342,8 +557,27 @@ class VllmDoor:
         self._natural = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
         self._aborted = RequestStatus.FINISHED_ABORTED
         self._allocate = self.kv.allocate_slots
-        # request id -> blocks, one map per KV-cache group (each built once in its manager's __init__)
-        self._block_maps = tuple(m.req_to_blocks for m in self.kv.coordinator.single_type_managers)
+        from vllm.v1.core.kv_cache_coordinator import UnitaryKVCacheCoordinator
+        from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+
+        # (request id -> blocks, padded with null blocks?), one per KV-cache group (each map built once in its
+        # manager's __init__). Only plain full attention never pads (its subclasses may: R-SWA, ...).
+        managers = self.kv.coordinator.single_type_managers
+        self._block_maps = tuple((m.req_to_blocks, type(m) is not FullAttentionManager) for m in managers)
+        # one group of plain full attention without EAGLE/MTP: a next turn reuses every full block
+        self._plain_full_attention = (
+            type(self.kv.coordinator) is UnitaryKVCacheCoordinator
+            and not self._block_maps[0][1]
+            and not managers[0].use_eagle
+        )
+        self._blocks_can_be_freed = scheduler._request_blocks_can_be_freed
+        # the most blocks one step can allocate: its token budget, and per run slot a partial block at each
+        # end plus the lookahead (speculative) tokens, in every KV-cache group
+        budget = scheduler.vllm_config.scheduler_config.max_num_batched_tokens
+        per_slot = 2 + -(-scheduler.num_lookahead_tokens // self.block_size)
+        self._step_blocks = len(managers) * (
+            -(-budget // self.block_size) + scheduler.max_num_active_reqs * per_slot
+        )
         self._tokenizer = None
         self._tokenizer_failed = False
         waiting = scheduler.waiting
@@ -383,11 +617,14 @@ class VllmDoor:
 
     def waiting_demand(self) -> tuple[int, int]:
         """(requests, uncomputed tokens) of the waiting requests vLLM would admit next if memory allowed:
-        the head of the queue, one per free run slot (``max_num_active_reqs``)."""
+        the head of the queue, one per free run slot (``max_num_active_reqs``). ctk's own queue keeps running
+        sums (two reads a step); vLLM's priority queue is walked (at most one request per free slot)."""
         sched = self.sched
         slots = sched.max_num_active_reqs - len(sched.running)
         if slots <= 0:  # every run slot taken: memory keeps nobody out (head_demand's answer, without a walk)
             return 0, 0
+        if self.reorders_waiting:
+            return self._waiting.head_demand(slots)
         uncomputed = (r.num_tokens - r.num_computed_tokens for r in self._waiting)
         return head_demand(uncomputed, slots)
 
@@ -395,10 +632,16 @@ class VllmDoor:
         """KV blocks only this request holds, all KV-cache groups: what pinning it keeps from the others.
 
         Prefix caching shares prefixes, so the blocks others also reference (``ref_cnt`` > 1: the system
-        prompt every program starts with, ...) lead the list; they are skipped, not walked past."""
+        prompt every program starts with, ...) lead the list; they are skipped, not walked past. Groups
+        other than plain full attention (sliding window, chunked local, Mamba, ...) pad their lists with
+        vLLM's null block (its ``ref_cnt`` is not maintained) where blocks left the window: those lists are
+        counted block by block, null blocks skipped."""
         n = 0
-        for group in self._block_maps:
+        for group, padded in self._block_maps:
             blocks = group.get(request_id, ())
+            if padded:
+                n += sum(1 for b in blocks if not b.is_null and b.ref_cnt <= 1)
+                continue
             shared = 0
             for b in blocks:
                 if b.ref_cnt <= 1:
@@ -410,8 +653,16 @@ class VllmDoor:
     def hold(self, request_id: str) -> None:
         """Keep a finished request's blocks: it leaves ``Scheduler.requests`` without a free."""
         self.held[request_id] = self.sched.requests.pop(request_id)
-        if len(self.held) == 1:
-            self.kv.allocate_slots = self._allocate_with_valve
+
+    def arm_valve(self) -> None:
+        """Before vLLM schedules a step: the valve wraps ``allocate_slots`` for this step only if pins are
+        held and an allocation can fail in it (fewer free blocks than the step could ask for)."""
+        need = bool(self.held) and self.free_blocks() < self._step_blocks
+        if need != ("allocate_slots" in vars(self.kv)):
+            if need:
+                self.kv.allocate_slots = self._allocate_with_valve
+            else:
+                del self.kv.allocate_slots
 
     def free_held(self, request_id: str) -> None:
         self.sched._free_request_blocks(self.held.pop(request_id))
@@ -444,19 +695,75 @@ class VllmDoor:
         return [(new.req_id, new.num_computed_tokens) for new in out.scheduled_new_reqs]
 
     def end_of(self, request) -> RequestEnd | None:
-        """How a request left: None when aborted."""
+        """How a request left: None when aborted by its client.
+
+        vLLM's front end finds stop strings (``stop=[...]``) in the detokenized text and then aborts the
+        request in the engine core, which therefore sees ``FINISHED_ABORTED`` for what is a natural finish.
+        An aborted request whose output tail holds one of its stop strings is such a finish: it ends where
+        the stop string ends (the tokens the engine computed after it are not part of the next turn's
+        prompt)."""
         status = request.status
+        num_tokens, output_tokens = request.num_tokens, request.num_output_tokens
         if status == self._aborted:
-            return None
+            sp = request.sampling_params
+            after = self._tokens_after_stop(request, sp.stop) if sp is not None and sp.stop else None
+            if after is None:
+                return None
+            natural = True
+            num_tokens, output_tokens = num_tokens - after, output_tokens - after
+        else:
+            natural = status in self._natural
         return RequestEnd(
-            natural=status in self._natural,
+            natural=natural,
             prompt_tokens=request.num_prompt_tokens,
-            num_tokens=request.num_tokens,
-            output_tokens=request.num_output_tokens,
+            num_tokens=num_tokens,
+            output_tokens=output_tokens,
         )
 
-    def text_of(self, request) -> str | None:
-        """The decoded tail of a request's output (tool-call detection); None without a tokenizer."""
+    def _tokens_after_stop(self, request, stops: list[str]) -> int | None:
+        """Output tokens after the first of ``stops`` in the output's tail; None when none is there."""
+        if self._tokenizer_or_none() is None:
+            return None
+        n = min(request.num_output_tokens, STOP_TAIL_TOKENS + max(len(s) for s in stops))
+        tail = list(request.output_token_ids[-n:]) if n else []
+        text = self._decode(tail)
+        if not text or not any(s in text for s in stops):
+            return None
+        # the shortest head of the tail that still holds a stop string (holding one grows with the head)
+        lo, hi = 1, len(tail)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            head = self._decode(tail[:mid]) or ""
+            if any(s in head for s in stops):
+                hi = mid
+            else:
+                lo = mid + 1
+        return len(tail) - lo
+
+    def reusable_tokens(self, request_id: str, num_tokens: int) -> int | None:
+        """Prompt tokens of a next turn extending this finished request's first ``num_tokens`` tokens that
+        vLLM can take from the prefix cache while the request's blocks are held; None: every full block
+        (the core's own rule; plain full attention without EAGLE/MTP, where that is exact).
+
+        Otherwise vLLM's own lookup answers (``KVCacheCoordinator.find_longest_cache_hit`` over the
+        request's block hashes, as ``get_computed_blocks`` runs it for the next turn): EAGLE/MTP drop the
+        last matched block of every hit, sliding-window and hybrid groups align the hit per group."""
+        if self._plain_full_attention:
+            return None
+        request = self.sched.requests.get(request_id)
+        if request is None:
+            return None
+        _, hit, _ = self.kv.coordinator.find_longest_cache_hit(request.block_hashes, num_tokens)
+        return hit
+
+    def frees_now(self, request_id: str) -> bool:
+        """Releasing this held request returns its blocks to the pool now (vLLM defers the free while an
+        in-flight step of an async KV connector may still write them: such a release does not help an
+        allocation that failed now)."""
+        request = self.held.get(request_id)
+        return request is None or self._blocks_can_be_freed(request)
+
+    def _tokenizer_or_none(self):
         if self._tokenizer is None and not self._tokenizer_failed:
             try:
                 from vllm.tokenizers.registry import cached_tokenizer_from_config
@@ -467,13 +774,31 @@ class VllmDoor:
             except Exception as exc:  # no tokenizer: detection by hints only
                 logger.warning("ctk: no tokenizer for tool-call detection (%s); use the 'tool' hint", exc)
                 self._tokenizer_failed = True
-        if self._tokenizer is None:
-            return None
-        ids = list(request.output_token_ids[-DETECT_TAIL_TOKENS:])
+        return self._tokenizer
+
+    def _decode(self, token_ids: list[int]) -> str | None:
         try:
-            return self._tokenizer.decode(ids, skip_special_tokens=False)
+            return self._tokenizer.decode(token_ids, skip_special_tokens=False)
         except Exception:
             return None
+
+    def text_of(self, request) -> str | None:
+        """The decoded tail of a request's output (tool-call detection); None without a tokenizer.
+
+        Only the tail detection needs is decoded: the last :data:`DETECT_FIRST_TOKENS` tokens, and a tail four
+        times longer (up to :data:`DETECT_TAIL_TOKENS`) only while the tail holds no tool call but the end of
+        one (a closing fence or tag, a JSON name) whose start it may have cut off."""
+        if self._tokenizer_or_none() is None:
+            return None
+        total = len(request.output_token_ids)
+        n = min(DETECT_FIRST_TOKENS, DETECT_TAIL_TOKENS)
+        while True:
+            text = self._decode(list(request.output_token_ids[-n:]))
+            if text is None or n >= total or n >= DETECT_TAIL_TOKENS:
+                return text
+            if not any(m in text for m in _CALL_END_MARKERS) or detect_tool_call(text) is not None:
+                return text
+            n = min(4 * n, DETECT_TAIL_TOKENS)
 
     def ctk_settings(self) -> dict:
         """``additional_config["ctk"]`` of the engine ({} when absent)."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
@@ -229,9 +229,12 @@ class PolicyCore:
         pin = prog.pin if prog is not None else None
         if pin is None or pin.next_request_id != request_id:
             return []
-        # The last sampled token's KV is never computed: the pinned full blocks end before it.
-        full_blocks_tokens = ((pin.context_tokens - 1) // self.block_size) * self.block_size
-        if cached_tokens >= full_blocks_tokens and cached_tokens > 0:
+        # What the engine can reuse of the held blocks (EAGLE/MTP, sliding-window groups: less than every
+        # full block); by default every full block: the last sampled token's KV is never computed.
+        reusable = pin.reusable_tokens
+        if reusable is None:
+            reusable = ((pin.context_tokens - 1) // self.block_size) * self.block_size
+        if cached_tokens >= reusable and cached_tokens > 0:
             return [self._hit(pin)]
         self.stats.pin_misses += 1
         return [self._release(pin, ReleaseReason.MISS)]
@@ -303,6 +306,7 @@ class PolicyCore:
             tool,
             held_tokens=call.held_tokens,
             cdf=d.cdf,
+            reusable_tokens=ev.reusable_tokens,
         )
         budget = int(self.rule.max_pin_share * state.total_blocks)
         if self.rule.max_pin_share < 1.0 and self.pinned_blocks + pin.blocks > budget:  # 1: memory only
@@ -436,7 +440,11 @@ class PolicyCore:
         return not self.rule.valve_last_resort or n_running <= 1
 
     def release_for_pressure(
-        self, now: float, admitting: str | None = None, engine_busy: bool = False
+        self,
+        now: float,
+        admitting: str | None = None,
+        engine_busy: bool = False,
+        releasable: Callable[[str], bool] | None = None,
     ) -> Release | None:
         """The valve: release the pin of lowest value per token-second still to hold; None when none may go.
 
@@ -445,7 +453,9 @@ class PolicyCore:
         first. Under program ordering a waiting request takes a pin only once it is overdue (waited the age
         bound, FCFS's measured tail wait) or when nothing runs; before that it waits for the running requests
         to give memory back (rather than letting older programs' requests take younger programs' pins).
-        With nothing running every pin may go, so pins never deadlock the engine.
+        With nothing running every pin may go, so pins never deadlock the engine. ``releasable(request_id)``
+        False: releasing that pin would not free its blocks now (vLLM's "a deferred free will not help with
+        immediate allocation"); it is not a victim.
         """
         if not self.pins:
             return None
@@ -455,7 +465,12 @@ class PolicyCore:
             if pend is not None and now - pend.arrival < self.order.age_bound_s:
                 self.stats.valve_deferred += 1  # it waits for the running requests to give memory back
                 return None
-        victim = min(self.pins.values(), key=lambda p: self._victim_key(p, now))
+        pins = self.pins.values()
+        if releasable is not None:
+            pins = [p for p in pins if releasable(p.request_id)]
+            if not pins:
+                return None
+        victim = min(pins, key=lambda p: self._victim_key(p, now))
         return self._release(victim, ReleaseReason.PRESSURE)
 
     def release_all(self, reason: ReleaseReason = ReleaseReason.SHUTDOWN) -> list[Release]:

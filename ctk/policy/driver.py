@@ -58,6 +58,11 @@ class EngineView(Protocol):
     engine would admit next if memory allowed (the head of the waiting queue, as many as it has free run
     slots; none when every slot is taken) and their uncomputed tokens. It is what the memory price charges
     for; a queue that waits for run slots costs a pin nothing.
+
+    ``reusable_tokens(request_id, num_tokens)``: of a finished request's first ``num_tokens`` tokens, how many
+    a next turn extending them takes from the prefix cache while its blocks are held (None: every full block).
+    ``frees_now(request_id)``: releasing the held request gives its blocks back at once (an engine may have to
+    defer the free while a step in flight still writes them; such a release cannot help a failed allocation).
     """
 
     block_size: int  # tokens per KV block
@@ -75,6 +80,8 @@ class EngineView(Protocol):
     def hold(self, request_id: str) -> None: ...  # keep a finished request's blocks
     def free_held(self, request_id: str) -> None: ...  # release kept blocks to the (cached) free queue
     def output_text(self, request_id: str) -> str | None: ...  # tail of a finished request's output
+    def reusable_tokens(self, request_id: str, num_tokens: int) -> int | None: ...  # see below
+    def frees_now(self, request_id: str) -> bool: ...  # releasing this held request frees its blocks now
     def wake_at(self, deadline: float | None) -> None: ...  # call idle() at this time even if idle
 
 
@@ -194,7 +201,9 @@ class PolicyDriver:
         n_running = self.view.num_running()
         if not self.core.valve_open(n_running):
             return False
-        rel = self.core.release_for_pressure(now, None if running else request_id, n_running > 0)
+        rel = self.core.release_for_pressure(
+            now, None if running else request_id, n_running > 0, releasable=self.view.frees_now
+        )
         if rel is None:
             return False
         self._apply([rel])
@@ -225,6 +234,7 @@ class PolicyDriver:
             end.output_tokens,
             view.blocks_of(request_id) if natural else 0,
             natural,
+            view.reusable_tokens(request_id, end.num_tokens) if candidate else None,
         )
         pinned, releases = core.finished(ev, self.state(now, demand=candidate))
         if releases:

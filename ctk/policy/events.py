@@ -78,6 +78,8 @@ class Finished:
     output_tokens: int
     blocks: int  # KV blocks the request holds
     natural: bool = True
+    #: prompt tokens a next turn can take from the held blocks (None: every full block of the context)
+    reusable_tokens: int | None = None
 
 
 @dataclass(slots=True)
@@ -130,6 +132,7 @@ class Pin:
     tool: ToolCall | None
     next_request_id: str | None = None  # the program's next turn arrived and awaits admission
     held_tokens: int = 0  # blocks x block_size: what the price is charged on
+    reusable_tokens: int | None = None  # a hit's cached tokens (None: every full block of the context)
     cdf: CDF | None = None  # the rule's return-time distribution (from ``created``)
 
 

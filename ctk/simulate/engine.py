@@ -203,6 +203,12 @@ class SimEngine:
     def output_text(self, request_id: str) -> str | None:
         return None  # the replayed programs send the tool as a hint
 
+    def reusable_tokens(self, request_id: str, num_tokens: int) -> int | None:
+        return None  # full attention without speculative decoding: a next turn reuses every full block
+
+    def frees_now(self, request_id: str) -> bool:
+        return True  # no KV connector: a release frees at once
+
     # -- requests --------------------------------------------------------------------------------
 
     @property

@@ -98,6 +98,7 @@ def serve(
     import os
     import sys
 
+    from ctk.engine_patch.device import pick_device
     from ctk.engine_patch.serve.server import check_model_file, check_model_path, server_env
     from ctk.policy.config import ConfigError
     from ctk.predict.modelfile import ModelFileError
@@ -132,19 +133,23 @@ def serve(
         typer.echo("error: give the model to serve (ctk serve MODEL ... or --model MODEL)", err=True)
         raise typer.Exit(2)
     model, other_args = _split_model(args)
+    from ctk.engine_patch.serve.server import vllm_args
+
     try:
-        check_model_path(model, server_env(cfg))
+        device = pick_device()
+        env = server_env(cfg, device=device)
+        check_model_path(model, env)
+        vargs = vllm_args(None, None, cfg, args, device)
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    typer.echo(device.line(), err=True)
     if replicas > 1:
         raise typer.Exit(_serve_fleet(model, replicas, routing, cfg, other_args))
-    from ctk.engine_patch.serve.server import vllm_args
-
-    argv = [sys.executable, "-m", "ctk.engine_patch.serve.server", *vllm_args(None, None, cfg, args)]
+    argv = [sys.executable, "-m", "ctk.engine_patch.serve.server", *vargs]
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, argv, server_env(cfg))
+    os.execve(sys.executable, argv, env)
 
 
 def _split_model(args: list[str]) -> tuple[str, list[str]]:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from ctk.engine_patch.device import pick_device
 from ctk.engine_patch.serve.server import ServerError, free_port, launch_server, stop_server, wait_ready
 from ctk.policy.config import ConfigError, ServeConfig
 
@@ -131,7 +132,7 @@ def _cpu_list(cores: Sequence[int]) -> str:
 def replica_envs(n: int, base: dict[str, str] | None = None) -> list[dict[str, str]]:
     """Per-replica environment: its cores on CPU, its device on GPUs; the user's own settings win."""
     base = dict(os.environ if base is None else base)
-    if base.get("VLLM_TARGET_DEVICE", "cpu") == "cpu":
+    if pick_device(base).is_cpu:
         if "VLLM_CPU_OMP_THREADS_BIND" in base:
             return [dict(base) for _ in range(n)]
         return [{**base, "VLLM_CPU_OMP_THREADS_BIND": _cpu_list(c)} for c in core_shares(n, usable_cpus())]
@@ -168,8 +169,11 @@ def replica_args(args: Sequence[str], n: int, env: dict[str, str] | None = None)
     """``args`` for each replica; on CPU without a KV size, each replica asks for 1/N of vLLM's default."""
     env = dict(os.environ if env is None else env)
     args = list(args)
-    cpu = env.get("VLLM_TARGET_DEVICE", "cpu") == "cpu"
-    if cpu and not any(_has_flag(args, f) for f in KV_FLAGS) and not env.get("VLLM_CPU_KVCACHE_SPACE"):
+    if (
+        pick_device(env).is_cpu
+        and not any(_has_flag(args, f) for f in KV_FLAGS)
+        and not env.get("VLLM_CPU_KVCACHE_SPACE")
+    ):
         args += ["--gpu-memory-utilization", f"{DEFAULT_MEMORY_UTILIZATION / n:.4f}"]
     return args
 

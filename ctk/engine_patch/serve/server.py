@@ -5,8 +5,10 @@ the server runs as ``python -m ctk.engine_patch.serve.server [vllm serve argumen
 ``__main__`` (guarded, because vLLM starts its engine with spawn) reads the ctk settings from ``CTK_*``
 environment variables, checks the TTL model file, points prometheus_client at a fresh multiprocess
 directory (so the engine-core process's ctk metrics reach the API server's ``/metrics``), adds
-``--scheduler-cls ctk.engine_patch.scheduler.CTKScheduler`` unless the policy is ``vllm``, and hands over
-to vLLM's own API-server entry point.
+``--scheduler-cls ctk.engine_patch.scheduler.matching_scheduler`` unless the policy is ``vllm`` (the ctk
+class that matches vLLM's async-scheduling mode, settled in the engine process), and hands over to vLLM's
+own API-server entry point. The platform (``VLLM_TARGET_DEVICE``) is picked by
+:func:`~ctk.engine_patch.device.pick_device`; the CPU defaults (``--enforce-eager``) apply on the CPU only.
 
 Python API for benchmarks: :func:`launch_server` (returns the ``subprocess.Popen``) and :func:`wait_ready`.
 """
@@ -27,12 +29,15 @@ from pathlib import Path
 
 import httpx
 
+from ctk.engine_patch.device import Device, pick_device
 from ctk.engine_patch.request_filter import MIDDLEWARE
 from ctk.errors import CtkError
 from ctk.policy.config import ConfigError, ServeConfig
 from ctk.policy.rules import RULES
 
-SCHEDULER_CLS = "ctk.engine_patch.scheduler.CTKScheduler"
+#: What ``ctk serve`` passes as ``--scheduler-cls``: builds the class matching vLLM's async-scheduling mode.
+SCHEDULER_CLS = "ctk.engine_patch.scheduler.matching_scheduler"
+SYNC_SCHEDULER_CLS = "ctk.engine_patch.scheduler.CTKScheduler"
 ASYNC_SCHEDULER_CLS = "ctk.engine_patch.scheduler.CTKAsyncScheduler"
 
 
@@ -86,17 +91,47 @@ def _has_flag(args: Sequence[str], flag: str) -> bool:
 SHUTDOWN_TIMEOUT_S = 30
 
 
+def check_vllm_args(args: Sequence[str], device: Device) -> None:
+    """Refuse, in one line (ConfigError), vLLM arguments ctk cannot serve with: data parallelism in one
+    server (each rank would pin for programs vLLM's balancer sends to another rank; ``--replicas`` keeps a
+    program on one replica), or a ctk scheduler class named for the other scheduling mode."""
+    dp = _flag_value(args, "--data-parallel-size") or _flag_value(args, "-dp")
+    if dp is not None and dp.isdigit() and int(dp) > 1:
+        raise ConfigError(
+            f"--data-parallel-size {dp}: each rank would pin for programs vLLM's balancer sends elsewhere; "
+            f"use ctk serve --replicas {dp} (one engine per replica, a program stays on one)"
+        )
+    cls = _flag_value(args, "--scheduler-cls")
+    sync_mode = device.is_cpu or _has_flag(args, "--no-async-scheduling")  # vLLM forces sync on the CPU
+    if cls == ASYNC_SCHEDULER_CLS and sync_mode:
+        raise ConfigError(
+            f"--scheduler-cls {cls} needs async scheduling, which is off here; use {SCHEDULER_CLS}"
+        )
+    if cls == SYNC_SCHEDULER_CLS and not sync_mode:
+        raise ConfigError(
+            f"--scheduler-cls {cls} under async scheduling ({device.name}'s default) leaves steps empty; "
+            f"use {SCHEDULER_CLS} or add --no-async-scheduling"
+        )
+
+
 def vllm_args(
-    model: str | None, port: int | None, cfg: ServeConfig, extra_args: Sequence[str] = ()
+    model: str | None,
+    port: int | None,
+    cfg: ServeConfig,
+    extra_args: Sequence[str] = (),
+    device: Device | None = None,
 ) -> list[str]:
-    """The argument list for vLLM's API server (model, port, CPU defaults, scheduler class)."""
+    """The argument list for vLLM's API server (model, port, CPU defaults, scheduler class) on ``device``
+    (default: :func:`pick_device`'s). Raises ConfigError for arguments ctk cannot serve with."""
+    device = device or pick_device()
+    check_vllm_args(extra_args, device)
     args: list[str] = []
     if model is not None and not _has_flag(extra_args, "--model"):
         args += ["--model", str(model)]
     if port is not None and not _has_flag(extra_args, "--port"):
         args += ["--port", str(port)]
     args += list(extra_args)
-    if _is_cpu() and not _has_flag(args, "--enforce-eager"):
+    if device.is_cpu and not _has_flag(args, "--enforce-eager"):
         args.append("--enforce-eager")
     if not _has_flag(args, "--enable-prompt-tokens-details"):
         args.append("--enable-prompt-tokens-details")
@@ -121,16 +156,16 @@ def _flag_value(args: Sequence[str], flag: str) -> str | None:
     return None
 
 
-def _is_cpu() -> bool:
-    return os.environ.get("VLLM_TARGET_DEVICE", "cpu") == "cpu"
-
-
-def server_env(cfg: ServeConfig, base: dict[str, str] | None = None) -> dict[str, str]:
+def server_env(
+    cfg: ServeConfig, base: dict[str, str] | None = None, device: Device | None = None
+) -> dict[str, str]:
+    """The server's environment: ``base`` (default: this process's) without outer ``CTK_*`` settings, with
+    ``cfg``'s, the platform picked (``VLLM_TARGET_DEVICE``) and no downloads (``HF_HUB_OFFLINE``)."""
     env = dict(os.environ if base is None else base)
     for key in [k for k in env if k.startswith("CTK_")]:
         del env[key]
     env.update(cfg.to_env())
-    env.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    env["VLLM_TARGET_DEVICE"] = (device or pick_device(env)).name
     env.setdefault("HF_HUB_OFFLINE", "1")
     return env
 
@@ -169,16 +204,21 @@ def launch_server(
         cfg = ServeConfig.from_mapping(settings, base=cfg)
     check_model_file(cfg)
     check_model_path(str(model_path), env)
+    device = pick_device(env)
+    args = vllm_args(str(model_path), port, cfg, extra_args, device)
     if log_path is None:
         fd, log_name = tempfile.mkstemp(prefix=f"ctk-serve-{port}-", suffix=".log")
         os.close(fd)
         log_path = log_name
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
-    args = vllm_args(str(model_path), port, cfg, extra_args)
     cmd = [sys.executable, "-m", "ctk.engine_patch.serve.server", *args]
     try:
         proc = subprocess.Popen(
-            cmd, env=server_env(cfg, env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            env=server_env(cfg, env, device),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     finally:
         log.close()
@@ -252,11 +292,7 @@ def _group_alive(pgid: int) -> bool:
     try:
         import psutil
 
-        return any(
-            p.status() != psutil.STATUS_ZOMBIE
-            for p in psutil.process_iter()
-            if _pgid(p.pid) == pgid
-        )
+        return any(p.status() != psutil.STATUS_ZOMBIE for p in psutil.process_iter() if _pgid(p.pid) == pgid)
     except Exception:  # psutil missing or a race: the signal check said the group exists
         return True
 
@@ -292,7 +328,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         # Multiprocess mode: the engine core's ctk metrics are written to files the API server reads.
         own_dir = tempfile.mkdtemp(prefix="ctk-prom-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir
-    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    try:
+        device = pick_device()
+        check_vllm_args(argv, device)
+    except ConfigError as exc:
+        print(f"ctk serve: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    os.environ["VLLM_TARGET_DEVICE"] = device.name
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if RULES[cfg.policy].needs_ctk_scheduler and not _has_flag(argv, "--scheduler-cls"):
         argv += ["--scheduler-cls", SCHEDULER_CLS]

