@@ -50,7 +50,7 @@ class Variant:
 
 
 def variants():
-    from ctk.engine_patch.fleet import ConsistentHash, ProgramScheduling, RoundRobin
+    from ctk.engine_patch.serve.fleet import ConsistentHash, ProgramScheduling, RoundRobin
 
     peer = ProgramScheduling(config=(("stats_window_size", PEER_STATS_WINDOW),))
     return {
@@ -107,12 +107,12 @@ def replica_counters(urls: list[str]) -> dict[str, float]:
 
 def run_variant(name, routing, policy, programs, cfg, model_dir, ttl_model, out_dir, log):
 
-    from ctk.engine_patch.config import ServeConfig
-    from ctk.engine_patch.fleet import Fleet
-    from ctk.engine_patch.server import free_port
+    from ctk.engine_patch.serve.fleet import Fleet
+    from ctk.engine_patch.serve.server import free_port
     from ctk.measure import server_metrics
     from ctk.measure.compare import warm_up
     from ctk.measure.replay import run_replay
+    from ctk.policy.config import ServeConfig
 
     serve = ServeConfig(policy=policy, ttl_model=str(ttl_model) if policy == "ttl" else None)
     log_dir = out_dir / f"logs-{name}"
@@ -187,12 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from policies import trace_store
 
-    from ctk.engine_patch.config import ConfigError
-    from ctk.engine_patch.fleet import router_executable
-    from ctk.engine_patch.server import ServerError
+    from ctk.engine_patch.serve.fleet import router_executable
+    from ctk.engine_patch.serve.server import ServerError
     from ctk.measure.compare import CompareError, train_ttl_model, training_store
     from ctk.measure.presets import bench_config
     from ctk.measure.workload import load_programs
+    from ctk.policy.config import ConfigError
     from ctk.store import TraceStore
 
     try:
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         programs = load_programs(store, cmp.workload)
     model_dir = args.model_dir or out_dir / "tiny-model"
     if not (model_dir / "config.json").exists():
-        from ctk.engine_patch.tiny_model import build_tiny_model
+        from ctk.engine_patch.serve.tiny_model import build_tiny_model
 
         build_tiny_model(model_dir)
     ttl_model = args.ttl_model

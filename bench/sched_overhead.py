@@ -33,7 +33,7 @@ from pathlib import Path
 
 
 def build_inputs(tmp: Path, model: str | None) -> tuple[str, str]:
-    from ctk.engine_patch.tiny_model import build_tiny_model
+    from ctk.engine_patch.serve.tiny_model import build_tiny_model
     from ctk.predict.modelfile import save_model
     from ctk.predict.tables import TTLTables
 

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model_dir = out_dir / "tiny-model"
         if not (model_dir / "config.json").exists():
-            from ctk.engine_patch.tiny_model import build_tiny_model
+            from ctk.engine_patch.serve.tiny_model import build_tiny_model
 
             build_tiny_model(model_dir)
         if args.profile is None:  # the step model measured on this machine now, before the real rounds

@@ -27,12 +27,12 @@ import numpy as np
 import pandas as pd
 
 from ctk.datasets import shell
-from ctk.engine_patch.config import ServeConfig
-from ctk.engine_patch.detect import ToolCall
-from ctk.engine_patch.events import EngineState, PinCall
-from ctk.engine_patch.hints import RequestHints
-from ctk.engine_patch.policies import make_rule
-from ctk.engine_patch.price import MemoryPrice
+from ctk.policy.config import ServeConfig
+from ctk.policy.detect import ToolCall
+from ctk.policy.events import EngineState, PinCall
+from ctk.policy.hints import RequestHints
+from ctk.policy.policies import make_rule
+from ctk.policy.price import MemoryPrice
 from ctk.predict import features
 from ctk.predict.cost import CostModel
 from ctk.predict.dataset import prepare_frame

@@ -48,7 +48,7 @@ app = typer.Typer(
 # declares commands; heavy libraries are imported inside the commands, so ``ctk --help`` stays fast.
 from ctk.collect import commands as _collect  # noqa: E402
 from ctk.datasets import commands as _datasets  # noqa: E402
-from ctk.engine_patch import commands as _serve  # noqa: E402
+from ctk.engine_patch.serve import commands as _serve  # noqa: E402
 from ctk.measure import commands as _measure  # noqa: E402
 from ctk.predict import commands as _predict  # noqa: E402
 from ctk.simulate import commands as _simulate  # noqa: E402

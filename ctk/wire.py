@@ -6,7 +6,7 @@ One home for the rules every part must agree on (docs/CONTRACTS.md, client -> se
   the ``X-Session-ID`` header, ``vllm_xargs.session_id``; then ctk's own ``vllm_xargs.program_id``
   (:func:`program_identity`, :data:`XARGS_IDENTITY_KEYS`);
 - the names of the other ``vllm_xargs`` keys ctk reads (the per-request hints, parsed leniently on the
-  engine's hot path by :func:`ctk.engine_patch.hints.parse_hints`) and their bounds;
+  engine's hot path by :func:`ctk.policy.hints.parse_hints`) and their bounds;
 - which tool exceptions are timeouts (:func:`is_timeout`: the call was killed, its duration is censored);
 - how much of a command a trace record keeps (:data:`MAX_COMMAND_CHARS`), and the largest request body the
   recording proxy reads (:data:`MAX_BODY_BYTES`).

@@ -29,7 +29,7 @@ def sample_store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def measure_model_dir(tmp_path_factory) -> Path:
-    from ctk.engine_patch.tiny_model import build_tiny_model
+    from ctk.engine_patch.serve.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("measure-tiny") / "model")
 
@@ -37,7 +37,7 @@ def measure_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def live_server(measure_model_dir, tmp_path_factory):
     """A stock-policy ``ctk serve`` on the tiny model with a small KV cache (one start per session)."""
-    from ctk.engine_patch.server import free_port, launch_server, stop_server, wait_ready
+    from ctk.engine_patch.serve.server import free_port, launch_server, stop_server, wait_ready
     from ctk.measure.compare import ServerConfig
 
     port = free_port()

@@ -149,7 +149,7 @@ def _observed(port: int) -> float:
 
 @pytest.mark.engine
 def test_proxy_in_front_of_vllm_passes_the_session_id(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from ctk.engine_patch.server import free_port, launch_server, stop_server, wait_ready
+    from ctk.engine_patch.serve.server import free_port, launch_server, stop_server, wait_ready
 
     port = free_port()
     serve_db, proxy_db = tmp_path / "serve.duckdb", tmp_path / "proxy.duckdb"

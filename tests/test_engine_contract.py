@@ -168,8 +168,8 @@ def test_serve_needs_a_model(tmp_path):
 
 
 def test_server_arguments(tmp_path):
-    from ctk.engine_patch.config import ServeConfig
-    from ctk.engine_patch.server import SCHEDULER_CLS, server_env, vllm_args
+    from ctk.engine_patch.serve.server import SCHEDULER_CLS, server_env, vllm_args
+    from ctk.policy.config import ServeConfig
 
     args = vllm_args("m", 8123, ServeConfig(policy="ttl"), ["--kv-cache-memory-bytes", "1G"])
     assert args[:4] == ["--model", "m", "--port", "8123"]
@@ -183,8 +183,8 @@ def test_server_arguments(tmp_path):
 def test_serve_usage_names_the_model_and_its_defaults_are_the_engines():
     import inspect
 
-    from ctk.engine_patch.commands import serve
-    from ctk.engine_patch.config import ServeConfig
+    from ctk.engine_patch.serve.commands import serve
+    from ctk.policy.config import ServeConfig
 
     res = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200)
     assert res.exit_code == 0 and "ctk serve MODEL [OPTIONS]" in res.output

@@ -12,8 +12,8 @@ import json
 
 import pytest
 
-from ctk.engine_patch.hints import parse_hints, sanitize_xargs
 from ctk.engine_patch.request_filter import MetadataFilter, sanitize_body
+from ctk.policy.hints import parse_hints, sanitize_xargs
 
 #: body fragment -> what vLLM 0.32 does with it as sent (measured on a live server, see the served test)
 REFUSED_BY_VLLM = {

@@ -124,7 +124,7 @@ def test_tool_call_is_detected_from_real_output_tokens(engine_llm, sched):
     class Fake:
         output_token_ids = tok.encode("THOUGHT: list\n```bash\nls -la /repo\n```", add_special_tokens=False)
 
-    from ctk.engine_patch.detect import detect_tool_call
+    from ctk.policy.detect import detect_tool_call
 
     assert detect_tool_call(sched.ctk_door.text_of(Fake())).command == "ls -la /repo"
 

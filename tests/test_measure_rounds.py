@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from ctk.engine_patch.policies import Policy
 from ctk.measure.compare import FACTORIAL_ARMS, Arm, CompareConfig, CompareError, Comparison
 from ctk.measure.presets import DEMO_POLICIES, demo_config, long_tail_config, preset
 from ctk.measure.rounds import check_targets, median_figures, rotated_orders, round_figures
 from ctk.measure.table import format_table
+from ctk.policy.policies import Policy
 from tests.test_measure_results import _result
 
 
@@ -168,8 +168,8 @@ def test_presets():
 
 
 def test_both_orders_arms_are_valid_and_pair_each_pin_rule_with_both_orders():
-    from ctk.engine_patch import rules
     from ctk.measure.compare import BOTH_ORDERS_ARMS
+    from ctk.policy import rules
 
     CompareConfig(policies=list(BOTH_ORDERS_ARMS)).validate()
     own = {Policy.TTL: rules.TTLRule.age_bound, Policy.ORACLE: rules.OracleRule.age_bound}

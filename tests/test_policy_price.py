@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ctk.engine_patch.events import EngineState
-from ctk.engine_patch.price import MemoryPrice
+from ctk.policy.events import EngineState
+from ctk.policy.price import MemoryPrice
 
 
 def st(now=0.0, free_blocks=10, waiting=0, demand=0, block_size=16, total=100) -> EngineState:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from ctk.engine_patch.config import ConfigError, ServeConfig
-from ctk.engine_patch.detect import ToolCall
-from ctk.engine_patch.events import EngineState, Finished, Pin, PinCall, ReleaseReason, ToolObservation
-from ctk.engine_patch.hints import parse_hints
-from ctk.engine_patch.policies import POLICY_NAMES, Policy, make_rule
-from ctk.engine_patch.policy import PolicyCore
-from ctk.engine_patch.rules import (
+from ctk.policy.config import ConfigError, ServeConfig
+from ctk.policy.core import PolicyCore
+from ctk.policy.detect import ToolCall
+from ctk.policy.events import EngineState, Finished, Pin, PinCall, ReleaseReason, ToolObservation
+from ctk.policy.hints import parse_hints
+from ctk.policy.policies import POLICY_NAMES, Policy, make_rule
+from ctk.policy.rules import (
     ProgressTTLRule,
     lognormal_fit,
     progress_ttl,
@@ -73,7 +73,7 @@ def test_policy_registry_is_the_config_vocabulary():
 
 
 def test_every_release_reason_is_emitted_and_every_emitted_one_listed():
-    src = (Path(__file__).parents[1] / "ctk" / "engine_patch" / "policy.py").read_text()
+    src = (Path(__file__).parents[1] / "ctk" / "policy" / "core.py").read_text()
     emitted = set(re.findall(r"ReleaseReason\.([A-Z_]+)", src))
     # the driver emits the three lifecycle reasons through release_all(reason)
     assert emitted | {"SHUTDOWN", "RECONFIGURE", "RESET"} == set(ReleaseReason.__members__)
@@ -438,7 +438,7 @@ def test_decision_at_finish_by_hull_equals_the_knot_search():
 def test_return_share_learns_that_pinned_programs_return_elsewhere():
     """Behind round-robin a pin's program mostly returns to another replica: the pins' expiries teach the
     core that share, and an unreturned pin's memory is then priced even while the queue's head is young."""
-    from ctk.engine_patch.policy import ReturnShare
+    from ctk.policy.core import ReturnShare
 
     def pin(p_hit: float) -> Pin:
         return Pin("r", "p", 4, 64, 10.0, 0.0, 10.0, p_hit, 1.0, "k", None)
@@ -464,10 +464,10 @@ def test_oracle_orders_strictly_only_while_its_programs_come_back():
     """Behind round-robin the oracle's pinned programs return to other replicas: it then falls back from
     strict program FCFS to the age bound and lets young waiting requests take pins; so does ttl in strict
     order; Continuum stays strict."""
-    from ctk.engine_patch.policy import RETURNS_TO_DEFER
+    from ctk.policy.core import RETURNS_TO_DEFER
 
     def scattered() -> object:
-        from ctk.engine_patch.policy import ReturnShare
+        from ctk.policy.core import ReturnShare
 
         r = ReturnShare(alpha=0.2)
         for _ in range(50):

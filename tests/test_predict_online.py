@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from ctk.cli import app
 from ctk.datasets.samples import sample_traces_dir
-from ctk.engine_patch.online import LogShiftCalibrator, OnlineDurations, blend_quantiles
 from ctk.predict.cost import CDF, CostModel, cdf_knots
 from ctk.predict.dataset import prepare_frame
 from ctk.predict.modelfile import save_model
+from ctk.predict.online import LogShiftCalibrator, OnlineDurations, blend_quantiles
 from ctk.predict.online_eval import (
     OnlineConfig,
     copy_tables,

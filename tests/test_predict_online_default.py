@@ -5,8 +5,8 @@ from __future__ import annotations
 from typer.testing import CliRunner
 
 from ctk.cli import app
-from ctk.engine_patch.online import OnlineDurations
 from ctk.predict.modelfile import default_model_path, load_model, load_ttl_tables
+from ctk.predict.online import OnlineDurations
 
 
 def test_default_model_ships_small_and_holds_sample_tables():

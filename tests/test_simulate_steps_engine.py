@@ -10,7 +10,7 @@ pytestmark = pytest.mark.engine
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    from ctk.engine_patch.server import free_port, launch_server, stop_server, wait_ready
+    from ctk.engine_patch.serve.server import free_port, launch_server, stop_server, wait_ready
     from ctk.measure.presets import bench_config
 
     cfg = bench_config()

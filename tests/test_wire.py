@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from ctk.collect.proxy import program_from_request
 from ctk.datasets.scripted_server import Script, create_app
 from ctk.datasets.traj_json import read_trajectory
-from ctk.engine_patch.hints import parse_hints
+from ctk.policy.hints import parse_hints
 from ctk.wire import (
     MAX_COMMAND_CHARS,
     MAX_ID_CHARS,
@@ -101,9 +101,9 @@ def test_trajectory_import_uses_the_same_rules(tmp_path: Path) -> None:
 
 
 def test_the_engine_recorder_keeps_as_much_of_a_command_as_the_collectors(tmp_path: Path) -> None:
-    from ctk.engine_patch.detect import ToolCall
-    from ctk.engine_patch.events import ToolObservation
     from ctk.engine_patch.recorder import TraceRecorder
+    from ctk.policy.detect import ToolCall
+    from ctk.policy.events import ToolObservation
     from ctk.store import TraceStore
 
     long = "python -c " + "x" * 3000
@@ -118,7 +118,7 @@ def test_the_engine_recorder_keeps_as_much_of_a_command_as_the_collectors(tmp_pa
 
 def test_turn_metadata_round_trips_through_the_engine_parser():
     """What clients send (collectors, replay, the simulator's programs) is what the engine reads back."""
-    from ctk.engine_patch.hints import parse_hints
+    from ctk.policy.hints import parse_hints
     from ctk.wire import program_identity, session_body, session_headers, turn_xargs
 
     xargs = turn_xargs("prog/1", 3, True, "pytest -q", 1.5)

@@ -1,1 +1,1 @@
-"""Serve: the pin/TTL/ordering policy (plain Python) and its thin vLLM 0.32 scheduler adapter."""
+"""The vLLM 0.32 adapter: the door to its internals, the scheduler mixin, plugin, request filter, metrics."""

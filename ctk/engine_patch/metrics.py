@@ -1,7 +1,7 @@
-"""Prometheus metrics of the pin policy, as an :class:`~ctk.engine_patch.events.EventSink`.
+"""Prometheus metrics of the pin policy, as an :class:`~ctk.policy.events.EventSink`.
 
 The scheduler runs in vLLM's engine-core process while ``/metrics`` is served by the API-server process.
-``ctk serve`` (:mod:`ctk.engine_patch.server`) sets ``PROMETHEUS_MULTIPROC_DIR`` before vLLM starts, so
+``ctk serve`` (:mod:`ctk.engine_patch.serve.server`) sets ``PROMETHEUS_MULTIPROC_DIR`` before vLLM starts, so
 prometheus_client writes these metrics to per-process files and vLLM's ``/metrics`` (which uses a
 ``MultiProcessCollector`` whenever that variable is set) reports them. In a single process (``vllm.LLM``)
 they land in the default registry.
@@ -14,7 +14,7 @@ Metrics: ``ctk:pins_created_total``, ``ctk:pin_hits_total``, ``ctk:pin_expiratio
 
 from __future__ import annotations
 
-from ctk.engine_patch.events import Pin, Release, ToolObservation
+from ctk.policy.events import Pin, Release, ToolObservation
 
 BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600)
 _METRICS: dict | None = None

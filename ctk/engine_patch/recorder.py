@@ -1,6 +1,6 @@
 """``--record traces.duckdb``: serving writes the tool durations it observes into a trace store.
 
-An :class:`~ctk.engine_patch.events.EventSink` whose ``tool_observed`` only puts the observation on a
+An :class:`~ctk.policy.events.EventSink` whose ``tool_observed`` only puts the observation on a
 bounded queue; a daemon thread owns the :class:`~ctk.store.TraceStore` and writes one committed row per
 observation (``source = "serve"``, ``provenance = "serve:finish_to_next_arrival"``), so the scheduler loop
 never waits on DuckDB and a crash loses at most the queued rows. When the queue is full, observations are
@@ -15,7 +15,7 @@ import queue
 import threading
 from pathlib import Path
 
-from ctk.engine_patch.events import NullSink, ToolObservation
+from ctk.policy.events import NullSink, ToolObservation
 from ctk.wire import clip_command
 
 logger = logging.getLogger("ctk.engine_patch")

@@ -13,7 +13,7 @@ import json
 import logging
 from typing import Any
 
-from ctk.engine_patch.hints import sanitize_xargs
+from ctk.policy.hints import sanitize_xargs
 from ctk.wire import MAX_ID_CHARS
 
 logger = logging.getLogger("ctk.engine_patch")

@@ -4,7 +4,7 @@ through a :class:`~ctk.engine_patch.vllm_door.VllmDoor` (the only place touching
 Load it with ``--scheduler-cls ctk.engine_patch.scheduler.CTKScheduler`` (``ctk serve`` does), or through
 the ``vllm.general_plugins`` entry point with ``CTK_POLICY`` set (:mod:`ctk.engine_patch.plugin`). Settings
 come from ``CTK_*`` environment variables and ``additional_config["ctk"]``
-(:class:`~ctk.engine_patch.config.ServeConfig`).
+(:class:`~ctk.policy.config.ServeConfig`).
 
 =========================  ===========================================================================
 vLLM hook                  driver call
@@ -28,9 +28,6 @@ import dataclasses
 import logging
 import time
 
-from ctk.engine_patch.config import ServeConfig
-from ctk.engine_patch.driver import PolicyDriver
-from ctk.engine_patch.events import FanoutSink, ReleaseReason
 from ctk.engine_patch.vllm_door import (  # noqa: F401 (re-exported for callers of the old module)
     SUPPORTED_VLLM,
     VllmContractError,
@@ -39,6 +36,9 @@ from ctk.engine_patch.vllm_door import (  # noqa: F401 (re-exported for callers 
     find_engine_core,
     require_vllm_contract,
 )
+from ctk.policy.config import ServeConfig
+from ctk.policy.driver import PolicyDriver
+from ctk.policy.events import FanoutSink, ReleaseReason
 
 logger = logging.getLogger("ctk.engine_patch")
 _now = time.monotonic  # read once per hook (a module global: one lookup on the hot path)
@@ -74,8 +74,8 @@ class CTKSchedulerMixin:
 
     def _ctk_configure(self, cfg: ServeConfig) -> None:
         from ctk.engine_patch.metrics import PrometheusSink
-        from ctk.engine_patch.policies import make_rule
-        from ctk.engine_patch.policy import PolicyCore
+        from ctk.policy.core import PolicyCore
+        from ctk.policy.policies import make_rule
 
         cfg.validate()
         tables = None

@@ -1,4 +1,4 @@
-"""The one door to vLLM 0.32.0 internals: :class:`VllmDoor`, the :class:`~ctk.engine_patch.driver.EngineView`
+"""The one door to vLLM 0.32.0 internals: :class:`VllmDoor`, the :class:`~ctk.policy.driver.EngineView`
 of a vLLM ``Scheduler`` / ``AsyncScheduler``.
 
 Every name of vLLM's that ctk relies on and that vLLM does not promise to keep (private methods, instance
@@ -47,9 +47,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ctk.engine_patch.driver import RequestEnd, head_demand
-from ctk.engine_patch.hints import RequestHints, parse_hints
 from ctk.errors import CtkError
+from ctk.policy.driver import RequestEnd, head_demand
+from ctk.policy.hints import RequestHints, parse_hints
 
 logger = logging.getLogger("ctk.engine_patch")
 
@@ -322,7 +322,7 @@ class _WakeTimer:
 
 
 class VllmDoor:
-    """:class:`~ctk.engine_patch.driver.EngineView` of a vLLM scheduler, plus the few conversions the mixin
+    """:class:`~ctk.policy.driver.EngineView` of a vLLM scheduler, plus the few conversions the mixin
     needs (hints of a request, admissions of a step, how a request ended). See the module doc."""
 
     def __init__(self, scheduler, engine_core=None):

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
-from ctk.engine_patch.policies import POLICY_NAMES, Policy
 from ctk.errors import CtkError
 from ctk.measure import server_metrics
 from ctk.measure.replay import ReplayConfig, run_replay
@@ -38,6 +37,7 @@ from ctk.measure.rounds import (
     round_figures,
 )
 from ctk.measure.workload import ProgramSpec, WorkloadConfig, load_programs
+from ctk.policy.policies import POLICY_NAMES, Policy
 from ctk.store import TraceStore
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ class Arm:
     def parse(cls, name: str) -> Arm:
         """``ttl``, ``oracle/fcfs`` (policy / ordering) or ``ttl@age_factor=0.75,max_pin_share=1`` (serve
         settings, checked by ``ServeConfig``); raises CompareError naming the choices."""
-        from ctk.engine_patch.config import ConfigError, ServeConfig
+        from ctk.policy.config import ConfigError, ServeConfig
 
         head, _, extra = name.partition("@")
         policy, _, ordering = head.partition("/")
@@ -137,7 +137,7 @@ class Arm:
         """Stock vLLM with program ordering still needs ctk's scheduler class (``ctk serve`` adds it only
         for pin policies)."""
         if self.policy == Policy.VLLM and self.program_fcfs:
-            from ctk.engine_patch.server import SCHEDULER_CLS
+            from ctk.engine_patch.serve.server import SCHEDULER_CLS
 
             return ["--scheduler-cls", SCHEDULER_CLS]
         return []
@@ -219,7 +219,7 @@ def default_launcher(
     settings: Mapping[str, Any] | None = None,
 ) -> subprocess.Popen:
     """``ctk serve``'s launcher (the serve part's ``launch_server``); ``settings`` are ServeConfig fields."""
-    from ctk.engine_patch.server import launch_server
+    from ctk.engine_patch.serve.server import launch_server
 
     return launch_server(
         model_path,
@@ -497,7 +497,7 @@ def serving(
     suffix: str = "",
 ) -> Iterator[str]:
     """A warmed-up server for ``arm`` (log in ``server-<arm><suffix>.log``); yields its URL, then stops it."""
-    from ctk.engine_patch.server import ServerError, free_port, stop_server, wait_ready
+    from ctk.engine_patch.serve.server import ServerError, free_port, stop_server, wait_ready
 
     port = cfg.port or free_port()
     base_url = f"http://127.0.0.1:{port}"

@@ -34,7 +34,7 @@ def import_sample(out_dir: Path) -> Path:
 
 
 def tiny_model(out_dir: Path) -> Path:
-    from ctk.engine_patch.tiny_model import build_tiny_model
+    from ctk.engine_patch.serve.tiny_model import build_tiny_model
 
     path = out_dir / "tiny-model"
     if not (path / "config.json").exists():

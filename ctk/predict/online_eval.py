@@ -2,7 +2,7 @@
 
 Calls are replayed in start-time order. Each call is predicted from the model's TTL tables plus only the
 calls that had finished before it started (a call finishes at ``start + duration``), fed in finishing order
-to :class:`ctk.engine_patch.online.OnlineDurations`, the class the engine itself runs. The prediction of a
+to :class:`ctk.predict.online.OnlineDurations`, the class the engine itself runs. The prediction of a
 call is what the engine would have read then: the quantiles of the table row its key chain picks and that
 row's TTL. ``ctk predict --online`` writes these rows; ``ctk evaluate --online`` scores them beside the
 model's offline prediction.
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ctk.engine_patch.online import OnlineDurations
 from ctk.predict.dataset import DataError
 from ctk.predict.modelfile import ModelFile
+from ctk.predict.online import OnlineDurations
 from ctk.predict.tables import TTLDecision, TTLTables
 
 #: Calls before this many are left out of the "converged" coverage figure.

@@ -77,9 +77,9 @@ def simulate(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Simulate vLLM 0.32 engines running ctk's own policy code on recorded agent programs."""
-    from ctk.engine_patch.policies import POLICY_NAMES
     from ctk.measure.compare import Arm, CompareError, split_arms
     from ctk.measure.workload import WorkloadError, load_programs
+    from ctk.policy.policies import POLICY_NAMES
     from ctk.simulate.fleet import ROUTINGS
     from ctk.simulate.profiles import ProfileError, load_profile
     from ctk.simulate.run import SimConfig

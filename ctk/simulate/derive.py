@@ -172,8 +172,8 @@ def measure_cpu(work_dir: Path) -> dict:
     import time
     from dataclasses import asdict
 
-    from ctk.engine_patch.server import free_port, launch_server, stop_server, wait_ready
-    from ctk.engine_patch.tiny_model import build_tiny_model
+    from ctk.engine_patch.serve.server import free_port, launch_server, stop_server, wait_ready
+    from ctk.engine_patch.serve.tiny_model import build_tiny_model
     from ctk.measure import server_metrics
     from ctk.measure.compare import profile_prefill, warm_up
     from ctk.measure.presets import bench_config
@@ -267,7 +267,7 @@ def cpu_profile(measure: dict, max_model_len: int = 6144) -> dict:
         "sources": {
             "measurement": (
                 "one run of `ctk serve` (vLLM 0.32.0 CPU, policy vllm) on the tiny model "
-                f"(ctk.engine_patch.tiny_model) with {' '.join(measure['server_args'])}, on this "
+                f"(ctk.engine_patch.serve.tiny_model) with {' '.join(measure['server_args'])}, on this "
                 "2-core machine (noisy), unix time " + (f"{when:.0f}" if when else "?")
             ),
             "kv_blocks": "the server's num_gpu_blocks minus vLLM's null block; block_size: the server's",

@@ -176,7 +176,7 @@ class SimEngine:
     def waiting_demand(self) -> tuple[int, int]:
         """(requests, uncomputed tokens) of the waiting requests the engine would admit next if memory
         allowed: the head of the queue, one per free run slot (as ``VllmDoor.waiting_demand``)."""
-        from ctk.engine_patch.driver import head_demand
+        from ctk.policy.driver import head_demand
 
         uncomputed = (r.num_tokens - r.num_computed for r in self.waiting)
         return head_demand(uncomputed, self.cfg.max_num_seqs - len(self.running))
@@ -402,7 +402,7 @@ class SimEngine:
         return finished
 
     def _finish(self, r: SimRequest, now: float) -> None:
-        from ctk.engine_patch.driver import RequestEnd
+        from ctk.policy.driver import RequestEnd
 
         end = RequestEnd(True, r.prompt_tokens, r.num_tokens, r.num_output)
         if not self.driver.request_finished(r.request_id, end, now):  # True: the driver holds its blocks

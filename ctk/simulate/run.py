@@ -71,10 +71,10 @@ def comparison_sim_config(cfg, profile: HardwareProfile, timing: ClientTiming | 
 
 def attach_policy(engine: SimEngine, policy: str, serve: dict[str, Any], tables, cost) -> Any:
     """Give ``engine`` the policy exactly as ``ctk serve`` builds it: rule, core, driver."""
-    from ctk.engine_patch.config import ServeConfig
-    from ctk.engine_patch.driver import PolicyDriver
-    from ctk.engine_patch.policies import make_rule
-    from ctk.engine_patch.policy import PolicyCore
+    from ctk.policy.config import ServeConfig
+    from ctk.policy.core import PolicyCore
+    from ctk.policy.driver import PolicyDriver
+    from ctk.policy.policies import make_rule
 
     cfg = ServeConfig.from_mapping({**serve, "policy": policy})
     rule = make_rule(cfg.policy, cfg, tables, cost)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ctk.engine_patch.hints import parse_hints
 from ctk.measure.workload import ProgramSpec, replay_xargs
+from ctk.policy.hints import parse_hints
 from ctk.simulate.engine import SimRequest
 
 

@@ -1,6 +1,6 @@
 """The one registry of serve policies: config, ``ctk serve``, measure, simulate and bench import it.
 
-``make_rule(policy, config, tables, cost)`` builds the policy's :class:`~ctk.engine_patch.rules.PinRule`;
+``make_rule(policy, config, tables, cost)`` builds the policy's :class:`~ctk.policy.rules.PinRule`;
 ``ttl`` and ``oracle`` get the same tables / cost profile, so they differ only in what they know.
 """
 
@@ -10,8 +10,8 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ctk.engine_patch.config import ServeConfig
-    from ctk.engine_patch.rules import PinRule
+    from ctk.policy.config import ServeConfig
+    from ctk.policy.rules import PinRule
     from ctk.predict.cost import CostModel
     from ctk.predict.tables import TTLTables
 
@@ -34,7 +34,7 @@ def make_rule(
     cost: CostModel | None = None,
 ) -> PinRule:
     """The pin rule of ``policy``; ``cost`` defaults to the tables' profile (else the default profile)."""
-    from ctk.engine_patch import rules
+    from ctk.policy import rules
     from ctk.predict.cost import CostModel
 
     policy = Policy(policy)

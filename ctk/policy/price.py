@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 
-from ctk.engine_patch.events import EngineState
+from ctk.policy.events import EngineState
 
 
 class MemoryPrice:

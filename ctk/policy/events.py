@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
-from ctk.engine_patch.detect import ToolCall
-from ctk.engine_patch.hints import RequestHints
+from ctk.policy.detect import ToolCall
+from ctk.policy.hints import RequestHints
 
 if TYPE_CHECKING:
     from ctk.predict.cost import CDF

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ctk.engine_patch.config import ENV, ConfigError, ServeConfig
-from ctk.engine_patch.policies import Policy
+from ctk.policy.config import ENV, ConfigError, ServeConfig
+from ctk.policy.policies import Policy
 
 
 @pytest.mark.parametrize(

@@ -71,7 +71,7 @@ def test_cli_sizes_and_bad_sizes(tmp_path):
 
 
 def test_unknown_size_argument_is_an_error(tmp_path):
-    from ctk.engine_patch.tiny_model import build_tiny_model
+    from ctk.engine_patch.serve.tiny_model import build_tiny_model
 
     with pytest.raises(TypeError, match="hiddden"):
         build_tiny_model(tmp_path, hiddden=3)

@@ -15,10 +15,10 @@ from typing import Annotated, Any, Literal
 
 from annotated_types import Ge, Gt, Le
 
-from ctk.engine_patch.policies import POLICY_NAMES, Policy
 from ctk.errors import CtkError
+from ctk.policy.policies import POLICY_NAMES, Policy
 
-POLICIES = POLICY_NAMES  # the registry lives in ctk.engine_patch.policies
+POLICIES = POLICY_NAMES  # the registry lives in ctk.policy.policies
 DETECTORS = ("bash", "tool_call", "openai")
 
 # Value ranges, checked by pydantic in :meth:`ServeConfig.validate` (no nan, no infinity).

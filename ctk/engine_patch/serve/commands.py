@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from ctk.engine_patch.config import ServeConfig
-from ctk.engine_patch.policies import POLICY_NAMES
+from ctk.policy.config import ServeConfig
+from ctk.policy.policies import POLICY_NAMES
 
 _DEFAULTS = ServeConfig()  # the CLI's defaults are the engine's (one source)
 
@@ -28,7 +28,7 @@ def tiny_model(
     seed: Annotated[int, typer.Option(help="weight initialisation seed")] = 0,
 ) -> None:
     """Build a tiny random-weight Llama + local tokenizer + tool-call chat template (no download)."""
-    from ctk.engine_patch.tiny_model import build_tiny_model
+    from ctk.engine_patch.serve.tiny_model import build_tiny_model
 
     path.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made fails before the notice
     typer.echo(f"building a tiny random-weight model in {path} (tokenizer, weights; ~10-20 s) ...", err=True)
@@ -98,8 +98,8 @@ def serve(
     import os
     import sys
 
-    from ctk.engine_patch.config import ConfigError
-    from ctk.engine_patch.server import check_model_file, check_model_path, server_env
+    from ctk.engine_patch.serve.server import check_model_file, check_model_path, server_env
+    from ctk.policy.config import ConfigError
     from ctk.predict.modelfile import ModelFileError
 
     args = list(ctx.args)
@@ -138,9 +138,9 @@ def serve(
         raise typer.Exit(2) from None
     if replicas > 1:
         raise typer.Exit(_serve_fleet(model, replicas, routing, cfg, other_args))
-    from ctk.engine_patch.server import vllm_args
+    from ctk.engine_patch.serve.server import vllm_args
 
-    argv = [sys.executable, "-m", "ctk.engine_patch.server", *vllm_args(None, None, cfg, args)]
+    argv = [sys.executable, "-m", "ctk.engine_patch.serve.server", *vllm_args(None, None, cfg, args)]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, argv, server_env(cfg))
@@ -158,9 +158,9 @@ def _split_model(args: list[str]) -> tuple[str, list[str]]:
 
 def _serve_fleet(model: str, replicas: int, routing: str, cfg, vllm_args: list[str]) -> int:
     """``ctk serve --replicas N``: run the fleet in the foreground until Ctrl-C; returns the exit code."""
-    from ctk.engine_patch.config import ConfigError
-    from ctk.engine_patch.fleet import Fleet, router_executable, routing_by_name
-    from ctk.engine_patch.server import ServerError
+    from ctk.engine_patch.serve.fleet import Fleet, router_executable, routing_by_name
+    from ctk.engine_patch.serve.server import ServerError
+    from ctk.policy.config import ConfigError
 
     try:
         router_executable()

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from ctk.engine_patch.config import ConfigError, ServeConfig
-from ctk.engine_patch.server import ServerError, free_port, launch_server, stop_server, wait_ready
+from ctk.engine_patch.serve.server import ServerError, free_port, launch_server, stop_server, wait_ready
+from ctk.policy.config import ConfigError, ServeConfig
 
 #: vLLM flags that belong to the router in a fleet (replicas always bind to 127.0.0.1 on free ports).
 ROUTER_FLAGS = ("--host", "--port")

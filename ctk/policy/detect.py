@@ -19,7 +19,7 @@ import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from ctk.engine_patch.config import DETECTORS
+from ctk.policy.config import DETECTORS
 
 #: Only the last characters of an output are parsed (a tool call ends the turn).
 MAX_PARSE_CHARS = 20_000

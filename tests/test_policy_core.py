@@ -7,13 +7,13 @@ import random
 
 import pytest
 
-from ctk.engine_patch.config import ConfigError, ServeConfig
-from ctk.engine_patch.detect import detect_tool_call
-from ctk.engine_patch.events import EngineState, Finished
-from ctk.engine_patch.hints import RequestHints, parse_hints
-from ctk.engine_patch.online import OnlineDurations, blend_quantiles
-from ctk.engine_patch.policies import Policy, make_rule
-from ctk.engine_patch.policy import PolicyCore
+from ctk.policy.config import ConfigError, ServeConfig
+from ctk.policy.core import PolicyCore
+from ctk.policy.detect import detect_tool_call
+from ctk.policy.events import EngineState, Finished
+from ctk.policy.hints import RequestHints, parse_hints
+from ctk.policy.policies import Policy, make_rule
+from ctk.predict.online import OnlineDurations, blend_quantiles
 from ctk.predict.tables import TTLTables
 
 LEVELS = [0.1, 0.5, 0.9]

@@ -1,8 +1,8 @@
 """The policy core: bookkeeping of programs, pending requests and pins; every decision is the rule's.
 
 Plain Python, no vLLM import and no clock: every method takes the time (the caller's monotonic seconds, or a
-simulator's virtual clock). A :class:`~ctk.engine_patch.driver.PolicyDriver` calls it from the engine's hooks
-and applies the :class:`~ctk.engine_patch.events.Release` list each method returns (free those blocks).
+simulator's virtual clock). A :class:`~ctk.policy.driver.PolicyDriver` calls it from the engine's hooks
+and applies the :class:`~ctk.policy.events.Release` list each method returns (free those blocks).
 
 - :meth:`PolicyCore.arrived` — a request entered the engine. Registers its program; if the program's previous
   turn ended in a tool call, the tool's duration (finish -> this arrival) is observed (the rule learns, the
@@ -30,9 +30,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from ctk.engine_patch.config import ServeConfig
-from ctk.engine_patch.detect import ToolCall, detect_tool_call
-from ctk.engine_patch.events import (
+from ctk.policy.config import ServeConfig
+from ctk.policy.detect import ToolCall, detect_tool_call
+from ctk.policy.events import (
     EngineState,
     EventSink,
     Finished,
@@ -44,10 +44,10 @@ from ctk.engine_patch.events import (
     ReleaseReason,
     ToolObservation,
 )
-from ctk.engine_patch.hints import RequestHints
-from ctk.engine_patch.ordering import ProgramOrder
-from ctk.engine_patch.price import MemoryPrice
-from ctk.engine_patch.rules import PinRule
+from ctk.policy.hints import RequestHints
+from ctk.policy.ordering import ProgramOrder
+from ctk.policy.price import MemoryPrice
+from ctk.policy.rules import PinRule
 from ctk.predict.features import command_keys
 
 

@@ -46,7 +46,7 @@ def _repo_env() -> dict[str, str]:
 
 
 def test_cores_memory_devices_and_record_stores_per_replica():
-    from ctk.engine_patch.fleet import (
+    from ctk.engine_patch.serve.fleet import (
         core_shares,
         replica_args,
         replica_envs,
@@ -75,8 +75,8 @@ def test_cores_memory_devices_and_record_stores_per_replica():
 
 
 def test_routings_name_the_router_policies():
-    from ctk.engine_patch.config import ConfigError
-    from ctk.engine_patch.fleet import ROUTINGS, routing_by_name
+    from ctk.engine_patch.serve.fleet import ROUTINGS, routing_by_name
+    from ctk.policy.config import ConfigError
 
     ch = routing_by_name("consistent-hash").router_args()
     assert ch[:2] == ["--policy", "consistent_hash"]
@@ -107,7 +107,7 @@ def test_serve_a_missing_model_is_one_line_and_exit_2(ctk_bin, model, replicas):
 @pytest.fixture(scope="module")
 def fleet(tiny_model_dir, ttl_model_file):
     pytest.importorskip("vllm_router")
-    from ctk.engine_patch.server import free_port
+    from ctk.engine_patch.serve.server import free_port
 
     port = free_port()
     cmd = [
@@ -216,7 +216,7 @@ def _two_turn_programs(base: str, tag: str) -> dict[str, float]:
 
 @pytest.mark.engine
 def test_consistent_hash_keeps_every_next_turn_on_its_pin_round_robin_does_not(fleet):
-    from ctk.engine_patch.fleet import RoundRobin, Router
+    from ctk.engine_patch.serve.fleet import RoundRobin, Router
 
     for base, _ in fleet["replicas"]:  # one model name on both replicas and the router
         assert _model(base) == _model(fleet["url"])

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ctk.engine_patch.server import free_port
+from ctk.engine_patch.serve.server import free_port
 from ctk.measure.compare import CompareError, profile_prefill, train_ttl_model
 from ctk.predict.modelfile import ModelFile
 from ctk.predict.train import TrainConfig

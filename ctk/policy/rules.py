@@ -3,9 +3,9 @@
 A rule decides at a turn's finish whether and how long to pin (:meth:`PinRule.decide`, given the live memory
 price), learns from a program's return (:meth:`PinRule.observe`), re-judges a held pin when the price moved
 (:meth:`PinRule.keep`), and orders the valve (:meth:`PinRule.victim_value`, lowest goes first). Every policy
-difference is a class attribute or method here; :class:`~ctk.engine_patch.policy.PolicyCore` only keeps books.
+difference is a class attribute or method here; :class:`~ctk.policy.core.PolicyCore` only keeps books.
 
-Units: price in JCT-seconds per token-second (:mod:`ctk.engine_patch.price`), benefit ``B`` in JCT-seconds,
+Units: price in JCT-seconds per token-second (:mod:`ctk.policy.price`), benefit ``B`` in JCT-seconds,
 memory in tokens. Rules that carry a return-time distribution (``PinDecision.cdf``) share one valve order:
 expected benefit per token-second still to hold, ``(F(x) − F(e))·B / (N·(H(x) − H(e)))``
 (:meth:`ctk.predict.cost.CDF.value`): with true durations the program returning last goes first (Belady),
@@ -18,14 +18,14 @@ import math
 from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
-from ctk.engine_patch.detect import ToolCall
-from ctk.engine_patch.events import NO_PIN, EngineState, Pin, PinCall, PinDecision, ToolObservation
-from ctk.engine_patch.policies import Policy
+from ctk.policy.detect import ToolCall
+from ctk.policy.events import NO_PIN, EngineState, Pin, PinCall, PinDecision, ToolObservation
+from ctk.policy.policies import Policy
 from ctk.predict.cost import CDF, CostModel
 
 if TYPE_CHECKING:
-    from ctk.engine_patch.config import ServeConfig
-    from ctk.engine_patch.online import OnlineDurations
+    from ctk.policy.config import ServeConfig
+    from ctk.predict.online import OnlineDurations
     from ctk.predict.tables import TTLTables
 
 
@@ -406,7 +406,7 @@ def online_for(config: ServeConfig, tables: TTLTables | None) -> OnlineDurations
     """The online adapter of the ``ttl`` rule (None when disabled or without tables)."""
     if not config.online or tables is None:
         return None
-    from ctk.engine_patch.online import OnlineDurations
+    from ctk.predict.online import OnlineDurations
 
     return OnlineDurations(
         tables, config.online_min_samples, config.online_prior_weight, config.online_window

@@ -17,7 +17,7 @@ WORDS = ["alpha", "beta", "gamma", "delta", "repo", "test", "python", "file", "e
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, ttl_model_file, tmp_path_factory):
-    from ctk.engine_patch.server import free_port, launch_server, stop_server, wait_ready
+    from ctk.engine_patch.serve.server import free_port, launch_server, stop_server, wait_ready
 
     record = tmp_path_factory.mktemp("served") / "traces.duckdb"
     port = free_port()
@@ -130,7 +130,7 @@ def test_garbage_metadata_is_ignored(served):
 
 def test_recorded_tool_durations_land_in_the_trace_store(served):
     """Runs last: stops the server (the engine process owns the DuckDB file while it runs)."""
-    from ctk.engine_patch.server import stop_server
+    from ctk.engine_patch.serve.server import stop_server
     from ctk.store import TraceStore
 
     assert stop_server(served["proc"]) is not None

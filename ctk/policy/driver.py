@@ -30,8 +30,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from ctk.engine_patch.events import EngineState, Finished, Release
-from ctk.engine_patch.hints import RequestHints
+from ctk.policy.events import EngineState, Finished, Release
+from ctk.policy.hints import RequestHints
 
 #: Below this share of free KV blocks, the running list is ordered so that the engine's preemption victim
 #: (the last running request) is the one the core chooses (the youngest program not on its last turn).
