@@ -11,7 +11,7 @@ pytestmark = pytest.mark.engine
 
 @pytest.fixture
 def fresh_server(tiny_model_dir, ttl_model_file):
-    from ctk.engine_patch.server import free_port, launch_server, stop_server, wait_ready
+    from ctk.engine_patch.serve.server import free_port, launch_server, stop_server, wait_ready
 
     port = free_port()
     proc = launch_server(

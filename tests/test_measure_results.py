@@ -71,7 +71,7 @@ def test_ratios_oracle_gain_and_targets():
     assert f["continuum"]["p99_ttft_x_vs_vllm"] == pytest.approx(0.5)
     assert f["ttl"]["oracle_gain_captured"] == pytest.approx((20 - 12) / (20 - 10))
     t = comp.targets()
-    assert t["ttl_mean_jct_x_vs_vllm >= 1.30"]["met"] is True
+    assert t["ttl_mean_jct_x_vs_vllm >= 1.15"]["met"] is True
     assert t["ttl_oracle_gain_captured >= 0.80"]["met"] is True
     table = format_table(comp)
     assert table.splitlines()[0] == "medians over 1 round (one round: no spread)"
@@ -83,7 +83,7 @@ def test_ratios_oracle_gain_and_targets():
         {"vllm": _result("vllm", [20.0], 0.2), "ttl": _result("ttl", [19.0], 0.3)}, config={}
     )
     t = slow.targets()
-    assert t["ttl_mean_jct_x_vs_vllm >= 1.30"]["met"] is False
+    assert t["ttl_mean_jct_x_vs_vllm >= 1.15"]["met"] is False
     assert t["ttl_p99_ttft_x_vs_vllm >= 1.00"]["met"] is False
     assert t["ttl_oracle_gain_captured >= 0.80"]["value"] is None  # no oracle run
     tiny = Comparison.single(

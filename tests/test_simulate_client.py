@@ -12,7 +12,7 @@ from ctk.simulate.client_timing import client_timing, load_client_timing
 from ctk.simulate.profiles import load_profile
 from ctk.simulate.run import SimConfig, simulate
 from ctk.simulate.workload import Arrivals
-from tests.test_simulate import flat_profile
+from tests.test_simulate_engine import flat_profile
 from tests.test_simulate_policy import programs
 
 

@@ -59,7 +59,7 @@ BOTH_ORDERS_ARMS = (
     "continuum",
     "progress-ttl",
     "ttl",
-    "ttl@age_bound=false",
+    "ttl@age_bound=true",
     "oracle",
     BOUNDED_ORACLE,
 )
