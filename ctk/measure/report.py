@@ -310,6 +310,10 @@ def _table_html(figs: dict) -> str:
         ("mean JCT s", "mean_jct_s"),
         ("p50 JCT s", "p50_jct_s"),
         ("p99 JCT s", "p99_jct_s"),
+        ("p50 admission wait s", "p50_admission_wait_s"),
+        ("p99 admission wait s", "p99_admission_wait_s"),
+        ("p99 resume TTFT s", "p99_resume_ttft_s"),
+        ("programs/hour", "programs_per_hour"),
         ("p99 TTFT s", "p99_ttft_s"),
         ("max TTFT s", "max_ttft_s"),
         ("hit rate", "hit_rate"),
@@ -317,6 +321,8 @@ def _table_html(figs: dict) -> str:
         ("preemptions", "preemptions"),
         ("mean JCT x vllm", "mean_jct_x_vs_vllm"),
         ("mean JCT x continuum", "mean_jct_x_vs_continuum"),
+        ("p99 JCT x vllm", "p99_jct_x_vs_vllm"),
+        ("p99 resume TTFT x vllm", "p99_resume_ttft_x_vs_vllm"),
         ("p99 TTFT x vllm", "p99_ttft_x_vs_vllm"),
     ]
     head = "".join(f"<th>{html.escape(c)}</th>" for c, _ in cols)
@@ -340,7 +346,8 @@ def _simulate_html(sim: dict, out: Path, i: int) -> list[str]:
     if png is not None:
         parts.append(
             f"<figure><img src='{html.escape(png.name)}' alt='JCT vs arrival rate'><figcaption>Mean JCT and "
-            "p99 TTFT per policy against the program arrival rate (simulated engines running ctk's policy "
+            "p99 resume TTFT (a turn after a tool call) per policy against the program arrival rate "
+            "(simulated engines running ctk's policy "
             "code).</figcaption></figure>"
         )
     for rate, per in sim.get("rates", {}).items():

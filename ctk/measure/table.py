@@ -14,6 +14,9 @@ TABLE_COLUMNS = (
     ("mean JCT s", "mean_jct_s", "{:.2f}"),
     ("p50 JCT s", "p50_jct_s", "{:.2f}"),
     ("p99 JCT s", "p99_jct_s", "{:.2f}"),
+    ("p99 adm s", "p99_admission_wait_s", "{:.2f}"),
+    ("p99 resume s", "p99_resume_ttft_s", "{:.3f}"),
+    ("prog/h", "programs_per_hour", "{:.0f}"),
     ("p99 TTFT s", "p99_ttft_s", "{:.3f}"),
     ("max TTFT s", "max_ttft_s", "{:.3f}"),
     ("hit rate", "hit_rate", "{:.2f}"),
@@ -21,13 +24,14 @@ TABLE_COLUMNS = (
     ("preempt", "preemptions", "{:.0f}"),
     ("mean JCT x vllm", "mean_jct_x_vs_vllm", "{:.2f}"),
     ("p99 JCT x vllm", "p99_jct_x_vs_vllm", "{:.2f}"),
+    ("p99 resume x vllm", "p99_resume_ttft_x_vs_vllm", "{:.2f}"),
     ("p99 TTFT x vllm", "p99_ttft_x_vs_vllm", "{:.2f}"),
     ("mean JCT x cont.", "mean_jct_x_vs_continuum", "{:.2f}"),
     ("mean JCT x prog.", "mean_jct_x_vs_progress-ttl", "{:.2f}"),
     ("p99 TTFT x cont.", "p99_ttft_x_vs_continuum", "{:.2f}"),
 )
 #: Ratios listed with their spread under the table (baseline / arm).
-SPREAD_LINES = (("mean JCT", "mean_jct"), ("p99 TTFT", "p99_ttft"))
+SPREAD_LINES = (("mean JCT", "mean_jct"), ("p99 resume TTFT", "p99_resume_ttft"), ("p99 TTFT", "p99_ttft"))
 
 
 def format_table(comp: Comparison) -> str:

@@ -170,7 +170,7 @@ def format_tables(sweep: Sweep) -> str:
 
 
 def plot_jct_vs_rate(sweep: Sweep, out_dir: Path) -> Path | None:
-    """Mean JCT and p99 TTFT vs arrival rate per policy (Continuum's lead figure); None without two rates."""
+    """Mean JCT and p99 resume TTFT vs arrival rate per policy; None without two rates."""
     return plot_rates(sweep.to_json(), out_dir)
 
 
@@ -191,9 +191,13 @@ def plot_rates(data: dict[str, Any], out_dir: Path, name: str = "simulate-jct-vs
         pts = [(r, per_rate[r].get(policy) or {}) for r in rates]
         pts = [(r, s) for r, s in pts if s.get("mean_jct_s") is not None]
         ax1.plot([r for r, _ in pts], [s["mean_jct_s"] for _, s in pts], marker="o", label=policy)
-        ax2.plot([r for r, _ in pts], [s.get("p99_ttft_s") for _, s in pts], marker="o", label=policy)
+        ax2.plot([r for r, _ in pts], [s.get("p99_resume_ttft_s") for _, s in pts], marker="o", label=policy)
     ax1.set(xlabel="program arrival rate (programs/s)", ylabel="mean JCT (s)", title="job completion time")
-    ax2.set(xlabel="program arrival rate (programs/s)", ylabel="p99 TTFT (s)", title="time to first token")
+    ax2.set(
+        xlabel="program arrival rate (programs/s)",
+        ylabel="p99 resume TTFT (s)",
+        title="first token of a turn after a tool call",
+    )
     ax1.legend()
     cfg = data.get("config", {})
     where = f"{cfg.get('profile', '')}, {cfg.get('replicas', 1)} replica(s), {cfg.get('routing', '')}"
