@@ -24,6 +24,8 @@ MIN_ORACLE_GAIN = 0.05
 #: The oracle held to ttl's tail bound (an arm of ``--policies``): ttl's share of *its* gain separates what
 #: ttl loses to its predictions from what the bound costs every policy (strict program order has no bound).
 BOUNDED_ORACLE = "oracle@age_bound=true"
+#: ctk's pins under the same bound (``ctk serve --age-bound``; the default ``ttl`` is strict since issue 22).
+BOUNDED_TTL = "ttl@age_bound=true"
 #: The oracle may be this much slower than the best other arm and still count as the best (noise).
 ORACLE_SLACK = 0.03
 
@@ -58,9 +60,10 @@ def round_figures(summaries: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[
         # a share of a gain under MIN_ORACLE_GAIN of vllm's JCT is noise, not a figure
         if None not in (v, t, o) and v - o >= MIN_ORACLE_GAIN * v:
             out["ttl"]["oracle_gain_captured"] = (v - t) / (v - o)
-        ob = out.get(BOUNDED_ORACLE, {}).get("mean_jct_s")
+    if {"vllm", BOUNDED_TTL, BOUNDED_ORACLE} <= out.keys():  # the same comparison under the age bound
+        v, t, ob = (out[k].get("mean_jct_s") for k in ("vllm", BOUNDED_TTL, BOUNDED_ORACLE))
         if None not in (v, t, ob) and v - ob >= MIN_ORACLE_GAIN * v:
-            out["ttl"]["bounded_oracle_gain_captured"] = (v - t) / (v - ob)
+            out[BOUNDED_TTL]["bounded_oracle_gain_captured"] = (v - t) / (v - ob)
     if "oracle" in out:
         others = [s.get("mean_jct_s") for arm, s in out.items() if arm != "oracle"]
         others = [x for x in others if x is not None]
