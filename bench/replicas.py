@@ -113,8 +113,10 @@ def run_variant(name, routing, policy, programs, cfg, model_dir, ttl_model, out_
     from ctk.measure.compare import warm_up
     from ctk.measure.replay import run_replay
     from ctk.policy.config import ServeConfig
+    from ctk.policy.rules import RULES, Policy
 
-    serve = ServeConfig(policy=policy, ttl_model=str(ttl_model) if policy == "ttl" else None)
+    needs_model = RULES[Policy(policy)].needs_model_file
+    serve = ServeConfig(policy=policy, ttl_model=str(ttl_model) if needs_model else None)
     log_dir = out_dir / f"logs-{name}"
     fleet = Fleet(
         str(model_dir),

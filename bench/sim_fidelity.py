@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     with TraceStore(db, read_only=True) as store:
         programs = load_programs(store, cfg.workload)
     tables = None
-    if ttl_model and any(Arm.parse(name).policy == "ttl" for name in cfg.policies):  # arms carry settings
+    if ttl_model and any(Arm.parse(name).needs_model_file for name in cfg.policies):  # arms carry settings
         from ctk.predict.modelfile import load_ttl_tables
 
         tables = load_ttl_tables(str(ttl_model))

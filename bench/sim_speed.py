@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from policies import trace_store  # bench/policies.py: the shared traces as a store
 
     from ctk.measure.workload import load_programs
+    from ctk.policy.rules import RULES, Policy
     from ctk.simulate.profiles import load_profile
     from ctk.simulate.run import SimConfig, simulate
     from ctk.simulate.sweep import gpu_workload
@@ -64,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         tables = load_ttl_tables(str(args.ttl_model))
         policies.append("ttl")
     for policy in policies:
-        serve = {"ttl_model": str(args.ttl_model)} if policy == "ttl" else {}
+        needs_model = RULES[Policy(policy)].needs_model_file
+        serve = {"ttl_model": str(args.ttl_model)} if needs_model else {}
         cfg = SimConfig(arrivals=Arrivals(rate=args.rate, concurrency=None, rtt_s=prof.rtt_s), serve=serve)
         t0 = time.perf_counter()
-        res = simulate(programs, prof, policy, cfg, tables=tables if policy == "ttl" else None)
+        res = simulate(programs, prof, policy, cfg, tables=tables if needs_model else None)
         wall = time.perf_counter() - t0
         s = res.summary()
         figures[policy] = {

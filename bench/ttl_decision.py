@@ -31,8 +31,8 @@ from ctk.policy.config import ServeConfig
 from ctk.policy.detect import ToolCall
 from ctk.policy.events import EngineState, PinCall
 from ctk.policy.hints import RequestHints
-from ctk.policy.policies import make_rule
 from ctk.policy.price import MemoryPrice
+from ctk.policy.rules import make_rule
 from ctk.predict import features
 from ctk.predict.cost import CostModel
 from ctk.predict.dataset import prepare_frame

@@ -129,6 +129,9 @@ def test_plugin_entry_point_is_inert_unless_ctk_policy_is_set(monkeypatch):
     monkeypatch.delenv("CTK_POLICY", raising=False)
     eps[0].load()()
     assert SchedulerConfig.get_scheduler_cls is original
+    monkeypatch.setenv("CTK_POLICY", "vllm")  # stock vLLM's rule needs no ctk scheduler
+    eps[0].load()()
+    assert SchedulerConfig.get_scheduler_cls is original
     monkeypatch.setenv("CTK_POLICY", "ttl")
     monkeypatch.setattr(SchedulerConfig, "get_scheduler_cls", original)  # restored after the test
     eps[0].load()()

@@ -10,7 +10,7 @@ from ctk.measure.compare import FACTORIAL_ARMS, Arm, CompareConfig, CompareError
 from ctk.measure.presets import DEMO_POLICIES, demo_config, long_tail_config, preset
 from ctk.measure.rounds import check_targets, median_figures, rotated_orders, round_figures
 from ctk.measure.table import format_table
-from ctk.policy.policies import Policy
+from ctk.policy.rules import Policy
 from tests.test_measure_results import _result
 
 
@@ -120,7 +120,7 @@ def test_arms_name_a_policy_and_optionally_its_program_ordering():
     )
     assert Arm.parse("oracle/fcfs").tag == "oracle-fcfs"
     # the oracle is served with ttl's model file (cost profile); the other baselines need none
-    assert [p for p in Policy if Arm.parse(p.value).needs_model] == [Policy.TTL, Policy.ORACLE]
+    assert [p for p in Policy if Arm.parse(p.value).uses_model_file] == [Policy.TTL, Policy.ORACLE]
     # stock eviction with program ordering needs ctk's scheduler class; plain stock vLLM does not
     assert "--scheduler-cls" in Arm.parse("vllm/program-fcfs").server_args()
     assert Arm.parse("vllm").server_args() == [] and Arm.parse("vllm/fcfs").server_args() == []

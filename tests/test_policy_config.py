@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ctk.policy.config import ENV, ConfigError, ServeConfig
-from ctk.policy.policies import Policy
+from ctk.policy.rules import Policy
 
 
 @pytest.mark.parametrize(

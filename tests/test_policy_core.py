@@ -12,7 +12,7 @@ from ctk.policy.core import PolicyCore
 from ctk.policy.detect import detect_tool_call
 from ctk.policy.events import EngineState, Finished
 from ctk.policy.hints import RequestHints, parse_hints
-from ctk.policy.policies import Policy, make_rule
+from ctk.policy.rules import Policy, make_rule
 from ctk.predict.online import OnlineDurations, blend_quantiles
 from ctk.predict.tables import TTLTables
 

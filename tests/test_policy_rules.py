@@ -14,10 +14,13 @@ from ctk.policy.core import PolicyCore
 from ctk.policy.detect import ToolCall
 from ctk.policy.events import EngineState, Finished, Pin, PinCall, ReleaseReason, ToolObservation
 from ctk.policy.hints import parse_hints
-from ctk.policy.policies import POLICY_NAMES, Policy, make_rule
 from ctk.policy.rules import (
+    POLICY_NAMES,
+    RULES,
+    Policy,
     ProgressTTLRule,
     lognormal_fit,
+    make_rule,
     progress_ttl,
     progress_ttl_candidates,
     progress_ttl_objective,
@@ -71,6 +74,23 @@ def test_policy_registry_is_the_config_vocabulary():
     for name in POLICY_NAMES:
         cfg = ServeConfig(policy=name, ttl_model="x.pkl").validate()
         assert make_rule(name, cfg, priced_tables()).policy == name
+
+
+def test_each_rule_class_declares_what_the_rest_of_ctk_asks_of_its_policy():
+    assert list(RULES) == list(Policy) and all(cls.policy is p for p, cls in RULES.items())
+
+    def having(flag: str) -> set[str]:
+        return {p.value for p, cls in RULES.items() if getattr(cls, flag)}
+
+    assert having("needs_model_file") == {"ttl"}
+    assert having("uses_model_file") == {"ttl", "oracle"}  # the oracle reads the file's cost profile
+    assert having("needs_ctk_scheduler") == set(POLICY_NAMES) - {"vllm"}
+    for policy, cls in RULES.items():  # the settings refuse to run a rule without the file it needs
+        if cls.needs_model_file:
+            with pytest.raises(ConfigError, match=f"policy '{policy}' needs a TTL model file"):
+                ServeConfig(policy=policy).validate()
+        else:
+            assert ServeConfig(policy=policy).validate().policy is policy
 
 
 def test_every_release_reason_is_emitted_and_every_emitted_one_listed():

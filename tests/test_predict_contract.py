@@ -59,7 +59,7 @@ LEVELS = [0.1, 0.5, 0.9, 0.99]
     ],
 )
 def test_command_keys(command, tool, expected):
-    """The chain of a call (its kind level, ``(quick)`` / ``(program)``, tested in tests/test_datasets_shell.py)."""
+    """The chain of a call (its kind level, ``(quick)`` / ``(program)``: tests/test_datasets_shell.py)."""
     assert [k for k in command_keys(command, tool) if k not in (QUICK_KEY, PROGRAM_KEY)] == expected
 
 

@@ -27,7 +27,12 @@ def _ctk_scheduler_cls(async_scheduling: bool):
 def register() -> None:
     global _PATCHED
     policy = os.environ.get("CTK_POLICY", "").strip()
-    if not policy or policy == "vllm" or _PATCHED:
+    if not policy or _PATCHED:
+        return
+    from ctk.policy.rules import RULES
+
+    rule = RULES.get(policy)  # an unknown name is ctk's too: the scheduler reports it
+    if rule is not None and not rule.needs_ctk_scheduler:
         return
     from ctk.engine_patch.vllm_door import route_default_scheduler
 

@@ -75,7 +75,7 @@ class CTKSchedulerMixin:
     def _ctk_configure(self, cfg: ServeConfig) -> None:
         from ctk.engine_patch.metrics import PrometheusSink
         from ctk.policy.core import PolicyCore
-        from ctk.policy.policies import make_rule
+        from ctk.policy.rules import make_rule
 
         cfg.validate()
         tables = None

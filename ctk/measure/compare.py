@@ -37,7 +37,7 @@ from ctk.measure.rounds import (
     round_figures,
 )
 from ctk.measure.workload import ProgramSpec, WorkloadConfig, load_programs
-from ctk.policy.policies import POLICY_NAMES, Policy
+from ctk.policy.rules import POLICY_NAMES, RULES, Policy
 from ctk.store import TraceStore
 
 if TYPE_CHECKING:
@@ -45,9 +45,6 @@ if TYPE_CHECKING:
 
 #: The benchmark's policies, in table order.
 POLICIES: tuple[str, ...] = POLICY_NAMES
-#: Policies served with the TTL model file (tables + the profiled cost model). The oracle needs the cost
-#: model as much as ``ttl`` does (whether a pin pays); ``continuum``, ``progress-ttl`` and ``vllm`` need none.
-MODEL_POLICIES = frozenset({Policy.TTL, Policy.ORACLE})
 #: Program ordering of an arm: ``<policy>/<ordering>`` forces ``ServeConfig.program_fcfs``.
 ORDERINGS = {"fcfs": False, "program-fcfs": True}
 #: {stock eviction, oracle pins} x {FCFS, program FCFS}.
@@ -118,8 +115,15 @@ class Arm:
         return cls(name, Policy(policy), ORDERINGS[ordering] if ordering else None, serve)
 
     @property
-    def needs_model(self) -> bool:
-        return self.policy in MODEL_POLICIES
+    def needs_model_file(self) -> bool:
+        """The arm's rule cannot run without the TTL model file (``ttl``)."""
+        return RULES[self.policy].needs_model_file
+
+    @property
+    def uses_model_file(self) -> bool:
+        """The arm is served with the TTL model file: its tables and profiled cost model (``ttl``; the oracle
+        needs the cost model as much, to know whether a pin pays)."""
+        return RULES[self.policy].uses_model_file
 
     @property
     def tag(self) -> str:
@@ -136,7 +140,7 @@ class Arm:
     def server_args(self) -> list[str]:
         """Stock vLLM with program ordering still needs ctk's scheduler class (``ctk serve`` adds it only
         for pin policies)."""
-        if self.policy == Policy.VLLM and self.program_fcfs:
+        if self.program_fcfs and not RULES[self.policy].needs_ctk_scheduler:
             from ctk.engine_patch.serve.server import SCHEDULER_CLS
 
             return ["--scheduler-cls", SCHEDULER_CLS]
@@ -396,7 +400,7 @@ def run_comparison(
         done: dict[str, ReplayResult] = {}
         for name in order:
             arm = arms[name]
-            ttl_model = model.get(model_dir) if arm.needs_model else None
+            ttl_model = model.get(model_dir) if arm.uses_model_file else None
             config["ttl_model"] = str(model.path) if model.path else None
             suffix = f"-r{r}" if cfg.rounds > 1 else ""
             if cfg.rounds > 1:

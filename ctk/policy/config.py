@@ -16,10 +16,8 @@ from typing import Annotated, Any, Literal
 from annotated_types import Ge, Gt, Le
 
 from ctk.errors import CtkError
-from ctk.policy.policies import POLICY_NAMES, Policy
-
-POLICIES = POLICY_NAMES  # the registry lives in ctk.policy.policies
-DETECTORS = ("bash", "tool_call", "openai")
+from ctk.policy.detect import DETECTORS
+from ctk.policy.rules import RULES, Policy
 
 # Value ranges, checked by pydantic in :meth:`ServeConfig.validate` (no nan, no infinity).
 Share = Annotated[float, Gt(0), Le(1)]
@@ -70,8 +68,10 @@ class ServeConfig:
         """Check every field's type and range (converting, e.g. the policy name to :class:`Policy`) and the
         rules joining fields; raises :class:`ConfigError` naming the first bad setting. Returns ``self``."""
         self._set(_checked(asdict(self)))
-        if self.policy is Policy.TTL and not self.ttl_model:
-            raise ConfigError("policy 'ttl' needs a TTL model file (ctk serve --ttl-model model.pkl)")
+        if RULES[self.policy].needs_model_file and not self.ttl_model:
+            raise ConfigError(
+                f"policy {self.policy.value!r} needs a TTL model file (ctk serve --ttl-model model.pkl)"
+            )
         if self.online_window < self.online_min_samples:
             raise ConfigError("online_min_samples must be >= 1 and <= online_window")
         return self

@@ -19,8 +19,8 @@ import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from ctk.policy.config import DETECTORS
-
+#: The detectors, in their default order (``ServeConfig.detectors``).
+DETECTORS = ("bash", "tool_call", "openai")
 #: Only the last characters of an output are parsed (a tool call ends the turn).
 MAX_PARSE_CHARS = 20_000
 

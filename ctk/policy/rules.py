@@ -10,27 +10,60 @@ memory in tokens. Rules that carry a return-time distribution (``PinDecision.cdf
 expected benefit per token-second still to hold, ``(F(x) − F(e))·B / (N·(H(x) − H(e)))``
 (:meth:`ctk.predict.cost.CDF.value`): with true durations the program returning last goes first (Belady),
 never the pin about to hit.
+
+The module is the one registry of serve policies (config, ``ctk serve``, measure, simulate and bench read it):
+:class:`Policy` names them, :data:`RULES` maps each to its rule class, whose class attributes answer what the
+rest of ctk asks of a policy (``needs_model_file``, ``uses_model_file``, ``needs_ctk_scheduler``), and
+:func:`make_rule` at the end builds one.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from typing import TYPE_CHECKING, Protocol
+from enum import StrEnum
+from typing import TYPE_CHECKING, ClassVar, Protocol, Self
 
 from ctk.policy.detect import ToolCall
 from ctk.policy.events import NO_PIN, EngineState, Pin, PinCall, PinDecision, ToolObservation
-from ctk.policy.policies import Policy
 from ctk.predict.cost import CDF, CostModel
 
 if TYPE_CHECKING:
-    from ctk.policy.config import ServeConfig
     from ctk.predict.online import OnlineDurations
     from ctk.predict.tables import TTLTables
 
 
+class Policy(StrEnum):
+    VLLM = "vllm"  # stock vLLM: no pins, FCFS
+    CONTINUUM = "continuum"  # the public Continuum code: 2 s pin if the tool's running mean <= 2 s
+    PROGRESS_TTL = "progress-ttl"  # vllm-router 0.1.16+ Program Scheduling's Progress-TTL
+    TTL = "ttl"  # ctk: TTL from the learned duration distribution under the live memory price
+    ORACLE = "oracle"  # the true tool duration, clairvoyant eviction: an upper bound
+
+
+POLICY_NAMES: tuple[str, ...] = tuple(p.value for p in Policy)
+
+
+class RuleSettings(Protocol):
+    """The serve settings a rule is built from (:class:`~ctk.policy.config.ServeConfig` has them all)."""
+
+    max_pin_share: float
+    program_fcfs: bool | None
+    age_bound: bool | None
+    online: bool
+    online_min_samples: int
+    online_prior_weight: int
+    online_window: int
+    continuum_ttl_s: float
+    oracle_slack_s: float
+    progress_window: int
+
+
 class PinRule(Protocol):
-    policy: Policy
+    policy: ClassVar[Policy]
+    needs_model_file: ClassVar[bool]  # cannot run without the TTL model file (its tables)
+    uses_model_file: ClassVar[bool]  # served with the model file when given (its tables / cost profile)
+    needs_ctk_scheduler: ClassVar[bool]  # False: vLLM's own scheduler serves it (no pins, no reordering)
     pins: bool  # False: stock vLLM (no pins)
     program_fcfs: bool  # order the waiting queue by program first arrival
     release_on_next_finish: bool  # Continuum: a pin is released when the program's NEXT request finishes
@@ -43,6 +76,8 @@ class PinRule(Protocol):
     def observe(self, obs: ToolObservation, now: float) -> None: ...
     def keep(self, pin: Pin, state: EngineState, price: float) -> bool: ...
     def victim_value(self, pin: Pin, now: float) -> float: ...
+    @classmethod
+    def from_settings(cls, settings: RuleSettings, tables: TTLTables | None, cost: CostModel) -> Self: ...
 
 
 # -- shared by the rules that carry a distribution ------------------------------------------------------
@@ -85,6 +120,9 @@ class NoPins:
     """Stock vLLM: no pins (program FCFS only when the config asks for it, for the factorial)."""
 
     policy = Policy.VLLM
+    needs_model_file = False
+    uses_model_file = False
+    needs_ctk_scheduler = False
     pins = False
     release_on_next_finish = False
     age_bound = True
@@ -94,6 +132,10 @@ class NoPins:
 
     def __init__(self) -> None:
         self.program_fcfs = False
+
+    @classmethod
+    def from_settings(cls, settings: RuleSettings, tables: TTLTables | None, cost: CostModel) -> Self:
+        return cls()
 
     def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision:
         return NO_PIN
@@ -117,6 +159,9 @@ class ContinuumRule:
     valve), oldest pin first."""
 
     policy = Policy.CONTINUUM
+    needs_model_file = False
+    uses_model_file = False
+    needs_ctk_scheduler = True
     pins = True
     release_on_next_finish = True
     age_bound = False
@@ -128,6 +173,10 @@ class ContinuumRule:
         self.ttl_s = ttl_s
         self.program_fcfs = True
         self.means: dict[str, tuple[float, int]] = {}
+
+    @classmethod
+    def from_settings(cls, settings: RuleSettings, tables: TTLTables | None, cost: CostModel) -> Self:
+        return cls(settings.continuum_ttl_s)
 
     def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision:
         name = continuum_tool_name(call.tool)
@@ -214,6 +263,9 @@ class ProgressTTLRule:
     price."""
 
     policy = Policy.PROGRESS_TTL
+    needs_model_file = False
+    uses_model_file = False
+    needs_ctk_scheduler = True
     pins = True
     release_on_next_finish = False
     age_bound = True
@@ -225,6 +277,10 @@ class ProgressTTLRule:
         self.max_pin_share = max_pin_share
         self.gaps: deque[float] = deque(maxlen=window)
         self._fit: tuple[float, float] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: RuleSettings, tables: TTLTables | None, cost: CostModel) -> Self:
+        return cls(settings.progress_window, settings.max_pin_share)
 
     def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision:
         cost_s = router_reprefill_cost_s(call.context_tokens)
@@ -271,6 +327,9 @@ class TTLRule:
     chat-like deployments whose service level is the first turn's latency)."""
 
     policy = Policy.TTL
+    needs_model_file = True
+    uses_model_file = True
+    needs_ctk_scheduler = True
     pins = True
     release_on_next_finish = False
     age_bound = False  # strict program FCFS by default; --age-bound for a bounded first-turn wait
@@ -320,6 +379,10 @@ class TTLRule:
                 return key, CDF.linear(d.ttl_s, d.p_hit) if d.ttl_s > 0 else None
         return None
 
+    @classmethod
+    def from_settings(cls, settings: RuleSettings, tables: TTLTables | None, cost: CostModel) -> Self:
+        return cls(tables, cost, settings.max_pin_share, online_for(settings, tables))
+
     def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision:
         if self.tables is None:
             return NO_PIN
@@ -363,6 +426,9 @@ class OracleRule:
     ordering can do for mean JCT, at whatever tail latency that costs; ``ttl`` keeps stock vLLM's tail."""
 
     policy = Policy.ORACLE
+    needs_model_file = False
+    uses_model_file = True
+    needs_ctk_scheduler = True
     pins = True
     release_on_next_finish = False
     age_bound = False  # strict program FCFS: the bound on mean JCT has no tail bound (as Continuum) ...
@@ -378,6 +444,10 @@ class OracleRule:
         self._alpha = overhead_alpha
         self._n = 0
         self._true: dict[str, float] = {}
+
+    @classmethod
+    def from_settings(cls, settings: RuleSettings, tables: TTLTables | None, cost: CostModel) -> Self:
+        return cls(cost, settings.oracle_slack_s)
 
     def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision:
         t = call.hints.tool_duration_s
@@ -408,12 +478,42 @@ class OracleRule:
         return value_by_cdf(pin, now)
 
 
-def online_for(config: ServeConfig, tables: TTLTables | None) -> OnlineDurations | None:
+def online_for(settings: RuleSettings, tables: TTLTables | None) -> OnlineDurations | None:
     """The online adapter of the ``ttl`` rule (None when disabled or without tables)."""
-    if not config.online or tables is None:
+    if not settings.online or tables is None:
         return None
     from ctk.predict.online import OnlineDurations
 
     return OnlineDurations(
-        tables, config.online_min_samples, config.online_prior_weight, config.online_window
+        tables, settings.online_min_samples, settings.online_prior_weight, settings.online_window
     )
+
+
+# -- the registry -----------------------------------------------------------------------------------------
+
+#: The rule class of each policy: the only place a policy's name decides anything.
+RULES: dict[Policy, type[PinRule]] = {
+    Policy.VLLM: NoPins,
+    Policy.CONTINUUM: ContinuumRule,
+    Policy.PROGRESS_TTL: ProgressTTLRule,
+    Policy.TTL: TTLRule,
+    Policy.ORACLE: OracleRule,
+}
+
+
+def make_rule(
+    policy: Policy | str,
+    settings: RuleSettings,
+    tables: TTLTables | None = None,
+    cost: CostModel | None = None,
+) -> PinRule:
+    """The pin rule of ``policy``; ``cost`` defaults to the tables' profile (else the default profile).
+    ``ttl`` and ``oracle`` get the same tables / cost profile, so they differ only in what they know."""
+    if cost is None:
+        cost = tables.cost_model if tables is not None else CostModel()
+    rule = RULES[Policy(policy)].from_settings(settings, tables, cost)
+    if settings.program_fcfs is not None:
+        rule.program_fcfs = settings.program_fcfs
+    if settings.age_bound is not None:  # e.g. the oracle held to ttl's tail bound, or ttl in strict order
+        rule.age_bound = settings.age_bound
+    return rule

@@ -79,7 +79,7 @@ def simulate(
     """Simulate vLLM 0.32 engines running ctk's own policy code on recorded agent programs."""
     from ctk.measure.compare import Arm, CompareError, split_arms
     from ctk.measure.workload import WorkloadError, load_programs
-    from ctk.policy.policies import POLICY_NAMES
+    from ctk.policy.rules import POLICY_NAMES
     from ctk.simulate.fleet import ROUTINGS
     from ctk.simulate.profiles import ProfileError, load_profile
     from ctk.simulate.run import SimConfig
@@ -91,7 +91,7 @@ def simulate(
     if not pols:
         raise _fail(f"no policies; choose from {', '.join(POLICY_NAMES)}")
     try:
-        needs_ttl = any(Arm.parse(p).policy == "ttl" for p in pols)
+        needs_ttl = any(Arm.parse(p).needs_model_file for p in pols)
     except CompareError as exc:
         raise _fail(str(exc)) from None
     if routing not in ROUTINGS:

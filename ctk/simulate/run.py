@@ -74,7 +74,7 @@ def attach_policy(engine: SimEngine, policy: str, serve: dict[str, Any], tables,
     from ctk.policy.config import ServeConfig
     from ctk.policy.core import PolicyCore
     from ctk.policy.driver import PolicyDriver
-    from ctk.policy.policies import make_rule
+    from ctk.policy.rules import make_rule
 
     cfg = ServeConfig.from_mapping({**serve, "policy": policy})
     rule = make_rule(cfg.policy, cfg, tables, cost)
@@ -148,21 +148,21 @@ def simulate_arm(
     progress: Callable[[int], None] | None = None,
 ) -> SimResult:
     """:func:`simulate` one arm of the policy comparison (``ttl``, ``ttl@age_factor=2``,
-    ``vllm/program-fcfs``, ``oracle@age_bound=true``): its serve settings over ``cfg.serve``; only ``ttl``
-    gets the TTL model and ``tables``."""
+    ``vllm/program-fcfs``, ``oracle@age_bound=true``): its serve settings over ``cfg.serve``; only a rule
+    that needs the model file (``ttl``) gets the TTL model and ``tables``."""
     from ctk.measure.compare import Arm
 
     parsed = Arm.parse(arm)
-    is_ttl = parsed.policy == "ttl"
+    needs_model = parsed.needs_model_file
     serve = {**cfg.serve, **parsed.settings()}
-    if is_ttl and ttl_model:
+    if needs_model and ttl_model:
         serve["ttl_model"] = str(ttl_model)
     return simulate(
         programs,
         profile,
         parsed.policy.value,
         dataclasses.replace(cfg, serve=serve),
-        tables=tables if is_ttl else None,
+        tables=tables if needs_model else None,
         cost=cost,
         progress=progress,
     )

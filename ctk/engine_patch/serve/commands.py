@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ctk.policy.config import ServeConfig
-from ctk.policy.policies import POLICY_NAMES
+from ctk.policy.rules import POLICY_NAMES, RULES
 
 _DEFAULTS = ServeConfig()  # the CLI's defaults are the engine's (one source)
 
@@ -105,7 +105,8 @@ def serve(
     args = list(ctx.args)
     if args and not args[0].startswith("-"):
         args = ["--model", args[0], *args[1:]]
-    if ttl_model is None and policy == "ttl":
+    rule = RULES.get(policy)
+    if ttl_model is None and rule is not None and rule.needs_model_file:
         from ctk.predict.modelfile import default_model_path
 
         ttl_model = default_model_path()

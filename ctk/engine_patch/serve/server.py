@@ -30,6 +30,7 @@ import httpx
 from ctk.engine_patch.request_filter import MIDDLEWARE
 from ctk.errors import CtkError
 from ctk.policy.config import ConfigError, ServeConfig
+from ctk.policy.rules import RULES
 
 SCHEDULER_CLS = "ctk.engine_patch.scheduler.CTKScheduler"
 ASYNC_SCHEDULER_CLS = "ctk.engine_patch.scheduler.CTKAsyncScheduler"
@@ -46,7 +47,7 @@ def check_model_file(cfg: ServeConfig) -> None:
         from ctk.predict.modelfile import load_ttl_tables
 
         tables = load_ttl_tables(cfg.ttl_model)
-        if cfg.policy == "ttl" and not tables.ttl_s:
+        if RULES[cfg.policy].needs_model_file and not tables.ttl_s:
             raise ConfigError(f"{cfg.ttl_model}: the TTL tables are empty (no keys)")
 
 
@@ -99,7 +100,7 @@ def vllm_args(
         args.append("--enforce-eager")
     if not _has_flag(args, "--enable-prompt-tokens-details"):
         args.append("--enable-prompt-tokens-details")
-    if cfg.policy != "vllm" and not _has_flag(args, "--scheduler-cls"):
+    if RULES[cfg.policy].needs_ctk_scheduler and not _has_flag(args, "--scheduler-cls"):
         args += ["--scheduler-cls", SCHEDULER_CLS]
     if MIDDLEWARE not in args:
         args += ["--middleware", MIDDLEWARE]  # request metadata vLLM would refuse is made acceptable
@@ -293,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if cfg.policy != "vllm" and not _has_flag(argv, "--scheduler-cls"):
+    if RULES[cfg.policy].needs_ctk_scheduler and not _has_flag(argv, "--scheduler-cls"):
         argv += ["--scheduler-cls", SCHEDULER_CLS]
     sys.argv = ["ctk-serve", *argv]
     try:
