@@ -14,9 +14,9 @@ decodes, :mod:`ctk.simulate.steps`): right before the real rounds, or with ``--r
 (every turn draws a round trip and a client gap from them, :mod:`ctk.simulate.client_timing`; under load a
 turn spends ~0.1 s outside the engine's scheduler, not the idle profile's 8 ms). Prints per policy real
 vs simulated mean JCT, p99 TTFT, hit rate and preemptions with the errors, and checks the targets: mean JCT
-within 15%, hit rate within 0.05, the same ranking of policies by mean JCT. Real policies within the rounds'
-own noise have no real order, so it also checks the orders every real round agrees on (a faster than b in
-each round) and whether the simulator keeps them. Apart from the simulation, the step model is checked
+within 15%, hit rate within 0.05, the same ranking of policies by mean JCT, judged (issue 22) on the pairs
+every real round orders alike (a faster than b in each round): pairs inside the real rounds' spread are ties.
+The order of the medians is reported beside it. Apart from the simulation, the step model is checked
 on the steps the real engine ran (:mod:`ctk.simulate.step_check`: the replays' decode windows, measured
 against predicted). JSON: ``{"policies": {"<policy>": {"real": {...}, "sim":
 {...}, "error": {...}}}, "targets": {...}, "config": {...}}``.
@@ -292,19 +292,29 @@ def main(argv: list[str] | None = None) -> int:
     rank_real, rank_sim = ranking({k: v for k, v in real.items() if k in sim}), ranking(sim)
     pairs = [(a, b) for a, b in separated_pairs(round_jcts(real_runs)) if a in sim and b in sim]
     kept = [(a, b) for a, b in pairs if sim[a]["mean_jct_s"] < sim[b]["mean_jct_s"]]
+    separated = {frozenset(p) for p in pairs}
+    ties = [
+        f"{a} ~ {b}"
+        for i, a in enumerate(rank_real)
+        for b in rank_real[i + 1 :]
+        if b in sim and frozenset((a, b)) not in separated
+    ]
+    # Issue 22: "the same ranking" is judged on the pairs every real round orders alike; pairs inside the
+    # rounds' spread are ties (either order counts). The order of the medians is reported beside it.
     out["targets"] = {
         f"mean_jct within {JCT_TOLERANCE:.0%} for every policy": jct_ok,
         f"hit_rate within {HIT_TOLERANCE} for every policy": hit_ok,
-        "same ranking by mean JCT": rank_real == rank_sim,
-        "the simulator keeps every order the real rounds separate": len(kept) == len(pairs),
+        "same ranking by mean JCT (pairs every real round agrees on; the rest tied)": len(kept) == len(pairs),
     }
     agreement = pair_agreement(rank_real, rank_sim)
     out["ranking"] = {
         "real": rank_real,
         "sim": rank_sim,
+        "same_order_of_medians": rank_real == rank_sim,
         "pairs_in_the_same_order": agreement,
         "separated_in_every_real_round": [f"{a} < {b}" for a, b in pairs],
         "kept_by_the_simulator": [f"{a} < {b}" for a, b in kept],
+        "ties_inside_the_real_spread": ties,
     }
     out["config"] = {
         "db": str(db),
@@ -320,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         "ttl_model": str(ttl_model) if ttl_model else None,
         "wall_s": time.monotonic() - t0,
     }
-    print(f"ranking by mean JCT: real {' < '.join(rank_real)}; sim {' < '.join(rank_sim)}")
+    print(f"ranking by median mean JCT: real {' < '.join(rank_real)}; sim {' < '.join(rank_sim)}")
+    print(f"same order of the medians: {rank_real == rank_sim}; ties inside the real spread: {ties or '-'}")
     if agreement is not None:
         print(f"policy pairs the simulator orders as the real run: {agreement:.0%}")
     missed = [f"{a} < {b}" for a, b in pairs if (a, b) not in kept]

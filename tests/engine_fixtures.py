@@ -82,3 +82,73 @@ def engine_llm(tiny_model_dir, ttl_model_file):
 
 def scheduler_of(llm):
     return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+#: The cold-start flood (issue 22): a program's tool call takes this long while this many new programs arrive.
+FLOOD_TOOL_S, FLOOD_PROGRAMS = 0.05, 12
+FLOOD_PROMPT, FLOOD_OUTPUT = 1500, 16  # 12 full blocks each; 12 of them: twice the cache
+
+
+def flood_during_tool(base: str, tag: str, n_programs: int = 1, seed: int = 0) -> dict[str, float]:
+    """``n_programs`` programs each finish a turn that ends in a (pinned) tool call; a flood of
+    :data:`FLOOD_PROGRAMS` new programs then reaches ``base`` at once, and :data:`FLOOD_TOOL_S` later each
+    program sends its next turn. Returns each program's cached share of its first turn's prompt."""
+    import concurrent.futures
+    import random
+    import time
+
+    import httpx
+
+    model = httpx.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
+    rng = random.Random(seed)
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(10, 4000) for _ in range(n)]
+
+    def complete(session: str, prompt: list[int], max_tokens: int, xargs: dict) -> dict:
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "min_tokens": max_tokens,
+            "ignore_eos": True,
+            "return_token_ids": True,
+            "vllm_xargs": xargs,
+        }
+        r = httpx.post(base + "/v1/completions", json=body, headers={"X-Session-ID": session}, timeout=300)
+        r.raise_for_status()
+        return r.json()
+
+    programs = [f"{tag}-p{i}" for i in range(n_programs)]
+    first = {s: ids(FLOOD_PROMPT) for s in programs}
+    nxt = {}
+    for s in programs:  # one at a time: each ends pinned, nothing else in the engine
+        out = complete(s, first[s], 8, {"tool": LONG_TTL_KEY, "turn_index": 0})
+        nxt[s] = first[s] + out["choices"][0]["token_ids"] + ids(50)
+    floods = [(f"{tag}-new{k}", ids(FLOOD_PROMPT)) for k in range(FLOOD_PROGRAMS)]
+    with concurrent.futures.ThreadPoolExecutor(FLOOD_PROGRAMS + n_programs) as pool:
+        flooding = [
+            pool.submit(complete, s, p, FLOOD_OUTPUT, {"tool": "cat", "turn_index": 0}) for s, p in floods
+        ]
+        time.sleep(FLOOD_TOOL_S)
+        turns = {s: pool.submit(complete, s, nxt[s], 8, {"turn_index": 1, "last_turn": 1}) for s in programs}
+        cached = {
+            s: (f.result()["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0) / FLOOD_PROMPT
+            for s, f in turns.items()
+        }
+        for f in flooding:
+            f.result()
+    return cached
+
+
+def pin_releases(base: str) -> dict[str, float]:
+    """``ctk:pin_releases_total`` at ``base`` by reason (why pins ended, for a failure's message)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(httpx.get(base + "/metrics", timeout=10).text):
+        for smp in fam.samples:
+            if smp.name == "ctk:pin_releases_total":
+                out[smp.labels.get("reason", "?")] = out.get(smp.labels.get("reason", "?"), 0.0) + smp.value
+    return out

@@ -197,7 +197,9 @@ def test_serve_usage_names_the_model_and_its_defaults_are_the_engines():
     defaults = ServeConfig()  # what launch_server, the benchmarks and the simulator run with
     assert params["age_factor"].default == defaults.age_factor
     assert params["max_pin_share"].default == defaults.max_pin_share
-    assert params["age_bound"].default == defaults.age_bound and "--no-age-bound" in res.output
+    # --age-bound is off by default (the policy's own order: ttl strict); --no-age-bound is gone (issue 22)
+    assert params["age_bound"].default is False and defaults.age_bound is None
+    assert "--age-bound" in res.output and "--no-age-bound" not in res.output
 
 
 def test_the_contract_states_what_it_assumes_vllm_does_and_each_assumption_holds():

@@ -79,7 +79,7 @@ def test_a_round_without_a_policy_counts_only_the_rounds_that_ran():
 
 def test_targets_met_missed_and_unsettled_when_the_threshold_is_inside_the_spread():
     t = _two_rounds().targets()
-    vs_vllm = t["ttl_mean_jct_x_vs_vllm >= 1.30"]
+    vs_vllm = t["ttl_mean_jct_x_vs_vllm >= 1.15"]
     assert vs_vllm["met"] is True and vs_vllm["unsettled"] is False  # 1.43 and 1.43: both rounds meet it
     vs_cont = t["ttl_mean_jct_x_vs_continuum >= 1.10"]
     assert vs_cont["min"] < 1.1 <= vs_cont["max"] and vs_cont["unsettled"] is True

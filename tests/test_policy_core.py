@@ -33,7 +33,15 @@ def tables() -> TTLTables:
     )
 
 
+def one_wait_measured(c: PolicyCore, now: float = 0.0) -> PolicyCore:
+    """An admission with no wait: the age bound is measured (its floor), no longer unmeasured (strict)."""
+    c.arrived("warm-up", hints(), now=now)
+    c.admitted("warm-up", 0, now=now)
+    return c
+
+
 def core(policy="ttl", **kw) -> PolicyCore:
+    kw.setdefault("age_min_waits", 1)  # the bound from the first measured wait (the default waits for 100)
     cfg = ServeConfig(policy=policy, ttl_model="x.pkl", **kw).validate()
     return PolicyCore(cfg, make_rule(cfg.policy, cfg, tables() if policy == "ttl" else None), block_size=16)
 
@@ -249,7 +257,7 @@ def test_valve_keeps_pins_from_admissions_that_are_not_overdue():
 
 
 def test_valve_lets_an_overdue_admission_take_any_pin():
-    c = core(max_pin_share=1.0, age_min_s=1.0)
+    c = one_wait_measured(core(max_pin_share=1.0, age_min_s=1.0, age_bound=True))
     h = hints("old")
     c.arrived("r0", h, now=0.0)
     c.finished(fin("r0", h, "```bash\nls\n```"), state(now=0.0))
@@ -257,7 +265,29 @@ def test_valve_lets_an_overdue_admission_take_any_pin():
     assert c.release_for_pressure(now=1.5, admitting="late", engine_busy=True) is None
     overdue_at = 1.0 + c.order.age_bound_s
     rel = c.release_for_pressure(now=overdue_at + 0.01, admitting="late", engine_busy=True)
-    assert rel is not None and rel.request_id == "r0"
+    assert overdue_at == 2.0 and rel is not None and rel.request_id == "r0"
+
+
+def test_a_fresh_core_lets_no_flood_take_a_pin_before_fcfs_waits_are_measured():
+    """Issue 22: with no wait measured the age bound was 0, so every waiting request of a flood of new
+    programs was overdue and took the pin of a program about to return. Unmeasured, nobody is overdue; the
+    p99 needs 100 waits (``age_min_waits``)."""
+    for bounded in (True, None):  # --age-bound, and the default strict order
+        c = core(max_pin_share=1.0, age_bound=bounded, age_min_waits=100)
+        h = hints("old")
+        c.arrived("r0", h, now=0.0)
+        c.admitted("r0", 0, now=0.0)  # one wait measured, 0 s: not yet a p99
+        c.finished(fin("r0", h, "```bash\nls\n```"), state(now=0.1))
+        for k in range(12):
+            c.arrived(f"new{k}", hints(f"n{k}"), now=0.1)
+            assert c.release_for_pressure(now=30.0, admitting=f"new{k}", engine_busy=True) is None, bounded
+        assert c.order.age_bound_s == math.inf and c.pins
+        for _ in range(99):  # 100 waits measured (FCFS would have made the flood wait 29.9 s): a bound
+            c.order.arrived(30.0)
+            c.order.admitted(30.0)
+        assert (c.order.age_bound_s < math.inf) is bool(bounded)
+        taken = c.release_for_pressure(now=31.0, admitting="new0", engine_busy=True)
+        assert (taken is not None) is bool(bounded)
 
 
 def test_vllm_policy_never_pins_nor_reorders():
@@ -312,7 +342,7 @@ def test_oracle_without_duration_never_pins():
 
 
 def test_program_fcfs_pinned_first_and_age_bound():
-    c = core(age_factor=2.0, age_min_s=5.0)
+    c = one_wait_measured(core(age_factor=2.0, age_min_s=5.0, age_bound=True))
     c.arrived("old1", hints("old"), now=0)
     c.finished(fin("old1", hints("old"), "final"), state(now=1))
     c.arrived("new1", hints("new"), now=2)
@@ -340,7 +370,7 @@ def test_preemption_victim_is_the_youngest_program_not_on_its_last_turn():
 
 
 def test_order_is_recomputed_only_when_something_changed():
-    c = core(age_factor=1.0, age_min_s=5.0)
+    c = one_wait_measured(core(age_factor=1.0, age_min_s=5.0, age_bound=True))
     c.arrived("a", hints("A"), now=0)
     c.arrived("b", hints("B"), now=1)
     assert c.needs_reorder(2, now=1.5)
@@ -357,7 +387,7 @@ def test_order_is_recomputed_only_when_something_changed():
 
 def test_no_starvation_under_a_stream_of_older_programs():
     """A young program's request is served within the age bound although older programs keep coming."""
-    c = core(age_factor=2.0, age_min_s=1.0)
+    c = one_wait_measured(core(age_factor=2.0, age_min_s=1.0, age_bound=True))
     for i in range(5):
         c.arrived(f"o{i}", hints(f"old{i}"), now=0)
     c.arrived("y", hints("young"), now=1)

@@ -44,6 +44,7 @@ def priced_tables() -> TTLTables:
 
 
 def make_core(policy: str, tables=None, **kw) -> PolicyCore:
+    kw.setdefault("age_min_waits", 1)  # the bound from the first measured wait (the default waits for 100)
     cfg = ServeConfig(policy=policy, ttl_model="x.pkl", **kw).validate()
     return PolicyCore(cfg, make_rule(cfg.policy, cfg, tables, COST), block_size=16)
 
@@ -235,14 +236,16 @@ def test_block_size_does_not_change_a_ttl_decision():
 
 
 def test_held_pins_are_rejudged_only_when_the_price_moves():
-    c = make_core("ttl", priced_tables(), max_pin_share=1.0)
+    c = make_core("ttl", priced_tables(), max_pin_share=1.0, age_bound=True)
+    c.arrived("w0", h("warm-up"), now=0.0)
+    c.admitted("w0", 0, now=0.0)  # one wait measured, 0 s: the bound is 0
     finish(c, "s", h("p1"), 0.0, text="```bash\nslow\n```")  # price 0: pinned for its q0.9
     finish(c, "f", h("p2"), 0.0, text="```bash\nfast\n```")
     assert set(c.pins) == {"s", "f"}
     assert c.step(state(0.1)) == []  # nothing waits: price 0, no re-judgement
     assert c.stats.rejudged == 0
-    c.arrived("w1", h("w1"), now=0.15)  # the two requests the engine reports waiting (overdue: nothing
-    c.arrived("w2", h("w2"), now=0.15)  # measured yet, the bound is 0), so the pins pay the price
+    c.arrived("w1", h("w1"), now=0.15)  # the two requests the engine reports waiting (overdue: the
+    c.arrived("w2", h("w2"), now=0.15)  # measured bound is 0), so the pins pay the price
     short = state(0.2, free=10, num_waiting=2, waiting_demand_tokens=4000)
     released = c.step(short)
     assert [(r.request_id, r.reason) for r in released] == [("s", "price")]  # the long tail goes
@@ -366,8 +369,13 @@ def test_programs_that_start_together_keep_the_order_they_were_seen_in():
 
 
 def test_age_bound_is_fcfs_tail_wait_without_a_floor():
-    c = make_core("ttl", priced_tables())
-    assert c.order.age_bound_s == 0.0  # nothing measured yet: plain FCFS, no floor above stock
+    c = make_core("ttl", priced_tables(), age_bound=True, age_min_waits=3)
+    assert c.order.age_bound_s == math.inf  # nothing measured yet: no request is overdue (issue 22)
+    for k in range(3):  # three admissions without a wait: the bound is measured, 0 (no floor above stock)
+        c.arrived(f"w{k}", h(f"w{k}"), now=0.0)
+        assert c.order.age_bound_s == math.inf
+        c.admitted(f"w{k}", 0, now=0.0)
+    assert c.order.age_bound_s == 0.0
     c.arrived("o", h("old"), now=0.0)
     c.arrived("y", h("young"), now=1.0)
     c.arrived("o2", h("old"), now=1.5)
@@ -396,7 +404,7 @@ def test_age_bound_is_fcfs_tail_wait_without_a_floor():
     c.arrived("o3", h("old"), now=2000.2)
     assert c.order_waiting(["y3", "o3"], now=2000.5) == [1, 0]  # an older program may overtake ...
     assert c.order_waiting(["y3", "o3"], now=2001.1) == [0, 1]  # ... for at most the bound
-    assert make_core("ttl", priced_tables(), age_factor=2.0).order.age_factor == 2.0
+    assert make_core("ttl", priced_tables(), age_factor=2.0, age_bound=True).order.age_factor == 2.0
 
 
 def test_pins_pay_the_price_only_when_the_queue_head_goes_before_their_return():
@@ -517,7 +525,7 @@ def test_oracle_orders_strictly_only_while_its_programs_come_back():
 
     for policy, settings, relaxes in (
         ("oracle", {}, True),
-        ("ttl", {"age_bound": False}, True),  # ctk's pins in strict order (--no-age-bound) fall back too
+        ("ttl", {}, True),  # ctk's pins in strict order (the default) fall back too
         ("continuum", {}, False),
     ):
         c = make_core(policy, priced_tables() if policy == "ttl" else None, **settings)
@@ -525,6 +533,8 @@ def test_oracle_orders_strictly_only_while_its_programs_come_back():
         c.returns = scattered()
         c.arrived("a", h("a"), now=0.0)
         c.arrived("b", h("b"), now=0.1)
+        c.arrived("w", h("warm-up"), now=0.0)
+        c.admitted("w", 0, now=0.0)  # one wait measured (the test cores need one)
         c.order_waiting(["a", "b"], now=0.2)
         assert (c.order.age_bound_s < math.inf) is relaxes, policy
 
@@ -544,9 +554,11 @@ def test_a_request_ending_while_it_waits_leaves_the_queue():
 
 def test_age_bound_switch_for_any_policy():
     """``age_bound`` overrides the rule's own: the oracle held to ttl's tail bound, ttl in strict order."""
-    for policy, setting, strict in [("oracle", None, True), ("oracle", True, False), ("ttl", None, False),
-                                    ("ttl", False, True)]:
+    for policy, setting, strict in [("oracle", None, True), ("oracle", True, False), ("ttl", None, True),
+                                    ("ttl", True, False)]:
         c = make_core(policy, priced_tables(), age_bound=setting, age_min_s=1.0)
+        c.arrived("w", h("warm-up"), now=0.0)
+        c.admitted("w", 0, now=0.0)  # one wait measured: the bound is its 1 s floor
         c.arrived("a", h("A"), now=0.0)
         c.arrived("b", h("B"), now=1.0)
         c.arrived("a2", h("A"), now=2.0)

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from engine_fixtures import KV_BYTES, LONG_TTL_KEY
+from engine_fixtures import FLOOD_PROGRAMS, KV_BYTES, LONG_TTL_KEY, flood_during_tool, pin_releases
 
 BLOCK = 128  # tokens per KV block of the CPU engine
 # turn 1's prompt and output fill exactly 4 blocks of computed KV (the last output token is never computed)
@@ -212,6 +212,15 @@ def _two_turn_programs(base: str, tag: str) -> dict[str, float]:
         out = _complete(base, session, prompts[session], OUTPUT, {"turn_index": 1, "last_turn": 1})
         cached[session] = (out["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0) / PROMPT
     return cached
+
+
+@pytest.mark.engine
+def test_a_flood_of_new_programs_on_fresh_replicas_leaves_every_short_tool_calls_pin(fleet):
+    """Issue 22, behind the router (the first test on the module's fleet: no wait measured yet)."""
+    cached = flood_during_tool(fleet["url"], "cold", n_programs=2, seed=1)
+    print(f"cached share of turn 1's prompt after a flood of {FLOOD_PROGRAMS} new programs:", cached)
+    releases = [pin_releases(base) for base, _ in fleet["replicas"]]
+    assert all(v >= 0.9 for v in cached.values()), (cached, releases)
 
 
 @pytest.mark.engine

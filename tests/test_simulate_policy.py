@@ -201,7 +201,7 @@ def test_a_sweep_runs_arms_with_serve_settings():
 
     prof = load_profile("cpu", "tiny")
     cfg = SimConfig(arrivals=Arrivals(concurrency=8), shared_prefix_tokens=512)
-    arms = ["oracle", "oracle@age_bound=true", "oracle/fcfs"]
+    arms = ["oracle", "oracle@age_bound=true,age_min_waits=1", "oracle/fcfs"]
     figs = run_sweep(programs(), prof, arms, [None], cfg).to_json()["rates"]["closed"]
     assert list(figs) == arms
     # strict program order, the age bound and plain FCFS order the same programs differently

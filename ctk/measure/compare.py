@@ -55,7 +55,7 @@ BOTH_ORDERS_ARMS = (
     "continuum",
     "progress-ttl",
     "ttl",
-    "ttl@age_bound=false",
+    "ttl@age_bound=true",
     "oracle",
     BOUNDED_ORACLE,
 )

@@ -304,6 +304,10 @@ def _table_html(figs: dict) -> str:
         ("mean JCT s", "mean_jct_s"),
         ("p50 JCT s", "p50_jct_s"),
         ("p99 JCT s", "p99_jct_s"),
+        ("p50 admission wait s", "p50_admission_wait_s"),
+        ("p99 admission wait s", "p99_admission_wait_s"),
+        ("p99 resume TTFT s", "p99_resume_ttft_s"),
+        ("programs/hour", "programs_per_hour"),
         ("p99 TTFT s", "p99_ttft_s"),
         ("max TTFT s", "max_ttft_s"),
         ("hit rate", "hit_rate"),
@@ -311,6 +315,8 @@ def _table_html(figs: dict) -> str:
         ("preemptions", "preemptions"),
         ("mean JCT x vllm", "mean_jct_x_vs_vllm"),
         ("mean JCT x continuum", "mean_jct_x_vs_continuum"),
+        ("p99 JCT x vllm", "p99_jct_x_vs_vllm"),
+        ("p99 resume TTFT x vllm", "p99_resume_ttft_x_vs_vllm"),
         ("p99 TTFT x vllm", "p99_ttft_x_vs_vllm"),
     ]
     head = "".join(f"<th>{html.escape(c)}</th>" for c, _ in cols)
@@ -334,9 +340,13 @@ def plot_rates(data: dict[str, Any], out_dir: Path, name: str = "simulate-jct-vs
         pts = [(r, per_rate[r].get(policy) or {}) for r in rates]
         pts = [(r, s) for r, s in pts if s.get("mean_jct_s") is not None]
         ax1.plot([r for r, _ in pts], [s["mean_jct_s"] for _, s in pts], marker="o", label=policy)
-        ax2.plot([r for r, _ in pts], [s.get("p99_ttft_s") for _, s in pts], marker="o", label=policy)
+        ax2.plot([r for r, _ in pts], [s.get("p99_resume_ttft_s") for _, s in pts], marker="o", label=policy)
     ax1.set(xlabel="program arrival rate (programs/s)", ylabel="mean JCT (s)", title="job completion time")
-    ax2.set(xlabel="program arrival rate (programs/s)", ylabel="p99 TTFT (s)", title="time to first token")
+    ax2.set(
+        xlabel="program arrival rate (programs/s)",
+        ylabel="p99 resume TTFT (s)",
+        title="first token of a turn after a tool call",
+    )
     ax1.legend()
     cfg = data.get("config", {})
     where = f"{cfg.get('profile', '')}, {cfg.get('replicas', 1)} replica(s), {cfg.get('routing', '')}"
@@ -360,7 +370,8 @@ def _simulate_html(sim: dict, out: Path, i: int) -> list[str]:
     if png is not None:
         parts.append(
             f"<figure><img src='{html.escape(png.name)}' alt='JCT vs arrival rate'><figcaption>Mean JCT and "
-            "p99 TTFT per policy against the program arrival rate (simulated engines running ctk's policy "
+            "p99 resume TTFT (a turn after a tool call) per policy against the program arrival rate "
+            "(simulated engines running ctk's policy "
             "code).</figcaption></figure>"
         )
     for rate, per in sim.get("rates", {}).items():

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ctk.errors import CtkError
+from ctk.measure.metrics import ProgramTiming, job_figures
 from ctk.store import LLMCallRecord, ProgramRecord, RunRecord, TraceStore
 
 
@@ -75,6 +76,17 @@ class ReplayResult:
             dtype=float,
         )
 
+    def timings(self) -> list[ProgramTiming]:
+        """Each program's start, finish (None unless it ended well) and turn TTFTs in turn order."""
+        return [
+            ProgramTiming(
+                p.arrival_unix_s,
+                p.finish_unix_s if p.ok else None,
+                [t.ttft_s if t.error is None else None for t in sorted(p.turns, key=lambda t: t.turn_index)],
+            )
+            for p in self.programs
+        ]
+
     def summary(self) -> dict[str, float | int | None]:
         """The figures of the comparison table (times in seconds)."""
         jct, ttft = self.jcts(), self.ttfts()
@@ -83,13 +95,12 @@ class ReplayResult:
         cached = sum(t.cached_tokens or 0 for t in turns if t.cached_tokens is not None)
         queue = [t.queue_s for t in turns if t.queue_s is not None]
         m = self.server_metrics
+        known = any(t.cached_tokens is not None for t in turns)
         out: dict[str, float | int | None] = {
             "programs": len(jct),
             "failed_programs": sum(1 for p in self.programs if not p.ok),
             "turns": len(turns),
-            "mean_jct_s": _stat(jct, np.mean),
-            "p50_jct_s": _pct(jct, 50),
-            "p99_jct_s": _pct(jct, 99),
+            **job_figures(self.timings(), prompt, cached if known else None),
             "max_jct_s": _stat(jct, np.max),
             "mean_ttft_s": _stat(ttft, np.mean),
             "p50_ttft_s": _pct(ttft, 50),
@@ -98,9 +109,6 @@ class ReplayResult:
             "mean_queue_s": float(np.mean(queue)) if queue else None,
             "prompt_tokens": prompt,
             "cached_tokens": cached,
-            "hit_rate": (cached / prompt)
-            if prompt and any(t.cached_tokens is not None for t in turns)
-            else None,
             "wall_s": (self.finished_unix_s - self.started_unix_s) if self.finished_unix_s else None,
         }
         if "prefix_cache_queries" in m and m["prefix_cache_queries"] > 0:

@@ -102,7 +102,10 @@ class PolicyCore:
         self.pinned_blocks = 0
         self.price = MemoryPrice(config.price_decay_s, config.price_tolerance)
         self.order = ProgramOrder(
-            config.age_factor if rule.age_bound else math.inf, config.age_min_s, config.age_quantile
+            config.age_factor if rule.age_bound else math.inf,
+            config.age_min_s,
+            config.age_quantile,
+            min_waits=config.age_min_waits,
         )
         self.reorders = rule.program_fcfs
         self._strict_needs_returns = not rule.age_bound and rule.strict_needs_returns
@@ -221,7 +224,8 @@ class PolicyCore:
         # Leaving the queue keeps the order of the others; only a moved age bound makes it stale.
         self._order_len -= 1
         bound = self.order.age_bound_s
-        if abs(bound - self._order_bound) > 0.1 * self._order_bound:
+        old = self._order_bound
+        if math.isinf(bound) != math.isinf(old) or abs(bound - old) > 0.1 * old:  # inf: not yet measured
             self._order_dirty = True
         if pend.program_id is None or self.rule.release_on_next_finish:
             return []

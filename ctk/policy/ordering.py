@@ -91,12 +91,14 @@ class ProgramOrder:
         age_min_s: float = 0.0,
         age_quantile: float = 0.99,
         window: int = 512,
+        min_waits: int = 100,
     ):
         self.age_factor = age_factor
+        self.min_waits = min(window, max(1, min_waits))
         self.age_min_s = age_min_s
         self.age_quantile = age_quantile
         self.fcfs = FCFSWaits(window)
-        self._bound = math.inf if math.isinf(age_factor) else age_min_s
+        self._bound = math.inf  # strict until FCFS's tail wait is measured (a fresh server is no exception)
 
     def arrived(self, now: float) -> None:
         self.fcfs.arrived(now)
@@ -104,7 +106,7 @@ class ProgramOrder:
     def admitted(self, now: float) -> None:
         self.fcfs.admitted(now)
         if not math.isinf(self.age_factor):
-            self._bound = max(self.age_min_s, self.age_factor * self.fcfs.quantile(self.age_quantile))
+            self._bound = self._measured_bound()
 
     def dropped(self) -> None:
         self.fcfs.dropped()
@@ -112,7 +114,16 @@ class ProgramOrder:
     def relax(self, age_factor: float) -> None:
         """From strict program FCFS to the age bound with this factor (the waits measured so far count)."""
         self.age_factor = age_factor
-        self._bound = max(self.age_min_s, age_factor * self.fcfs.quantile(self.age_quantile))
+        self._bound = self._measured_bound()
+
+    def _measured_bound(self) -> float:
+        """``max(age_min_s, age_factor × W_q)`` once ``W_q`` is measured (``min_waits`` waits, 100 by
+        default: what a p99 needs). Before that no request is overdue: with no measured wait the bound would
+        be 0, every waiting request overdue, and a flood of new programs would take the pins of programs
+        about to return (issue 22)."""
+        if len(self.fcfs) < self.min_waits:
+            return math.inf
+        return max(self.age_min_s, self.age_factor * self.fcfs.quantile(self.age_quantile))
 
     @property
     def age_bound_s(self) -> float:

@@ -316,7 +316,13 @@ class TTLRule:
     they tabulate, read as returns spread evenly over it with the tabulated p_hit (online adaptation never
     rewrites those); keys learned online, and every key of trained tables, are priced from their quantiles;
     the tables' old λ(pressure) rows never decide. A client TTL hint (``kv_retention_ttl_seconds``) replaces
-    τ when the price allows it."""
+    τ when the price allows it.
+
+    Waiting order: strict program FCFS (issue 22: in the simulator at H100 x Llama-3.1-8B and H100x4 x
+    Llama-3.1-70B it finishes jobs 1.4-3.4x faster than stock vLLM past the knee, within 5-6% of the oracle,
+    with p99 JCT and p99 resume TTFT no worse than stock's; the cost is the wait of a new program's first
+    request, reported as the admission wait). ``ctk serve --age-bound`` bounds that wait at FCFS's tail (for
+    chat-like deployments whose service level is the first turn's latency)."""
 
     policy = Policy.TTL
     needs_model_file = True
@@ -324,9 +330,9 @@ class TTLRule:
     needs_ctk_scheduler = True
     pins = True
     release_on_next_finish = False
-    age_bound = True
+    age_bound = False  # strict program FCFS by default; --age-bound for a bounded first-turn wait
     valve_last_resort = False
-    strict_needs_returns = True  # in strict order (--no-age-bound): only while programs come back here
+    strict_needs_returns = True  # strict only while programs come back here (else the age bound)
 
     def __init__(
         self,

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ctk.measure.metrics import ProgramTiming, job_figures
 from ctk.measure.workload import ProgramSpec
 from ctk.simulate.client_timing import ClientTiming
 from ctk.simulate.engine import EngineConfig, SimEngine
@@ -103,16 +104,16 @@ class SimResult:
                 pins += stats.pins_created
                 hits += stats.pin_hits
         span = self.sim_time_s or 1.0
+        timings = [
+            ProgramTiming(c.start_s, None if c.jct_s is None else c.finish_s, c.ttfts) for c in self.clients
+        ]
         return {
             "programs": int(len(jct)),
             "failed_programs": sum(1 for c in self.clients if c.jct_s is None),
             "turns": int(len(ttft)),
-            "mean_jct_s": float(jct.mean()) if len(jct) else None,
-            "p50_jct_s": float(np.percentile(jct, 50)) if len(jct) else None,
-            "p99_jct_s": float(np.percentile(jct, 99)) if len(jct) else None,
+            **job_figures(timings, prompt, cached),
             "mean_ttft_s": float(ttft.mean()) if len(ttft) else None,
             "p99_ttft_s": float(np.percentile(ttft, 99)) if len(ttft) else None,
-            "hit_rate": cached / prompt if prompt else None,
             "preemptions": sum(e.preemptions for e in self.engines),
             "pins": pins,
             "pin_hits": hits,

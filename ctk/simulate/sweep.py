@@ -2,8 +2,10 @@
 
 JSON (``ctk simulate --json``)::
 
-    {"rates": {"<rate>": {"<policy>": {"mean_jct_s", "p50_jct_s", "p99_jct_s", "p99_ttft_s", "hit_rate",
-                                        "preemptions", "pins", "kv_usage_mean", ...}}},
+    {"rates": {"<rate>": {"<policy>": {"mean_jct_s", "p50_jct_s", "p99_jct_s", "p50_admission_wait_s",
+                                        "p99_admission_wait_s", "p99_resume_ttft_s", "programs_per_hour",
+                                        "hit_rate", "p99_ttft_s", "preemptions", "pins", "kv_usage_mean",
+                                        ...}}},
      "config": {...}, "vllm_kv80_rate": <rate at which stock vLLM's mean KV usage passes 0.8, or null>}
 """
 
@@ -43,7 +45,7 @@ class Sweep:
                 if b is None:
                     continue
                 for s in out[rate].values():
-                    for key in ("mean_jct_s", "p99_jct_s", "p99_ttft_s"):
+                    for key in RATIO_KEYS:
                         v = s.get(key)
                         ratio = b[key] / v if b.get(key) and v else None
                         s[f"{key.removesuffix('_s')}_x_vs_{base}"] = ratio
@@ -105,10 +107,17 @@ def run_sweep(
     return sweep
 
 
+#: Figures also given as baseline / policy (``<key>_x_vs_vllm``; above 1 the policy is better).
+RATIO_KEYS = ("mean_jct_s", "p99_jct_s", "p99_ttft_s", "p99_resume_ttft_s")
+
 TABLE_COLUMNS = (
     ("mean JCT s", "mean_jct_s", "{:.2f}"),
     ("p50 JCT s", "p50_jct_s", "{:.2f}"),
     ("p99 JCT s", "p99_jct_s", "{:.2f}"),
+    ("p50 adm s", "p50_admission_wait_s", "{:.2f}"),
+    ("p99 adm s", "p99_admission_wait_s", "{:.2f}"),
+    ("p99 resume s", "p99_resume_ttft_s", "{:.3f}"),
+    ("prog/h", "programs_per_hour", "{:.0f}"),
     ("p99 TTFT s", "p99_ttft_s", "{:.3f}"),
     ("hit rate", "hit_rate", "{:.3f}"),
     ("preempt", "preemptions", "{:.0f}"),
@@ -146,7 +155,7 @@ def format_tables(sweep: Sweep) -> str:
 
 
 def plot_jct_vs_rate(sweep: Sweep, out_dir: Path) -> Path | None:
-    """Mean JCT and p99 TTFT vs arrival rate per policy (Continuum's lead figure); None without two rates."""
+    """Mean JCT and p99 resume TTFT vs arrival rate per policy; None without two rates."""
     from ctk.measure.report import plot_rates
 
     return plot_rates(sweep.to_json(), out_dir)

@@ -67,14 +67,14 @@ def serve(
         float, typer.Option(help="age bound: overdue after this x FCFS's tail (q0.99) wait")
     ] = _DEFAULTS.age_factor,
     age_bound: Annotated[
-        bool | None,
+        bool,
         typer.Option(
-            "--age-bound/--no-age-bound",
-            help="program order with the age bound (ttl, progress-ttl) or strict (continuum, oracle; best "
-            "mean JCT, unbounded tail); default: the policy's own",
-            show_default=False,
+            "--age-bound",
+            help="bound program order by FCFS's tail wait, so a new program's first request waits no longer "
+            "than under stock vLLM (chat-like service levels); default: the policy's own (ttl, oracle, "
+            "continuum: strict program order, best job completion time; progress-ttl: bounded)",
         ),
-    ] = None,
+    ] = False,
     detectors: Annotated[str, typer.Option(help="tool-call detectors for output text")] = ",".join(
         _DEFAULTS.detectors
     ),
@@ -120,7 +120,7 @@ def serve(
                 "record": str(record) if record else None,
                 "max_pin_share": max_pin_share,
                 "age_factor": age_factor,
-                "age_bound": age_bound,
+                "age_bound": True if age_bound else None,
                 "detectors": detectors,
                 "online": online,
             }
