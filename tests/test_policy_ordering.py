@@ -31,7 +31,7 @@ def test_fcfs_waits_keep_only_the_last_window():
 
 
 def test_a_waiting_request_may_be_overtaken_until_it_has_waited_fcfs_tail_wait():
-    order = ProgramOrder(age_factor=1.0, age_quantile=0.99)
+    order = ProgramOrder(age_factor=1.0, age_quantile=0.99, min_waits=1)
     order.arrived(0.0)
     order.admitted(4.0)  # FCFS's waits: 4 s
     assert order.age_bound_s == 4.0
@@ -47,8 +47,24 @@ def test_a_waiting_request_may_be_overtaken_until_it_has_waited_fcfs_tail_wait()
     assert ids == [0, 2, 1]  # overdue: it goes first, before the pin
 
 
+def test_no_request_is_overdue_before_min_waits_waits_are_measured():
+    order = ProgramOrder(age_factor=1.0, min_waits=3)  # a cold start: one measured wait says nothing yet
+    order.arrived(0.0)
+    order.admitted(4.0)
+    items = [WaitingItem(arrival=1.0, program_first_arrival=1.0), WaitingItem(2.0, 0.0, has_pin=True)]
+    ids, _ = order.order(items, now=100.0)
+    assert ids == [1, 0]  # 99 s waited and still not overdue: the pinned program keeps its place
+    for t in (1.0, 2.0):
+        order.arrived(t)
+        order.admitted(t + 4.0)
+    ids, _ = order.order(items, now=100.0)
+    assert ids == [0, 1]  # three waits measured: 4 s bound, the new program is overdue
+
+
 def test_overdue_requests_go_oldest_first_and_ties_of_first_arrival_by_rank():
-    order = ProgramOrder(age_factor=1.0, age_min_s=1.0)  # no wait measured: the floor is the bound
+    order = ProgramOrder(age_factor=1.0, age_min_s=1.0, min_waits=1)
+    order.arrived(0.0)
+    order.admitted(0.1)  # a 0.1 s wait: the floor is the bound
     assert order.age_bound_s == 1.0
     items = [
         WaitingItem(5.0, 0.0),
@@ -64,7 +80,7 @@ def test_overdue_requests_go_oldest_first_and_ties_of_first_arrival_by_rank():
 
 
 def test_strict_program_fcfs_has_no_bound_until_relaxed():
-    order = ProgramOrder(age_factor=math.inf)
+    order = ProgramOrder(age_factor=math.inf, min_waits=1)
     order.arrived(0.0)
     order.admitted(30.0)
     items = [WaitingItem(500.0, 1.0), WaitingItem(2.0, 2.0)]  # an old program's turn, a long wait
