@@ -552,7 +552,7 @@ def test_random_workload_no_deadlock_no_leaked_block(policy):
         assert set(c.pins) == set(eng.pinned) and eng.free >= 0
         assert c.pinned_blocks <= max(40, c.rule.max_pin_share * 100)
         assert all(p.program_id in c.programs and c.programs[p.program_id].pin is p for p in c.pins.values())
-    if policy != "vllm":
+    if c.rule.pins:
         assert c.stats.pins_created > 0
     for r, _ in list(eng.waiting):
         eng.apply(c.aborted(r, now=now))

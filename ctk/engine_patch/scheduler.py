@@ -17,6 +17,8 @@ vLLM hook                  driver call
 allocation failure         :meth:`~PolicyDriver.allocation_failed` (the door's valve, armed for a step
                            only when pins are held and memory could run short in it; retried per pin)
 ``_free_blocks``           :meth:`~PolicyDriver.request_finished`; True: the door holds the blocks
+``_handle_blocked_waiting_request``  :meth:`~PolicyDriver.may_admit`; False: vLLM skips the waiting request
+                           this step (deferred, requeued at the front), as it skips one still loading KV
 ``has_requests``           :meth:`~PolicyDriver.idle` (pins held); the door wakes an idle engine at a deadline
 ``reset_prefix_cache``     :meth:`~PolicyDriver.shutdown` (held blocks would fail the reset)
 ``shutdown``               :meth:`~PolicyDriver.shutdown`, the trace recorder flushed
@@ -66,6 +68,7 @@ class CTKSchedulerMixin:
         self._ctk_schedule = base.schedule
         self._ctk_add_request = base.add_request
         self._ctk_free_blocks = base._free_blocks
+        self._ctk_blocked = base._handle_blocked_waiting_request
         self.ctk_door = VllmDoor(self, find_engine_core())
         self._ctk_recorder = None
         cfg = ServeConfig.from_env()
@@ -138,7 +141,7 @@ class CTKSchedulerMixin:
         is_new = not door.is_known(rid)  # a streaming update of a known request is not an arrival
         self._ctk_add_request(request)
         if is_new:
-            driver.request_added(rid, door.hints(request), _now())
+            driver.request_added(rid, door.hints(request), _now(), request.num_prompt_tokens)
 
     def schedule(self, throttle_prefills: bool = False):
         # (vLLM's SchedulerInterface signature: no *args/**kwargs to pack and unpack every step)
@@ -153,6 +156,15 @@ class CTKSchedulerMixin:
         if out.scheduled_new_reqs and driver.hints:
             driver.step_end(self.ctk_door.admissions(out), now)
         return out
+
+    def _handle_blocked_waiting_request(self, request) -> bool:
+        # vLLM's waiting loop asks this of each request it would admit; False skips the request for this step
+        # the way vLLM skips one still loading KV (deferred, put back at the queue's front after the loop).
+        # The rule's admission gate (a paused program) holds a fitting request back here.
+        driver = self.ctk_driver
+        if driver.gate is not None and not driver.may_admit(request.request_id):
+            return False
+        return self._ctk_blocked(request)
 
     def _free_blocks(self, request) -> None:
         driver = self.ctk_driver

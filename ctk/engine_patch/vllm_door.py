@@ -104,6 +104,7 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
     Internal(_SCHED, "add_request", "hook", "a request arrived: hints -> core"),
     Internal(_SCHED, "schedule", "hook", "each step: expiry, waiting/running order, admissions"),
     Internal(_SCHED, "_free_blocks", "hook", "the single place a finished request's blocks are freed"),
+    Internal(_SCHED, "_handle_blocked_waiting_request", "hook", "the waiting loop skips a held-back request"),
     Internal(_SCHED, "has_requests", "hook", "the idle engine loop asks it: idle expiry"),
     Internal(_SCHED, "reset_prefix_cache", "hook", "pins are released first (held blocks fail the reset)"),
     Internal(_SCHED, "shutdown", "hook", "pins released, recorder flushed"),

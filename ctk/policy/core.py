@@ -108,6 +108,7 @@ class PolicyCore:
             min_waits=config.age_min_waits,
         )
         self.reorders = rule.program_fcfs
+        self.gate = rule.gate  # holds back fitting waiting requests (None: never; see may_admit)
         self._strict_needs_returns = not rule.age_bound and rule.strict_needs_returns
         self._queue: dict[str, float] = {}  # waiting (not yet admitted) request id -> arrival, oldest first
         self._charging = False  # the price was last charged to the held pins (the queue's head is overdue)
@@ -170,7 +171,9 @@ class PolicyCore:
 
     # -- events ------------------------------------------------------------------------------------------
 
-    def arrived(self, request_id: str, hints: RequestHints, now: float) -> list[Release]:
+    def arrived(
+        self, request_id: str, hints: RequestHints, now: float, prompt_tokens: int = 0
+    ) -> list[Release]:
         """A request entered the engine."""
         self._order_dirty = True
         if hints.warnings:
@@ -182,6 +185,8 @@ class PolicyCore:
             self._queue[request_id] = now
         if pid is None:
             return []
+        if self.gate is not None:
+            self.gate.arrived(pid, prompt_tokens, now)
         prog = self._program(pid, now)
         prog.turns += 1
         prog.pending.add(request_id)
@@ -252,6 +257,8 @@ class PolicyCore:
         prog = self.programs.get(pid) if pid is not None else None
         if prog is not None:
             prog.pending.discard(ev.request_id)
+            if self.gate is not None:
+                self.gate.finished(prog.program_id, ev.num_tokens, hints.last_turn, state.now)
             old = prog.pin
             if old is not None and old.request_id != ev.request_id:
                 if self.rule.release_on_next_finish and old.next_request_id == ev.request_id:
@@ -365,10 +372,21 @@ class PolicyCore:
             if prog is not None:
                 prog.pending.discard(request_id)
                 prog.last_finish = None
+                if self.gate is not None:
+                    self.gate.aborted(prog.program_id, now)
                 if prog.pin is not None:
                     out.append(self._release(prog.pin, ReleaseReason.ABORT))
         self._order_dirty = True
         return out
+
+    def may_admit(self, request_id: str) -> bool:
+        """May the engine admit this waiting request now (memory permitting)? False only for a request the
+        rule's admission gate holds back (its program paused); a request admitted before (preempted, coming
+        back) or unknown to the core always may."""
+        pend = self.requests.get(request_id)
+        if self.gate is None or pend is None or pend.admitted or pend.program_id is None:
+            return True
+        return self.gate.may_admit(pend.program_id)
 
     def step(self, state: EngineState) -> list[Release]:
         """Once per engine step: expiry, the price update, and re-judgement of held pins (price moved)."""

@@ -108,8 +108,11 @@ class PolicyDriver:
         self._preempt_free_blocks = preempt_order_free_share * view.total_blocks
         self._pins = bool(core.pins_enabled)
         self._reorders = bool(core.reorders)
-        # Stock vLLM (no pins, no reordering): the driver tracks nothing at all.
-        self.tracking = self._pins or self._reorders
+        self.gate = core.gate  # the rule's admission gate (None: every fitting request is admitted)
+        if self.gate is not None:
+            self.gate.capacity_tokens = view.total_blocks * view.block_size
+        # Stock vLLM (no pins, no reordering, no gate): the driver tracks nothing at all.
+        self.tracking = self._pins or self._reorders or self.gate is not None
 
     # -- engine state --------------------------------------------------------------------------------
 
@@ -147,19 +150,19 @@ class PolicyDriver:
             self._rearm()
 
     def _rearm(self) -> None:
-        if self.held or self._armed:
-            deadline = self.core.next_deadline()
+        if self.held or self._armed or self.gate is not None:
+            deadline = self.next_deadline()
             self._armed = deadline is not None
             self.view.wake_at(deadline)
 
     # -- hooks ----------------------------------------------------------------------------------------
 
-    def request_added(self, request_id: str, hints: RequestHints, now: float) -> None:
+    def request_added(self, request_id: str, hints: RequestHints, now: float, prompt_tokens: int = 0) -> None:
         """A request entered the engine (not called again for a preempted request coming back)."""
         if not self.tracking:
             return
         self.hints[request_id] = hints
-        releases = self.core.arrived(request_id, hints, now)
+        releases = self.core.arrived(request_id, hints, now, prompt_tokens)
         if releases:
             self._apply(releases)
 
@@ -168,6 +171,12 @@ class PolicyDriver:
         Called every step: with no pin held, two counts and the free blocks are read, nothing more."""
         if self.held:
             self._apply(self.core.step(self.state(now)))
+        gate = self.gate
+        if gate is not None:
+            if now >= gate.next_tick:
+                self._tick_gate(now)
+            elif gate.holding and not self._armed:
+                self._rearm()  # an idle engine must wake at the tick that may let the held requests in
         if not self._reorders:
             return
         view = self.view
@@ -182,6 +191,15 @@ class PolicyDriver:
             order = core.order_running(view.running_ids())
             if order is not None and any(i != j for i, j in enumerate(order)):
                 view.reorder_running(order)
+
+    def may_admit(self, request_id: str) -> bool:
+        """The engine's waiting loop asks this for each request it would admit: False holds it back this step
+        although it fits (the engine skips it and goes on with the next one, as vLLM skips a blocked one)."""
+        return self.gate is None or self.core.may_admit(request_id)
+
+    def _tick_gate(self, now: float) -> None:
+        self.gate.tick(self.state(now))
+        self._rearm()
 
     def step_end(self, admitted: Iterable[tuple[str, int]], now: float) -> None:
         """After the engine scheduled: ``admitted`` = (request id, prefix-cached tokens) of the requests
@@ -250,9 +268,17 @@ class PolicyDriver:
         if self.held:
             self._apply(self.core.step(self.state(now)))
             self._rearm()  # the timer that woke the engine is spent
+        gate = self.gate
+        if gate is not None and now >= gate.next_tick:
+            self._tick_gate(now)
 
     def next_deadline(self) -> float | None:
-        return self.core.next_deadline()
+        """The next pin expiry or admission-gate tick (caller's clock)."""
+        deadline = self.core.next_deadline()
+        tick = self.gate.next_tick if self.gate is not None and self.gate.holding else None
+        if tick is None:
+            return deadline
+        return tick if deadline is None else min(deadline, tick)
 
     def shutdown(self, reason) -> None:
         """Release every pin (shutdown, prefix-cache reset, reconfiguration)."""

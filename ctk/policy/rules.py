@@ -73,12 +73,33 @@ class PinRule(Protocol):
     strict_needs_returns: bool  # strict order only while pinned programs come back here (else the age bound)
     max_pin_share: float  # pinned blocks never exceed this share of the KV cache
 
+    gate: AdmissionGate | None  # holds back waiting requests that would fit memory (None: never)
+
     def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision: ...
     def observe(self, obs: ToolObservation, now: float) -> None: ...
     def keep(self, pin: Pin, state: EngineState, price: float) -> bool: ...
     def victim_value(self, pin: Pin, now: float) -> float: ...
     @classmethod
     def from_settings(cls, settings: RuleSettings, tables: TTLTables | None, cost: CostModel) -> Self: ...
+
+
+class AdmissionGate(Protocol):
+    """Holds back a program's waiting requests although they fit memory (ThunderAgent's paused programs,
+    working-set admission). The core feeds it the program events; the engine asks :meth:`may_admit` for each
+    waiting request it would admit (a request already admitted once, e.g. preempted, is never asked)."""
+
+    capacity_tokens: int  # the engine's KV cache in tokens (set by the driver)
+
+    def arrived(self, program_id: str, prompt_tokens: int, now: float) -> None: ...
+    def finished(self, program_id: str, context_tokens: int, last_turn: bool, now: float) -> None: ...
+    def aborted(self, program_id: str, now: float) -> None: ...
+    def may_admit(self, program_id: str) -> bool: ...
+
+    next_tick: float  # the driver calls :meth:`tick` at its first step from then on
+
+    def tick(self, state: EngineState) -> None: ...
+    @property
+    def holding(self) -> bool: ...  # something is held back: an idle engine must wake at ``next_tick``
 
 
 # -- shared by the rules that carry a distribution ------------------------------------------------------
@@ -121,6 +142,7 @@ class NoPins:
     needs_model_file = False
     uses_model_file = False
     needs_ctk_scheduler = False
+    gate = None
     pins = False
     release_on_next_finish = False
     age_bound = True
@@ -160,6 +182,7 @@ class ContinuumRule:
     needs_model_file = False
     uses_model_file = False
     needs_ctk_scheduler = True
+    gate = None
     pins = True
     release_on_next_finish = True
     age_bound = False
@@ -264,6 +287,7 @@ class ProgressTTLRule:
     needs_model_file = False
     uses_model_file = False
     needs_ctk_scheduler = True
+    gate = None
     pins = True
     release_on_next_finish = False
     age_bound = True
@@ -328,6 +352,7 @@ class TTLRule:
     needs_model_file = True
     uses_model_file = True
     needs_ctk_scheduler = True
+    gate = None
     pins = True
     release_on_next_finish = False
     age_bound = False  # strict program FCFS by default; --age-bound for a bounded first-turn wait
@@ -427,6 +452,7 @@ class OracleRule:
     needs_model_file = False
     uses_model_file = True
     needs_ctk_scheduler = True
+    gate = None
     pins = True
     release_on_next_finish = False
     age_bound = False  # strict program FCFS: the bound on mean JCT has no tail bound (as Continuum) ...

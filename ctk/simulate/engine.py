@@ -8,7 +8,8 @@ The scheduling step follows ``vllm/v1/core/sched/scheduler.py`` (0.32.0) where i
   allocated the LAST running request is preempted (recompute: its blocks are freed, still cached, and it
   goes to the FRONT of the waiting queue), repeatedly, until the allocation fits or the request itself was
   the victim;
-- WAITING requests only when nothing was preempted this step, in queue order; a request's prefix-cache hit
+- WAITING requests only when nothing was preempted this step, in queue order, skipping those the policy
+  holds back (``driver.may_admit``; vLLM's waiting loop skips them the same way); a request's prefix-cache hit
   (full blocks, at most ``num_tokens - 1`` tokens) is looked up, its whole prompt must fit the free blocks
   (``scheduler_reserve_full_isl``, the 0.32 default), and the loop stops at the first request it cannot place;
 - a request whose prompt is fully computed samples one token in the same step; it finishes at ``max_tokens``.
@@ -98,7 +99,7 @@ class SimRequest:
 class NullDriver:
     """No policy at all (tests of the bare engine): every hook is a no-op."""
 
-    def request_added(self, request_id, hints, now):
+    def request_added(self, request_id, hints, now, prompt_tokens=0):
         pass
 
     def step_begin(self, now):
@@ -106,6 +107,9 @@ class NullDriver:
 
     def step_end(self, admitted, now):
         pass
+
+    def may_admit(self, request_id):
+        return True
 
     def allocation_failed(self, request_id, running, now):
         return False
@@ -230,7 +234,7 @@ class SimEngine:
             req.chain = self.pool.chain(req.program_id, cap)
         self.requests[req.request_id] = req
         self.waiting.append(req)
-        self.driver.request_added(req.request_id, req.hints, now)
+        self.driver.request_added(req.request_id, req.hints, now, req.prompt_tokens)
 
     def _blocks_for(self, tokens: int) -> int:
         """Chain blocks (after the shared prefix) that ``tokens`` tokens occupy."""
@@ -301,10 +305,14 @@ class SimEngine:
             budget -= num_new
             i += 1
         admitted: list[tuple[str, int]] = []
+        skipped: list[SimRequest] = []  # held back by the policy: back at the queue's front (as vLLM does)
         if not preempted:
             pool, bs, shared = self.pool, self.block_size, self.shared_blocks
             while self.waiting and budget > 0 and len(running) < self.cfg.max_num_seqs:
                 r = self.waiting[0]
+                if not driver.may_admit(r.request_id):
+                    skipped.append(self.waiting.popleft())
+                    continue
                 # prefix-cache lookup: full blocks, at most num_tokens - 1 tokens
                 max_hit = (r.num_tokens - 1) // bs
                 hit = shared + pool.cached_prefix(r.chain, max_hit - shared) if max_hit > shared else max_hit
@@ -331,6 +339,8 @@ class SimEngine:
                 if r.cached_tokens is None:  # the first admission (not a preempted request coming back)
                     r.cached_tokens = computed
                     admitted.append((r.request_id, computed))
+            if skipped:
+                self.waiting.extendleft(reversed(skipped))
         driver.step_end(admitted, now)
         if not scheduled:
             self._scheduled = []
@@ -344,7 +354,7 @@ class SimEngine:
                 prefill_tokens += n
                 prefill_attn += n * (r.num_computed + n / 2)
         k = 1
-        if prefill_tokens == 0 and not self.waiting and self.cfg.max_fused_steps > 1:
+        if prefill_tokens == 0 and len(self.waiting) == len(skipped) and self.cfg.max_fused_steps > 1:
             k = self._fusable(scheduled, now, horizon)
         dt = self.cost.step_s(prefill_tokens, prefill_attn, n_decode, decode_ctx + n_decode * (k - 1) // 2)
         if k > 1:
