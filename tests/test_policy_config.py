@@ -25,7 +25,10 @@ from ctk.policy.rules import Policy
             {"detectors": ("bash", "regex")},
             "detectors must be one of 'bash', 'tool_call' or 'openai', not 'regex'",
         ),
-        ({"policy": "lru"}, "policy must be one of 'vllm', 'continuum', 'progress-ttl', 'ttl' or 'oracle'"),
+        (
+            {"policy": "lru"},
+            "policy must be one of 'vllm', 'continuum', 'progress-ttl', 'ttl', 'oracle' or 'thunderagent'",
+        ),
         (
             {"online_min_samples": 9, "online_window": 8},
             "online_min_samples must be >= 1 and <= online_window",

@@ -67,7 +67,7 @@ def finish(c, rid, hints, now, tokens=4000, blocks=250, text="", st=None):
 
 
 def test_policy_registry_is_the_config_vocabulary():
-    assert POLICY_NAMES == ("vllm", "continuum", "progress-ttl", "ttl", "oracle")
+    assert POLICY_NAMES == ("vllm", "continuum", "progress-ttl", "ttl", "oracle", "thunderagent")
     assert ServeConfig(policy="progress-ttl").validate().policy is Policy.PROGRESS_TTL
     with pytest.raises(ConfigError, match="progress-ttl"):
         ServeConfig(policy="lru").validate()

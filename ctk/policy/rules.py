@@ -40,6 +40,7 @@ class Policy(StrEnum):
     PROGRESS_TTL = "progress-ttl"  # vllm-router 0.1.16+ Program Scheduling's Progress-TTL
     TTL = "ttl"  # ctk: TTL from the learned duration distribution under the live memory price
     ORACLE = "oracle"  # the true tool duration, clairvoyant eviction: an upper bound
+    THUNDERAGENT = "thunderagent"  # NVIDIA Dynamo's ThunderAgent: programs paused / resumed by KV usage
 
 
 POLICY_NAMES: tuple[str, ...] = tuple(p.value for p in Policy)
@@ -502,6 +503,23 @@ class OracleRule:
         return value_by_cdf(pin, now)
 
 
+class ThunderAgentRule(NoPins):
+    """NVIDIA Dynamo's ThunderAgent router, inside the engine: no pins, the engine's FCFS order, and whole
+    programs paused and resumed by its usage accounting every 5 s
+    (:class:`~ctk.policy.pause.ThunderAgentGate`, Dynamo's defaults: pause at 0.95, drain to 0.80, resume
+    under 0.85, forced resume after 1,800 s). A paused program's next turn is held back in the waiting queue
+    although it fits."""
+
+    policy = Policy.THUNDERAGENT
+    needs_ctk_scheduler = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        from ctk.policy.pause import ThunderAgentGate
+
+        self.gate = ThunderAgentGate()
+
+
 def online_for(settings: RuleSettings, tables: TTLTables | None) -> OnlineDurations | None:
     """The online adapter of the ``ttl`` rule (None when disabled or without tables)."""
     if not settings.online or tables is None:
@@ -522,6 +540,7 @@ RULES: dict[Policy, type[PinRule]] = {
     Policy.PROGRESS_TTL: ProgressTTLRule,
     Policy.TTL: TTLRule,
     Policy.ORACLE: OracleRule,
+    Policy.THUNDERAGENT: ThunderAgentRule,
 }
 
 
