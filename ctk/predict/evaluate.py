@@ -246,12 +246,17 @@ def task_groups(frame: pd.DataFrame) -> np.ndarray:
     return ("task:" + task.astype(str)).where(task.notna(), "program:" + prog).to_numpy()
 
 
+#: Share of the task groups :func:`fold_ids` holds out with ``folds == 1`` (by hash: the realised share of a
+#: given frame is close to it, not equal).
+HELD_OUT_GROUP_SHARE = 0.25
+
+
 def fold_ids(frame: pd.DataFrame, folds: int, seed: int = 0) -> np.ndarray:
     """Fold of each row by task group (scikit-learn's ``GroupKFold``, shuffled by ``seed``);
-    ``folds == 1``: 0 = held out (25 % of the groups, by hash), -1 = train."""
+    ``folds == 1``: 0 = held out (:data:`HELD_OUT_GROUP_SHARE` of the groups, by hash), -1 = train."""
     groups = task_groups(frame)
     if folds <= 1:
-        return np.where(program_fold(groups, 0.25, seed), 0, -1)
+        return np.where(program_fold(groups, HELD_OUT_GROUP_SHARE, seed), 0, -1)
     from sklearn.model_selection import GroupKFold
 
     n_groups = len(np.unique(groups))
