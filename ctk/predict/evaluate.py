@@ -200,7 +200,8 @@ def cross_predict(
     tables: bool = True,
     max_eval_rows: int = 50_000,
 ) -> tuple[dict[str, Predictions], np.ndarray]:
-    """Out-of-fold predictions by task group. ``folds`` >= 2: grouped K-fold; 1: one 25 % held-out split.
+    """Out-of-fold predictions by task group. ``folds`` >= 2: grouped K-fold; 1: one held-out split
+    (:data:`HELD_OUT_GROUP_SHARE` of the groups).
 
     Returns the predictions (arrays over all rows of ``frame``) and the mask of rows that were predicted
     (held out, of a source the training part has, and at most ``max_eval_rows`` of them, sampled, to bound
