@@ -102,8 +102,15 @@ class PriceGridTable:
     def __init__(self, exact: ExactRule, g: int, price_lo: float, price_hi: float, interp: bool):
         cm = exact.cost
         self.interp = interp
-        self.log_ctx = list(np.linspace(math.log(CONTEXT_RANGE[0]), math.log(CONTEXT_RANGE[1]), g))
-        self.log_price = list(np.linspace(math.log(price_lo), math.log(price_hi), g))
+        self.log_ctx = [
+            float(x) for x in np.linspace(math.log(CONTEXT_RANGE[0]), math.log(CONTEXT_RANGE[1]), g)
+        ]
+        self.log_price = [float(x) for x in np.linspace(math.log(price_lo), math.log(price_hi), g)]
+        # nearest point in log space without a log per read: bisect on the geometric midpoints
+        self.ctx_mid = [math.exp(0.5 * (a + b)) for a, b in zip(self.log_ctx, self.log_ctx[1:], strict=False)]
+        self.price_mid = [
+            math.exp(0.5 * (a + b)) for a, b in zip(self.log_price, self.log_price[1:], strict=False)
+        ]
         self.rows: dict[str, list[list[float]]] = {}
         for key, cdf in exact.cdfs.items():
             rows = []
@@ -131,15 +138,15 @@ class PriceGridTable:
             r = rows.get(key)
             if r is None:
                 continue
+            if not self.interp:
+                j = 0 if price <= 0.0 else 1 + bisect.bisect_left(self.price_mid, price)
+                return r[bisect.bisect_left(self.ctx_mid, context_tokens)][j]
             i, wi = self._pos(self.log_ctx, math.log(max(1, context_tokens)))
             if price <= 0.0:
                 j, wj = 0, 0.0
             else:
                 j, wj = self._pos(self.log_price, math.log(price))
                 j += 1  # column 0 is price 0
-            if not self.interp:
-                i, j = i + (wi >= 0.5), j + (wj >= 0.5)
-                return r[i][j]
             i1, j1 = min(i + 1, len(r) - 1), min(j + 1, len(r[0]) - 1)
             top = r[i][j] + wj * (r[i][j1] - r[i][j])
             bottom = r[i1][j] + wj * (r[i1][j1] - r[i1][j])
