@@ -45,7 +45,6 @@ from ctk.policy.events import (
     ToolObservation,
 )
 from ctk.policy.hints import RequestHints
-from ctk.policy.ordering import ProgramOrder
 from ctk.policy.price import MemoryPrice
 from ctk.policy.rules import PinRule
 from ctk.predict.features import command_keys
@@ -101,7 +100,7 @@ class PolicyCore:
         self.pins: dict[str, Pin] = {}  # request id -> pin
         self.pinned_blocks = 0
         self.price = MemoryPrice(config.price_decay_s, config.price_tolerance)
-        self.order = ProgramOrder(
+        self.order = rule.waiting_order(
             config.age_factor if rule.age_bound else math.inf,
             config.age_min_s,
             config.age_quantile,

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, Self
 
 from ctk.policy.detect import ToolCall
 from ctk.policy.events import NO_PIN, EngineState, Pin, PinCall, PinDecision, ToolObservation
+from ctk.policy.ordering import ProgramOrder, ResumeFirstOrder
 from ctk.predict.cost import CDF, CONTINUUM_PIN_S, CostModel, live_ttl
 from ctk.predict.features import continuum_tool_name
 
@@ -72,6 +73,7 @@ class PinRule(Protocol):
     valve_last_resort: bool  # True: pins go only when nothing running can free memory (Continuum)
     strict_needs_returns: bool  # strict order only while pinned programs come back here (else the age bound)
     max_pin_share: float  # pinned blocks never exceed this share of the KV cache
+    waiting_order: type[ProgramOrder]  # the waiting queue's order (ctk.policy.ordering), when program_fcfs
 
     def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision: ...
     def observe(self, obs: ToolObservation, now: float) -> None: ...
@@ -127,6 +129,7 @@ class NoPins:
     valve_last_resort = False
     strict_needs_returns = False
     max_pin_share = 0.0
+    waiting_order = ProgramOrder
 
     def __init__(self) -> None:
         self.program_fcfs = False
@@ -166,6 +169,7 @@ class ContinuumRule:
     valve_last_resort = True
     strict_needs_returns = False  # the public behaviour: strict whatever the routing
     max_pin_share = 1.0
+    waiting_order = ProgramOrder
 
     def __init__(self, ttl_s: float = CONTINUUM_PIN_S):
         self.ttl_s = ttl_s
@@ -269,6 +273,7 @@ class ProgressTTLRule:
     age_bound = True
     valve_last_resort = False
     strict_needs_returns = False
+    waiting_order = ProgramOrder
 
     def __init__(self, window: int = 100, max_pin_share: float = 0.5):
         self.program_fcfs = True
@@ -333,6 +338,13 @@ class TTLRule:
     age_bound = False  # strict program FCFS by default; --age-bound for a bounded first-turn wait
     valve_last_resort = False
     strict_needs_returns = True  # strict only while programs come back here (else the age bound)
+
+    @property
+    def waiting_order(self) -> type[ProgramOrder]:
+        """Strict order: program order admits new programs, resumed turns are served FCFS among themselves
+        (:class:`ResumeFirstOrder`: no admitted program's turn waits behind an older program's run of turns);
+        ``--age-bound``: program FCFS under the age bound, as before."""
+        return ProgramOrder if self.age_bound else ResumeFirstOrder
 
     def __init__(
         self,
@@ -433,6 +445,7 @@ class OracleRule:
     valve_last_resort = False
     strict_needs_returns = True  # ... while programs come back here (not behind round-robin)
     max_pin_share = 1.0
+    waiting_order = ProgramOrder
 
     def __init__(self, cost: CostModel, slack_s: float = 0.25, overhead_alpha: float = 0.2):
         self.cost = cost
