@@ -19,7 +19,9 @@ and applies the :class:`~ctk.policy.events.Release` list each method returns (fr
 - :meth:`PolicyCore.release_for_pressure` — the valve, called before any preemption or refused admission:
   the pin of lowest value per token-second still to hold goes first (never one whose program is back);
   under program ordering a waiting request takes pins only once overdue or when nothing runs.
-- :meth:`PolicyCore.order_waiting` / :meth:`PolicyCore.order_running` — program FCFS with the age bound.
+- :meth:`PolicyCore.order_waiting` / :meth:`PolicyCore.order_running` — the rule's ``waiting_order`` (program
+  FCFS with the age bound, or ttl's :class:`~ctk.policy.ordering.ResumeFirstOrder`); the youngest program is
+  preempted first.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Program-level FCFS with an age bound: the order of the waiting queue.
+"""Program-level FCFS with an age bound: the order of the waiting queue (:class:`ProgramOrder`), and ttl's
+strict order, :class:`ResumeFirstOrder` (resumed turns FCFS, new programs admitted in program order).
 
 Key of a waiting request, smallest first:
 

@@ -323,11 +323,13 @@ class TTLRule:
     the tables' old λ(pressure) rows never decide. A client TTL hint (``kv_retention_ttl_seconds``) replaces
     τ when the price allows it.
 
-    Waiting order: strict program FCFS (issue 22: in the simulator at H100 x Llama-3.1-8B and H100x4 x
-    Llama-3.1-70B it finishes jobs 1.4-3.4x faster than stock vLLM past the knee, within 5-6% of the oracle,
-    with p99 JCT and p99 resume TTFT no worse than stock's; the cost is the wait of a new program's first
-    request, reported as the admission wait). ``ctk serve --age-bound`` bounds that wait at FCFS's tail (for
-    chat-like deployments whose service level is the first turn's latency)."""
+    Waiting order: strict, with no age bound (issue 22): program order admits new programs, and resumed
+    turns of admitted programs are served FCFS among themselves, pinned ones first (:class:`ResumeFirstOrder`;
+    strict program FCFS over every turn made a younger admitted program's next turn wait behind older
+    programs' whole runs: 4.2x stock's p99 resume TTFT on the CPU engine). The cost is the wait of a new
+    program's first request, reported as the admission wait (README: "What ctk optimises").
+    ``ctk serve --age-bound`` bounds that wait at FCFS's tail under program FCFS (for chat-like deployments
+    whose service level is the first turn's latency)."""
 
     policy = Policy.TTL
     needs_model_file = True
