@@ -58,7 +58,12 @@ def test_no_pin_no_demand_walk_no_valve(engine_llm, sched, monkeypatch):
     assert demand[0] == 6  # one per finish (the decision's price), none per step
     assert "allocate_slots" not in vars(kv)
     _run(engine_llm, rng, 1, program_id="pinned", tool=LONG_TTL_KEY)
-    assert sched.ctk_pinned_request_ids() and "allocate_slots" in vars(kv)  # the valve, while pins exist
+    assert sched.ctk_pinned_request_ids()
+    door.arm_valve()
+    assert "allocate_slots" not in vars(kv)  # pins held, but no allocation of a step can fail: no valve
+    monkeypatch.setattr(door, "_step_blocks", door.free_blocks() + 1)
+    door.arm_valve()
+    assert "allocate_slots" in vars(kv)  # pins held and a step could ask for more than is free: the valve
     before = demand[0]
     _run(engine_llm, rng, 4, program_id="other")
     assert demand[0] - before > 4  # with a pin held every step prices the queue

@@ -200,7 +200,8 @@ def cross_predict(
     tables: bool = True,
     max_eval_rows: int = 50_000,
 ) -> tuple[dict[str, Predictions], np.ndarray]:
-    """Out-of-fold predictions by task group. ``folds`` >= 2: grouped K-fold; 1: one 25 % held-out split.
+    """Out-of-fold predictions by task group. ``folds`` >= 2: grouped K-fold; 1: one held-out split
+    (:data:`HELD_OUT_GROUP_SHARE` of the groups).
 
     Returns the predictions (arrays over all rows of ``frame``) and the mask of rows that were predicted
     (held out, of a source the training part has, and at most ``max_eval_rows`` of them, sampled, to bound
@@ -246,12 +247,17 @@ def task_groups(frame: pd.DataFrame) -> np.ndarray:
     return ("task:" + task.astype(str)).where(task.notna(), "program:" + prog).to_numpy()
 
 
+#: Share of the task groups :func:`fold_ids` holds out with ``folds == 1`` (by hash: the realised share of a
+#: given frame is close to it, not equal).
+HELD_OUT_GROUP_SHARE = 0.25
+
+
 def fold_ids(frame: pd.DataFrame, folds: int, seed: int = 0) -> np.ndarray:
     """Fold of each row by task group (scikit-learn's ``GroupKFold``, shuffled by ``seed``);
-    ``folds == 1``: 0 = held out (25 % of the groups, by hash), -1 = train."""
+    ``folds == 1``: 0 = held out (:data:`HELD_OUT_GROUP_SHARE` of the groups, by hash), -1 = train."""
     groups = task_groups(frame)
     if folds <= 1:
-        return np.where(program_fold(groups, 0.25, seed), 0, -1)
+        return np.where(program_fold(groups, HELD_OUT_GROUP_SHARE, seed), 0, -1)
     from sklearn.model_selection import GroupKFold
 
     n_groups = len(np.unique(groups))

@@ -30,7 +30,7 @@ from ctk.predict.tables import DEFAULT_CONTEXT_EDGES
 from ctk.store import TraceStore
 
 #: Below this many calls ``ctk train`` evaluates with 5-fold by program (every call predicted once);
-#: above, one 25 % program hold-out keeps training time bounded.
+#: above, one program hold-out (``evaluate.HELD_OUT_GROUP_SHARE``) keeps training time bounded.
 AUTO_FOLDS_ROWS = 100_000
 
 
@@ -42,7 +42,9 @@ class TrainError(CtkError, RuntimeError):
 class TrainConfig:
     predictor: str = "lightgbm"
     levels: tuple[float, ...] = DEFAULT_LEVELS
-    eval_folds: int = 0  # 0: auto (5 below AUTO_FOLDS_ROWS calls, else 1); 1: one 25 % hold-out; k: k-fold
+    #: 0: auto (5 below AUTO_FOLDS_ROWS calls, else 1); 1: one hold-out (evaluate.HELD_OUT_GROUP_SHARE);
+    #: k: k-fold
+    eval_folds: int = 0
     loso: bool = False  # also leave-one-source-out
     seed: int = 0
     context_edges: tuple[int, ...] = DEFAULT_CONTEXT_EDGES
