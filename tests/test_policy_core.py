@@ -357,6 +357,30 @@ def test_program_fcfs_pinned_first_and_age_bound():
     assert c.order_waiting(["new1", "old2", "pin2"], now=7.5) == [0, 2, 1]
 
 
+def test_ttl_serves_resumed_turns_fcfs_and_admits_new_programs_by_program_order():
+    """ttl's default (strict) order: a resumed turn of a younger program that arrived first is not
+    overtaken by an older program's later turn (the resume-TTFT guard); first turns of new programs wait
+    behind every resumed turn, oldest program first. ``--age-bound`` and the oracle keep program FCFS."""
+    for policy, age_bound, want in (
+        ("ttl", None, ["young2", "old2", "new-a", "new-b"]),
+        ("ttl", True, ["old2", "young2", "new-a", "new-b"]),
+        ("oracle", None, ["old2", "young2", "new-a", "new-b"]),
+    ):
+        c = core(policy, age_bound=age_bound, age_min_waits=100)  # no request overdue here
+        c.arrived("old1", hints("old"), now=0)
+        c.arrived("young1", hints("young"), now=1)
+        c.arrived("new-a", hints("new-a"), now=2)  # a program whose first turn still waits
+        c.arrived("new-b", hints("new-b"), now=2.5)
+        for rid, prog in (("old1", "old"), ("young1", "young")):
+            c.admitted(rid, 0, now=2)
+            c.finished(fin(rid, hints(prog), "final"), state(now=3))
+        c.arrived("young2", hints("young"), now=4)
+        c.arrived("old2", hints("old"), now=5)
+        waiting = ["new-b", "old2", "new-a", "young2"]
+        order = c.order_waiting(waiting, now=6)
+        assert [waiting[i] for i in order] == want, (policy, age_bound)
+
+
 def test_preemption_victim_is_the_youngest_program_not_on_its_last_turn():
     c = core()
     c.arrived("old", hints("A"), now=0)

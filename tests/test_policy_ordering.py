@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ctk.policy.ordering import FCFSWaits, ProgramOrder, WaitingItem
+from ctk.policy.ordering import FCFSWaits, ProgramOrder, ResumeFirstOrder, WaitingItem
 
 
 def test_fcfs_waits_pair_the_kth_admission_with_the_kth_arrival():
@@ -90,3 +90,23 @@ def test_strict_program_fcfs_has_no_bound_until_relaxed():
     assert order.age_bound_s == 60.0
     ids, _ = order.order(items, now=1e6)
     assert ids == [1, 0]  # both overdue: plain arrival order
+
+
+def test_resume_first_order_serves_resumed_turns_by_arrival_then_new_programs_by_program():
+    items = [
+        WaitingItem(9.0, 9.0, False, 5),  # a new program's first turn
+        WaitingItem(8.0, 1.0),  # a resumed turn of the oldest program, arrived last of the resumes
+        WaitingItem(7.0, 3.0),  # a resumed turn of a younger program, arrived earlier
+        WaitingItem(8.5, 4.0, True),  # a resumed turn whose program holds a pin
+        WaitingItem(6.0, 6.0, False, 4),  # an older new program
+        WaitingItem(7.5, None),  # no program: a first turn by its own arrival
+    ]
+    strict = ResumeFirstOrder(age_factor=math.inf)
+    ids, next_change = strict.order(items, now=10.0)
+    assert ids == [3, 2, 1, 4, 5, 0] and next_change == math.inf
+    assert ProgramOrder(age_factor=math.inf).order(items, now=10.0)[0] == [3, 1, 2, 4, 5, 0]  # the old order
+    bounded = ResumeFirstOrder(age_factor=1.0, age_min_s=3.5, min_waits=1)
+    bounded.arrived(0.0)
+    bounded.admitted(0.1)
+    ids, next_change = bounded.order(items, now=10.0)
+    assert ids[0] == 4 and next_change == pytest.approx(10.5)  # overdue first; the next at 7.0 + 3.5

@@ -19,7 +19,9 @@ and applies the :class:`~ctk.policy.events.Release` list each method returns (fr
 - :meth:`PolicyCore.release_for_pressure` — the valve, called before any preemption or refused admission:
   the pin of lowest value per token-second still to hold goes first (never one whose program is back);
   under program ordering a waiting request takes pins only once overdue or when nothing runs.
-- :meth:`PolicyCore.order_waiting` / :meth:`PolicyCore.order_running` — program FCFS with the age bound.
+- :meth:`PolicyCore.order_waiting` / :meth:`PolicyCore.order_running` — the rule's ``waiting_order`` (program
+  FCFS with the age bound, or ttl's :class:`~ctk.policy.ordering.ResumeFirstOrder`); the youngest program is
+  preempted first.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ from ctk.policy.events import (
     ToolObservation,
 )
 from ctk.policy.hints import RequestHints
-from ctk.policy.ordering import ProgramOrder
 from ctk.policy.price import MemoryPrice
 from ctk.policy.rules import PinRule
 from ctk.predict.features import command_keys
@@ -101,7 +102,7 @@ class PolicyCore:
         self.pins: dict[str, Pin] = {}  # request id -> pin
         self.pinned_blocks = 0
         self.price = MemoryPrice(config.price_decay_s, config.price_tolerance)
-        self.order = ProgramOrder(
+        self.order = rule.waiting_order(
             config.age_factor if rule.age_bound else math.inf,
             config.age_min_s,
             config.age_quantile,

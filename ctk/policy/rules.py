@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, Self
 
 from ctk.policy.detect import ToolCall
 from ctk.policy.events import NO_PIN, EngineState, Pin, PinCall, PinDecision, ToolObservation
+from ctk.policy.ordering import ProgramOrder, ResumeFirstOrder
 from ctk.predict.cost import CDF, CONTINUUM_PIN_S, CostModel, live_ttl
 from ctk.predict.features import continuum_tool_name
 
@@ -73,6 +74,7 @@ class PinRule(Protocol):
     valve_last_resort: bool  # True: pins go only when nothing running can free memory (Continuum)
     strict_needs_returns: bool  # strict order only while pinned programs come back here (else the age bound)
     max_pin_share: float  # pinned blocks never exceed this share of the KV cache
+    waiting_order: type[ProgramOrder]  # the waiting queue's order (ctk.policy.ordering), when program_fcfs
 
     gate: AdmissionGate | None  # holds back waiting requests that would fit memory (None: never)
 
@@ -150,6 +152,7 @@ class NoPins:
     valve_last_resort = False
     strict_needs_returns = False
     max_pin_share = 0.0
+    waiting_order = ProgramOrder
 
     def __init__(self) -> None:
         self.program_fcfs = False
@@ -190,6 +193,7 @@ class ContinuumRule:
     valve_last_resort = True
     strict_needs_returns = False  # the public behaviour: strict whatever the routing
     max_pin_share = 1.0
+    waiting_order = ProgramOrder
 
     def __init__(self, ttl_s: float = CONTINUUM_PIN_S):
         self.ttl_s = ttl_s
@@ -294,6 +298,7 @@ class ProgressTTLRule:
     age_bound = True
     valve_last_resort = False
     strict_needs_returns = False
+    waiting_order = ProgramOrder
 
     def __init__(self, window: int = 100, max_pin_share: float = 0.5):
         self.program_fcfs = True
@@ -343,11 +348,13 @@ class TTLRule:
     the tables' old λ(pressure) rows never decide. A client TTL hint (``kv_retention_ttl_seconds``) replaces
     τ when the price allows it.
 
-    Waiting order: strict program FCFS (issue 22: in the simulator at H100 x Llama-3.1-8B and H100x4 x
-    Llama-3.1-70B it finishes jobs 1.4-3.4x faster than stock vLLM past the knee, within 5-6% of the oracle,
-    with p99 JCT and p99 resume TTFT no worse than stock's; the cost is the wait of a new program's first
-    request, reported as the admission wait). ``ctk serve --age-bound`` bounds that wait at FCFS's tail (for
-    chat-like deployments whose service level is the first turn's latency)."""
+    Waiting order: strict, with no age bound (issue 22): program order admits new programs, and resumed
+    turns of admitted programs are served FCFS among themselves, pinned ones first (:class:`ResumeFirstOrder`;
+    strict program FCFS over every turn made a younger admitted program's next turn wait behind older
+    programs' whole runs: 4.2x stock's p99 resume TTFT on the CPU engine). The cost is the wait of a new
+    program's first request, reported as the admission wait (README: "What ctk optimises").
+    ``ctk serve --age-bound`` bounds that wait at FCFS's tail under program FCFS (for chat-like deployments
+    whose service level is the first turn's latency)."""
 
     policy = Policy.TTL
     needs_model_file = True
@@ -359,6 +366,13 @@ class TTLRule:
     age_bound = False  # strict program FCFS by default; --age-bound for a bounded first-turn wait
     valve_last_resort = False
     strict_needs_returns = True  # strict only while programs come back here (else the age bound)
+
+    @property
+    def waiting_order(self) -> type[ProgramOrder]:
+        """Strict order: program order admits new programs, resumed turns are served FCFS among themselves
+        (:class:`ResumeFirstOrder`: no admitted program's turn waits behind an older program's run of turns);
+        ``--age-bound``: program FCFS under the age bound, as before."""
+        return ProgramOrder if self.age_bound else ResumeFirstOrder
 
     def __init__(
         self,
@@ -460,6 +474,7 @@ class OracleRule:
     valve_last_resort = False
     strict_needs_returns = True  # ... while programs come back here (not behind round-robin)
     max_pin_share = 1.0
+    waiting_order = ProgramOrder
 
     def __init__(self, cost: CostModel, slack_s: float = 0.25, overhead_alpha: float = 0.2):
         self.cost = cost
