@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import time
 from pathlib import Path
 
@@ -126,6 +127,19 @@ def test_garbage_metadata_is_ignored(served):
     )
     assert out["choices"][0]["message"]["content"] is not None
     assert httpx.get(served["base"] + "/v1/models", timeout=10).status_code == 200
+
+
+def test_the_server_log_names_the_scheduler_class_and_its_settings(served):
+    """The engine core's ctk lines reach the server's log in vLLM's format (vLLM configures only its own
+    logger: without ``follow_vllm_logging`` they were dropped), naming the class that matches the mode."""
+    from ctk.engine_patch.scheduler import class_in_log, scheduler_class
+
+    log = Path(served["proc"].log_path).read_text(errors="replace")
+    found = class_in_log(log)
+    assert found is not None, log[-2000:]
+    name, is_async = found
+    assert name == scheduler_class(is_async).__name__
+    assert re.search(r"\(EngineCore pid=\d+\) INFO .* ctk scheduler: policy=ttl ", log), log[-2000:]
 
 
 def test_recorded_tool_durations_land_in_the_trace_store(served):
