@@ -9,7 +9,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from engine_fixtures import KV_BYTES, LONG_TTL_KEY, SHORTEST_TTL_KEY, TEST_TTLS
+from engine_fixtures import (
+    KV_BYTES,
+    LONG_TTL_KEY,
+    SHORTEST_TTL_KEY,
+    TEST_TTLS,
+    block_size_args,
+    served_block_size,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -35,6 +42,7 @@ def served(tiny_model_dir, ttl_model_file, tmp_path_factory):
             "4096",
             "--max-num-seqs",
             "2",
+            *block_size_args(),
         ],
     )
     base = f"http://127.0.0.1:{port}"
@@ -95,7 +103,8 @@ def test_session_pin_hit_over_http_and_metrics(served):
     time.sleep(0.3)  # the "tool" runs
     second = chat(served, "S1", msgs, tool=LONG_TTL_KEY, last_turn=True)
     cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
-    assert cached >= (first["usage"]["prompt_tokens"] // 128 - 1) * 128
+    block = served_block_size(base)  # the platform's (CPU 128, CUDA 16) or CTK_TEST_BLOCK_SIZE's
+    assert cached >= (first["usage"]["prompt_tokens"] // block - 1) * block
     assert metric(base, "ctk:pin_hits_total") >= 1
     assert metric(base, "ctk:tool_duration_seconds_count") >= 1
     assert metric(base, "ctk:tool_duration_seconds_sum") >= 0.3
