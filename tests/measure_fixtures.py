@@ -42,7 +42,11 @@ def live_server(measure_model_dir, tmp_path_factory):
 
     port = free_port()
     log = tmp_path_factory.mktemp("measure-server") / "server.log"
-    args = ServerConfig(kv_cache_bytes=16 * 2**20, max_num_seqs=8, max_model_len=4096).args()
+    from engine_fixtures import TEST_BLOCK_SIZE
+
+    args = ServerConfig(
+        kv_cache_bytes=16 * 2**20, max_num_seqs=8, max_model_len=4096, block_size=TEST_BLOCK_SIZE
+    ).args()
     proc = launch_server(measure_model_dir, port, "vllm", extra_args=args, log_path=log)
     base_url = f"http://127.0.0.1:{port}"
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from collect_fixtures import read_table, scripted_server
+from engine_fixtures import block_size_args
 
 from ctk.collect.proxy import ProxyOptions, create_app, program_from_request, tool_of_response
 from ctk.datasets.scripted_server import BackgroundServer
@@ -154,6 +155,7 @@ def test_proxy_in_front_of_vllm_passes_the_session_id(tmp_path: Path, tiny_model
     port = free_port()
     serve_db, proxy_db = tmp_path / "serve.duckdb", tmp_path / "proxy.duckdb"
     args = ["--kv-cache-memory-bytes", str(16 << 20), "--max-model-len", "2048", "--max-num-seqs", "4"]
+    args += block_size_args()
     proc = launch_server(
         tiny_model_dir, port, "continuum", extra_args=args, record=serve_db, log_path=tmp_path / "serve.log"
     )

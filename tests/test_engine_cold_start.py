@@ -4,7 +4,7 @@ must not take the returning program's pin (issue 22). Behind the router: test_en
 from __future__ import annotations
 
 import pytest
-from engine_fixtures import FLOOD_PROGRAMS, KV_BYTES, flood_during_tool, pin_releases
+from engine_fixtures import FLOOD_PROGRAMS, KV_BYTES, block_size_args, flood_during_tool, pin_releases
 
 pytestmark = pytest.mark.engine
 
@@ -20,7 +20,7 @@ def fresh_server(tiny_model_dir, ttl_model_file):
         "ttl",
         ttl_model_file,
         extra_args=["--kv-cache-memory-bytes", str(KV_BYTES), "--max-model-len", "4096"]
-        + ["--max-num-seqs", "8"],  # memory, not run slots, keeps the flood out
+        + ["--max-num-seqs", "8", *block_size_args()],  # memory, not run slots, keeps the flood out
     )
     base = f"http://127.0.0.1:{port}"
     try:

@@ -23,13 +23,21 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from engine_fixtures import FLOOD_PROGRAMS, KV_BYTES, LONG_TTL_KEY, flood_during_tool, pin_releases
+from engine_fixtures import (
+    FLOOD_PROGRAMS,
+    KV_BYTES,
+    LONG_TTL_KEY,
+    block_size_args,
+    flood_during_tool,
+    pin_releases,
+)
 
-BLOCK = 128  # tokens per KV block of the CPU engine
-# turn 1's prompt and output fill exactly 4 blocks of computed KV (the last output token is never computed)
+# turn 1's prompt and output fill exactly 512 tokens of computed KV (the last output token is never computed):
+# whole blocks at every block size that divides 512 (CPU's 128, CUDA's 16, CTK_TEST_BLOCK_SIZE's)
+COMPUTED_KV = 512
 OUTPUT, OBSERVATION = 8, 50
-PROMPT = 4 * BLOCK - OUTPUT + 1
-FLOOD_TOKENS, N_FLOODS = 2000, 20  # 16 blocks each; 20 floods: turn 2 is 27 requests after turn 1 (odd)
+PROMPT = COMPUTED_KV - OUTPUT + 1
+FLOOD_TOKENS, N_FLOODS = 2000, 20  # 20 floods: turn 2 is 27 requests after turn 1 (odd)
 N_PROGRAMS = 6
 UNPINNED_TOOL = "cat"  # not in the test TTL tables: never pinned
 
@@ -128,6 +136,7 @@ def fleet(tiny_model_dir, ttl_model_file):
         "4096",
         "--max-num-seqs",
         "4",
+        *block_size_args(),
     ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=_repo_env())
     lines: list[str] = []

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import random
+import re
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from engine_fixtures import KV_BYTES, LONG_TTL_KEY, SHORTEST_TTL_KEY, TEST_TTLS
+from engine_fixtures import (
+    KV_BYTES,
+    LONG_TTL_KEY,
+    SHORTEST_TTL_KEY,
+    TEST_TTLS,
+    block_size_args,
+    served_block_size,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -34,6 +42,7 @@ def served(tiny_model_dir, ttl_model_file, tmp_path_factory):
             "4096",
             "--max-num-seqs",
             "2",
+            *block_size_args(),
         ],
     )
     base = f"http://127.0.0.1:{port}"
@@ -94,7 +103,8 @@ def test_session_pin_hit_over_http_and_metrics(served):
     time.sleep(0.3)  # the "tool" runs
     second = chat(served, "S1", msgs, tool=LONG_TTL_KEY, last_turn=True)
     cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
-    assert cached >= (first["usage"]["prompt_tokens"] // 128 - 1) * 128
+    block = served_block_size(base)  # the platform's (CPU 128, CUDA 16) or CTK_TEST_BLOCK_SIZE's
+    assert cached >= (first["usage"]["prompt_tokens"] // block - 1) * block
     assert metric(base, "ctk:pin_hits_total") >= 1
     assert metric(base, "ctk:tool_duration_seconds_count") >= 1
     assert metric(base, "ctk:tool_duration_seconds_sum") >= 0.3
@@ -126,6 +136,19 @@ def test_garbage_metadata_is_ignored(served):
     )
     assert out["choices"][0]["message"]["content"] is not None
     assert httpx.get(served["base"] + "/v1/models", timeout=10).status_code == 200
+
+
+def test_the_server_log_names_the_scheduler_class_and_its_settings(served):
+    """The engine core's ctk lines reach the server's log in vLLM's format (vLLM configures only its own
+    logger: without ``follow_vllm_logging`` they were dropped), naming the class that matches the mode."""
+    from ctk.engine_patch.scheduler import class_in_log, scheduler_class
+
+    log = Path(served["proc"].log_path).read_text(errors="replace")
+    found = class_in_log(log)
+    assert found is not None, log[-2000:]
+    name, is_async = found
+    assert name == scheduler_class(is_async).__name__
+    assert re.search(r"\(EngineCore pid=\d+\) INFO .* ctk scheduler: policy=ttl ", log), log[-2000:]
 
 
 def test_recorded_tool_durations_land_in_the_trace_store(served):

@@ -23,6 +23,7 @@ import asyncio
 import functools
 import logging
 
+from ctk.engine_patch.logs import follow_vllm_logging
 from ctk.engine_patch.vllm_door import Internal, check_vllm_contract
 
 logger = logging.getLogger("ctk.engine_patch")
@@ -44,6 +45,7 @@ def install() -> bool:
     """Patch vLLM's async engine client for quiet deliberate stops; True if patched (now or before)."""
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    follow_vllm_logging()  # the warning below, in vLLM's format
     if getattr(AsyncLLM.shutdown, STOPPING, False):
         return True
     missing = check_vllm_contract(STOP_INTERNALS)

@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 
+from ctk.engine_patch.logs import follow_vllm_logging
 from ctk.engine_patch.vllm_door import (  # noqa: F401 (re-exported for callers of the old module)
     SUPPORTED_VLLM,
     VllmContractError,
@@ -59,6 +61,7 @@ class CTKSchedulerMixin:
     ctk_async: bool  # built on vLLM's AsyncScheduler
 
     def __init__(self, *args, **kwargs):
+        follow_vllm_logging()  # the start-up line below reaches the server's log
         require_vllm_contract()
         check_engine_fit(self.ctk_async, kwargs.get("vllm_config", args[0] if args else None))
         super().__init__(*args, **kwargs)
@@ -227,11 +230,22 @@ def scheduler_class(async_scheduling: bool) -> type:
 def matching_scheduler(*args, **kwargs):
     """What ``ctk serve`` passes as ``--scheduler-cls``: builds the class that matches the engine's final
     async-scheduling mode (vLLM's engine core calls ``get_scheduler_cls()(vllm_config=..., ...)``)."""
+    follow_vllm_logging()
     vllm_config = kwargs.get("vllm_config", args[0] if args else None)
     cls = scheduler_class(bool(vllm_config.scheduler_config.async_scheduling))
-    mode = "on" if cls.ctk_async else "off"
-    logger.info("ctk scheduler: %s (vLLM's async scheduling is %s)", cls.__name__, mode)
+    logger.info(CLASS_LINE, cls.__name__, "on" if cls.ctk_async else "off")
     return cls(*args, **kwargs)
+
+
+#: The engine's log line naming the class :func:`matching_scheduler` built (read by :func:`class_in_log`).
+CLASS_LINE = "ctk scheduler: %s (vLLM's async scheduling is %s)"
+_CLASS_LINE_RE = re.compile(re.escape(CLASS_LINE).replace("%s", r"(\w+)", 1).replace("%s", "(on|off)", 1))
+
+
+def class_in_log(text: str) -> tuple[str, bool] | None:
+    """(class name, async scheduling on?) from an engine log's :data:`CLASS_LINE`; None when absent."""
+    m = _CLASS_LINE_RE.search(text)
+    return (m.group(1), m.group(2) == "on") if m else None
 
 
 def _classes() -> tuple[type, type]:
