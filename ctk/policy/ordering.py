@@ -131,8 +131,10 @@ class ProgramOrder:
         return self._bound
 
     def order(self, items: Sequence[WaitingItem | tuple], now: float) -> tuple[list[int], float]:
-        """Indices of ``items`` in scheduling order (stable), and when the order next changes by age alone."""
+        """Indices of ``items`` in scheduling order (stable), and when the order next changes by age alone.
+        Overdue requests first, oldest arrival first; the others by :meth:`key` (the class's order)."""
         bound = self._bound
+        key = self.key
         keys = []
         next_overdue = math.inf
         for i, (arrival, first, pinned, rank) in enumerate(items):
@@ -142,10 +144,16 @@ class ProgramOrder:
                 continue
             if overdue_at < next_overdue:
                 next_overdue = overdue_at
-            prog_t = arrival if first is None or first > arrival else first
-            keys.append((1 if pinned else 2, prog_t, rank, arrival, i))
+            keys.append(key(arrival, first, pinned, rank, i))
         keys.sort()
         return [k[4] for k in keys], next_overdue
+
+    @staticmethod
+    def key(arrival: float, first: float | None, pinned: bool, rank: int, i: int) -> tuple:
+        """A request that is not overdue: pinned programs first, then by program first arrival (its own
+        arrival when it has no program or the first arrival is later), rank, arrival."""
+        prog_t = arrival if first is None or first > arrival else first
+        return (1 if pinned else 2, prog_t, rank, arrival, i)
 
 
 class ResumeFirstOrder(ProgramOrder):
@@ -169,20 +177,8 @@ class ResumeFirstOrder(ProgramOrder):
     program order falls on the first turn, reported as the admission wait.
     """
 
-    def order(self, items: Sequence[WaitingItem | tuple], now: float) -> tuple[list[int], float]:
-        bound = self._bound
-        keys = []
-        next_overdue = math.inf
-        for i, (arrival, first, pinned, rank) in enumerate(items):
-            overdue_at = arrival + bound
-            if now >= overdue_at:
-                keys.append((0, arrival, 0, 0.0, i))
-                continue
-            if overdue_at < next_overdue:
-                next_overdue = overdue_at
-            if first is None or first >= arrival:  # a program's first turn (or a request without a program)
-                keys.append((3, arrival if first is None else first, rank, arrival, i))
-            else:
-                keys.append((1 if pinned else 2, arrival, 0, arrival, i))
-        keys.sort()
-        return [k[4] for k in keys], next_overdue
+    @staticmethod
+    def key(arrival: float, first: float | None, pinned: bool, rank: int, i: int) -> tuple:
+        if first is None or first >= arrival:  # a program's first turn (or a request without a program)
+            return (3, arrival if first is None else first, rank, arrival, i)
+        return (1 if pinned else 2, arrival, 0, arrival, i)
