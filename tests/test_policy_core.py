@@ -360,11 +360,13 @@ def test_program_fcfs_pinned_first_and_age_bound():
 def test_ttl_serves_resumed_turns_fcfs_and_admits_new_programs_by_program_order():
     """ttl's default (strict) order: a resumed turn of a younger program that arrived first is not
     overtaken by an older program's later turn (the resume-TTFT guard); first turns of new programs wait
-    behind every resumed turn, oldest program first. ``--age-bound`` and the oracle keep program FCFS."""
+    behind every resumed turn, oldest program first. The oracle orders as ttl; ``--age-bound`` keeps
+    program FCFS."""
     for policy, age_bound, want in (
         ("ttl", None, ["young2", "old2", "new-a", "new-b"]),
         ("ttl", True, ["old2", "young2", "new-a", "new-b"]),
-        ("oracle", None, ["old2", "young2", "new-a", "new-b"]),
+        ("oracle", None, ["young2", "old2", "new-a", "new-b"]),
+        ("oracle", True, ["old2", "young2", "new-a", "new-b"]),
     ):
         c = core(policy, age_bound=age_bound, age_min_waits=100)  # no request overdue here
         c.arrived("old1", hints("old"), now=0)

@@ -353,8 +353,8 @@ def test_continuum_quirks_live_in_its_rule():
 def test_programs_that_start_together_keep_the_order_they_were_seen_in():
     """Program FCFS is a strict priority even when first arrivals tie (a simulator starts a closed-loop batch
     at one instant; a real engine never sees a tie): the program seen first goes first, as on the engine."""
-    for policy in ("continuum", "oracle"):
-        c = make_core(policy)
+    for policy, settings in (("continuum", {}), ("oracle", {"age_bound": True, "age_min_waits": 100})):
+        c = make_core(policy, **settings)
         c.arrived("a1", h("A"), now=0.0)
         c.arrived("b1", h("B"), now=0.0)  # same instant, seen second
         c.admitted("a1", 0, now=0.0)

@@ -105,6 +105,14 @@ class AdmissionGate(Protocol):
     def holding(self) -> bool: ...  # something is held back: an idle engine must wake at ``next_tick``
 
 
+def pinned_program_order(age_bound: bool) -> type[ProgramOrder]:
+    """The waiting order of ``ttl`` and ``oracle`` (one rule, so they differ only in what they know).
+    Strict: program order admits new programs, resumed turns are served FCFS among themselves
+    (:class:`ResumeFirstOrder`: no admitted program's turn waits behind an older program's run of turns);
+    with the age bound (``--age-bound``): program FCFS under the bound (:class:`ProgramOrder`)."""
+    return ProgramOrder if age_bound else ResumeFirstOrder
+
+
 # -- shared by the rules that carry a distribution ------------------------------------------------------
 
 
@@ -369,10 +377,7 @@ class TTLRule:
 
     @property
     def waiting_order(self) -> type[ProgramOrder]:
-        """Strict order: program order admits new programs, resumed turns are served FCFS among themselves
-        (:class:`ResumeFirstOrder`: no admitted program's turn waits behind an older program's run of turns);
-        ``--age-bound``: program FCFS under the age bound, as before."""
-        return ProgramOrder if self.age_bound else ResumeFirstOrder
+        return pinned_program_order(self.age_bound)
 
     def __init__(
         self,
@@ -460,8 +465,8 @@ class OracleRule:
     client's measured round trip (finish -> next arrival minus T, learned online), so the pin lasts exactly
     that long, is taken only when ``B > price·N·E[hold]``, is kept while ``B`` still exceeds the price of the
     rest of the hold, and the valve drops the program returning last first (Belady). Its waiting order is
-    strict program FCFS with no age bound (as Continuum's): it bounds what clairvoyant pins and program
-    ordering can do for mean JCT, at whatever tail latency that costs; ``ttl`` keeps stock vLLM's tail."""
+    ``ttl``'s (:func:`pinned_program_order`: resumed turns first, new programs in program order, no age bound
+    unless asked): it bounds what clairvoyant pins can do under ttl's order."""
 
     policy = Policy.ORACLE
     needs_model_file = False
@@ -470,11 +475,14 @@ class OracleRule:
     gate = None
     pins = True
     release_on_next_finish = False
-    age_bound = False  # strict program FCFS: the bound on mean JCT has no tail bound (as Continuum) ...
+    age_bound = False  # ttl's strict order (no age bound) ...
     valve_last_resort = False
     strict_needs_returns = True  # ... while programs come back here (not behind round-robin)
     max_pin_share = 1.0
-    waiting_order = ProgramOrder
+
+    @property
+    def waiting_order(self) -> type[ProgramOrder]:
+        return pinned_program_order(self.age_bound)
 
     def __init__(self, cost: CostModel, slack_s: float = 0.25, overhead_alpha: float = 0.2):
         self.cost = cost
