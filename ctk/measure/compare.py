@@ -85,7 +85,7 @@ class ServerConfig:
     max_num_seqs: int = 16
     max_model_len: int | None = None  # None: the workload's max_context_tokens
     block_size: int | None = None  # None: the engine's default
-    startup_timeout_s: float = 300.0
+    startup_timeout_s: float = 600.0  # a loaded 2-core machine took over 300 s once (issue 22 bench)
     extra_args: list[str] = field(default_factory=list)
 
     def args(self, max_model_len: int = 8192) -> list[str]:
