@@ -33,10 +33,26 @@ def test_targets_are_judged_per_side_of_the_knee_on_merged_runs(tmp_path, capsys
         files.append(write(tmp_path / f"t{seed}.json", seed, ours))
     runs = sim_targets.load(files)
     assert set(runs["h100--llama-3.1-8b"]) == {0, 1, 2}
-    assert not sim_targets.check(runs, "ttl", knee=0.5)
+    assert not sim_targets.check(runs, "ttl", knee_factor=1.25)
     out = capsys.readouterr().out
-    assert "rate 1: mean JCT x vllm >= 1.5: 1.54 met (a seed misses: min 1.43)" in out
-    assert "rate 1: mean JCT x oracle >= 0.95: 0.97 met" in out
-    assert "rate 0.25: mean JCT x vllm (within 1%) >= 0.99: 1.00 met" in out
-    assert "rate 0.25: p99 TTFT x vllm >= 1.0: 0.83 MISSED" in out
-    assert "rate 0.25: mean JCT x continuum" not in out  # past-knee targets only past the knee
+    assert (
+        "rate 1 (past the knee, 3 seeds): mean JCT x vllm >= 1.5: 1.54 met (a seed misses: min 1.43)" in out
+    )
+    assert "rate 1 (past the knee, 3 seeds): mean JCT x oracle >= 0.95: 0.97 met" in out
+    assert "rate 0.25 (below the knee, 3 seeds): mean JCT x vllm (within 1%) >= 0.99: 1.00 met" in out
+    assert "rate 0.25 (below the knee, 3 seeds): p99 TTFT x vllm >= 1.0: 0.83 MISSED" in out
+    below = [line for line in out.splitlines() if line.startswith("- rate 0.25")]
+    assert below and not any("continuum" in line for line in below)  # past-knee targets only past it
+
+
+def test_the_knee_is_judged_per_seed_from_stocks_own_queueing():
+    per_rate = {
+        "0.25": {"vllm": summary(200.0)},
+        "0.5": {"vllm": summary(240.0)},
+        "1": {"vllm": summary(260.0)},
+    }
+    assert not sim_targets.past_knee(per_rate, "0.5", 1.25)  # 1.2x the lowest rate's mean JCT
+    assert sim_targets.past_knee(per_rate, "1", 1.25)
+    assert not sim_targets.past_knee(
+        {"1": {}, "0.25": {}}, "1", 1.25
+    )  # no stock run: not judged past  # past-knee targets only past the knee
