@@ -4,6 +4,7 @@ differ in the simulated engine as they should."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -217,3 +218,23 @@ def test_policy_lists_keep_each_arms_settings_together():
         "oracle/fcfs",
     ]
     assert split_arms(None) == [] and split_arms("ttl") == ["ttl"]
+
+
+def test_an_arm_does_not_start_from_another_arms_online_adaptation():
+    """Online adaptation rewrites the tables the ttl rule runs on; ``simulate_arm`` gives each arm (and rate)
+    its own copy, so a sweep's figures do not depend on the order of its arms (a shared copy made ttl's
+    1 /s run start from the 0.75 /s run's adapted tables)."""
+    import copy
+
+    from ctk.simulate.run import simulate_arm
+
+    prof = load_profile("cpu", "tiny")
+    tables = _tables(prof)
+    before = copy.deepcopy(tables.quantiles_s)
+    cfg = SimConfig(arrivals=Arrivals(concurrency=8), shared_prefix_tokens=512)
+    runs = [simulate_arm(programs(), prof, "ttl", cfg, tables=tables, ttl_model="unused.pkl") for _ in "ab"]
+    assert tables.quantiles_s == before
+    assert runs[0].summary()["mean_jct_s"] == runs[1].summary()["mean_jct_s"]
+    # the rule itself adapts (keys learned online): what the copy keeps from the next arm
+    simulate(programs(), prof, "ttl", dataclasses.replace(cfg, serve={"ttl_model": "x"}), tables=tables)
+    assert tables.quantiles_s != before

@@ -51,6 +51,8 @@ class RuleSettings(Protocol):
     """The serve settings a rule is built from (:class:`~ctk.policy.config.ServeConfig` has them all)."""
 
     max_pin_share: float
+    admit_fill: float
+    admit_horizon_s: float
     program_fcfs: bool | None
     age_bound: bool | None
     online: bool
@@ -424,7 +426,9 @@ class TTLRule:
 
     @classmethod
     def from_settings(cls, settings: RuleSettings, tables: TTLTables | None, cost: CostModel) -> Self:
-        return cls(tables, cost, settings.max_pin_share, online_for(settings, tables))
+        rule = cls(tables, cost, settings.max_pin_share, online_for(settings, tables))
+        rule.gate = working_set_gate(settings)
+        return rule
 
     def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision:
         if self.tables is None:
@@ -495,7 +499,9 @@ class OracleRule:
 
     @classmethod
     def from_settings(cls, settings: RuleSettings, tables: TTLTables | None, cost: CostModel) -> Self:
-        return cls(cost, settings.oracle_slack_s)
+        rule = cls(cost, settings.oracle_slack_s)
+        rule.gate = working_set_gate(settings)
+        return rule
 
     def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision:
         t = call.hints.tool_duration_s
@@ -541,6 +547,15 @@ class ThunderAgentRule(NoPins):
         from ctk.policy.pause import ThunderAgentGate
 
         self.gate = ThunderAgentGate()
+
+
+def working_set_gate(settings: RuleSettings) -> AdmissionGate | None:
+    """The admission gate of ``ttl`` and ``oracle`` (one rule, so they differ only in what they know)."""
+    if settings.admit_fill <= 0.0:
+        return None
+    from ctk.policy.admit import WorkingSetGate
+
+    return WorkingSetGate(settings.admit_fill, settings.admit_horizon_s)
 
 
 def online_for(settings: RuleSettings, tables: TTLTables | None) -> OnlineDurations | None:

@@ -9,6 +9,7 @@ classes ``ctk serve`` runs inside vLLM (:func:`attach_policy`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import heapq
 import itertools
@@ -149,7 +150,9 @@ def simulate_arm(
 ) -> SimResult:
     """:func:`simulate` one arm of the policy comparison (``ttl``, ``ttl@age_factor=2``,
     ``vllm/program-fcfs``, ``oracle@age_bound=true``): its serve settings over ``cfg.serve``; only a rule
-    that needs the model file (``ttl``) gets the TTL model and ``tables``."""
+    that needs the model file (``ttl``) gets the TTL model and a copy of ``tables`` of its own (online
+    adaptation rewrites the tables it runs on: an arm must not start from another arm's or rate's
+    adaptation)."""
     from ctk.policy.arms import Arm
 
     parsed = Arm.parse(arm)
@@ -162,7 +165,7 @@ def simulate_arm(
         profile,
         parsed.policy.value,
         dataclasses.replace(cfg, serve=serve),
-        tables=tables if needs_model else None,
+        tables=copy.deepcopy(tables) if needs_model else None,
         cost=cost,
         progress=progress,
     )
