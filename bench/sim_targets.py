@@ -141,9 +141,9 @@ def check(runs: dict, policy: str, knee_factor: float) -> bool:
                         continue
                     met = s[0] >= threshold
                     ok &= met
-                    note = f" (a seed misses: min {s[1]:.2f})" if met and s[1] < threshold else ""
+                    note = f" (a seed misses: min {s[1]:.3f})" if met and s[1] < threshold else ""
                     verdict = "met" if met else "MISSED"
-                    lines.append(f"- rate {label}: {name} >= {threshold}: {s[0]:.2f} {verdict}{note}")
+                    lines.append(f"- rate {label}: {name} >= {threshold}: {s[0]:.3f} {verdict}{note}")
         print("\n" + "\n".join(lines))
     return ok
 
