@@ -49,6 +49,7 @@ from ctk.policy.events import (
 from ctk.policy.hints import RequestHints
 from ctk.policy.price import MemoryPrice
 from ctk.policy.rules import PinRule
+from ctk.policy.waitlist import WaitingList
 from ctk.predict.features import command_keys
 
 
@@ -118,6 +119,8 @@ class PolicyCore:
         self._order_len = 0
         self._order_bound = self.order.age_bound_s
         self._next_overdue = math.inf
+        # the waiting queue in scheduling order, kept between steps (waiting_moves); None: no program order
+        self.waitlist = WaitingList(self.order.key, self._order_inputs) if self.reorders else None
 
     # -- helpers -----------------------------------------------------------------------------------------
 
@@ -150,6 +153,8 @@ class PolicyCore:
         prog = self.programs.get(pin.program_id)
         if prog is not None and prog.pin is pin:
             prog.pin = None
+            if self.waitlist is not None and prog.pending:
+                self.waitlist.touch(prog.pending)
         self._order_dirty = True
         self.stats.releases[reason] = self.stats.releases.get(reason, 0) + 1
         self.returns.pin_ended(pin, reason)
@@ -184,6 +189,7 @@ class PolicyCore:
         if self.reorders:
             self.order.arrived(now)
             self._queue[request_id] = now
+            self.waitlist.add(request_id)
         if pid is None:
             return []
         if self.gate is not None:
@@ -221,6 +227,8 @@ class PolicyCore:
     def admitted(self, request_id: str, cached_tokens: int, now: float) -> list[Release]:
         """The request was scheduled for the first time with ``cached_tokens`` prefix-cache hits."""
         pend = self.requests.get(request_id)
+        if self.waitlist is not None:
+            self.waitlist.discard(request_id)
         if pend is None or pend.admitted:
             return []
         pend.admitted = True
@@ -252,6 +260,8 @@ class PolicyCore:
     def finished(self, ev: Finished, state: EngineState) -> tuple[bool, list[Release]]:
         """Decide whether to pin ``ev``'s blocks. Returns (pin?, releases to apply first)."""
         self._left_unadmitted(ev.request_id, self.requests.pop(ev.request_id, None))
+        if self.waitlist is not None:
+            self.waitlist.discard(ev.request_id)
         hints = ev.hints
         pid = hints.program_id
         releases: list[Release] = []
@@ -329,6 +339,8 @@ class PolicyCore:
         self.pins[pin.request_id] = pin
         self.pinned_blocks += pin.blocks
         prog.pin = pin
+        if self.waitlist is not None and prog.pending:
+            self.waitlist.touch(prog.pending)
         self._order_dirty = True
         self.stats.pins_created += 1
         self.sink.pin_created(pin)
@@ -364,6 +376,8 @@ class PolicyCore:
         """The request was aborted (client gone): free its and its program's pins."""
         pend = self.requests.pop(request_id, None)
         self._left_unadmitted(request_id, pend)
+        if self.waitlist is not None:
+            self.waitlist.discard(request_id)
         out = []
         own = self.pins.get(request_id)
         if own is not None:
@@ -524,9 +538,47 @@ class PolicyCore:
             return False
         return self._order_dirty or n_waiting != self._order_len or now >= self._next_overdue
 
+    def _order_inputs(self, request_id: str) -> tuple[float, float | None, bool, int] | None:
+        """(arrival, program first arrival, program pinned, program rank) of a waiting request, as
+        :meth:`order_waiting` passes it to the order; None for a request the core does not know."""
+        pend = self.requests.get(request_id)
+        if pend is None:
+            return None
+        prog = self.programs.get(pend.program_id) if pend.program_id is not None else None
+        if prog is None:
+            return (pend.arrival, None, False, 0)
+        return (pend.arrival, prog.first_arrival, prog.pin is not None, prog.rank)
+
+    def _relax_if_returns_elsewhere(self) -> None:
+        if self._strict_needs_returns and self.returns.share < RETURNS_TO_DEFER:
+            self._strict_needs_returns = False  # programs mostly return elsewhere: strict order keeps nothing
+            self.order.relax(self.config.age_factor)
+            self._order_bound = self.order.age_bound_s
+
+    def waiting_moves(
+        self, n_waiting: int, now: float, changed: bool = False
+    ) -> list[tuple[int, int]] | None:
+        """The moves (from index, to index, one after the other) that put the engine's waiting queue of
+        ``n_waiting`` requests in :meth:`order_waiting`'s order at ``now``, from what changed since the last
+        step (:class:`~ctk.policy.waitlist.WaitingList`). None when the core cannot tell (the engine changed
+        its queue behind the core's back: ``changed``, or a length that does not match): order the whole
+        queue with :meth:`order_waiting` then."""
+        if not self.reorders:
+            return []
+        wl = self.waitlist
+        if changed:
+            wl.valid = False
+            return None
+        self._relax_if_returns_elsewhere()
+        return wl.sync(n_waiting, now, self.order.age_bound_s)
+
     def order_waiting(self, request_ids: Sequence[str], now: float) -> list[int] | None:
-        """Scheduling order of the waiting requests as indices, or None to keep the engine's order."""
-        if not self.reorders or len(request_ids) < 2:
+        """Scheduling order of the waiting requests as indices, or None to keep the engine's order. The
+        result is also where :meth:`waiting_moves` starts from."""
+        if not self.reorders:
+            return None
+        if len(request_ids) < 2:
+            self.waitlist.rebuild(request_ids, now, self.order.age_bound_s)
             return None
         requests, progs = self.requests, self.programs
         items = []
@@ -540,14 +592,12 @@ class PolicyCore:
                 items.append((pend.arrival, None, False, 0))
             else:
                 items.append((pend.arrival, prog.first_arrival, prog.pin is not None, prog.rank))
-        if self._strict_needs_returns and self.returns.share < RETURNS_TO_DEFER:
-            self._strict_needs_returns = False  # programs mostly return elsewhere: strict order keeps nothing
-            self.order.relax(self.config.age_factor)
-            self._order_bound = self.order.age_bound_s
+        self._relax_if_returns_elsewhere()
         order, self._next_overdue = self.order.order(items, now)
         self._order_bound = self.order.age_bound_s
         self._order_dirty = False
         self._order_len = len(request_ids)
+        self.waitlist.rebuild([request_ids[i] for i in order], now, self._order_bound)
         return order
 
 
