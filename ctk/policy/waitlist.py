@@ -44,7 +44,7 @@ class WaitingList:
         self._rid_of: dict[int, str] = {}  # seq -> request id
         self._overdue = 0  # _keys[:_overdue] are overdue keys (0, arrival, 0, 0.0, seq)
         self._by_arrival: list[tuple[float, int]] = []  # (arrival, seq) of the entries not overdue
-        self._tail: list[str] = []  # arrivals since the last sync, in arrival order (appended by the engine)
+        self._tail: dict[str, None] = {}  # arrivals since the last sync, in arrival order (engine appended)
         self._stale: set[str] = set()  # entries whose inputs changed since the last sync
         self._up = 0  # sequence numbers: increasing (after equal keys) ...
         self._down = 0  # ... and decreasing (before equal keys)
@@ -59,14 +59,13 @@ class WaitingList:
         if request_id in self._key_of or request_id in self._tail:
             self.valid = False
             return
-        self._tail.append(request_id)
+        self._tail[request_id] = None
 
     def discard(self, request_id: str) -> None:
         """The request left the engine's queue (admitted, aborted, finished); nothing if not in it."""
         key = self._key_of.pop(request_id, None)
         if key is None:
-            if request_id in self._tail:
-                self._tail.remove(request_id)
+            self._tail.pop(request_id, None)
             return
         self._stale.discard(request_id)
         keys = self._keys
