@@ -26,6 +26,7 @@ and applies the :class:`~ctk.policy.events.Release` list each method returns (fr
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -102,6 +103,10 @@ class PolicyCore:
         self.requests: dict[str, Pending] = {}
         self.pins: dict[str, Pin] = {}  # request id -> pin
         self.pinned_blocks = 0
+        # expiry without a walk over the pins: (expires, creation number, pin), stale entries skipped
+        self._expiries: list[tuple[float, int, Pin]] = []
+        self._pins_made = 0
+        self._returned: dict[str, Pin] = {}  # pins whose program's next request arrived (next_request_id set)
         self.price = MemoryPrice(config.price_decay_s, config.price_tolerance)
         self.order = rule.waiting_order(
             config.age_factor if rule.age_bound else math.inf,
@@ -149,6 +154,7 @@ class PolicyCore:
 
     def _release(self, pin: Pin, reason: ReleaseReason) -> Release:
         self.pins.pop(pin.request_id, None)
+        self._returned.pop(pin.request_id, None)
         self.pinned_blocks -= pin.blocks
         prog = self.programs.get(pin.program_id)
         if prog is not None and prog.pin is pin:
@@ -205,6 +211,7 @@ class PolicyCore:
             prog.last_finish = None
         if prog.pin is not None and prog.pin.next_request_id is None:
             prog.pin.next_request_id = request_id
+            self._returned[prog.pin.request_id] = prog.pin
         return []
 
     def _observe(self, prog: Program, gap: float, now: float) -> None:
@@ -337,6 +344,11 @@ class PolicyCore:
                 self.stats.pins_skipped_budget += 1
                 return False, releases
         self.pins[pin.request_id] = pin
+        self._pins_made += 1
+        heapq.heappush(self._expiries, (pin.expires, self._pins_made, pin))
+        if len(self._expiries) > 2 * len(self.pins) + 64:  # released pins' entries: drop them now and then
+            self._expiries = [e for e in self._expiries if self.pins.get(e[2].request_id) is e[2]]
+            heapq.heapify(self._expiries)
         self.pinned_blocks += pin.blocks
         prog.pin = pin
         if self.waitlist is not None and prog.pending:
@@ -452,23 +464,50 @@ class PolicyCore:
     def _priced_state(self, state: EngineState) -> EngineState:
         """The state the price sees: a waiting request whose program holds a pin will hit it, so the pinned
         tokens are not demand it adds (the engine counts its whole prompt as uncomputed until admission)."""
-        if not self.pins or state.num_waiting <= 0:
+        if not self._returned or state.num_waiting <= 0:
             return state
-        covered = sum(p.held_tokens for p in self.pins.values() if self._held_for_next(p))
+        covered = sum(p.held_tokens for p in self._returned.values() if self._held_for_next(p))
         if covered <= 0:
             return state
         return replace(state, waiting_demand_tokens=max(0, state.waiting_demand_tokens - covered))
+
+    def _due(self, now: float) -> list[Pin]:
+        """Held pins whose TTL ran out by ``now``, in creation order (the order of ``pins``), those whose
+        program's next request is in the engine excepted: from the expiry heap, without a walk over the pins.
+        Entries of released pins are dropped; a due pin held for its next request stays in the heap."""
+        heap, pins = self._expiries, self.pins
+        due: list[tuple[int, Pin]] = []
+        kept = []
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            pin = entry[2]
+            if pins.get(pin.request_id) is not pin:
+                continue
+            if self._held_for_next(pin):
+                kept.append(entry)
+            else:
+                due.append((entry[1], pin))
+        for entry in kept:
+            heapq.heappush(heap, entry)
+        due.sort(key=lambda np: np[0])
+        return [pin for _, pin in due]
 
     def expire(self, now: float) -> list[Release]:
         """Release pins whose TTL ran out (not those whose program's next request is in the engine)."""
         if not self.pins:
             return []
-        due = [p for p in self.pins.values() if p.expires <= now and not self._held_for_next(p)]
-        return [self._release(p, ReleaseReason.EXPIRED) for p in due]
+        return [self._release(p, ReleaseReason.EXPIRED) for p in self._due(now)]
 
     def next_deadline(self) -> float | None:
         """When the next pin expires (caller's clock), for waking an idle engine."""
-        times = [p.expires for p in self.pins.values() if not self._held_for_next(p)]
+        heap, pins = self._expiries, self.pins
+        while heap and pins.get(heap[0][2].request_id) is not heap[0][2]:
+            heapq.heappop(heap)  # released
+        if not heap:
+            return None
+        if not self._held_for_next(heap[0][2]):
+            return heap[0][0]
+        times = [p.expires for p in pins.values() if not self._held_for_next(p)]  # rare: the head returned
         return min(times) if times else None
 
     def valve_open(self, n_running: int) -> bool:
