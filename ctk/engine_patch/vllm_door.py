@@ -565,6 +565,27 @@ class _WakeTimer:
                 return
 
 
+def rust_decoder(tokenizer) -> Callable[..., str] | None:
+    """The fast (Rust) backend's ``decode`` of a Hugging Face tokenizer when it returns what the
+    tokenizer's own ``decode`` does (its Python layer converts the ids element by element first, half the
+    time of a 256-token decode); None otherwise (another tokenizer class, or one that overrides decoding or
+    cleans up spaces after it)."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    cls = type(tokenizer)
+    if not isinstance(tokenizer, TokenizersBackend):
+        return None
+    if cls.decode is not PreTrainedTokenizerBase.decode or cls._decode is not TokenizersBackend._decode:
+        return None
+    if getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return getattr(backend, "decode", None)
+
+
 class VllmDoor:
     """:class:`~ctk.policy.driver.EngineView` of a vLLM scheduler, plus the few conversions the mixin
     needs (hints of a request, admissions of a step, how a request ended). See the module doc."""
@@ -608,6 +629,7 @@ class VllmDoor:
             -(-budget // self.block_size) + scheduler.max_num_active_reqs * per_slot
         )
         self._tokenizer = None
+        self._decoder = None  # the tokenizer's Rust decode, when it gives the tokenizer's own text
         self._tokenizer_failed = False
         waiting = scheduler.waiting
         self.reorders_waiting = type(waiting) is FCFSRequestQueue and not waiting
@@ -813,6 +835,7 @@ class VllmDoor:
                 self._tokenizer = cached_tokenizer_from_config(
                     model_config=self.sched.vllm_config.model_config
                 )
+                self._decoder = rust_decoder(self._tokenizer)
             except Exception as exc:  # no tokenizer: detection by hints only
                 logger.warning("ctk: no tokenizer for tool-call detection (%s); use the 'tool' hint", exc)
                 self._tokenizer_failed = True
@@ -820,6 +843,8 @@ class VllmDoor:
 
     def _decode(self, token_ids: list[int]) -> str | None:
         try:
+            if self._decoder is not None:
+                return self._decoder(token_ids, skip_special_tokens=False)
             return self._tokenizer.decode(token_ids, skip_special_tokens=False)
         except Exception:
             return None
