@@ -343,6 +343,10 @@ def main() -> None:
 # -- --scale: the hot path at GPU scale (issue 23 item 8 / issue 22 item 6) ---------------------------------
 
 
+#: ``--scale``'s targets: ctk's own time per scheduler step and per finished request (issue 22 item 6).
+SCALE_TARGET_US = 50.0
+
+
 def run_scale(model_dir: str, pins_file: str, rounds: int, steps: int, waiting: int, running: int) -> None:
     """vLLM's scheduler at H100 scale without a model (``ctk.engine_patch.emulation``): ``running`` requests
     decoding, ``waiting`` more queued (``max_num_seqs`` = ``running``), 8,192 batched tokens, 16-token
@@ -456,6 +460,13 @@ def run_scale(model_dir: str, pins_file: str, rounds: int, steps: int, waiting: 
         f"{statistics.median(own_finish):.1f} us/finish ({min(own_finish):.1f}..{max(own_finish):.1f}); "
         "targets <= 50 us each"
     )
+    for what, values in (("step", own_step), ("finish", own_finish)):
+        med = statistics.median(values)
+        verdict = "PASS" if med <= SCALE_TARGET_US else "FAIL"
+        print(
+            f"{verdict}: ctk's own time per {what} {med:.1f} us "
+            f"(target <= {SCALE_TARGET_US:.0f} us; median over {rounds} rounds)"
+        )
 
 
 def _timed(fn, acc: dict[str, float], part: str):
