@@ -860,7 +860,7 @@ class VllmDoor:
         total = len(request.output_token_ids)
         n = min(DETECT_FIRST_TOKENS, DETECT_TAIL_TOKENS)
         while True:
-            text = self._decode(list(request.output_token_ids[-n:]))
+            text = self._decode(request.output_token_ids[-n:])  # a slice: a new list
             if text is None or n >= total or n >= DETECT_TAIL_TOKENS:
                 return text
             if not any(m in text for m in _CALL_END_MARKERS) or detect_tool_call(text) is not None:

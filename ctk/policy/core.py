@@ -138,7 +138,8 @@ class PolicyCore:
         if prog is None:
             self._programs_seen += 1
             prog = self.programs[program_id] = Program(program_id, now, self._programs_seen)
-            self._trim_programs()
+            if len(self.programs) > self.config.max_programs:
+                self._trim_programs()
         else:
             self.programs.move_to_end(program_id)
         return prog
