@@ -495,7 +495,8 @@ class PolicyCore:
 
     def expire(self, now: float) -> list[Release]:
         """Release pins whose TTL ran out (not those whose program's next request is in the engine)."""
-        if not self.pins:
+        heap = self._expiries
+        if not self.pins or not heap or heap[0][0] > now:  # nothing due (most steps): no further frame
             return []
         return [self._release(p, ReleaseReason.EXPIRED) for p in self._due(now)]
 
@@ -609,7 +610,8 @@ class PolicyCore:
         if changed:
             wl.valid = False
             return None
-        self._relax_if_returns_elsewhere()
+        if self._strict_needs_returns:
+            self._relax_if_returns_elsewhere()
         return wl.sync(n_waiting, now, self.order.age_bound_s)
 
     def order_waiting(self, request_ids: Sequence[str], now: float) -> list[int] | None:

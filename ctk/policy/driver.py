@@ -176,7 +176,9 @@ class PolicyDriver:
         """Before the engine schedules: held pins are judged, then the waiting and running orders set.
         Called every step: with no pin held, two counts and the free blocks are read, nothing more."""
         if self.held:
-            self._apply(self.core.step(self.state(now)))
+            releases = self.core.step(self.state(now))
+            if releases:
+                self._apply(releases)
         gate = self.gate
         if gate is not None:
             if now >= gate.next_tick:
