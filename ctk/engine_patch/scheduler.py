@@ -141,7 +141,7 @@ class CTKSchedulerMixin:
             return self._ctk_add_request(request)
         door = self.ctk_door
         rid = request.request_id
-        is_new = rid not in self.requests  # (door.is_known, inline) a streaming update is not an arrival
+        is_new = not door.is_known(rid)  # a streaming update of a known request is not an arrival
         self._ctk_add_request(request)
         if is_new:
             driver.request_added(rid, door.hints(request), _now(), request.num_prompt_tokens)
