@@ -12,6 +12,7 @@ the same schedule (same step count) and the ratio is the plugin's own cost (the 
 
     .venv/bin/python bench/sched_overhead.py [--model PATH] [--phases 4] [--requests 32] [--outputs real]
                                               [--clock wall|cpu] [--without step,finish,arrival]
+    .venv/bin/python bench/sched_overhead.py --scale [--phases 4] [--steps 200]   # GPU scale, no model
 
 Prints the per-step scheduler time of both and the ratio ctk / stock of the scheduler time spent on the same
 workload (target: <= 1.02). ctk's cost is per request (metadata, decision at finish), vLLM's per request
@@ -343,6 +344,10 @@ def main() -> None:
 # -- --scale: the hot path at GPU scale (issue 23 item 8 / issue 22 item 6) ---------------------------------
 
 
+#: ``--scale``'s targets: ctk's own time per scheduler step and per finished request (issue 22 item 6).
+SCALE_TARGET_US = 50.0
+
+
 def run_scale(model_dir: str, pins_file: str, rounds: int, steps: int, waiting: int, running: int) -> None:
     """vLLM's scheduler at H100 scale without a model (``ctk.engine_patch.emulation``): ``running`` requests
     decoding, ``waiting`` more queued (``max_num_seqs`` = ``running``), 8,192 batched tokens, 16-token
@@ -352,8 +357,8 @@ def run_scale(model_dir: str, pins_file: str, rounds: int, steps: int, waiting: 
     vLLM's ``Scheduler`` and ``CTKScheduler`` run the same requests in alternating rounds; per step, the time
     in ``schedule`` + ``update_from_output`` + ``add_request`` outside the free; per finish, the time in
     ``_free_blocks`` (where ctk decides a pin). Prints ctk minus stock (inside the noise of a 40 ms CPU step),
-    and ctk's own time in its driver calls and the door's conversions, per step and per finished request (the
-    targets: <= 50 us each)."""
+    and ctk's own time in its driver calls and the door's conversions, per step and per finished request,
+    with a PASS/FAIL line each against the targets (<= 50 us each, :data:`SCALE_TARGET_US`)."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -456,6 +461,13 @@ def run_scale(model_dir: str, pins_file: str, rounds: int, steps: int, waiting: 
         f"{statistics.median(own_finish):.1f} us/finish ({min(own_finish):.1f}..{max(own_finish):.1f}); "
         "targets <= 50 us each"
     )
+    for what, values in (("step", own_step), ("finish", own_finish)):
+        med = statistics.median(values)
+        verdict = "PASS" if med <= SCALE_TARGET_US else "FAIL"
+        print(
+            f"{verdict}: ctk's own time per {what} {med:.1f} us "
+            f"(target <= {SCALE_TARGET_US:.0f} us; median over {rounds} rounds)"
+        )
 
 
 def _timed(fn, acc: dict[str, float], part: str):

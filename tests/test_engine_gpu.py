@@ -319,3 +319,58 @@ def test_the_gpu_smoke_test_says_no_gpu_here_and_exits_2():
     script = Path(__file__).resolve().parents[1] / "bench" / "gpu_smoke.py"
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert (res.returncode, res.stdout) == (2, "no GPU\n")
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("bounded", [False, True])
+def test_the_waiting_queue_is_in_program_order_at_every_step_through_preemptions(
+    engine_llm, ttl_model_file, bounded
+):
+    """The order kept between steps (``WaitingList``) against the full sort of every step's queue, in vLLM's
+    own scheduler with a KV cache small enough to preempt: arrivals, admissions, pins, preempted requests put
+    back at the front (then the driver sorts the whole queue once and goes on from there)."""
+    from ctk.engine_patch import emulation as em
+    from ctk.engine_patch.scheduler import CTKScheduler
+
+    settings = {"policy": "ttl", "ttl_model": str(ttl_model_file), "online": False}
+    base = scheduler_of(engine_llm).vllm_config
+    cfg = em.engine_config(base, async_scheduling=False, ctk=settings, max_num_seqs=8)
+    s = em.build_scheduler(CTKScheduler, cfg, em.kv_layout(90, GPU_BLOCK), GPU_BLOCK)
+    if bounded:  # the age bound, measured early: requests become overdue (and stop being, as it grows)
+        s.ctk_driver.core.order.min_waits = 5
+        s.ctk_driver.core.order.relax(0.5)
+    make, loop, rng = em.RequestMaker(cfg, GPU_BLOCK), em.EngineLoop(s), random.Random(3)
+    driver, door, core = s.ctk_driver, s.ctk_door, s.ctk_driver.core
+    checked = []
+    step_begin = driver.step_begin
+
+    def step_begin_then_check(now):
+        step_begin(now)
+        if not core.waitlist.valid:
+            return  # the queue changed behind ctk's back and nothing asked for a re-sort (the old rule)
+        ids = door.waiting_ids()
+        items = [core._order_inputs(r) for r in ids]
+        order, _ = core.order.order(items, now)
+        assert order == list(range(len(ids)))
+        checked.append(len(ids))
+
+    driver.step_begin = step_begin_then_check
+    preempts = []
+    preempt = s._preempt_request
+
+    def counted_preempt(*args, **kwargs):
+        preempts.append(1)
+        return preempt(*args, **kwargs)
+
+    s._preempt_request = counted_preempt
+    for i in range(160):
+        prog = f"p{rng.randrange(12)}"
+        tool = {"tool": LONG_TTL_KEY} if rng.random() < 0.5 else {}
+        prompt = [rng.randrange(10, 1000) for _ in range(rng.randrange(40, 260))]
+        loop.add([make(f"r{i}", prompt, rng.randrange(20, 120), extra_args={"program_id": prog, **tool})])
+        for _ in range(rng.randrange(0, 4)):
+            loop.step()
+    loop.run()
+    assert len(preempts) >= 5 and core.stats.pins_created > 0
+    assert sum(1 for n in checked if n > 1) > 500  # the order was checked on real queues
+    assert bounded == (core.order.age_bound_s < float("inf"))

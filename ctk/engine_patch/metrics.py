@@ -57,6 +57,7 @@ class PrometheusSink:
         self._expired = m["expired"].labels(policy)
         self._pressure = m["pressure"].labels(policy)
         self._released = m["released"]
+        self._by_reason: dict = {}
         self._blocks = m["blocks"].labels(policy)
         self._active = m["active"].labels(policy)
         self._ttl = m["ttl"].labels(policy)
@@ -76,7 +77,10 @@ class PrometheusSink:
         self._blocks.inc(pin.blocks)
 
     def pin_released(self, release: Release, pinned_blocks: int) -> None:
-        self._released.labels(self.policy, release.reason).inc()
+        child = self._by_reason.get(release.reason)
+        if child is None:  # labels() takes a lock and builds a key: once per reason
+            child = self._by_reason[release.reason] = self._released.labels(self.policy, release.reason)
+        child.inc()
         if release.reason == "expired":
             self._expired.inc()
         elif release.reason == "pressure":

@@ -110,7 +110,7 @@ class CTKSchedulerMixin:
             cfg,
             rule,
             block_size=door.block_size,
-            sink=FanoutSink(*sinks),
+            sink=sinks[0] if len(sinks) == 1 else FanoutSink(*sinks),  # one sink: no fan-out frame
             unix_offset_s=time.time() - time.monotonic(),  # the recorder's wall-clock timestamps
         )
         self.ctk_driver = PolicyDriver(core, door)

@@ -402,6 +402,9 @@ def program_order_queue_class():
     global ProgramOrderQueue
     if ProgramOrderQueue is None:
         from vllm.v1.core.sched.request_queue import FCFSRequestQueue
+        from vllm.v1.request import RequestStatus
+
+        preempted = RequestStatus.PREEMPTED
 
         def uncomputed(r) -> int:
             return r.num_tokens - r.num_computed_tokens
@@ -411,14 +414,19 @@ def program_order_queue_class():
             the running sums of its requests' uncomputed tokens, so the demand of its head is two reads.
 
             ``_cum[i]`` - ``_base`` is the uncomputed tokens of the first i + 1 requests (each counted as it
-            entered). vLLM's own moves (append, pop from the head, prepend) keep the sums in O(1); a removal
-            or a re-order marks them stale, and they are rebuilt at the next :meth:`head_demand`."""
+            entered). vLLM's own moves (append, pop from the head, prepend) keep the sums in O(1); a removal,
+            a move or a re-order marks them stale, and they are rebuilt at the next :meth:`head_demand` (a
+            short head is summed instead).
+
+            ``changed`` is set when vLLM moves a preempted request in or out (the policy was not told of it:
+            ``EngineView.waiting_changed``)."""
 
             def __init__(self, *args):
                 super().__init__(*args)
                 self._cum: deque[int] = deque()
                 self._base = 0
                 self._stale = True
+                self.changed = False
 
             def add_request(self, request) -> None:
                 self.append(request)
@@ -430,6 +438,8 @@ def program_order_queue_class():
                 request = self.popleft()
                 if not self._stale:
                     self._base = self._cum.popleft()
+                if request.status == preempted:
+                    self.changed = True
                 return request
 
             def prepend_request(self, request) -> None:
@@ -437,6 +447,8 @@ def program_order_queue_class():
                 if not self._stale:
                     self._cum.appendleft(self._base)
                     self._base -= uncomputed(request)
+                if request.status == preempted:
+                    self.changed = True
 
             def prepend_requests(self, requests) -> None:
                 for request in requests:  # extendleft's order: each one goes to the front
@@ -445,10 +457,15 @@ def program_order_queue_class():
             def remove_request(self, request) -> None:
                 super().remove_request(request)
                 self._stale = True
+                if request.status == preempted:
+                    self.changed = True
 
             def remove_requests(self, requests) -> None:
+                requests = list(requests)
                 super().remove_requests(requests)
                 self._stale = True
+                if any(r.status == preempted for r in requests):
+                    self.changed = True
 
             def ids(self) -> list[str]:
                 return [r.request_id for r in self]
@@ -459,12 +476,20 @@ def program_order_queue_class():
                 self.extend([items[i] for i in order])
                 self._stale = True
 
+            def move(self, src: int, dst: int) -> None:
+                request = self[src]
+                del self[src]
+                self.insert(dst, request)
+                self._stale = True
+
             def head_demand(self, slots: int) -> tuple[int, int]:
                 """(requests, uncomputed tokens) of the first ``slots`` requests (``head_demand``'s rule)."""
                 n = min(slots, len(self))
                 if n <= 0:
                     return 0, 0
                 if self._stale:
+                    if n <= SHORT_HEAD:
+                        return n, sum(map(uncomputed, itertools.islice(self, n)))
                     self._cum = deque(itertools.accumulate(map(uncomputed, self)))
                     self._base = 0
                     self._stale = False
@@ -477,6 +502,9 @@ def program_order_queue_class():
 
 
 ProgramOrderQueue = None
+
+#: A stale head of at most this many requests is summed rather than the whole queue's sums rebuilt.
+SHORT_HEAD = 32
 
 
 def route_default_scheduler(choose: Callable[[bool], type]) -> None:
@@ -537,6 +565,27 @@ class _WakeTimer:
                 return
 
 
+def rust_decoder(tokenizer) -> Callable[..., str] | None:
+    """The fast (Rust) backend's ``decode`` of a Hugging Face tokenizer when it returns what the
+    tokenizer's own ``decode`` does (its Python layer converts the ids element by element first, half the
+    time of a 256-token decode); None otherwise (another tokenizer class, or one that overrides decoding or
+    cleans up spaces after it)."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    cls = type(tokenizer)
+    if not isinstance(tokenizer, TokenizersBackend):
+        return None
+    if cls.decode is not PreTrainedTokenizerBase.decode or cls._decode is not TokenizersBackend._decode:
+        return None
+    if getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return getattr(backend, "decode", None)
+
+
 class VllmDoor:
     """:class:`~ctk.policy.driver.EngineView` of a vLLM scheduler, plus the few conversions the mixin
     needs (hints of a request, admissions of a step, how a request ended). See the module doc."""
@@ -580,6 +629,7 @@ class VllmDoor:
             -(-budget // self.block_size) + scheduler.max_num_active_reqs * per_slot
         )
         self._tokenizer = None
+        self._decoder = None  # the tokenizer's Rust decode, when it gives the tokenizer's own text
         self._tokenizer_failed = False
         waiting = scheduler.waiting
         self.reorders_waiting = type(waiting) is FCFSRequestQueue and not waiting
@@ -608,6 +658,19 @@ class VllmDoor:
     def reorder_waiting(self, order: list[int]) -> None:
         if self.reorders_waiting:
             self.sched.waiting.reorder(order)
+
+    def move_waiting(self, src: int, dst: int) -> None:
+        if self.reorders_waiting:
+            self._waiting.move(src, dst)
+
+    def waiting_changed(self) -> bool:
+        """True when vLLM moved a preempted request in or out of the waiting queue since the last call (or
+        the queue is vLLM's own: ctk cannot follow it)."""
+        if not self.reorders_waiting:
+            return True
+        waiting = self._waiting
+        changed, waiting.changed = waiting.changed, False
+        return changed
 
     def running_ids(self) -> list[str]:
         return [r.request_id for r in self.sched.running]
@@ -772,6 +835,7 @@ class VllmDoor:
                 self._tokenizer = cached_tokenizer_from_config(
                     model_config=self.sched.vllm_config.model_config
                 )
+                self._decoder = rust_decoder(self._tokenizer)
             except Exception as exc:  # no tokenizer: detection by hints only
                 logger.warning("ctk: no tokenizer for tool-call detection (%s); use the 'tool' hint", exc)
                 self._tokenizer_failed = True
@@ -779,6 +843,8 @@ class VllmDoor:
 
     def _decode(self, token_ids: list[int]) -> str | None:
         try:
+            if self._decoder is not None:
+                return self._decoder(token_ids, skip_special_tokens=False)
             return self._tokenizer.decode(token_ids, skip_special_tokens=False)
         except Exception:
             return None
@@ -794,7 +860,7 @@ class VllmDoor:
         total = len(request.output_token_ids)
         n = min(DETECT_FIRST_TOKENS, DETECT_TAIL_TOKENS)
         while True:
-            text = self._decode(list(request.output_token_ids[-n:]))
+            text = self._decode(request.output_token_ids[-n:])  # a slice: a new list
             if text is None or n >= total or n >= DETECT_TAIL_TOKENS:
                 return text
             if not any(m in text for m in _CALL_END_MARKERS) or detect_tool_call(text) is not None:

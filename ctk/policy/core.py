@@ -26,6 +26,7 @@ and applies the :class:`~ctk.policy.events.Release` list each method returns (fr
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -49,6 +50,7 @@ from ctk.policy.events import (
 from ctk.policy.hints import RequestHints
 from ctk.policy.price import MemoryPrice
 from ctk.policy.rules import PinRule
+from ctk.policy.waitlist import WaitingList
 from ctk.predict.features import command_keys
 
 
@@ -101,6 +103,10 @@ class PolicyCore:
         self.requests: dict[str, Pending] = {}
         self.pins: dict[str, Pin] = {}  # request id -> pin
         self.pinned_blocks = 0
+        # expiry without a walk over the pins: (expires, creation number, pin), stale entries skipped
+        self._expiries: list[tuple[float, int, Pin]] = []
+        self._pins_made = 0
+        self._returned: dict[str, Pin] = {}  # pins whose program's next request arrived (next_request_id set)
         self.price = MemoryPrice(config.price_decay_s, config.price_tolerance)
         self.order = rule.waiting_order(
             config.age_factor if rule.age_bound else math.inf,
@@ -118,6 +124,8 @@ class PolicyCore:
         self._order_len = 0
         self._order_bound = self.order.age_bound_s
         self._next_overdue = math.inf
+        # the waiting queue in scheduling order, kept between steps (waiting_moves); None: no program order
+        self.waitlist = WaitingList(self.order.key, self._order_inputs) if self.reorders else None
 
     # -- helpers -----------------------------------------------------------------------------------------
 
@@ -130,7 +138,8 @@ class PolicyCore:
         if prog is None:
             self._programs_seen += 1
             prog = self.programs[program_id] = Program(program_id, now, self._programs_seen)
-            self._trim_programs()
+            if len(self.programs) > self.config.max_programs:
+                self._trim_programs()
         else:
             self.programs.move_to_end(program_id)
         return prog
@@ -146,10 +155,13 @@ class PolicyCore:
 
     def _release(self, pin: Pin, reason: ReleaseReason) -> Release:
         self.pins.pop(pin.request_id, None)
+        self._returned.pop(pin.request_id, None)
         self.pinned_blocks -= pin.blocks
         prog = self.programs.get(pin.program_id)
         if prog is not None and prog.pin is pin:
             prog.pin = None
+            if self.waitlist is not None and prog.pending:
+                self.waitlist.touch(prog.pending)
         self._order_dirty = True
         self.stats.releases[reason] = self.stats.releases.get(reason, 0) + 1
         self.returns.pin_ended(pin, reason)
@@ -184,6 +196,7 @@ class PolicyCore:
         if self.reorders:
             self.order.arrived(now)
             self._queue[request_id] = now
+            self.waitlist.add(request_id)
         if pid is None:
             return []
         if self.gate is not None:
@@ -199,6 +212,7 @@ class PolicyCore:
             prog.last_finish = None
         if prog.pin is not None and prog.pin.next_request_id is None:
             prog.pin.next_request_id = request_id
+            self._returned[prog.pin.request_id] = prog.pin
         return []
 
     def _observe(self, prog: Program, gap: float, now: float) -> None:
@@ -221,6 +235,8 @@ class PolicyCore:
     def admitted(self, request_id: str, cached_tokens: int, now: float) -> list[Release]:
         """The request was scheduled for the first time with ``cached_tokens`` prefix-cache hits."""
         pend = self.requests.get(request_id)
+        if self.waitlist is not None:
+            self.waitlist.discard(request_id)
         if pend is None or pend.admitted:
             return []
         pend.admitted = True
@@ -252,6 +268,8 @@ class PolicyCore:
     def finished(self, ev: Finished, state: EngineState) -> tuple[bool, list[Release]]:
         """Decide whether to pin ``ev``'s blocks. Returns (pin?, releases to apply first)."""
         self._left_unadmitted(ev.request_id, self.requests.pop(ev.request_id, None))
+        if self.waitlist is not None:
+            self.waitlist.discard(ev.request_id)
         hints = ev.hints
         pid = hints.program_id
         releases: list[Release] = []
@@ -327,8 +345,15 @@ class PolicyCore:
                 self.stats.pins_skipped_budget += 1
                 return False, releases
         self.pins[pin.request_id] = pin
+        self._pins_made += 1
+        heapq.heappush(self._expiries, (pin.expires, self._pins_made, pin))
+        if len(self._expiries) > 2 * len(self.pins) + 64:  # released pins' entries: drop them now and then
+            self._expiries = [e for e in self._expiries if self.pins.get(e[2].request_id) is e[2]]
+            heapq.heapify(self._expiries)
         self.pinned_blocks += pin.blocks
         prog.pin = pin
+        if self.waitlist is not None and prog.pending:
+            self.waitlist.touch(prog.pending)
         self._order_dirty = True
         self.stats.pins_created += 1
         self.sink.pin_created(pin)
@@ -364,6 +389,8 @@ class PolicyCore:
         """The request was aborted (client gone): free its and its program's pins."""
         pend = self.requests.pop(request_id, None)
         self._left_unadmitted(request_id, pend)
+        if self.waitlist is not None:
+            self.waitlist.discard(request_id)
         out = []
         own = self.pins.get(request_id)
         if own is not None:
@@ -438,23 +465,51 @@ class PolicyCore:
     def _priced_state(self, state: EngineState) -> EngineState:
         """The state the price sees: a waiting request whose program holds a pin will hit it, so the pinned
         tokens are not demand it adds (the engine counts its whole prompt as uncomputed until admission)."""
-        if not self.pins or state.num_waiting <= 0:
+        if not self._returned or state.num_waiting <= 0:
             return state
-        covered = sum(p.held_tokens for p in self.pins.values() if self._held_for_next(p))
+        covered = sum(p.held_tokens for p in self._returned.values() if self._held_for_next(p))
         if covered <= 0:
             return state
         return replace(state, waiting_demand_tokens=max(0, state.waiting_demand_tokens - covered))
 
+    def _due(self, now: float) -> list[Pin]:
+        """Held pins whose TTL ran out by ``now``, in creation order (the order of ``pins``), those whose
+        program's next request is in the engine excepted: from the expiry heap, without a walk over the pins.
+        Entries of released pins are dropped; a due pin held for its next request stays in the heap."""
+        heap, pins = self._expiries, self.pins
+        due: list[tuple[int, Pin]] = []
+        kept = []
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            pin = entry[2]
+            if pins.get(pin.request_id) is not pin:
+                continue
+            if self._held_for_next(pin):
+                kept.append(entry)
+            else:
+                due.append((entry[1], pin))
+        for entry in kept:
+            heapq.heappush(heap, entry)
+        due.sort(key=lambda np: np[0])
+        return [pin for _, pin in due]
+
     def expire(self, now: float) -> list[Release]:
         """Release pins whose TTL ran out (not those whose program's next request is in the engine)."""
-        if not self.pins:
+        heap = self._expiries
+        if not self.pins or not heap or heap[0][0] > now:  # nothing due (most steps): no further frame
             return []
-        due = [p for p in self.pins.values() if p.expires <= now and not self._held_for_next(p)]
-        return [self._release(p, ReleaseReason.EXPIRED) for p in due]
+        return [self._release(p, ReleaseReason.EXPIRED) for p in self._due(now)]
 
     def next_deadline(self) -> float | None:
         """When the next pin expires (caller's clock), for waking an idle engine."""
-        times = [p.expires for p in self.pins.values() if not self._held_for_next(p)]
+        heap, pins = self._expiries, self.pins
+        while heap and pins.get(heap[0][2].request_id) is not heap[0][2]:
+            heapq.heappop(heap)  # released
+        if not heap:
+            return None
+        if not self._held_for_next(heap[0][2]):
+            return heap[0][0]
+        times = [p.expires for p in pins.values() if not self._held_for_next(p)]  # rare: the head returned
         return min(times) if times else None
 
     def valve_open(self, n_running: int) -> bool:
@@ -524,9 +579,48 @@ class PolicyCore:
             return False
         return self._order_dirty or n_waiting != self._order_len or now >= self._next_overdue
 
+    def _order_inputs(self, request_id: str) -> tuple[float, float | None, bool, int] | None:
+        """(arrival, program first arrival, program pinned, program rank) of a waiting request, as
+        :meth:`order_waiting` passes it to the order; None for a request the core does not know."""
+        pend = self.requests.get(request_id)
+        if pend is None:
+            return None
+        prog = self.programs.get(pend.program_id) if pend.program_id is not None else None
+        if prog is None:
+            return (pend.arrival, None, False, 0)
+        return (pend.arrival, prog.first_arrival, prog.pin is not None, prog.rank)
+
+    def _relax_if_returns_elsewhere(self) -> None:
+        if self._strict_needs_returns and self.returns.share < RETURNS_TO_DEFER:
+            self._strict_needs_returns = False  # programs mostly return elsewhere: strict order keeps nothing
+            self.order.relax(self.config.age_factor)
+            self._order_bound = self.order.age_bound_s
+
+    def waiting_moves(
+        self, n_waiting: int, now: float, changed: bool = False
+    ) -> list[tuple[int, int]] | None:
+        """The moves (from index, to index, one after the other) that put the engine's waiting queue of
+        ``n_waiting`` requests in :meth:`order_waiting`'s order at ``now``, from what changed since the last
+        step (:class:`~ctk.policy.waitlist.WaitingList`). None when the core cannot tell (the engine changed
+        its queue behind the core's back: ``changed``, or a length that does not match): order the whole
+        queue with :meth:`order_waiting` then."""
+        if not self.reorders:
+            return []
+        wl = self.waitlist
+        if changed:
+            wl.valid = False
+            return None
+        if self._strict_needs_returns:
+            self._relax_if_returns_elsewhere()
+        return wl.sync(n_waiting, now, self.order.age_bound_s)
+
     def order_waiting(self, request_ids: Sequence[str], now: float) -> list[int] | None:
-        """Scheduling order of the waiting requests as indices, or None to keep the engine's order."""
-        if not self.reorders or len(request_ids) < 2:
+        """Scheduling order of the waiting requests as indices, or None to keep the engine's order. The
+        result is also where :meth:`waiting_moves` starts from."""
+        if not self.reorders:
+            return None
+        if len(request_ids) < 2:
+            self.waitlist.rebuild(request_ids, now, self.order.age_bound_s)
             return None
         requests, progs = self.requests, self.programs
         items = []
@@ -540,14 +634,12 @@ class PolicyCore:
                 items.append((pend.arrival, None, False, 0))
             else:
                 items.append((pend.arrival, prog.first_arrival, prog.pin is not None, prog.rank))
-        if self._strict_needs_returns and self.returns.share < RETURNS_TO_DEFER:
-            self._strict_needs_returns = False  # programs mostly return elsewhere: strict order keeps nothing
-            self.order.relax(self.config.age_factor)
-            self._order_bound = self.order.age_bound_s
+        self._relax_if_returns_elsewhere()
         order, self._next_overdue = self.order.order(items, now)
         self._order_bound = self.order.age_bound_s
         self._order_dirty = False
         self._order_len = len(request_ids)
+        self.waitlist.rebuild([request_ids[i] for i in order], now, self._order_bound)
         return order
 
 

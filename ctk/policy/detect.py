@@ -53,6 +53,8 @@ def detect_tool_call(text: str | None, detectors: Sequence[str] = DETECTORS) -> 
 
 
 def _bash(text: str) -> ToolCall | None:
+    if "```" not in text:  # (what the pattern needs first: a substring test instead of a regex scan)
+        return None
     blocks = _FENCE_RE.findall(text)
     if not blocks:
         return None
@@ -79,6 +81,8 @@ def _from_call_obj(obj: object, kind: str) -> ToolCall | None:
 
 
 def _tool_call(text: str) -> ToolCall | None:
+    if "<tool_call>" not in text:
+        return None
     for body in reversed(_TOOL_CALL_RE.findall(text)):
         try:
             obj = json.loads(body)

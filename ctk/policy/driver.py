@@ -61,6 +61,10 @@ class EngineView(Protocol):
 
     ``reusable_tokens(request_id, num_tokens)``: of a finished request's first ``num_tokens`` tokens, how many
     a next turn extending them takes from the prefix cache while its blocks are held (None: every full block).
+    ``waiting_changed()``: whether the engine changed its waiting queue since the last call other than by
+    arrivals (:meth:`PolicyDriver.request_added`), first admissions, finishes and aborts the driver is told
+    of, and the driver's own moves (a preempted request put back, a resumed one taken): the driver then
+    orders the whole queue again. Resets on reading.
     ``frees_now(request_id)``: releasing the held request gives its blocks back at once (an engine may have to
     defer the free while a step in flight still writes them; such a release cannot help a failed allocation).
     """
@@ -73,6 +77,8 @@ class EngineView(Protocol):
     def num_running(self) -> int: ...
     def waiting_ids(self) -> list[str]: ...  # scheduling order
     def reorder_waiting(self, order: list[int]) -> None: ...  # indices into waiting_ids()
+    def move_waiting(self, src: int, dst: int) -> None: ...  # the waiting request at src to index dst
+    def waiting_changed(self) -> bool: ...  # see below
     def running_ids(self) -> list[str]: ...  # the last one is the preemption victim
     def reorder_running(self, order: list[int]) -> None: ...
     def waiting_demand(self) -> tuple[int, int]: ...  # (requests, tokens): see above
@@ -170,7 +176,9 @@ class PolicyDriver:
         """Before the engine schedules: held pins are judged, then the waiting and running orders set.
         Called every step: with no pin held, two counts and the free blocks are read, nothing more."""
         if self.held:
-            self._apply(self.core.step(self.state(now)))
+            releases = self.core.step(self.state(now))
+            if releases:
+                self._apply(releases)
         gate = self.gate
         if gate is not None:
             if now >= gate.next_tick:
@@ -179,13 +187,18 @@ class PolicyDriver:
                 self._rearm()  # an idle engine must wake at the tick that may let the held requests in
         if not self._reorders:
             return
-        view = self.view
-        n_waiting = view.num_waiting()
-        if n_waiting > 1 and self.core.needs_reorder(n_waiting, now):
-            core = self.core
-            order = core.order_waiting(view.waiting_ids(), now)
-            if order is not None and any(i != j for i, j in enumerate(order)):
-                view.reorder_waiting(order)
+        view, core = self.view, self.core
+        moves = core.waiting_moves(view.num_waiting(), now, view.waiting_changed())
+        if moves:
+            move = view.move_waiting
+            for src, dst in moves:
+                move(src, dst)
+        elif moves is None:  # the queue changed behind the core's back: order all of it (the core resyncs)
+            n_waiting = view.num_waiting()
+            if n_waiting < 2 or core.needs_reorder(n_waiting, now):
+                order = core.order_waiting(view.waiting_ids(), now)
+                if order is not None and any(i != j for i, j in enumerate(order)):
+                    view.reorder_waiting(order)
         if view.free_blocks() < self._preempt_free_blocks and view.num_running() > 1:  # rarely true first
             core = self.core
             order = core.order_running(view.running_ids())

@@ -56,7 +56,9 @@ class FCFSWaits:
         self.window = window
         self._arrivals: deque[float] = deque()
         self._recent: deque[float] = deque()
-        self._sorted: list[float] = []
+        # the recent waits sorted: built at the first quantile() and kept from then on (a strict order never
+        # asks, and its admissions skip two bisections)
+        self._sorted: list[float] | None = None
 
     def arrived(self, now: float) -> None:
         self._arrivals.append(now)
@@ -69,14 +71,19 @@ class FCFSWaits:
         if not self._arrivals:
             return
         wait = max(0.0, now - self._arrivals.popleft())
-        self._recent.append(wait)
-        insort(self._sorted, wait)
-        if len(self._recent) > self.window:
-            old = self._recent.popleft()
-            del self._sorted[bisect_left(self._sorted, old)]
+        recent, s = self._recent, self._sorted
+        recent.append(wait)
+        if s is not None:
+            insort(s, wait)
+        if len(recent) > self.window:
+            old = recent.popleft()
+            if s is not None:
+                del s[bisect_left(s, old)]
 
     def quantile(self, q: float) -> float:
         s = self._sorted
+        if s is None:
+            s = self._sorted = sorted(self._recent)
         if not s:
             return 0.0
         return s[min(len(s) - 1, int(q * len(s)))]

@@ -401,6 +401,7 @@ class TTLRule:
                 for k, rows in tables.ttl_s.items()
             }
         self._cdfs: dict[str, tuple[list[float], CDF]] = {}
+        self._linear: dict[tuple[float, float], CDF] = {}
 
     def _cdf(self, keys, context_tokens: int, state: EngineState) -> tuple[str, CDF | None] | None:
         """The first key the tables know, with its return-time distribution (None: tabulated not to pin).
@@ -412,7 +413,13 @@ class TTLRule:
             if fixed is not None:
                 c, p = tables.context_bucket(context_tokens), tables.pressure_index(state.pressure)
                 ttl = fixed[0][c][p]
-                return key, CDF.linear(ttl, fixed[1][c][p]) if ttl > 0 else None
+                if ttl <= 0:
+                    return key, None
+                hit_p = fixed[1][c][p]
+                cdf = self._linear.get((ttl, hit_p))
+                if cdf is None:  # a CDF is immutable: one per hand-set (TTL, p_hit) cell
+                    cdf = self._linear[ttl, hit_p] = CDF.linear(ttl, hit_p)
+                return key, cdf
             q = quantiles.get(key)
             if q is not None:
                 hit = self._cdfs.get(key)

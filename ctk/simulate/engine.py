@@ -144,6 +144,7 @@ class SimEngine:
         self.wake_deadline: float | None = None  # when the driver wants ``idle`` called (pin expiry)
         self._scheduled: list[tuple[SimRequest, int]] = []
         self._steps_in_flight = 1
+        self._waiting_changed = False  # a preempted request went back to / came back from the waiting queue
         # counters
         self.steps = 0
         self.preemptions = 0
@@ -170,6 +171,16 @@ class SimEngine:
     def reorder_waiting(self, order: list[int]) -> None:
         reqs = list(self.waiting)
         self.waiting = deque(reqs[i] for i in order)
+
+    def move_waiting(self, src: int, dst: int) -> None:
+        waiting = self.waiting
+        r = waiting[src]
+        del waiting[src]
+        waiting.insert(dst, r)
+
+    def waiting_changed(self) -> bool:
+        changed, self._waiting_changed = self._waiting_changed, False
+        return changed
 
     def running_ids(self) -> list[str]:
         return [r.request_id for r in self.running]
@@ -255,6 +266,7 @@ class SimEngine:
         r.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(r)
+        self._waiting_changed = True
 
     def _grow(self, r: SimRequest, num_new: int) -> bool:
         """vLLM's ``allocate_slots`` for a running request: blocks for ``num_new`` more tokens."""
@@ -339,6 +351,8 @@ class SimEngine:
                 if r.cached_tokens is None:  # the first admission (not a preempted request coming back)
                     r.cached_tokens = computed
                     admitted.append((r.request_id, computed))
+                else:
+                    self._waiting_changed = True
             if skipped:
                 self.waiting.extendleft(reversed(skipped))
         driver.step_end(admitted, now)
