@@ -55,6 +55,8 @@ PREFILL_POINTS = (
     (512, 1024, 6, 512),
 )
 OUTPUT_TOKENS = 128  # long enough that every request of a batch decodes together for 100+ steps
+# a mixed step's decoders decode 2x OUTPUT_TOKENS, doubled up to this while they end before the probe
+MAX_DECODE_TOKENS = 16 * OUTPUT_TOKENS
 
 
 @dataclass
@@ -148,10 +150,12 @@ def _decode_step(client, base, model, rng, ctx: int, batch: int) -> float | None
     return client
 
 
-def _prefill_step(client, base, model, rng, tokens: int, cached: int, batch: int, ctx: int) -> float | None:
+def _prefill_step(
+    client, base, model, rng, tokens: int, cached: int, batch: int, ctx: int, decode_tokens: int
+) -> float | None:
     together = threading.Barrier(max(1, batch))
     decoders = [
-        _Stream(client, base, model, _prompt(rng, ctx), OUTPUT_TOKENS * 2, together) for _ in range(batch)
+        _Stream(client, base, model, _prompt(rng, ctx), decode_tokens, together) for _ in range(batch)
     ]
     for s in decoders:
         s.start()
@@ -202,11 +206,16 @@ def measure_steps(
                 mid = ctx + OUTPUT_TOKENS // 2
                 points.append(StepPoint(0, 0.0, batch, batch * mid, statistics.median(xs), "decode"))
         for tokens, cached, batch, ctx in prefill_points:
-            xs = [
-                x
-                for _ in range(repeats)
-                if (x := _prefill_step(client, base, model, rng, tokens, cached, batch, ctx))
-            ]
+            xs: list[float] = []
+            decode_tokens = OUTPUT_TOKENS * 2
+            for _ in range(2 * repeats):
+                if len(xs) == repeats:
+                    break
+                x = _prefill_step(client, base, model, rng, tokens, cached, batch, ctx, decode_tokens)
+                if x is not None:
+                    xs.append(x)
+                elif decode_tokens < MAX_DECODE_TOKENS:  # the decoders finished before the probe (a slow
+                    decode_tokens *= 2  # machine): longer decoders next time
             if xs:
                 hit = cached // block_size * block_size
                 new = tokens + cached - hit
