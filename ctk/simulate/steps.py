@@ -167,12 +167,17 @@ def _prefill_step(
         warm = _Stream(client, base, model, prefix, 1)  # the cached context: prefilled once before
         warm.run()
     probe = _Stream(client, base, model, prefix + _prompt(rng, tokens), 1)
+    sent = time.perf_counter()
     probe.run()
-    done = time.perf_counter()
     for s in decoders:
         s.join()
     ttft_ms = probe.metrics.get("time_to_first_token_ms")
-    if probe.error or ttft_ms is None or any(s.error or not s.times or s.times[-1] < done for s in decoders):
+    if probe.error or ttft_ms is None:
+        return None
+    # the probe's prefill ended about ``sent + TTFT`` (the server's own TTFT: on a starved client the
+    # response is read much later, and a decoder that was still decoding then is the step asked for)
+    prefilled = sent + float(ttft_ms) / 1e3
+    if any(s.error or not s.times or s.times[-1] < prefilled for s in decoders):
         return None  # a decoder failed or finished before the probe: not the step asked for
     return float(ttft_ms) / 1e3
 
