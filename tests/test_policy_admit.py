@@ -3,23 +3,15 @@ resumed turns never do; new programs pass in arrival order and none starves."""
 
 from __future__ import annotations
 
+from gate_fixtures import started, tick
+
 from ctk.policy.admit import WorkingSetGate
 from ctk.policy.config import ServeConfig
-from ctk.policy.events import EngineState
 from ctk.policy.rules import make_rule
-
-CAP_BLOCKS, BS = 1000, 16  # 16,000 tokens
-CAP = CAP_BLOCKS * BS
-
-
-def tick(g: WorkingSetGate, now: float) -> None:
-    g.tick(EngineState(now, free_blocks=0, total_blocks=CAP_BLOCKS, block_size=BS))
 
 
 def gate(**kw) -> WorkingSetGate:
-    g = WorkingSetGate(**kw)
-    tick(g, 0.0)
-    return g
+    return started(WorkingSetGate(**kw))
 
 
 def admit(g: WorkingSetGate, pid: str, tokens: int, now: float) -> bool:

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from gate_fixtures import CAP, started, tick
 
-from ctk.policy.events import EngineState
 from ctk.policy.pause import ThunderAgentGate
-
-CAP_BLOCKS, BS = 1000, 16  # 16,000 tokens
-CAP = CAP_BLOCKS * BS
-
-
-def tick(g: ThunderAgentGate, now: float) -> None:
-    g.tick(EngineState(now, free_blocks=0, total_blocks=CAP_BLOCKS, block_size=BS))
 
 
 def gate(**kw) -> ThunderAgentGate:
-    g = ThunderAgentGate(**kw)
-    tick(g, 0.0)
-    return g
+    return started(ThunderAgentGate(**kw))
 
 
 def run_turn(g: ThunderAgentGate, pid: str, tokens: int, now: float) -> None:
@@ -68,9 +59,7 @@ def test_a_new_program_queues_behind_a_paused_one_and_a_turn_in_flight_is_marked
     assert not g.may_admit("new")  # behind the paused program
     g.finished("big", 14_600, False, 7.0)
     assert not g.may_admit("big")  # marked: paused at its turn's end
-    tick(
-        g, 10.0
-    )  # smallest first under the 0.85 ceiling; big alone is 0.92: it waits (timeout)
+    tick(g, 10.0)  # smallest first under the 0.85 ceiling; big alone is 0.92: it waits (timeout)
     assert list(g.paused) == ["big"] and g.may_admit("new") and g.may_admit("a")
 
 

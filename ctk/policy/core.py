@@ -622,18 +622,9 @@ class PolicyCore:
         if len(request_ids) < 2:
             self.waitlist.rebuild(request_ids, now, self.order.age_bound_s)
             return None
-        requests, progs = self.requests, self.programs
-        items = []
-        for rid in request_ids:
-            pend = requests.get(rid)
-            if pend is None:
-                items.append((now, None, False, 0))
-                continue
-            prog = progs.get(pend.program_id) if pend.program_id is not None else None
-            if prog is None:
-                items.append((pend.arrival, None, False, 0))
-            else:
-                items.append((pend.arrival, prog.first_arrival, prog.pin is not None, prog.rank))
+        inputs = self._order_inputs
+        unknown = (now, None, False, 0)  # a request the core does not know: ordered by the time of this order
+        items = [inputs(rid) or unknown for rid in request_ids]
         self._relax_if_returns_elsewhere()
         order, self._next_overdue = self.order.order(items, now)
         self._order_bound = self.order.age_bound_s

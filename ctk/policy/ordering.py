@@ -92,6 +92,12 @@ class FCFSWaits:
         return len(self._recent)
 
 
+def overdue_key(arrival: float, i: int) -> tuple:
+    """The scheduling key of an overdue request (smallest of all keys: ``0`` first, then the oldest arrival;
+    ``i`` breaks ties). :meth:`ProgramOrder.order` and :class:`~ctk.policy.waitlist.WaitingList` share it."""
+    return (0, arrival, 0, 0.0, i)
+
+
 class ProgramOrder:
     def __init__(
         self,
@@ -147,7 +153,7 @@ class ProgramOrder:
         for i, (arrival, first, pinned, rank) in enumerate(items):
             overdue_at = arrival + bound
             if now >= overdue_at:
-                keys.append((0, arrival, 0, 0.0, i))
+                keys.append(overdue_key(arrival, i))
                 continue
             if overdue_at < next_overdue:
                 next_overdue = overdue_at

@@ -3,8 +3,9 @@
 :meth:`ProgramOrder.order <ctk.policy.ordering.ProgramOrder.order>` sorts the whole queue: at GPU scale
 (1,024 waiting requests) that is most of a millisecond per step, and a busy engine changes the order every
 step (an arrival, a pin). ``WaitingList`` mirrors the engine's waiting queue as the sorted list of the same
-keys (the order class's :meth:`~ctk.policy.ordering.ProgramOrder.key`, or the overdue key ``(0, arrival,
-...)``), and turns what changed since the last step into moves of single requests (from index, to index):
+keys (the order class's :meth:`~ctk.policy.ordering.ProgramOrder.key`, or
+:func:`~ctk.policy.ordering.overdue_key`), and turns what changed since the last step into moves of single
+requests (from index, to index):
 
 - an arrival (the engine appended it) goes where its key sorts (a bisection);
 - a request whose program gained or lost a pin (:meth:`touch`) is re-keyed and moved;
@@ -26,6 +27,8 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from collections.abc import Callable, Iterable
 
+from ctk.policy.ordering import overdue_key
+
 #: What the order needs of a waiting request: (arrival, program first arrival or None, program pinned,
 #: program rank), or None for a request the policy does not know.
 Inputs = Callable[[str], "tuple[float, float | None, bool, int] | None"]
@@ -42,7 +45,7 @@ class WaitingList:
         self._keys: list[tuple] = []  # scheduling keys in queue order (sorted); the last item: a unique seq
         self._key_of: dict[str, tuple] = {}  # request id -> its key in _keys
         self._rid_of: dict[int, str] = {}  # seq -> request id
-        self._overdue = 0  # _keys[:_overdue] are overdue keys (0, arrival, 0, 0.0, seq)
+        self._overdue = 0  # _keys[:_overdue] are overdue keys (overdue_key: arrival at [1])
         self._by_arrival: list[tuple[float, int]] = []  # (arrival, seq) of the entries not overdue
         self._tail: dict[str, None] = {}  # arrivals since the last sync, in arrival order (engine appended)
         self._stale: set[str] = set()  # entries whose inputs changed since the last sync
@@ -126,7 +129,7 @@ class WaitingList:
             arrival, first, pinned, rank = item
             seq = self._next_up()
             if now >= arrival + bound:
-                k = (0, arrival, 0, 0.0, seq)
+                k = overdue_key(arrival, seq)
                 self._overdue += 1
             else:
                 k = key(arrival, first, pinned, rank, seq)
@@ -182,7 +185,7 @@ class WaitingList:
         for old in due:
             rid = rid_of[old[-1]]
             self._stale.discard(rid)
-            self._move(rid, (0, old[3], 0, 0.0, self._next_up()), moves)
+            self._move(rid, overdue_key(old[3], self._next_up()), moves)
             self._overdue += 1
 
     def _not_overdue_anymore(self, now: float, bound: float, moves: list[tuple[int, int]]) -> None:
@@ -240,7 +243,7 @@ class WaitingList:
             seq = self._next_up()
             end = len(keys)
             if now >= arrival + bound:
-                k = (0, arrival, 0, 0.0, seq)
+                k = overdue_key(arrival, seq)
                 j = bisect_left(keys, k, 0, self._overdue)
                 self._overdue += 1
             else:
