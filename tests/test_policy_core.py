@@ -290,6 +290,37 @@ def test_a_fresh_core_lets_no_flood_take_a_pin_before_fcfs_waits_are_measured():
         assert (taken is not None) is bool(bounded)
 
 
+def test_resume_valve_bounds_a_resumed_turns_wait_by_fcfs_tail_under_strict_order():
+    """ttl's strict order never lets a new program's first turn take a pin while something runs; a resumed
+    turn that missed its pin may, once it has waited FCFS's measured tail wait (``resume_valve``), so finishing
+    turns do not keep taking the freed memory as new pins while it queues. Unmeasured, nobody may (cold
+    start); ``resume_valve=false`` keeps the strict deferral."""
+    for valve in (True, False):
+        c = core(max_pin_share=1.0, age_min_s=1.0, age_min_waits=1, resume_valve=valve)
+        c.arrived("a0", hints("back"), now=0.0)  # the program whose turn will miss: seen before
+        c.admitted("a0", 0, now=0.0)
+        c.finished(fin("a0", hints("back"), "```bash\nls\n```", blocks=0), state(now=0.05))
+        h = hints("held")
+        c.arrived("r0", h, now=0.0)
+        c.finished(fin("r0", h, "```bash\nls\n```"), state(now=0.1))
+        assert "r0" in c.pins and math.isinf(c.order.age_bound_s)  # strict: no age bound of the order
+        c.arrived("resumed", hints("back"), now=1.0)
+        c.arrived("first", hints("new"), now=1.0)
+        assert c.release_for_pressure(now=1.5, admitting="resumed", engine_busy=True) is None  # under 1 s
+        assert c.release_for_pressure(now=2.5, admitting="first", engine_busy=True) is None  # strict
+        rel = c.release_for_pressure(now=2.5, admitting="resumed", engine_busy=True)
+        assert (rel is not None) is valve, valve
+        if valve:
+            assert rel.request_id == "r0" and rel.reason == "pressure"
+    fresh = core(max_pin_share=1.0, age_min_waits=100)  # nothing measured: no bound, the turn waits
+    fresh.arrived("a0", hints("back"), now=0.0)
+    h = hints("held")
+    fresh.arrived("r0", h, now=0.0)
+    fresh.finished(fin("r0", h, "```bash\nls\n```"), state(now=0.1))
+    fresh.arrived("resumed", hints("back"), now=1.0)
+    assert fresh.release_for_pressure(now=60.0, admitting="resumed", engine_busy=True) is None
+
+
 def test_vllm_policy_never_pins_nor_reorders():
     c = core("vllm")
     c.arrived("r1", hints(), now=0.0)

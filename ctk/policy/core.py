@@ -48,6 +48,7 @@ from ctk.policy.events import (
     ToolObservation,
 )
 from ctk.policy.hints import RequestHints
+from ctk.policy.ordering import resumed_turn
 from ctk.policy.price import MemoryPrice
 from ctk.policy.rules import PinRule
 from ctk.policy.waitlist import WaitingList
@@ -540,7 +541,7 @@ class PolicyCore:
         defers = self.rule.valve_last_resort or self.returns.share >= RETURNS_TO_DEFER
         if admitting is not None and engine_busy and self.reorders and defers:
             pend = self.requests.get(admitting)
-            if pend is not None and now - pend.arrival < self.order.age_bound_s:
+            if pend is not None and now - pend.arrival < self._valve_bound(pend):
                 self.stats.valve_deferred += 1  # it waits for the running requests to give memory back
                 return None
         pins = self.pins.values()
@@ -550,6 +551,21 @@ class PolicyCore:
                 return None
         victim = min(pins, key=lambda p: self._victim_key(p, now))
         return self._release(victim, ReleaseReason.PRESSURE)
+
+    def _valve_bound(self, pend: Pending) -> float:
+        """How long a waiting request waits for running requests to give memory back before the valve may
+        release pins for it: the age bound; for a resumed turn (``resume_valve``) the age bound measured even
+        under strict order (FCFS's tail wait, inf until measured). Pins then keep the programs that return
+        first, but a resumed turn that missed its pin does not wait past the wait FCFS would have given it
+        (the real CPU engine: such turns queued 2.2 s against stock's 1.7 s while finishing turns took the
+        freed memory as new pins)."""
+        bound = self.order.age_bound_s
+        if not self.config.resume_valve or self.rule.valve_last_resort or pend.program_id is None:
+            return bound
+        prog = self.programs.get(pend.program_id)
+        if prog is None or not resumed_turn(pend.arrival, prog.first_arrival):
+            return bound
+        return min(bound, self.order.bound_for(self.config.age_factor))
 
     def release_all(self, reason: ReleaseReason = ReleaseReason.SHUTDOWN) -> list[Release]:
         return [self._release(p, ReleaseReason(reason)) for p in list(self.pins.values())]

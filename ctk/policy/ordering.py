@@ -131,13 +131,16 @@ class ProgramOrder:
         self._bound = self._measured_bound()
 
     def _measured_bound(self) -> float:
+        return self.bound_for(self.age_factor)
+
+    def bound_for(self, age_factor: float) -> float:
         """``max(age_min_s, age_factor × W_q)`` once ``W_q`` is measured (``min_waits`` waits, 100 by
         default: what a p99 needs). Before that no request is overdue: with no measured wait the bound would
         be 0, every waiting request overdue, and a flood of new programs would take the pins of programs
         about to return (issue 22)."""
         if len(self.fcfs) < self.min_waits:
             return math.inf
-        return max(self.age_min_s, self.age_factor * self.fcfs.quantile(self.age_quantile))
+        return max(self.age_min_s, age_factor * self.fcfs.quantile(self.age_quantile))
 
     @property
     def age_bound_s(self) -> float:
@@ -192,6 +195,12 @@ class ResumeFirstOrder(ProgramOrder):
 
     @staticmethod
     def key(arrival: float, first: float | None, pinned: bool, rank: int, i: int) -> tuple:
-        if first is None or first >= arrival:  # a program's first turn (or a request without a program)
+        if not resumed_turn(arrival, first):  # a program's first turn (or a request without a program)
             return (3, arrival if first is None else first, rank, arrival, i)
         return (1 if pinned else 2, arrival, 0, arrival, i)
+
+
+def resumed_turn(arrival: float, first: float | None) -> bool:
+    """A request arriving after its program's first arrival: a turn after a tool call (``first`` None: no
+    program). What the resume TTFT reports and what :class:`ResumeFirstOrder` serves first."""
+    return first is not None and first < arrival
