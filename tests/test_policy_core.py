@@ -291,10 +291,10 @@ def test_a_fresh_core_lets_no_flood_take_a_pin_before_fcfs_waits_are_measured():
 
 
 def test_resume_valve_bounds_a_resumed_turns_wait_by_fcfs_tail_under_strict_order():
-    """ttl's strict order never lets a new program's first turn take a pin while something runs; a resumed
-    turn that missed its pin may, once it has waited FCFS's measured tail wait (``resume_valve``), so finishing
-    turns do not keep taking the freed memory as new pins while it queues. Unmeasured, nobody may (cold
-    start); ``resume_valve=false`` keeps the strict deferral."""
+    """ttl's strict order never lets a new program's first turn take a pin while something runs; with
+    ``resume_valve`` a resumed turn that missed its pin may, once it has waited FCFS's measured tail wait, so
+    finishing turns do not keep taking the freed memory as new pins while it queues. Unmeasured, nobody may
+    (cold start); without ``resume_valve`` (the default) the strict deferral holds."""
     for valve in (True, False):
         c = core(max_pin_share=1.0, age_min_s=1.0, age_min_waits=1, resume_valve=valve)
         c.arrived("a0", hints("back"), now=0.0)  # the program whose turn will miss: seen before
@@ -312,7 +312,7 @@ def test_resume_valve_bounds_a_resumed_turns_wait_by_fcfs_tail_under_strict_orde
         assert (rel is not None) is valve, valve
         if valve:
             assert rel.request_id == "r0" and rel.reason == "pressure"
-    fresh = core(max_pin_share=1.0, age_min_waits=100)  # nothing measured: no bound, the turn waits
+    fresh = core(max_pin_share=1.0, age_min_waits=100, resume_valve=True)  # nothing measured: it waits
     fresh.arrived("a0", hints("back"), now=0.0)
     h = hints("held")
     fresh.arrived("r0", h, now=0.0)
