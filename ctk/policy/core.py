@@ -54,7 +54,7 @@ from ctk.policy.waitlist import WaitingList
 from ctk.predict.features import command_keys
 
 
-@dataclass
+@dataclass(slots=True)
 class Program:
     program_id: str
     first_arrival: float
@@ -72,7 +72,7 @@ class Program:
     done: bool = False  # its last turn finished
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     program_id: str | None
     arrival: float
@@ -446,8 +446,11 @@ class PolicyCore:
     def _reprice(self, state: EngineState) -> list[Release]:
         """Update the price; when the price charged to pins moved, re-judge every held pin (those whose
         program is back excepted)."""
-        moved = self.price.update(self._priced_state(state))
+        priced = state if state.num_waiting <= 0 or not self._returned else self._priced_state(state)
+        moved = self.price.update(priced)
         self.stats.price = self.price.value
+        if not moved and not self._charging and self.price.value <= 0.0:
+            return []  # (what follows answers [] then: nothing charged before or now)
         price = self._charged_price(state.now)
         charging = price > 0.0
         if charging != self._charging:
