@@ -6,6 +6,7 @@ strings."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -13,6 +14,7 @@ from engine_fixtures import LONG_TTL_KEY, scheduler_of
 
 from ctk.engine_patch import device as device_mod
 from ctk.policy.config import ConfigError, ServeConfig
+from ctk.policy.detect import detect_tool_call
 
 GPU_BLOCK = 16  # vLLM's default block size on CUDA (the CPU engine's is 128)
 
@@ -262,13 +264,44 @@ def test_tool_call_detection_decodes_only_the_tail_it_needs(engine_llm, sched_do
         short = "THOUGHT: look\n```bash\nls -la /repo\n```"
         assert "ls -la /repo" in door.text_of(Out(short)) and decoded == [256]
         decoded.clear()
-        assert "ls -la /repo" not in (door.text_of(Out(" plain answer")) or "") and decoded == [256]
+        # no token of the tail holds a character a call needs (` < "): nothing decoded, no call
+        assert door.text_of(Out(" plain answer")) == "" and decoded == []
+        assert detect_tool_call(door.text_of(Out(' {"name": "ls"}'))) is not None and decoded == [256]
+        decoded.clear()
         decoded.clear()
         long_cmd = "```bash\ncat <<EOF\n" + " line" * 600 + "\nEOF\n```"
         text = door.text_of(Out(long_cmd))
         assert text.count("```bash") == 1 and decoded == [256, 1024]  # grown once, to the call's start
     finally:
         door._decode = real
+
+
+def test_the_call_character_screen_never_hides_a_call_character(tiny_model_dir):
+    """A tail none of whose tokens is in ``call_char_tokens`` decodes to a text without ` < " (so no detector
+    finds a call in it); decoders that could make such a character across tokens get no screen."""
+    from tokenizers import decoders
+    from transformers import AutoTokenizer
+
+    from ctk.engine_patch.vllm_door import _keeps_call_chars, call_char_tokens
+    from ctk.policy.detect import CALL_CHARS
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    screen = call_char_tokens(tok)
+    assert screen and 6 in screen  # '"'
+    rng = random.Random(0)
+    plain = [i for i in range(len(tok)) if i not in screen]
+    for _ in range(300):
+        ids = [rng.choice(plain) for _ in range(rng.randrange(1, 40))]
+        assert not any(c in tok.decode(ids, skip_special_tokens=False) for c in CALL_CHARS)
+    calls = ("```bash\nls\n```", '<tool_call>{"name": "f"}</tool_call>', '{"name": "f", "arguments": {}}')
+    for text in calls:
+        assert not screen.isdisjoint(tok.encode(text, add_special_tokens=False))
+        assert detect_tool_call(text.translate({ord(c): None for c in CALL_CHARS})) is None
+    llama2 = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    assert _keeps_call_chars(json.loads(llama2.__getstate__()))
+    assert not _keeps_call_chars(json.loads(decoders.Replace("x", "`").__getstate__()))
+    assert not _keeps_call_chars(json.loads(decoders.Strip("`", 1, 0).__getstate__()))
+    assert not _keeps_call_chars(json.loads(decoders.WordPiece().__getstate__()))
 
 
 @pytest.fixture

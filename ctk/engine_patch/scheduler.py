@@ -115,6 +115,8 @@ class CTKSchedulerMixin:
         )
         self.ctk_driver = PolicyDriver(core, door)
         door.valve = self.ctk_driver.allocation_failed
+        if core.pins_enabled:
+            door.load_tokenizer()  # now, not in the step of the first finish that needs tool-call detection
         logger.info(
             "ctk scheduler: policy=%s ttl_model=%s record=%s max_pin_share=%.2f blocks=%d program order=%s",
             cfg.policy,

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 from ctk.errors import CtkError
 from ctk.policy.config import ConfigError
-from ctk.policy.detect import detect_tool_call
+from ctk.policy.detect import CALL_CHARS, detect_tool_call
 from ctk.policy.driver import RequestEnd, head_demand
 from ctk.policy.hints import RequestHints, parse_hints
 
@@ -586,6 +586,51 @@ def rust_decoder(tokenizer) -> Callable[..., str] | None:
     return getattr(backend, "decode", None)
 
 
+#: Decoders (``tokenizers``) that neither make nor drop a character of :data:`CALL_CHARS` across token
+#: boundaries: a decoded sequence holds such a character only if one of its tokens' own decodes does
+#: (byte-level BPE: ASCII bytes survive the lossy UTF-8 decode as they are; SentencePiece's metaspace, byte
+#: fallback, fuse). ``Replace`` and ``Strip`` qualify only when their texts hold none of the characters.
+_CHAR_KEEPING_DECODERS = ("ByteLevel", "Metaspace", "ByteFallback", "Fuse")
+
+
+def _keeps_call_chars(decoder: dict | None) -> bool:
+    if decoder is None:  # no decoder: the tokens' texts joined with spaces
+        return True
+    kind = decoder.get("type")
+    if kind == "Sequence":
+        return all(_keeps_call_chars(d) for d in decoder.get("decoders", ()))
+    if kind in _CHAR_KEEPING_DECODERS:
+        return True
+    if kind == "Replace":
+        pattern = decoder.get("pattern") or {}
+        texts = (pattern.get("String"), decoder.get("content"))
+        return all(isinstance(t, str) and not any(c in t for c in CALL_CHARS) for t in texts)
+    if kind == "Strip":
+        content = decoder.get("content")
+        return isinstance(content, str) and not any(c in content for c in CALL_CHARS)
+    return False
+
+
+def call_char_tokens(tokenizer) -> frozenset[int] | None:
+    """Ids of the tokens whose own decode holds a character of :data:`CALL_CHARS`; None when that does not
+    tell (not a Rust tokenizer, or a decoder not known to keep those characters, see
+    :data:`_CHAR_KEEPING_DECODERS`).
+    An output tail with none of these tokens decodes to a text no detector finds a call in: it is not decoded.
+    One batch decode of the vocabulary, when the tokenizer is loaded."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    decoder = backend.decoder
+    if not _keeps_call_chars(json.loads(decoder.__getstate__()) if decoder is not None else None):
+        return None
+    size = backend.get_vocab_size(with_added_tokens=True)
+    texts = backend.decode_batch([[i] for i in range(size)], skip_special_tokens=False)
+    chars = CALL_CHARS
+    return frozenset(i for i, text in enumerate(texts) if any(c in text for c in chars))
+
+
 class VllmDoor:
     """:class:`~ctk.policy.driver.EngineView` of a vLLM scheduler, plus the few conversions the mixin
     needs (hints of a request, admissions of a step, how a request ended). See the module doc."""
@@ -630,6 +675,7 @@ class VllmDoor:
         )
         self._tokenizer = None
         self._decoder = None  # the tokenizer's Rust decode, when it gives the tokenizer's own text
+        self._call_tokens: frozenset[int] | None = None  # call_char_tokens (None: decode every tail)
         self._tokenizer_failed = False
         waiting = scheduler.waiting
         self.reorders_waiting = type(waiting) is FCFSRequestQueue and not waiting
@@ -827,6 +873,11 @@ class VllmDoor:
         request = self.held.get(request_id)
         return request is None or self._blocks_can_be_freed(request)
 
+    def load_tokenizer(self) -> None:
+        """Load the tokenizer for tool-call detection (and :func:`call_char_tokens`) ahead of the first finish
+        that needs it: loading it there would stall that engine step (milliseconds, a vocabulary decode)."""
+        self._tokenizer_or_none()
+
     def _tokenizer_or_none(self):
         if self._tokenizer is None and not self._tokenizer_failed:
             try:
@@ -836,6 +887,8 @@ class VllmDoor:
                     model_config=self.sched.vllm_config.model_config
                 )
                 self._decoder = rust_decoder(self._tokenizer)
+                if self._decoder is not None:
+                    self._call_tokens = call_char_tokens(self._tokenizer)
             except Exception as exc:  # no tokenizer: detection by hints only
                 logger.warning("ctk: no tokenizer for tool-call detection (%s); use the 'tool' hint", exc)
                 self._tokenizer_failed = True
@@ -854,18 +907,24 @@ class VllmDoor:
 
         Only the tail detection needs is decoded: the last :data:`DETECT_FIRST_TOKENS` tokens, and a tail four
         times longer (up to :data:`DETECT_TAIL_TOKENS`) only while the tail holds no tool call but the end of
-        one (a closing fence or tag, a JSON name) whose start it may have cut off."""
+        one (a closing fence or tag, a JSON name) whose start it may have cut off. A first tail none of whose
+        tokens holds a character a call needs (:func:`call_char_tokens`) is not decoded: "" (no call)."""
         if self._tokenizer_or_none() is None:
             return None
-        total = len(request.output_token_ids)
+        ids = request.output_token_ids
+        total = len(ids)
         n = min(DETECT_FIRST_TOKENS, DETECT_TAIL_TOKENS)
+        tail = ids[-n:]  # a slice: a new list
+        if self._call_tokens is not None and self._call_tokens.isdisjoint(tail):
+            return ""  # the decoded tail would hold no character of CALL_CHARS: no call, and no decode
         while True:
-            text = self._decode(request.output_token_ids[-n:])  # a slice: a new list
+            text = self._decode(tail)
             if text is None or n >= total or n >= DETECT_TAIL_TOKENS:
                 return text
             if not any(m in text for m in _CALL_END_MARKERS) or detect_tool_call(text) is not None:
                 return text
             n = min(4 * n, DETECT_TAIL_TOKENS)
+            tail = ids[-n:]
 
     def ctk_settings(self) -> dict:
         """``additional_config["ctk"]`` of the engine ({} when absent)."""

@@ -55,7 +55,7 @@ from ctk.policy.waitlist import WaitingList
 from ctk.predict.features import command_keys
 
 
-@dataclass
+@dataclass(slots=True)
 class Program:
     program_id: str
     first_arrival: float
@@ -73,7 +73,7 @@ class Program:
     done: bool = False  # its last turn finished
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     program_id: str | None
     arrival: float
@@ -421,7 +421,8 @@ class PolicyCore:
         """Once per engine step: expiry, the price update, and re-judgement of held pins (price moved)."""
         if not self.rule.pins:
             return []
-        out = self.expire(state.now)
+        heap = self._expiries
+        out = self.expire(state.now) if heap and heap[0][0] <= state.now else []  # (expire's own test first)
         return out + self._reprice(state)
 
     def _head_overdue(self, now: float) -> bool:
@@ -447,8 +448,11 @@ class PolicyCore:
     def _reprice(self, state: EngineState) -> list[Release]:
         """Update the price; when the price charged to pins moved, re-judge every held pin (those whose
         program is back excepted)."""
-        moved = self.price.update(self._priced_state(state))
+        priced = state if state.num_waiting <= 0 or not self._returned else self._priced_state(state)
+        moved = self.price.update(priced)
         self.stats.price = self.price.value
+        if not moved and not self._charging and self.price.value <= 0.0:
+            return []  # (what follows answers [] then: nothing charged before or now)
         price = self._charged_price(state.now)
         charging = price > 0.0
         if charging != self._charging:
@@ -626,7 +630,7 @@ class PolicyCore:
         if changed:
             wl.valid = False
             return None
-        if self._strict_needs_returns:
+        if self._strict_needs_returns and self.returns.share < RETURNS_TO_DEFER:
             self._relax_if_returns_elsewhere()
         return wl.sync(n_waiting, now, self.order.age_bound_s)
 
@@ -665,12 +669,13 @@ class ReturnShare:
     nothing. About 1 behind session affinity; about 1/N behind round-robin over N replicas, where a pin's
     program mostly returns elsewhere. Clamped to [0.05, 1]."""
 
-    __slots__ = ("alpha", "_seen", "_promised")
+    __slots__ = ("alpha", "_seen", "_promised", "share")
 
     def __init__(self, alpha: float = 0.02):
         self.alpha = alpha
         self._seen = 1.0
         self._promised = 1.0
+        self.share = 1.0  # kept as the two sums move (read every step: no property frame)
 
     def pin_ended(self, pin: Pin, reason: ReleaseReason) -> None:
         if reason is ReleaseReason.HIT or reason is ReleaseReason.MISS:
@@ -682,12 +687,7 @@ class ReturnShare:
         a = self.alpha
         self._seen += a * (seen - self._seen)
         self._promised += a * (min(1.0, max(0.0, pin.p_hit)) - self._promised)
-
-    @property
-    def share(self) -> float:
-        if self._promised <= 0.0:
-            return 1.0
-        return min(1.0, max(0.05, self._seen / self._promised))
+        self.share = 1.0 if self._promised <= 0.0 else min(1.0, max(0.05, self._seen / self._promised))
 
 
 @lru_cache(maxsize=4096)

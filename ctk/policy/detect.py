@@ -23,6 +23,10 @@ from typing import NamedTuple
 DETECTORS = ("bash", "tool_call", "openai")
 #: Only the last characters of an output are parsed (a tool call ends the turn).
 MAX_PARSE_CHARS = 20_000
+#: Characters every detector needs in a text before it can find a call (``bash`` a fence, ``tool_call`` its
+#: tag, ``openai`` a quoted ``"name"``): a text holding none of them is no tool call. The vLLM door skips the
+#: decode of an output tail whose tokens hold none of them.
+CALL_CHARS = '`<"'
 
 _FENCE_RE = re.compile(r"```(?:bash|sh|shell|mswea_bash_command)[ \t]*\n(.*?)(?:```|\Z)", re.S)
 _TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.S)

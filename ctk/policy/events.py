@@ -34,7 +34,7 @@ class ReleaseReason(StrEnum):
     RESET = "reset"  # prefix-cache reset
 
 
-@dataclass
+@dataclass(slots=True)
 class EngineState:
     """The engine at a decision / step: time and KV-cache occupancy (built by the driver from its view).
 

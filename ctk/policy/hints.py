@@ -33,6 +33,7 @@ from ctk.wire import (
     AGENTIC_CONTEXT,
     LAST_TURN,
     MAX_CONTEXT_CHARS,
+    MAX_ID_CHARS,
     MAX_TOOL_CHARS,
     MAX_TURN_INDEX,
     SESSION_ID,
@@ -80,7 +81,7 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
     """Hints of one request; never raises. (On the engine's hot path, with cold caches: a helper is called
     only for a key that is present.)"""
     warnings: list[str] = []
-    is_mapping = isinstance(extra_args, Mapping)
+    is_mapping = type(extra_args) is dict or isinstance(extra_args, Mapping)
     xargs: Mapping[str, Any] = extra_args if is_mapping else {}
     if extra_args is not None and not is_mapping:
         _warn("vllm_xargs", f"vllm_xargs: expected an object, got {type(extra_args).__name__}", warnings)
@@ -94,7 +95,11 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
         if program is not None:
             break
         if key in xargs:
-            program = _as_id(xargs[key], key, warnings)
+            value = xargs[key]
+            if type(value) is str and len(text := value.strip()) <= MAX_ID_CHARS:  # as_program_id, inline
+                program = text or None
+            else:
+                program = _as_id(value, key, warnings)
 
     turn = _turn(xargs, TURN_INDEX, warnings) if TURN_INDEX in xargs else None
     if turn is None and ctx:

@@ -61,6 +61,9 @@ class MemoryPrice:
 
     def update(self, state: EngineState) -> bool:
         """Move the price to the engine's state at ``state.now``; True when pins should be re-judged."""
+        if state.num_waiting <= 0 and self.value == 0.0 and self._judged == 0.0:  # (the usual step) stays 0
+            self._last_now = state.now
+            return False
         target = self.target(state)
         last, self._last_now = self._last_now, state.now
         if state.num_waiting <= 0:
