@@ -392,14 +392,21 @@ class TTLRule:
         self.max_pin_share = max_pin_share
         self.online = online
         self.program_fcfs = True
+        self._cdfs: dict[str, tuple[list[float], CDF]] = {}
 
     def _cdf(self, keys) -> tuple[str, CDF | None] | None:
         """The first key the tables know, with its return-time distribution (None: a fixed pin of 0 s)."""
         tables = self.tables
         fixed, quantiles = tables.fixed_pins, tables.quantiles_s
         for key in keys:
-            if key in fixed or key in quantiles:
+            if key in fixed:
                 return key, tables.cdf(key)
+            q = quantiles.get(key)
+            if q is not None:
+                hit = self._cdfs.get(key)
+                if hit is None or hit[0] is not q:  # new key, or online adaptation replaced its quantiles
+                    hit = self._cdfs[key] = (q, CDF.from_quantiles(tables.quantile_levels, q))
+                return key, hit[1]
         return None
 
     @classmethod
