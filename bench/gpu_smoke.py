@@ -36,15 +36,12 @@ PIN_TOOL, SHORT_TOOL = "ls", "sleep"  # pinned 30 s / 1 s by the smoke test's TT
 
 def ttl_table(path: Path, pins: bool) -> Path:
     from ctk.predict.modelfile import save_model
-    from ctk.predict.tables import TTLTables
+    from ctk.predict.tables import FixedPin, TTLTables
 
     ttls = {PIN_TOOL: 30.0, SHORT_TOOL: 1.0, "*": 0.0} if pins else {"*": 0.0}
     tables = TTLTables(
-        context_edges=[1_000_000],
-        pressure_levels=[1.0],
         quantile_levels=[0.5, 0.9],
-        ttl_s={k: [[v]] for k, v in ttls.items()},
-        p_hit={k: [[0.9 if v > 0 else 0.0]] for k, v in ttls.items()},
+        fixed_pins={k: FixedPin(v, 0.9 if v > 0 else 0.0) for k, v in ttls.items()},
         quantiles_s={k: [v / 2 or 1.0, v or 10.0] for k, v in ttls.items()},
         n_samples={k: 10 for k in ttls},
     )

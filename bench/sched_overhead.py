@@ -36,15 +36,12 @@ from pathlib import Path
 def build_inputs(tmp: Path, model: str | None) -> tuple[str, str]:
     from ctk.engine_patch.serve.tiny_model import build_tiny_model
     from ctk.predict.modelfile import save_model
-    from ctk.predict.tables import TTLTables
+    from ctk.predict.tables import FixedPin, TTLTables
 
     model_dir = model or str(build_tiny_model(tmp / "tiny"))
     tables = TTLTables(
-        context_edges=[1_000_000],
-        pressure_levels=[1.0],
         quantile_levels=[0.5],
-        ttl_s={"*": [[0.0]], "make": [[0.0]]},
-        p_hit={"*": [[0.0]], "make": [[0.0]]},
+        fixed_pins={"*": FixedPin(0.0), "make": FixedPin(0.0)},
         quantiles_s={"*": [10.0], "make": [10.0]},
         n_samples={"*": 1, "make": 1},
     )
@@ -55,15 +52,12 @@ def build_inputs(tmp: Path, model: str | None) -> tuple[str, str]:
 def build_pin_table(tmp: Path) -> Path:
     """TTL tables for ``--scale``: the hinted tool ``make`` is pinned 30 s, nothing else."""
     from ctk.predict.modelfile import save_model
-    from ctk.predict.tables import TTLTables
+    from ctk.predict.tables import FixedPin, TTLTables
 
     ttls = {"make": 30.0, "*": 0.0}
     tables = TTLTables(
-        context_edges=[1_000_000],
-        pressure_levels=[1.0],
         quantile_levels=[0.5],
-        ttl_s={k: [[v]] for k, v in ttls.items()},
-        p_hit={k: [[0.9 if v else 0.0]] for k, v in ttls.items()},
+        fixed_pins={k: FixedPin(v, 0.9 if v else 0.0) for k, v in ttls.items()},
         quantiles_s={k: [v or 10.0] for k, v in ttls.items()},
         n_samples={k: 10 for k in ttls},
     )

@@ -154,7 +154,7 @@ class PriceGridTable:
         return 0.0
 
     def tables_dict(self, base: dict) -> dict:
-        """``base`` (a tables dict as saved) with this grid's rows in place of the pressure rows."""
+        """``base`` (a tables dict as saved: quantiles, no rows) with this grid's rows added."""
         grid = [math.exp(x) for x in self.log_price]
         return {**base, "ttl_s": self.rows, "p_hit": self.p_hit, "price_grid": grid}
 
@@ -313,7 +313,7 @@ def run_seed(
             )
     model = load_model(model_path)
     base = model["ttl_tables"]
-    no_rows = {**base, "ttl_s": {}, "p_hit": {}}
+    no_rows = {k: v for k, v in base.items() if k not in ("ttl_s", "p_hit")}  # (b): the file as written
     us = time_designs(designs, known, rounds)
     out: dict[str, dict] = {}
     for name, d in designs.items():
@@ -328,10 +328,6 @@ def run_seed(
         row["us"] = us[name]
         row["us_ratio"] = us[name] / us["(b) exact rule"]
         out[name] = row
-    out["(today) b + pressure rows"] = {
-        "tables_kb": len(pickle.dumps(base, protocol=pickle.HIGHEST_PROTOCOL)) / 1024,
-        "model_kb": model_path.stat().st_size / 1024,
-    }
     return out
 
 

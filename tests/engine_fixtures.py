@@ -50,17 +50,15 @@ def served_block_size(base: str) -> int:
 
 
 def write_test_model(path: Path, ttls: dict[str, float] | None = None) -> Path:
-    """A model.pkl whose TTL tables pin each key for a fixed TTL at every context length and pressure."""
+    """A model.pkl whose TTL tables pin each key for a fixed TTL (hand-set fixed pins; quantiles that online
+    adaptation may rewrite but that never decide for these keys)."""
     from ctk.predict.modelfile import save_model
-    from ctk.predict.tables import TTLTables
+    from ctk.predict.tables import FixedPin, TTLTables
 
     ttls = ttls or TEST_TTLS
     tables = TTLTables(
-        context_edges=[1_000_000],
-        pressure_levels=[1.0],
         quantile_levels=[0.5, 0.9],
-        ttl_s={k: [[v]] for k, v in ttls.items()},
-        p_hit={k: [[0.9 if v > 0 else 0.0]] for k, v in ttls.items()},
+        fixed_pins={k: FixedPin(v, 0.9 if v > 0 else 0.0) for k, v in ttls.items()},
         quantiles_s={k: [v / 2 or 1.0, v or 10.0] for k, v in ttls.items()},
         n_samples={k: 10 for k in ttls},
     )

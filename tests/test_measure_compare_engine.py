@@ -60,7 +60,7 @@ def test_oracle_then_ttl_share_a_model_trained_on_other_programs(sample_store, m
         f = f[~f["program_id"].isin(replayed)]
         assert t["duration_s"].sum() == pytest.approx(f["duration_s"].sum() * cfg.replay.time_scale, rel=1e-6)
     assert (tmp_path / "prefill_profile.json").exists(), logs
-    assert load_ttl_tables(tmp_path / "model.pkl").ttl_s
+    assert load_ttl_tables(tmp_path / "model.pkl").quantiles_s
     d = json.loads((tmp_path / "compare-results.json").read_text())
     assert set(d["policies"]) == {"oracle", "ttl"}
     figs = d["policies"]  # one round: the medians are that round's figures; ttl is the only other arm

@@ -14,20 +14,16 @@ from ctk.policy.events import EngineState, Finished
 from ctk.policy.hints import RequestHints, parse_hints
 from ctk.policy.rules import Policy, make_rule
 from ctk.predict.online import OnlineDurations, blend_quantiles
-from ctk.predict.tables import TTLTables
+from ctk.predict.tables import FixedPin, TTLDecision, TTLTables
 
 LEVELS = [0.1, 0.5, 0.9]
 
 
 def tables() -> TTLTables:
-    """Hand-set (no cost profile: fixed-TTL) tables, one context bucket, pressure levels 0.5 and 1.0: ``ls``
-    pins 5 s, ``sleep`` 1 s at low pressure."""
+    """Hand-set tables (fixed pins): ``ls`` pins 5 s, ``sleep`` 1 s, anything else (``*``) is not pinned."""
     return TTLTables(
-        context_edges=[1_000_000],
-        pressure_levels=[0.5, 1.0],
         quantile_levels=LEVELS,
-        ttl_s={"ls": [[5.0, 5.0]], "sleep": [[1.0, 0.0]], "*": [[0.0, 0.0]]},
-        p_hit={"ls": [[0.9, 0.9]], "sleep": [[0.5, 0.0]], "*": [[0.0, 0.0]]},
+        fixed_pins={"ls": FixedPin(5.0, 0.9), "sleep": FixedPin(1.0, 0.5), "*": FixedPin(0.0)},
         quantiles_s={"ls": [0.01, 0.02, 0.1], "sleep": [0.5, 1.0, 3.0], "*": [1.0, 10.0, 100.0]},
         n_samples={"ls": 100, "sleep": 10, "*": 1000},
     )
@@ -121,7 +117,7 @@ def test_detect_fenced_bash_tool_call_and_openai_json():
 # -- pin decision and release rules --------------------------------------------------------------------
 
 
-def test_ttl_pin_from_table_and_pressure():
+def test_ttl_pin_from_fixed_pins_at_any_pressure():
     c = core()
     c.arrived("r1", hints(), now=0.0)
     pinned, rel = c.finished(fin("r1", hints(), "```bash\nls -la\n```"), state(now=10))
@@ -129,11 +125,12 @@ def test_ttl_pin_from_table_and_pressure():
     pin = c.pins["r1"]
     assert (pin.ttl_s, pin.expires, pin.key) == (5.0, 15.0, "ls")
     assert c.pinned_blocks == 20
-    # sleep: pinned at low pressure, not at high pressure (the table says 0 there)
+    # sleep: a fixed pin does not read the KV usage (only the live price, here 0, decides whether it pays)
     c.arrived("r2", hints("p2"), now=0.0)
     assert c.finished(fin("r2", hints("p2"), "```bash\nsleep 1\n```"), state(free=90))[0]
     c.arrived("r3", hints("p3"), now=0.0)
-    assert not c.finished(fin("r3", hints("p3"), "```bash\nsleep 1\n```"), state(free=20))[0]
+    assert c.finished(fin("r3", hints("p3"), "```bash\nsleep 1\n```"), state(free=20))[0]
+    assert c.pins["r2"].ttl_s == c.pins["r3"].ttl_s == 1.0 and c.pins["r3"].p_hit == 0.5
     # unknown tool falls back to '*' whose TTL is 0; no tool call: no pin
     c.arrived("r4", hints("p4"), now=0.0)
     assert not c.finished(fin("r4", hints("p4"), "```bash\nmake all\n```"), state())[0]
@@ -485,11 +482,12 @@ def test_blend_quantiles_moves_from_prior_to_observations():
 def test_online_observations_refresh_the_table():
     t = tables()
     on = OnlineDurations(t, min_samples=5, prior_weight=5, min_interval_s=0.0)
-    assert t.lookup(["make", "*"], 100, 0.1).ttl_s == 0.0
+    assert t.engine_decision(["make", "*"], 100, 0.1) == TTLDecision(0.0, 0.0, "*")  # '*': fixed at 0 s
     for i in range(50):
         on.observe(["make", "*"], 0.05, now=i)
-    d = t.lookup(["make", "*"], 100, 0.1)
+    d = t.engine_decision(["make", "*"], 100, 0.1)
     assert d.key == "make" and d.ttl_s > 0  # 'make' proved fast here: now pinned
+    assert t.fixed_pins["*"].ttl_s == 0.0  # adaptation learns quantiles, never rewrites a fixed pin
 
 
 def test_core_measures_tool_durations_and_adapts():

@@ -265,9 +265,9 @@ def test_fixed_ttl_tables_of_the_engine_tests_keep_their_meaning(tmp_path):
     from tests.engine_fixtures import TEST_TTLS, write_test_model
 
     tables = load_ttl_tables(write_test_model(tmp_path / "m.pkl"))
-    assert tables.fixed_ttl
+    assert set(tables.fixed_pins) == set(TEST_TTLS)
     rule = make_rule("ttl", ServeConfig(policy="ttl", ttl_model="x", online_min_samples=1), tables)
-    for i in range(40):  # observations (once they win their duel) rewrite the rows of 'sleep' ...
+    for i in range(40):  # observations (once they win their duel) rewrite the quantiles of 'sleep' ...
         rule.observe(ToolObservation("p", i, None, ["sleep", "*"], 50.0, 0.0, 100, 10), now=float(i))
     assert tables.quantiles_s["sleep"][0] > 1.0
     for price in (0.0, 1e-6):  # ... but the hand-set TTLs still decide
@@ -276,7 +276,36 @@ def test_fixed_ttl_tables_of_the_engine_tests_keep_their_meaning(tmp_path):
         assert rule.decide(call(["make", "*"]), state(), price).ttl_s == 0.0
     # a trained file (with a cost profile) round-trips as priced tables
     again = TTLTables.from_dict(priced_tables().to_dict())
-    assert not again.fixed_ttl and again.quantiles_s["slow"] == [5.0, 30.0, 120.0]
+    assert not again.fixed_pins and again.quantiles_s["slow"] == [5.0, 30.0, 120.0]
+
+
+def test_hand_set_files_of_version_1_decide_as_before(tmp_path):
+    """A hand-set model file as ctk wrote it before the rows went (version 1 tables: one context bucket ×
+    one pressure level per key, no cost profile) loads as fixed pins and the rule decides as it did."""
+    from ctk.predict.modelfile import load_ttl_tables, save_model
+    from ctk.predict.tables import FixedPin
+
+    old = {
+        "context_edges": [1_000_000],
+        "pressure_levels": [1.0],
+        "quantile_levels": [0.5, 0.9],
+        "ttl_s": {"ls": [[30.0]], "sleep": [[1.0]], "*": [[0.0]]},
+        "p_hit": {"ls": [[0.9]], "sleep": [[0.9]], "*": [[0.0]]},
+        "quantiles_s": {"ls": [15.0, 30.0], "sleep": [0.5, 1.0], "*": [1.0, 10.0]},
+        "n_samples": {"ls": 10, "sleep": 10, "*": 10},
+        "cost": {},
+        "version": 1,
+    }
+    tables = load_ttl_tables(save_model({"ttl_tables": old}, tmp_path / "old.pkl"))
+    pins = {"ls": FixedPin(30.0, 0.9), "sleep": FixedPin(1.0, 0.9), "*": FixedPin(0.0, 0.0)}
+    assert tables.fixed_pins == pins
+    rule = make_rule("ttl", ServeConfig(policy="ttl", ttl_model="x"), tables)
+    for price in (0.0, 1e-6):
+        ls = rule.decide(call(["ls", "*"]), state(), price)
+        assert (ls.ttl_s, ls.p_hit, ls.key) == (30.0, 0.9, "ls")
+        assert rule.decide(call(["sleep", "*"]), state(), price).ttl_s == 1.0
+        assert rule.decide(call(["make", "*"]), state(), price).ttl_s == 0.0
+        assert ls.ttl_s == tables.live_decision(["ls", "*"], 4000, price).ttl_s  # offline == engine
 
 
 # -- the oracle ------------------------------------------------------------------------------------------

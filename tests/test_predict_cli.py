@@ -50,7 +50,10 @@ def test_model_file_contents(trained_model, predict_sample_store):
     assert len(lgb["models"]) == len(m["quantile_levels"]) and all(isinstance(s, str) for s in lgb["models"])
     assert {0.5, 0.9} <= set(m["quantile_levels"])
     tables = load_ttl_tables(trained_model)
-    assert "*" in tables.ttl_s and tables.quantile_levels == m["quantile_levels"]
+    assert "*" in tables.quantiles_s and tables.quantile_levels == m["quantile_levels"]
+    # the tables are what the engine's rule reads: per-key quantiles, no key × context × pressure rows
+    assert set(m["ttl_tables"]) == {"version", "quantile_levels", "quantiles_s", "n_samples", "cost"}
+    assert m["ttl_tables"]["version"] == 2 and not tables.fixed_pins
     ev = m["evaluation"]["program_split"]["predictors"]
     assert set(ev) == {"lightgbm", "running-mean", "histogram"}
 
@@ -65,15 +68,20 @@ def test_inspect(trained_model):
     assert meta["predictor"] == "lightgbm" and meta["table_keys"] > 5
 
 
-def test_inspect_ttl_is_the_engine_rules_decision(trained_model):
+@pytest.mark.parametrize("kind", ["trained", "hand-set"])
+def test_inspect_ttl_is_the_engine_rules_decision(trained_model, tmp_path, kind):
     """The TTL ``ctk inspect`` prints for a key at a live price and context is the TTL the engine's ttl rule
-    decides for a call of that key, price and context."""
+    decides for a call of that key, price and context (a trained file's quantiles, a hand-set file's fixed
+    pins)."""
     from ctk.policy.config import ServeConfig
     from ctk.policy.detect import ToolCall
     from ctk.policy.events import EngineState, PinCall
     from ctk.policy.hints import parse_hints
     from ctk.policy.rules import make_rule
+    from tests.engine_fixtures import TEST_TTLS, write_test_model
 
+    if kind == "hand-set":
+        trained_model = write_test_model(tmp_path / "fixed.pkl")
     meta = json.loads(_run("inspect", trained_model, "--json", "--keys", "12").output)
     shown = meta["engine_ttl"]
     ctx = shown["context_tokens"]
@@ -96,6 +104,12 @@ def test_inspect_ttl_is_the_engine_rules_decision(trained_model):
             decided = rule.decide(call, EngineState(0.0, 900, 1000, block_size=16), float(price)).ttl_s
             assert decided == pytest.approx(ttl, rel=1e-12, abs=1e-12), (key, price)
             pinned += ttl > 0
+    if kind == "hand-set":
+        assert meta["fixed_pins"]["ls"] == {"ttl_s": 30.0, "p_hit": 0.9}
+        assert set(shown["ttl_s"]) == set(TEST_TTLS)
+        assert shown["ttl_s"]["ls"]["0"] == 30.0 and shown["ttl_s"]["*"]["0"] == 0.0
+        return
+    assert "fixed_pins" not in meta
     assert len(shown["ttl_s"]) == 12 and 0 < pinned < 12 * len(next(iter(shown["ttl_s"].values())))
 
 
@@ -210,9 +224,9 @@ def test_train_histogram_and_running_mean(predict_sample_store, tmp_path):
         # piped output (no progress bar) still says what it is doing, step by step
         assert "held-out evaluation ..." in r.output and "fit on all rows ..." in r.output
         t = load_ttl_tables(out)
-        if kind == "running-mean":  # the public rule: 2 s or nothing, whatever context or pressure
-            vals = {x for rows in t.ttl_s.values() for row in rows for x in row}
-            assert vals <= {0.0, 2.0}
+        assert t.quantiles_s and not t.fixed_pins and "ttl_s" not in load_model(out)["ttl_tables"]
+        if kind == "running-mean":  # each key's mean as its every quantile, priced live like any key
+            assert all(len(set(q)) == 1 for q in t.quantiles_s.values())
 
 
 def _slow_prefill_app(seconds_per_token: float):

@@ -21,7 +21,7 @@ from ctk.predict.modelfile import (
     load_ttl_tables,
     save_model,
 )
-from ctk.predict.tables import NO_PIN, TTLDecision, TTLTables
+from ctk.predict.tables import NO_PIN, FixedPin, TTLDecision, TTLTables
 
 LEVELS = [0.1, 0.5, 0.9, 0.99]
 
@@ -148,56 +148,142 @@ def _tables() -> TTLTables:
     )
 
 
-def test_tables_lookup_backoff_buckets_and_pressure():
+#: What version 1 tables tabulated per key: context buckets (upper edges) × pressure levels.
+V1_CONTEXT_EDGES = (1024, 4096, 16384, 65536, 262144)
+
+
+def _v1_dict(t: TTLTables, hand_set: dict[str, list[list[float]]] | None = None) -> dict:
+    """``t`` as the version 1 ``to_dict`` wrote it: a TTL and p_hit row per key × context bucket ×
+    pressure level (from :func:`choose_ttl` at the bucket's edge and the level's λ), beside the quantiles.
+    ``hand_set``: per key hand-written TTL rows instead (p_hit 0.9 where > 0), and no cost profile."""
+    cm = t.cost_model
+    levels = list(cm.pressure_levels)
+    if hand_set is not None:
+        ttl = {k: [list(r) for r in rows] for k, rows in hand_set.items()}
+        hit = {k: [[0.9 if x > 0 else 0.0 for x in r] for r in rows] for k, rows in hand_set.items()}
+        rows = next(iter(hand_set.values()))
+        edges = [10**6 * (i + 1) for i in range(len(rows))]
+        levels = [(j + 1) / len(rows[0]) for j in range(len(rows[0]))]
+    else:
+        ttl, hit = {}, {}
+        for k, q in t.quantiles_s.items():
+            cells = [
+                [
+                    choose_ttl(t.quantile_levels, q, cm.benefit_s(e), cm.holding_cost_per_s(e, p))
+                    for p in levels
+                ]
+                for e in V1_CONTEXT_EDGES
+            ]
+            ttl[k] = [[c[0] for c in row] for row in cells]
+            hit[k] = [[c[1] for c in row] for row in cells]
+        edges = list(V1_CONTEXT_EDGES)
+    return {
+        "version": 1,
+        "context_edges": edges,
+        "pressure_levels": levels,
+        "quantile_levels": list(t.quantile_levels),
+        "ttl_s": ttl,
+        "p_hit": hit,
+        "quantiles_s": {k: list(v) for k, v in t.quantiles_s.items()},
+        "n_samples": dict(t.n_samples),
+        "cost": {} if hand_set is not None else dict(t.cost),
+    }
+
+
+def test_tables_decide_with_the_live_rule_and_back_off():
     t = _tables()
-    d = t.lookup(["python:pytest", "python", "*"], 3000, 0.0)
+    d = t.engine_decision(["python:pytest", "python", "*"], 3000, 0.0)
     assert isinstance(d, TTLDecision) and d.key == "python:pytest"
-    assert t.lookup(["pip:install", "pip", "*"], 3000, 0.0).key == "*"
-    assert t.lookup(["nope"], 3000, 0.0) == NO_PIN
-    # ls is short: always pinned, whatever the pressure
-    assert all(t.lookup(["ls"], 3000, p).ttl_s == pytest.approx(0.1) for p in (0.0, 0.5, 0.99, 1.0))
-    # pressure rounds up: 0.81 uses the 0.9 column
-    i09 = t.pressure_levels.index(0.9)
-    assert (
-        t.pressure_index(0.81) == i09
-        and t.pressure_index(0.9) == i09
-        and t.pressure_index(7) == len(t.pressure_levels) - 1
-    )
-    assert t.context_bucket(0) == 0 and t.context_bucket(10**9) == len(t.context_edges) - 1
-    assert t.context_bucket(None) == 0
-    # the pin shrinks with pressure and context length
-    at = [t.lookup(["python"], 60000, p).ttl_s for p in t.pressure_levels]
+    assert t.engine_decision(["pip:install", "pip", "*"], 3000, 0.0).key == "*"
+    assert t.engine_decision(["nope"], 3000, 0.0) == NO_PIN
+    # ls is short: always pinned for its top quantile, whatever the pressure
+    assert all(t.engine_decision(["ls"], 3000, p).ttl_s == pytest.approx(0.1) for p in (0.0, 0.5, 0.99, 1.0))
+    # the pin shrinks with pressure (the live price equivalent to it) and context length
+    at = [t.engine_decision(["python"], 60000, p).ttl_s for p in t.cost_model.pressure_levels]
     assert at == sorted(at, reverse=True) and at[0] > at[-1]
-    d = t.lookup(["python"], 60000, 0.0)
-    assert d.p_hit == pytest.approx(0.99)
+    assert t.engine_decision(["python"], 60000, 0.0).p_hit == pytest.approx(0.99)
+    assert t.engine_decision(["python"], 1000, 0.9).ttl_s >= t.engine_decision(["python"], 60000, 0.9).ttl_s
 
 
-def test_tables_recompute_and_roundtrip():
+def test_tables_hold_quantiles_only_and_roundtrip():
+    """Trained tables carry the quantiles the engine prices, and no key × context × pressure rows."""
     t = _tables()
-    before = t.lookup(["ls"], 1000, 1.0)
-    t.recompute("ls", [40.0, 80.0, 120.0, 300.0], 5)
-    after = t.lookup(["ls"], 1000, 1.0)
+    d = t.to_dict()
+    assert set(d) == {"version", "quantile_levels", "quantiles_s", "n_samples", "cost"} and d["version"] == 2
+    before = t.engine_decision(["ls"], 1000, 1.0)
+    t.set_quantiles("ls", [40.0, 80.0, 120.0, 300.0], 5)
+    after = t.engine_decision(["ls"], 1000, 1.0)
     assert after.ttl_s != before.ttl_s and t.n_samples["ls"] == 5
     d = t.to_dict()
     again = TTLTables.from_dict(d)
-    assert again.to_dict() == d
-    assert again.lookup(["python"], 5000, 0.8) == t.lookup(["python"], 5000, 0.8)
-    with pytest.raises(ValueError, match="shape"):
-        TTLTables.from_dict({**d, "ttl_s": {"x": [[1.0]]}, "p_hit": {"x": [[1.0]]}})
+    assert again.to_dict() == d and again == t
+    assert again.engine_decision(["python"], 5000, 0.8) == t.engine_decision(["python"], 5000, 0.8)
+    with pytest.raises(ValueError, match="lack quantile_levels"):
+        TTLTables.from_dict({"version": 2})
     with pytest.raises(ValueError, match="lack"):
-        TTLTables.from_dict({"ttl_s": {}})
+        TTLTables.from_dict({"ttl_s": {}})  # version 1 (no version) without its fields
     with pytest.raises(ValueError, match="newer"):
         TTLTables.from_dict({**d, "version": 99})
+    with pytest.raises(ValueError, match="4 levels"):
+        TTLTables.from_dict({**d, "quantiles_s": {"x": [1.0]}})
 
 
-def test_tables_lookup_latency():
+def test_version_1_trained_tables_load_without_their_rows_and_decide_the_same():
+    """A trained file of version 1 (rows beside the quantiles, a cost profile): the rows, which never
+    decided, are dropped; every decision is the one the quantiles give."""
     t = _tables()
-    keys = command_keys("cd /r && python -m pytest -k x")
-    n = 20000
-    t0 = time.perf_counter()
-    for i in range(n):
-        t.lookup(keys, 1000 + i, 0.85)
-    assert (time.perf_counter() - t0) / n < 50e-6  # the bench measures p99 against 20 µs
+    old = _v1_dict(t)
+    assert len(pickle.dumps(old)) > 3 * len(pickle.dumps(t.to_dict()))  # the rows were most of it
+    back = TTLTables.from_dict(old)
+    assert back == t and back.fixed_pins == {} and back.to_dict() == t.to_dict()
+    # rows that say something else still never decide
+    liar = {**old, "ttl_s": {k: [[999.0] * len(r) for r in v] for k, v in old["ttl_s"].items()}}
+    for keys in (["python:pytest", "python", "*"], ["ls"], ["pip:install", "*"]):
+        for ctx in (100, 5000, 60000):
+            for p in (0.0, 0.5, 0.9, 1.0):
+                want = t.engine_decision(keys, ctx, p)
+                assert TTLTables.from_dict(old).engine_decision(keys, ctx, p) == want
+                assert TTLTables.from_dict(liar).engine_decision(keys, ctx, p) == want
+
+
+def test_version_1_hand_set_rows_become_fixed_pins_or_a_clear_error(tmp_path):
+    """Hand-set version 1 tables (no cost profile): a key's rows, the same TTL in every cell, are its fixed
+    pin; rows that vary with context or pressure are refused by name."""
+    old = _v1_dict(_tables(), hand_set={"ls": [[30.0]], "sleep": [[1.0]], "*": [[0.0]]})
+    t = TTLTables.from_dict(old)
+    assert t.fixed_pins == {"ls": FixedPin(30.0, 0.9), "sleep": FixedPin(1.0, 0.9), "*": FixedPin(0.0, 0.0)}
+    assert t.engine_decision(["ls", "*"], 5000, 0.0) == TTLDecision(30.0, 0.9, "ls")
+    assert t.engine_decision(["make", "*"], 5000, 0.0) == TTLDecision(0.0, 0.0, "*")
+    # a key the hand-set rows lack, with quantiles, is priced from them (as the rule did)
+    assert t.engine_decision(["python", "*"], 5000, 0.0).key == "python"
+    varying = _v1_dict(_tables(), hand_set={"ls": [[30.0, 0.0]], "*": [[0.0, 0.0]]})
+    with pytest.raises(ValueError, match="rows of 'ls' vary with context or pressure"):
+        TTLTables.from_dict(varying)
+    save_model({"ttl_tables": varying}, tmp_path / "v.pkl")
+    with pytest.raises(ModelFileError, match=r"v\.pkl: bad TTL tables .*'ls' vary .*fixed_pins"):
+        load_ttl_tables(tmp_path / "v.pkl")
+
+
+def test_fixed_pins_one_ttl_for_every_call_and_per_key():
+    one = TTLTables.fixed({"*": 2.0})  # a Continuum-style fixed pin for every call
+    assert one.to_dict()["fixed_pins"] == {"*": {"ttl_s": 2.0, "p_hit": 1.0}}
+    for keys in (["ls", "*"], command_keys("python -m pytest"), ["*"]):
+        assert one.live_decision(keys, 4096, 0.0) == TTLDecision(2.0, 1.0, "*")
+    per_key = TTLTables.fixed({"ls": FixedPin(30.0, 0.9), "make": (5.0, 0.5), "*": 0.0})
+    back = TTLTables.from_dict(per_key.to_dict())
+    assert back == per_key and back.keys() == ["ls", "make", "*"] and back.quantile_levels == []
+    assert back.live_decision(["ls", "*"], 4096, 0.0) == TTLDecision(30.0, 0.9, "ls")
+    assert back.live_decision(["make", "*"], 4096, 0.0) == TTLDecision(5.0, 0.5, "make")
+    assert back.live_decision(["git", "*"], 4096, 0.0) == TTLDecision(0.0, 0.0, "*")
+    # priced like any pin: at a high enough live price a fixed pin does not pay
+    assert back.live_decision(["make", "*"], 4096, 1.0) == TTLDecision(0.0, 0.0, "make")
+    # p_hit may be left out (1.0); bad pins are refused by name
+    d = TTLTables.from_dict({"version": 2, "quantile_levels": [], "fixed_pins": {"x": {"ttl_s": 3}}})
+    assert d.fixed_pins == {"x": FixedPin(3.0, 1.0)}
+    bad_pins = (({"ttl_s": -1}, "ttl_s must be finite"), ({"ttl_s": 1, "p_hit": 2}, "p_hit"), (3, "dict"))
+    for bad, msg in bad_pins:
+        with pytest.raises(ValueError, match=msg):
+            TTLTables.from_dict({"version": 2, "quantile_levels": [], "fixed_pins": {"x": bad}})
 
 
 def test_model_roundtrip_with_numpy(tmp_path):

@@ -33,7 +33,8 @@ def test_shipped_model_loads_and_writes_back_the_same_plain_data():
     path = default_model_path()
     m = ModelFile.load(path)
     assert m.predictor == "histogram" and set(m.predictors) == {"histogram", "running-mean"}
-    assert m.extra == {} and m.ttl_tables().ttl_s and m.name == str(path)
+    assert m.extra == {} and m.ttl_tables().quantiles_s and m.name == str(path)
+    assert load_model(path)["ttl_tables"]["version"] == 2 and "ttl_s" not in load_model(path)["ttl_tables"]
     assert m.to_dict() == load_model(path)
 
 
@@ -75,7 +76,7 @@ def test_predict_rows_uses_the_model_predictor_cost_and_tables(histogram_model, 
     tables = histogram_model.ttl_tables()
     frame, _ = prepare_frame(rows)
     first = frame.iloc[0]
-    want = tables.lookup(first["keys"], int(first["context_est"] or 0), 0.9)
+    want = tables.engine_decision(first["keys"], int(first["context_est"] or 0), 0.9)
     assert out["table_ttl_s"].iloc[0] == want.ttl_s and out["table_key"].iloc[0] == want.key
     # the baseline of the same file gives other quantiles; an absent predictor is a clear error
     base = predict_rows(histogram_model, rows, pressure=0.9, predictor="running-mean")

@@ -15,7 +15,7 @@ def test_default_model_ships_small_and_holds_sample_tables():
     m = load_model(path)
     assert m["predictor"] == "histogram" and m["training_data"]["store"] == "bundled sample"
     t = load_ttl_tables(path)
-    assert {"*", "ls", "python:script", "pip:install"} <= set(t.ttl_s)
+    assert {"*", "ls", "python:script", "pip:install"} <= set(t.quantiles_s) and not t.fixed_pins
     # a listing is short, a package install long: the tables say so before any `ctk train`
     assert t.quantiles_s["ls"][t.quantile_levels.index(0.5)] < 0.1 < t.quantiles_s["pip:install"][2]
 

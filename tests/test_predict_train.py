@@ -20,7 +20,7 @@ def test_train_ttl_model_uses_the_profile_and_block_size(tmp_path):
     config = TrainConfig(predictor="histogram", eval_folds=2, baselines=())
     out = train_ttl_model(db, tmp_path / "model.pkl", prof, 32, config)
     m = ModelFile.load(out)
-    assert m.predictor == "histogram" and m.ttl_tables().ttl_s
+    assert m.predictor == "histogram" and m.ttl_tables().quantiles_s
     assert m.cost.block_size_tokens == 32 and m.cost.profile_source == str(prof)
     assert m.cost.prefill_s == (0.0, 0.2, 0.9) and m.training_data["store"] == str(db)
 

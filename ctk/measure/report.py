@@ -139,7 +139,7 @@ def plot_ttl_vs_duration(tools: pd.DataFrame, tables, out_dir: Path, scale: floa
     from ctk.predict.features import command_keys
 
     title = "TTL chosen vs true duration"
-    pressure = float(np.median(tables.pressure_levels))
+    pressure = float(np.median(tables.cost_model.pressure_levels))
     rows = []
     for row in tools.itertuples(index=False):
         if row.duration_s is None or not np.isfinite(row.duration_s):

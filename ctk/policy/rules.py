@@ -352,11 +352,10 @@ class TTLRule:
     """ctk: τ from the key's return-time distribution (the tables' quantiles, online-adapted) under the live
     price: maximise ``F(τ)·B − price·N·H(τ)`` with ``B`` the re-prefill time of the context plus the re-queue
     delay (cost profile), ``N`` the held tokens; a held pin is kept while holding on still gains
-    (:func:`keep_by_cdf`). Hand-set fixed-TTL tables (no cost profile) pin each of their keys for the TTL
-    they tabulate, read as returns spread evenly over it with the tabulated p_hit (online adaptation never
-    rewrites those); keys learned online, and every key of trained tables, are priced from their quantiles;
-    the tables' old λ(pressure) rows never decide. A client TTL hint (``kv_retention_ttl_seconds``) replaces
-    τ when the price allows it.
+    (:func:`keep_by_cdf`). A hand-set fixed pin (``TTLTables.fixed_pins``) is read as returns spread evenly
+    over its TTL with its p_hit and priced the same way (pin for its TTL or not at all); online adaptation
+    never rewrites it. Keys learned online, and every key of trained tables, are priced from their
+    quantiles. A client TTL hint (``kv_retention_ttl_seconds``) replaces τ when the price allows it.
 
     Waiting order: strict, with no age bound (issue 22): program order admits new programs, and resumed
     turns of admitted programs are served FCFS among themselves, pinned ones first (:class:`ResumeFirstOrder`;
@@ -393,42 +392,21 @@ class TTLRule:
         self.max_pin_share = max_pin_share
         self.online = online
         self.program_fcfs = True
-        # hand-set rows, copied before online adaptation can rewrite them: (ttl rows, p_hit rows) per key
-        self._fixed: dict[str, tuple[list[list[float]], list[list[float]]]] = {}
-        if tables is not None and tables.fixed_ttl:
-            self._fixed = {
-                k: ([list(r) for r in rows], [list(r) for r in tables.p_hit[k]])
-                for k, rows in tables.ttl_s.items()
-            }
         self._cdfs: dict[str, tuple[list[float], CDF]] = {}
-        self._linear: dict[tuple[float, float], CDF] = {}
 
-    def _cdf(self, keys, context_tokens: int, state: EngineState) -> tuple[str, CDF | None] | None:
-        """The first key the tables know, with its return-time distribution (None: tabulated not to pin).
-        Only tabulated rows read the pressure (quantiles are priced live)."""
+    def _cdf(self, keys) -> tuple[str, CDF | None] | None:
+        """The first key the tables know, with its return-time distribution (None: a fixed pin of 0 s)."""
         tables = self.tables
-        quantiles = tables.quantiles_s
+        fixed, quantiles = tables.fixed_pins, tables.quantiles_s
         for key in keys:
-            fixed = self._fixed.get(key)
-            if fixed is not None:
-                c, p = tables.context_bucket(context_tokens), tables.pressure_index(state.pressure)
-                ttl = fixed[0][c][p]
-                if ttl <= 0:
-                    return key, None
-                hit_p = fixed[1][c][p]
-                cdf = self._linear.get((ttl, hit_p))
-                if cdf is None:  # a CDF is immutable: one per hand-set (TTL, p_hit) cell
-                    cdf = self._linear[ttl, hit_p] = CDF.linear(ttl, hit_p)
-                return key, cdf
+            if key in fixed:
+                return key, tables.cdf(key)
             q = quantiles.get(key)
             if q is not None:
                 hit = self._cdfs.get(key)
                 if hit is None or hit[0] is not q:  # new key, or online adaptation replaced its quantiles
                     hit = self._cdfs[key] = (q, CDF.from_quantiles(tables.quantile_levels, q))
                 return key, hit[1]
-            if key in tables.ttl_s:  # rows without quantiles (an old file): the tabulated TTL
-                d = tables.lookup((key,), context_tokens, state.pressure)
-                return key, CDF.linear(d.ttl_s, d.p_hit) if d.ttl_s > 0 else None
         return None
 
     @classmethod
@@ -440,7 +418,7 @@ class TTLRule:
     def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision:
         if self.tables is None:
             return NO_PIN
-        found = self._cdf(call.keys, call.context_tokens, state)
+        found = self._cdf(call.keys)
         if found is None:
             return NO_PIN
         key, cdf = found

@@ -173,7 +173,7 @@ def train(
     td = model.training_data
     console.print(
         f"wrote {output}: {predictor}, {td['rows']} calls from {td['programs']} programs "
-        f"(fingerprint {td['fingerprint']}), {len(model.ttl_tables().ttl_s)} table keys"
+        f"(fingerprint {td['fingerprint']}), {len(model.ttl_tables().keys())} table keys"
     )
 
 
@@ -347,9 +347,11 @@ def inspect(
     meta["cost_model"] = m.cost.to_dict()
     meta["calibration"] = m.calibration
     meta["predictors"] = sorted(m.predictors)
-    meta["table_keys"] = len(tables.ttl_s)
+    meta["table_keys"] = len(tables.keys())
     meta["harness_caps"] = m.harness_caps
-    top = sorted(tables.ttl_s, key=lambda k: -tables.n_samples.get(k, 0))[:keys]
+    if tables.fixed_pins:  # hand-set: each key pinned for a fixed TTL (see TTLTables)
+        meta["fixed_pins"] = {k: p._asdict() for k, p in tables.fixed_pins.items()}
+    top = sorted(tables.keys(), key=lambda k: -tables.n_samples.get(k, 0))[:keys]
     engine = engine_ttls(tables, top, inspect_context(tables))
     meta["engine_ttl"] = {
         "context_tokens": inspect_context(tables),
@@ -381,8 +383,9 @@ def inspect(
         )
     console.print(t)
     _print_caps(m.harness_caps, m.train_config.get("serve_cap_s"))
+    what = "quantiles or a hand-set fixed pin" if tables.fixed_pins else "quantiles"
     tt = Table(
-        title=f"{len(tables.ttl_s)} table keys: quantiles, and the TTL the engine's ttl rule decides "
+        title=f"{len(tables.keys())} table keys: {what}, and the TTL the engine's ttl rule decides "
         "from them at a live memory price (JCT-s per token-s)"
     )
     tt.add_column("key")
@@ -394,14 +397,15 @@ def inspect(
     for p in REPRESENTATIVE_PRICES:
         tt.add_column(f"TTL s @price {p:g} ({ctx} tok)", justify="right")
     for k in top:
-        q = tables.quantiles_s.get(k, [])
+        q = [] if k in tables.fixed_pins else tables.quantiles_s.get(k, [])
         qcells = [
-            f"{q[tables.quantile_levels.index(lv)]:.3g}"
+            f"{q[tables.quantile_levels.index(lv)]:.3g}" if q else "-"
             for lv in (0.5, 0.9)
-            if lv in tables.quantile_levels and q
+            if lv in tables.quantile_levels
         ]
         ttls = [f"{engine[k][f'{p:g}']:.3g}" for p in REPRESENTATIVE_PRICES]
-        tt.add_row(k, str(tables.n_samples.get(k, 0)), *qcells, *ttls)
+        label = f"{k} (fixed {tables.fixed_pins[k].ttl_s:g} s)" if k in tables.fixed_pins else k
+        tt.add_row(label, str(tables.n_samples.get(k, 0)), *qcells, *ttls)
     console.print(tt)
     fi = m.feature_importance
     if fi:
@@ -413,14 +417,18 @@ def inspect(
         render(m.evaluation, console)
 
 
+#: The context ``ctk inspect`` shows the engine's decisions at (tokens).
+INSPECT_CONTEXT_TOKENS = 4096
+
+
 def inspect_context(tables) -> int:
-    """The context ``ctk inspect`` shows decisions at: the second context bucket's edge (4,096 tokens)."""
-    return tables.context_edges[min(1, len(tables.context_edges) - 1)]
+    """The context ``ctk inspect`` shows decisions at: :data:`INSPECT_CONTEXT_TOKENS`."""
+    return INSPECT_CONTEXT_TOKENS
 
 
 def engine_ttls(tables, keys: list[str], context_tokens: int) -> dict[str, dict[str, float]]:
     """Per key: the TTL the engine's ``ttl`` rule decides at each representative live price (its own rule,
-    :meth:`ctk.predict.tables.TTLTables.live_decision`; never the tabulated pressure rows)."""
+    :meth:`ctk.predict.tables.TTLTables.live_decision`)."""
     return {
         k: {f"{p:g}": tables.live_decision((k,), context_tokens, p).ttl_s for p in REPRESENTATIVE_PRICES}
         for k in keys

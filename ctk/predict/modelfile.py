@@ -12,7 +12,6 @@ Every failure raises :class:`ModelFileError` with a clear message.
 from __future__ import annotations
 
 import io
-import math
 import pickle
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -149,20 +148,15 @@ def load_model(path: str | Path) -> dict:
 
 
 def tables_from_model(model: dict, name: str = "model") -> TTLTables:
-    """The validated TTL tables of a model dict (raises :class:`ModelFileError`)."""
+    """The validated TTL tables of a model dict (raises :class:`ModelFileError`); version 1 tables are read
+    as :meth:`TTLTables.from_dict` says (their key × context × pressure rows dropped or made fixed pins)."""
     d = model.get("ttl_tables")
     if d is None:
         raise ModelFileError(f"{name}: model has no TTL tables")
     try:
-        tables = TTLTables.from_dict(d)
+        return TTLTables.from_dict(d)
     except (ValueError, TypeError) as exc:
         raise ModelFileError(f"{name}: bad TTL tables ({exc})") from None
-    bad = [
-        k for k, rows in tables.ttl_s.items() if any(not math.isfinite(x) or x < 0 for r in rows for x in r)
-    ]
-    if bad:
-        raise ModelFileError(f"{name}: TTL tables hold negative or non-finite TTLs for {bad[:5]}")
-    return tables
 
 
 @dataclass

@@ -19,8 +19,8 @@ program's turn k+1). Two mechanisms adapt the tables to the deployment, both dri
    file's own prediction; keys without calls are refreshed with it when it has moved by ``refresh_log_step``.
 
 A key's quantiles are ``base * exp(shift)`` and go into the tables with :meth:`TTLTables.set_quantiles`
-(cheap: the engine's TTL rule reads ``tables.quantiles_s[key]`` and prices it live; the key's rows for
-:meth:`TTLTables.lookup` are re-derived lazily, on the next lookup).
+(cheap: the engine's TTL rule reads ``tables.quantiles_s[key]`` and prices it live at its next decision;
+a hand-set fixed pin of the key still decides before them).
 ``ctk predict --online`` replays recorded calls through this same class. Pure Python.
 """
 
@@ -156,11 +156,11 @@ def select(adapted: Sequence[float], offline: Sequence[float], wins: Sequence[bo
 
 
 class OnlineDurations:
-    """Per-key windows of observed durations and calibrators; refreshes ``tables`` rows as calls finish.
+    """Per-key windows of observed durations and calibrators; refreshes ``tables`` quantiles as calls finish.
 
     Interface used by the engine: ``OnlineDurations(tables, min_samples, prior_weight, window)`` then
     ``observe(keys, duration_s, now)`` per finished tool call; the adapted quantiles are in
-    ``tables.quantiles_s[key]`` (and the TTLs in the tables' rows).
+    ``tables.quantiles_s[key]``.
     """
 
     def __init__(
@@ -205,7 +205,7 @@ class OnlineDurations:
     # -- what a call is predicted with -----------------------------------------------------------------
 
     def lookup_key(self, keys: Sequence[str]) -> str | None:
-        """The key whose table row decides for this chain (what :meth:`TTLTables.lookup` picks)."""
+        """The first key of this chain with quantiles in the tables (the one the online adaptation scores)."""
         if self.tables is None:
             return None
         q = self.tables.quantiles_s
@@ -267,7 +267,7 @@ class OnlineDurations:
         self, keys: Sequence[str], duration_s: float, now: float, offline: Sequence[float] | None = None
     ) -> str | None:
         """Record one duration under every key of its chain (``python:pytest``, ``python``, ``*``: each level
-        learns the deployment's own calls); returns the most specific key whose table rows were refreshed.
+        learns the deployment's own calls); returns the most specific key whose quantiles were refreshed.
         ``offline``: the call's own offline prediction (else the model file's row of each key) for the duels.
         """
         if not keys:
@@ -351,7 +351,7 @@ class OnlineDurations:
         return key
 
     def _refresh_global(self, now: float) -> None:
-        """Re-derive the rows of keys on the global shift once it has moved by ``refresh_log_step``."""
+        """Re-derive the quantiles of keys on the global shift once it has moved by ``refresh_log_step``."""
         g = self.global_cal.shifts
         if (
             max((abs(a - b) for a, b in zip(g, self._global_applied, strict=True)), default=0.0)

@@ -189,7 +189,7 @@ def online_predictions(
     rows: pd.DataFrame, tables: TTLTables, pressure: float, predictor=None
 ) -> tuple[pd.DataFrame, int]:
     """``ctk predict --online``: featurize ``rows``, order them by start time, replay, adapting
-    ``predictor``'s per-call prediction (None: the tables' rows). ``(out, skipped)``."""
+    ``predictor``'s per-call prediction (None: the tables' quantiles). ``(out, skipped)``."""
     from ctk.predict.dataset import prepare_frame
 
     frame, skipped = prepare_frame(rows)

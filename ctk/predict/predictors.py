@@ -37,7 +37,7 @@ from ctk.predict.cost import CONTINUUM_PIN_S, MIN_TTL_S, CostModel
 from ctk.predict.dataset import program_fold
 from ctk.predict.features import FeatureSpec
 from ctk.predict.survival import KaplanMeier
-from ctk.predict.tables import DEFAULT_CONTEXT_EDGES, TTLTables
+from ctk.predict.tables import TTLTables
 
 DEFAULT_LEVELS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 PREDICTOR_NAMES = ("running-mean", "histogram", "lightgbm")
@@ -139,7 +139,6 @@ def build_tables(
     predictor: Predictor,
     frame: pd.DataFrame,
     cost: CostModel,
-    context_edges: Sequence[int] = DEFAULT_CONTEXT_EDGES,
 ) -> TTLTables:
     """TTL tables from the predictor's per-key quantiles and the cost model; a key whose calls all come from
     capped sources never states a pause past the largest of their bounds (:mod:`ctk.predict.caps`)."""
@@ -151,7 +150,6 @@ def build_tables(
         {k: n for k, (_, n) in kq.items()},
         predictor.levels,
         cost,
-        context_edges,
     )
 
 
@@ -204,17 +202,17 @@ class RunningMeanPredictor(BaseEstimator):
     def key_quantiles(self, frame):
         return {k: ([m] * len(self.levels), self.counts_.get(k, 0)) for k, m in self.means_.items()}
 
-    def fixed_tables(self, context_edges, pressure_levels, cost: CostModel) -> TTLTables:
-        """The Continuum rule as a table: 2 s or nothing, independent of context and pressure."""
-        t = TTLTables(list(context_edges), list(pressure_levels), list(self.levels), cost=cost.to_dict())
-        for k, m in self.means_.items():
-            ttl = CONTINUUM_PIN_S if m <= CONTINUUM_PIN_S else 0.0
-            p = self.hit_2s_.get(k, 0.0) if ttl else 0.0
-            t.ttl_s[k] = [[ttl] * len(pressure_levels) for _ in context_edges]
-            t.p_hit[k] = [[p] * len(pressure_levels) for _ in context_edges]
-            t.quantiles_s[k] = [m] * len(self.levels)
-            t.n_samples[k] = self.counts_.get(k, 0)
-        return t
+    def mean_tables(self, cost: CostModel) -> TTLTables:
+        """Tables of each key's mean as its every quantile (a point mass), unbounded by harness caps: the
+        engine's ``ttl`` rule prices that point mass live, as it prices any trained key. The public rule
+        itself (2 s or nothing) is the engine's ``continuum`` policy, or a hand-set file
+        (``TTLTables.fixed({"*": CONTINUUM_PIN_S})``)."""
+        return TTLTables.build(
+            {k: [m] * len(self.levels) for k, m in self.means_.items()},
+            {k: self.counts_.get(k, 0) for k in self.means_},
+            self.levels,
+            cost,
+        )
 
     def to_dict(self) -> dict:
         return {

@@ -26,7 +26,6 @@ from ctk.predict.predictors import (
     build_tables,
     make_predictor,
 )
-from ctk.predict.tables import DEFAULT_CONTEXT_EDGES
 from ctk.store import TraceStore
 
 #: Below this many calls ``ctk train`` evaluates with 5-fold by program (every call predicted once);
@@ -47,7 +46,6 @@ class TrainConfig:
     eval_folds: int = 0
     loso: bool = False  # also leave-one-source-out
     seed: int = 0
-    context_edges: tuple[int, ...] = DEFAULT_CONTEXT_EDGES
     baselines: tuple[str, ...] = ("running-mean", "histogram")
     params: dict[str, dict] = field(default_factory=dict)
     #: predict pauses for a deployment whose harness kills calls at this cap (None: each source's own cap)
@@ -137,9 +135,9 @@ def train_model(
             progress("fit on all rows", i + 1, len(names))
     primary = fitted[config.predictor]
     if isinstance(primary, RunningMeanPredictor):
-        tables = primary.fixed_tables(config.context_edges, cost.pressure_levels, cost)
+        tables = primary.mean_tables(cost)
     else:
-        tables = build_tables(primary, frame, cost, config.context_edges)
+        tables = build_tables(primary, frame, cost)
     if progress:
         progress("TTL tables", 1, 1)
     now = time.time()
@@ -165,7 +163,6 @@ def train_model(
             "eval_folds": folds,
             "loso": config.loso,
             "seed": config.seed,
-            "context_edges": list(config.context_edges),
             "serve_cap_s": config.serve_cap_s,
         },
         harness_caps=caps_to_dict(learn_caps(frame)),

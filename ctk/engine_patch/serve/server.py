@@ -52,7 +52,7 @@ def check_model_file(cfg: ServeConfig) -> None:
         from ctk.predict.modelfile import load_ttl_tables
 
         tables = load_ttl_tables(cfg.ttl_model)
-        if RULES[cfg.policy].needs_model_file and not tables.ttl_s:
+        if RULES[cfg.policy].needs_model_file and not tables.keys():
             raise ConfigError(f"{cfg.ttl_model}: the TTL tables are empty (no keys)")
 
 
