@@ -25,6 +25,7 @@ from ctk.policy.rules import (
     progress_ttl_candidates,
     progress_ttl_objective,
     router_reprefill_cost_s,
+    value_by_cdf,
 )
 from ctk.predict.cost import CDF, CostModel
 from ctk.predict.tables import TTLTables
@@ -143,6 +144,45 @@ def test_ttl_valve_keeps_the_pin_whose_return_is_due():
     finish(c, "f", h("p0"), 0.0, text="```bash\nfast\n```")
     finish(c, "s", h("p1"), 0.0, text="```bash\nslow\n```")
     assert c.release_for_pressure(now=0.2).request_id == "s"  # 'slow' returns in ~30 s, 'fast' in 0.3 s
+
+
+def test_ttl_valve_keeps_the_pin_whose_returns_are_due_within_the_horizon():
+    """'soon' mostly returns within 1 s but has a long tail (cheap per token-second over its whole 60 s TTL);
+    'steady' returns at 4-6 s. Through a shortage judged over the next 2 s, 'soon' is the pin to keep."""
+    tables = TTLTables.build(
+        {"soon": [0.5, 1.0, 60.0], "steady": [4.0, 5.0, 6.0], "*": [1.0, 10.0, 100.0]},
+        {"soon": 100, "steady": 100, "*": 100},
+        LEVELS,
+        COST,
+    )
+    order = {}
+    for horizon in (2.0, 0.0):  # 0: the whole TTL, as before the horizon
+        c = make_core("ttl", tables, max_pin_share=1.0, valve_horizon_s=horizon)
+        assert finish(c, "a", h("p0"), 0.0, text="```bash\nsoon\n```")[0]
+        assert finish(c, "b", h("p1"), 0.0, text="```bash\nsteady\n```")[0]
+        order[horizon] = [c.release_for_pressure(now=0.2).request_id for _ in range(2)]
+    assert order == {2.0: ["b", "a"], 0.0: ["a", "b"]}
+    assert ServeConfig().valve_horizon_s == 2.0  # the default judges the near hold
+
+
+def _pin(name: str, cdf: CDF, ttl_s: float, tokens: int = 1000) -> Pin:
+    pin = Pin(name, name, tokens // 16, tokens, ttl_s, 0.0, ttl_s, 1.0, 1.0, name, None, cdf=cdf)
+    pin.held_tokens = tokens
+    return pin
+
+
+def test_valve_value_within_a_horizon_orders_pins_with_nothing_due_by_their_whole_value():
+    due = _pin("due", CDF.window(0.0, 120.0), 120.0)  # something returns any moment, spread over 2 min
+    late = _pin("late", CDF.window(5.0, 10.0), 10.0)  # nothing before 5 s
+    later = _pin("later", CDF.window(5.0, 40.0), 40.0)  # nothing before 5 s, and spread over longer
+    spent = _pin("spent", CDF.window(0.0, 1.0), 1.5)  # every return was due before now
+    whole = {p.key: value_by_cdf(p, 1.2) for p in (due, late, later, spent)}
+    near = {p.key: value_by_cdf(p, 1.2, horizon_s=2.0) for p in (due, late, later, spent)}
+    assert whole["spent"] == 0.0 and near["spent"] == -math.inf  # first under either
+    assert whole["due"] < whole["later"] < whole["late"]  # over the whole TTL 'due' would go first ...
+    assert sorted(near, key=near.get) == ["spent", "later", "late", "due"]  # ... within 2 s it goes last
+    assert near["due"] > 0.0 > near["late"] > near["later"]
+    assert value_by_cdf(due, 1.2, horizon_s=200.0) == whole["due"]  # a horizon past the TTL is the whole TTL
 
 
 # -- Progress-TTL (vllm-router 0.1.16+) --------------------------------------------------------------------

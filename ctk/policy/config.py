@@ -52,6 +52,7 @@ class ServeConfig:
     age_quantile: Share = 0.99  # ... that tail: this quantile of the waits FCFS would give ...
     age_min_s: NonNegative = 0.0  # ... but never before this many seconds (0: no floor above stock FCFS)
     age_min_waits: AtLeastOne = 100  # waits measured before the age bound applies (before: no one is overdue)
+    valve_horizon_s: NonNegative = 2.0  # ttl: the valve values a pin over this much of its hold (0: all)
     resume_valve: bool = False  # a resumed turn that waited FCFS's tail wait may take pins (small caches)
     program_fcfs: bool | None = None  # program-first waiting order (None: the policy's own)
     age_bound: bool | None = None  # program order bounded by the age bound (None: the policy's own)

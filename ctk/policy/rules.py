@@ -62,6 +62,7 @@ class RuleSettings(Protocol):
     continuum_ttl_s: float
     oracle_slack_s: float
     progress_window: int
+    valve_horizon_s: float
 
 
 class PinRule(Protocol):
@@ -129,11 +130,28 @@ def keep_by_cdf(pin: Pin, now: float, price: float) -> bool:
     return gain > 0.0
 
 
-def value_by_cdf(pin: Pin, now: float) -> float:
-    """Expected benefit per token-second still to hold (lowest is dropped first)."""
+def value_by_cdf(pin: Pin, now: float, horizon_s: float = math.inf) -> float:
+    """Expected benefit per token-second still to hold (lowest is dropped first), judged over the next
+    ``horizon_s`` of the hold (``min(ttl, e + horizon_s)``): a pin whose program is due within the horizon is
+    worth keeping through a shortage that clears sooner than a pin due later, however cheap the later one is
+    per token-second over its whole TTL. A pin with nothing due within the horizon is worth less than any
+    pin with something due: ``-1 / (its whole value)``, so among such pins the lowest whole value goes
+    first."""
     e = now - pin.created
-    if pin.cdf is not None:
-        return pin.cdf.value(pin.benefit_s, pin.held_tokens, e, pin.ttl_s)
+    cdf = pin.cdf
+    if cdf is not None:
+        whole = cdf.value(pin.benefit_s, pin.held_tokens, e, pin.ttl_s)
+        if horizon_s == math.inf:
+            return whole
+        if whole <= 0.0:
+            return -math.inf  # nothing left to gain: first of all
+        until = e + horizon_s
+        if until >= pin.ttl_s:
+            return whole
+        near = cdf.value(pin.benefit_s, pin.held_tokens, e, until)
+        if near > 0.0:
+            return near
+        return -1.0 / whole
     left = pin.expires - now
     if left <= 0.0:
         return 0.0
@@ -392,6 +410,7 @@ class TTLRule:
         self.max_pin_share = max_pin_share
         self.online = online
         self.program_fcfs = True
+        self.valve_horizon_s = math.inf  # the valve judges a pin's value over this much of its hold ahead
         self._cdfs: dict[str, tuple[list[float], CDF]] = {}
 
     def _cdf(self, keys) -> tuple[str, CDF | None] | None:
@@ -413,6 +432,7 @@ class TTLRule:
     def from_settings(cls, settings: RuleSettings, tables: TTLTables | None, cost: CostModel) -> Self:
         rule = cls(tables, cost, settings.max_pin_share, online_for(settings, tables))
         rule.gate = working_set_gate(settings)
+        rule.valve_horizon_s = settings.valve_horizon_s or math.inf
         return rule
 
     def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision:
@@ -445,7 +465,7 @@ class TTLRule:
         return keep_by_cdf(pin, state.now, price)
 
     def victim_value(self, pin: Pin, now: float) -> float:
-        return value_by_cdf(pin, now)
+        return value_by_cdf(pin, now, self.valve_horizon_s)
 
 
 class OracleRule:
