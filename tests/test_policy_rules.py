@@ -163,6 +163,13 @@ def test_ttl_valve_keeps_the_pin_whose_returns_are_due_within_the_horizon():
         order[horizon] = [c.release_for_pressure(now=0.2).request_id for _ in range(2)]
     assert order == {2.0: ["b", "a"], 0.0: ["a", "b"]}
     assert ServeConfig().valve_horizon_s == 2.0  # the default judges the near hold
+    # the pin budget (room for one of them) compares whole holds: 'steady' displaces 'soon' at either horizon
+    for horizon in (2.0, 0.0):
+        c = make_core("ttl", tables, max_pin_share=0.3, valve_horizon_s=horizon)
+        assert finish(c, "a", h("p0"), 0.0, text="```bash\nsoon\n```")[0]
+        pinned, released = finish(c, "b", h("p1"), 0.2, text="```bash\nsteady\n```")
+        assert pinned and [(r.request_id, r.reason) for r in released] == [("a", ReleaseReason.BUDGET)]
+        assert list(c.pins) == ["b"]
 
 
 def _pin(name: str, cdf: CDF, ttl_s: float, tokens: int = 1000) -> Pin:

@@ -366,7 +366,7 @@ class PolicyCore:
 
     def _make_room(self, new: Pin, budget: int, now: float) -> list[Release]:
         """Release pins worth less than ``new`` until it fits the budget (if it can)."""
-        value_of = self.rule.victim_value
+        value_of = self.rule.budget_value
         value = value_of(new, now)
         valued = ((value_of(p, now), p) for p in self.pins.values() if p.next_request_id is None)
         cheaper = [p for v, p in sorted(valued, key=lambda vp: vp[0]) if v < value]  # each value once

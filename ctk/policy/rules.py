@@ -2,7 +2,8 @@
 
 A rule decides at a turn's finish whether and how long to pin (:meth:`PinRule.decide`, given the live memory
 price), learns from a program's return (:meth:`PinRule.observe`), re-judges a held pin when the price moved
-(:meth:`PinRule.keep`), and orders the valve (:meth:`PinRule.victim_value`, lowest goes first). Every policy
+(:meth:`PinRule.keep`), and orders the valve (:meth:`PinRule.victim_value`, lowest goes first) and the pin
+budget (:meth:`PinRule.budget_value`). Every policy
 difference is a class attribute or method here; :class:`~ctk.policy.core.PolicyCore` only keeps books.
 
 Units: price in JCT-seconds per token-second (:mod:`ctk.policy.price`), benefit ``B`` in JCT-seconds,
@@ -84,7 +85,8 @@ class PinRule(Protocol):
     def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision: ...
     def observe(self, obs: ToolObservation, now: float) -> None: ...
     def keep(self, pin: Pin, state: EngineState, price: float) -> bool: ...
-    def victim_value(self, pin: Pin, now: float) -> float: ...
+    def victim_value(self, pin: Pin, now: float) -> float: ...  # the valve's order (lowest goes first)
+    def budget_value(self, pin: Pin, now: float) -> float: ...  # a held pin against a new one (pin budget)
     @classmethod
     def from_settings(cls, settings: RuleSettings, tables: TTLTables | None, cost: CostModel) -> Self: ...
 
@@ -201,6 +203,8 @@ class NoPins:
     def victim_value(self, pin: Pin, now: float) -> float:
         return 0.0
 
+    budget_value = victim_value
+
 
 class ContinuumRule:
     """The public Continuum code: a running mean of the tool's durations per tool name (first word of
@@ -251,6 +255,8 @@ class ContinuumRule:
 
     def victim_value(self, pin: Pin, now: float) -> float:
         return pin.created  # oldest first
+
+    budget_value = victim_value
 
 
 # vllm-router's re-prefill cost model (Progress-TTL): C = (a + b·x + c·x²)·(2 − α), x = tokens / 1000.
@@ -365,6 +371,8 @@ class ProgressTTLRule:
     def victim_value(self, pin: Pin, now: float) -> float:
         return value_by_cdf(pin, now)
 
+    budget_value = victim_value
+
 
 class TTLRule:
     """ctk: τ from the key's return-time distribution (the tables' quantiles, online-adapted) under the live
@@ -467,6 +475,11 @@ class TTLRule:
     def victim_value(self, pin: Pin, now: float) -> float:
         return value_by_cdf(pin, now, self.valve_horizon_s)
 
+    def budget_value(self, pin: Pin, now: float) -> float:
+        """Under the pin budget a new pin displaces held ones for as long as it holds: the whole TTL (the
+        valve's horizon judged there made a new program's p99 TTFT below the knee worse, README)."""
+        return value_by_cdf(pin, now)
+
 
 class OracleRule:
     """The upper bound: the true tool duration ``T`` (``hints.tool_duration_s``), the same cost profile as
@@ -535,6 +548,8 @@ class OracleRule:
 
     def victim_value(self, pin: Pin, now: float) -> float:
         return value_by_cdf(pin, now)
+
+    budget_value = victim_value
 
 
 class ThunderAgentRule(NoPins):
