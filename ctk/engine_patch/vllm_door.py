@@ -42,6 +42,7 @@ import importlib
 import inspect
 import itertools
 import logging
+import operator
 import sys
 import threading
 import time
@@ -410,6 +411,11 @@ def program_order_queue_class():
         def uncomputed(r) -> int:
             return r.num_tokens - r.num_computed_tokens
 
+        def uncomputed_each(requests):
+            """``map(uncomputed, requests)`` without a Python frame of ours per request (``num_tokens`` is a
+            property of vLLM's: its frame remains). ``requests``: a re-iterable sequence."""
+            return map(operator.sub, map(_num_tokens, requests), map(_num_computed_tokens, requests))
+
         class _ProgramOrderQueue(FCFSRequestQueue):
             """vLLM's FCFS waiting queue that the policy can re-order in place (program FCFS), and that keeps
             the running sums of its requests' uncomputed tokens, so the demand of its head is two reads.
@@ -490,8 +496,8 @@ def program_order_queue_class():
                     return 0, 0
                 if self._stale:
                     if n <= SHORT_HEAD:
-                        return n, sum(map(uncomputed, itertools.islice(self, n)))
-                    self._cum = deque(itertools.accumulate(map(uncomputed, self)))
+                        return n, sum(uncomputed_each(list(itertools.islice(self, n))))
+                    self._cum = deque(itertools.accumulate(uncomputed_each(self)))
                     self._base = 0
                     self._stale = False
                 return n, self._cum[n - 1] - self._base
@@ -506,6 +512,9 @@ ProgramOrderQueue = None
 
 #: A stale head of at most this many requests is summed rather than the whole queue's sums rebuilt.
 SHORT_HEAD = 32
+#: (vLLM ``Request`` fields: ``num_tokens - num_computed_tokens`` is what a waiting request asks for)
+_num_tokens = operator.attrgetter("num_tokens")
+_num_computed_tokens = operator.attrgetter("num_computed_tokens")
 
 
 def route_default_scheduler(choose: Callable[[bool], type]) -> None:
@@ -1000,7 +1009,7 @@ class VllmDoor:
         times longer (up to :data:`DETECT_TAIL_TOKENS`) only while the tail holds no tool call but the end of
         one (a closing fence or tag, a JSON name) whose start it may have cut off. A first tail none of whose
         tokens holds a character a call needs (:func:`call_char_tokens`) is not decoded: "" (no call)."""
-        if self._tokenizer_or_none() is None:
+        if self._tokenizer is None and self._tokenizer_or_none() is None:
             return None
         ids = request.output_token_ids
         total = len(ids)

@@ -175,14 +175,32 @@ class PolicyDriver:
     def step_begin(self, now: float) -> None:
         """Before the engine schedules: held pins are judged, then the waiting and running orders set.
         Called every step: with no pin held, two counts and the free blocks are read, nothing more."""
+        free = None  # free blocks, while known to be current
         if self.held:
-            releases = self.core.step(self.state(now))
-            if releases:
-                self._apply(releases)
+            v = self.view
+            n_waiting, demand_tokens = v.waiting_demand()  # (state()'s reads while pins are held)
+            free = v.free_blocks()
+            if not self.core.quiet_step(now, n_waiting, demand_tokens, max(0, free) * v.block_size):
+                releases = self.core.step(
+                    EngineState(
+                        now,
+                        free,
+                        v.total_blocks,
+                        n_waiting,
+                        v.block_size,
+                        v.num_running(),
+                        demand_tokens,
+                        self.core.pinned_blocks,
+                    )
+                )
+                if releases:
+                    self._apply(releases)
+                    free = None
         gate = self.gate
         if gate is not None:
             if now >= gate.next_tick:
                 self._tick_gate(now)
+                free = None
             elif gate.holding and not self._armed:
                 self._rearm()  # an idle engine must wake at the tick that may let the held requests in
         if not self._reorders:
@@ -199,7 +217,9 @@ class PolicyDriver:
                 order = core.order_waiting(view.waiting_ids(), now)
                 if order is not None and any(i != j for i, j in enumerate(order)):
                     view.reorder_waiting(order)
-        if view.free_blocks() < self._preempt_free_blocks and view.num_running() > 1:  # rarely true first
+        if free is None:
+            free = view.free_blocks()
+        if free < self._preempt_free_blocks and view.num_running() > 1:  # rarely true first
             core = self.core
             order = core.order_running(view.running_ids())
             if order is not None and any(i != j for i, j in enumerate(order)):

@@ -47,7 +47,9 @@ class WaitingList:
         self._rid_of: dict[int, str] = {}  # seq -> request id
         self._overdue = 0  # _keys[:_overdue] are overdue keys (overdue_key: arrival at [1])
         self._by_arrival: list[tuple[float, int]] = []  # (arrival, seq) of the entries not overdue
-        self._tail: dict[str, None] = {}  # arrivals since the last sync, in arrival order (engine appended)
+        # arrivals since the last sync, in arrival order (engine appended) -> their inputs when given at add()
+        # (None: asked of ``inputs`` at the sync)
+        self._tail: dict[str, tuple | None] = {}
         self._stale: set[str] = set()  # entries whose inputs changed since the last sync
         self._up = 0  # sequence numbers: increasing (after equal keys) ...
         self._down = 0  # ... and decreasing (before equal keys)
@@ -57,12 +59,15 @@ class WaitingList:
 
     # -- events between steps ----------------------------------------------------------------------------
 
-    def add(self, request_id: str) -> None:
-        """The engine appended this request to its queue; it gets its place at the next :meth:`sync`."""
-        if request_id in self._key_of or request_id in self._tail:
+    def add(self, request_id: str, inputs: tuple | None = None) -> None:
+        """The engine appended this request to its queue; it gets its place at the next :meth:`sync`.
+        ``inputs``: what ``inputs(request_id)`` answers now, when the caller has it at hand (it is asked
+        again at the sync only if the request is touched before)."""
+        tail = self._tail
+        if request_id in self._key_of or request_id in tail:
             self.valid = False
             return
-        self._tail[request_id] = None
+        tail[request_id] = inputs
 
     def discard(self, request_id: str) -> None:
         """The request left the engine's queue (admitted, aborted, finished); nothing if not in it."""
@@ -90,10 +95,12 @@ class WaitingList:
 
     def touch(self, request_ids: Iterable[str]) -> None:
         """These requests' inputs changed (their program gained or lost a pin)."""
-        key_of = self._key_of
+        key_of, tail = self._key_of, self._tail
         for rid in request_ids:
             if rid in key_of:
                 self._stale.add(rid)
+            elif rid in tail:
+                tail[rid] = None  # placed at the sync with its inputs then
 
     # -- at a step ---------------------------------------------------------------------------------------
 
@@ -234,13 +241,15 @@ class WaitingList:
         """Arrivals since the last step, in arrival order: each from the queue's end to where it sorts."""
         keys, key_of, rid_of, inputs, key = self._keys, self._key_of, self._rid_of, self.inputs, self.key
         tail = self._tail
-        for rid in tail:
-            item = inputs(rid)
+        for rid, item in tail.items():
+            if item is None:
+                item = inputs(rid)
             if item is None:
                 self._clear()
                 return
             arrival, first, pinned, rank = item
-            seq = self._next_up()
+            self._up += 1  # (_next_up, inline)
+            seq = self._up
             end = len(keys)
             if now >= arrival + bound:
                 k = overdue_key(arrival, seq)
