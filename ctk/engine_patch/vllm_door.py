@@ -42,7 +42,6 @@ import importlib
 import inspect
 import itertools
 import logging
-import operator
 import sys
 import threading
 import time
@@ -169,6 +168,7 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
     Internal(_REQ, "num_tokens", "attribute", "finish record; waiting demand"),
     Internal(_REQ, "num_output_tokens", "attribute", "finish record"),
     Internal(_REQ, "num_computed_tokens", "attribute", "waiting demand"),
+    Internal(_REQ, "_all_token_ids", "attribute", "waiting demand: num_tokens without its property frame"),
     Internal(_REQ, "output_token_ids", "attribute", "tool-call detection (decoded tail)"),
     Internal(_REQ, "block_hashes", "attribute", "what a next turn reuses (vLLM's own lookup)"),
     Internal("vllm.sampling_params:SamplingParams", "stop", "attribute", "stop-string finish seen as abort"),
@@ -223,6 +223,11 @@ VLLM_PREMISES: tuple[Premise, ...] = (
         "delayed frees only (so skipping it holds the blocks, and nothing else frees them behind the pin)",
         _SCHED_MODULE,
         counts=(("self._free_request_blocks(", 2), ("self._free_blocks(", 3)),
+    ),
+    Premise(
+        "Request.num_tokens is len(self._all_token_ids) (ProgramOrderQueue sums the waiting demand from it)",
+        _REQ + ".num_tokens.fget",
+        contains=("return len(self._all_token_ids)",),
     ),
     Premise(
         "vLLM asks allocate_slots before it preempts a running request or leaves a waiting one out, and does "
@@ -408,13 +413,9 @@ def program_order_queue_class():
 
         preempted = RequestStatus.PREEMPTED
 
-        def uncomputed(r) -> int:
-            return r.num_tokens - r.num_computed_tokens
-
-        def uncomputed_each(requests):
-            """``map(uncomputed, requests)`` without a Python frame of ours per request (``num_tokens`` is a
-            property of vLLM's: its frame remains). ``requests``: a re-iterable sequence."""
-            return map(operator.sub, map(_num_tokens, requests), map(_num_computed_tokens, requests))
+        # A request's uncomputed tokens: ``num_tokens - num_computed_tokens``, with vLLM's ``num_tokens``
+        # property read as what it returns, ``len(_all_token_ids)`` (a premise the contract checks): the sums
+        # below run without a Python frame per request (the hooks run with cold caches, a frame ~1 us each).
 
         class _ProgramOrderQueue(FCFSRequestQueue):
             """vLLM's FCFS waiting queue that the policy can re-order in place (program FCFS), and that keeps
@@ -439,7 +440,8 @@ def program_order_queue_class():
                 self.append(request)
                 if not self._stale:
                     cum = self._cum
-                    cum.append((cum[-1] if cum else self._base) + uncomputed(request))
+                    last = cum[-1] if cum else self._base
+                    cum.append(last + len(request._all_token_ids) - request.num_computed_tokens)
 
             def pop_request(self):
                 request = self.popleft()
@@ -453,7 +455,7 @@ def program_order_queue_class():
                 self.appendleft(request)
                 if not self._stale:
                     self._cum.appendleft(self._base)
-                    self._base -= uncomputed(request)
+                    self._base -= len(request._all_token_ids) - request.num_computed_tokens
                 if request.status == preempted:
                     self.changed = True
 
@@ -496,8 +498,11 @@ def program_order_queue_class():
                     return 0, 0
                 if self._stale:
                     if n <= SHORT_HEAD:
-                        return n, sum(uncomputed_each(list(itertools.islice(self, n))))
-                    self._cum = deque(itertools.accumulate(uncomputed_each(self)))
+                        head = itertools.islice(self, n)
+                        return n, sum([len(r._all_token_ids) - r.num_computed_tokens for r in head])
+                    self._cum = deque(
+                        itertools.accumulate([len(r._all_token_ids) - r.num_computed_tokens for r in self])
+                    )
                     self._base = 0
                     self._stale = False
                 return n, self._cum[n - 1] - self._base
@@ -512,9 +517,6 @@ ProgramOrderQueue = None
 
 #: A stale head of at most this many requests is summed rather than the whole queue's sums rebuilt.
 SHORT_HEAD = 32
-#: (vLLM ``Request`` fields: ``num_tokens - num_computed_tokens`` is what a waiting request asks for)
-_num_tokens = operator.attrgetter("num_tokens")
-_num_computed_tokens = operator.attrgetter("num_computed_tokens")
 
 
 def route_default_scheduler(choose: Callable[[bool], type]) -> None:
