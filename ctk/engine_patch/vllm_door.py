@@ -168,7 +168,8 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
     Internal(_REQ, "num_tokens", "attribute", "finish record; waiting demand"),
     Internal(_REQ, "num_output_tokens", "attribute", "finish record"),
     Internal(_REQ, "num_computed_tokens", "attribute", "waiting demand"),
-    Internal(_REQ, "_all_token_ids", "attribute", "waiting demand: num_tokens without its property frame"),
+    Internal(_REQ, "_all_token_ids", "attribute", "num_tokens without its property frame"),
+    Internal(_REQ, "_output_token_ids", "attribute", "num_output_tokens without its property frame"),
     Internal(_REQ, "output_token_ids", "attribute", "tool-call detection (decoded tail)"),
     Internal(_REQ, "block_hashes", "attribute", "what a next turn reuses (vLLM's own lookup)"),
     Internal("vllm.sampling_params:SamplingParams", "stop", "attribute", "stop-string finish seen as abort"),
@@ -225,9 +226,16 @@ VLLM_PREMISES: tuple[Premise, ...] = (
         counts=(("self._free_request_blocks(", 2), ("self._free_blocks(", 3)),
     ),
     Premise(
-        "Request.num_tokens is len(self._all_token_ids) (ProgramOrderQueue sums the waiting demand from it)",
+        "Request.num_tokens is len(self._all_token_ids) (ProgramOrderQueue sums the waiting demand from it, "
+        "the door reads a finished request's length from it)",
         _REQ + ".num_tokens.fget",
         contains=("return len(self._all_token_ids)",),
+    ),
+    Premise(
+        "Request.num_output_tokens is len(self._output_token_ids) (the door reads a finished request's "
+        "output length from it)",
+        _REQ + ".num_output_tokens.fget",
+        contains=("return len(self._output_token_ids)",),
     ),
     Premise(
         "vLLM asks allocate_slots before it preempts a running request or leaves a waiting one out, and does "
@@ -514,6 +522,7 @@ def program_order_queue_class():
 
 
 ProgramOrderQueue = None
+_new = object.__new__
 
 #: A stale head of at most this many requests is summed rather than the whole queue's sums rebuilt.
 SHORT_HEAD = 32
@@ -904,7 +913,8 @@ class VllmDoor:
         the stop string ends (the tokens the engine computed after it are not part of the next turn's
         prompt)."""
         status = request.status
-        num_tokens, output_tokens = request.num_tokens, request.num_output_tokens
+        # num_tokens, num_output_tokens: vLLM's properties read as what they return (premises), no frames
+        num_tokens, output_tokens = len(request._all_token_ids), len(request._output_token_ids)
         if status == self._aborted:
             sp = request.sampling_params
             after = self._tokens_after_stop(request, sp.stop) if sp is not None and sp.stop else None
@@ -914,12 +924,12 @@ class VllmDoor:
             num_tokens, output_tokens = num_tokens - after, output_tokens - after
         else:
             natural = status in self._natural
-        return RequestEnd(
-            natural=natural,
-            prompt_tokens=request.num_prompt_tokens,
-            num_tokens=num_tokens,
-            output_tokens=output_tokens,
-        )
+        end = _new(RequestEnd)  # RequestEnd(...) without its __init__ frame (a slotted dataclass)
+        end.natural = natural
+        end.prompt_tokens = request.num_prompt_tokens
+        end.num_tokens = num_tokens
+        end.output_tokens = output_tokens
+        return end
 
     def _tokens_after_stop(self, request, stops: list[str]) -> int | None:
         """Output tokens after the first of ``stops`` in the output's tail; None when none is there."""

@@ -277,7 +277,9 @@ class PolicyCore:
 
     def finished(self, ev: Finished, state: EngineState) -> tuple[bool, list[Release]]:
         """Decide whether to pin ``ev``'s blocks. Returns (pin?, releases to apply first)."""
-        self._left_unadmitted(ev.request_id, self.requests.pop(ev.request_id, None))
+        pend = self.requests.pop(ev.request_id, None)
+        if pend is not None and not pend.admitted:  # (_left_unadmitted's test, without its frame)
+            self._left_unadmitted(ev.request_id, pend)
         if self.waitlist is not None:
             self.waitlist.discard(ev.request_id)
         hints = ev.hints
