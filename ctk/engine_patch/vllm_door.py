@@ -764,6 +764,8 @@ class VllmDoor:
             and not self._block_maps[0][1]
             and not managers[0].use_eagle
         )
+        #: reusable_tokens answers None for every request (the driver need not ask)
+        self.reuses_every_full_block: bool = self._plain_full_attention
         self._blocks_can_be_freed = scheduler._request_blocks_can_be_freed
         # the most blocks one step can allocate: its token budget, and per run slot a partial block at each
         # end plus the lookahead (speculative) tokens, in every KV-cache group
