@@ -650,6 +650,8 @@ def byte_table(tokenizer, samples: int = BYTE_TABLE_SAMPLES, seed: int = 0) -> t
         added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
         size = max(backend.get_vocab_size(with_added_tokens=True), max(added, default=-1) + 1)
         alphabet = _byte_level_alphabet()
+        chars = frozenset(alphabet)
+        to_latin1 = {ord(c): b for c, b in alphabet.items()}  # str.translate: each character to its byte
         table = []
         for i in range(size):
             content = added.get(i)
@@ -659,8 +661,8 @@ def byte_table(tokenizer, samples: int = BYTE_TABLE_SAMPLES, seed: int = 0) -> t
             token = backend.id_to_token(i)
             if token is None:
                 table.append(b"")
-            elif all(c in alphabet for c in token):
-                table.append(bytes(alphabet[c] for c in token))
+            elif chars.issuperset(token):  # every character in the alphabet: its bytes
+                table.append(token.translate(to_latin1).encode("latin-1"))
             else:
                 table.append(token.encode())
         table = tuple(table)
