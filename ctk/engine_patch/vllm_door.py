@@ -500,13 +500,15 @@ def program_order_queue_class():
                 self._stale = True
 
             def head_demand(self, slots: int) -> tuple[int, int]:
-                """(requests, uncomputed tokens) of the first ``slots`` requests (``head_demand``'s rule)."""
-                n = min(slots, len(self))
+                """(requests, uncomputed tokens) of the first ``slots`` requests (``head_demand``'s rule).
+                (deque's own __len__ / __iter__: vLLM's queue class redefines both in Python, as a super()
+                call, two frames each step.)"""
+                n = min(slots, deque.__len__(self))
                 if n <= 0:
                     return 0, 0
                 if self._stale:
                     if n <= SHORT_HEAD:
-                        head = itertools.islice(self, n)
+                        head = itertools.islice(deque.__iter__(self), n)
                         return n, sum([len(r._all_token_ids) - r.num_computed_tokens for r in head])
                     self._cum = deque(
                         itertools.accumulate([len(r._all_token_ids) - r.num_computed_tokens for r in self])
