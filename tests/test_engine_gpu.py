@@ -304,6 +304,49 @@ def test_the_call_character_screen_never_hides_a_call_character(tiny_model_dir):
     assert not _keeps_call_chars(json.loads(decoders.WordPiece().__getstate__()))
 
 
+def test_the_byte_table_decodes_as_the_tokenizer(tiny_model_dir, monkeypatch):
+    """The door's byte-table decode (token id -> bytes, joined, UTF-8 with replacement) gives the tokenizer's
+    own text for random id sequences (added tokens and cut UTF-8 sequences among them); a tokenizer that is
+    not byte-level BPE, or a table that fails its check at load, falls back to the tokenizer's decode."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from ctk.engine_patch import vllm_door
+    from ctk.engine_patch.vllm_door import VllmDoor, byte_table
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    table = byte_table(tok)
+    assert table is not None and len(table) == len(tok)
+    door = VllmDoor.__new__(VllmDoor)  # only the decode's state
+    door._bytes, door._decoder, door._tokenizer = table, vllm_door.rust_decoder(tok), tok
+    rng = random.Random(7)
+    added = sorted(tok.get_added_vocab().values())
+    text = 'é ü 中文 🙂 ```bash\nls\n``` <tool_call>{"name": "f"}</tool_call>'
+    encoded = tok.encode(text, add_special_tokens=False)
+    cases = [[], [5], encoded, encoded[:-1], encoded[1:]]
+    for _ in range(500):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 300))]
+        if rng.random() < 0.3:
+            ids[rng.randrange(len(ids))] = rng.choice(added)
+        cases.append(ids)
+    for ids in cases:
+        assert door._decode(ids) == tok.decode(ids, skip_special_tokens=False), ids
+    assert door._decode([len(tok) + 3, 65]) == tok.decode([len(tok) + 3, 65], skip_special_tokens=False)
+
+    # not byte-level BPE (a metaspace decoder): no table, the door decodes with the tokenizer
+    wl = Tokenizer(models.WordLevel({"[UNK]": 0, "\u2581a": 1, "b": 2}, unk_token="[UNK]"))
+    wl.pre_tokenizer, wl.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    other = PreTrainedTokenizerFast(tokenizer_object=wl, clean_up_tokenization_spaces=False)
+    assert vllm_door.rust_decoder(other) is not None and byte_table(other) is None
+    # a table that fails its check (two bytes of the alphabet swapped): none either
+    alphabet = vllm_door._byte_level_alphabet()
+    swapped = {c: {ord("a"): ord("b"), ord("b"): ord("a")}.get(b, b) for c, b in alphabet.items()}
+    monkeypatch.setattr(vllm_door, "_byte_level_alphabet", lambda: swapped)
+    assert byte_table(tok) is None
+    door._bytes = None
+    assert door._decode(encoded) == tok.decode(encoded, skip_special_tokens=False) == text
+
+
 @pytest.fixture
 def sched_door(engine_llm):
     return scheduler_of(engine_llm).ctk_door

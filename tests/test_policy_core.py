@@ -114,6 +114,46 @@ def test_detect_fenced_bash_tool_call_and_openai_json():
     assert detect_tool_call("x" * 10**6 + "```bash\nls\n```").command == "ls"
 
 
+def test_detection_skips_a_detector_only_where_it_finds_nothing(monkeypatch):
+    """detect_tool_call tests each detector's first need (``_NEEDS``) before calling it: the same answers
+    as calling every detector."""
+    import random
+
+    from ctk.policy import detect
+
+    pieces = [
+        "```",
+        "```bash\n",
+        "ls -la",
+        "\n",
+        "<tool_call>",
+        "</tool_call>",
+        '"name"',
+        ": ",
+        '"f"',
+        "{",
+        "}",
+        "[",
+        "]",
+        '"arguments"',
+        "{}",
+        "tool_calls",
+        "function",
+        "x",
+        " ",
+        '"',
+        "<",
+        "`",
+    ]
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randrange(0, 30))) for _ in range(3000)]
+    orders = [detect.DETECTORS, ("openai", "bash"), ("tool_call",), ("nope", "bash")]
+    fast = [detect_tool_call(t, o) for t in texts for o in orders]
+    monkeypatch.setattr(detect, "_NEEDS", {})
+    assert fast == [detect_tool_call(t, o) for t in texts for o in orders]
+    assert any(f is not None for f in fast) and any(f is None for f in fast)
+
+
 # -- pin decision and release rules --------------------------------------------------------------------
 
 

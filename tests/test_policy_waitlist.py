@@ -51,7 +51,9 @@ class Model:
         self.arrival[rid] = now
         self.program_of[rid] = pid
         self.queue.append(rid)
-        self.wl.add(rid)
+        # the inputs at hand (as the core gives them), or asked at the sync; a pin flip before the sync must
+        # make the list ask again
+        self.wl.add(rid, self.inputs(rid) if self.rng.random() < 0.5 else None)
 
     def leave(self) -> None:
         if not self.queue:

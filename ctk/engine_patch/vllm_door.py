@@ -49,6 +49,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import itemgetter
 
 from ctk.errors import CtkError
 from ctk.policy.config import ConfigError
@@ -167,6 +168,8 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
     Internal(_REQ, "num_tokens", "attribute", "finish record; waiting demand"),
     Internal(_REQ, "num_output_tokens", "attribute", "finish record"),
     Internal(_REQ, "num_computed_tokens", "attribute", "waiting demand"),
+    Internal(_REQ, "_all_token_ids", "attribute", "num_tokens without its property frame"),
+    Internal(_REQ, "_output_token_ids", "attribute", "num_output_tokens without its property frame"),
     Internal(_REQ, "output_token_ids", "attribute", "tool-call detection (decoded tail)"),
     Internal(_REQ, "block_hashes", "attribute", "what a next turn reuses (vLLM's own lookup)"),
     Internal("vllm.sampling_params:SamplingParams", "stop", "attribute", "stop-string finish seen as abort"),
@@ -221,6 +224,18 @@ VLLM_PREMISES: tuple[Premise, ...] = (
         "delayed frees only (so skipping it holds the blocks, and nothing else frees them behind the pin)",
         _SCHED_MODULE,
         counts=(("self._free_request_blocks(", 2), ("self._free_blocks(", 3)),
+    ),
+    Premise(
+        "Request.num_tokens is len(self._all_token_ids) (ProgramOrderQueue sums the waiting demand from it, "
+        "the door reads a finished request's length from it)",
+        _REQ + ".num_tokens.fget",
+        contains=("return len(self._all_token_ids)",),
+    ),
+    Premise(
+        "Request.num_output_tokens is len(self._output_token_ids) (the door reads a finished request's "
+        "output length from it)",
+        _REQ + ".num_output_tokens.fget",
+        contains=("return len(self._output_token_ids)",),
     ),
     Premise(
         "vLLM asks allocate_slots before it preempts a running request or leaves a waiting one out, and does "
@@ -406,8 +421,9 @@ def program_order_queue_class():
 
         preempted = RequestStatus.PREEMPTED
 
-        def uncomputed(r) -> int:
-            return r.num_tokens - r.num_computed_tokens
+        # A request's uncomputed tokens: ``num_tokens - num_computed_tokens``, with vLLM's ``num_tokens``
+        # property read as what it returns, ``len(_all_token_ids)`` (a premise the contract checks): the sums
+        # below run without a Python frame per request (the hooks run with cold caches, a frame ~1 us each).
 
         class _ProgramOrderQueue(FCFSRequestQueue):
             """vLLM's FCFS waiting queue that the policy can re-order in place (program FCFS), and that keeps
@@ -432,7 +448,8 @@ def program_order_queue_class():
                 self.append(request)
                 if not self._stale:
                     cum = self._cum
-                    cum.append((cum[-1] if cum else self._base) + uncomputed(request))
+                    last = cum[-1] if cum else self._base
+                    cum.append(last + len(request._all_token_ids) - request.num_computed_tokens)
 
             def pop_request(self):
                 request = self.popleft()
@@ -446,7 +463,7 @@ def program_order_queue_class():
                 self.appendleft(request)
                 if not self._stale:
                     self._cum.appendleft(self._base)
-                    self._base -= uncomputed(request)
+                    self._base -= len(request._all_token_ids) - request.num_computed_tokens
                 if request.status == preempted:
                     self.changed = True
 
@@ -483,14 +500,19 @@ def program_order_queue_class():
                 self._stale = True
 
             def head_demand(self, slots: int) -> tuple[int, int]:
-                """(requests, uncomputed tokens) of the first ``slots`` requests (``head_demand``'s rule)."""
-                n = min(slots, len(self))
+                """(requests, uncomputed tokens) of the first ``slots`` requests (``head_demand``'s rule).
+                (deque's own __len__ / __iter__: vLLM's queue class redefines both in Python, as a super()
+                call, two frames each step.)"""
+                n = min(slots, deque.__len__(self))
                 if n <= 0:
                     return 0, 0
                 if self._stale:
                     if n <= SHORT_HEAD:
-                        return n, sum(map(uncomputed, itertools.islice(self, n)))
-                    self._cum = deque(itertools.accumulate(map(uncomputed, self)))
+                        head = itertools.islice(deque.__iter__(self), n)
+                        return n, sum([len(r._all_token_ids) - r.num_computed_tokens for r in head])
+                    self._cum = deque(
+                        itertools.accumulate([len(r._all_token_ids) - r.num_computed_tokens for r in self])
+                    )
                     self._base = 0
                     self._stale = False
                 return n, self._cum[n - 1] - self._base
@@ -502,6 +524,7 @@ def program_order_queue_class():
 
 
 ProgramOrderQueue = None
+_new = object.__new__
 
 #: A stale head of at most this many requests is summed rather than the whole queue's sums rebuilt.
 SHORT_HEAD = 32
@@ -586,6 +609,86 @@ def rust_decoder(tokenizer) -> Callable[..., str] | None:
     return getattr(backend, "decode", None)
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet as character -> byte (the inverse of its ``bytes_to_unicode``): printable
+    Latin-1 bytes stand for themselves, the other 68 bytes for U+0100 onwards."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1)]
+    kept += range(ord("\u00ae"), ord("\u00ff") + 1)
+    chars = {b: b for b in kept}
+    n = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = 256 + n
+            n += 1
+    return {chr(c): b for b, c in chars.items()}
+
+
+#: Random id sequences :func:`byte_table` checks against the tokenizer's own decode (besides every id alone).
+BYTE_TABLE_SAMPLES = 256
+
+
+def byte_table(tokenizer, samples: int = BYTE_TABLE_SAMPLES, seed: int = 0) -> tuple[bytes, ...] | None:
+    """Token id -> the bytes it decodes to, for a byte-level BPE tokenizer whose ``decode`` is its Rust
+    backend's (:func:`rust_decoder`) with the plain ``ByteLevel`` decoder; None for any other tokenizer, or
+    when the table fails its check.
+
+    Then a decode is ``b"".join(table[i] for i in ids).decode("utf-8", "replace")``: the decoder maps each
+    token's characters back through GPT-2's alphabet (a token with a character outside it: its own UTF-8
+    bytes), an added token decodes to its content, and the bytes of the whole are decoded with invalid
+    sequences replaced (an added token's content is whole UTF-8 text, so decoding the pieces between added
+    tokens apart, as the backend does, gives the same text). Ids without a token decode to nothing. Checked
+    here, once: every id alone and ``samples`` random sequences (added tokens among them) give the backend's
+    text, or the table is not used."""
+    import json
+    import random
+
+    if rust_decoder(tokenizer) is None:
+        return None
+    backend = tokenizer.backend_tokenizer
+    try:
+        decoder = backend.decoder
+        if decoder is None or json.loads(decoder.__getstate__()).get("type") != "ByteLevel":
+            return None
+        added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
+        size = max(backend.get_vocab_size(with_added_tokens=True), max(added, default=-1) + 1)
+        alphabet = _byte_level_alphabet()
+        chars = frozenset(alphabet)
+        to_latin1 = {ord(c): b for c, b in alphabet.items()}  # str.translate: each character to its byte
+        table = []
+        for i in range(size):
+            content = added.get(i)
+            if content is not None:
+                table.append(content.encode())
+                continue
+            token = backend.id_to_token(i)
+            if token is None:
+                table.append(b"")
+            elif chars.issuperset(token):  # every character in the alphabet: its bytes
+                table.append(token.translate(to_latin1).encode("latin-1"))
+            else:
+                table.append(token.encode())
+        table = tuple(table)
+        texts = backend.decode_batch([[i] for i in range(size)], skip_special_tokens=False)
+        if any(t.decode("utf-8", "replace") != text for t, text in zip(table, texts, strict=True)):
+            return None
+        rng = random.Random(seed)
+        specials = sorted(added)
+        seqs = []
+        for _ in range(samples):
+            ids = [rng.randrange(size) for _ in range(rng.randrange(1, 65))]
+            if specials and rng.random() < 0.5:
+                ids.insert(rng.randrange(len(ids) + 1), rng.choice(specials))
+            seqs.append(ids)
+        texts = backend.decode_batch(seqs, skip_special_tokens=False)
+        for ids, text in zip(seqs, texts, strict=True):
+            if b"".join(map(table.__getitem__, ids)).decode("utf-8", "replace") != text:
+                return None
+        return table
+    except Exception as exc:  # an unexpected backend: the tokenizer's own decode
+        logger.debug("ctk: no byte table (%s)", exc)
+        return None
+
+
 #: Decoders (``tokenizers``) that neither make nor drop a character of :data:`CALL_CHARS` across token
 #: boundaries: a decoded sequence holds such a character only if one of its tokens' own decodes does
 #: (byte-level BPE: ASCII bytes survive the lossy UTF-8 decode as they are; SentencePiece's metaspace, byte
@@ -665,6 +768,8 @@ class VllmDoor:
             and not self._block_maps[0][1]
             and not managers[0].use_eagle
         )
+        #: reusable_tokens answers None for every request (the driver need not ask)
+        self.reuses_every_full_block: bool = self._plain_full_attention
         self._blocks_can_be_freed = scheduler._request_blocks_can_be_freed
         # the most blocks one step can allocate: its token budget, and per run slot a partial block at each
         # end plus the lookahead (speculative) tokens, in every KV-cache group
@@ -675,6 +780,7 @@ class VllmDoor:
         )
         self._tokenizer = None
         self._decoder = None  # the tokenizer's Rust decode, when it gives the tokenizer's own text
+        self._bytes: tuple[bytes, ...] | None = None  # byte_table (None: the tokenizer's decode)
         self._call_tokens: frozenset[int] | None = None  # call_char_tokens (None: decode every tail)
         self._tokenizer_failed = False
         waiting = scheduler.waiting
@@ -813,7 +919,8 @@ class VllmDoor:
         the stop string ends (the tokens the engine computed after it are not part of the next turn's
         prompt)."""
         status = request.status
-        num_tokens, output_tokens = request.num_tokens, request.num_output_tokens
+        # num_tokens, num_output_tokens: vLLM's properties read as what they return (premises), no frames
+        num_tokens, output_tokens = len(request._all_token_ids), len(request._output_token_ids)
         if status == self._aborted:
             sp = request.sampling_params
             after = self._tokens_after_stop(request, sp.stop) if sp is not None and sp.stop else None
@@ -823,12 +930,12 @@ class VllmDoor:
             num_tokens, output_tokens = num_tokens - after, output_tokens - after
         else:
             natural = status in self._natural
-        return RequestEnd(
-            natural=natural,
-            prompt_tokens=request.num_prompt_tokens,
-            num_tokens=num_tokens,
-            output_tokens=output_tokens,
-        )
+        end = _new(RequestEnd)  # RequestEnd(...) without its __init__ frame (a slotted dataclass)
+        end.natural = natural
+        end.prompt_tokens = request.num_prompt_tokens
+        end.num_tokens = num_tokens
+        end.output_tokens = output_tokens
+        return end
 
     def _tokens_after_stop(self, request, stops: list[str]) -> int | None:
         """Output tokens after the first of ``stops`` in the output's tail; None when none is there."""
@@ -889,12 +996,23 @@ class VllmDoor:
                 self._decoder = rust_decoder(self._tokenizer)
                 if self._decoder is not None:
                     self._call_tokens = call_char_tokens(self._tokenizer)
+                    self._bytes = byte_table(self._tokenizer)
             except Exception as exc:  # no tokenizer: detection by hints only
                 logger.warning("ctk: no tokenizer for tool-call detection (%s); use the 'tool' hint", exc)
                 self._tokenizer_failed = True
         return self._tokenizer
 
     def _decode(self, token_ids: list[int]) -> str | None:
+        table = self._bytes
+        if table is not None:
+            # byte-level BPE: a join of each token's bytes, the backend's text (byte_table checked it at load)
+            # in a tenth of its time
+            try:
+                if len(token_ids) > 1:  # (itemgetter: the table's bytes of every id in one C call)
+                    return b"".join(itemgetter(*token_ids)(table)).decode("utf-8", "replace")
+                return b"".join(map(table.__getitem__, token_ids)).decode("utf-8", "replace")
+            except IndexError:  # an id past the vocabulary (a padded embedding): the backend skips it
+                pass
         try:
             if self._decoder is not None:
                 return self._decoder(token_ids, skip_special_tokens=False)
@@ -909,7 +1027,7 @@ class VllmDoor:
         times longer (up to :data:`DETECT_TAIL_TOKENS`) only while the tail holds no tool call but the end of
         one (a closing fence or tag, a JSON name) whose start it may have cut off. A first tail none of whose
         tokens holds a character a call needs (:func:`call_char_tokens`) is not decoded: "" (no call)."""
-        if self._tokenizer_or_none() is None:
+        if self._tokenizer is None and self._tokenizer_or_none() is None:
             return None
         ids = request.output_token_ids
         total = len(ids)

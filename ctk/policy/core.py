@@ -194,18 +194,27 @@ class PolicyCore:
             self.stats.ignored_metadata += 1
         pid = hints.program_id
         self.requests[request_id] = Pending(pid, now, hints)
-        if self.reorders:
+        reorders = self.reorders
+        if reorders:
             self.order.arrived(now)
             self._queue[request_id] = now
-            self.waitlist.add(request_id)
         if pid is None:
+            if reorders:
+                self.waitlist.add(request_id, (now, None, False, 0))  # (_order_inputs's answer)
             return []
         if self.gate is not None:
             self.gate.arrived(pid, prompt_tokens, now)
-        prog = self._program(pid, now)
+        programs = self.programs
+        prog = programs.get(pid)  # (_program, inline: a program seen before)
+        if prog is None:
+            prog = self._program(pid, now)
+        else:
+            programs.move_to_end(pid)
         prog.turns += 1
         prog.pending.add(request_id)
         prog.done = False
+        if reorders:  # (_order_inputs's answer now; asked again if the program gains or loses a pin first)
+            self.waitlist.add(request_id, (now, prog.first_arrival, prog.pin is not None, prog.rank))
         if prog.last_finish is not None:
             gap = now - prog.last_finish
             if 0.0 <= gap <= self.config.max_observed_gap_s:
@@ -268,7 +277,9 @@ class PolicyCore:
 
     def finished(self, ev: Finished, state: EngineState) -> tuple[bool, list[Release]]:
         """Decide whether to pin ``ev``'s blocks. Returns (pin?, releases to apply first)."""
-        self._left_unadmitted(ev.request_id, self.requests.pop(ev.request_id, None))
+        pend = self.requests.pop(ev.request_id, None)
+        if pend is not None and not pend.admitted:  # (_left_unadmitted's test, without its frame)
+            self._left_unadmitted(ev.request_id, pend)
         if self.waitlist is not None:
             self.waitlist.discard(ev.request_id)
         hints = ev.hints
@@ -424,6 +435,29 @@ class PolicyCore:
         heap = self._expiries
         out = self.expire(state.now) if heap and heap[0][0] <= state.now else []  # (expire's own test first)
         return out + self._reprice(state)
+
+    def quiet_step(self, now: float, num_waiting: int, demand_tokens: int, free_tokens: int) -> bool:
+        """:meth:`step` at ``now`` without an engine state, when it would release nothing and leave the price
+        at rest: nothing due, the price 0 and not charged, and its target 0 (nothing waits for memory, or
+        the free memory covers the waiting demand: ``num_waiting``, ``demand_tokens`` and ``free_tokens`` are
+        the state's). Then it does :meth:`step`'s bookkeeping and answers True; False: call :meth:`step`.
+        (The usual step of a busy engine while pins are held: no :class:`EngineState` is built, three Python
+        frames fewer.)"""
+        if not self.rule.pins:
+            return True  # step() does nothing
+        if self._charging:
+            return False
+        heap, price = self._expiries, self.price
+        if (heap and heap[0][0] <= now) or price.value != 0.0 or price._judged != 0.0:
+            return False
+        if num_waiting > 0 and demand_tokens > 0 and demand_tokens > free_tokens:
+            return False  # (MemoryPrice.target would be above 0; the priced state's demand is at most this)
+        # MemoryPrice.update at a target of 0 from a price at rest: the price stays 0, nothing to re-judge
+        price._last_now = now
+        if num_waiting > 0:
+            price.value = 0.0
+        self.stats.price = price.value
+        return True
 
     def _head_overdue(self, now: float) -> bool:
         """The oldest waiting request has waited the age bound: it goes before any pinned program's return."""

@@ -50,6 +50,9 @@ def detect_tool_call(text: str | None, detectors: Sequence[str] = DETECTORS) -> 
         fn = _DETECTORS.get(name)
         if fn is None:
             continue
+        need = _NEEDS.get(name)
+        if need is not None and need not in tail:  # the detector's own first test, without its frame
+            continue
         found = fn(tail)
         if found is not None:
             return found
@@ -143,3 +146,5 @@ def _openai(text: str) -> ToolCall | None:
 
 
 _DETECTORS = {"bash": _bash, "tool_call": _tool_call, "openai": _openai}
+#: What each detector needs in a text before it looks further (its first test): without it, no call.
+_NEEDS = {"bash": "```", "tool_call": "<tool_call>", "openai": '"name"'}

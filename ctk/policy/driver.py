@@ -33,6 +33,8 @@ from typing import Protocol
 from ctk.policy.events import EngineState, Finished, Release
 from ctk.policy.hints import RequestHints
 
+_new = object.__new__
+
 #: Below this share of free KV blocks, the running list is ordered so that the engine's preemption victim
 #: (the last running request) is the one the core chooses (the youngest program not on its last turn).
 PREEMPT_ORDER_FREE_SHARE = 0.1
@@ -65,6 +67,8 @@ class EngineView(Protocol):
     arrivals (:meth:`PolicyDriver.request_added`), first admissions, finishes and aborts the driver is told
     of, and the driver's own moves (a preempted request put back, a resumed one taken): the driver then
     orders the whole queue again. Resets on reading.
+    An optional attribute ``reuses_every_full_block`` True says ``reusable_tokens`` answers None for every
+    request (the driver does not ask then).
     ``frees_now(request_id)``: releasing the held request gives its blocks back at once (an engine may have to
     defer the free while a step in flight still writes them; such a release cannot help a failed allocation).
     """
@@ -113,6 +117,8 @@ class PolicyDriver:
         self._armed = False  # a wake-up deadline is set on the view
         self._preempt_free_blocks = preempt_order_free_share * view.total_blocks
         self._pins = bool(core.pins_enabled)
+        # the view says its reusable_tokens answers None for every request (see EngineView)
+        self._every_full_block = getattr(view, "reuses_every_full_block", False) is True
         self._reorders = bool(core.reorders)
         self.gate = core.gate  # the rule's admission gate (None: every fitting request is admitted)
         if self.gate is not None:
@@ -131,18 +137,18 @@ class PolicyDriver:
             n_waiting, demand_tokens = v.waiting_demand()
         else:
             n_waiting, demand_tokens = v.num_waiting(), 0
-        # positional (once per step while pins are held, once per finished request): now, free_blocks,
-        # total_blocks, num_waiting, block_size, num_running, waiting_demand_tokens, pinned_blocks
-        return EngineState(
-            now,
-            v.free_blocks(),
-            v.total_blocks,
-            n_waiting,
-            v.block_size,
-            v.num_running(),
-            demand_tokens,
-            self.core.pinned_blocks,
-        )
+        # EngineState(now, free_blocks, total_blocks, num_waiting, block_size, num_running,
+        # waiting_demand_tokens, pinned_blocks) without its __init__ frame (once per finished request)
+        st = _new(EngineState)
+        st.now = now
+        st.free_blocks = v.free_blocks()
+        st.total_blocks = v.total_blocks
+        st.num_waiting = n_waiting
+        st.block_size = v.block_size
+        st.num_running = v.num_running()
+        st.waiting_demand_tokens = demand_tokens
+        st.pinned_blocks = self.core.pinned_blocks
+        return st
 
     def _apply(self, releases: Iterable[Release]) -> None:
         """Free the released pins' blocks; the wake-up deadline follows the pins."""
@@ -175,14 +181,32 @@ class PolicyDriver:
     def step_begin(self, now: float) -> None:
         """Before the engine schedules: held pins are judged, then the waiting and running orders set.
         Called every step: with no pin held, two counts and the free blocks are read, nothing more."""
+        free = None  # free blocks, while known to be current
         if self.held:
-            releases = self.core.step(self.state(now))
-            if releases:
-                self._apply(releases)
+            v = self.view
+            n_waiting, demand_tokens = v.waiting_demand()  # (state()'s reads while pins are held)
+            free = v.free_blocks()
+            if not self.core.quiet_step(now, n_waiting, demand_tokens, max(0, free) * v.block_size):
+                releases = self.core.step(
+                    EngineState(
+                        now,
+                        free,
+                        v.total_blocks,
+                        n_waiting,
+                        v.block_size,
+                        v.num_running(),
+                        demand_tokens,
+                        self.core.pinned_blocks,
+                    )
+                )
+                if releases:
+                    self._apply(releases)
+                    free = None
         gate = self.gate
         if gate is not None:
             if now >= gate.next_tick:
                 self._tick_gate(now)
+                free = None
             elif gate.holding and not self._armed:
                 self._rearm()  # an idle engine must wake at the tick that may let the held requests in
         if not self._reorders:
@@ -199,7 +223,9 @@ class PolicyDriver:
                 order = core.order_waiting(view.waiting_ids(), now)
                 if order is not None and any(i != j for i, j in enumerate(order)):
                     view.reorder_waiting(order)
-        if view.free_blocks() < self._preempt_free_blocks and view.num_running() > 1:  # rarely true first
+        if free is None:
+            free = view.free_blocks()
+        if free < self._preempt_free_blocks and view.num_running() > 1:  # rarely true first
             core = self.core
             order = core.order_running(view.running_ids())
             if order is not None and any(i != j for i, j in enumerate(order)):
@@ -256,16 +282,20 @@ class PolicyDriver:
         text = None
         if candidate and hints.tool is None and hints.program_id is not None and not hints.last_turn:
             text = view.output_text(request_id)  # tool-call detection needs the output
-        ev = Finished(
-            request_id,
-            hints,
-            text,
-            end.prompt_tokens,
-            end.num_tokens,
-            end.output_tokens,
-            view.blocks_of(request_id) if natural else 0,
-            natural,
-            view.reusable_tokens(request_id, end.num_tokens) if candidate else None,
+        ev = _new(Finished)  # Finished(...) without its __init__ frame
+        ev.__dict__.update(
+            request_id=request_id,
+            hints=hints,
+            output_text=text,
+            prompt_tokens=end.prompt_tokens,
+            num_tokens=end.num_tokens,
+            output_tokens=end.output_tokens,
+            blocks=view.blocks_of(request_id) if natural else 0,
+            natural=natural,
+            # (an engine whose next turn reuses every full block answers None: not asked)
+            reusable_tokens=view.reusable_tokens(request_id, end.num_tokens)
+            if candidate and not self._every_full_block
+            else None,
         )
         pinned, releases = core.finished(ev, self.state(now, demand=candidate))
         if releases:

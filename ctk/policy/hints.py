@@ -101,7 +101,9 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
             else:
                 program = _as_id(value, key, warnings)
 
-    turn = _turn(xargs, TURN_INDEX, warnings) if TURN_INDEX in xargs else None
+    turn = xargs.get(TURN_INDEX)
+    if turn is not None and not (type(turn) is int and 0 <= turn <= MAX_TURN_INDEX):  # (_turn's usual case)
+        turn = _turn(xargs, TURN_INDEX, warnings)
     if turn is None and ctx:
         turn = _turn(ctx, "step_id", warnings)
 
@@ -132,7 +134,21 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
     if ttl_hint is None and ctx:
         ttl_hint = _non_negative(ctx, TTL_HINT_S, warnings)
 
-    return RequestHints(program, turn, last, tool, duration, ttl_hint, tuple(warnings) if warnings else ())
+    # RequestHints(...) without its __init__ (a frame and an object.__setattr__ per field of the frozen class)
+    hints = _new(RequestHints)
+    hints.__dict__.update(
+        program_id=program,
+        turn_index=turn,
+        last_turn=last,
+        tool=tool,
+        tool_duration_s=duration,
+        ttl_hint_s=ttl_hint,
+        warnings=tuple(warnings) if warnings else (),
+    )
+    return hints
+
+
+_new = object.__new__
 
 
 def _agentic_context(raw: Any, warnings: list[str]) -> Mapping[str, Any]:

@@ -55,6 +55,7 @@ class FCFSWaits:
     def __init__(self, window: int = 512):
         self.window = window
         self._arrivals: deque[float] = deque()
+        self.arrived = self._arrivals.append  # (the method below, without its frame)
         self._recent: deque[float] = deque()
         # the recent waits sorted: built at the first quantile() and kept from then on (a strict order never
         # asks, and its admissions skip two bisections)
@@ -112,7 +113,19 @@ class ProgramOrder:
         self.age_min_s = age_min_s
         self.age_quantile = age_quantile
         self.fcfs = FCFSWaits(window)
-        self._bound = math.inf  # strict until FCFS's tail wait is measured (a fresh server is no exception)
+        #: The age bound (seconds): a plain attribute, read on the engine's hot path (no property frame).
+        #: Strict until FCFS's tail wait is measured (a fresh server is no exception).
+        self.age_bound_s = math.inf
+        if type(self).arrived is ProgramOrder.arrived:  # an arrival is FCFSWaits's append: no Python frame
+            self.arrived = self.fcfs.arrived
+        self._bind_admitted()
+
+    def _bind_admitted(self) -> None:
+        """Without an age bound to measure (strict order), an admission is FCFSWaits's alone: bound on the
+        instance (one Python frame less per admission); the method otherwise."""
+        self.__dict__.pop("admitted", None)
+        if type(self).admitted is ProgramOrder.admitted and math.isinf(self.age_factor):
+            self.admitted = self.fcfs.admitted
 
     def arrived(self, now: float) -> None:
         self.fcfs.arrived(now)
@@ -120,7 +133,15 @@ class ProgramOrder:
     def admitted(self, now: float) -> None:
         self.fcfs.admitted(now)
         if not math.isinf(self.age_factor):
-            self._bound = self._measured_bound()
+            self.age_bound_s = self._measured_bound()
+
+    @property
+    def _bound(self) -> float:  # (the attribute's former name)
+        return self.age_bound_s
+
+    @_bound.setter
+    def _bound(self, value: float) -> None:
+        self.age_bound_s = value
 
     def dropped(self) -> None:
         self.fcfs.dropped()
@@ -128,7 +149,8 @@ class ProgramOrder:
     def relax(self, age_factor: float) -> None:
         """From strict program FCFS to the age bound with this factor (the waits measured so far count)."""
         self.age_factor = age_factor
-        self._bound = self._measured_bound()
+        self.age_bound_s = self._measured_bound()
+        self._bind_admitted()
 
     def _measured_bound(self) -> float:
         return self.bound_for(self.age_factor)
@@ -142,14 +164,10 @@ class ProgramOrder:
             return math.inf
         return max(self.age_min_s, age_factor * self.fcfs.quantile(self.age_quantile))
 
-    @property
-    def age_bound_s(self) -> float:
-        return self._bound
-
     def order(self, items: Sequence[WaitingItem | tuple], now: float) -> tuple[list[int], float]:
         """Indices of ``items`` in scheduling order (stable), and when the order next changes by age alone.
         Overdue requests first, oldest arrival first; the others by :meth:`key` (the class's order)."""
-        bound = self._bound
+        bound = self.age_bound_s
         key = self.key
         keys = []
         next_overdue = math.inf
@@ -195,7 +213,7 @@ class ResumeFirstOrder(ProgramOrder):
 
     @staticmethod
     def key(arrival: float, first: float | None, pinned: bool, rank: int, i: int) -> tuple:
-        if not resumed_turn(arrival, first):  # a program's first turn (or a request without a program)
+        if first is None or not first < arrival:  # not resumed_turn(): a program's first turn (or no program)
             return (3, arrival if first is None else first, rank, arrival, i)
         return (1 if pinned else 2, arrival, 0, arrival, i)
 

@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable
 
 from ctk.policy.ordering import overdue_key
 
+_INF = float("inf")
+
 #: What the order needs of a waiting request: (arrival, program first arrival or None, program pinned,
 #: program rank), or None for a request the policy does not know.
 Inputs = Callable[[str], "tuple[float, float | None, bool, int] | None"]
@@ -46,8 +48,12 @@ class WaitingList:
         self._key_of: dict[str, tuple] = {}  # request id -> its key in _keys
         self._rid_of: dict[int, str] = {}  # seq -> request id
         self._overdue = 0  # _keys[:_overdue] are overdue keys (overdue_key: arrival at [1])
-        self._by_arrival: list[tuple[float, int]] = []  # (arrival, seq) of the entries not overdue
-        self._tail: dict[str, None] = {}  # arrivals since the last sync, in arrival order (engine appended)
+        # (arrival, seq) of the entries not overdue, sorted: what becomes overdue first. None: not kept while
+        # no bound applies (nothing becomes overdue; built from the keys at the first sync with a bound)
+        self._by_arrival: list[tuple[float, int]] | None = None
+        # arrivals since the last sync, in arrival order (engine appended) -> their inputs when given at add()
+        # (None: asked of ``inputs`` at the sync)
+        self._tail: dict[str, tuple | None] = {}
         self._stale: set[str] = set()  # entries whose inputs changed since the last sync
         self._up = 0  # sequence numbers: increasing (after equal keys) ...
         self._down = 0  # ... and decreasing (before equal keys)
@@ -57,12 +63,15 @@ class WaitingList:
 
     # -- events between steps ----------------------------------------------------------------------------
 
-    def add(self, request_id: str) -> None:
-        """The engine appended this request to its queue; it gets its place at the next :meth:`sync`."""
-        if request_id in self._key_of or request_id in self._tail:
+    def add(self, request_id: str, inputs: tuple | None = None) -> None:
+        """The engine appended this request to its queue; it gets its place at the next :meth:`sync`.
+        ``inputs``: what ``inputs(request_id)`` answers now, when the caller has it at hand (it is asked
+        again at the sync only if the request is touched before)."""
+        tail = self._tail
+        if request_id in self._key_of or request_id in tail:
             self.valid = False
             return
-        self._tail[request_id] = None
+        tail[request_id] = inputs
 
     def discard(self, request_id: str) -> None:
         """The request left the engine's queue (admitted, aborted, finished); nothing if not in it."""
@@ -80,7 +89,7 @@ class WaitingList:
         del self._rid_of[seq]
         if key[0] == 0:  # overdue
             self._overdue -= 1
-        else:
+        elif self._by_arrival is not None:
             by_arrival = self._by_arrival
             entry = by_arrival[0]
             if entry[1] == seq:
@@ -90,10 +99,12 @@ class WaitingList:
 
     def touch(self, request_ids: Iterable[str]) -> None:
         """These requests' inputs changed (their program gained or lost a pin)."""
-        key_of = self._key_of
+        key_of, tail = self._key_of, self._tail
         for rid in request_ids:
             if rid in key_of:
                 self._stale.add(rid)
+            elif rid in tail:
+                tail[rid] = None  # placed at the sync with its inputs then
 
     # -- at a step ---------------------------------------------------------------------------------------
 
@@ -105,6 +116,9 @@ class WaitingList:
             self.valid = False
             return None
         moves: list[tuple[int, int]] = []
+        if self._by_arrival is None and (bound != _INF or self._overdue):
+            # (the entries not overdue are _keys[_overdue:]; arrival at [3], seq last, as each was keyed)
+            self._by_arrival = sorted([(k[3], k[-1]) for k in self._keys[self._overdue :]])
         if self._overdue:
             self._not_overdue_anymore(now, bound, moves)
         by_arrival = self._by_arrival
@@ -120,7 +134,8 @@ class WaitingList:
         """The engine's queue is ``request_ids`` in scheduling order (as ``order()`` left it at ``now``)."""
         self._clear()
         key, inputs = self.key, self.inputs
-        keys, key_of, rid_of, by_arrival = self._keys, self._key_of, self._rid_of, self._by_arrival
+        by_arrival = self._by_arrival = [] if bound != _INF else None
+        keys, key_of, rid_of = self._keys, self._key_of, self._rid_of
         for rid in request_ids:
             item = inputs(rid)
             if item is None:  # ordered by the time of each order (see order_waiting): not mirrored
@@ -133,11 +148,13 @@ class WaitingList:
                 self._overdue += 1
             else:
                 k = key(arrival, first, pinned, rank, seq)
-                by_arrival.append((arrival, seq))
+                if by_arrival is not None:
+                    by_arrival.append((arrival, seq))
             keys.append(k)
             key_of[rid] = k
             rid_of[seq] = rid
-        by_arrival.sort()
+        if by_arrival is not None:
+            by_arrival.sort()
         self.valid = True
 
     # -- internals ---------------------------------------------------------------------------------------
@@ -147,7 +164,7 @@ class WaitingList:
         self._keys.clear()
         self._key_of.clear()
         self._rid_of.clear()
-        self._by_arrival.clear()
+        self._by_arrival = None
         self._tail.clear()
         self._stale.clear()
         self._overdue = 0
@@ -226,21 +243,25 @@ class WaitingList:
 
     def _rekey_one(self, rid: str, old: tuple, new: tuple, moves: list[tuple[int, int]]) -> None:
         by_arrival = self._by_arrival
-        del by_arrival[bisect_left(by_arrival, (old[3], old[-1]))]
+        if by_arrival is not None:
+            del by_arrival[bisect_left(by_arrival, (old[3], old[-1]))]
         self._move(rid, new, moves)
-        insort(by_arrival, (new[3], new[-1]))
+        if by_arrival is not None:
+            insort(by_arrival, (new[3], new[-1]))
 
     def _place_arrivals(self, now: float, bound: float, moves: list[tuple[int, int]]) -> None:
         """Arrivals since the last step, in arrival order: each from the queue's end to where it sorts."""
         keys, key_of, rid_of, inputs, key = self._keys, self._key_of, self._rid_of, self.inputs, self.key
         tail = self._tail
-        for rid in tail:
-            item = inputs(rid)
+        for rid, item in tail.items():
+            if item is None:
+                item = inputs(rid)
             if item is None:
                 self._clear()
                 return
             arrival, first, pinned, rank = item
-            seq = self._next_up()
+            self._up += 1  # (_next_up, inline)
+            seq = self._up
             end = len(keys)
             if now >= arrival + bound:
                 k = overdue_key(arrival, seq)
@@ -250,7 +271,9 @@ class WaitingList:
                 k = key(arrival, first, pinned, rank, seq)
                 j = end if not keys or k > keys[-1] else bisect_left(keys, k, self._overdue)
                 by_arrival = self._by_arrival
-                if by_arrival and arrival < by_arrival[-1][0]:
+                if by_arrival is None:
+                    pass
+                elif by_arrival and arrival < by_arrival[-1][0]:
                     insort(by_arrival, (arrival, seq))
                 else:
                     by_arrival.append((arrival, seq))  # (seq is the largest yet)
