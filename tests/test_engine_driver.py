@@ -99,3 +99,34 @@ def test_program_order_goes_through_the_request_queue(engine_llm, sched):
     assert sched.ctk_door.waiting_ids() == [ids[2], ids[0], ids[1]] and len(queue) == 3
     while eng.has_unfinished_requests():
         eng.step()
+
+
+def test_objects_built_without_init_carry_every_field(engine_llm, sched, monkeypatch):
+    """The hot path builds Finished, EngineState, RequestHints and RequestEnd without their ``__init__``:
+    each must still carry every field, so a field added to one of them fails here, not in a server."""
+    from dataclasses import fields
+
+    seen = []
+    core, driver = sched.ctk, sched.ctk_driver
+    finished, request_finished = core.finished, driver.request_finished
+
+    def spy_finished(ev, state):
+        seen.extend((ev, state, ev.hints))
+        return finished(ev, state)
+
+    def spy_request_finished(request_id, end, now):
+        if end is not None:
+            seen.append(end)
+        return request_finished(request_id, end, now)
+
+    monkeypatch.setattr(core, "finished", spy_finished)
+    monkeypatch.setattr(driver, "request_finished", spy_request_finished)
+    _run(engine_llm, random.Random(23), 3, program_id="fields", tool=LONG_TTL_KEY)
+    kinds = {type(obj).__name__ for obj in seen}
+    assert kinds == {"Finished", "EngineState", "RequestHints", "RequestEnd"}
+    for obj in seen:
+        cls = type(obj)
+        if hasattr(obj, "__dict__"):  # every field set on the object itself, not read from a class default
+            assert {f.name for f in fields(cls)} <= set(vars(obj)), cls.__name__
+        rebuilt = cls(**{f.name: getattr(obj, f.name) for f in fields(cls) if f.init})
+        assert rebuilt == obj, cls.__name__
