@@ -75,6 +75,19 @@ def _value_of(child, *methods: str):
     return value
 
 
+def _observe(histogram, parts, value: float) -> None:
+    """``histogram.observe(value)``; with ``parts`` (its sum's add, bucket bounds and bucket adds, resolved
+    once) written directly, as Histogram.observe does."""
+    if parts is None:
+        histogram.observe(value)
+        return
+    add, bounds, buckets = parts
+    add(value)
+    i = bisect_left(bounds, value)
+    if i < len(bounds) and value <= bounds[i]:  # NaN counts in no bucket, as in Histogram.observe
+        buckets[i](1)
+
+
 def _counter_inc(child):
     """``child.inc`` without its frames (``Counter.inc(amount)``: ``_value.inc(amount)``, amount >= 0)."""
     from prometheus_client import Counter
@@ -170,15 +183,7 @@ class PrometheusSink:
 
     def pin_created(self, pin: Pin) -> None:
         self._created_inc(1)
-        ttl, parts = pin.ttl_s, self._ttl_parts
-        if parts is None:
-            self._ttl.observe(ttl)
-        else:  # Histogram.observe, inline
-            add, bounds, buckets = parts
-            add(ttl)
-            i = bisect_left(bounds, ttl)
-            if i < len(bounds) and ttl <= bounds[i]:
-                buckets[i](1)
+        _observe(self._ttl, self._ttl_parts, pin.ttl_s)
         self._n_active += 1
         self._active_set(float(self._n_active))
         self._blocks_inc(pin.blocks)
@@ -201,12 +206,4 @@ class PrometheusSink:
         self._hits_inc(1)
 
     def tool_observed(self, obs: ToolObservation) -> None:
-        duration, parts = obs.duration_s, self._tool_parts
-        if parts is None:
-            self._tool.observe(duration)
-        else:  # Histogram.observe, inline
-            add, bounds, buckets = parts
-            add(duration)
-            i = bisect_left(bounds, duration)
-            if i < len(bounds) and duration <= bounds[i]:
-                buckets[i](1)
+        _observe(self._tool, self._tool_parts, obs.duration_s)
