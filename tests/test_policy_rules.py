@@ -488,7 +488,7 @@ def test_pins_pay_the_price_only_when_the_queue_head_goes_before_their_return():
     one: its pin is charged the memory price only while the queue's head is overdue."""
     c = make_core("ttl", priced_tables())
     c.price.value = 1e-3
-    c.order._bound = 10.0
+    c.order.age_bound_s = 10.0
     c.arrived("w", h("waiter"), now=0.0)
     assert c._charged_price(5.0) == 0.0  # the head waited 5 s < 10 s: the pin's return goes first
     assert c._charged_price(10.5) == 1e-3  # overdue: it goes before the return, the pin pays
@@ -577,7 +577,7 @@ def test_return_share_learns_that_pinned_programs_return_elsewhere():
     c = make_core("ttl", priced_tables())
     c.returns = scattered
     c.price.value = 1e-3
-    c.order._bound = 10.0
+    c.order.age_bound_s = 10.0
     c.arrived("w", h("waiter"), now=0.0)
     r = scattered.share
     assert c._charged_price(5.0) == pytest.approx(1e-3 * (1 - r) / r)  # young head: the share not coming back
@@ -620,7 +620,7 @@ def test_a_request_ending_while_it_waits_leaves_the_queue():
     queue's head, or every later pin would be charged as if an overdue request waited behind it."""
     c = make_core("ttl", priced_tables())
     c.price.value = 1e-3
-    c.order._bound = 10.0
+    c.order.age_bound_s = 10.0
     c.arrived("gone", h("gone"), now=0.0)
     c.finished(Finished("gone", h("gone"), None, 10, 10, 0, 0, natural=False), state(1.0))
     c.arrived("w", h("waiter"), now=20.0)

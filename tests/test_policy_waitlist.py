@@ -75,7 +75,7 @@ class Model:
         return [self.queue[i] for i in order]
 
     def step(self, now: float, bound: float) -> None:
-        self.order._bound = bound
+        self.order.age_bound_s = bound
         expected = self.full_order(now)
         moves = self.wl.sync(len(self.queue), now, bound)
         assert moves is not None

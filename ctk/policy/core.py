@@ -447,16 +447,13 @@ class PolicyCore:
             return True  # step() does nothing
         if self._charging:
             return False
-        heap, price = self._expiries, self.price
-        if (heap and heap[0][0] <= now) or price.value != 0.0 or price._judged != 0.0:
+        heap = self._expiries
+        if heap and heap[0][0] <= now:
             return False
-        if num_waiting > 0 and demand_tokens > 0 and demand_tokens > free_tokens:
-            return False  # (MemoryPrice.target would be above 0; the priced state's demand is at most this)
-        # MemoryPrice.update at a target of 0 from a price at rest: the price stays 0, nothing to re-judge
-        price._last_now = now
-        if num_waiting > 0:
-            price.value = 0.0
-        self.stats.price = price.value
+        # (the priced state's demand is at most ``demand_tokens``: slack here is slack there)
+        if not self.price.rest(now, num_waiting, demand_tokens, free_tokens):
+            return False
+        self.stats.price = 0.0
         return True
 
     def _head_overdue(self, now: float) -> bool:

@@ -51,7 +51,7 @@ def detect_tool_call(text: str | None, detectors: Sequence[str] = DETECTORS) -> 
         if fn is None:
             continue
         need = _NEEDS.get(name)
-        if need is not None and need not in tail:  # the detector's own first test, without its frame
+        if need is not None and need not in tail:  # (a substring test instead of the detector's scan)
             continue
         found = fn(tail)
         if found is not None:
@@ -60,8 +60,6 @@ def detect_tool_call(text: str | None, detectors: Sequence[str] = DETECTORS) -> 
 
 
 def _bash(text: str) -> ToolCall | None:
-    if "```" not in text:  # (what the pattern needs first: a substring test instead of a regex scan)
-        return None
     blocks = _FENCE_RE.findall(text)
     if not blocks:
         return None
@@ -88,8 +86,6 @@ def _from_call_obj(obj: object, kind: str) -> ToolCall | None:
 
 
 def _tool_call(text: str) -> ToolCall | None:
-    if "<tool_call>" not in text:
-        return None
     for body in reversed(_TOOL_CALL_RE.findall(text)):
         try:
             obj = json.loads(body)
@@ -125,8 +121,6 @@ def _json_objects(text: str) -> list[object]:
 
 
 def _openai(text: str) -> ToolCall | None:
-    if '"name"' not in text:
-        return None
     for obj in reversed(_json_objects(text)):
         calls: list[object] = []
         if isinstance(obj, dict):
@@ -146,5 +140,5 @@ def _openai(text: str) -> ToolCall | None:
 
 
 _DETECTORS = {"bash": _bash, "tool_call": _tool_call, "openai": _openai}
-#: What each detector needs in a text before it looks further (its first test): without it, no call.
+#: What each detector needs in a text (:func:`detect_tool_call` tests it first): without it, no call.
 _NEEDS = {"bash": "```", "tool_call": "<tool_call>", "openai": '"name"'}

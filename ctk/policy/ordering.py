@@ -135,14 +135,6 @@ class ProgramOrder:
         if not math.isinf(self.age_factor):
             self.age_bound_s = self._measured_bound()
 
-    @property
-    def _bound(self) -> float:  # (the attribute's former name)
-        return self.age_bound_s
-
-    @_bound.setter
-    def _bound(self, value: float) -> None:
-        self.age_bound_s = value
-
     def dropped(self) -> None:
         self.fcfs.dropped()
 
@@ -213,7 +205,7 @@ class ResumeFirstOrder(ProgramOrder):
 
     @staticmethod
     def key(arrival: float, first: float | None, pinned: bool, rank: int, i: int) -> tuple:
-        if first is None or not first < arrival:  # not resumed_turn(): a program's first turn (or no program)
+        if not resumed_turn(arrival, first):  # a program's first turn (or a request without a program)
             return (3, arrival if first is None else first, rank, arrival, i)
         return (1 if pinned else 2, arrival, 0, arrival, i)
 

@@ -48,22 +48,34 @@ class MemoryPrice:
         self._judged = 0.0  # the price the held pins were last judged at
 
     @staticmethod
+    def slack(num_waiting: int, demand_tokens: int, free_tokens: int) -> bool:
+        """``p* = 0``: nothing waits for memory, or the free memory covers the waiting demand."""
+        return num_waiting <= 0 or demand_tokens <= 0 or demand_tokens <= free_tokens
+
+    @staticmethod
     def target(state: EngineState) -> float:
         """``p*`` of the module docstring for one engine state."""
         n, demand = state.num_waiting, state.waiting_demand_tokens
-        if n <= 0 or demand <= 0:
+        if MemoryPrice.slack(n, demand, state.free_tokens):
             return 0.0
-        short = demand - state.free_tokens
-        if short <= 0:
-            return 0.0
-        blocked = n * min(1.0, short / demand)
+        blocked = n * min(1.0, (demand - state.free_tokens) / demand)
         return blocked / max(1, state.total_tokens)
+
+    def rest(self, now: float, num_waiting: int, demand_tokens: int, free_tokens: int) -> bool:
+        """:meth:`update` at ``now`` for an engine state with these counts, when the price is at rest (0, and
+        the pins judged at 0) and its target is 0: the price stays 0 and nothing is re-judged. True then
+        (the clock moved); False: call :meth:`update`. (No :class:`EngineState` needed.)"""
+        if self.value != 0.0 or self._judged != 0.0:
+            return False
+        if not self.slack(num_waiting, demand_tokens, free_tokens):
+            return False
+        self._last_now = now
+        return True
 
     def update(self, state: EngineState) -> bool:
         """Move the price to the engine's state at ``state.now``; True when pins should be re-judged."""
-        if state.num_waiting <= 0 and self.value == 0.0 and self._judged == 0.0:  # (the usual step) stays 0
-            self._last_now = state.now
-            return False
+        if self.rest(state.now, state.num_waiting, state.waiting_demand_tokens, state.free_tokens):
+            return False  # (the usual step) stays 0
         target = self.target(state)
         last, self._last_now = self._last_now, state.now
         if state.num_waiting <= 0:
