@@ -358,6 +358,46 @@ def test_resume_valve_bounds_a_resumed_turns_wait_by_fcfs_tail_under_strict_orde
     assert fresh.release_for_pressure(now=60.0, admitting="resumed", engine_busy=True) is None
 
 
+def test_resume_valve_opens_by_itself_while_the_pin_budget_binds():
+    """By default (``resume_valve`` None) the resume valve applies while the pin budget binds: the share of
+    recent pins that met ``max_pin_share`` (:class:`BudgetContention`) at ``resume_valve_contention`` or
+    more. Measured: pins of 20 blocks under a 50-block budget meet it from the third on; with no budget
+    (share 1) it stays 0."""
+    for share, binds in ((0.5, True), (1.0, False)):
+        c = core(max_pin_share=share)
+        for k in range(30):
+            h = hints(f"p{k}")
+            c.arrived(f"r{k}", h, now=0.0)
+            c.finished(fin(f"r{k}", h, "```bash\nls\n```", blocks=20), state(now=0.1, free=100))
+        assert c.stats.pins_created == 30 - c.stats.pins_skipped_budget
+        assert (c.contention.share >= c.config.resume_valve_contention) is binds, (share, c.contention.share)
+        assert c._resume_valve_open() is binds
+    # the valve's decision follows the measure, unless set either way
+    for forced, contention, opens in (
+        (None, 0.2, True), (None, 0.05, False), (True, 0.0, True), (False, 0.9, False)
+    ):
+        c = core(max_pin_share=1.0, age_min_s=1.0, age_min_waits=1, resume_valve=forced)
+        c.arrived("a0", hints("back"), now=0.0)
+        c.admitted("a0", 0, now=0.0)
+        c.finished(fin("a0", hints("back"), "```bash\nls\n```", blocks=0), state(now=0.05))
+        h = hints("held")
+        c.arrived("r0", h, now=0.0)
+        c.finished(fin("r0", h, "```bash\nls\n```"), state(now=0.1))
+        c.arrived("resumed", hints("back"), now=1.0)
+        c.contention.share = contention
+        rel = c.release_for_pressure(now=2.5, admitting="resumed", engine_busy=True)
+        assert (rel is not None) is opens, (forced, contention)
+
+
+def test_resume_valve_setting_reads_unset_as_automatic():
+    assert ServeConfig().resume_valve is None
+    assert ServeConfig.from_mapping({"resume_valve": "default"}).resume_valve is None
+    assert ServeConfig.from_mapping({"resume_valve": "true"}).resume_valve is True
+    assert ServeConfig.from_env({"CTK_RESUME_VALVE": "0"}).resume_valve is False
+    with pytest.raises(ConfigError, match="resume_valve_contention"):
+        ServeConfig.from_mapping({"resume_valve_contention": "0"})
+
+
 def test_vllm_policy_never_pins_nor_reorders():
     c = core("vllm")
     c.arrived("r1", hints(), now=0.0)

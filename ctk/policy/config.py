@@ -53,7 +53,8 @@ class ServeConfig:
     age_min_s: NonNegative = 0.0  # ... but never before this many seconds (0: no floor above stock FCFS)
     age_min_waits: AtLeastOne = 100  # waits measured before the age bound applies (before: no one is overdue)
     valve_horizon_s: NonNegative = 2.0  # ttl: the valve values a pin over this much of its hold (0: all)
-    resume_valve: bool = False  # a resumed turn that waited FCFS's tail wait may take pins (small caches)
+    resume_valve: bool | None = None  # a resumed turn that waited FCFS's tail wait may take pins (None: ...
+    resume_valve_contention: Share = 0.1  # ... while this share of recent pins meets the pin budget)
     program_fcfs: bool | None = None  # program-first waiting order (None: the policy's own)
     age_bound: bool | None = None  # program order bounded by the age bound (None: the policy's own)
     detectors: tuple[Literal["bash", "tool_call", "openai"], ...] = DETECTORS  # tool-call detectors (output)
@@ -123,7 +124,8 @@ class ServeConfig:
 
 ENV_PREFIX = "CTK_"
 _OPTIONAL = frozenset(f.name for f in fields(ServeConfig) if f.default is None)  # "" means None
-_OPTIONAL_BOOLS = frozenset({"program_fcfs", "age_bound"})  # bool or None: "none" / "default" mean None too
+# bool or None: "none" / "default" mean None too
+_OPTIONAL_BOOLS = frozenset({"program_fcfs", "age_bound", "resume_valve"})
 _FLAGS = frozenset(f.name for f in fields(ServeConfig) if isinstance(f.default, bool))
 #: Environment variables the engine reads (``CTK_POLICY``, ``CTK_TTL_MODEL``, ``CTK_RECORD``, ...).
 ENV = tuple(ENV_PREFIX + f.name.upper() for f in fields(ServeConfig))
