@@ -38,7 +38,6 @@ def one_wait_measured(c: PolicyCore, now: float = 0.0) -> PolicyCore:
 
 def core(policy="ttl", **kw) -> PolicyCore:
     kw.setdefault("age_min_waits", 1)  # the bound from the first measured wait (the default waits for 100)
-    kw.setdefault("resume_valve_min_waits", kw["age_min_waits"])  # the resume valve's too
     cfg = ServeConfig(policy=policy, ttl_model="x.pkl", **kw).validate()
     return PolicyCore(cfg, make_rule(cfg.policy, cfg, tables() if policy == "ttl" else None), block_size=16)
 

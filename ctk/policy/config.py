@@ -55,7 +55,6 @@ class ServeConfig:
     valve_horizon_s: NonNegative = 2.0  # ttl: the valve values a pin over this much of its hold (0: all)
     resume_valve: bool | None = None  # a resumed turn that waited FCFS's tail wait may take pins (None: ...
     resume_valve_contention: Share = 0.1  # ... while this share of recent pins meets the pin budget)
-    resume_valve_min_waits: AtLeastOne = 100  # the resume valve's bound applies after this many waits
     program_fcfs: bool | None = None  # program-first waiting order (None: the policy's own)
     age_bound: bool | None = None  # program order bounded by the age bound (None: the policy's own)
     detectors: tuple[Literal["bash", "tool_call", "openai"], ...] = DETECTORS  # tool-call detectors (output)

@@ -605,7 +605,7 @@ class PolicyCore:
         prog = self.programs.get(pend.program_id)
         if prog is None or not resumed_turn(pend.arrival, prog.first_arrival):
             return bound
-        return min(bound, self.order.bound_for(self.config.age_factor, self.config.resume_valve_min_waits))
+        return min(bound, self.order.bound_for(self.config.age_factor))
 
     def _resume_valve_open(self) -> bool:
         """The resume valve applies: as set (``resume_valve``), else while the pin budget binds

@@ -147,12 +147,12 @@ class ProgramOrder:
     def _measured_bound(self) -> float:
         return self.bound_for(self.age_factor)
 
-    def bound_for(self, age_factor: float, min_waits: int | None = None) -> float:
-        """``max(age_min_s, age_factor × W_q)`` once ``W_q`` is measured (``min_waits`` waits, by default the
-        order's own, 100: what a p99 needs). Before that no request is overdue: with no measured wait the
-        bound would be 0, every waiting request overdue, and a flood of new programs would take the pins of
-        programs about to return (issue 22)."""
-        if len(self.fcfs) < (self.min_waits if min_waits is None else min_waits):
+    def bound_for(self, age_factor: float) -> float:
+        """``max(age_min_s, age_factor × W_q)`` once ``W_q`` is measured (``min_waits`` waits, 100 by
+        default: what a p99 needs). Before that no request is overdue: with no measured wait the bound would
+        be 0, every waiting request overdue, and a flood of new programs would take the pins of programs
+        about to return (issue 22)."""
+        if len(self.fcfs) < self.min_waits:
             return math.inf
         return max(self.age_min_s, age_factor * self.fcfs.quantile(self.age_quantile))
 
