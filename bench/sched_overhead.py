@@ -12,7 +12,7 @@ the same schedule (same step count) and the ratio is the plugin's own cost (the 
 
     .venv/bin/python bench/sched_overhead.py [--model PATH] [--phases 4] [--requests 32] [--outputs real]
                                               [--clock wall|cpu] [--without step,finish,arrival]
-    .venv/bin/python bench/sched_overhead.py --scale [--phases 4] [--steps 200]   # GPU scale, no model
+    .venv/bin/python bench/sched_overhead.py --scale [--phases 4] [--steps 200] [--by-call]  # GPU scale
 
 Prints the per-step scheduler time of both and the ratio ctk / stock of the scheduler time spent on the same
 workload (target: <= 1.02). ctk's cost is per request (metadata, decision at finish), vLLM's per request
@@ -241,6 +241,12 @@ def main() -> None:
         help="instead: the hot path at GPU scale (1,024 running + 1,024 waiting, no model; see run_scale)",
     )
     ap.add_argument("--steps", type=int, default=200, help="--scale: measured steps per round")
+    ap.add_argument(
+        "--by-call",
+        action="store_true",
+        help="--scale diagnostics: per ctk hook, the median time of its first call in a step and of the "
+        "later ones (the first runs with cold caches after vLLM's own work)",
+    )
     args = ap.parse_args()
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -253,7 +259,7 @@ def main() -> None:
         model_dir, model_file = build_inputs(Path(tmp), args.model)
         if args.scale:
             pins_file = str(build_pin_table(Path(tmp)))
-            return run_scale(model_dir, pins_file, max(2, args.phases), args.steps, 1024, 1024)
+            return run_scale(model_dir, pins_file, max(2, args.phases), args.steps, 1024, 1024, args.by_call)
         from vllm import LLM
         from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -345,7 +351,9 @@ SCALE_TARGET_US = 50.0
 SAMPLED_TEXT = '"'
 
 
-def run_scale(model_dir: str, pins_file: str, rounds: int, steps: int, waiting: int, running: int) -> None:
+def run_scale(
+    model_dir: str, pins_file: str, rounds: int, steps: int, waiting: int, running: int, by_call: bool = False
+) -> None:
     """vLLM's scheduler at H100 scale without a model (``ctk.engine_patch.emulation``): ``running`` requests
     decoding, ``waiting`` more queued (``max_num_seqs`` = ``running``), 8,192 batched tokens, 16-token
     blocks. Every request belongs to a program; a quarter end in a hinted tool call and are pinned (30 s), so
@@ -383,6 +391,7 @@ def run_scale(model_dir: str, pins_file: str, rounds: int, steps: int, waiting: 
     per_finish: dict[str, list[float]] = {"stock": [], "ctk": []}
     own_step: list[float] = []
     own_finish: list[float] = []
+    calls = _CallRanks() if by_call else None
     for r in range(rounds):
         for name in (("stock", "ctk") if r % 2 == 0 else ("ctk", "stock")):
             cls = Scheduler if name == "stock" else CTKScheduler
@@ -420,7 +429,7 @@ def run_scale(model_dir: str, pins_file: str, rounds: int, steps: int, waiting: 
                     (s.ctk_driver, "request_finished", "finish"),
                     (s.ctk_door, "end_of", "finish"),
                 ):
-                    setattr(obj, method, _timed(getattr(obj, method), own, part))
+                    setattr(obj, method, _timed(getattr(obj, method), own, part, calls, method))
             loop = em.EngineLoop(s, token=token)
             loop.add(new_request() for _ in range(waiting + running))
             while len(s.running) < running or len(s.waiting) > waiting:  # admissions (prefills) first
@@ -429,7 +438,11 @@ def run_scale(model_dir: str, pins_file: str, rounds: int, steps: int, waiting: 
             free_time[:] = [0.0, 0]
             own.update(step=0.0, finish=0.0)
             done = len(loop.stats.finished)
+            if calls is not None:
+                calls.on = name == "ctk"
             for _ in range(steps):
+                if calls is not None:
+                    calls.rank.clear()  # a new step: the next call of each hook is its first
                 t0 = time.perf_counter()
                 loop.step()
                 ended = len(loop.stats.finished) - done
@@ -437,6 +450,8 @@ def run_scale(model_dir: str, pins_file: str, rounds: int, steps: int, waiting: 
                 for _ in range(ended):
                     s.add_request(new_request())
                 total += time.perf_counter() - t0
+            if calls is not None:
+                calls.on = False
             per_step[name].append((total - free_time[0]) / steps * 1e6)
             per_finish[name].append(free_time[0] / max(1, free_time[1]) * 1e6)
             if name == "ctk":
@@ -464,6 +479,12 @@ def run_scale(model_dir: str, pins_file: str, rounds: int, steps: int, waiting: 
         f"{statistics.median(own_finish):.1f} us/finish ({min(own_finish):.1f}..{max(own_finish):.1f}); "
         "targets <= 50 us each"
     )
+    if calls is not None:
+        print("by call (ctk rounds, median us): first call of the hook in a step / later calls")
+        for name in sorted({n for n, _ in calls.times}):
+            first, later = calls.times.get((name, True), []), calls.times.get((name, False), [])
+            med = [f"{1e6 * statistics.median(v):6.1f} (n={len(v)})" if v else "-" for v in (first, later)]
+            print(f"  {name:18s} {med[0]} / {med[1]}")
     for what, values in (("step", own_step), ("finish", own_finish)):
         med = statistics.median(values)
         verdict = "PASS" if med <= SCALE_TARGET_US else "FAIL"
@@ -473,7 +494,24 @@ def run_scale(model_dir: str, pins_file: str, rounds: int, steps: int, waiting: 
         )
 
 
-def _timed(fn, acc: dict[str, float], part: str):
+class _CallRanks:
+    """``--by-call``: the measured steps' timed calls, by hook and whether it was the hook's first call in its
+    step (``on`` while the steps are measured)."""
+
+    def __init__(self):
+        self.on = False
+        self.rank: set[str] = set()  # hooks called so far in this step
+        self.times: dict[tuple[str, bool], list[float]] = {}
+
+    def add(self, name: str, dt: float) -> None:
+        if not self.on:
+            return
+        first = name not in self.rank
+        self.rank.add(name)
+        self.times.setdefault((name, first), []).append(dt)
+
+
+def _timed(fn, acc: dict[str, float], part: str, calls: _CallRanks | None = None, name: str = ""):
     clock = time.perf_counter
 
     def timed(*args, **kwargs):
@@ -481,7 +519,10 @@ def _timed(fn, acc: dict[str, float], part: str):
         try:
             return fn(*args, **kwargs)
         finally:
-            acc[part] += clock() - t0
+            dt = clock() - t0
+            acc[part] += dt
+            if calls is not None:
+                calls.add(name, dt)
 
     return timed
 
