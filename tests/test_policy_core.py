@@ -671,3 +671,19 @@ def test_config_errors_are_clear():
     cfg = ServeConfig.from_env({"CTK_POLICY": "oracle", "CTK_MAX_PIN_SHARE": "0.3", "CTK_DETECTORS": "bash"})
     assert (cfg.policy, cfg.max_pin_share, cfg.detectors) == ("oracle", 0.3, ("bash",))
     assert ServeConfig.from_env(cfg.to_env()) == cfg
+
+
+def test_admit_order_size_admits_the_smallest_new_program_first():
+    """``admit_order="size"`` (the admission probe): new programs by the ``program_size`` their first
+    request carries, smallest first; resumed turns first as in ttl's order; the default: arrival order."""
+    for order, expected in (("size", [2, 0, 1]), ("arrival", [2, 1, 0])):
+        c = core(admit_order=order)
+        c.arrived("old-t0", hints("old"), now=0.0)
+        c.admitted("old-t0", 0, now=0.0)
+        c.arrived("big", hints("big", program_size=40.0), now=1.0)
+        c.arrived("small", hints("small", program_size=0.5), now=2.0)
+        c.arrived("old-t1", hints("old", turn_index=1), now=3.0)
+        assert c.order_waiting(["small", "big", "old-t1"], now=4.0) == expected, order
+    assert parse_hints(None, {"program_size": -1}).program_size is None  # ignored, with a warning
+    with pytest.raises(ConfigError):
+        ServeConfig(admit_order="largest").validate()

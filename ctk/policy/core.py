@@ -48,7 +48,7 @@ from ctk.policy.events import (
     ToolObservation,
 )
 from ctk.policy.hints import RequestHints
-from ctk.policy.ordering import resumed_turn
+from ctk.policy.ordering import ResumeFirstOrder, SizeFirstOrder, resumed_turn
 from ctk.policy.price import MemoryPrice
 from ctk.policy.rules import PinRule
 from ctk.policy.waitlist import WaitingList
@@ -109,12 +109,18 @@ class PolicyCore:
         self._pins_made = 0
         self._returned: dict[str, Pin] = {}  # pins whose program's next request arrived (next_request_id set)
         self.price = MemoryPrice(config.price_decay_s, config.price_tolerance)
-        self.order = rule.waiting_order(
+        order_cls, extra = rule.waiting_order, {}
+        if config.admit_order == "size" and order_cls is ResumeFirstOrder:  # new programs by size (a probe)
+            order_cls, extra = SizeFirstOrder, {"aging": config.admit_aging}
+        self.order = order_cls(
             config.age_factor if rule.age_bound else math.inf,
             config.age_min_s,
             config.age_quantile,
             min_waits=config.age_min_waits,
+            **extra,
         )
+        # program rank -> size, read by the size order's key (None: admission by arrival)
+        self._sizes: dict[int, float] | None = self.order.sizes if order_cls is SizeFirstOrder else None
         self.reorders = rule.program_fcfs
         self.gate = rule.gate  # holds back fitting waiting requests (None: never; see may_admit)
         self._strict_needs_returns = not rule.age_bound and rule.strict_needs_returns
@@ -150,6 +156,8 @@ class PolicyCore:
             for pid, prog in self.programs.items():  # oldest first
                 if prog.pin is None and not prog.pending:
                     del self.programs[pid]
+                    if self._sizes is not None:
+                        self._sizes.pop(prog.rank, None)
                     break
             else:
                 return
@@ -208,6 +216,8 @@ class PolicyCore:
         prog = programs.get(pid)  # (_program, inline: a program seen before)
         if prog is None:
             prog = self._program(pid, now)
+            if self._sizes is not None and hints.program_size is not None:
+                self._sizes[prog.rank] = hints.program_size
         else:
             programs.move_to_end(pid)
         prog.turns += 1

@@ -3,7 +3,8 @@
 The key names, their order and bounds are the wire contract in :mod:`ctk.wire`. Program = vLLM's
 ``session_id`` (body field, ``X-Session-ID`` header, or ``vllm_xargs.session_id``), else
 ``vllm_xargs.program_id``. Other ``vllm_xargs`` keys: ``turn_index`` (int), ``last_turn`` (bool/int),
-``tool`` (str), ``tool_duration_s`` (float, oracle only), ``kv_retention_ttl_seconds`` (float: a client's TTL
+``tool`` (str), ``tool_duration_s`` (float, oracle only), ``program_size`` (float, the size-order
+admission probe only), ``kv_retention_ttl_seconds`` (float: a client's TTL
 hint, vllm-router's name for it; read by the pin rules as ``ttl_hint_s``). Garbage values are ignored with a
 warning (logged at most once per key and kind), never raised: bad metadata must not crash the engine.
 
@@ -36,6 +37,7 @@ from ctk.wire import (
     MAX_ID_CHARS,
     MAX_TOOL_CHARS,
     MAX_TURN_INDEX,
+    PROGRAM_SIZE,
     SESSION_ID,
     TOOL,
     TOOL_DURATION_S,
@@ -58,6 +60,7 @@ class RequestHints:
     tool: str | None = None
     tool_duration_s: float | None = None
     ttl_hint_s: float | None = None  # the client's own TTL for this turn's pin (``kv_retention_ttl_seconds``)
+    program_size: float | None = None  # the program's true total work (admission probe only)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -130,6 +133,7 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
             _warn(TOOL, f"{TOOL}: expected a string, got {type(raw).__name__}", warnings)
 
     duration = _non_negative(xargs, TOOL_DURATION_S, warnings) if TOOL_DURATION_S in xargs else None
+    size = _non_negative(xargs, PROGRAM_SIZE, warnings) if PROGRAM_SIZE in xargs else None
     ttl_hint = _non_negative(xargs, TTL_HINT_S, warnings) if TTL_HINT_S in xargs else None
     if ttl_hint is None and ctx:
         ttl_hint = _non_negative(ctx, TTL_HINT_S, warnings)
@@ -143,6 +147,7 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
         tool=tool,
         tool_duration_s=duration,
         ttl_hint_s=ttl_hint,
+        program_size=size,
         warnings=tuple(warnings) if warnings else (),
     )
     return hints

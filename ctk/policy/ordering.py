@@ -210,6 +210,33 @@ class ResumeFirstOrder(ProgramOrder):
         return (1 if pinned else 2, arrival, 0, arrival, i)
 
 
+class SizeFirstOrder(ResumeFirstOrder):
+    """:class:`ResumeFirstOrder` with new programs admitted by size (a probe of issue 22's admission wait;
+    ``admit_order="size"``): resumed turns as there; a program's first turn by ``size + aging × first
+    arrival``, smallest first (shortest job first when ``aging`` is 0). The size is what the core registered
+    for the program (:attr:`sizes`, by program rank: the true total work ``program_size`` a benchmark client
+    sends); a program without one goes after every sized one, in program order.
+
+    ``aging`` (seconds of work per second of arrival) bounds the overtaking: a program of size ``S`` arriving
+    at ``t`` is overtaken only by programs arriving before ``t + (S - S') / aging``, so no program waits
+    behind arrivals later than ``max size / aging`` after its own (the key stays fixed while it waits, so the
+    incremental waiting list needs no re-keying by age)."""
+
+    def __init__(self, *args, aging: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.aging = aging
+        self.sizes: dict[int, float] = {}  # program rank -> its size (registered by the core)
+
+    def key(self, arrival: float, first: float | None, pinned: bool, rank: int, i: int) -> tuple:  # type: ignore[override]
+        if first is not None and first < arrival:  # a resumed turn (resumed_turn, inline)
+            return (1 if pinned else 2, arrival, 0, arrival, i)
+        prog_t = arrival if first is None else first
+        size = self.sizes.get(rank) if first is not None else None
+        if size is None:
+            return (4, prog_t, rank, arrival, i)
+        return (3, size + self.aging * prog_t, rank, arrival, i)
+
+
 def resumed_turn(arrival: float, first: float | None) -> bool:
     """A request arriving after its program's first arrival: a turn after a tool call (``first`` None: no
     program). What the resume TTFT reports and what :class:`ResumeFirstOrder` serves first."""
