@@ -687,3 +687,17 @@ def test_admit_order_size_admits_the_smallest_new_program_first():
     assert parse_hints(None, {"program_size": -1}).program_size is None  # ignored, with a warning
     with pytest.raises(ConfigError):
         ServeConfig(admit_order="largest").validate()
+
+
+def test_admit_order_agent_predicts_a_new_programs_size_from_its_agents_finished_programs():
+    """``admit_order="agent"``: a new program is sized by the mean work (Σ turn contexts / 1000) of its
+    agent's finished programs, learned online; an agent not seen finishing gets the mean over all agents."""
+    c = core(admit_order="agent")
+    for pid, agent, tokens in (("a1", "big", 9000), ("b1", "small", 500)):
+        c.arrived(f"{pid}-t0", hints(pid, agent=agent), now=0.0)
+        c.admitted(f"{pid}-t0", 0, now=0.0)
+        c.finished(fin(f"{pid}-t0", hints(pid, agent=agent, last_turn=True), tokens=tokens), state(now=1.0))
+    c.arrived("big2", hints("a2", agent="big"), now=2.0)
+    c.arrived("new", hints("c1", agent="unseen"), now=3.0)  # the mean over agents: 4.75
+    c.arrived("small2", hints("b2", agent="small"), now=4.0)
+    assert c.order_waiting(["big2", "new", "small2"], now=5.0) == [2, 1, 0]

@@ -48,7 +48,7 @@ from ctk.policy.events import (
     ToolObservation,
 )
 from ctk.policy.hints import RequestHints
-from ctk.policy.ordering import ResumeFirstOrder, SizeFirstOrder, resumed_turn
+from ctk.policy.ordering import AgentSizes, ResumeFirstOrder, SizeFirstOrder, resumed_turn
 from ctk.policy.price import MemoryPrice
 from ctk.policy.rules import PinRule
 from ctk.policy.waitlist import WaitingList
@@ -71,6 +71,8 @@ class Program:
     last_output_tokens: int = 0
     last_turn_index: int = 0
     done: bool = False  # its last turn finished
+    agent: str | None = None  # the agent running it (admit_order="agent")
+    work: float = 0.0  # its turns' contexts so far, thousands of tokens (admit_order="agent")
 
 
 @dataclass(slots=True)
@@ -110,7 +112,7 @@ class PolicyCore:
         self._returned: dict[str, Pin] = {}  # pins whose program's next request arrived (next_request_id set)
         self.price = MemoryPrice(config.price_decay_s, config.price_tolerance)
         order_cls, extra = rule.waiting_order, {}
-        if config.admit_order == "size" and order_cls is ResumeFirstOrder:  # new programs by size (a probe)
+        if config.admit_order != "arrival" and order_cls is ResumeFirstOrder:  # new programs by size: a probe
             order_cls, extra = SizeFirstOrder, {"aging": config.admit_aging}
         self.order = order_cls(
             config.age_factor if rule.age_bound else math.inf,
@@ -121,6 +123,9 @@ class PolicyCore:
         )
         # program rank -> size, read by the size order's key (None: admission by arrival)
         self._sizes: dict[int, float] | None = self.order.sizes if order_cls is SizeFirstOrder else None
+        # ... the sizes predicted from each agent's finished programs (else: the program_size hint)
+        by_agent = self._sizes is not None and config.admit_order == "agent"
+        self._agent_sizes = AgentSizes() if by_agent else None
         self.reorders = rule.program_fcfs
         self.gate = rule.gate  # holds back fitting waiting requests (None: never; see may_admit)
         self._strict_needs_returns = not rule.age_bound and rule.strict_needs_returns
@@ -216,8 +221,12 @@ class PolicyCore:
         prog = programs.get(pid)  # (_program, inline: a program seen before)
         if prog is None:
             prog = self._program(pid, now)
-            if self._sizes is not None and hints.program_size is not None:
-                self._sizes[prog.rank] = hints.program_size
+            if self._sizes is not None:
+                if self._agent_sizes is not None:
+                    prog.agent = hints.agent
+                    self._sizes[prog.rank] = self._agent_sizes.estimate(hints.agent)
+                elif hints.program_size is not None:
+                    self._sizes[prog.rank] = hints.program_size
         else:
             programs.move_to_end(pid)
         prog.turns += 1
@@ -298,6 +307,10 @@ class PolicyCore:
         prog = self.programs.get(pid) if pid is not None else None
         if prog is not None:
             prog.pending.discard(ev.request_id)
+            if self._agent_sizes is not None:
+                prog.work += ev.num_tokens / 1000
+                if hints.last_turn:
+                    self._agent_sizes.finished(prog.agent, prog.work)
             if self.gate is not None:
                 self.gate.finished(prog.program_id, ev.num_tokens, hints.last_turn, state.now)
             old = prog.pin

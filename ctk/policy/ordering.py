@@ -237,6 +237,37 @@ class SizeFirstOrder(ResumeFirstOrder):
         return (3, size + self.aging * prog_t, rank, arrival, i)
 
 
+class AgentSizes:
+    """The size predictor of ``admit_order="agent"``: a new program's size is the mean work of the finished
+    programs of its agent (the ``agent`` hint), learned online from this engine's own programs; an agent with
+    none finished yet gets the mean over every agent's finished programs, and before any finished program
+    every size is 0 (arrival order). A program's work is the sum of its turns' contexts in thousands of
+    tokens (``Σ num_tokens / 1000``: what its prefills and decode attention read), so the estimate needs no
+    cost profile; only the order of the sizes matters unless an ``admit_aging`` weighs them against age."""
+
+    __slots__ = ("_sum", "_n", "_all_sum", "_all_n")
+
+    def __init__(self) -> None:
+        self._sum: dict[str | None, float] = {}
+        self._n: dict[str | None, int] = {}
+        self._all_sum = 0.0
+        self._all_n = 0
+
+    def estimate(self, agent: str | None) -> float:
+        n = self._n.get(agent)
+        if n:
+            return self._sum[agent] / n
+        return self._all_sum / self._all_n if self._all_n else 0.0
+
+    def finished(self, agent: str | None, work: float) -> None:
+        if len(self._n) >= 10_000 and agent not in self._n:
+            agent = None  # a bounded table: unseen agents beyond it share one entry
+        self._sum[agent] = self._sum.get(agent, 0.0) + work
+        self._n[agent] = self._n.get(agent, 0) + 1
+        self._all_sum += work
+        self._all_n += 1
+
+
 def resumed_turn(arrival: float, first: float | None) -> bool:
     """A request arriving after its program's first arrival: a turn after a tool call (``first`` None: no
     program). What the resume TTFT reports and what :class:`ResumeFirstOrder` serves first."""

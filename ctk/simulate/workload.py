@@ -92,7 +92,12 @@ class Client:
         """The next turn's request (its hints exactly as ``ctk replay`` sends them)."""
         t = self.spec.turns[self.turn]
         xargs = replay_xargs(
-            self.replay_id, t, arrivals.time_scale, arrivals.send_oracle_duration, self.size_s
+            self.replay_id,
+            t,
+            arrivals.time_scale,
+            arrivals.send_oracle_duration,
+            self.size_s,
+            self.spec.source,
         )
         hints = parse_hints(self.replay_id, xargs)
         req = SimRequest(
