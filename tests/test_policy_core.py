@@ -701,3 +701,17 @@ def test_admit_order_agent_predicts_a_new_programs_size_from_its_agents_finished
     c.arrived("new", hints("c1", agent="unseen"), now=3.0)  # the mean over agents: 4.75
     c.arrived("small2", hints("b2", agent="small"), now=4.0)
     assert c.order_waiting(["big2", "new", "small2"], now=5.0) == [2, 1, 0]
+
+
+def test_resume_order_attained_serves_the_resumed_turn_of_the_least_served_program_first():
+    """``resume_order="attained"``: resumed turns by their program's work so far (Σ turn contexts / 1000),
+    least first; new programs after them by arrival."""
+    c = core(resume_order="attained")
+    for pid, tokens in (("heavy", 9000), ("light", 500)):
+        c.arrived(f"{pid}-t0", hints(pid), now=0.0)
+        c.admitted(f"{pid}-t0", 0, now=0.0)
+        c.finished(fin(f"{pid}-t0", hints(pid), tokens=tokens), state(now=1.0))
+    c.arrived("heavy-t1", hints("heavy", turn_index=1), now=2.0)
+    c.arrived("new", hints("new"), now=2.5)
+    c.arrived("light-t1", hints("light", turn_index=1), now=3.0)
+    assert c.order_waiting(["heavy-t1", "new", "light-t1"], now=4.0) == [2, 0, 1]

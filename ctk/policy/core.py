@@ -112,8 +112,10 @@ class PolicyCore:
         self._returned: dict[str, Pin] = {}  # pins whose program's next request arrived (next_request_id set)
         self.price = MemoryPrice(config.price_decay_s, config.price_tolerance)
         order_cls, extra = rule.waiting_order, {}
-        if config.admit_order != "arrival" and order_cls is ResumeFirstOrder:  # new programs by size: a probe
-            order_cls, extra = SizeFirstOrder, {"aging": config.admit_aging}
+        probe = config.admit_order != "arrival" or config.resume_order != "arrival"
+        if probe and order_cls is ResumeFirstOrder:  # new programs by size, resumed turns by attained: probes
+            order_cls = SizeFirstOrder
+            extra = {"aging": config.admit_aging, "attained": config.resume_order == "attained"}
         self.order = order_cls(
             config.age_factor if rule.age_bound else math.inf,
             config.age_min_s,
@@ -126,6 +128,8 @@ class PolicyCore:
         # ... the sizes predicted from each agent's finished programs (else: the program_size hint)
         by_agent = self._sizes is not None and config.admit_order == "agent"
         self._agent_sizes = AgentSizes() if by_agent else None
+        self._attained: dict[int, float] | None = self.order.attained if self._sizes is not None else None
+        self._work = self._agent_sizes is not None or self._attained is not None  # programs' work is kept
         self.reorders = rule.program_fcfs
         self.gate = rule.gate  # holds back fitting waiting requests (None: never; see may_admit)
         self._strict_needs_returns = not rule.age_bound and rule.strict_needs_returns
@@ -163,6 +167,8 @@ class PolicyCore:
                     del self.programs[pid]
                     if self._sizes is not None:
                         self._sizes.pop(prog.rank, None)
+                        if self._attained is not None:
+                            self._attained.pop(prog.rank, None)
                     break
             else:
                 return
@@ -307,9 +313,11 @@ class PolicyCore:
         prog = self.programs.get(pid) if pid is not None else None
         if prog is not None:
             prog.pending.discard(ev.request_id)
-            if self._agent_sizes is not None:
+            if self._work:
                 prog.work += ev.num_tokens / 1000
-                if hints.last_turn:
+                if self._attained is not None:
+                    self._attained[prog.rank] = prog.work
+                if hints.last_turn and self._agent_sizes is not None:
                     self._agent_sizes.finished(prog.agent, prog.work)
             if self.gate is not None:
                 self.gate.finished(prog.program_id, ev.num_tokens, hints.last_turn, state.now)

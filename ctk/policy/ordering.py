@@ -222,13 +222,18 @@ class SizeFirstOrder(ResumeFirstOrder):
     behind arrivals later than ``max size / aging`` after its own (the key stays fixed while it waits, so the
     incremental waiting list needs no re-keying by age)."""
 
-    def __init__(self, *args, aging: float = 0.0, **kwargs):
+    def __init__(self, *args, aging: float = 0.0, attained: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.aging = aging
         self.sizes: dict[int, float] = {}  # program rank -> its size (registered by the core)
+        #: least attained service for resumed turns (``resume_order="attained"``): program rank -> its work
+        #: so far (kept by the core; fixed while a turn of the program waits). None: resumed turns by arrival.
+        self.attained: dict[int, float] | None = {} if attained else None
 
     def key(self, arrival: float, first: float | None, pinned: bool, rank: int, i: int) -> tuple:  # type: ignore[override]
         if first is not None and first < arrival:  # a resumed turn (resumed_turn, inline)
+            if self.attained is not None:
+                return (1 if pinned else 2, self.attained.get(rank, 0.0), 0, arrival, i)
             return (1 if pinned else 2, arrival, 0, arrival, i)
         prog_t = arrival if first is None else first
         size = self.sizes.get(rank) if first is not None else None
