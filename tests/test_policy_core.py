@@ -701,6 +701,18 @@ def test_admit_order_agent_predicts_a_new_programs_size_from_its_agents_finished
     c.arrived("new", hints("c1", agent="unseen"), now=3.0)  # the mean over agents: 4.75
     c.arrived("small2", hints("b2", agent="small"), now=4.0)
     assert c.order_waiting(["big2", "new", "small2"], now=5.0) == [2, 1, 0]
+    assert c._agent_sizes.estimate("big") == 9.0
+
+
+def test_admit_round_keeps_one_agents_programs_in_arrival_order_while_its_mean_drifts():
+    from ctk.policy.ordering import AgentSizes
+
+    sizes = AgentSizes(rounded=True)
+    sizes.finished("a", 3.1)
+    first = sizes.estimate("a")
+    sizes.finished("a", 2.9)  # the mean drifts from 3.1 to 3.0: the same power of 2
+    assert first == sizes.estimate("a") == 4.0
+    assert AgentSizes(rounded=False).estimate("a") == 0.0  # nothing finished: 0 (arrival order)
 
 
 def test_resume_order_attained_serves_the_resumed_turn_of_the_least_served_program_first():

@@ -127,7 +127,7 @@ class PolicyCore:
         self._sizes: dict[int, float] | None = self.order.sizes if order_cls is SizeFirstOrder else None
         # ... the sizes predicted from each agent's finished programs (else: the program_size hint)
         by_agent = self._sizes is not None and config.admit_order == "agent"
-        self._agent_sizes = AgentSizes() if by_agent else None
+        self._agent_sizes = AgentSizes(config.admit_round) if by_agent else None
         self._attained: dict[int, float] | None = self.order.attained if self._sizes is not None else None
         self._work = self._agent_sizes is not None or self._attained is not None  # programs' work is kept
         self.reorders = rule.program_fcfs

@@ -248,21 +248,27 @@ class AgentSizes:
     none finished yet gets the mean over every agent's finished programs, and before any finished program
     every size is 0 (arrival order). A program's work is the sum of its turns' contexts in thousands of
     tokens (``Σ num_tokens / 1000``: what its prefills and decode attention read), so the estimate needs no
-    cost profile; only the order of the sizes matters unless an ``admit_aging`` weighs them against age."""
+    cost profile; only the order of the sizes matters unless an ``admit_aging`` weighs them against age.
 
-    __slots__ = ("_sum", "_n", "_all_sum", "_all_n")
+    With ``rounded`` the estimate is rounded to a power of 2: a mean that drifts as programs finish orders
+    the waiting programs of one agent by when they arrived relative to each finish, not by arrival (equal
+    keys keep program order); rounded, agents whose means differ less than about 2x form one class."""
 
-    def __init__(self) -> None:
+    __slots__ = ("_sum", "_n", "_all_sum", "_all_n", "rounded")
+
+    def __init__(self, rounded: bool = False) -> None:
+        self.rounded = rounded
         self._sum: dict[str | None, float] = {}
         self._n: dict[str | None, int] = {}
         self._all_sum = 0.0
         self._all_n = 0
 
     def estimate(self, agent: str | None) -> float:
-        n = self._n.get(agent)
-        if n:
-            return self._sum[agent] / n
-        return self._all_sum / self._all_n if self._all_n else 0.0
+        n, all_n = self._n.get(agent), self._all_n
+        mean = self._sum[agent] / n if n else (self._all_sum / all_n if all_n else 0.0)
+        if not self.rounded or mean <= 0.0:
+            return mean
+        return 2.0 ** round(math.log2(mean))
 
     def finished(self, agent: str | None, work: float) -> None:
         if len(self._n) >= 10_000 and agent not in self._n:
