@@ -32,10 +32,22 @@ TURN_INDEX = "turn_index"  # int: the turn number within the program
 LAST_TURN = "last_turn"  # bool / 0 / 1: the program's last turn (never pin after it)
 TOOL = "tool"  # str: the command / tool the client runs after this turn
 TOOL_DURATION_S = "tool_duration_s"  # float: that call's true duration (policy oracle; benchmarks only)
+PROGRAM_SIZE = "program_size"  # float: the program's true engine work, s (admission probe; benchmarks)
+AGENT = "agent"  # str: the agent (software / kind) running the program: the size predictor's class
 TTL_HINT_S = "kv_retention_ttl_seconds"  # float: the client's TTL for this turn's pin (vllm-router's name)
 AGENTIC_CONTEXT = "agentic_context"  # vllm-router's Program Scheduling object (or its JSON text)
 #: Every ``vllm_xargs`` key ctk reads.
-HINT_KEYS = (*XARGS_IDENTITY_KEYS, TURN_INDEX, LAST_TURN, TOOL, TOOL_DURATION_S, TTL_HINT_S, AGENTIC_CONTEXT)
+HINT_KEYS = (
+    *XARGS_IDENTITY_KEYS,
+    TURN_INDEX,
+    LAST_TURN,
+    TOOL,
+    TOOL_DURATION_S,
+    PROGRAM_SIZE,
+    AGENT,
+    TTL_HINT_S,
+    AGENTIC_CONTEXT,
+)
 
 MAX_ID_CHARS = 256  # a longer program id is ignored
 MAX_TOOL_CHARS = 4000  # a ``tool`` hint is cut to this
@@ -71,6 +83,8 @@ def turn_xargs(
     last_turn: bool | None,
     tool: str | None = None,
     tool_duration_s: float | None = None,
+    program_size: float | None = None,
+    agent: str | None = None,
 ) -> dict[str, Any]:
     """The ``vllm_xargs`` a client sends to name a program's turn (``last_turn`` None: unknown, not sent)."""
     xargs: dict[str, Any] = {PROGRAM_ID: program_id, TURN_INDEX: turn_index}
@@ -80,6 +94,10 @@ def turn_xargs(
         xargs[TOOL] = tool
     if tool_duration_s is not None:
         xargs[TOOL_DURATION_S] = tool_duration_s
+    if program_size is not None:
+        xargs[PROGRAM_SIZE] = program_size
+    if agent:
+        xargs[AGENT] = agent
     return xargs
 
 

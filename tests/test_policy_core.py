@@ -711,3 +711,59 @@ def test_config_errors_are_clear():
     cfg = ServeConfig.from_env({"CTK_POLICY": "oracle", "CTK_MAX_PIN_SHARE": "0.3", "CTK_DETECTORS": "bash"})
     assert (cfg.policy, cfg.max_pin_share, cfg.detectors) == ("oracle", 0.3, ("bash",))
     assert ServeConfig.from_env(cfg.to_env()) == cfg
+
+
+def test_admit_order_size_admits_the_smallest_new_program_first():
+    """``admit_order="size"`` (the admission probe): new programs by the ``program_size`` their first
+    request carries, smallest first; resumed turns first as in ttl's order; the default: arrival order."""
+    for order, expected in (("size", [2, 0, 1]), ("arrival", [2, 1, 0])):
+        c = core(admit_order=order)
+        c.arrived("old-t0", hints("old"), now=0.0)
+        c.admitted("old-t0", 0, now=0.0)
+        c.arrived("big", hints("big", program_size=40.0), now=1.0)
+        c.arrived("small", hints("small", program_size=0.5), now=2.0)
+        c.arrived("old-t1", hints("old", turn_index=1), now=3.0)
+        assert c.order_waiting(["small", "big", "old-t1"], now=4.0) == expected, order
+    assert parse_hints(None, {"program_size": -1}).program_size is None  # ignored, with a warning
+    with pytest.raises(ConfigError):
+        ServeConfig(admit_order="largest").validate()
+
+
+def test_admit_order_agent_predicts_a_new_programs_size_from_its_agents_finished_programs():
+    """``admit_order="agent"``: a new program is sized by the mean work (Σ turn contexts / 1000) of its
+    agent's finished programs, learned online; an agent not seen finishing gets the mean over all agents."""
+    c = core(admit_order="agent")
+    for pid, agent, tokens in (("a1", "big", 9000), ("b1", "small", 500)):
+        c.arrived(f"{pid}-t0", hints(pid, agent=agent), now=0.0)
+        c.admitted(f"{pid}-t0", 0, now=0.0)
+        c.finished(fin(f"{pid}-t0", hints(pid, agent=agent, last_turn=True), tokens=tokens), state(now=1.0))
+    c.arrived("big2", hints("a2", agent="big"), now=2.0)
+    c.arrived("new", hints("c1", agent="unseen"), now=3.0)  # the mean over agents: 4.75
+    c.arrived("small2", hints("b2", agent="small"), now=4.0)
+    assert c.order_waiting(["big2", "new", "small2"], now=5.0) == [2, 1, 0]
+    assert c._agent_sizes.estimate("big") == 9.0
+
+
+def test_admit_round_keeps_one_agents_programs_in_arrival_order_while_its_mean_drifts():
+    from ctk.policy.ordering import AgentSizes
+
+    sizes = AgentSizes(rounded=True)
+    sizes.finished("a", 3.1)
+    first = sizes.estimate("a")
+    sizes.finished("a", 2.9)  # the mean drifts from 3.1 to 3.0: the same power of 2
+    assert first == sizes.estimate("a") == 4.0
+    assert AgentSizes(rounded=False).estimate("a") == 0.0  # nothing finished: 0 (arrival order)
+
+
+def test_resume_order_attained_serves_the_resumed_turn_of_the_least_served_program_first():
+    """``resume_order="attained"``: resumed turns by their program's work so far (Σ turn contexts / 1000),
+    least first; new programs after them by arrival."""
+    c = core(resume_order="attained")
+    for pid, tokens in (("heavy", 9000), ("light", 500)):
+        c.arrived(f"{pid}-t0", hints(pid), now=0.0)
+        c.admitted(f"{pid}-t0", 0, now=0.0)
+        c.finished(fin(f"{pid}-t0", hints(pid), tokens=tokens), state(now=1.0))
+    c.arrived("heavy-t1", hints("heavy", turn_index=1), now=2.0)
+    c.arrived("new", hints("new"), now=2.5)
+    c.arrived("light-t1", hints("light", turn_index=1), now=3.0)
+    assert c.order_waiting(["heavy-t1", "new", "light-t1"], now=4.0) == [2, 0, 1]

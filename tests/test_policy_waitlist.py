@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from ctk.policy.ordering import ProgramOrder, ResumeFirstOrder
+from ctk.policy.ordering import ProgramOrder, ResumeFirstOrder, SizeFirstOrder
 from ctk.policy.waitlist import WaitingList
 
 
@@ -24,7 +24,7 @@ class Model:
         self.pinned: dict[str, bool] = {}
         self.queue: list[str] = []
         self.n = 0
-        self.wl = WaitingList(order_cls.key, self.inputs)
+        self.wl = WaitingList(self.order.key, self.inputs)
         self.wl.rebuild([], 0.0, math.inf)
 
     def inputs(self, rid: str):
@@ -46,6 +46,8 @@ class Model:
             self.first[pid] = now
             self.rank[pid] = len(self.rank) + 1
             self.pinned[pid] = False
+            if isinstance(self.order, SizeFirstOrder) and self.rng.random() < 0.8:  # some without a size
+                self.order.sizes[self.rank[pid]] = self.rng.choice([0.5, 1.0, self.rng.random() * 10])
         else:
             pid = self.rng.choice(sorted(self.first))
         self.arrival[rid] = now
@@ -84,7 +86,7 @@ class Model:
         assert self.queue == expected
 
 
-@pytest.mark.parametrize("order_cls", [ProgramOrder, ResumeFirstOrder])
+@pytest.mark.parametrize("order_cls", [ProgramOrder, ResumeFirstOrder, SizeFirstOrder])
 @pytest.mark.parametrize("bounded", [False, True])
 @pytest.mark.parametrize("seed", range(6))
 def test_incremental_order_is_the_full_sort(order_cls, bounded, seed):

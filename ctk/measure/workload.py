@@ -257,11 +257,20 @@ def load_programs(store: TraceStore, cfg: WorkloadConfig) -> list[ProgramSpec]:
 
 
 def replay_xargs(
-    replay_id: str, turn: TurnSpec, time_scale: float, send_oracle_duration: bool
+    replay_id: str,
+    turn: TurnSpec,
+    time_scale: float,
+    send_oracle_duration: bool,
+    program_size: float | None = None,
+    agent: str | None = None,
 ) -> dict[str, Any]:
     """The ``vllm_xargs`` of a replayed turn (also what the simulator's programs carry): program, turn, last
-    turn, the tool it will run and, for the oracle, the true (scaled) duration."""
+    turn, the tool it will run and, for the oracle, the true (scaled) duration; the caller gives
+    ``program_size`` (the program's true total work, read only by the size-order admission probe; sent with
+    the oracle's durations) and ``agent`` (the agent running it: its size predictor's class) on the
+    program's first request (a trace's turn indices need not start at 0)."""
     duration = None
     if send_oracle_duration and not turn.last_turn:
         duration = round(turn.tool_duration_s * time_scale, 6)
-    return turn_xargs(replay_id, turn.turn_index, turn.last_turn, turn.tool, duration)
+    size = program_size if send_oracle_duration else None
+    return turn_xargs(replay_id, turn.turn_index, turn.last_turn, turn.tool, duration, size, agent)

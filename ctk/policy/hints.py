@@ -3,7 +3,9 @@
 The key names, their order and bounds are the wire contract in :mod:`ctk.wire`. Program = vLLM's
 ``session_id`` (body field, ``X-Session-ID`` header, or ``vllm_xargs.session_id``), else
 ``vllm_xargs.program_id``. Other ``vllm_xargs`` keys: ``turn_index`` (int), ``last_turn`` (bool/int),
-``tool`` (str), ``tool_duration_s`` (float, oracle only), ``kv_retention_ttl_seconds`` (float: a client's TTL
+``tool`` (str), ``tool_duration_s`` (float, oracle only), ``program_size`` (float, the size-order
+admission probe only), ``agent`` (str: the agent running the program, the admission size predictor's class),
+``kv_retention_ttl_seconds`` (float: a client's TTL
 hint, vllm-router's name for it; read by the pin rules as ``ttl_hint_s``). Garbage values are ignored with a
 warning (logged at most once per key and kind), never raised: bad metadata must not crash the engine.
 
@@ -30,12 +32,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ctk.wire import (
+    AGENT,
     AGENTIC_CONTEXT,
     LAST_TURN,
     MAX_CONTEXT_CHARS,
     MAX_ID_CHARS,
     MAX_TOOL_CHARS,
     MAX_TURN_INDEX,
+    PROGRAM_SIZE,
     SESSION_ID,
     TOOL,
     TOOL_DURATION_S,
@@ -58,6 +62,8 @@ class RequestHints:
     tool: str | None = None
     tool_duration_s: float | None = None
     ttl_hint_s: float | None = None  # the client's own TTL for this turn's pin (``kv_retention_ttl_seconds``)
+    program_size: float | None = None  # the program's true total work (admission probe only)
+    agent: str | None = None  # the agent running the program (``agent``: the size predictor's class)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -130,6 +136,14 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
             _warn(TOOL, f"{TOOL}: expected a string, got {type(raw).__name__}", warnings)
 
     duration = _non_negative(xargs, TOOL_DURATION_S, warnings) if TOOL_DURATION_S in xargs else None
+    size = _non_negative(xargs, PROGRAM_SIZE, warnings) if PROGRAM_SIZE in xargs else None
+    agent = None
+    if AGENT in xargs:
+        raw = xargs[AGENT]
+        if isinstance(raw, str) and raw.strip():
+            agent = raw.strip()[:MAX_ID_CHARS]
+        elif not isinstance(raw, str):
+            _warn(AGENT, f"{AGENT}: expected a string, got {type(raw).__name__}", warnings)
     ttl_hint = _non_negative(xargs, TTL_HINT_S, warnings) if TTL_HINT_S in xargs else None
     if ttl_hint is None and ctx:
         ttl_hint = _non_negative(ctx, TTL_HINT_S, warnings)
@@ -143,6 +157,8 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
         tool=tool,
         tool_duration_s=duration,
         ttl_hint_s=ttl_hint,
+        program_size=size,
+        agent=agent,
         warnings=tuple(warnings) if warnings else (),
     )
     return hints

@@ -210,6 +210,75 @@ class ResumeFirstOrder(ProgramOrder):
         return (1 if pinned else 2, arrival, 0, arrival, i)
 
 
+class SizeFirstOrder(ResumeFirstOrder):
+    """:class:`ResumeFirstOrder` with new programs admitted by size (a probe of issue 22's admission wait;
+    ``admit_order="size"``): resumed turns as there; a program's first turn by ``size + aging × first
+    arrival``, smallest first (shortest job first when ``aging`` is 0). The size is what the core registered
+    for the program (:attr:`sizes`, by program rank: the true total work ``program_size`` a benchmark client
+    sends); a program without one goes after every sized one, in program order.
+
+    ``aging`` (seconds of work per second of arrival) bounds the overtaking: a program of size ``S`` arriving
+    at ``t`` is overtaken only by programs arriving before ``t + (S - S') / aging``, so no program waits
+    behind arrivals later than ``max size / aging`` after its own (the key stays fixed while it waits, so the
+    incremental waiting list needs no re-keying by age)."""
+
+    def __init__(self, *args, aging: float = 0.0, attained: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.aging = aging
+        self.sizes: dict[int, float] = {}  # program rank -> its size (registered by the core)
+        #: least attained service for resumed turns (``resume_order="attained"``): program rank -> its work
+        #: so far (kept by the core; fixed while a turn of the program waits). None: resumed turns by arrival.
+        self.attained: dict[int, float] | None = {} if attained else None
+
+    def key(self, arrival: float, first: float | None, pinned: bool, rank: int, i: int) -> tuple:  # type: ignore[override]
+        if first is not None and first < arrival:  # a resumed turn (resumed_turn, inline)
+            if self.attained is not None:
+                return (1 if pinned else 2, self.attained.get(rank, 0.0), 0, arrival, i)
+            return (1 if pinned else 2, arrival, 0, arrival, i)
+        prog_t = arrival if first is None else first
+        size = self.sizes.get(rank) if first is not None else None
+        if size is None:
+            return (4, prog_t, rank, arrival, i)
+        return (3, size + self.aging * prog_t, rank, arrival, i)
+
+
+class AgentSizes:
+    """The size predictor of ``admit_order="agent"``: a new program's size is the mean work of the finished
+    programs of its agent (the ``agent`` hint), learned online from this engine's own programs; an agent with
+    none finished yet gets the mean over every agent's finished programs, and before any finished program
+    every size is 0 (arrival order). A program's work is the sum of its turns' contexts in thousands of
+    tokens (``Σ num_tokens / 1000``: what its prefills and decode attention read), so the estimate needs no
+    cost profile; only the order of the sizes matters unless an ``admit_aging`` weighs them against age.
+
+    With ``rounded`` the estimate is rounded to a power of 2: a mean that drifts as programs finish orders
+    the waiting programs of one agent by when they arrived relative to each finish, not by arrival (equal
+    keys keep program order); rounded, agents whose means differ less than about 2x form one class."""
+
+    __slots__ = ("_sum", "_n", "_all_sum", "_all_n", "rounded")
+
+    def __init__(self, rounded: bool = False) -> None:
+        self.rounded = rounded
+        self._sum: dict[str | None, float] = {}
+        self._n: dict[str | None, int] = {}
+        self._all_sum = 0.0
+        self._all_n = 0
+
+    def estimate(self, agent: str | None) -> float:
+        n, all_n = self._n.get(agent), self._all_n
+        mean = self._sum[agent] / n if n else (self._all_sum / all_n if all_n else 0.0)
+        if not self.rounded or mean <= 0.0:
+            return mean
+        return 2.0 ** round(math.log2(mean))
+
+    def finished(self, agent: str | None, work: float) -> None:
+        if len(self._n) >= 10_000 and agent not in self._n:
+            agent = None  # a bounded table: unseen agents beyond it share one entry
+        self._sum[agent] = self._sum.get(agent, 0.0) + work
+        self._n[agent] = self._n.get(agent, 0) + 1
+        self._all_sum += work
+        self._all_n += 1
+
+
 def resumed_turn(arrival: float, first: float | None) -> bool:
     """A request arriving after its program's first arrival: a turn after a tool call (``first`` None: no
     program). What the resume TTFT reports and what :class:`ResumeFirstOrder` serves first."""

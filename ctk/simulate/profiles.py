@@ -87,6 +87,22 @@ class HardwareProfile:
             + self.decode_seq_s * n_decode
         )
 
+    def program_work_s(self, first_prompt_tokens: int, turns) -> float:
+        """A program's own engine work in a busy batch (its marginal share of the steps): every prompt
+        token it prefills (the first prompt, then each turn's new output and observation: a cached prefix)
+        and every token it decodes, at the linear term's per-token cost at a full token budget, plus each
+        decoded token's attention over its context and its per-sequence term. Tool pauses are not work.
+        The size the admission probe (``admit_order="size"``) orders new programs by."""
+        per_token = self.linear(self.max_num_batched_tokens) / self.max_num_batched_tokens
+        work, context, new = 0.0, first_prompt_tokens, first_prompt_tokens
+        for t in turns:
+            out = t.output_tokens
+            attn = self.attn_decode_s * (context + out / 2)
+            work += per_token * (new + out) + out * (self.decode_seq_s + attn)
+            context += out + t.observation_tokens
+            new = out + t.observation_tokens
+        return work
+
     def prefill_time_s(self, tokens: int) -> float:
         """One request's prefill alone on the engine, in chunks of ``max_num_batched_tokens``."""
         t, done, chunk = 0.0, 0, self.max_num_batched_tokens

@@ -190,6 +190,8 @@ def simulate(
         attach_policy(e, policy, cfg.serve, tables, cost)
     router = make_router(cfg.routing, len(engines))
     clients = make_clients(programs)  # the same program ids under every policy: the same replica per program
+    for c in clients:  # the true size, for the size-order admission probe (admit_order="size")
+        c.size_s = round(profile.program_work_s(c.spec.first_prompt_tokens, c.spec.turns), 6)
     seq = itertools.count()
     arrivals: list[tuple[float, int, Client]] = []  # a request reaches the router
     events: list[tuple[float, int, int, int]] = []  # (time, seq, engine, kind) kind 0: step end, 1: wake

@@ -66,6 +66,7 @@ class Client:
     failed: str | None = None
     replica: int | None = None
     rtt_s: float = 0.0  # the round trip of the current turn (see :meth:`start`)
+    size_s: float | None = None  # the program's true total engine work (sent on its first turn; see run.py)
     _rng: np.random.Generator | None = None
 
     def __post_init__(self) -> None:
@@ -90,7 +91,15 @@ class Client:
     def request(self, arrivals: Arrivals) -> SimRequest:
         """The next turn's request (its hints exactly as ``ctk replay`` sends them)."""
         t = self.spec.turns[self.turn]
-        xargs = replay_xargs(self.replay_id, t, arrivals.time_scale, arrivals.send_oracle_duration)
+        first = self.turn == 0  # the program's size and agent ride on its first request
+        xargs = replay_xargs(
+            self.replay_id,
+            t,
+            arrivals.time_scale,
+            arrivals.send_oracle_duration,
+            self.size_s if first else None,
+            self.spec.source if first else None,
+        )
         hints = parse_hints(self.replay_id, xargs)
         req = SimRequest(
             f"{self.replay_id}-t{self.turn}", self.replay_id, self.context, t.output_tokens, hints
