@@ -87,6 +87,10 @@ def test_router_agentic_context_object_or_json_text():
     # a flat key wins over the same fact in the context
     h = parse_hints("s", {"turn_index": 2, "kv_retention_ttl_seconds": 1, "agentic_context": ctx})
     assert (h.turn_index, h.ttl_hint_s) == (2, 1.0)
+    # the router's agent is the admission order's agent (admit_order=agent), unless the flat key names one
+    assert parse_hints(None, {"agentic_context": {"task_id": "t", "agent_id": " coder "}}).agent == "coder"
+    assert parse_hints(None, {"agent": "swe", "agentic_context": {"agent_id": "coder"}}).agent == "swe"
+    assert parse_hints(None, {"agentic_context": {"task_id": "t", "agent_id": 5}}).agent is None
 
 
 def test_bad_agentic_context_is_ignored_with_a_warning():

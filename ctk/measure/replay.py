@@ -103,7 +103,8 @@ class Replayer:
         k: int,
     ) -> tuple[TurnResult, list[int]]:
         turn = spec.turns[k]
-        xargs = replay_xargs(replay_id, turn, self.cfg.time_scale, self.cfg.send_oracle_duration)
+        agent = spec.source if k == 0 else None  # the agent (the trace source), on the first request
+        xargs = replay_xargs(replay_id, turn, self.cfg.time_scale, self.cfg.send_oracle_duration, agent=agent)
         body = {
             "model": model,
             "prompt": prompt,

@@ -144,6 +144,9 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
             agent = raw.strip()[:MAX_ID_CHARS]
         elif not isinstance(raw, str):
             _warn(AGENT, f"{AGENT}: expected a string, got {type(raw).__name__}", warnings)
+    if agent is None and ctx:  # the router's agent (already checked as part of the program's identity)
+        raw = ctx.get("agent_id")
+        agent = raw.strip()[:MAX_ID_CHARS] or None if isinstance(raw, str) else None
     ttl_hint = _non_negative(xargs, TTL_HINT_S, warnings) if TTL_HINT_S in xargs else None
     if ttl_hint is None and ctx:
         ttl_hint = _non_negative(ctx, TTL_HINT_S, warnings)
