@@ -732,7 +732,7 @@ def test_admit_order_size_admits_the_smallest_new_program_first():
 def test_admit_order_agent_predicts_a_new_programs_size_from_its_agents_finished_programs():
     """``admit_order="agent"``: a new program is sized by the mean work (Σ turn contexts / 1000) of its
     agent's finished programs, learned online; an agent not seen finishing gets the mean over all agents."""
-    c = core(admit_order="agent")
+    c = core(admit_order="agent", admit_round=False)  # the unrounded mean
     for pid, agent, tokens in (("a1", "big", 9000), ("b1", "small", 500)):
         c.arrived(f"{pid}-t0", hints(pid, agent=agent), now=0.0)
         c.admitted(f"{pid}-t0", 0, now=0.0)
@@ -767,3 +767,23 @@ def test_resume_order_attained_serves_the_resumed_turn_of_the_least_served_progr
     c.arrived("new", hints("new"), now=2.5)
     c.arrived("light-t1", hints("light", turn_index=1), now=3.0)
     assert c.order_waiting(["heavy-t1", "new", "light-t1"], now=4.0) == [2, 0, 1]
+
+
+def test_default_admits_new_programs_by_their_agents_learned_size():
+    """ttl's default (``admit_order="agent"``, rounded): once each agent has a finished program, a new program
+    of the smaller agent overtakes an older one of the larger; ``admit_order="arrival"`` keeps arrival order.
+    Without agents (no hint) every program is one agent's: arrival order."""
+    for settings, expected in (({}, [1, 0]), ({"admit_order": "arrival"}, [0, 1])):
+        c = core(**settings)
+        for pid, agent, tokens in (("a1", "big", 9000), ("b1", "small", 500)):
+            c.arrived(f"{pid}-t0", hints(pid, agent=agent), now=0.0)
+            c.admitted(f"{pid}-t0", 0, now=0.0)
+            last = hints(pid, agent=agent, last_turn=True)
+            c.finished(fin(f"{pid}-t0", last, tokens=tokens), state(now=1.0))
+        c.arrived("big2", hints("a2", agent="big"), now=2.0)
+        c.arrived("small2", hints("b2", agent="small"), now=4.0)
+        assert c.order_waiting(["big2", "small2"], now=5.0) == expected, settings
+    c = core()
+    for k in range(3):
+        c.arrived(f"n{k}", hints(f"n{k}"), now=float(k))
+    assert c.order_waiting(["n0", "n1", "n2"], now=5.0) == [0, 1, 2]

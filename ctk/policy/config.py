@@ -50,10 +50,10 @@ class ServeConfig:
     admit_horizon_s: NonNegative = 30.0  # ... a program in a tool call counts this long (0 fill: no gate)
     # ttl / oracle: new programs by arrival, by true size (``program_size``: a probe) or by the mean size of
     # their agent's finished programs (``agent``: learned online)
-    admit_order: Literal["arrival", "size", "agent"] = "arrival"
+    admit_order: Literal["arrival", "size", "agent"] = "agent"
     resume_order: Literal["arrival", "attained"] = "arrival"  # ttl / oracle: resumed turns FCFS, or least
     # attained service first (the program's turn contexts so far: a probe)
-    admit_round: bool = False  # ... by agent: the estimate rounded to a power of 2 (one agent stays FCFS)
+    admit_round: bool = True  # ... by agent: the estimate rounded to a power of 2 (one agent stays FCFS)
     admit_aging: NonNegative = 0.0  # ... by size: key = size + this x first arrival (0: smallest first)
     age_factor: Positive = 1.0  # a waiting request is overdue after age_factor x (FCFS's tail wait) ...
     age_quantile: Share = 0.99  # ... that tail: this quantile of the waits FCFS would give ...
