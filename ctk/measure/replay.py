@@ -103,8 +103,10 @@ class Replayer:
         k: int,
     ) -> tuple[TurnResult, list[int]]:
         turn = spec.turns[k]
-        agent = spec.source if k == 0 else None  # the agent (the trace source), on the first request
-        xargs = replay_xargs(replay_id, turn, self.cfg.time_scale, self.cfg.send_oracle_duration, agent=agent)
+        cfg = self.cfg
+        xargs = replay_xargs(  # the program's agent: its trace source
+            replay_id, turn, cfg.time_scale, cfg.send_oracle_duration, first_turn=k == 0, agent=spec.source
+        )
         body = {
             "model": model,
             "prompt": prompt,

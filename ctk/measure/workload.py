@@ -261,16 +261,19 @@ def replay_xargs(
     turn: TurnSpec,
     time_scale: float,
     send_oracle_duration: bool,
+    *,
+    first_turn: bool = False,
     program_size: float | None = None,
     agent: str | None = None,
 ) -> dict[str, Any]:
     """The ``vllm_xargs`` of a replayed turn (also what the simulator's programs carry): program, turn, last
-    turn, the tool it will run and, for the oracle, the true (scaled) duration; the caller gives
-    ``program_size`` (the program's true total work, read only by the size-order admission probe; sent with
-    the oracle's durations) and ``agent`` (the agent running it: its size predictor's class) on the
-    program's first request (a trace's turn indices need not start at 0)."""
+    turn, the tool it will run and, for the oracle, the true (scaled) duration; on the program's first
+    request (``first_turn``: a trace's turn indices need not start at 0) also ``program_size`` (the
+    program's true total work, read only by the size-order admission probe; sent with the oracle's
+    durations) and ``agent`` (the agent running it: its size predictor's class)."""
     duration = None
     if send_oracle_duration and not turn.last_turn:
         duration = round(turn.tool_duration_s * time_scale, 6)
-    size = program_size if send_oracle_duration else None
+    size = program_size if send_oracle_duration and first_turn else None
+    agent = agent if first_turn else None
     return turn_xargs(replay_id, turn.turn_index, turn.last_turn, turn.tool, duration, size, agent)

@@ -231,10 +231,10 @@ class SizeFirstOrder(ResumeFirstOrder):
         self.attained: dict[int, float] | None = {} if attained else None
 
     def key(self, arrival: float, first: float | None, pinned: bool, rank: int, i: int) -> tuple:  # type: ignore[override]
-        if first is not None and first < arrival:  # a resumed turn (resumed_turn, inline)
-            if self.attained is not None:
-                return (1 if pinned else 2, self.attained.get(rank, 0.0), 0, arrival, i)
-            return (1 if pinned else 2, arrival, 0, arrival, i)
+        if resumed_turn(arrival, first):
+            if self.attained is None:
+                return ResumeFirstOrder.key(arrival, first, pinned, rank, i)
+            return (1 if pinned else 2, self.attained.get(rank, 0.0), 0, arrival, i)
         prog_t = arrival if first is None else first
         size = self.sizes.get(rank) if first is not None else None
         if size is None:

@@ -91,14 +91,14 @@ class Client:
     def request(self, arrivals: Arrivals) -> SimRequest:
         """The next turn's request (its hints exactly as ``ctk replay`` sends them)."""
         t = self.spec.turns[self.turn]
-        first = self.turn == 0  # the program's size and agent ride on its first request
         xargs = replay_xargs(
             self.replay_id,
             t,
             arrivals.time_scale,
             arrivals.send_oracle_duration,
-            self.size_s if first else None,
-            self.spec.source if first else None,
+            first_turn=self.turn == 0,
+            program_size=self.size_s,
+            agent=self.spec.source,
         )
         hints = parse_hints(self.replay_id, xargs)
         req = SimRequest(
