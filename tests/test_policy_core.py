@@ -787,3 +787,26 @@ def test_default_admits_new_programs_by_their_agents_learned_size():
     for k in range(3):
         c.arrived(f"n{k}", hints(f"n{k}"), now=float(k))
     assert c.order_waiting(["n0", "n1", "n2"], now=5.0) == [0, 1, 2]
+
+
+def test_default_admits_a_request_without_a_program_ahead_of_new_agent_programs():
+    """A plain chat request (no program id) is a one-turn program: under the agent order it goes ahead of the
+    new agent programs (it used to wait behind all of them), before any program finished too, behind a resumed
+    turn, and plain requests keep arrival order among themselves."""
+    c = core()
+    c.arrived("chat0", parse_hints(None, None), now=0.5)
+    c.arrived("new0", hints("n0", agent="a"), now=0.6)
+    c.arrived("chat1", parse_hints(None, None), now=0.7)
+    assert c.order_waiting(["new0", "chat1", "chat0"], now=1.0) == [2, 1, 0]  # no size learned yet
+    c.admitted("chat0", 0, now=1.0)
+    c.admitted("new0", 0, now=1.0)
+    c.finished(fin("new0", hints("n0", agent="a", last_turn=True), tokens=4000), state(now=1.5))
+    c.arrived("r-t0", hints("r"), now=2.0)
+    c.admitted("r-t0", 0, now=2.0)
+    c.finished(fin("r-t0", hints("r"), tokens=1000), state(now=2.5))
+    c.arrived("new1", hints("n1", agent="a"), now=3.0)
+    c.arrived("r-t1", hints("r"), now=4.0)  # a resumed turn
+    c.arrived("chat2", parse_hints(None, None), now=5.0)
+    waiting = ["chat1", "new1", "chat2", "r-t1"]
+    assert c.order_waiting(waiting, now=6.0) == [3, 0, 2, 1]
+    assert core(admit_order="arrival").order.key(5.0, None, False, 0, 0)[0] == 3  # the arrival order's class

@@ -117,17 +117,18 @@ def test_size_first_order_admits_new_programs_smallest_first_after_resumed_turns
         WaitingItem(9.0, 9.0, False, 5),  # a new program, size 1
         WaitingItem(8.0, 1.0),  # a resumed turn
         WaitingItem(6.0, 6.0, False, 4),  # an older new program, size 50
-        WaitingItem(7.5, None),  # no program: after every sized new program
+        WaitingItem(7.5, None),  # no program: a one-turn program, ahead of every new program
         WaitingItem(7.0, 7.0, False, 6),  # a new program without a size: after the sized ones
         WaitingItem(8.5, 4.0, True),  # a pinned resumed turn
+        WaitingItem(7.2, None),  # no program, arrived earlier: plain requests keep arrival order
     ]
     sjf = SizeFirstOrder(age_factor=math.inf)
     sjf.sizes.update({5: 1.0, 4: 50.0})
-    assert sjf.order(items, now=10.0)[0] == [5, 1, 0, 2, 4, 3]  # then the unsized ones by time
+    assert sjf.order(items, now=10.0)[0] == [5, 1, 6, 3, 0, 2, 4]  # then the unsized program
     # aging: key = size + aging x first arrival; at 20 s of work per s the older program's 3 s head start
-    # outweighs its 49 s of extra work
+    # outweighs its 49 s of extra work; a plain request's key is its own arrival x aging (size 0)
     aged = SizeFirstOrder(age_factor=math.inf, aging=20.0)
     aged.sizes.update({5: 1.0, 4: 50.0})
-    assert aged.order(items, now=10.0)[0] == [5, 1, 2, 0, 4, 3]
+    assert aged.order(items, now=10.0)[0] == [5, 1, 6, 3, 2, 0, 4]
     # a resumed turn keys as in ResumeFirstOrder, whatever its program's size
     assert sjf.key(8.0, 1.0, False, 4, 0) == ResumeFirstOrder.key(8.0, 1.0, False, 4, 0)

@@ -217,6 +217,10 @@ class SizeFirstOrder(ResumeFirstOrder):
     for the program (:attr:`sizes`, by program rank: the true total work ``program_size`` a benchmark client
     sends); a program without one goes after every sized one, in program order.
 
+    A request without a program id (a plain chat request) is a one-turn program, the smallest job there is:
+    it keys as a new program of size 0, so it goes ahead of every new agent program, after the resumed turns,
+    and plain requests keep arrival order among themselves (stock vLLM's FCFS for a chat-only deployment).
+
     ``aging`` (seconds of work per second of arrival) bounds the overtaking: a program of size ``S`` arriving
     at ``t`` is overtaken only by programs arriving before ``t + (S - S') / aging``, so no program waits
     behind arrivals later than ``max size / aging`` after its own (the key stays fixed while it waits, so the
@@ -235,8 +239,10 @@ class SizeFirstOrder(ResumeFirstOrder):
             if self.attained is None:
                 return ResumeFirstOrder.key(arrival, first, pinned, rank, i)
             return (1 if pinned else 2, self.attained.get(rank, 0.0), 0, arrival, i)
-        prog_t = arrival if first is None else first
-        size = self.sizes.get(rank) if first is not None else None
+        if first is None:  # no program: a one-turn program of size 0 (see the class doc)
+            return (3, self.aging * arrival, 0, arrival, i)
+        prog_t = first
+        size = self.sizes.get(rank)
         if size is None:
             return (4, prog_t, rank, arrival, i)
         return (3, size + self.aging * prog_t, rank, arrival, i)
