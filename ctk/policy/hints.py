@@ -127,23 +127,10 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
     elif ctx and ctx.get("expected_resume") is False:  # the router's way to say "no next turn"
         last = True
 
-    tool = None
-    raw = xargs.get(TOOL)
-    if raw is not None:
-        if isinstance(raw, str) and raw.strip():
-            tool = raw.strip()[:MAX_TOOL_CHARS]
-        elif not (isinstance(raw, str)):
-            _warn(TOOL, f"{TOOL}: expected a string, got {type(raw).__name__}", warnings)
-
+    tool = _label(xargs, TOOL, MAX_TOOL_CHARS, warnings) if TOOL in xargs else None
     duration = _non_negative(xargs, TOOL_DURATION_S, warnings) if TOOL_DURATION_S in xargs else None
     size = _non_negative(xargs, PROGRAM_SIZE, warnings) if PROGRAM_SIZE in xargs else None
-    agent = None
-    if AGENT in xargs:
-        raw = xargs[AGENT]
-        if isinstance(raw, str) and raw.strip():
-            agent = raw.strip()[:MAX_ID_CHARS]
-        elif not isinstance(raw, str):
-            _warn(AGENT, f"{AGENT}: expected a string, got {type(raw).__name__}", warnings)
+    agent = _label(xargs, AGENT, MAX_ID_CHARS, warnings) if AGENT in xargs else None
     if agent is None and ctx:  # the router's agent (already checked as part of the program's identity)
         raw = ctx.get("agent_id")
         agent = raw.strip()[:MAX_ID_CHARS] or None if isinstance(raw, str) else None
@@ -168,6 +155,17 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
 
 
 _new = object.__new__
+
+
+def _label(xargs: Mapping[str, Any], key: str, max_chars: int, warnings: list[str]) -> str | None:
+    """A free-text label (``tool``, ``agent``): the stripped text cut to ``max_chars``; None when blank or
+    null; a value that is not a string warns."""
+    raw = xargs[key]
+    if isinstance(raw, str):
+        return raw.strip()[:max_chars] or None
+    if raw is not None:
+        _warn(key, f"{key}: expected a string, got {type(raw).__name__}", warnings)
+    return None
 
 
 def _agentic_context(raw: Any, warnings: list[str]) -> Mapping[str, Any]:
