@@ -120,3 +120,16 @@ def test_middleware_rewrites_the_body_and_its_length():
     xargs = json.loads(seen["body"])["vllm_xargs"]
     assert json.loads(xargs["agentic_context"]) == {"program_id": "p"}
     assert int(seen["headers"][b"content-length"]) == len(seen["body"])
+
+
+@pytest.mark.parametrize("key", ["tool", "agent"])
+def test_text_labels_are_stripped_cut_and_checked(key):
+    """``tool`` and ``agent`` share one rule: stripped text, cut to its limit; blank is no label; a value
+    that is not a string is ignored with a warning (the request still runs)."""
+    assert getattr(parse_hints(None, {"program_id": "p", key: "  make test \n"}), key) == "make test"
+    assert getattr(parse_hints(None, {"program_id": "p", key: "   "}), key) is None
+    long = parse_hints(None, {"program_id": "p", key: "x" * 5000})
+    assert 0 < len(getattr(long, key)) < 5000 and not long.warnings
+    bad = parse_hints(None, {"program_id": "p", key: 7})
+    assert getattr(bad, key) is None and bad.program_id == "p"
+    assert any(w.startswith(f"{key}: expected a string") for w in bad.warnings)
