@@ -741,7 +741,7 @@ def test_admit_order_agent_predicts_a_new_programs_size_from_its_agents_finished
     c.arrived("new", hints("c1", agent="unseen"), now=3.0)  # the mean over agents: 4.75
     c.arrived("small2", hints("b2", agent="small"), now=4.0)
     assert c.order_waiting(["big2", "new", "small2"], now=5.0) == [2, 1, 0]
-    assert c._agent_sizes.estimate("big") == 9.0
+    assert c._sizing.estimate("big") == 9.0
 
 
 def test_admit_round_keeps_one_agents_programs_in_arrival_order_while_its_mean_drifts():

@@ -48,7 +48,7 @@ from ctk.policy.events import (
     ToolObservation,
 )
 from ctk.policy.hints import RequestHints
-from ctk.policy.ordering import AgentSizes, ResumeFirstOrder, SizeFirstOrder, resumed_turn
+from ctk.policy.ordering import SizeFirstOrder, SizeSource, build_order, resumed_turn
 from ctk.policy.price import MemoryPrice
 from ctk.policy.rules import PinRule
 from ctk.policy.waitlist import WaitingList
@@ -111,25 +111,24 @@ class PolicyCore:
         self._pins_made = 0
         self._returned: dict[str, Pin] = {}  # pins whose program's next request arrived (next_request_id set)
         self.price = MemoryPrice(config.price_decay_s, config.price_tolerance)
-        order_cls, extra = rule.waiting_order, {}
-        probe = config.admit_order != "arrival" or config.resume_order != "arrival"
-        if probe and order_cls is ResumeFirstOrder:  # new programs by size, resumed turns by attained: probes
-            order_cls = SizeFirstOrder
-            extra = {"aging": config.admit_aging, "attained": config.resume_order == "attained"}
-        self.order = order_cls(
+        self.order = build_order(
+            rule.waiting_order,
             config.age_factor if rule.age_bound else math.inf,
             config.age_min_s,
             config.age_quantile,
             min_waits=config.age_min_waits,
-            **extra,
+            admit_order=config.admit_order,
+            resume_order=config.resume_order,
+            admit_aging=config.admit_aging,
+            admit_round=config.admit_round,
         )
-        # program rank -> size, read by the size order's key (None: admission by arrival)
-        self._sizes: dict[int, float] | None = self.order.sizes if order_cls is SizeFirstOrder else None
-        # ... the sizes predicted from each agent's finished programs (else: the program_size hint)
-        by_agent = self._sizes is not None and config.admit_order == "agent"
-        self._agent_sizes = AgentSizes(config.admit_round) if by_agent else None
-        self._attained: dict[int, float] | None = self.order.attained if self._sizes is not None else None
-        self._work = self._agent_sizes is not None or self._attained is not None  # programs' work is kept
+        sized = isinstance(self.order, SizeFirstOrder)
+        # program rank -> size, read by the size order's key, and where sizes come from (None: by arrival)
+        self._sizes: dict[int, float] | None = self.order.sizes if sized else None
+        self._sizing: SizeSource | None = self.order.sizing if sized else None
+        self._attained: dict[int, float] | None = self.order.attained if sized else None
+        # programs' work is kept (a size source learning from it, or least attained service)
+        self._work = (self._sizing is not None and self._sizing.learns) or self._attained is not None
         self.reorders = rule.program_fcfs
         self.gate = rule.gate  # holds back fitting waiting requests (None: never; see may_admit)
         self._strict_needs_returns = not rule.age_bound and rule.strict_needs_returns
@@ -228,12 +227,11 @@ class PolicyCore:
         prog = programs.get(pid)  # (_program, inline: a program seen before)
         if prog is None:
             prog = self._program(pid, now)
-            if self._sizes is not None:
-                if self._agent_sizes is not None:
-                    prog.agent = hints.agent
-                    self._sizes[prog.rank] = self._agent_sizes.estimate(hints.agent)
-                elif hints.program_size is not None:
-                    self._sizes[prog.rank] = hints.program_size
+            if self._sizing is not None:
+                prog.agent = hints.agent
+                size = self._sizing.size_of(hints)
+                if size is not None:
+                    self._sizes[prog.rank] = size
         else:
             programs.move_to_end(pid)
         prog.turns += 1
@@ -318,8 +316,8 @@ class PolicyCore:
                 prog.work += ev.num_tokens / 1000
                 if self._attained is not None:
                     self._attained[prog.rank] = prog.work
-                if hints.last_turn and self._agent_sizes is not None:
-                    self._agent_sizes.finished(prog.agent, prog.work)
+                if hints.last_turn and self._sizing is not None:
+                    self._sizing.finished(prog.agent, prog.work)
             if self.gate is not None:
                 self.gate.finished(prog.program_id, ev.num_tokens, hints.last_turn, state.now)
             old = prog.pin

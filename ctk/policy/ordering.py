@@ -32,8 +32,10 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, insort
 from collections import deque
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Protocol
+
+from ctk.policy.hints import RequestHints
 
 
 class WaitingItem(NamedTuple):
@@ -226,9 +228,13 @@ class SizeFirstOrder(ResumeFirstOrder):
     behind arrivals later than ``max size / aging`` after its own (the key stays fixed while it waits, so the
     incremental waiting list needs no re-keying by age)."""
 
-    def __init__(self, *args, aging: float = 0.0, attained: bool = False, **kwargs):
+    def __init__(
+        self, *args, aging: float = 0.0, attained: bool = False, sizing: SizeSource | None = None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.aging = aging
+        #: where a new program's size comes from (the core asks it at the program's first request)
+        self.sizing: SizeSource = sizing if sizing is not None else HintedSizes()
         self.sizes: dict[int, float] = {}  # program rank -> its size (registered by the core)
         #: least attained service for resumed turns (``resume_order="attained"``): program rank -> its work
         #: so far (kept by the core; fixed while a turn of the program waits). None: resumed turns by arrival.
@@ -248,6 +254,29 @@ class SizeFirstOrder(ResumeFirstOrder):
         return (3, size + self.aging * prog_t, rank, arrival, i)
 
 
+class SizeSource(Protocol):
+    """Where :class:`SizeFirstOrder` gets a new program's size: ``size_of`` its first request's hints (None:
+    unknown, after every sized program); ``finished`` is told each finished program's work (Σ its turns'
+    contexts / 1000) when ``learns``."""
+
+    learns: bool
+
+    def size_of(self, hints: RequestHints) -> float | None: ...
+    def finished(self, agent: str | None, work: float) -> None: ...
+
+
+class HintedSizes:
+    """``admit_order="size"`` (a probe): the true total work a benchmark client sends (``program_size``)."""
+
+    learns = False
+
+    def size_of(self, hints: RequestHints) -> float | None:
+        return hints.program_size
+
+    def finished(self, agent: str | None, work: float) -> None:
+        pass
+
+
 class AgentSizes:
     """The size predictor of ``admit_order="agent"``: a new program's size is the mean work of the finished
     programs of its agent (the ``agent`` hint), learned online from this engine's own programs; an agent with
@@ -261,6 +290,7 @@ class AgentSizes:
     keys keep program order); rounded, agents whose means differ less than about 2x form one class."""
 
     __slots__ = ("_sum", "_n", "_all_sum", "_all_n", "rounded")
+    learns = True
 
     def __init__(self, rounded: bool = False) -> None:
         self.rounded = rounded
@@ -268,6 +298,9 @@ class AgentSizes:
         self._n: dict[str | None, int] = {}
         self._all_sum = 0.0
         self._all_n = 0
+
+    def size_of(self, hints: RequestHints) -> float:
+        return self.estimate(hints.agent)
 
     def estimate(self, agent: str | None) -> float:
         n, all_n = self._n.get(agent), self._all_n
@@ -283,6 +316,43 @@ class AgentSizes:
         self._n[agent] = self._n.get(agent, 0) + 1
         self._all_sum += work
         self._all_n += 1
+
+
+#: ``admit_order`` -> how :class:`SizeFirstOrder` sizes new programs. ``"arrival"`` is not here: the order is
+#: then :class:`ResumeFirstOrder`, or, with ``resume_order="attained"``, a size order by the ``program_size``
+#: hint when a client sends one (the probe as the README measured it) and program order otherwise.
+SIZE_SOURCES: dict[str, Callable[[bool], SizeSource]] = {
+    "size": lambda rounded: HintedSizes(),
+    "agent": lambda rounded: AgentSizes(rounded),
+}
+
+
+def build_order(
+    order_cls: type[ProgramOrder],
+    age_factor: float,
+    age_min_s: float = 0.0,
+    age_quantile: float = 0.99,
+    min_waits: int = 100,
+    admit_order: str = "arrival",
+    resume_order: str = "arrival",
+    admit_aging: float = 0.0,
+    admit_round: bool = True,
+) -> ProgramOrder:
+    """The waiting order a policy core keeps: the rule's ``order_cls``; a :class:`ResumeFirstOrder` that
+    admits new programs by size (``admit_order`` "size" / "agent") or serves resumed turns by attained service
+    (``resume_order="attained"``) is a :class:`SizeFirstOrder` with its size source."""
+    if order_cls is ResumeFirstOrder and (admit_order != "arrival" or resume_order != "arrival"):
+        make_sizing = SIZE_SOURCES.get(admit_order)
+        return SizeFirstOrder(
+            age_factor,
+            age_min_s,
+            age_quantile,
+            min_waits=min_waits,
+            aging=admit_aging,
+            attained=resume_order == "attained",
+            sizing=make_sizing(admit_round) if make_sizing is not None else None,
+        )
+    return order_cls(age_factor, age_min_s, age_quantile, min_waits=min_waits)
 
 
 def resumed_turn(arrival: float, first: float | None) -> bool:
