@@ -22,6 +22,10 @@ from ctk.predict.cost import CONTINUUM_PIN_S
 MSWEA_SOURCE = "tbench1_leaderboard_mini-swe-agent-v1_claude-sonnet-4"
 
 
+#: Short codex-cli programs (USACO tasks, mostly 1-3 turns): the small agent of the ``mixed-agents`` preset.
+CODEX_SOURCE = "tbench1_usaco_adapter_codex-cli_o4-mini"
+
+
 #: A pause longer than Continuum's fixed 2 s pin (the long-tail preset ranks programs by time in these).
 LONG_PAUSE_S = CONTINUUM_PIN_S
 #: The demo's policies: ``progress-ttl`` fits its TTL only after 100 observed gaps, which the demo's 8 short
@@ -97,11 +101,27 @@ def long_tail_config(seed: int = 0) -> CompareConfig:
     return cfg
 
 
+def mixed_agents_config(seed: int = 0) -> CompareConfig:
+    """Two agents, open-loop arrivals: 40 programs of mini-swe-agent (long: up to 14 turns) and codex-cli
+    (short: 2-3 turns), a seeded sample of both sources' multi-turn programs, arriving as a Poisson process at
+    1 program/s with no client-side cap, so new programs queue in the engine and its admission order decides
+    who starts first (``ttl``'s default admits the agent whose finished programs were smaller first; the
+    default preset replays one agent with every program in flight from the start, where the order has
+    nothing to choose)."""
+    cfg = bench_config(full=False, seed=seed)
+    cfg.workload.sources = [MSWEA_SOURCE, CODEX_SOURCE]
+    cfg.workload.n_programs = 40
+    cfg.replay.concurrency = None
+    cfg.replay.rate = 1.0
+    return cfg
+
+
 #: ``bench/policies.py --config NAME``.
 PRESETS: dict[str, Callable[[int], CompareConfig]] = {
     "default": lambda seed: bench_config(full=False, seed=seed),
     "full": lambda seed: bench_config(full=True, seed=seed),
     "long-tail": long_tail_config,
+    "mixed-agents": mixed_agents_config,
 }
 
 
