@@ -3,6 +3,7 @@
     python bench/policies.py                         # default configuration, one round
     python bench/policies.py --rounds 3 --json f.json # every policy 3 times, rotated order, medians
     python bench/policies.py --config long-tail      # unscaled pauses, the programs with the longest ones
+    python bench/policies.py --config mixed-agents   # two agents, Poisson arrivals: the admission order
     python bench/policies.py --factorial             # {stock, oracle pins} x {FCFS, program FCFS}
     python bench/policies.py --both-orders           # ttl and the oracle, strict and age-bounded order
 
@@ -31,7 +32,9 @@ SHARED_TRACES = REPO.parent / "shared" / "data" / "agent-traces"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="default", help="default, full or long-tail (see bench/README.md)")
+    p.add_argument(
+        "--config", default="default", help="default, full, long-tail or mixed-agents (see bench/README.md)"
+    )
     p.add_argument("--full", action="store_true", help="the same as --config full")
     p.add_argument("--rounds", type=int, default=1, help="run every policy this many times (rotated order)")
     p.add_argument("--json", type=Path, help="write the figures keyed by policy to this file")
