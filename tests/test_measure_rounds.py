@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -173,6 +174,32 @@ def test_presets():
     assert demo.workload.n_programs * demo.workload.max_turns < 100
     with pytest.raises(CompareError, match="long-tail"):
         preset("huge")
+    # mixed-agents: two agents' programs arrive open loop, so new programs queue in the engine
+    mixed = preset("mixed-agents")
+    mixed.validate()
+    mixed.replay.validate()
+    assert mixed.replay.concurrency is None and mixed.replay.rate > 0
+    assert len(set(mixed.workload.sources)) == 2 and mixed.workload.n_programs > default.workload.n_programs
+
+
+def test_mixed_agents_preset_replays_both_agents_from_the_shared_traces():
+    from ctk.measure.workload import load_programs
+    from ctk.store import TraceStore
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "agent-traces" / "tool_calls.csv"
+    if not shared.exists():
+        pytest.skip("the shared agent traces are not beside the checkout")
+    import tempfile
+
+    from ctk.datasets.importer import import_paths
+
+    cfg = preset("mixed-agents")
+    with tempfile.TemporaryDirectory() as tmp, TraceStore(Path(tmp) / "t.duckdb") as store:
+        import_paths(store, [shared.parent])
+        programs = load_programs(store, cfg.workload)
+    by_source = {p.source for p in programs}
+    assert by_source == set(cfg.workload.sources), by_source
+    assert len(programs) == cfg.workload.n_programs
 
 
 def test_both_orders_arms_are_valid_and_pair_each_pin_rule_with_both_orders():
