@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -182,20 +181,14 @@ def test_presets():
     assert len(set(mixed.workload.sources)) == 2 and mixed.workload.n_programs > default.workload.n_programs
 
 
-def test_mixed_agents_preset_replays_both_agents_from_the_shared_traces():
+def test_mixed_agents_preset_replays_both_agents_from_the_shared_traces(shared_traces, tmp_path):
+    from ctk.datasets.importer import import_paths
     from ctk.measure.workload import load_programs
     from ctk.store import TraceStore
 
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "agent-traces" / "tool_calls.csv"
-    if not shared.exists():
-        pytest.skip("the shared agent traces are not beside the checkout")
-    import tempfile
-
-    from ctk.datasets.importer import import_paths
-
     cfg = preset("mixed-agents")
-    with tempfile.TemporaryDirectory() as tmp, TraceStore(Path(tmp) / "t.duckdb") as store:
-        import_paths(store, [shared.parent])
+    with TraceStore(tmp_path / "t.duckdb") as store:
+        import_paths(store, [shared_traces])
         programs = load_programs(store, cfg.workload)
     by_source = {p.source for p in programs}
     assert by_source == set(cfg.workload.sources), by_source
