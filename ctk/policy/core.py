@@ -281,7 +281,8 @@ class PolicyCore:
         self._order_len -= 1
         bound = self.order.age_bound_s
         old = self._order_bound
-        if math.isinf(bound) != math.isinf(old) or abs(bound - old) > 0.1 * old:  # inf: not yet measured
+        # (an unmoved bound, inf under strict order, is the usual case: one comparison)
+        if bound != old and (math.isinf(bound) != math.isinf(old) or abs(bound - old) > 0.1 * old):
             self._order_dirty = True
         if pend.program_id is None or self.rule.release_on_next_finish:
             return []

@@ -61,6 +61,9 @@ class EngineView(Protocol):
     slots; none when every slot is taken) and their uncomputed tokens. It is what the memory price charges
     for; a queue that waits for run slots costs a pin nothing.
 
+    A view may answer 0 tokens for a head it knows fits the free memory without summing it (the price is
+    then at rest either way: :meth:`~ctk.policy.price.MemoryPrice.slack`).
+
     ``reusable_tokens(request_id, num_tokens)``: of a finished request's first ``num_tokens`` tokens, how many
     a next turn extending them takes from the prefix cache while its blocks are held (None: every full block).
     ``waiting_changed()``: whether the engine changed its waiting queue since the last call other than by
