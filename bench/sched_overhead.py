@@ -193,10 +193,10 @@ SKIPPABLE = ("step", "finish", "arrival")
 
 def skip_driver_calls(driver, parts: list[str]) -> None:
     """Diagnostics: replace driver calls by no-ops on this instance (``step``, ``finish``, ``arrival``)."""
-    hints = driver.hints
+    tracked = driver.requests
     noops = {
         "step": ("step_begin", lambda now: None),
-        "finish": ("request_finished", lambda request_id, end, now: hints.pop(request_id, None) and False),
+        "finish": ("request_finished", lambda request_id, end, now: tracked.pop(request_id, None) and False),
         "arrival": ("request_added", lambda request_id, h, now: None),
     }
     for part in parts:
