@@ -799,6 +799,10 @@ class VllmDoor:
         self.num_waiting: Callable[[], int] = functools.partial(
             deque.__len__ if isinstance(waiting, deque) else len, waiting
         )
+        # Whether a request id is in the engine already (a streaming update of a known request is not an
+        # arrival): the scheduler's ``requests`` dict, built once in its __init__ and never rebound, asked
+        # through its own C-level ``__contains__`` (no Python frame per arrival).
+        self.is_known: Callable[[str], bool] = scheduler.requests.__contains__
         self._timer = _WakeTimer(weakref.ref(engine_core)) if engine_core is not None else None
 
     # -- EngineView --------------------------------------------------------------------------------------
@@ -906,9 +910,6 @@ class VllmDoor:
     def busy(self) -> bool:
         """Requests wait or run (the engine will step and call ``schedule``)."""
         return self.sched.has_unfinished_requests()
-
-    def is_known(self, request_id: str) -> bool:
-        return request_id in self.sched.requests
 
     def hints(self, request) -> RequestHints:
         sp = request.sampling_params
