@@ -13,6 +13,7 @@ the same schedule (same step count) and the ratio is the plugin's own cost (the 
     .venv/bin/python bench/sched_overhead.py [--model PATH] [--phases 4] [--requests 32] [--outputs real]
                                               [--clock wall|cpu] [--without step,finish,arrival]
     .venv/bin/python bench/sched_overhead.py --scale [--phases 4] [--steps 200] [--by-call]  # GPU scale
+                                              [--workload agents|one-turn]
 
 Prints the per-step scheduler time of both and the ratio ctk / stock of the scheduler time spent on the same
 workload (target: <= 1.02). ctk's cost is per request (metadata, decision at finish), vLLM's per request
@@ -193,10 +194,10 @@ SKIPPABLE = ("step", "finish", "arrival")
 
 def skip_driver_calls(driver, parts: list[str]) -> None:
     """Diagnostics: replace driver calls by no-ops on this instance (``step``, ``finish``, ``arrival``)."""
-    hints = driver.hints
+    tracked = driver.requests
     noops = {
         "step": ("step_begin", lambda now: None),
-        "finish": ("request_finished", lambda request_id, end, now: hints.pop(request_id, None) and False),
+        "finish": ("request_finished", lambda request_id, end, now: tracked.pop(request_id, None) and False),
         "arrival": ("request_added", lambda request_id, h, now: None),
     }
     for part in parts:
@@ -242,6 +243,14 @@ def main() -> None:
     )
     ap.add_argument("--steps", type=int, default=200, help="--scale: measured steps per round")
     ap.add_argument(
+        "--workload",
+        choices=WORKLOADS,
+        default="agents",
+        help="--scale: agents = programs of several turns, each coming back after a tool pause with its "
+        "context extended (resumed turns, pin hits); one-turn = every request a new program (the bench "
+        "before 2026-12-07)",
+    )
+    ap.add_argument(
         "--by-call",
         action="store_true",
         help="--scale diagnostics: per ctk hook, the median time of its first call in a step and of the "
@@ -259,7 +268,9 @@ def main() -> None:
         model_dir, model_file = build_inputs(Path(tmp), args.model)
         if args.scale:
             pins_file = str(build_pin_table(Path(tmp)))
-            return run_scale(model_dir, pins_file, max(2, args.phases), args.steps, 1024, 1024, args.by_call)
+            return run_scale(
+                model_dir, pins_file, max(2, args.phases), args.steps, 1024, 1024, args.by_call, args.workload
+            )
         from vllm import LLM
         from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -351,17 +362,88 @@ SCALE_TARGET_US = 50.0
 SAMPLED_TEXT = '"'
 
 
+WORKLOADS = ("agents", "one-turn")
+
+
+class ScaleWorkload:
+    """``--scale``'s requests. Every request belongs to a program; every fourth request ends in the hinted
+    tool ``make`` (pinned 30 s by :func:`build_pin_table`), the others carry no tool hint (the door decodes
+    their tails for tool-call detection). ``agents``: a program runs 4-20 turns (fewer if its context would
+    pass :data:`MAX_CONTEXT`); a finished turn's program comes back after a tool pause of 0-40 engine steps
+    with its prompt extended by the turn's output and a 64-token observation (a resumed turn: the prefix is
+    cached, or held by its pin), its last turn says so (``last_turn``); new programs keep ``waiting``
+    requests queued. ``one-turn``: each finished request is replaced by a new one-turn program."""
+
+    def __init__(self, make, rng: random.Random, kind: str, waiting: int):
+        self.make, self.rng, self.kind, self.waiting = make, rng, kind, waiting
+        self.made = 0
+        self.programs = 0
+        # request id -> (program, prompt, output tokens, turns left after it)
+        self.turns: dict[str, tuple[str, list[int], int, int]] = {}
+        self.due: dict[int, list] = {}  # engine step -> requests coming back then
+        self.step = 0  # engine steps so far
+
+    def _request(self, program: str, prompt: list[int], left: int):
+        self.made += 1
+        rid, out = f"r{self.made}", self.rng.randrange(40, 400)
+        xargs = {"program_id": program, "tool": "make"} if self.made % 4 == 0 else {"program_id": program}
+        if self.kind == "agents" and left == 0:
+            xargs["last_turn"] = True
+        self.turns[rid] = (program, prompt, out, left)
+        return self.make(rid, prompt, out, extra_args=xargs)
+
+    def new_program(self):
+        self.programs += 1
+        prompt = [self.rng.randrange(10, 1000) for _ in range(256)]
+        left = self.rng.randrange(3, 20) if self.kind == "agents" else 0
+        return self._request(f"p{self.programs}", prompt, left)
+
+    def arrivals(self, finished: list[str], token: int, n_waiting: int) -> list:
+        """The requests to add after an engine step, given the request ids that finished in it and the
+        number of requests now waiting."""
+        self.step += 1
+        step = self.step
+        if self.kind == "one-turn":
+            return [self.new_program() for _ in finished]
+        rng = self.rng
+        for rid in finished:
+            program, prompt, out, left = self.turns.pop(rid)
+            context = prompt + [token] * out + [rng.randrange(10, 1000) for _ in range(64)]
+            if left > 0 and len(context) + 400 <= MAX_CONTEXT:
+                self.due.setdefault(step + rng.randrange(0, 41), []).append((program, context, left - 1))
+        out = [self._request(*turn) for turn in self.due.pop(step, [])]
+        out += [self.new_program() for _ in range(max(0, self.waiting - n_waiting - len(out)))]
+        return out
+
+
+#: ``--scale agents``: a program's context stays under this many tokens (the engine's max_model_len 4,096).
+MAX_CONTEXT = 4000
+#: ``--scale``: engine steps run before the measured ones besides the first admissions (agents: until the
+#: programs' next turns come back after their tool pauses)
+WARM_STEPS = {"agents": 60, "one-turn": 0}
+
+
 def run_scale(
-    model_dir: str, pins_file: str, rounds: int, steps: int, waiting: int, running: int, by_call: bool = False
+    model_dir: str,
+    pins_file: str,
+    rounds: int,
+    steps: int,
+    waiting: int,
+    running: int,
+    by_call: bool = False,
+    workload: str = "agents",
 ) -> None:
     """vLLM's scheduler at H100 scale without a model (``ctk.engine_patch.emulation``): ``running`` requests
     decoding, ``waiting`` more queued (``max_num_seqs`` = ``running``), 8,192 batched tokens, 16-token
-    blocks. Every request belongs to a program; a quarter end in a hinted tool call and are pinned (30 s), so
-    pins are held every step and the waiting demand is read each step; the rest finish without a hint, so
-    tool-call detection decodes their output: every sampled token is :data:`SAMPLED_TEXT`, a character a tool
-    call needs, so the door cannot skip the decode as it does for a tail without any of
-    ``ctk.policy.detect.CALL_CHARS`` (plain text: the cheaper case). Finished requests are replaced (the
-    queue stays full). Stock vLLM's ``Scheduler`` and ``CTKScheduler`` run the same requests in alternating
+    blocks. The requests are :class:`ScaleWorkload`'s (``workload``): every request belongs to a program; a
+    quarter end in a hinted tool call and are pinned (30 s), so pins are held every step and the waiting
+    demand is read each step; the rest finish without a hint, so tool-call detection decodes their output:
+    every sampled token is :data:`SAMPLED_TEXT`, a character a tool call needs, so the door cannot skip the
+    decode as it does for a tail without any of ``ctk.policy.detect.CALL_CHARS`` (plain text: the cheaper
+    case). With ``agents`` (the default) programs come back after tool pauses: resumed turns are placed ahead
+    of new programs and pinned ones hit their pins at admission; ``one-turn`` replaces each finished request
+    by a new program. The queue stays full. Stock vLLM's ``Scheduler`` and ``CTKScheduler`` run the same
+    requests in alternating
     rounds; per step, the time in ``schedule`` + ``update_from_output`` + ``add_request`` outside the free;
     per finish, the time in ``_free_blocks`` (where ctk decides a pin). Prints ctk minus stock (inside the
     noise of a 40 ms CPU step), and ctk's own time in its driver calls and the door's conversions, per step
@@ -396,17 +478,7 @@ def run_scale(
         for name in (("stock", "ctk") if r % 2 == 0 else ("ctk", "stock")):
             cls = Scheduler if name == "stock" else CTKScheduler
             s = em.build_scheduler(cls, cfg, em.kv_layout(200_000, block), block)
-            make = em.RequestMaker(cfg, block)
-            rng = random.Random(r)
-            made = 0
-
-            def new_request(rng=rng, make=make):
-                nonlocal made
-                made += 1
-                prog = f"p{made % 4096}"
-                xargs = {"program_id": prog, "tool": "make"} if made % 4 == 0 else {"program_id": prog}
-                prompt = [rng.randrange(10, 1000) for _ in range(256)]
-                return make(f"r{made}", prompt, rng.randrange(40, 400), extra_args=xargs)
+            load = ScaleWorkload(em.RequestMaker(cfg, block), random.Random(r), workload, waiting)
 
             free_time = [0.0, 0]
             original_free = s._free_blocks
@@ -431,9 +503,13 @@ def run_scale(
                 ):
                     setattr(obj, method, _timed(getattr(obj, method), own, part, calls, method))
             loop = em.EngineLoop(s, token=token)
-            loop.add(new_request() for _ in range(waiting + running))
-            while len(s.running) < running or len(s.waiting) > waiting:  # admissions (prefills) first
+            loop.add(load.new_program() for _ in range(waiting + running))
+            warm = 0
+            while len(s.running) < running or len(s.waiting) > waiting or warm < WARM_STEPS[workload]:
+                n = len(loop.stats.finished)  # admissions (prefills) first; agents: until programs come back
                 loop.step()
+                warm += 1
+                loop.add(load.arrivals(loop.stats.finished[n:], token, len(s.waiting)))
             total = 0.0
             free_time[:] = [0.0, 0]
             own.update(step=0.0, finish=0.0)
@@ -445,11 +521,14 @@ def run_scale(
                     calls.rank.clear()  # a new step: the next call of each hook is its first
                 t0 = time.perf_counter()
                 loop.step()
-                ended = len(loop.stats.finished) - done
-                done += ended
-                for _ in range(ended):
-                    s.add_request(new_request())
-                total += time.perf_counter() - t0
+                finished = loop.stats.finished[done:]
+                done += len(finished)
+                t1 = time.perf_counter()
+                arrivals = load.arrivals(finished, token, len(s.waiting))  # (the bench's own work)
+                t2 = time.perf_counter()
+                for request in arrivals:
+                    s.add_request(request)
+                total += time.perf_counter() - t0 - (t2 - t1)
             if calls is not None:
                 calls.on = False
             per_step[name].append((total - free_time[0]) / steps * 1e6)

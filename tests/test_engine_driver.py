@@ -77,7 +77,7 @@ def test_stock_policy_tracks_nothing_and_keeps_vllm_order(engine_llm, sched, mon
     reorders = _count_calls(monkeypatch, door, "reorder_waiting")
     hints = _count_calls(monkeypatch, door, "hints")
     _run(engine_llm, random.Random(22), 6, program_id="stock", tool=LONG_TTL_KEY)
-    assert reorders[0] == 0 and hints[0] == 0 and sched.ctk_driver.hints == {}
+    assert reorders[0] == 0 and hints[0] == 0 and sched.ctk_driver.requests == {}
     assert sched.ctk.stats.pins_created == 0 and sched.ctk_pinned_request_ids() == []
 
 
@@ -94,7 +94,7 @@ def test_program_order_goes_through_the_request_queue(engine_llm, sched):
         prompt = {"prompt_token_ids": [rng.randrange(10, 4000) for _ in range(50)]}
         eng.add_request(rid, prompt, _params(1, program_id=prog))
     ids = sched.ctk_door.waiting_ids()
-    assert len(ids) == 3 and len(sched.ctk_driver.hints) == 3  # the arrivals went through the driver
+    assert len(ids) == 3 and len(sched.ctk_driver.requests) == 3  # the arrivals went through the driver
     queue.reorder([2, 0, 1])
     assert sched.ctk_door.waiting_ids() == [ids[2], ids[0], ids[1]] and len(queue) == 3
     while eng.has_unfinished_requests():

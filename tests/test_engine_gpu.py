@@ -248,6 +248,41 @@ def test_the_waiting_demand_sums_follow_every_queue_move(engine_llm):
 
 
 @pytest.mark.engine
+def test_the_waiting_demand_is_not_summed_when_free_memory_holds_every_free_slot_s_context(
+    engine_llm, ttl_model_file
+):
+    """While pins are held the door reads the waiting demand every step. When the free KV memory holds a whole
+    context (``max_model_len``) per free run slot, the head fits whatever it holds: 0 tokens, without reading
+    the queue (the price rests either way); with less memory the head is summed."""
+    from ctk.engine_patch import emulation as em
+    from ctk.engine_patch.scheduler import CTKScheduler
+    from ctk.policy.driver import head_demand
+    from ctk.policy.price import MemoryPrice
+
+    settings = {"policy": "ttl", "ttl_model": str(ttl_model_file), "online": False}
+    cfg = em.engine_config(
+        scheduler_of(engine_llm).vllm_config, async_scheduling=False, ctk=settings, max_num_seqs=4
+    )
+    max_len = cfg.model_config.max_model_len
+    make = em.RequestMaker(cfg, GPU_BLOCK)
+    for blocks, summed in ((4 * max_len // GPU_BLOCK + 8, False), (max_len // GPU_BLOCK, True)):
+        s = em.build_scheduler(CTKScheduler, cfg, em.kv_layout(blocks, GPU_BLOCK), GPU_BLOCK)
+        door, queue = s.ctk_door, s.waiting
+        for i in range(6):
+            s.add_request(make(f"d{i}", [7] * (100 + 50 * i), 1, extra_args={"program_id": f"p{i}"}))
+        walked = head_demand((r.num_tokens - r.num_computed_tokens for r in queue), 4)
+        calls: list[int] = []
+        real = queue.head_demand
+        queue.head_demand = lambda slots, real=real, calls=calls: calls.append(slots) or real(slots)
+        n, tokens = door.waiting_demand()
+        free_tokens = door.free_blocks() * door.block_size
+        assert n == 4 and bool(calls) is summed, blocks
+        assert tokens == (walked[1] if summed else 0)
+        # the price's verdict is the same as on the summed demand
+        assert MemoryPrice.slack(n, tokens, free_tokens) == MemoryPrice.slack(*walked, free_tokens)
+
+
+@pytest.mark.engine
 def test_tool_call_detection_decodes_only_the_tail_it_needs(engine_llm, sched_door):
     tok = engine_llm.get_tokenizer()
     decoded: list[int] = []

@@ -615,6 +615,24 @@ def test_oracle_orders_strictly_only_while_its_programs_come_back():
         assert (c.order.age_bound_s < math.inf) is relaxes, policy
 
 
+def test_the_queue_head_is_the_oldest_request_still_waiting_when_a_bound_comes_later():
+    """A strict order keeps no queue of waiting arrivals (nothing is ever overdue); a bound that comes later
+    (relaxed behind a router, or set) reads the head from the requests still waiting, admitted ones not."""
+    c = make_core("ttl", priced_tables())
+    c.price.value = 1e-3
+    for rid, t in (("a", 0.0), ("b", 1.0), ("c", 2.0)):
+        c.arrived(rid, h(rid), now=t)
+    c.admitted("a", 0, now=3.0)
+    c.order.age_bound_s = 10.0
+    r = c.returns.share
+    assert c._charged_price(10.5) == pytest.approx(1e-3 * (1 - r) / r)  # b, not the admitted a, is the head
+    assert c._charged_price(11.5) == pytest.approx(1e-3 / r)  # b overdue
+    c.admitted("b", 0, now=11.6)
+    c.arrived("d", h("d"), now=11.7)
+    assert c._charged_price(11.8) == pytest.approx(1e-3 * (1 - r) / r)  # then c (arrived at 2 s) ...
+    assert c._charged_price(12.5) == pytest.approx(1e-3 / r)  # ... kept as arrivals and admissions go on
+
+
 def test_a_request_ending_while_it_waits_leaves_the_queue():
     """A request that ends before its admission (not aborted: e.g. refused by the engine) must not stay the
     queue's head, or every later pin would be charged as if an overdue request waited behind it."""

@@ -158,7 +158,7 @@ class CTKSchedulerMixin:
         if driver.held:
             self.ctk_door.arm_valve()
         out = self._ctk_schedule(throttle_prefills)
-        if out.scheduled_new_reqs and driver.hints:
+        if out.scheduled_new_reqs and driver.requests:
             driver.step_end(self.ctk_door.admissions(out), now)
         return out
 
@@ -173,7 +173,7 @@ class CTKSchedulerMixin:
 
     def _free_blocks(self, request) -> None:
         driver = self.ctk_driver
-        if driver.hints and driver.request_finished(
+        if driver.requests and driver.request_finished(
             request.request_id, self.ctk_door.end_of(request), _now()
         ):
             return  # pinned: the door holds the blocks (the request left ``requests``)

@@ -778,6 +778,8 @@ class VllmDoor:
         self._step_blocks = len(managers) * (
             -(-budget // self.block_size) + scheduler.max_num_active_reqs * per_slot
         )
+        #: the most uncomputed tokens one waiting request can ask for (its whole context)
+        self._max_request_tokens: int = scheduler.vllm_config.model_config.max_model_len
         self._tokenizer = None
         self._decoder = None  # the tokenizer's Rust decode, when it gives the tokenizer's own text
         self._bytes: tuple[bytes, ...] | None = None  # byte_table (None: the tokenizer's decode)
@@ -797,6 +799,10 @@ class VllmDoor:
         self.num_waiting: Callable[[], int] = functools.partial(
             deque.__len__ if isinstance(waiting, deque) else len, waiting
         )
+        # Whether a request id is in the engine already (a streaming update of a known request is not an
+        # arrival): the scheduler's ``requests`` dict, built once in its __init__ and never rebound, asked
+        # through its own C-level ``__contains__`` (no Python frame per arrival).
+        self.is_known: Callable[[str], bool] = scheduler.requests.__contains__
         self._timer = _WakeTimer(weakref.ref(engine_core)) if engine_core is not None else None
 
     # -- EngineView --------------------------------------------------------------------------------------
@@ -834,11 +840,17 @@ class VllmDoor:
     def waiting_demand(self) -> tuple[int, int]:
         """(requests, uncomputed tokens) of the waiting requests vLLM would admit next if memory allowed:
         the head of the queue, one per free run slot (``max_num_active_reqs``). ctk's own queue keeps running
-        sums (two reads a step); vLLM's priority queue is walked (at most one request per free slot)."""
+        sums (two reads a step); vLLM's priority queue is walked (at most one request per free slot). When
+        the free memory holds as many whole contexts (``max_model_len``) as there are free slots, the tokens
+        are answered as 0 without reading the queue: the demand is covered either way (``EngineView``)."""
         sched = self.sched
         slots = sched.max_num_active_reqs - len(sched.running)
         if slots <= 0:  # every run slot taken: memory keeps nobody out (head_demand's answer, without a walk)
             return 0, 0
+        if slots * self._max_request_tokens <= self.free_blocks() * self.block_size:
+            # the head fits the free memory whatever it holds: 0 tokens, the price's slack either way, without
+            # reading the requests (cold after vLLM's step)
+            return min(slots, len(self._waiting)), 0
         if self.reorders_waiting:
             return self._waiting.head_demand(slots)
         uncomputed = (r.num_tokens - r.num_computed_tokens for r in self._waiting)
@@ -898,9 +910,6 @@ class VllmDoor:
     def busy(self) -> bool:
         """Requests wait or run (the engine will step and call ``schedule``)."""
         return self.sched.has_unfinished_requests()
-
-    def is_known(self, request_id: str) -> bool:
-        return request_id in self.sched.requests
 
     def hints(self, request) -> RequestHints:
         sp = request.sampling_params

@@ -81,6 +81,8 @@ class Pending:
     arrival: float
     hints: RequestHints
     admitted: bool = False
+    #: its program (kept while a request of it is pending: a program with pending requests is never trimmed)
+    program: Program | None = None
 
 
 class PolicyCore:
@@ -132,7 +134,10 @@ class PolicyCore:
         self.reorders = rule.program_fcfs
         self.gate = rule.gate  # holds back fitting waiting requests (None: never; see may_admit)
         self._strict_needs_returns = not rule.age_bound and rule.strict_needs_returns
-        self._queue: dict[str, float] = {}  # waiting (not yet admitted) request id -> arrival, oldest first
+        # waiting (not yet admitted) request id -> arrival, oldest first: the head's age, read only under an
+        # age bound. None until first read with a finite bound (strict order never reads it: nothing is
+        # overdue), then built from ``requests`` (arrival order) and kept (_head_overdue)
+        self._queue: dict[str, float] | None = None
         self._charging = False  # the price was last charged to the held pins (the queue's head is overdue)
         self.returns = ReturnShare()
         self.contention = BudgetContention()
@@ -212,11 +217,12 @@ class PolicyCore:
         if hints.warnings:
             self.stats.ignored_metadata += 1
         pid = hints.program_id
-        self.requests[request_id] = Pending(pid, now, hints)
+        self.requests[request_id] = pend = Pending(pid, now, hints)
         reorders = self.reorders
         if reorders:
             self.order.arrived(now)
-            self._queue[request_id] = now
+            if self._queue is not None:
+                self._queue[request_id] = now
         if pid is None:
             if reorders:
                 self.waitlist.add(request_id, (now, None, False, 0))  # (_order_inputs's answer)
@@ -234,6 +240,7 @@ class PolicyCore:
                     self._sizes[prog.rank] = size
         else:
             programs.move_to_end(pid)
+        pend.program = prog
         prog.turns += 1
         prog.pending.add(request_id)
         prog.done = False
@@ -276,17 +283,19 @@ class PolicyCore:
         pend.admitted = True
         if self.reorders:
             self.order.admitted(now)
-            self._queue.pop(request_id, None)
+            if self._queue is not None:
+                self._queue.pop(request_id, None)
         # Leaving the queue keeps the order of the others; only a moved age bound makes it stale.
         self._order_len -= 1
         bound = self.order.age_bound_s
         old = self._order_bound
-        if math.isinf(bound) != math.isinf(old) or abs(bound - old) > 0.1 * old:  # inf: not yet measured
+        # (an unmoved bound, inf under strict order, is the usual case: one comparison)
+        if bound != old and (math.isinf(bound) != math.isinf(old) or abs(bound - old) > 0.1 * old):
             self._order_dirty = True
-        if pend.program_id is None or self.rule.release_on_next_finish:
+        prog = pend.program
+        if prog is None or self.rule.release_on_next_finish:
             return []
-        prog = self.programs.get(pend.program_id)
-        pin = prog.pin if prog is not None else None
+        pin = prog.pin
         if pin is None or pin.next_request_id != request_id:
             return []
         # What the engine can reuse of the held blocks (EAGLE/MTP, sliding-window groups: less than every
@@ -309,7 +318,8 @@ class PolicyCore:
         hints = ev.hints
         pid = hints.program_id
         releases: list[Release] = []
-        prog = self.programs.get(pid) if pid is not None else None
+        # (a request the core never saw arrive: its program, if known)
+        prog = pend.program if pend is not None else (self.programs.get(pid) if pid is not None else None)
         if prog is not None:
             prog.pending.discard(ev.request_id)
             if self._work:
@@ -427,7 +437,9 @@ class PolicyCore:
     def _left_unadmitted(self, request_id: str, pend: Pending | None) -> None:
         """A request left the engine before its admission (aborted, or ended while waiting): it leaves the
         waiting queue, and FCFS would not have admitted it either (its arrival is not paired)."""
-        if pend is not None and not pend.admitted and self._queue.pop(request_id, None) is not None:
+        if pend is not None and not pend.admitted and self.reorders:  # (every arrival was queued)
+            if self._queue is not None:
+                self._queue.pop(request_id, None)
             self.order.dropped()
 
     def aborted(self, request_id: str, now: float) -> list[Release]:
@@ -440,8 +452,8 @@ class PolicyCore:
         own = self.pins.get(request_id)
         if own is not None:
             out.append(self._release(own, ReleaseReason.ABORT))
-        if pend is not None and pend.program_id is not None:
-            prog = self.programs.get(pend.program_id)
+        if pend is not None:
+            prog = pend.program
             if prog is not None:
                 prog.pending.discard(request_id)
                 prog.last_finish = None
@@ -491,8 +503,14 @@ class PolicyCore:
 
     def _head_overdue(self, now: float) -> bool:
         """The oldest waiting request has waited the age bound: it goes before any pinned program's return."""
-        for arrival in self._queue.values():
-            return now - arrival >= self.order.age_bound_s
+        bound = self.order.age_bound_s
+        if bound == math.inf:
+            return False
+        queue = self._queue
+        if queue is None:  # the first read under a bound (see __init__)
+            queue = self._queue = {rid: p.arrival for rid, p in self.requests.items() if not p.admitted}
+        for arrival in queue.values():
+            return now - arrival >= bound
         return False
 
     def _charged_price(self, now: float) -> float:
@@ -631,7 +649,7 @@ class PolicyCore:
         bound = self.order.age_bound_s
         if self.rule.valve_last_resort or pend.program_id is None or not self._resume_valve_open():
             return bound
-        prog = self.programs.get(pend.program_id)
+        prog = pend.program
         if prog is None or not resumed_turn(pend.arrival, prog.first_arrival):
             return bound
         return min(bound, self.order.bound_for(self.config.age_factor))
@@ -657,7 +675,7 @@ class PolicyCore:
         keys = []
         for i, rid in enumerate(request_ids):
             pend = self.requests.get(rid)
-            prog = self.programs.get(pend.program_id) if pend is not None and pend.program_id else None
+            prog = pend.program if pend is not None else None
             first = (
                 prog.first_arrival if prog is not None else (pend.arrival if pend is not None else math.inf)
             )
@@ -678,7 +696,7 @@ class PolicyCore:
         pend = self.requests.get(request_id)
         if pend is None:
             return None
-        prog = self.programs.get(pend.program_id) if pend.program_id is not None else None
+        prog = pend.program
         if prog is None:
             return (pend.arrival, None, False, 0)
         return (pend.arrival, prog.first_arrival, prog.pin is not None, prog.rank)

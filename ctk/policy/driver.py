@@ -28,10 +28,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ctk.policy.events import EngineState, Finished, Release
 from ctk.policy.hints import RequestHints
+
+if TYPE_CHECKING:
+    from ctk.policy.core import Pending
 
 _new = object.__new__
 
@@ -60,6 +63,9 @@ class EngineView(Protocol):
     engine would admit next if memory allowed (the head of the waiting queue, as many as it has free run
     slots; none when every slot is taken) and their uncomputed tokens. It is what the memory price charges
     for; a queue that waits for run slots costs a pin nothing.
+
+    A view may answer 0 tokens for a head it knows fits the free memory without summing it (the price is
+    then at rest either way: :meth:`~ctk.policy.price.MemoryPrice.slack`).
 
     ``reusable_tokens(request_id, num_tokens)``: of a finished request's first ``num_tokens`` tokens, how many
     a next turn extending them takes from the prefix cache while its blocks are held (None: every full block).
@@ -113,7 +119,8 @@ class PolicyDriver:
         self.core = core
         self.view = view
         self.held: set[str] = set()  # request ids whose blocks the engine keeps for a pin
-        self.hints: dict[str, RequestHints] = {}  # requests the core tracks (waiting or running)
+        #: the requests the core tracks (waiting or running): its own registry, the one place they are kept
+        self.requests: dict[str, Pending] = core.requests
         self._armed = False  # a wake-up deadline is set on the view
         self._preempt_free_blocks = preempt_order_free_share * view.total_blocks
         self._pins = bool(core.pins_enabled)
@@ -173,7 +180,6 @@ class PolicyDriver:
         """A request entered the engine (not called again for a preempted request coming back)."""
         if not self.tracking:
             return
-        self.hints[request_id] = hints
         releases = self.core.arrived(request_id, hints, now, prompt_tokens)
         if releases:
             self._apply(releases)
@@ -243,12 +249,12 @@ class PolicyDriver:
     def step_end(self, admitted: Iterable[tuple[str, int]], now: float) -> None:
         """After the engine scheduled: ``admitted`` = (request id, prefix-cached tokens) of the requests
         that got KV blocks this step (a preempted request coming back is not a new admission)."""
-        hints, core = self.hints, self.core
+        core = self.core
         for rid, cached in admitted:
-            if rid in hints:  # the core answers a second admission (a preempted request back) with []
-                releases = core.admitted(rid, cached, now)
-                if releases:
-                    self._apply(releases)
+            # (the core answers an unknown request, or a second admission: a preempted one back, with [])
+            releases = core.admitted(rid, cached, now)
+            if releases:
+                self._apply(releases)
 
     def allocation_failed(self, request_id: str, running: bool, now: float) -> bool:
         """The engine could not get blocks for ``request_id`` (``running``: it would preempt; otherwise the
@@ -269,9 +275,10 @@ class PolicyDriver:
     def request_finished(self, request_id: str, end: RequestEnd | None, now: float) -> bool:
         """A request left the engine: ``end`` None = aborted. True when its blocks are now held (the
         engine must not free them; :meth:`EngineView.free_held` releases them later)."""
-        hints = self.hints.pop(request_id, None)
-        if hints is None:
+        pend = self.requests.get(request_id)  # (the core forgets it in finished / aborted)
+        if pend is None:
             return False
+        hints = pend.hints
         core = self.core
         if end is None:
             self._apply(core.aborted(request_id, now))
@@ -326,4 +333,3 @@ class PolicyDriver:
     def shutdown(self, reason) -> None:
         """Release every pin (shutdown, prefix-cache reset, reconfiguration)."""
         self._apply(self.core.release_all(reason))
-        self.hints.clear()
