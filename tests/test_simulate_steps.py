@@ -173,3 +173,16 @@ def test_pooled_measurements_fit_every_point_of_both_and_name_both_runs():
     with pytest.raises(ValueError):
         pool_measurements([fast, other])
 
+
+def test_profile_warnings_flag_a_stale_profile_and_off_decode_windows():
+    """A run whose prefill ran 2.1x the profile's measurement (the profile of 2026-11-30 against the runs of
+    2026-12-07): only prefill work is rescaled, so the decode steps are stale: warned. Decode windows 1.25x
+    the model's time: warned as a fast simulated engine. Inside the bounds: nothing."""
+    from ctk.simulate.step_check import profile_warnings
+
+    assert profile_warnings(1.1, 1.05) == []
+    assert profile_warnings(0.85, 0.9) == []
+    stale = profile_warnings(2.14, 1.25)
+    assert len(stale) == 2 and "re-derive" in stale[0] and "runs fast" in stale[1]
+    assert "runs slow" in profile_warnings(1.0, 0.8)[0]
+    assert len(profile_warnings(0.7)) == 1
