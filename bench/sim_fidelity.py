@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from ctk.simulate.client_timing import load_client_timing
     from ctk.simulate.profiles import PREFILL_TERMS, load_profile
     from ctk.simulate.run import comparison_sim_config, simulate_arm
-    from ctk.simulate.step_check import check_replays
+    from ctk.simulate.step_check import check_replays, profile_warnings
     from ctk.store import TraceStore
 
     t0 = time.monotonic()
@@ -237,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             f"real decode windows / the profile's time for the same steps: "
             f"{step_check['all']['real_over_model']:.2f} (per replay {min(per):.2f}-{max(per):.2f})"
         )
+    # a profile measured on the machine in another state (only prefill work is rescaled), or off on this run
+    warnings = profile_warnings(factor, step_check["all"]["real_over_model"] if step_check else None)
+    for warning in warnings:
+        print(f"warning: {warning}")
     with TraceStore(db, read_only=True) as store:
         programs = load_programs(store, cfg.workload)
     tables = None
@@ -326,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         "profile": prof.name,
         "speed_factor": factor,
         "step_check": step_check,
+        "profile_warnings": warnings,
         "client_timing": timing.summary() if timing is not None else None,
         "ttl_model": str(ttl_model) if ttl_model else None,
         "wall_s": time.monotonic() - t0,

@@ -151,3 +151,38 @@ def test_decode_window_check_compares_a_replays_decode_time_with_the_profile():
     assert res["batch"] == pytest.approx(2.0) and res["real_over_model"] == pytest.approx(1.0)
     both = check_replays([alone, slow], prof.step_s)
     assert both["all"]["real_over_model"] == pytest.approx(1.5)
+
+
+def test_pooled_measurements_fit_every_point_of_both_and_name_both_runs():
+    """``derive cpu-fit``: two measurements of the same server pooled fit one step model to the points of both
+    (two noisy runs averaged, not the first one's points alone); two servers cannot be pooled."""
+    from ctk.simulate.derive import pool_measurements
+    from ctk.simulate.steps import fit_steps
+
+    fast = measurement(grid(TRUE))
+    slow = measurement(grid({**TRUE, "step_overhead_s": 0.003}))
+    slow["measured_unix_s"] = 2.0
+    pooled = pool_measurements([fast, slow])
+    assert len(pooled["steps"]) == 2 * len(fast["steps"])
+    prof = HardwareProfile.from_dict(cpu_profile(pooled))
+    alone = fit_steps([StepPoint(**p) for p in fast["steps"]])["step_overhead_s"]
+    assert alone == pytest.approx(0.002, rel=1e-3)
+    assert 0.0022 < prof.step_overhead_s < 0.0028  # between the two runs' overheads
+    assert "2 runs" in prof.sources["measurement"] and "unix time 1, 2" in prof.sources["measurement"]
+    other = {**slow, "server_args": ["--max-num-seqs", "16"]}
+    with pytest.raises(ValueError):
+        pool_measurements([fast, other])
+
+
+def test_profile_warnings_flag_a_stale_profile_and_off_decode_windows():
+    """A run whose prefill ran 2.1x the profile's measurement (the profile of 2026-11-30 against the runs of
+    2026-12-07): only prefill work is rescaled, so the decode steps are stale: warned. Decode windows 1.25x
+    the model's time: warned as a fast simulated engine. Inside the bounds: nothing."""
+    from ctk.simulate.step_check import profile_warnings
+
+    assert profile_warnings(1.1, 1.05) == []
+    assert profile_warnings(0.85, 0.9) == []
+    stale = profile_warnings(2.14, 1.25)
+    assert len(stale) == 2 and "re-derive" in stale[0] and "runs fast" in stale[1]
+    assert "runs slow" in profile_warnings(1.0, 0.8)[0]
+    assert len(profile_warnings(0.7)) == 1

@@ -1,8 +1,9 @@
 """How the bundled profiles were made. GPU: Vidur's measured operator times + a roofline for the rest.
-CPU: one short run of the real engine on this machine (prefill, decode and mixed steps).
+CPU: short runs of the real engine on this machine (prefill, decode and mixed steps), one or several pooled.
 
     python -m ctk.simulate.derive gpu /path/to/vidur/git-dir  # rewrites ctk/simulate/profiles/h100*.json
     python -m ctk.simulate.derive cpu [work-dir]              # measures ctk serve, rewrites cpu--tiny.json
+    python -m ctk.simulate.derive cpu-fit a/cpu_measure.json b/cpu_measure.json   # refits it, pooled
 
 Vidur (github.com/microsoft/vidur, ``data/profiling/compute/<gpu>/<model>/mlp.csv``) measured the
 per-layer non-attention operators (QKV / output projections, MLP, norms, rope, residual adds) of
@@ -210,19 +211,30 @@ def measure_cpu(work_dir: Path) -> dict:
 PROFILES = Path(__file__).parent / "profiles"
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("gpu", "cpu") or (argv[0] == "gpu" and len(argv) < 2):
-        print(__doc__)
-        return 2
-    if argv[0] == "gpu":
-        write_gpu_profiles(Path(argv[1]))
-        return 0
+def pool_measurements(measures: list[dict]) -> dict:
+    """Several :func:`measure_cpu` results of the same server as one: their step points pooled (two runs 20
+    minutes apart on this machine fitted decode steps 4-14% apart); the
+    prefill profile, server info and round trip of the first."""
+    if not measures:
+        raise ValueError("no measurement to pool")
+    first = measures[0]
+    for m in measures[1:]:
+        if m["server_args"] != first["server_args"] or m["info"].get("num_gpu_blocks") != first["info"].get(
+            "num_gpu_blocks"
+        ):
+            raise ValueError("measurements of different servers cannot be pooled")
+    times = [t for m in measures for t in (m.get("measured_unix_s_all") or [m.get("measured_unix_s")]) if t]
+    return {
+        **first,
+        "steps": [p for m in measures for p in m["steps"]],
+        "measured_unix_s": times[0] if times else None,
+        "measured_unix_s_all": times,
+    }
+
+
+def write_cpu_profile(measure: dict) -> None:
     from ctk.simulate.profiles import HardwareProfile
 
-    work = Path(argv[1]) if len(argv) > 1 else Path("out/simulate-cpu-profile")
-    measure = measure_cpu(work)
-    (work / "cpu_measure.json").write_text(json.dumps(measure, indent=1))
     prof = cpu_profile(measure)
     path = PROFILES / "cpu--tiny.json"
     path.write_text(json.dumps(prof, indent=1) + "\n")
@@ -234,13 +246,31 @@ def main(argv: list[str] | None = None) -> int:
             f"  {p['kind']:<7} prefill {p['prefill_tokens']:>5} decode {p['n_decode']} x ctx "
             f"{p['decode_ctx']:>5}: measured {p['step_s'] * 1e3:6.2f} ms, model {est * 1e3:6.2f} ms"
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("gpu", "cpu", "cpu-fit") or (argv[0] != "cpu" and len(argv) < 2):
+        print(__doc__)
+        return 2
+    if argv[0] == "gpu":
+        write_gpu_profiles(Path(argv[1]))
+        return 0
+    if argv[0] == "cpu-fit":
+        write_cpu_profile(pool_measurements([json.loads(Path(a).read_text()) for a in argv[1:]]))
+        return 0
+    work = Path(argv[1]) if len(argv) > 1 else Path("out/simulate-cpu-profile")
+    measure = measure_cpu(work)
+    (work / "cpu_measure.json").write_text(json.dumps(measure, indent=1))
+    write_cpu_profile(measure)
     return 0
 
 
 def cpu_profile(measure: dict, max_model_len: int = 6144) -> dict:
-    """The tiny CPU model's profile from one real-server measurement (:func:`measure_cpu`): the step model
-    fitted to the measured decode, prefill and mixed steps (:func:`ctk.simulate.steps.fit_steps`); the
-    round trip from ``ctk profile``'s shortest prompt."""
+    """The tiny CPU model's profile from a real-server measurement (:func:`measure_cpu`, or several of the
+    same server pooled by :func:`pool_measurements`): the step model fitted to the measured decode, prefill
+    and mixed steps (:func:`ctk.simulate.steps.fit_steps`); the round trip from ``ctk profile``'s shortest
+    prompt."""
     from ctk.simulate.profiles import HardwareProfile
     from ctk.simulate.steps import StepPoint, fit_steps
 
@@ -248,7 +278,9 @@ def cpu_profile(measure: dict, max_model_len: int = 6144) -> dict:
     points = [StepPoint(**p) for p in measure["steps"]]
     fit = fit_steps(points)
     chunk = 2048  # vLLM 0.32 CPU default max_num_batched_tokens (OpenAI server, 1 worker)
-    when = measure.get("measured_unix_s")
+    whens = measure.get("measured_unix_s_all") or [measure.get("measured_unix_s")]
+    when = ", ".join(f"{t:.0f}" for t in whens if t) or "?"
+    runs = "one run" if len(whens) < 2 else f"{len(whens)} runs (step points pooled)"
     prof = {
         "name": "cpu--tiny",
         "hardware": "cpu",
@@ -267,9 +299,9 @@ def cpu_profile(measure: dict, max_model_len: int = 6144) -> dict:
         "rtt_s": 0.0,
         "sources": {
             "measurement": (
-                "one run of `ctk serve` (vLLM 0.32.0 CPU, policy vllm) on the tiny model "
+                f"{runs} of `ctk serve` (vLLM 0.32.0 CPU, policy vllm) on the tiny model "
                 f"(ctk.engine_patch.serve.tiny_model) with {' '.join(measure['server_args'])}, on this "
-                "2-core machine (noisy), unix time " + (f"{when:.0f}" if when else "?")
+                f"2-core machine (noisy), unix time {when}"
             ),
             "kv_blocks": "the server's num_gpu_blocks minus vLLM's null block; block_size: the server's",
             "step_overhead_s / linear_s / attn_prefill_s / attn_decode_s / decode_seq_s": (

@@ -108,3 +108,31 @@ def check_replays(replays: Iterable[dict], step_s) -> dict[str, dict[str, float]
             model += res["model_s"]
     out["all"] = {"real_over_model": real / model if model else float("nan")}
     return out
+
+
+#: A run whose prefill ran this much slower (or faster) than the profile's measurement: the machine (or its
+#: install) is not in the state the profile was measured in. The run's prefill speed rescales only prefill
+#: work; decode steps (most of an agent run's steps: overhead, per-sequence work) keep the profile's speed,
+#: and on 2026-12-07 a profile measured when prefill ran 2.1x faster put them 1.25x too fast.
+STALE_SPEED_FACTOR = 1.25
+#: Decode windows this far from the profile's time (real / model): the step model is off on this run.
+DECODE_WINDOW_TOLERANCE = 0.15
+
+
+def profile_warnings(speed_factor: float, real_over_model: float | None = None) -> list[str]:
+    """What a fidelity run should say about its step model: the run's prefill speed factor against the
+    profile's measurement (:meth:`~ctk.simulate.profiles.HardwareProfile.speed_factor`) and the replays'
+    decode windows over the model's time (:func:`check_replays`' ``all``)."""
+    out = []
+    if not 1 / STALE_SPEED_FACTOR <= speed_factor <= STALE_SPEED_FACTOR:
+        out.append(
+            f"the run's prefill ran {speed_factor:.2f}x the profile's measurement: the profile was measured "
+            "on this machine in another state, and only prefill work is rescaled, not decode steps; "
+            "re-derive it (python -m ctk.simulate.derive cpu)"
+        )
+    if real_over_model is not None and abs(real_over_model - 1) > DECODE_WINDOW_TOLERANCE:
+        out.append(
+            f"the real decode windows ran {real_over_model:.2f}x the profile's time for the same steps: "
+            "the simulated engine runs " + ("fast" if real_over_model > 1 else "slow")
+        )
+    return out
