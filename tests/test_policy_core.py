@@ -790,14 +790,20 @@ def test_default_admits_new_programs_by_their_agents_learned_size():
 
 
 def test_default_admits_a_request_without_a_program_ahead_of_new_agent_programs():
-    """A plain chat request (no program id) is a one-turn program: under the agent order it goes ahead of the
-    new agent programs (it used to wait behind all of them), before any program finished too, behind a resumed
-    turn, and plain requests keep arrival order among themselves."""
+    """A plain chat request (no program id) is a one-turn program of size 0: under the agent order it goes
+    ahead of the new agent programs (it used to wait behind all of them) that arrived less than their size /
+    ``admit_aging`` before it, behind a resumed turn, and plain requests keep arrival order among themselves.
+    Before any program finished every size is 0: arrival order (``admit_aging`` 0: plain requests first)."""
+    for aging, expected in ((None, [2, 0, 1]), (0.0, [2, 1, 0])):  # no size learned yet
+        c0 = core() if aging is None else core(admit_aging=aging)
+        c0.arrived("chat0", parse_hints(None, None), now=0.5)
+        c0.arrived("new0", hints("n0", agent="a"), now=0.6)
+        c0.arrived("chat1", parse_hints(None, None), now=0.7)
+        assert c0.order_waiting(["new0", "chat1", "chat0"], now=1.0) == expected
     c = core()
     c.arrived("chat0", parse_hints(None, None), now=0.5)
     c.arrived("new0", hints("n0", agent="a"), now=0.6)
     c.arrived("chat1", parse_hints(None, None), now=0.7)
-    assert c.order_waiting(["new0", "chat1", "chat0"], now=1.0) == [2, 1, 0]  # no size learned yet
     c.admitted("chat0", 0, now=1.0)
     c.admitted("new0", 0, now=1.0)
     c.finished(fin("new0", hints("n0", agent="a", last_turn=True), tokens=4000), state(now=1.5))

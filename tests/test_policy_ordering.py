@@ -132,3 +132,43 @@ def test_size_first_order_admits_new_programs_smallest_first_after_resumed_turns
     assert aged.order(items, now=10.0)[0] == [5, 1, 6, 3, 2, 0, 4]
     # a resumed turn keys as in ResumeFirstOrder, whatever its program's size
     assert sjf.key(8.0, 1.0, False, 4, 0) == ResumeFirstOrder.key(8.0, 1.0, False, 4, 0)
+
+
+def test_default_admit_aging_bounds_how_long_a_stream_of_smaller_agents_programs_overtakes_a_large_one():
+    """Smallest agent first starves the largest agent while smaller programs keep arriving faster than the
+    engine admits them: with ``admit_aging`` 0 a large program waits as long as the stream lasts. ttl's
+    default order (built from ``ServeConfig()``'s settings; the agents' means as the traces' terminal-bench
+    and usaco programs teach them: 104 and 7 thousand context tokens, rounded to 128 and 8) admits it once
+    the smaller programs still arriving are more than ``(128 - 8) / admit_aging`` seconds younger."""
+    from ctk.policy.config import ServeConfig
+    from ctk.policy.ordering import build_order
+
+    cfg = ServeConfig()
+
+    def admitted_at(aging: float, horizon: int = 20_000) -> int | None:
+        order = build_order(
+            ResumeFirstOrder,
+            math.inf,  # ttl's strict order (no age bound)
+            admit_order=cfg.admit_order,
+            admit_aging=aging,
+            admit_round=cfg.admit_round,
+        )
+        assert isinstance(order, SizeFirstOrder)
+        order.sizing.finished("large", 104.4)
+        order.sizing.finished("small", 7.0)
+        order.sizes[0] = order.sizing.estimate("large")  # the large program, rank 0, arrives at 0
+        waiting = {0: WaitingItem(0.0, 0.0, False, 0)}
+        for t in range(1, horizon):  # a small program arrives each second; the engine admits one a second
+            order.sizes[t] = order.sizing.estimate("small")
+            waiting[t] = WaitingItem(float(t), float(t), False, t)
+            items = list(waiting.values())
+            head = items[order.order(items, now=float(t))[0][0]].program_rank
+            del waiting[head]
+            if head == 0:
+                return t
+        return None
+
+    assert (admitted_at(0.0), admitted_at(0.0, horizon=40_000)) == (None, None)  # shortest first: never
+    assert cfg.admit_aging > 0
+    bound = (128 - 8) / cfg.admit_aging
+    assert admitted_at(cfg.admit_aging) == pytest.approx(bound, abs=1.5)  # overtaken for (S - S') / aging

@@ -54,7 +54,9 @@ class ServeConfig:
     resume_order: Literal["arrival", "attained"] = "arrival"  # ttl / oracle: resumed turns FCFS, or least
     # attained service first (the program's turn contexts so far: a probe)
     admit_round: bool = True  # ... by agent: the estimate rounded to a power of 2 (one agent stays FCFS)
-    admit_aging: NonNegative = 0.0  # ... by size: key = size + this x first arrival (0: smallest first)
+    # ... by size: key = size + this x first arrival, so a program is overtaken only by programs arriving
+    # within (its size - theirs) / this s of it (0: smallest first, which starves the largest agent)
+    admit_aging: NonNegative = 0.1
     age_factor: Positive = 1.0  # a waiting request is overdue after age_factor x (FCFS's tail wait) ...
     age_quantile: Share = 0.99  # ... that tail: this quantile of the waits FCFS would give ...
     age_min_s: NonNegative = 0.0  # ... but never before this many seconds (0: no floor above stock FCFS)
