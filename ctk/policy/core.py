@@ -77,11 +77,11 @@ class Program:
 
 @dataclass(slots=True)
 class Pending:
-    program_id: str | None
     arrival: float
     hints: RequestHints
     admitted: bool = False
-    #: its program (kept while a request of it is pending: a program with pending requests is never trimmed)
+    #: its program, None without a program id (kept while a request of it is pending: a program with pending
+    #: requests is never trimmed)
     program: Program | None = None
 
 
@@ -217,7 +217,7 @@ class PolicyCore:
         if hints.warnings:
             self.stats.ignored_metadata += 1
         pid = hints.program_id
-        self.requests[request_id] = pend = Pending(pid, now, hints)
+        self.requests[request_id] = pend = Pending(now, hints)
         reorders = self.reorders
         if reorders:
             self.order.arrived(now)
@@ -469,9 +469,9 @@ class PolicyCore:
         rule's admission gate holds back (its program paused); a request admitted before (preempted, coming
         back) or unknown to the core always may."""
         pend = self.requests.get(request_id)
-        if self.gate is None or pend is None or pend.admitted or pend.program_id is None:
+        if self.gate is None or pend is None or pend.admitted or pend.program is None:
             return True
-        return self.gate.may_admit(pend.program_id)
+        return self.gate.may_admit(pend.program.program_id)
 
     def step(self, state: EngineState) -> list[Release]:
         """Once per engine step: expiry, the price update, and re-judgement of held pins (price moved)."""
@@ -647,10 +647,10 @@ class PolicyCore:
         (the real CPU engine: such turns queued 2.2 s against stock's 1.7 s while finishing turns took the
         freed memory as new pins)."""
         bound = self.order.age_bound_s
-        if self.rule.valve_last_resort or pend.program_id is None or not self._resume_valve_open():
-            return bound
         prog = pend.program
-        if prog is None or not resumed_turn(pend.arrival, prog.first_arrival):
+        if self.rule.valve_last_resort or prog is None or not self._resume_valve_open():
+            return bound
+        if not resumed_turn(pend.arrival, prog.first_arrival):
             return bound
         return min(bound, self.order.bound_for(self.config.age_factor))
 
