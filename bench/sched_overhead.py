@@ -351,7 +351,6 @@ def main() -> None:
             print(f"    {hook:20s} {diff:+7.2f}  (stock {stock_us:6.1f})")
 
 
-
 # -- --scale: the hot path at GPU scale (issue 23 item 8 / issue 22 item 6) ---------------------------------
 
 
@@ -475,23 +474,44 @@ def run_scale(
     own_finish: list[float] = []
     calls = _CallRanks() if by_call else None
     for r in range(rounds):
-        for name in (("stock", "ctk") if r % 2 == 0 else ("ctk", "stock")):
+        for name in ("stock", "ctk") if r % 2 == 0 else ("ctk", "stock"):
             cls = Scheduler if name == "stock" else CTKScheduler
             s = em.build_scheduler(cls, cfg, em.kv_layout(200_000, block), block)
             load = ScaleWorkload(em.RequestMaker(cfg, block), random.Random(r), workload, waiting)
 
             free_time = [0.0, 0]
             original_free = s._free_blocks
+            ctx = {"in_free": False, "part": "step"}  # inside vLLM's own free; the ctk call timed now
 
-            def timed_free(request, _orig=original_free, _acc=free_time):
+            def timed_free(request, _orig=original_free, _acc=free_time, _ctx=ctx):
                 t0 = time.perf_counter()
-                _orig(request)
+                _ctx["in_free"] = True
+                try:
+                    _orig(request)
+                finally:
+                    _ctx["in_free"] = False
                 _acc[0] += time.perf_counter() - t0
                 _acc[1] += 1
 
             s._free_blocks = timed_free
             own = {"step": 0.0, "finish": 0.0}  # ctk's own time: its driver calls and the door's conversions
+            # vLLM's free of a pinned request's blocks when its pin ends: the free stock vLLM makes at the
+            # finish, made later. Counted with the frees (per finish), out of the step and of ctk's own time.
+            moved = {"step": 0.0, "finish": 0.0, "n": 0}
             if name == "ctk":
+                original_release = s._free_request_blocks
+
+                def timed_release(request, _orig=original_release, _acc=free_time, _moved=moved, _ctx=ctx):
+                    if _ctx["in_free"]:
+                        return _orig(request)  # inside vLLM's _free_blocks: timed there
+                    t0 = time.perf_counter()
+                    _orig(request)
+                    dt = time.perf_counter() - t0
+                    _acc[0] += dt
+                    _moved[_ctx["part"]] += dt
+                    _moved["n"] += 1
+
+                s._free_request_blocks = timed_release
                 for obj, method, part in (
                     (s.ctk_driver, "step_begin", "step"),
                     (s.ctk_driver, "step_end", "step"),
@@ -501,7 +521,7 @@ def run_scale(
                     (s.ctk_driver, "request_finished", "finish"),
                     (s.ctk_door, "end_of", "finish"),
                 ):
-                    setattr(obj, method, _timed(getattr(obj, method), own, part, calls, method))
+                    setattr(obj, method, _timed(getattr(obj, method), own, part, calls, method, ctx))
             loop = em.EngineLoop(s, token=token)
             loop.add(load.new_program() for _ in range(waiting + running))
             warm = 0
@@ -513,6 +533,7 @@ def run_scale(
             total = 0.0
             free_time[:] = [0.0, 0]
             own.update(step=0.0, finish=0.0)
+            moved.update(step=0.0, finish=0.0, n=0)
             done = len(loop.stats.finished)
             if calls is not None:
                 calls.on = name == "ctk"
@@ -534,13 +555,13 @@ def run_scale(
             per_step[name].append((total - free_time[0]) / steps * 1e6)
             per_finish[name].append(free_time[0] / max(1, free_time[1]) * 1e6)
             if name == "ctk":
-                own_step.append(own["step"] / steps * 1e6)
-                own_finish.append(own["finish"] / max(1, free_time[1]) * 1e6)
+                own_step.append((own["step"] - moved["step"]) / steps * 1e6)
+                own_finish.append((own["finish"] - moved["finish"]) / max(1, free_time[1]) * 1e6)
             held = len(s.ctk_pinned_request_ids()) if name == "ctk" else 0
             print(
                 f"round {r} {name:5s}: {per_step[name][-1]:8.1f} us/step outside frees, "
                 f"{per_finish[name][-1]:6.1f} us/finish ({free_time[1]} finishes, {len(s.running)} running, "
-                f"{len(s.waiting)} waiting, {held} pins held)",
+                f"{len(s.waiting)} waiting, {held} pins held, {moved['n']} held frees)",
                 flush=True,
             )
     step_diff = [c - s for c, s in zip(per_step["ctk"], per_step["stock"], strict=True)]
@@ -590,15 +611,25 @@ class _CallRanks:
         self.times.setdefault((name, first), []).append(dt)
 
 
-def _timed(fn, acc: dict[str, float], part: str, calls: _CallRanks | None = None, name: str = ""):
+def _timed(
+    fn,
+    acc: dict[str, float],
+    part: str,
+    calls: _CallRanks | None = None,
+    name: str = "",
+    ctx: dict | None = None,
+):
     clock = time.perf_counter
+    ctx = {} if ctx is None else ctx
 
     def timed(*args, **kwargs):
+        ctx["part"] = part  # (where vLLM's free of a held request, made inside this call, is subtracted)
         t0 = clock()
         try:
             return fn(*args, **kwargs)
         finally:
             dt = clock() - t0
+            ctx["part"] = "step"
             acc[part] += dt
             if calls is not None:
                 calls.add(name, dt)

@@ -116,15 +116,29 @@ def pair_agreement(rank_real: list[str], rank_sim: list[str]) -> float | None:
     return sum(pos[a] < pos[b] for a, b in pairs) / len(pairs) if pairs else None
 
 
-def round_jcts(runs: list[dict[str, dict]]) -> dict[str, list[float]]:
-    """Per policy, the mean JCT of every real round (a multi-round file keeps its rounds under "rounds")."""
+def round_figures(runs: list[dict[str, dict]], figure: str) -> dict[str, list[float]]:
+    """Per policy, ``figure`` in every real round (a multi-round file keeps its rounds under "rounds")."""
     out: dict[str, list[float]] = {}
     for run in runs:
         for policy, figs in run.items():
             rounds = figs.get("rounds") if isinstance(figs.get("rounds"), list) else [figs]
-            jcts = (r["mean_jct_s"] for r in rounds if r.get("mean_jct_s") is not None)
-            out.setdefault(policy, []).extend(jcts)
+            values = (r[figure] for r in rounds if r.get(figure) is not None)
+            out.setdefault(policy, []).extend(values)
     return out
+
+
+def round_jcts(runs: list[dict[str, dict]]) -> dict[str, list[float]]:
+    """Per policy, the mean JCT of every real round."""
+    return round_figures(runs, "mean_jct_s")
+
+
+def outside_range(value: float | None, rounds: list[float], tolerance: float) -> float | None:
+    """How far ``value`` lies outside the real rounds' range widened by ``tolerance`` (0.0: inside; None:
+    nothing to compare). The rounds of one configuration differ by more than a median's tolerance (ttl's
+    hit rate 0.54-0.69 over three rounds of one run), so a simulated figure is also judged against them."""
+    if value is None or not rounds:
+        return None
+    return max(0.0, min(rounds) - tolerance - value, value - max(rounds) - tolerance)
 
 
 def separated_pairs(jcts: dict[str, list[float]]) -> list[tuple[str, str]]:
@@ -270,13 +284,23 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{'policy':<22} {'mean JCT real':>13} {'sim':>7} {'err':>6}  {'p99 TTFT real':>13} {'sim':>7}  "
         f"{'hit real':>8} {'sim':>6} {'diff':>6}  {'preempt real':>12} {'sim':>5}"
     )
-    jct_ok, hit_ok = True, True
+    jct_ok, hit_ok, hit_in_range = True, True, True
+    hit_rounds = round_figures(real_runs, "hit_rate")
     for policy in cfg.policies:
         r, s = real.get(policy, {}), sim[policy]
         e = errors(r, s)
-        out["policies"][policy] = {"real": r, "sim": s, "error": e}
+        e["hit_rate_outside_real_range"] = outside_range(
+            s["hit_rate"], hit_rounds.get(policy, []), HIT_TOLERANCE
+        )
+        out["policies"][policy] = {
+            "real": r,
+            "sim": s,
+            "error": e,
+            "real_hit_rates": hit_rounds.get(policy, []),
+        }
         jct_ok &= e["mean_jct_s"] is not None and abs(e["mean_jct_s"]) <= JCT_TOLERANCE
         hit_ok &= e["hit_rate"] is not None and abs(e["hit_rate"]) <= HIT_TOLERANCE
+        hit_in_range &= e["hit_rate_outside_real_range"] == 0.0
 
         cells = [
             (r.get("mean_jct_s"), "{:.2f}", 13),
@@ -293,6 +317,16 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{policy:<22}" + " ".join(("-" if v is None else fmt.format(v)).rjust(w) for v, fmt, w in cells)
         )
+    for policy in cfg.policies:
+        rounds, e = hit_rounds.get(policy, []), out["policies"][policy]["error"]
+        if rounds:
+            off = e["hit_rate_outside_real_range"]
+            print(
+                f"  hit rate {policy}: real rounds {min(rounds):.3f}-{max(rounds):.3f}, sim "
+                f"{sim[policy]['hit_rate']:.3f}: "
+                + ("inside" if off == 0.0 else f"{off:.3f} outside")
+                + f" the range +- {HIT_TOLERANCE}"
+            )
     rank_real, rank_sim = ranking({k: v for k, v in real.items() if k in sim}), ranking(sim)
     pairs = [(a, b) for a, b in separated_pairs(round_jcts(real_runs)) if a in sim and b in sim]
     kept = [(a, b) for a, b in pairs if sim[a]["mean_jct_s"] < sim[b]["mean_jct_s"]]
@@ -308,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     out["targets"] = {
         f"mean_jct within {JCT_TOLERANCE:.0%} for every policy": jct_ok,
         f"hit_rate within {HIT_TOLERANCE} for every policy": hit_ok,
+        f"hit_rate within {HIT_TOLERANCE} of the real rounds' range for every policy": hit_in_range,
         "same ranking by mean JCT (pairs every real round agrees on; the rest tied)": len(kept) == len(pairs),
     }
     agreement = pair_agreement(rank_real, rank_sim)
