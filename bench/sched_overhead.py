@@ -26,6 +26,7 @@ A/A run of stock against stock gives up to ±2% on the ratio).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import random
 import statistics
@@ -251,6 +252,12 @@ def main() -> None:
         "before 2026-12-07)",
     )
     ap.add_argument(
+        "--no-gc-freeze",
+        action="store_true",
+        help="--scale: leave the startup heap to the garbage collector (vLLM's engine core freezes it once "
+        "built; the bench before 2026-12-07 did not)",
+    )
+    ap.add_argument(
         "--by-call",
         action="store_true",
         help="--scale diagnostics: per ctk hook, the median time of its first call in a step and of the "
@@ -269,7 +276,16 @@ def main() -> None:
         if args.scale:
             pins_file = str(build_pin_table(Path(tmp)))
             return run_scale(
-                model_dir, pins_file, max(2, args.phases), args.steps, 1024, 1024, args.by_call, args.workload
+                model_dir,
+                pins_file,
+                max(2, args.phases),
+                args.steps,
+                1024,
+                1024,
+                args.by_call,
+                args.workload,
+                extra,
+                not args.no_gc_freeze,
             )
         from vllm import LLM
         from vllm.v1.core.sched.scheduler import Scheduler
@@ -431,6 +447,8 @@ def run_scale(
     running: int,
     by_call: bool = False,
     workload: str = "agents",
+    extra: dict | None = None,
+    freeze_gc: bool = True,
 ) -> None:
     """vLLM's scheduler at H100 scale without a model (``ctk.engine_patch.emulation``): ``running`` requests
     decoding, ``waiting`` more queued (``max_num_seqs`` = ``running``), 8,192 batched tokens, 16-token
@@ -449,6 +467,7 @@ def run_scale(
     and per finished request, with a PASS/FAIL line each against the targets (<= 50 us each,
     :data:`SCALE_TARGET_US`)."""
     from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.gc_utils import freeze_gc_heap
     from vllm.v1.core.sched.scheduler import Scheduler
 
     from ctk.engine_patch import emulation as em
@@ -463,7 +482,13 @@ def run_scale(
         enable_prefix_caching=True,
         enforce_eager=True,
     ).create_engine_config()
-    settings = {"policy": "ttl", "ttl_model": pins_file, "online": False, "max_pin_share": 0.5}
+    settings = {
+        "policy": "ttl",
+        "ttl_model": pins_file,
+        "online": False,
+        "max_pin_share": 0.5,
+        **(extra or {}),
+    }
     cfg = em.engine_config(base, async_scheduling=False, ctk=settings)
     from transformers import AutoTokenizer
 
@@ -472,16 +497,26 @@ def run_scale(
     per_finish: dict[str, list[float]] = {"stock": [], "ctk": []}
     own_step: list[float] = []
     own_finish: list[float] = []
+    gc_step: list[float] = []  # of ctk's own time, the cyclic garbage collector's runs inside its calls
+    gc_finish: list[float] = []
+    gc_runs: list[int] = []  # collections during ctk's measured steps, inside its calls or not
     calls = _CallRanks() if by_call else None
     for r in range(rounds):
         for name in ("stock", "ctk") if r % 2 == 0 else ("ctk", "stock"):
             cls = Scheduler if name == "stock" else CTKScheduler
             s = em.build_scheduler(cls, cfg, em.kv_layout(200_000, block), block)
             load = ScaleWorkload(em.RequestMaker(cfg, block), random.Random(r), workload, waiting)
+            if freeze_gc:
+                freeze_gc_heap()  # as vLLM's engine core does once it is built: the startup heap is static
 
             free_time = [0.0, 0]
             original_free = s._free_blocks
-            ctx = {"in_free": False, "part": "step"}  # inside vLLM's own free; the ctk call timed now
+            ctx = {
+                "in_free": False,
+                "part": "step",
+                "inside": False,
+            }  # in vLLM's free; the ctk call timed now
+            gc_clock = GcClock(ctx)
 
             def timed_free(request, _orig=original_free, _acc=free_time, _ctx=ctx):
                 t0 = time.perf_counter()
@@ -534,6 +569,8 @@ def run_scale(
             free_time[:] = [0.0, 0]
             own.update(step=0.0, finish=0.0)
             moved.update(step=0.0, finish=0.0, n=0)
+            gc_clock.reset()
+            gc.callbacks.append(gc_clock)
             done = len(loop.stats.finished)
             if calls is not None:
                 calls.on = name == "ctk"
@@ -550,6 +587,7 @@ def run_scale(
                 for request in arrivals:
                     s.add_request(request)
                 total += time.perf_counter() - t0 - (t2 - t1)
+            gc.callbacks.remove(gc_clock)
             if calls is not None:
                 calls.on = False
             per_step[name].append((total - free_time[0]) / steps * 1e6)
@@ -557,6 +595,9 @@ def run_scale(
             if name == "ctk":
                 own_step.append((own["step"] - moved["step"]) / steps * 1e6)
                 own_finish.append((own["finish"] - moved["finish"]) / max(1, free_time[1]) * 1e6)
+                gc_step.append(gc_clock.total["step"] / steps * 1e6)
+                gc_runs.append(gc_clock.runs)
+                gc_finish.append(gc_clock.total["finish"] / max(1, free_time[1]) * 1e6)
             held = len(s.ctk_pinned_request_ids()) if name == "ctk" else 0
             print(
                 f"round {r} {name:5s}: {per_step[name][-1]:8.1f} us/step outside frees, "
@@ -579,6 +620,12 @@ def run_scale(
         f"{statistics.median(own_finish):.1f} us/finish ({min(own_finish):.1f}..{max(own_finish):.1f}); "
         "targets <= 50 us each"
     )
+    print(
+        f"  of which Python's cyclic garbage collector, run inside ctk's calls: "
+        f"{statistics.median(gc_step):.1f} us/step ({min(gc_step):.1f}..{max(gc_step):.1f}), "
+        f"{statistics.median(gc_finish):.1f} us/finish ({min(gc_finish):.1f}..{max(gc_finish):.1f}); "
+        f"collections in a round's measured steps: median {statistics.median(gc_runs):.0f}"
+    )
     if calls is not None:
         print("by call (ctk rounds, median us): first call of the hook in a step / later calls")
         for name in sorted({n for n, _ in calls.times}):
@@ -592,6 +639,32 @@ def run_scale(
             f"{verdict}: ctk's own time per {what} {med:.1f} us "
             f"(target <= {SCALE_TARGET_US:.0f} us; median over {rounds} rounds)"
         )
+
+
+class GcClock:
+    """``gc.callbacks`` entry: the time the cyclic garbage collector runs inside a timed ctk call, by part.
+    A collection starts when everyone's allocations since the last one pass a threshold, so the call that
+    allocates next pays for vLLM's garbage too."""
+
+    def __init__(self, ctx: dict):
+        self.ctx = ctx
+        self.t0 = 0.0
+        self.total = {"step": 0.0, "finish": 0.0}
+        self.runs = 0
+
+    def reset(self) -> None:
+        self.total = {"step": 0.0, "finish": 0.0}
+        self.runs = 0  # collections while the steps are measured (inside ctk's calls or not)
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.runs += 1
+        if not self.ctx["inside"]:
+            return
+        if phase == "start":
+            self.t0 = time.perf_counter()
+        else:
+            self.total[self.ctx["part"]] += time.perf_counter() - self.t0
 
 
 class _CallRanks:
@@ -624,12 +697,14 @@ def _timed(
 
     def timed(*args, **kwargs):
         ctx["part"] = part  # (where vLLM's free of a held request, made inside this call, is subtracted)
+        ctx["inside"] = True
         t0 = clock()
         try:
             return fn(*args, **kwargs)
         finally:
             dt = clock() - t0
             ctx["part"] = "step"
+            ctx["inside"] = False
             acc[part] += dt
             if calls is not None:
                 calls.add(name, dt)
