@@ -69,3 +69,20 @@ def test_every_policy_draws_the_same_round_trips():
         last[policy] = [c.rtt_s for c in res.clients]
     assert last["vllm"] == last["continuum"]
     assert len(set(last["vllm"])) > 1
+
+
+def test_round_trip_subtracts_the_engines_own_time_to_first_token_when_the_replay_has_it():
+    """``ttft - queue - prefill_s(uncached)`` keeps the part of the engine's time to the first token that a
+    solo prefill does not explain (the rest of the step the prefill shared, the steps of a chunked prefill):
+    measured on the simulator's own output it gives back 0.07-0.09 s more than the round trips that went in
+    (2026-12-07, out4's three arms), and the simulator then adds its own steps on top. A replay that records
+    the engine's time from scheduling to first token (vLLM's per-request ``time_to_first_token_ms``) gives
+    the round trip exactly: ``ttft - queue - server_prefill_s``."""
+    keys = ("sent_unix_s", "ttft_s", "queue_s", "prompt_tokens", "cached_tokens", "latency_s", "pause_s")
+    turns = [
+        dict(zip(keys, (100.0, 0.45, 0.05, 1000, 900, 0.6, 0.0), strict=True), server_prefill_s=0.3),
+        dict(zip(keys, (101.0, 0.25, 0.05, 1000, 500, 0.4, 0.0), strict=True)),  # older replay: the model
+    ]
+    t = client_timing([replay(turns)], prefill_s=lambda n: n * 1e-4)
+    assert t.rtt_samples_s == pytest.approx((0.45 - 0.05 - 0.3, 0.25 - 0.05 - 0.05))
+    assert t.rtt_exact == 1
