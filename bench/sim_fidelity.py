@@ -68,8 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--draws",
         type=int,
         default=5,
-        help="simulations per policy, each with its own draws of the client timing (seeds replay seed + k); "
-        "the simulated figures are their medians (1: one draw, as before 2026-12-07)",
+        help="simulations per policy, each with its own draws of the client timing (client seeds: the "
+        "replay's seed + k; the programs' start times stay the replay's); the simulated figures are their "
+        "medians (1: one draw, as before 2026-12-07)",
     )
     p.add_argument("--real", type=Path, action="append", help="compare-results.json of real runs to reuse")
     p.add_argument(
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     for policy in cfg.policies:
         runs = []
         for k in range(max(1, args.draws)):
-            arr = dataclasses.replace(sim_cfg.arrivals, seed=sim_cfg.arrivals.seed + k)
+            arr = dataclasses.replace(sim_cfg.arrivals, client_seed=sim_cfg.arrivals.seed + k)
             drawn = dataclasses.replace(sim_cfg, arrivals=arr)
             runs.append(simulate_arm(programs, prof, policy, drawn, tables, ttl_model, cost).summary())
         draws[policy] = {key: [r[key] for r in runs] for key in DRAW_FIGURES}

@@ -86,3 +86,17 @@ def test_round_trip_subtracts_the_engines_own_time_to_first_token_when_the_repla
     t = client_timing([replay(turns)], prefill_s=lambda n: n * 1e-4)
     assert t.rtt_samples_s == pytest.approx((0.45 - 0.05 - 0.3, 0.25 - 0.05 - 0.05))
     assert t.rtt_exact == 1
+
+
+def test_client_seed_draws_other_round_trips_over_the_same_arrivals():
+    """``Arrivals.client_seed`` re-draws the client timing alone: a Poisson workload keeps the programs' start
+    times (seeded by ``seed``, as the replay that is compared drew them) while the round trips change."""
+    prof = load_profile("cpu", "tiny")
+    arr = Arrivals(rate=2.0, concurrency=None, rtt_samples_s=(0.01, 0.1, 0.3, 0.6), gap_samples_s=(0.0, 0.2))
+    runs = {}
+    for client_seed in (None, 1):
+        a = Arrivals(**{**arr.__dict__, "client_seed": client_seed})
+        res = simulate(programs(), prof, "vllm", SimConfig(arrivals=a, shared_prefix_tokens=512))
+        runs[client_seed] = ([c.start_s for c in res.clients], [c.rtt_s for c in res.clients])
+    assert runs[None][0] == runs[1][0]  # the same arrivals
+    assert runs[None][1] != runs[1][1]  # other round trips
