@@ -45,6 +45,9 @@ def test_replay_is_token_exact_hits_the_prefix_cache_and_records_everything(live
             assert turn.completion_tokens == ts.output_tokens  # forced length
             assert 0 < turn.ttft_s <= turn.latency_s
             assert turn.queue_s is not None and turn.queue_s >= 0
+            # the engine's own times (vLLM's per-request metrics): inside what the client measured
+            assert turn.server_prefill_s is not None and 0 <= turn.server_prefill_s <= turn.ttft_s
+            assert turn.server_decode_s is not None and 0 <= turn.server_decode_s <= turn.latency_s
             assert turn.pause_s == pytest.approx(ts.tool_duration_s * cfg.time_scale)
             if k:  # turn k's prompt = turn k-1's prompt + its output + the observation, token for token
                 prev, pts = prog.turns[k - 1], spec.turns[k - 1]

@@ -69,3 +69,34 @@ def test_every_policy_draws_the_same_round_trips():
         last[policy] = [c.rtt_s for c in res.clients]
     assert last["vllm"] == last["continuum"]
     assert len(set(last["vllm"])) > 1
+
+
+def test_round_trip_subtracts_the_engines_own_time_to_first_token_when_the_replay_has_it():
+    """``ttft - queue - prefill_s(uncached)`` keeps the part of the engine's time to the first token that a
+    solo prefill does not explain (the rest of the step the prefill shared, the steps of a chunked prefill):
+    measured on the simulator's own output it gives back 0.07-0.09 s more than the round trips that went in
+    (2026-12-07, out4's three arms), and the simulator then adds its own steps on top. A replay that records
+    the engine's time from scheduling to first token (vLLM's per-request ``time_to_first_token_ms``) gives
+    the round trip exactly: ``ttft - queue - server_prefill_s``."""
+    keys = ("sent_unix_s", "ttft_s", "queue_s", "prompt_tokens", "cached_tokens", "latency_s", "pause_s")
+    turns = [
+        dict(zip(keys, (100.0, 0.45, 0.05, 1000, 900, 0.6, 0.0), strict=True), server_prefill_s=0.3),
+        dict(zip(keys, (101.0, 0.25, 0.05, 1000, 500, 0.4, 0.0), strict=True)),  # older replay: the model
+    ]
+    t = client_timing([replay(turns)], prefill_s=lambda n: n * 1e-4)
+    assert t.rtt_samples_s == pytest.approx((0.45 - 0.05 - 0.3, 0.25 - 0.05 - 0.05))
+    assert t.rtt_exact == 1
+
+
+def test_client_seed_draws_other_round_trips_over_the_same_arrivals():
+    """``Arrivals.client_seed`` re-draws the client timing alone: a Poisson workload keeps the programs' start
+    times (seeded by ``seed``, as the replay that is compared drew them) while the round trips change."""
+    prof = load_profile("cpu", "tiny")
+    arr = Arrivals(rate=2.0, concurrency=None, rtt_samples_s=(0.01, 0.1, 0.3, 0.6), gap_samples_s=(0.0, 0.2))
+    runs = {}
+    for client_seed in (None, 1):
+        a = Arrivals(**{**arr.__dict__, "client_seed": client_seed})
+        res = simulate(programs(), prof, "vllm", SimConfig(arrivals=a, shared_prefix_tokens=512))
+        runs[client_seed] = ([c.start_s for c in res.clients], [c.rtt_s for c in res.clients])
+    assert runs[None][0] == runs[1][0]  # the same arrivals
+    assert runs[None][1] != runs[1][1]  # other round trips

@@ -154,6 +154,10 @@ class Replayer:
                     metrics = chunk.get("metrics") or {}
                     if metrics.get("queue_time_ms") is not None:
                         res.queue_s = metrics["queue_time_ms"] / 1000.0
+                    if metrics.get("time_to_first_token_ms") is not None:
+                        res.server_prefill_s = metrics["time_to_first_token_ms"] / 1000.0
+                    if metrics.get("generation_time_ms") is not None:
+                        res.server_decode_s = metrics["generation_time_ms"] / 1000.0
         except (httpx.HTTPError, json.JSONDecodeError) as exc:
             res.error = f"{type(exc).__name__}: {exc}"[:300]
             return res, out_ids

@@ -27,6 +27,9 @@ class TurnResult:
     ttft_s: float | None = None
     latency_s: float | None = None
     queue_s: float | None = None  # server-side queue wait (per-request metrics), when the server reports it
+    # the engine's own times (per-request metrics, the engine core's clock)
+    server_prefill_s: float | None = None  # scheduled -> first token
+    server_decode_s: float | None = None  # first -> last token
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
     completion_tokens: int | None = None

@@ -27,6 +27,9 @@ class Arrivals:
     time_scale: float = 1.0  # tool pause = recorded duration x this
     rtt_s: float = 0.005  # client <-> engine round trip (half each way)
     seed: int = 0
+    #: Seed of the per-turn client draws below (None: ``seed``); another value re-draws the client timing over
+    #: the same program start times (``bench/sim_fidelity.py --draws``: a Poisson workload stays the replay's)
+    client_seed: int | None = None
     #: Measured round trips (a real run's, :mod:`ctk.simulate.client_timing`): each turn draws one (seeded per
     #: program, so every policy sees the same draws); empty: every turn takes ``rtt_s``.
     rtt_samples_s: tuple[float, ...] = ()
@@ -76,7 +79,8 @@ class Client:
         if not samples:
             return default
         if self._rng is None:
-            self._rng = np.random.default_rng([arrivals.seed, self.index])
+            seed = arrivals.seed if arrivals.client_seed is None else arrivals.client_seed
+            self._rng = np.random.default_rng([seed, self.index])
         return float(samples[self._rng.integers(len(samples))])
 
     def start(self, arrivals: Arrivals) -> float:
