@@ -184,13 +184,13 @@ LLAMA_HEADER = 25  # tokens of Llama 3.1's fixed system header (with its date) b
 
 @pytest.mark.engine
 def test_the_default_prefix_at_the_gpu_block_size(engine_llm, ttl_model_file):
-    """64 tokens (the default) = 4 blocks of 16: two agents sharing a 25-token header and differing after it
-    get two classes; one agent's tasks (from token 100 on) one class."""
+    """48 tokens (the default) = 3 blocks of 16: two agents sharing a 25-token header and differing after it
+    get two classes; one agent's tasks (from token 57 on, the earliest measured) one class."""
     s, make = _gpu_scheduler(engine_llm, ttl_model_file, caching=True)
-    assert s.ctk.config.agent_prefix_tokens == 64
+    assert s.ctk.config.agent_prefix_tokens == 48
     rng = random.Random(3)
     header = ids(rng, LLAMA_HEADER)
-    systems = {a: header + ids(rng, 75) for a in ("a", "b")}
+    systems = {a: header + ids(rng, 57 - LLAMA_HEADER) for a in ("a", "b")}
     for a, system in systems.items():
         for i in range(3):
             s.add_request(make(f"{a}{i}", system + ids(rng, 300), 4, extra_args={"program_id": f"{a}{i}"}))
@@ -207,7 +207,7 @@ def test_prefix_caching_off_gives_no_class(engine_llm, ttl_model_file):
     from vllm.v1.request import Request
 
     s, _ = _gpu_scheduler(engine_llm, ttl_model_file, caching=False)
-    assert s.ctk_door.set_agent_prefix(64) == 0
+    assert s.ctk_door.set_agent_prefix(48) == 0
     sp = SamplingParams(max_tokens=4, extra_args={"program_id": "nocache"})
     request = Request("nocache", ids(random.Random(1), 500), sp, None, block_hasher=None)
     assert request.block_hashes == []

@@ -20,10 +20,11 @@ from ctk.policy.detect import DETECTORS
 from ctk.policy.rules import RULES, Policy
 from ctk.predict.cost import CONTINUUM_PIN_S
 
-#: ``agent_prefix_tokens``' default: past the chat templates' fixed headers (Llama 3.1's, with its date: ~25
-#: tokens) into the system prompt, and short of the task text of the agents measured (the earliest: BFCL's
-#: function-calling prompts on Llama 3.1, ~110 tokens in; README, "An agent class from the prompt's prefix").
-AGENT_PREFIX_TOKENS = 64
+#: ``agent_prefix_tokens``' default (3 blocks of 16): past the chat templates' fixed headers (Llama 3.1's,
+#: with its date: 25 tokens) into the system prompt, and short of the agents' own task text (the earliest
+#: measured: BFCL's function calls on a ChatML template, 57 tokens in; ``bench/agent_prefix_len.py``, README,
+#: "An agent class from the prompt's prefix").
+AGENT_PREFIX_TOKENS = 48
 
 # Value ranges, checked by pydantic in :meth:`ServeConfig.validate` (no nan, no infinity).
 Share = Annotated[float, Gt(0), Le(1)]
