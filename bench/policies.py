@@ -72,6 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-mb", type=float, help="KV cache size in MiB")
     p.add_argument("--max-turns", type=int, help="turns per program at most")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-agent-names",
+        action="store_true",
+        help="send no agent hint (the engine derives each program's class from its prompt's prefix)",
+    )
     p.add_argument("--report", action="store_true", help="also write an HTML report into the work folder")
     return p.parse_args(argv)
 
@@ -138,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.replay.time_scale = args.time_scale
     if args.kv_mb:
         cfg.server.kv_cache_bytes = int(args.kv_mb * 2**20)
+    cfg.replay.send_agent = not args.no_agent_names
     cfg.replay.progress = sys.stderr.isatty()
     cfg.ttl_model = args.ttl_model
     out_dir = args.out_dir

@@ -34,6 +34,9 @@ TOOL = "tool"  # str: the command / tool the client runs after this turn
 TOOL_DURATION_S = "tool_duration_s"  # float: that call's true duration (policy oracle; benchmarks only)
 PROGRAM_SIZE = "program_size"  # float: the program's true engine work, s (admission probe; benchmarks)
 AGENT = "agent"  # str: the agent (software / kind) running the program: the size predictor's class
+#: The agent classes ctk derives from a prompt's prefix when the request names no agent are this followed by
+#: hex digits of the prefix's block hash; a named agent may not start with it (ignored with a warning).
+DERIVED_AGENT = "prefix:"
 TTL_HINT_S = "kv_retention_ttl_seconds"  # float: the client's TTL for this turn's pin (vllm-router's name)
 AGENTIC_CONTEXT = "agentic_context"  # vllm-router's Program Scheduling object (or its JSON text)
 #: Every ``vllm_xargs`` key ctk reads.

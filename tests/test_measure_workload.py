@@ -75,6 +75,21 @@ def test_synthetic_ids_are_a_pure_function_of_seed_and_key():
     assert synthetic_ids(cfg, 0, "x") == []
 
 
+def test_first_prompts_share_their_agents_system_prompt_and_agents_differ():
+    """Programs of one source start with one system prompt, another source's differs (the engine can tell
+    agents apart by the prompt's prefix when the replay sends no agent name: ``send_agent=False``)."""
+    from ctk.measure.workload import ProgramSpec, TurnSpec, first_prompt_ids, replay_xargs
+
+    cfg = WorkloadConfig(seed=1, system_prompt_tokens=64)
+    specs = [ProgramSpec(f"p{i}", source=src, first_prompt_tokens=200) for i, src in enumerate("aab")]
+    a1, a2, b = (first_prompt_ids(cfg, s) for s in specs)
+    assert len(a1) == len(b) == 200
+    assert a1[:64] == a2[:64] != b[:64] and a1[64:] != a2[64:]
+    turn = TurnSpec(turn_index=0, output_tokens=4, observation_tokens=4, tool_duration_s=1.0, tool="ls")
+    assert replay_xargs("r", turn, 1.0, False, first_turn=True, agent="a")["agent"] == "a"
+    assert "agent" not in replay_xargs("r", turn, 1.0, False, first_turn=True, agent=None)
+
+
 def test_empty_or_unusable_store_gives_a_clear_error(tmp_path):
     with TraceStore(tmp_path / "empty.duckdb") as store, pytest.raises(WorkloadError, match="no LLM or tool"):
         load_programs(store, WorkloadConfig())

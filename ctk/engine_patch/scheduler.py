@@ -115,16 +115,19 @@ class CTKSchedulerMixin:
         )
         self.ctk_driver = PolicyDriver(core, door)
         door.valve = self.ctk_driver.allocation_failed
+        agent_prefix = door.set_agent_prefix(cfg.agent_prefix_tokens if core.reads_agent else 0)
         if core.pins_enabled:
             door.load_tokenizer()  # now, not in the step of the first finish that needs tool-call detection
         logger.info(
-            "ctk scheduler: policy=%s ttl_model=%s record=%s max_pin_share=%.2f blocks=%d program order=%s",
+            "ctk scheduler: policy=%s ttl_model=%s record=%s max_pin_share=%.2f blocks=%d program order=%s "
+            "agent prefix=%d tokens",
             cfg.policy,
             cfg.ttl_model,
             cfg.record,
             cfg.max_pin_share,
             door.total_blocks,
             door.reorders_waiting,
+            agent_prefix,
         )
 
     def ctk_reconfigure(self, **settings) -> None:

@@ -55,7 +55,7 @@ from ctk.errors import CtkError
 from ctk.policy.config import ConfigError
 from ctk.policy.detect import CALL_CHARS, detect_tool_call
 from ctk.policy.driver import RequestEnd, head_demand
-from ctk.policy.hints import RequestHints, parse_hints
+from ctk.policy.hints import RequestHints, parse_hints, prefix_agent
 
 logger = logging.getLogger("ctk.engine_patch")
 
@@ -171,7 +171,9 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
     Internal(_REQ, "_all_token_ids", "attribute", "num_tokens without its property frame"),
     Internal(_REQ, "_output_token_ids", "attribute", "num_output_tokens without its property frame"),
     Internal(_REQ, "output_token_ids", "attribute", "tool-call detection (decoded tail)"),
-    Internal(_REQ, "block_hashes", "attribute", "what a next turn reuses (vLLM's own lookup)"),
+    Internal(_REQ, "block_hashes", "attribute", "what a next turn reuses; a prompt prefix's agent class"),
+    Internal(_SCHED, "hash_block_size", "attribute", "tokens per block hash (the agent prefix's unit)"),
+    Internal("vllm.config.cache:CacheConfig", "enable_prefix_caching", "attribute", "no hashes: no class"),
     Internal("vllm.sampling_params:SamplingParams", "stop", "attribute", "stop-string finish seen as abort"),
     Internal(_STATUS, "RUNNING", "member", "valve: preempting vs admitting"),
     Internal(_STATUS, "FINISHED_STOPPED", "member", "natural finish"),
@@ -274,6 +276,20 @@ VLLM_PREMISES: tuple[Premise, ...] = (
         "request's blocks stay cached",
         "vllm.v1.core.block_pool:BlockPool.free_blocks",
         contains=("ref_cnt -= 1", "ref_cnt == 0"),
+    ),
+    Premise(
+        "a block hash is bytes (the door labels a prompt prefix's agent class by its hex digits)",
+        "vllm.v1.core.kv_cache_utils:",
+        contains=('BlockHash = NewType("BlockHash", bytes)',),
+    ),
+    Premise(
+        "the engine core hashes a request's full blocks as it builds the request (before add_request), with "
+        "prefix caching on or a KV connector, and not otherwise (no hashes: no agent class from the prefix)",
+        "vllm.v1.engine.core:EngineCore.__init__",
+        contains=(
+            "if vllm_config.cache_config.enable_prefix_caching or kv_connector is not None:",
+            "self.request_block_hasher = get_request_block_hasher(",
+        ),
     ),
     Premise(
         "vLLM turns async scheduling on by default when nothing prevents it (CUDA), so ctk serve must not "
@@ -778,6 +794,11 @@ class VllmDoor:
         self._step_blocks = len(managers) * (
             -(-budget // self.block_size) + scheduler.max_num_active_reqs * per_slot
         )
+        # tokens per prefix-cache block hash (``Request.block_hashes``: one per full block of the sequence,
+        # chained, so the k-th stands for the whole prefix up to it) and the block whose hash is the agent
+        # class of a request naming no agent (0: none; :meth:`set_agent_prefix`)
+        self._hash_block: int = scheduler.hash_block_size
+        self._prefix_blocks = 0
         #: the most uncomputed tokens one waiting request can ask for (its whole context)
         self._max_request_tokens: int = scheduler.vllm_config.model_config.max_model_len
         self._tokenizer = None
@@ -911,9 +932,34 @@ class VllmDoor:
         """Requests wait or run (the engine will step and call ``schedule``)."""
         return self.sched.has_unfinished_requests()
 
+    def set_agent_prefix(self, tokens: int) -> int:
+        """Derive the agent class of a request that names none from its prompt's first ``tokens`` tokens:
+        the whole prefix-cache blocks within them (at least one; ``tokens`` 0: never). Returns the prefix's
+        length in tokens, 0 when no class will be derived: off, or prefix caching off (vLLM then hashes no
+        blocks, unless a KV connector asks it to)."""
+        blocks = max(1, tokens // self._hash_block) if tokens > 0 else 0
+        self._prefix_blocks = blocks
+        if not blocks:
+            return 0
+        if not self.sched.vllm_config.cache_config.enable_prefix_caching:
+            logger.info("ctk: prefix caching off: a request naming no agent gets no class from its prompt")
+            return 0
+        return blocks * self._hash_block
+
     def hints(self, request) -> RequestHints:
+        """The request's hints (``session_id``, ``vllm_xargs``); with no agent named, the agent is the class
+        of its prompt's prefix (:meth:`set_agent_prefix`): the hash vLLM computed for the prefix's last block,
+        as :func:`~ctk.policy.hints.prefix_agent` labels it. A prompt shorter than the prefix (or one without
+        hashes: prefix caching off) gets none."""
         sp = request.sampling_params
-        return parse_hints(request.session_id, sp.extra_args if sp is not None else None)
+        hints = parse_hints(request.session_id, sp.extra_args if sp is not None else None)
+        k = self._prefix_blocks
+        if k and hints.agent is None:
+            hashes = request.block_hashes
+            if len(hashes) >= k:
+                # (a new RequestHints no one holds yet: its field set in place, as parse_hints builds it)
+                hints.__dict__["agent"] = prefix_agent(hashes[k - 1])
+        return hints
 
     def admissions(self, out) -> list[tuple[str, int]]:
         """(request id, prefix-cached tokens) of the requests scheduled for the first time this step."""

@@ -22,7 +22,7 @@ import numpy as np
 from ctk.errors import CtkError
 from ctk.measure import server_metrics
 from ctk.measure.results import ProgramResult, ReplayResult, TurnResult
-from ctk.measure.workload import ProgramSpec, WorkloadConfig, replay_xargs, synthetic_ids
+from ctk.measure.workload import ProgramSpec, WorkloadConfig, first_prompt_ids, replay_xargs, synthetic_ids
 from ctk.progress import progress_bar
 from ctk.wire import session_body, session_headers
 
@@ -45,6 +45,8 @@ class ReplayConfig:
     seed: int = 0
     label: str = "replay"
     send_oracle_duration: bool = True  # tool_duration_s in vllm_xargs (read only by the oracle policy)
+    send_agent: bool = True  # the program's source as vllm_xargs.agent (off: the engine derives the class
+    # from the prompt's prefix, its agent's own system prompt)
     request_timeout_s: float = 600.0
     temperature: float = 1.0
     progress: bool = True
@@ -104,8 +106,9 @@ class Replayer:
     ) -> tuple[TurnResult, list[int]]:
         turn = spec.turns[k]
         cfg = self.cfg
-        xargs = replay_xargs(  # the program's agent: its trace source
-            replay_id, turn, cfg.time_scale, cfg.send_oracle_duration, first_turn=k == 0, agent=spec.source
+        agent = spec.source if cfg.send_agent else None  # the program's agent: its trace source
+        xargs = replay_xargs(
+            replay_id, turn, cfg.time_scale, cfg.send_oracle_duration, first_turn=k == 0, agent=agent
         )
         body = {
             "model": model,
@@ -190,10 +193,7 @@ class Replayer:
             start = arrival if self.cfg.rate is not None else time.time()
             prog = ProgramResult(program_id=spec.program_id, replay_id=replay_id, arrival_unix_s=start)
             w = self.workload
-            prompt = synthetic_ids(w, w.system_prompt_tokens, "system")
-            prompt += synthetic_ids(
-                w, spec.first_prompt_tokens - w.system_prompt_tokens, spec.program_id, "task"
-            )
+            prompt = first_prompt_ids(w, spec)
             for k, turn in enumerate(spec.turns):
                 res, out_ids = await self._turn(client, model, replay_id, prompt, spec, k)
                 prog.turns.append(res)

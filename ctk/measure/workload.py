@@ -132,6 +132,15 @@ def synthetic_ids(cfg: WorkloadConfig, n: int, *key: object) -> list[int]:
     return rng.integers(cfg.token_id_low, cfg.token_id_high, size=n).tolist()
 
 
+def first_prompt_ids(cfg: WorkloadConfig, spec: ProgramSpec) -> list[int]:
+    """A replayed program's first prompt: its agent's system prompt (keyed by the program's source, so the
+    programs of one agent share it and agents differ, as real agents' system prompts do), then its task."""
+    task = spec.first_prompt_tokens - cfg.system_prompt_tokens
+    return synthetic_ids(cfg, cfg.system_prompt_tokens, "system", spec.source) + synthetic_ids(
+        cfg, task, spec.program_id, "task"
+    )
+
+
 @dataclass
 class _Turn:
     """One recorded turn, aggregated over its LLM call and tool calls (None: not recorded)."""

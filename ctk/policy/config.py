@@ -20,6 +20,12 @@ from ctk.policy.detect import DETECTORS
 from ctk.policy.rules import RULES, Policy
 from ctk.predict.cost import CONTINUUM_PIN_S
 
+#: ``agent_prefix_tokens``' default (3 blocks of 16): past the chat templates' fixed headers (Llama 3.1's,
+#: with its date: 25 tokens) into the system prompt, and short of the agents' own task text (the earliest
+#: measured: BFCL's function calls on a ChatML template, 57 tokens in; ``bench/agent_prefix_len.py``, README,
+#: "An agent class from the prompt's prefix").
+AGENT_PREFIX_TOKENS = 48
+
 # Value ranges, checked by pydantic in :meth:`ServeConfig.validate` (no nan, no infinity).
 Share = Annotated[float, Gt(0), Le(1)]
 Positive = Annotated[float, Gt(0)]
@@ -54,6 +60,9 @@ class ServeConfig:
     resume_order: Literal["arrival", "attained"] = "arrival"  # ttl / oracle: resumed turns FCFS, or least
     # attained service first (the program's turn contexts so far: a probe)
     admit_round: bool = True  # ... by agent: the estimate rounded to a power of 2 (one agent stays FCFS)
+    # ... by agent, for a request that names none: its class is its prompt's first this-many tokens (rounded
+    # down to whole prefix-cache blocks, at least one; 0: off), ``prefix:<hash>`` (README, "agent order")
+    agent_prefix_tokens: Count = AGENT_PREFIX_TOKENS
     # ... by size: key = size + this x first arrival, so a program is overtaken only by programs arriving
     # within (its size - theirs) / this s of it (0: smallest first, which starves the largest agent)
     admit_aging: NonNegative = 0.1

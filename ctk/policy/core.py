@@ -48,7 +48,7 @@ from ctk.policy.events import (
     ToolObservation,
 )
 from ctk.policy.hints import RequestHints
-from ctk.policy.ordering import SizeFirstOrder, SizeSource, build_order, resumed_turn
+from ctk.policy.ordering import AgentSizes, SizeFirstOrder, SizeSource, build_order, resumed_turn
 from ctk.policy.price import MemoryPrice
 from ctk.policy.rules import PinRule
 from ctk.policy.waitlist import WaitingList
@@ -129,6 +129,9 @@ class PolicyCore:
         self._sizes: dict[int, float] | None = self.order.sizes if sized else None
         self._sizing: SizeSource | None = self.order.sizing if sized else None
         self._attained: dict[int, float] | None = self.order.attained if sized else None
+        #: a new program's agent is read (``admit_order="agent"``): an engine adapter may derive one for a
+        #: request naming none (``agent_prefix_tokens``)
+        self.reads_agent = isinstance(self._sizing, AgentSizes)
         # programs' work is kept (a size source learning from it, or least attained service)
         self._work = (self._sizing is not None and self._sizing.learns) or self._attained is not None
         self.reorders = rule.program_fcfs

@@ -4,7 +4,9 @@ The key names, their order and bounds are the wire contract in :mod:`ctk.wire`. 
 ``session_id`` (body field, ``X-Session-ID`` header, or ``vllm_xargs.session_id``), else
 ``vllm_xargs.program_id``. Other ``vllm_xargs`` keys: ``turn_index`` (int), ``last_turn`` (bool/int),
 ``tool`` (str), ``tool_duration_s`` (float, oracle only), ``program_size`` (float, the size-order
-admission probe only), ``agent`` (str: the agent running the program, the admission size predictor's class),
+admission probe only), ``agent`` (str: the agent running the program, the admission size predictor's class;
+a name starting with ``prefix:`` is ignored: that namespace is the classes the engine adapter derives from a
+prompt's prefix when no agent is named, :func:`prefix_agent`),
 ``kv_retention_ttl_seconds`` (float: a client's TTL
 hint, vllm-router's name for it; read by the pin rules as ``ttl_hint_s``). Garbage values are ignored with a
 warning (logged at most once per key and kind), never raised: bad metadata must not crash the engine.
@@ -34,6 +36,7 @@ from typing import Any
 from ctk.wire import (
     AGENT,
     AGENTIC_CONTEXT,
+    DERIVED_AGENT,
     LAST_TURN,
     MAX_CONTEXT_CHARS,
     MAX_ID_CHARS,
@@ -134,6 +137,9 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
     if agent is None and ctx:  # the router's agent (already checked as part of the program's identity)
         raw = ctx.get("agent_id")
         agent = raw.strip()[:MAX_ID_CHARS] or None if isinstance(raw, str) else None
+    if agent is not None and agent.startswith(DERIVED_AGENT):  # ctk's own namespace: never a named agent
+        _warn(AGENT, f"{AGENT}: names starting with {DERIVED_AGENT!r} are reserved: {agent[:40]!r}", warnings)
+        agent = None
     ttl_hint = _non_negative(xargs, TTL_HINT_S, warnings) if TTL_HINT_S in xargs else None
     if ttl_hint is None and ctx:
         ttl_hint = _non_negative(ctx, TTL_HINT_S, warnings)
@@ -155,6 +161,13 @@ def parse_hints(session_id: Any, extra_args: Mapping[str, Any] | None) -> Reques
 
 
 _new = object.__new__
+
+
+def prefix_agent(block_hash: bytes) -> str:
+    """The agent class of a prompt whose prefix has this block hash (the engine's chained prefix-cache hash of
+    the prefix's last block, which stands for the whole prefix): ``prefix:`` and 16 hex digits (its first 8
+    bytes), within :data:`~ctk.wire.MAX_ID_CHARS`. No named agent can be one (:func:`parse_hints`)."""
+    return (DERIVED_AGENT + block_hash[:8].hex())[:MAX_ID_CHARS]
 
 
 def _label(xargs: Mapping[str, Any], key: str, max_chars: int, warnings: list[str]) -> str | None:
