@@ -40,7 +40,7 @@ class WorkloadConfig:
     max_turns: int | None = 24
     chars_per_token: float = 4.0
     token_scale: float = 1.0  # multiply every size taken from the trace
-    system_prompt_tokens: int = 512  # shared by all programs (the agent's system prompt)
+    system_prompt_tokens: int = 512  # per agent (trace source): its programs share it
     task_prompt_tokens: int = 512  # per program, when the trace has no first prompt size
     default_output_tokens: int = 64
     default_observation_tokens: int = 32
