@@ -179,7 +179,10 @@ def separated_pairs(jcts: dict[str, list[float]]) -> list[tuple[str, str]]:
 
 
 def adopt_run_config(cfg, run_config: dict) -> None:
-    """Take a real run's workload, replay and server settings (as its compare-results.json recorded them)."""
+    """Take a real run's workload, replay and server settings (as its compare-results.json recorded them).
+    A run recorded without ``system_prompt_per_source`` (before 2026-12-07, late) replayed one system prompt
+    for all programs."""
+    cfg.workload.system_prompt_per_source = False  # unless the run says otherwise (below)
     for section in ("workload", "replay", "server"):
         target = getattr(cfg, section)
         for key, value in (run_config.get(section) or {}).items():
@@ -300,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{t['rtt_mean_s']:.3f} s (p50 {t['rtt_p50_s']:.3f}, p90 {t['rtt_p90_s']:.3f}; profile "
             f"{prof.rtt_s:.4f}), client gap mean {t['gap_mean_s']:.3f} s (p90 {t['gap_p90_s']:.3f})"
         )
-    sim_cfg = comparison_sim_config(cfg, prof, timing)
+    sim_cfg = comparison_sim_config(cfg, prof, timing, programs)
     sim: dict[str, dict] = {}
     draws: dict[str, dict[str, list]] = {}
     cost = tables.cost_model if tables is not None else prof.cost_model()

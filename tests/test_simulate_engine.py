@@ -135,6 +135,21 @@ def test_second_turn_hits_the_prefix_of_the_first():
     assert e.pool.num_free == 64
 
 
+def test_every_agents_system_prompt_stays_resident():
+    """One resident system prompt per agent (``shared_prefixes``): the pool keeps them all out of use, and a
+    request still skips only its own prompt's blocks (each starts with one of them)."""
+    base = dict(num_blocks=64, block_size=4, max_num_batched_tokens=64, shared_prefix_tokens=8)
+    one = SimEngine(EngineConfig(**base), flat_profile())
+    three = SimEngine(EngineConfig(**base, shared_prefixes=3), flat_profile())
+    assert one.pool.num_free == 62 and three.pool.num_free == 58
+    for e in (one, three):
+        r = SimRequest("p-0", "p", 30, 5, None)
+        e.add(r, 0.0)
+        run_until_idle(e)
+        e.pool.check()
+    assert one.pool.num_free == 62 and three.pool.num_free == 58  # nothing left behind either way
+
+
 def test_token_budget_chunks_a_long_prefill_and_running_goes_first():
     e = SimEngine(EngineConfig(num_blocks=200, block_size=4, max_num_batched_tokens=16), flat_profile())
     long = SimRequest("long", "a", 40, 2, None)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,10 @@ class WorkloadConfig:
     max_turns: int | None = 24
     chars_per_token: float = 4.0
     token_scale: float = 1.0  # multiply every size taken from the trace
-    system_prompt_tokens: int = 512  # per agent (trace source): its programs share it
+    system_prompt_tokens: int = 512  # the agent's system prompt, at the start of every program's first prompt
+    # one system prompt per agent (trace source), as real agents' differ (False: one for all programs, as
+    # replays before 2026-12-07 sent; :func:`system_prompts`)
+    system_prompt_per_source: bool = True
     task_prompt_tokens: int = 512  # per program, when the trace has no first prompt size
     default_output_tokens: int = 64
     default_observation_tokens: int = 32
@@ -134,11 +138,21 @@ def synthetic_ids(cfg: WorkloadConfig, n: int, *key: object) -> list[int]:
 
 def first_prompt_ids(cfg: WorkloadConfig, spec: ProgramSpec) -> list[int]:
     """A replayed program's first prompt: its agent's system prompt (keyed by the program's source, so the
-    programs of one agent share it and agents differ, as real agents' system prompts do), then its task."""
+    programs of one agent share it and agents differ, as real agents' system prompts do; one for all with
+    ``system_prompt_per_source`` off), then its task."""
     task = spec.first_prompt_tokens - cfg.system_prompt_tokens
-    return synthetic_ids(cfg, cfg.system_prompt_tokens, "system", spec.source) + synthetic_ids(
+    key = ("system", spec.source) if cfg.system_prompt_per_source else ("system",)
+    return synthetic_ids(cfg, cfg.system_prompt_tokens, *key) + synthetic_ids(
         cfg, task, spec.program_id, "task"
     )
+
+
+def system_prompts(cfg: WorkloadConfig, programs: Iterable[ProgramSpec]) -> int:
+    """How many distinct system prompts a replay of ``programs`` sends (:func:`first_prompt_ids`): the
+    prefixes a server keeps cached for all programs, which the simulator holds resident."""
+    if not cfg.system_prompt_per_source:
+        return 1
+    return max(1, len({p.source for p in programs}))
 
 
 @dataclass

@@ -90,7 +90,7 @@ def simulate(
 ) -> None:
     """Simulate vLLM 0.32 engines running ctk's own policy code on recorded agent programs."""
     from ctk.measure.presets import bench_config, gpu_workload
-    from ctk.measure.workload import WorkloadError, load_programs
+    from ctk.measure.workload import WorkloadError, load_programs, system_prompts
     from ctk.policy.arms import Arm, ArmError, split_arms
     from ctk.policy.rules import POLICY_NAMES
     from ctk.simulate.fleet import ROUTINGS
@@ -153,6 +153,7 @@ def simulate(
     )
     cfg = SimConfig(replicas=replicas, routing=routing, arrivals=arrivals, kv_blocks=kv_blocks)
     cfg.shared_prefix_tokens = wl.system_prompt_tokens
+    cfg.shared_prefixes = system_prompts(wl, progs)
     tables, ttl_path = None, None
     if needs_ttl:
         from ctk.simulate.ttl import ttl_tables

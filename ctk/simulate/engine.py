@@ -48,6 +48,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
     shared_prefix_tokens: int = 0  # the system prompt every program starts with (always resident)
+    shared_prefixes: int = 1  # distinct such prompts resident (one per agent: ``workload.system_prompts``)
     max_fused_steps: int = 64  # decode steps fused into one event at most (1: no fusion)
 
 
@@ -134,7 +135,9 @@ class SimEngine:
         self.block_size = cfg.block_size
         self.total_blocks = cfg.num_blocks
         self.shared_blocks = cfg.shared_prefix_tokens // cfg.block_size
-        self.pool = BlockPool(cfg.num_blocks, cfg.block_size, reserved=self.shared_blocks)
+        self.pool = BlockPool(
+            cfg.num_blocks, cfg.block_size, reserved=self.shared_blocks * cfg.shared_prefixes
+        )
         self.waiting: deque[SimRequest] = deque()
         self.running: list[SimRequest] = []
         self.held: dict[str, SimRequest] = {}

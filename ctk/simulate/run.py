@@ -15,7 +15,7 @@ import heapq
 import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,7 @@ class SimConfig:
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     shared_prefix_tokens: int = 512  # the workload's system prompt
+    shared_prefixes: int = 1  # how many distinct ones stay resident (``ctk.measure.workload.system_prompts``)
     max_fused_steps: int = 64
     serve: dict[str, Any] = field(default_factory=dict)  # ServeConfig settings (ctk serve's knobs)
 
@@ -49,10 +50,15 @@ class SimConfig:
 CPU_PROFILE_KV_BYTES = 16 * 2**20
 
 
-def comparison_sim_config(cfg, profile: HardwareProfile, timing: ClientTiming | None = None) -> SimConfig:
+def comparison_sim_config(
+    cfg, profile: HardwareProfile, timing: ClientTiming | None = None, programs: Sequence | None = None
+) -> SimConfig:
     """The simulation of a policy comparison's configuration (``ctk.measure.compare.CompareConfig``): its
     arrivals, the server's KV cache (scaled from the profile's measured one) and ``max_num_seqs``; with
-    ``timing`` (measured in the real run), every turn's round trip and client gap drawn from it."""
+    ``timing`` (measured in the real run), every turn's round trip and client gap drawn from it; with the
+    replayed ``programs``, as many resident system prompts as the replay sent."""
+    from ctk.measure.workload import system_prompts
+
     kv = cfg.server.kv_cache_bytes
     return SimConfig(
         arrivals=Arrivals(
@@ -67,6 +73,7 @@ def comparison_sim_config(cfg, profile: HardwareProfile, timing: ClientTiming | 
         kv_blocks=None if kv == CPU_PROFILE_KV_BYTES else int(profile.kv_blocks * kv / CPU_PROFILE_KV_BYTES),
         max_num_seqs=cfg.server.max_num_seqs,
         shared_prefix_tokens=cfg.workload.system_prompt_tokens,
+        shared_prefixes=system_prompts(cfg.workload, programs) if programs is not None else 1,
     )
 
 
@@ -133,6 +140,7 @@ def make_engines(profile: HardwareProfile, cfg: SimConfig) -> list[SimEngine]:
         max_num_batched_tokens=cfg.max_num_batched_tokens or profile.max_num_batched_tokens,
         max_num_seqs=cfg.max_num_seqs or profile.max_num_seqs,
         shared_prefix_tokens=cfg.shared_prefix_tokens,
+        shared_prefixes=cfg.shared_prefixes,
         max_fused_steps=cfg.max_fused_steps,
     )
     return [SimEngine(ecfg, profile, name=f"engine-{i}") for i in range(cfg.replicas)]
