@@ -184,5 +184,5 @@ def test_profile_warnings_flag_a_stale_profile_and_off_decode_windows():
     assert profile_warnings(0.85, 0.9) == []
     stale = profile_warnings(2.14, 1.25)
     assert len(stale) == 2 and "re-derive" in stale[0] and "runs fast" in stale[1]
-    assert "runs slow" in profile_warnings(1.0, 0.8)[0]
+    assert "runs slow" in profile_warnings(1.0, 0.8)[0] and "derive cpu" in profile_warnings(1.0, 0.8)[0]
     assert len(profile_warnings(0.7)) == 1

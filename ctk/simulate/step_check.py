@@ -133,6 +133,9 @@ def profile_warnings(speed_factor: float, real_over_model: float | None = None) 
     if real_over_model is not None and abs(real_over_model - 1) > DECODE_WINDOW_TOLERANCE:
         out.append(
             f"the real decode windows ran {real_over_model:.2f}x the profile's time for the same steps: "
-            "the simulated engine runs " + ("fast" if real_over_model > 1 else "slow")
+            "the simulated engine runs "
+            + ("fast" if real_over_model > 1 else "slow")
+            + " on every arm alike (compare the arms' ratios, or re-derive the profile on this machine as it "
+            "runs: python -m ctk.simulate.derive cpu, twice, then derive cpu-fit)"
         )
     return out
