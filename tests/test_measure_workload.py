@@ -95,8 +95,6 @@ def test_one_system_prompt_for_all_when_not_per_source_and_the_count_the_simulat
     :func:`system_prompts` counts the distinct prompts a replay sends, the prefixes the simulator keeps
     resident (``SimConfig.shared_prefixes``)."""
     from ctk.measure.workload import ProgramSpec, first_prompt_ids, system_prompts
-    from ctk.simulate.profiles import load_profile
-    from ctk.simulate.run import comparison_sim_config
 
     specs = [ProgramSpec(f"p{i}", source=src, first_prompt_tokens=200) for i, src in enumerate("aab")]
     shared = WorkloadConfig(seed=1, system_prompt_tokens=64, system_prompt_per_source=False)
@@ -105,14 +103,6 @@ def test_one_system_prompt_for_all_when_not_per_source_and_the_count_the_simulat
     assert system_prompts(shared, specs) == 1
     per_source = WorkloadConfig(seed=1, system_prompt_tokens=64)
     assert system_prompts(per_source, specs) == 2 and system_prompts(per_source, specs[:2]) == 1
-
-    from ctk.measure.presets import bench_config
-
-    cfg = bench_config()
-    prof = load_profile("cpu", "tiny")
-    assert comparison_sim_config(cfg, prof, programs=specs).shared_prefixes == 2
-    cfg.workload.system_prompt_per_source = False
-    assert comparison_sim_config(cfg, prof, programs=specs).shared_prefixes == 1
 
 
 def test_empty_or_unusable_store_gives_a_clear_error(tmp_path):

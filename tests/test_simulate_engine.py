@@ -150,6 +150,19 @@ def test_every_agents_system_prompt_stays_resident():
     assert one.pool.num_free == 62 and three.pool.num_free == 58  # nothing left behind either way
 
 
+def test_a_comparisons_simulation_keeps_as_many_system_prompts_as_its_replay_sent():
+    from ctk.measure.presets import bench_config
+    from ctk.measure.workload import ProgramSpec
+    from ctk.simulate.run import comparison_sim_config
+
+    specs = [ProgramSpec(f"p{i}", source=src, first_prompt_tokens=200) for i, src in enumerate("aab")]
+    cfg = bench_config()
+    prof = load_profile("cpu", "tiny")
+    assert comparison_sim_config(cfg, prof, programs=specs).shared_prefixes == 2
+    cfg.workload.system_prompt_per_source = False
+    assert comparison_sim_config(cfg, prof, programs=specs).shared_prefixes == 1
+
+
 def test_token_budget_chunks_a_long_prefill_and_running_goes_first():
     e = SimEngine(EngineConfig(num_blocks=200, block_size=4, max_num_batched_tokens=16), flat_profile())
     long = SimRequest("long", "a", 40, 2, None)

@@ -48,7 +48,7 @@ from ctk.policy.events import (
     ToolObservation,
 )
 from ctk.policy.hints import RequestHints
-from ctk.policy.ordering import AgentSizes, SizeFirstOrder, SizeSource, build_order, resumed_turn
+from ctk.policy.ordering import SizeFirstOrder, SizeSource, build_order, resumed_turn
 from ctk.policy.price import MemoryPrice
 from ctk.policy.rules import PinRule
 from ctk.policy.waitlist import WaitingList
@@ -131,7 +131,7 @@ class PolicyCore:
         self._attained: dict[int, float] | None = self.order.attained if sized else None
         #: a new program's agent is read (``admit_order="agent"``): an engine adapter may derive one for a
         #: request naming none (``agent_prefix_tokens``)
-        self.reads_agent = isinstance(self._sizing, AgentSizes)
+        self.reads_agent = self._sizing is not None and self._sizing.reads_agent
         # programs' work is kept (a size source learning from it, or least attained service)
         self._work = (self._sizing is not None and self._sizing.learns) or self._attained is not None
         self.reorders = rule.program_fcfs

@@ -257,9 +257,11 @@ class SizeFirstOrder(ResumeFirstOrder):
 class SizeSource(Protocol):
     """Where :class:`SizeFirstOrder` gets a new program's size: ``size_of`` its first request's hints (None:
     unknown, after every sized program); ``finished`` is told each finished program's work (Σ its turns'
-    contexts / 1000) when ``learns``."""
+    contexts / 1000) when ``learns``; ``reads_agent``: the size is the agent's (an engine adapter may derive
+    the agent of a request naming none)."""
 
     learns: bool
+    reads_agent: bool
 
     def size_of(self, hints: RequestHints) -> float | None: ...
     def finished(self, agent: str | None, work: float) -> None: ...
@@ -269,6 +271,7 @@ class HintedSizes:
     """``admit_order="size"`` (a probe): the true total work a benchmark client sends (``program_size``)."""
 
     learns = False
+    reads_agent = False
 
     def size_of(self, hints: RequestHints) -> float | None:
         return hints.program_size
@@ -291,6 +294,7 @@ class AgentSizes:
 
     __slots__ = ("_sum", "_n", "_all_sum", "_all_n", "rounded")
     learns = True
+    reads_agent = True
 
     def __init__(self, rounded: bool = False) -> None:
         self.rounded = rounded
