@@ -465,7 +465,7 @@ def run_scale(
     per finish, the time in ``_free_blocks`` (where ctk decides a pin). Prints ctk minus stock (inside the
     noise of a 40 ms CPU step), and ctk's own time in its driver calls and the door's conversions, per step
     and per finished request, with a PASS/FAIL line each against the targets (<= 50 us each,
-    :data:`SCALE_TARGET_US`)."""
+    :data:`SCALE_TARGET_US`), and the per-step time by the step's events (:func:`by_events`)."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.gc_utils import freeze_gc_heap
     from vllm.v1.core.sched.scheduler import Scheduler
@@ -500,6 +500,8 @@ def run_scale(
     gc_step: list[float] = []  # of ctk's own time, the cyclic garbage collector's runs inside its calls
     gc_finish: list[float] = []
     gc_runs: list[int] = []  # collections during ctk's measured steps, inside its calls or not
+    # ctk rounds: per measured step, ctk's own time (us), the arrivals added after it, its first admissions
+    step_events: list[list[tuple[float, int, int]]] = []
     calls = _CallRanks() if by_call else None
     for r in range(rounds):
         for name in ("stock", "ctk") if r % 2 == 0 else ("ctk", "stock"):
@@ -574,9 +576,11 @@ def run_scale(
             done = len(loop.stats.finished)
             if calls is not None:
                 calls.on = name == "ctk"
+            events: list[tuple[float, int, int]] = []
             for _ in range(steps):
                 if calls is not None:
                     calls.rank.clear()  # a new step: the next call of each hook is its first
+                own_before, admitted_before = own["step"] - moved["step"], loop.stats.admitted
                 t0 = time.perf_counter()
                 loop.step()
                 finished = loop.stats.finished[done:]
@@ -587,12 +591,15 @@ def run_scale(
                 for request in arrivals:
                     s.add_request(request)
                 total += time.perf_counter() - t0 - (t2 - t1)
+                own_us = (own["step"] - moved["step"] - own_before) * 1e6
+                events.append((own_us, len(arrivals), loop.stats.admitted - admitted_before))
             gc.callbacks.remove(gc_clock)
             if calls is not None:
                 calls.on = False
             per_step[name].append((total - free_time[0]) / steps * 1e6)
             per_finish[name].append(free_time[0] / max(1, free_time[1]) * 1e6)
             if name == "ctk":
+                step_events.append(events)
                 own_step.append((own["step"] - moved["step"]) / steps * 1e6)
                 own_finish.append((own["finish"] - moved["finish"]) / max(1, free_time[1]) * 1e6)
                 gc_step.append(gc_clock.total["step"] / steps * 1e6)
@@ -626,6 +633,7 @@ def run_scale(
         f"{statistics.median(gc_finish):.1f} us/finish ({min(gc_finish):.1f}..{max(gc_finish):.1f}); "
         f"collections in a round's measured steps: median {statistics.median(gc_runs):.0f}"
     )
+    print("  " + by_events(step_events))
     if calls is not None:
         print("by call (ctk rounds, median us): first call of the hook in a step / later calls")
         for name in sorted({n for n, _ in calls.times}):
@@ -639,6 +647,25 @@ def run_scale(
             f"{verdict}: ctk's own time per {what} {med:.1f} us "
             f"(target <= {SCALE_TARGET_US:.0f} us; median over {rounds} rounds)"
         )
+
+
+#: ``--scale``: the steps are grouped by their events (arrivals after the step + first admissions in it)
+EVENT_GROUPS = ((0, 0), (1, 3), (4, 6), (7, 9), (10, 1_000_000))
+
+
+def by_events(step_events: list[list[tuple[float, int, int]]]) -> str:
+    """ctk's own time per step by the step's events (arrivals added after it + its first admissions): median
+    and count of the ctk rounds' steps in each of :data:`EVENT_GROUPS`. A step with no event pays the
+    per-step work alone (the pins' deadlines, the waiting order's check); each event adds its own work, and
+    the first event of each kind in a step pays for touching its code again after vLLM's step."""
+    steps = [(us, arrivals + admissions) for ev in step_events for us, arrivals, admissions in ev]
+    parts = []
+    for lo, hi in EVENT_GROUPS:
+        group = [us for us, n in steps if lo <= n <= hi]
+        if group:
+            label = str(lo) if lo == hi else (f"{lo}-{hi}" if hi < 1_000_000 else f">={lo}")
+            parts.append(f"{label} events {statistics.median(group):.0f} us (n={len(group)})")
+    return "by events in the step (arrivals + first admissions), median: " + ", ".join(parts)
 
 
 class GcClock:

@@ -108,7 +108,7 @@ def test_the_class_ctk_serve_passes_keeps_both_batches_of_async_scheduling_busy(
         loop = em.EngineLoop(s, depth)
         loop.add(make(f"r{i}", [rng.randrange(10, 1000) for _ in range(300)], 32) for i in range(8))
         stats = loop.run()
-        assert len(stats.finished) == 8 and stats.steps <= 36, stats
+        assert len(stats.finished) == 8 and stats.admitted == 8 and stats.steps <= 36, stats
         s.shutdown()
     # a class of the other mode is refused at construction, in one line
     from ctk.engine_patch.scheduler import CTKScheduler

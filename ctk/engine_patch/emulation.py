@@ -104,6 +104,7 @@ class LoopStats:
     schedule_calls: int = 0
     empty_schedules: int = 0  # schedule() calls that scheduled no token
     steps: int = 0  # model outputs fed back
+    admitted: int = 0  # requests scheduled for the first time (vLLM's scheduled_new_reqs)
     finished: list[str] = field(default_factory=list)
 
 
@@ -140,6 +141,7 @@ class EngineLoop:
         if sched.has_requests():
             out = sched.schedule()
             self.stats.schedule_calls += 1
+            self.stats.admitted += len(out.scheduled_new_reqs)
             executed = out.total_num_scheduled_tokens > 0
             self.stats.empty_schedules += not executed
             queue.appendleft((out, self._model_output(out)))
