@@ -10,10 +10,11 @@ turn arrives (that turn is admitted whatever the gate says). A new program's fir
 younger ones: no small program overtakes a large one, so none starves), and with nothing in the working set
 the oldest always passes (an idle engine never waits on the gate).
 
-Measured (README, "What ctk optimises", 3 seeds): it trades throughput for the resume tail. Room kept for
-programs in tool calls is memory no running batch uses; it pays where a re-prefill is dear (H100x4 70B past
-the knee: mean JCT 2-7% lower in 5 of 6 runs, 1% higher in one) and costs where decode attention bounds the
-engine (H100 8B: 0-3% higher); the p99 resume TTFT falls 6-35x past the knee.
+Measured (docs/measurements.md, "What ctk optimises": "Working-set admission, measured", 3 seeds): it trades
+throughput for the resume tail. Room kept for programs in tool calls is memory no running batch uses; it pays
+where a re-prefill is dear (H100x4 70B past the knee: mean JCT 2-7% lower in 5 of 6 runs, 1% higher in one)
+and costs where decode attention bounds the engine (H100 8B: 0-3% higher); the p99 resume TTFT falls 6-35x
+past the knee.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ plain FCFS would give, measured online (:class:`FCFSWaits`): FCFS admits the k-t
 the k-th admission with the k-th arrival measures, at the engine's real throughput, the wait the k-th
 request would have had under FCFS. A request may be overtaken by younger programs until it has waited as long
 as FCFS's own tail wait, and then it goes first: program ordering is bounded by FCFS's own tail (pins, which
-hold memory, can still lengthen the waits: the README has the measured tails), and there is no constant
-floor (``age_min_s`` 0 by default) — when nothing queues the bound is ~0 and the order is plain FCFS.
+hold memory, can still lengthen the waits: docs/measurements.md has the measured tails), and there is no
+constant floor (``age_min_s`` 0 by default) — when nothing queues the bound is ~0 and the order is plain FCFS.
 Continuum's strict program FCFS is ``age_factor = inf``.
 
 Why a tail quantile and not the mean: under overload most requests wait about the mean, so a bound at the
@@ -23,8 +23,8 @@ to return.
 
 The bound is on the wait and stock's p99 TTFT on the TTFT: a request at the bound still waits behind the
 other overdue ones and, its pin gone, pays its whole prefill, so the tail lands near stock's, not under it.
-``bench/tail_frontier.py`` measures the frontier of mean JCT against p99 TTFT over ``age_factor``; the
-README ("Where ctk stands") has the figures.
+``bench/tail_frontier.py`` measures the frontier of mean JCT against p99 TTFT over ``age_factor``;
+docs/measurements.md ("Where ctk stands") has the figures.
 """
 
 from __future__ import annotations
@@ -324,7 +324,8 @@ class AgentSizes:
 
 #: ``admit_order`` -> how :class:`SizeFirstOrder` sizes new programs. ``"arrival"`` is not here: the order is
 #: then :class:`ResumeFirstOrder`, or, with ``resume_order="attained"``, a size order by the ``program_size``
-#: hint when a client sends one (the probe as the README measured it) and program order otherwise.
+#: hint when a client sends one (the probe as docs/measurements.md, "Admission by program size, measured", has
+#: it) and program order otherwise.
 SIZE_SOURCES: dict[str, Callable[[bool], SizeSource]] = {
     "size": lambda rounded: HintedSizes(),
     "agent": lambda rounded: AgentSizes(rounded),

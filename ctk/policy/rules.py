@@ -477,7 +477,8 @@ class TTLRule:
 
     def budget_value(self, pin: Pin, now: float) -> float:
         """Under the pin budget a new pin displaces held ones for as long as it holds: the whole TTL (the
-        valve's horizon judged there made a new program's p99 TTFT below the knee worse, README)."""
+        valve's horizon judged there made a new program's p99 TTFT below the knee worse, docs/measurements.md,
+        "The valve's horizon")."""
         return value_by_cdf(pin, now)
 
 
