@@ -86,8 +86,9 @@ def test_targets_met_missed_and_unsettled_when_the_threshold_is_inside_the_sprea
     assert t["ttl_mean_jct_x_vs_progress-ttl >= 1.05"]["met"] is None  # not run: not measured
     oracle = t["oracle_mean_jct_x_vs_best_other >= 0.97"]
     assert oracle["met"] is True and oracle["value"] == pytest.approx((1.0 + 14 / 12) / 2)
-    ttft = t["ttl_p99_ttft_x_vs_vllm >= 1.00"]
-    assert ttft["min"] == pytest.approx(0.4 / 0.6) and ttft["max"] == pytest.approx(2.0)
+    ttft = _two_rounds().figures()["ttl"]["spread"]["p99_ttft_x_vs_vllm"]  # shown with its spread, not judged
+    assert ttft == [pytest.approx(0.4 / 0.6), pytest.approx(2.0)]
+    assert "ttl_p99_ttft_x_vs_vllm >= 1.00" not in t
     # a policy slower than the oracle by more than 3% makes the oracle miss
     slow_oracle = check_targets(
         median_figures([round_figures({"vllm": {"mean_jct_s": 10.0}, "oracle": {"mean_jct_s": 10.4}})])
@@ -170,7 +171,10 @@ def test_presets():
     # the demo: every arm valid, no progress-ttl (its 100-gap window never fills in the demo's few turns)
     demo.validate()
     assert "progress-ttl" not in demo.policies and set(demo.policies) < set(POLICY_NAMES)
-    assert demo.workload.n_programs * demo.workload.max_turns < 100
+    # all programs in flight on a cache that holds a fraction of them (the pressure pins need), a few minutes
+    assert demo.replay.concurrency == demo.workload.n_programs
+    assert demo.workload.n_programs * demo.workload.max_turns <= 120
+    assert demo.server.kv_cache_bytes < default.server.kv_cache_bytes
     with pytest.raises(CompareError, match="long-tail"):
         preset("huge")
     # mixed-agents: two agents' programs arrive open loop, so new programs queue in the engine

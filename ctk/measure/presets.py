@@ -71,14 +71,16 @@ def bench_config(full: bool = False, seed: int = 0) -> CompareConfig:
 
 
 def demo_config(seed: int = 0) -> CompareConfig:
-    """``make demo``: a few short programs per policy, the whole loop under 10 minutes."""
+    """``make demo``: 12 programs of up to 10 turns, all in flight, on a KV cache that holds about a sixth of
+    their contexts (the pressure of ``bench/policies.py --concurrency 16``, smaller): stock vLLM evicts a
+    pausing program's blocks, so the policies differ. About 5 minutes for the whole loop on 2 cores."""
     cfg = bench_config(full=False, seed=seed)
     cfg.policies = list(DEMO_POLICIES)
-    cfg.workload.n_programs = 8
-    cfg.workload.max_turns = 8
-    cfg.workload.max_context_tokens = 3072
-    cfg.replay.concurrency = 4
-    cfg.server.kv_cache_bytes = 8 * 2**20  # about 4,000 tokens for 4 programs of up to 3,000
+    cfg.workload.n_programs = 12
+    cfg.workload.max_turns = 10
+    cfg.workload.max_context_tokens = 4096
+    cfg.replay.concurrency = 12
+    cfg.server.kv_cache_bytes = 12 * 2**20  # about 6,000 tokens for 12 programs of up to 4,096
     return cfg
 
 
