@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import random
 import statistics
@@ -650,7 +651,7 @@ def run_scale(
 
 
 #: ``--scale``: the steps are grouped by their events (arrivals after the step + first admissions in it)
-EVENT_GROUPS = ((0, 0), (1, 3), (4, 6), (7, 9), (10, 1_000_000))
+EVENT_GROUPS = ((0, 0), (1, 3), (4, 6), (7, 9), (10, math.inf))
 
 
 def by_events(step_events: list[list[tuple[float, int, int]]]) -> str:
@@ -663,7 +664,7 @@ def by_events(step_events: list[list[tuple[float, int, int]]]) -> str:
     for lo, hi in EVENT_GROUPS:
         group = [us for us, n in steps if lo <= n <= hi]
         if group:
-            label = str(lo) if lo == hi else (f"{lo}-{hi}" if hi < 1_000_000 else f">={lo}")
+            label = str(lo) if lo == hi else (f">={lo}" if math.isinf(hi) else f"{lo}-{hi}")
             parts.append(f"{label} events {statistics.median(group):.0f} us (n={len(group)})")
     return "by events in the step (arrivals + first admissions), median: " + ", ".join(parts)
 

@@ -84,7 +84,7 @@ def test_ratios_oracle_gain_and_targets():
     )
     t = slow.targets()
     assert t["ttl_mean_jct_x_vs_vllm >= 1.15"]["met"] is False
-    assert t["ttl_p99_resume_ttft_x_vs_vllm >= 1.00"]["met"] is not None
+    assert t["ttl_p99_resume_ttft_x_vs_vllm >= 1.00"]["met"] is False  # resumed turns 0.6 s against 0.4
     # the request-level p99 TTFT is shown, not judged (issue 22: the resume TTFT is the guard)
     assert not any(name.startswith("ttl_p99_ttft") for name in t)
     assert t["ttl_oracle_gain_captured >= 0.80"]["value"] is None  # no oracle run

@@ -78,7 +78,8 @@ def test_a_round_without_a_policy_counts_only_the_rounds_that_ran():
 
 
 def test_targets_met_missed_and_unsettled_when_the_threshold_is_inside_the_spread():
-    t = _two_rounds().targets()
+    comp = _two_rounds()
+    t = comp.targets()
     vs_vllm = t["ttl_mean_jct_x_vs_vllm >= 1.15"]
     assert vs_vllm["met"] is True and vs_vllm["unsettled"] is False  # 1.43 and 1.43: both rounds meet it
     vs_cont = t["ttl_mean_jct_x_vs_continuum >= 1.10"]
@@ -86,7 +87,7 @@ def test_targets_met_missed_and_unsettled_when_the_threshold_is_inside_the_sprea
     assert t["ttl_mean_jct_x_vs_progress-ttl >= 1.05"]["met"] is None  # not run: not measured
     oracle = t["oracle_mean_jct_x_vs_best_other >= 0.97"]
     assert oracle["met"] is True and oracle["value"] == pytest.approx((1.0 + 14 / 12) / 2)
-    ttft = _two_rounds().figures()["ttl"]["spread"]["p99_ttft_x_vs_vllm"]  # shown with its spread, not judged
+    ttft = comp.figures()["ttl"]["spread"]["p99_ttft_x_vs_vllm"]  # shown with its spread, not judged
     assert ttft == [pytest.approx(0.4 / 0.6), pytest.approx(2.0)]
     assert "ttl_p99_ttft_x_vs_vllm >= 1.00" not in t
     # a policy slower than the oracle by more than 3% makes the oracle miss
