@@ -497,6 +497,7 @@ def run_scale(
     per_step: dict[str, list[float]] = {"stock": [], "ctk": []}
     per_finish: dict[str, list[float]] = {"stock": [], "ctk": []}
     own_step: list[float] = []
+    queue_us: dict[str, list[float]] = {"stock": [], "ctk": []}  # the waiting queue's methods, per step
     own_finish: list[float] = []
     gc_step: list[float] = []  # of ctk's own time, the cyclic garbage collector's runs inside its calls
     gc_finish: list[float] = []
@@ -560,6 +561,13 @@ def run_scale(
                     (s.ctk_door, "end_of", "finish"),
                 ):
                     setattr(obj, method, _timed(getattr(obj, method), own, part, calls, method, ctx))
+            # the waiting queue's methods vLLM calls (ctk's keeps the policy's order: counted as ctk's own
+            # time, whole, outside ctk's other calls; stock's FCFS deque timed the same way, for reference)
+            queue_time = {"step": 0.0}
+            for method in QUEUE_METHODS:
+                queue_calls = calls if name == "ctk" else None
+                timed_method = _queue_timed(getattr(s.waiting, method), queue_time, ctx, queue_calls, method)
+                setattr(s.waiting, method, timed_method)
             loop = em.EngineLoop(s, token=token)
             loop.add(load.new_program() for _ in range(waiting + running))
             warm = 0
@@ -573,6 +581,7 @@ def run_scale(
             own.update(step=0.0, finish=0.0)
             moved.update(step=0.0, finish=0.0, n=0)
             gc_clock.reset()
+            queue_time["step"] = 0.0
             gc.callbacks.append(gc_clock)
             done = len(loop.stats.finished)
             if calls is not None:
@@ -581,7 +590,8 @@ def run_scale(
             for _ in range(steps):
                 if calls is not None:
                     calls.rank.clear()  # a new step: the next call of each hook is its first
-                own_before, admitted_before = own["step"] - moved["step"], loop.stats.admitted
+                own_before = own["step"] - moved["step"] + (queue_time["step"] if name == "ctk" else 0.0)
+                admitted_before = loop.stats.admitted
                 t0 = time.perf_counter()
                 loop.step()
                 finished = loop.stats.finished[done:]
@@ -592,16 +602,17 @@ def run_scale(
                 for request in arrivals:
                     s.add_request(request)
                 total += time.perf_counter() - t0 - (t2 - t1)
-                own_us = (own["step"] - moved["step"] - own_before) * 1e6
+                own_us = (own["step"] - moved["step"] + queue_time["step"] - own_before) * 1e6
                 events.append((own_us, len(arrivals), loop.stats.admitted - admitted_before))
             gc.callbacks.remove(gc_clock)
             if calls is not None:
                 calls.on = False
             per_step[name].append((total - free_time[0]) / steps * 1e6)
             per_finish[name].append(free_time[0] / max(1, free_time[1]) * 1e6)
+            queue_us[name].append(queue_time["step"] / steps * 1e6)
             if name == "ctk":
                 step_events.append(events)
-                own_step.append((own["step"] - moved["step"]) / steps * 1e6)
+                own_step.append((own["step"] - moved["step"] + queue_time["step"]) / steps * 1e6)
                 own_finish.append((own["finish"] - moved["finish"]) / max(1, free_time[1]) * 1e6)
                 gc_step.append(gc_clock.total["step"] / steps * 1e6)
                 gc_runs.append(gc_clock.runs)
@@ -627,6 +638,11 @@ def run_scale(
         f"{statistics.median(own_step):.1f} us/step ({min(own_step):.1f}..{max(own_step):.1f}), "
         f"{statistics.median(own_finish):.1f} us/finish ({min(own_finish):.1f}..{max(own_finish):.1f}); "
         "targets <= 50 us each"
+    )
+    print(
+        f"  of which the waiting queue's methods vLLM calls: {statistics.median(queue_us['ctk']):.1f} us/step"
+        " "
+        f"(stock's FCFS queue: {statistics.median(queue_us['stock']):.1f} us/step)"
     )
     print(
         f"  of which Python's cyclic garbage collector, run inside ctk's calls: "
@@ -710,6 +726,38 @@ class _CallRanks:
         first = name not in self.rank
         self.rank.add(name)
         self.times.setdefault((name, first), []).append(dt)
+
+
+#: ``--scale``: the waiting queue's methods vLLM's scheduler calls (``RequestQueue``'s API), timed.
+QUEUE_METHODS = (
+    "add_request",
+    "pop_request",
+    "peek_request",
+    "prepend_request",
+    "prepend_requests",
+    "remove_request",
+    "remove_requests",
+)
+
+
+def _queue_timed(fn, acc: dict[str, float], ctx: dict, calls: _CallRanks | None = None, name: str = ""):
+    """A waiting-queue method timed into ``acc["step"]``, unless called inside a timed ctk call (counted
+    there: the driver re-keys through the queue in ``step_begin``)."""
+    clock = time.perf_counter
+
+    def timed(*args):
+        if ctx["inside"]:
+            return fn(*args)
+        t0 = clock()
+        try:
+            return fn(*args)
+        finally:
+            dt = clock() - t0
+            acc["step"] += dt
+            if calls is not None:
+                calls.add("queue." + name, dt)
+
+    return timed
 
 
 def _timed(

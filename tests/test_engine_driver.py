@@ -81,22 +81,57 @@ def test_stock_policy_tracks_nothing_and_keeps_vllm_order(engine_llm, sched, mon
     assert sched.ctk.stats.pins_created == 0 and sched.ctk_pinned_request_ids() == []
 
 
-def test_program_order_goes_through_the_request_queue(engine_llm, sched):
-    """vLLM's own waiting-queue seam: a RequestQueue subclass re-ordered in place by the policy."""
+def _add(eng, rng, rid: str, program: str) -> None:
+    prompt = {"prompt_token_ids": [rng.randrange(10, 4000) for _ in range(50)]}
+    eng.add_request(rid, prompt, _params(1, program_id=program))
+
+
+def test_strict_order_is_kept_by_the_request_queue_itself(engine_llm, sched):
+    """Without an age bound (ttl's default) the order's keys are fixed while a request waits: vLLM's queue
+    holds its requests in that order as they arrive (no re-order per step); a program that gains a pin has
+    its waiting request moved before the next step."""
+    from vllm.v1.core.sched.request_queue import RequestQueue
+
+    queue = sched.waiting
+    assert isinstance(queue, RequestQueue) and type(queue).__name__ == "KeyedRequestQueue"
+    eng = engine_llm.llm_engine
+    rng = random.Random(23)
+    for rid, prog in (("k-a1", "ka"), ("k-b1", "kb"), ("k-a2", "ka"), ("k-c1", "kc"), ("k-b2", "kb")):
+        _add(eng, rng, rid, prog)
+    assert len(sched.ctk_driver.requests) == 5  # the arrivals went through the driver
+    # resumed turns (a program seen before) first, by arrival; then new programs, by arrival
+    order = [r.request_id for r in queue]  # (vLLM appends a suffix to each id)
+    assert [rid.split("-")[1] for rid in order] == ["a2", "b2", "a1", "b1", "c1"]
+    assert len(queue) == 5 and queue.peek_request().request_id == order[0]
+    assert queue.head_demand(2) == (2, sum(r.num_tokens for r in list(queue)[:2]))
+    assert queue.head_demand(4) == (4, sum(r.num_tokens for r in list(queue)[:4]))
+    # the order class sorts the same queue the same way (what the mirror applies under an age bound)
+    core = sched.ctk
+    assert core.order.order([core._order_inputs(rid) for rid in order], 0.0)[0] == [0, 1, 2, 3, 4]
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert len(queue) == 0
+
+
+def test_age_bounded_order_goes_through_the_request_queue(engine_llm, sched):
+    """With an age bound the keys change with time: vLLM's FIFO queue is re-ordered in place by the policy
+    (the core's mirror); switching back to strict order keeps the waiting requests, in the policy's order."""
     from vllm.v1.core.sched.request_queue import FCFSRequestQueue, RequestQueue
 
+    sched.ctk_reconfigure(policy="ttl", age_bound=True)
     queue = sched.waiting
     assert isinstance(queue, FCFSRequestQueue) and isinstance(queue, RequestQueue)
     assert type(queue).__name__ == "ProgramOrderQueue" and sched.ctk_door.reorders_waiting
     eng = engine_llm.llm_engine
     rng = random.Random(23)
     for rid, prog in (("q-a1", "qa"), ("q-b1", "qb"), ("q-a2", "qa")):
-        prompt = {"prompt_token_ids": [rng.randrange(10, 4000) for _ in range(50)]}
-        eng.add_request(rid, prompt, _params(1, program_id=prog))
+        _add(eng, rng, rid, prog)
     ids = sched.ctk_door.waiting_ids()
     assert len(ids) == 3 and len(sched.ctk_driver.requests) == 3  # the arrivals went through the driver
     queue.reorder([2, 0, 1])
     assert sched.ctk_door.waiting_ids() == [ids[2], ids[0], ids[1]] and len(queue) == 3
+    sched.ctk_reconfigure(policy="ttl", age_bound=False)  # strict again: the queue keeps the order itself
+    assert type(sched.waiting).__name__ == "KeyedRequestQueue" and len(sched.waiting) == 3
     while eng.has_unfinished_requests():
         eng.step()
 

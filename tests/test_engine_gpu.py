@@ -248,6 +248,63 @@ def test_the_waiting_demand_sums_follow_every_queue_move(engine_llm):
 
 
 @pytest.mark.engine
+def test_the_keyed_queue_stays_in_key_order_through_every_queue_move(engine_llm):
+    """``KeyedRequestQueue`` against a sorted list of the same keys, through vLLM's queue moves (arrivals,
+    admissions from the head, skipped and preempted requests put back, removals) and the policy's re-keys;
+    requests without a key go last in arrival order; the head's demand against a walk."""
+    from ctk.engine_patch.emulation import RequestMaker
+    from ctk.engine_patch.vllm_door import keyed_queue_class
+    from ctk.policy.driver import head_demand
+
+    make = RequestMaker(scheduler_of(engine_llm).vllm_config, GPU_BLOCK)
+    rng = random.Random(6)
+    keys: dict[str, tuple] = {}  # the policy's keys (None for an unknown request: not in the dict)
+    q = keyed_queue_class()(keys.get)
+    made, seq, unknown, moved = 0, 0, 0, 0
+
+    def new_key() -> tuple:
+        nonlocal seq
+        seq += 1
+        return (rng.choice((1, 2, 3, 3, 4)), rng.choice((rng.random(), float(seq))), seq)
+
+    for _ in range(600):
+        op = rng.random()
+        if op < 0.4 or not q:
+            made += 1
+            rid = f"k{made}"
+            if rng.random() < 0.9:
+                keys[rid] = new_key()
+            else:
+                unknown += 1
+            q.add_request(make(rid, [7] * rng.randrange(1, 300), 1))
+        elif op < 0.6:
+            assert q.peek_request() is q.pop_request()
+        elif op < 0.75:  # skipped (back as it was: the head again) or preempted (back with a new key)
+            r = q.pop_request()
+            skipped = rng.random() < 0.5 or r.request_id not in keys
+            if not skipped:
+                keys[r.request_id] = new_key()
+            q.prepend_requests([r])
+            if skipped:
+                assert q.peek_request() is r
+        elif op < 0.82:
+            q.remove_request(rng.choice(list(q)))
+        else:  # programs gained or lost a pin: new keys, the queue told
+            ids = [r.request_id for r in q if r.request_id in keys and rng.random() < 0.1]
+            for rid in ids:
+                keys[rid] = new_key()
+            q.rekey(ids + ["gone"])
+            moved += len(ids)
+        ids = [r.request_id for r in q]
+        known = [rid for rid in ids if rid in keys]
+        assert known == sorted(known, key=keys.__getitem__) and ids[: len(known)] == known
+        assert len(q) == len(ids) and bool(q) == bool(ids)
+        slots = rng.randrange(0, len(q) + 3)
+        assert q.head_demand(slots) == head_demand((r.num_tokens - r.num_computed_tokens for r in q), slots)
+    assert unknown > 10 and moved > 20
+
+
+@pytest.mark.engine
 def test_the_waiting_demand_is_not_summed_when_free_memory_holds_every_free_slot_s_context(
     engine_llm, ttl_model_file
 ):
@@ -437,9 +494,11 @@ def test_the_gpu_smoke_test_says_no_gpu_here_and_exits_2():
 def test_the_waiting_queue_is_in_program_order_at_every_step_through_preemptions(
     engine_llm, ttl_model_file, bounded
 ):
-    """The order kept between steps (``WaitingList``) against the full sort of every step's queue, in vLLM's
-    own scheduler with a KV cache small enough to preempt: arrivals, admissions, pins, preempted requests put
-    back at the front (then the driver sorts the whole queue once and goes on from there)."""
+    """The order kept between steps against the full sort of every step's queue, in vLLM's own scheduler with
+    a KV cache small enough to preempt: arrivals, admissions, pins, preempted requests put back. Strict order:
+    vLLM's queue keeps the order itself (``KeyedRequestQueue``: a preempted request goes back to its key's
+    place, a program's pin moves its waiting requests before the next step). Bounded: the core's mirror
+    (``WaitingList``; a preempted request put back at the front makes the driver sort the whole queue)."""
     from ctk.engine_patch import emulation as em
     from ctk.engine_patch.scheduler import CTKScheduler
 
@@ -452,13 +511,14 @@ def test_the_waiting_queue_is_in_program_order_at_every_step_through_preemptions
         s.ctk_driver.core.order.relax(0.5)
     make, loop, rng = em.RequestMaker(cfg, GPU_BLOCK), em.EngineLoop(s), random.Random(3)
     driver, door, core = s.ctk_driver, s.ctk_door, s.ctk_driver.core
-    checked = []
+    checked, keyed = [], []
     step_begin = driver.step_begin
 
     def step_begin_then_check(now):
         step_begin(now)
-        if not core.waitlist.valid:
+        if core.waitlist is not None and not core.waitlist.valid:
             return  # the queue changed behind ctk's back and nothing asked for a re-sort (the old rule)
+        keyed.append(core.waitlist is None)  # vLLM's queue keeps the order itself (no age bound)
         ids = door.waiting_ids()
         items = [core._order_inputs(r) for r in ids]
         order, _ = core.order.order(items, now)
@@ -485,3 +545,34 @@ def test_the_waiting_queue_is_in_program_order_at_every_step_through_preemptions
     assert len(preempts) >= 5 and core.stats.pins_created > 0
     assert sum(1 for n in checked if n > 1) > 500  # the order was checked on real queues
     assert bounded == (core.order.age_bound_s < float("inf"))
+    # strict order: every step in vLLM's queue that holds the order itself; bounded: in the mirrored one
+    assert keyed and all(keyed) != bounded and any(keyed) != bounded
+
+
+@pytest.mark.engine
+def test_strict_order_relaxed_hands_the_queue_back_to_the_mirror(engine_llm, ttl_model_file):
+    """Strict order relaxes to the age bound when the pins' programs mostly return elsewhere (behind a
+    round-robin router): the keys then change with time, so vLLM's queue goes back to FIFO in the order it
+    held, and the core's mirror orders it from that step on."""
+    from ctk.engine_patch import emulation as em
+    from ctk.engine_patch.scheduler import CTKScheduler
+
+    settings = {"policy": "ttl", "ttl_model": str(ttl_model_file), "online": False}
+    base = scheduler_of(engine_llm).vllm_config
+    cfg = em.engine_config(base, async_scheduling=False, ctk=settings, max_num_seqs=2)
+    s = em.build_scheduler(CTKScheduler, cfg, em.kv_layout(400, GPU_BLOCK), GPU_BLOCK)
+    make, loop, rng = em.RequestMaker(cfg, GPU_BLOCK), em.EngineLoop(s), random.Random(8)
+    core = s.ctk_driver.core
+    for i, prog in enumerate("abcadbec"):
+        prompt = [rng.randrange(10, 1000) for _ in range(40)]
+        loop.add([make(f"x{i}", prompt, 30, extra_args={"program_id": prog})])
+    assert type(s.waiting).__name__ == "KeyedRequestQueue" and core.waitlist is None
+    held = [r.request_id for r in s.waiting]
+    core.returns.share = 0.1  # the pins' programs came back elsewhere
+    loop.step()
+    assert type(s.waiting).__name__ == "ProgramOrderQueue" and core.waitlist is not None
+    assert core.order.age_factor < float("inf")
+    left = [r.request_id for r in s.waiting]
+    assert left == [rid for rid in held if rid in left] and len(left) == len(held) - 2  # two admitted
+    loop.run()
+    assert not s.waiting and not s.running

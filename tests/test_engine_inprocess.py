@@ -269,7 +269,7 @@ def test_async_scheduler_pins_and_hits_through_the_same_mixin(engine_llm, sched)
         block_size=sched.block_size,
     )
     s.ctk_reconfigure(policy="ttl", ttl_model=sched.ctk.config.ttl_model, online=False)
-    assert type(s.waiting).__name__ == "ProgramOrderQueue" and s.ctk_door.total_blocks == all_blocks(s)
+    assert type(s.waiting).__name__ == "KeyedRequestQueue" and s.ctk_door.total_blocks == all_blocks(s)
     rng = random.Random(9)
     first = toks(rng)
 

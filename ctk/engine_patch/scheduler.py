@@ -146,10 +146,10 @@ class CTKSchedulerMixin:
             return self._ctk_add_request(request)
         door = self.ctk_door
         rid = request.request_id
-        is_new = not door.is_known(rid)  # a streaming update of a known request is not an arrival
-        self._ctk_add_request(request)
-        if is_new:
+        if not door.is_known(rid):  # (a streaming update of a known request is not an arrival)
+            # told before vLLM queues it: a queue that keeps the policy's order asks the core for its key
             driver.request_added(rid, door.hints(request), _now(), request.num_prompt_tokens)
+        self._ctk_add_request(request)
 
     def schedule(self, throttle_prefills: bool = False):
         # (vLLM's SchedulerInterface signature: no *args/**kwargs to pack and unpack every step)

@@ -46,6 +46,7 @@ import sys
 import threading
 import time
 import weakref
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -542,6 +543,162 @@ def program_order_queue_class():
 ProgramOrderQueue = None
 _new = object.__new__
 
+#: :class:`KeyedRequestQueue`'s class of a request the policy does not know: after every keyed class
+#: (``ctk.policy.ordering``'s keys have classes 0-4).
+UNKNOWN_CLASS = 5
+
+
+def keyed_queue_class():
+    """:class:`KeyedRequestQueue`, built on first use (it subclasses a vLLM class)."""
+    global KeyedRequestQueue
+    if KeyedRequestQueue is None:
+        from vllm.v1.core.sched.request_queue import RequestQueue
+
+        class _KeyedRequestQueue(RequestQueue):
+            """vLLM's waiting queue holding its requests in the policy's scheduling order by itself: a
+            request gets its key (``key_of(request_id)``: the order class's key, fixed while it waits; None
+            for a request the policy does not know, which goes last in arrival order) when it enters, and
+            vLLM takes the head. Used while the order has no age bound (the policy's keys never change with
+            time): no per-step order, no mirror of the queue. See ``PolicyDriver``.
+
+            One sorted segment of (key, request) per key class (the key's first item); an arrival that sorts
+            last in its class is an append (every arrival under ``ResumeFirstOrder``: its classes grow with
+            arrival), others are bisected in. A skipped or preempted request put back goes to its key's
+            place (for one taken from the head: the head again). :meth:`rekey` moves the requests whose
+            program gained or lost a pin; never while vLLM walks the queue (the driver calls it before the
+            step). Each class keeps the sum of its requests' uncomputed tokens (each request's counted
+            as the requests entered, so the demand of the head is whole classes plus a walk of one from its
+            nearer end."""
+
+            def __init__(self, key_of):
+                self.key_of = key_of
+                self._segments = tuple(deque() for _ in range(UNKNOWN_CLASS + 1))
+                self._tokens = [0] * (UNKNOWN_CLASS + 1)  # per class: its requests' uncomputed tokens
+                self._key: dict[str, tuple] = {}  # request id -> key, for the requests in the queue
+                self._seq = 0  # the unknown class's keys: (UNKNOWN_CLASS, seq), appended ...
+                self._front = 0  # ... or put back at its front (a decreasing seq)
+
+            def add_request(self, request) -> None:
+                rid = request.request_id
+                key = self.key_of(rid)
+                if key is None:
+                    self._seq += 1
+                    key = (UNKNOWN_CLASS, self._seq)
+                c = key[0]
+                seg = self._segments[c]
+                tokens = len(request._all_token_ids) - request.num_computed_tokens
+                if not seg or key > seg[-1][0]:
+                    seg.append((key, request, tokens))
+                else:
+                    seg.insert(bisect_left(seg, (key,)), (key, request, tokens))
+                self._key[rid] = key
+                self._tokens[c] += tokens
+
+            def pop_request(self):
+                for c, seg in enumerate(self._segments):
+                    if seg:
+                        _, request, tokens = seg.popleft()
+                        del self._key[request.request_id]
+                        self._tokens[c] -= tokens
+                        return request
+                raise IndexError("pop from an empty queue")
+
+            def peek_request(self):
+                for seg in self._segments:
+                    if seg:
+                        return seg[0][1]
+                raise IndexError("peek from an empty queue")
+
+            def prepend_request(self, request) -> None:
+                """Back at its key's place: the head again for one taken from there (a request without a key:
+                the front of its class, as vLLM's FIFO puts it back)."""
+                key = self.key_of(request.request_id)
+                if key is None:
+                    self._front -= 1
+                    key = (UNKNOWN_CLASS, self._front)
+                self._place(request, key)
+
+            def prepend_requests(self, requests) -> None:
+                for request in requests:
+                    self.prepend_request(request)
+
+            def _place(self, request, key: tuple) -> None:
+                """(add_request's placement, which does it inline: an arrival is the hot path.)"""
+                c = key[0]
+                seg = self._segments[c]
+                tokens = len(request._all_token_ids) - request.num_computed_tokens
+                if not seg or key > seg[-1][0]:
+                    seg.append((key, request, tokens))
+                else:
+                    seg.insert(bisect_left(seg, (key,)), (key, request, tokens))
+                self._key[request.request_id] = key
+                self._tokens[c] += tokens
+
+            def remove_request(self, request) -> None:
+                key = self._key.pop(request.request_id)
+                seg = self._segments[key[0]]
+                i = bisect_left(seg, (key,))
+                self._tokens[key[0]] -= seg[i][2]
+                del seg[i]
+
+            def remove_requests(self, requests) -> None:
+                for request in list(requests):
+                    self.remove_request(request)
+
+            def __len__(self) -> int:
+                return len(self._key)
+
+            def __bool__(self) -> bool:
+                return bool(self._key)
+
+            def __iter__(self):
+                for seg in self._segments:
+                    for _, request, _ in seg:
+                        yield request
+
+            def rekey(self, request_ids) -> None:
+                """These requests' keys changed (their program gained or lost a pin): each to its new place.
+                Ids not in the queue (running, finished) are skipped."""
+                for rid in request_ids:
+                    key = self._key.get(rid)
+                    if key is not None:
+                        seg = self._segments[key[0]]
+                        request = seg[bisect_left(seg, (key,))][1]
+                        self.remove_request(request)
+                        self.prepend_request(request)  # (by its new key; a request without one: unmoved)
+
+            def head_demand(self, slots: int) -> tuple[int, int]:
+                """(requests, uncomputed tokens) of the first ``slots`` requests (``head_demand``'s rule):
+                the classes that fit whole by their sums, the one cut by a walk from its nearer end."""
+                n = min(slots, len(self._key))
+                if n <= 0:
+                    return 0, 0
+                left, tokens = n, 0
+                for c, seg in enumerate(self._segments):
+                    size = len(seg)
+                    if size <= left:
+                        tokens += self._tokens[c]
+                        left -= size
+                        if not left:
+                            break
+                        continue
+                    if left <= size - left:
+                        tokens += sum([t for _, _, t in itertools.islice(seg, left)])
+                    else:
+                        tokens += self._tokens[c] - sum(
+                            [t for _, _, t in itertools.islice(reversed(seg), size - left)]
+                        )
+                    break
+                return n, tokens
+
+        _KeyedRequestQueue.__name__ = _KeyedRequestQueue.__qualname__ = "KeyedRequestQueue"
+        _KeyedRequestQueue.__module__ = __name__
+        KeyedRequestQueue = _KeyedRequestQueue
+    return KeyedRequestQueue
+
+
+KeyedRequestQueue = None
+
 #: A stale head of at most this many requests is summed rather than the whole queue's sums rebuilt.
 SHORT_HEAD = 32
 
@@ -837,6 +994,23 @@ class VllmDoor:
     def reorder_waiting(self, order: list[int]) -> None:
         if self.reorders_waiting:
             self.sched.waiting.reorder(order)
+
+    def keep_waiting_order(self, key_of: Callable[[str], tuple | None] | None):
+        """``EngineView.keep_waiting_order``: from now on vLLM's waiting queue holds itself in the order of
+        ``key_of`` (:class:`KeyedRequestQueue`); None: back to the FIFO :class:`ProgramOrderQueue` the
+        driver re-orders (marked changed). The requests waiting move over in their order. Returns the keyed
+        queue's ``rekey``; None when ``key_of`` is None or ctk does not order vLLM's queue (its priority
+        queue kept)."""
+        if not self.reorders_waiting:
+            return None
+        queue = keyed_queue_class()(key_of) if key_of is not None else program_order_queue_class()()
+        for request in self._waiting:
+            queue.add_request(request)
+        if key_of is None:
+            queue.changed = True
+        self.sched.waiting = self._waiting = queue
+        self.num_waiting = functools.partial(deque.__len__ if isinstance(queue, deque) else len, queue)
+        return queue.rekey if key_of is not None else None
 
     def move_waiting(self, src: int, dst: int) -> None:
         if self.reorders_waiting:

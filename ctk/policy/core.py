@@ -29,7 +29,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
@@ -148,8 +148,15 @@ class PolicyCore:
         self._order_len = 0
         self._order_bound = self.order.age_bound_s
         self._next_overdue = math.inf
-        # the waiting queue in scheduling order, kept between steps (waiting_moves); None: no program order
+        # the waiting queue in scheduling order, kept between steps (waiting_moves); None: no program order,
+        # or the engine's queue keeps the order itself (order_in_engine)
         self.waitlist = WaitingList(self.order.key, self._order_inputs) if self.reorders else None
+        self._rekey: Callable[[Iterable[str]], None] | None = None  # the engine queue's (order_in_engine)
+        #: while the engine keeps the order (order_in_engine): request id -> its order key, for every request
+        #: the core tracks (made at arrival, remade when its program gains or loses a pin), read by the
+        #: engine's queue (``waiting_keys.get``)
+        self.waiting_keys: dict[str, tuple] | None = None
+        self._key_seq = 0  # tie-breaks of waiting_keys
 
     # -- helpers -----------------------------------------------------------------------------------------
 
@@ -188,14 +195,30 @@ class PolicyCore:
         prog = self.programs.get(pin.program_id)
         if prog is not None and prog.pin is pin:
             prog.pin = None
-            if self.waitlist is not None and prog.pending:
-                self.waitlist.touch(prog.pending)
+            if prog.pending:
+                self._touch(prog.pending)
         self._order_dirty = True
         self.stats.releases[reason] = self.stats.releases.get(reason, 0) + 1
         self.returns.pin_ended(pin, reason)
         rel = Release(pin.request_id, reason, pin.blocks)
         self.sink.pin_released(rel, self.pinned_blocks)
         return rel
+
+    def _touch(self, request_ids: set[str]) -> None:
+        """These pending requests' program gained or lost a pin: their waiting order key changed."""
+        if self.waitlist is not None:
+            self.waitlist.touch(request_ids)
+        elif self.waiting_keys is not None:
+            for rid in request_ids:
+                self._key_of(rid)
+            self._rekey(request_ids)
+
+    def _key_of(self, request_id: str) -> None:
+        """(Re)make a pending request's :attr:`waiting_keys` entry: the order's key of its inputs now."""
+        item = self._order_inputs(request_id)
+        if item is not None:
+            self._key_seq += 1
+            self.waiting_keys[request_id] = self.order.key(*item, self._key_seq)
 
     def _hit(self, pin: Pin) -> Release:
         self.stats.pin_hits += 1
@@ -226,9 +249,13 @@ class PolicyCore:
             self.order.arrived(now)
             if self._queue is not None:
                 self._queue[request_id] = now
+        wl = self.waitlist
         if pid is None:
-            if reorders:
-                self.waitlist.add(request_id, (now, None, False, 0))  # (_order_inputs's answer)
+            if wl is not None:
+                wl.add(request_id, (now, None, False, 0))  # (_order_inputs's answer)
+            elif self.waiting_keys is not None:
+                self._key_seq += 1
+                self.waiting_keys[request_id] = self.order.key(now, None, False, 0, self._key_seq)
             return []
         if self.gate is not None:
             self.gate.arrived(pid, prompt_tokens, now)
@@ -247,8 +274,12 @@ class PolicyCore:
         prog.turns += 1
         prog.pending.add(request_id)
         prog.done = False
-        if reorders:  # (_order_inputs's answer now; asked again if the program gains or loses a pin first)
-            self.waitlist.add(request_id, (now, prog.first_arrival, prog.pin is not None, prog.rank))
+        if wl is not None:  # (_order_inputs's answer now; asked again if the program gains or loses a pin)
+            wl.add(request_id, (now, prog.first_arrival, prog.pin is not None, prog.rank))
+        elif self.waiting_keys is not None:
+            self._key_seq += 1
+            key = self.order.key(now, prog.first_arrival, prog.pin is not None, prog.rank, self._key_seq)
+            self.waiting_keys[request_id] = key
         if prog.last_finish is not None:
             gap = now - prog.last_finish
             if 0.0 <= gap <= self.config.max_observed_gap_s:
@@ -318,6 +349,8 @@ class PolicyCore:
             self._left_unadmitted(ev.request_id, pend)
         if self.waitlist is not None:
             self.waitlist.discard(ev.request_id)
+        elif self.waiting_keys is not None:
+            self.waiting_keys.pop(ev.request_id, None)
         hints = ev.hints
         pid = hints.program_id
         releases: list[Release] = []
@@ -410,8 +443,8 @@ class PolicyCore:
             heapq.heapify(self._expiries)
         self.pinned_blocks += pin.blocks
         prog.pin = pin
-        if self.waitlist is not None and prog.pending:
-            self.waitlist.touch(prog.pending)
+        if prog.pending:
+            self._touch(prog.pending)
         self._order_dirty = True
         self.stats.pins_created += 1
         self.sink.pin_created(pin)
@@ -451,6 +484,8 @@ class PolicyCore:
         self._left_unadmitted(request_id, pend)
         if self.waitlist is not None:
             self.waitlist.discard(request_id)
+        elif self.waiting_keys is not None:
+            self.waiting_keys.pop(request_id, None)
         out = []
         own = self.pins.get(request_id)
         if own is not None:
@@ -709,6 +744,35 @@ class PolicyCore:
             self._strict_needs_returns = False  # programs mostly return elsewhere: strict order keeps nothing
             self.order.relax(self.config.age_factor)
             self._order_bound = self.order.age_bound_s
+
+    # -- the waiting order kept by the engine's queue (no age bound) -------------------------------------
+
+    def order_in_engine(self, rekey: Callable[[Iterable[str]], None]) -> dict[str, tuple]:
+        """The engine's waiting queue keeps itself in order (only while :meth:`keys_stay_fixed`): it reads
+        each request's key from the returned :attr:`waiting_keys` (the keys :meth:`order_waiting` sorts by,
+        each with its own tie-break); ``rekey(request_ids)`` is told whose key changed. No mirror is kept."""
+        self.waitlist = None
+        self._rekey = rekey
+        self.waiting_keys = {}
+        for rid in self.requests:
+            self._key_of(rid)
+        return self.waiting_keys
+
+    def order_in_core(self) -> None:
+        """Back to the mirror (:meth:`waiting_moves`): the engine's queue is plain FIFO again."""
+        self._rekey = None
+        self.waiting_keys = None
+        self.waitlist = WaitingList(self.order.key, self._order_inputs) if self.reorders else None
+        self._order_dirty = True
+
+    def keys_stay_fixed(self) -> bool:
+        """Whether the order's keys change only when a program gains or loses a pin, never with time (no age
+        bound), so that an engine queue can keep the order itself (:meth:`order_in_engine`). Asked per step
+        while it does: strict order may relax (programs mostly return elsewhere, as in
+        :meth:`waiting_moves`); False from then on (:meth:`order_in_core`)."""
+        if self._strict_needs_returns and self.returns.share < RETURNS_TO_DEFER:
+            self._relax_if_returns_elsewhere()
+        return self.reorders and math.isinf(self.order.age_factor)
 
     def waiting_moves(
         self, n_waiting: int, now: float, changed: bool = False

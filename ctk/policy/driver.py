@@ -26,7 +26,7 @@ With no pin held and nothing to reorder, every per-step call is a few attribute 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -132,6 +132,21 @@ class PolicyDriver:
             self.gate.capacity_tokens = view.total_blocks * view.block_size
         # Stock vLLM (no pins, no reordering, no gate): the driver tracks nothing at all.
         self.tracking = self._pins or self._reorders or self.gate is not None
+        # The waiting order: kept by the engine's queue itself while the order's keys are fixed and the view
+        # offers it (``keep_waiting_order``); else mirrored by the core and applied as moves each step.
+        self._keyed = False
+        self._rekeys: set[str] = set()  # requests whose key changed, re-keyed before the next step
+        self._queue_rekey: Callable[[Iterable[str]], None] | None = None
+        keep = getattr(view, "keep_waiting_order", None)
+        if keep is not None:
+            if self._reorders and core.keys_stay_fixed():
+                # (the engine re-keys before its next step, never while it walks its queue)
+                self._queue_rekey = keep(core.order_in_engine(self._rekeys.update).get)
+                self._keyed = self._queue_rekey is not None
+                if not self._keyed:
+                    core.order_in_core()
+            else:
+                keep(None)
 
     # -- engine state --------------------------------------------------------------------------------
 
@@ -218,12 +233,20 @@ class PolicyDriver:
         if not self._reorders:
             return
         view, core = self.view, self.core
-        moves = core.waiting_moves(view.num_waiting(), now, view.waiting_changed())
+        if self._keyed:
+            if self._rekeys:
+                self._queue_rekey(self._rekeys)
+                self._rekeys.clear()
+            if not core.keys_stay_fixed():
+                self._order_in_core()  # the mirror orders from the next step
+            moves = None
+        else:
+            moves = core.waiting_moves(view.num_waiting(), now, view.waiting_changed())
         if moves:
             move = view.move_waiting
             for src, dst in moves:
                 move(src, dst)
-        elif moves is None:  # the queue changed behind the core's back: order all of it (the core resyncs)
+        elif moves is None and not self._keyed:  # the queue changed behind the core's back: order all of it
             n_waiting = view.num_waiting()
             if n_waiting < 2 or core.needs_reorder(n_waiting, now):
                 order = core.order_waiting(view.waiting_ids(), now)
@@ -236,6 +259,15 @@ class PolicyDriver:
             order = core.order_running(view.running_ids())
             if order is not None and any(i != j for i, j in enumerate(order)):
                 view.reorder_running(order)
+
+    def _order_in_core(self) -> None:
+        """The order's keys now depend on time (strict order relaxed to an age bound): the engine's queue
+        goes back to FIFO in its current order, and the core mirrors it (a whole order next step)."""
+        self.view.keep_waiting_order(None)
+        self.core.order_in_core()
+        self._keyed = False
+        self._queue_rekey = None
+        self._rekeys.clear()
 
     def may_admit(self, request_id: str) -> bool:
         """The engine's waiting loop asks this for each request it would admit: False holds it back this step
