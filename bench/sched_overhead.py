@@ -6,7 +6,7 @@ One in-process vLLM CPU engine (tiny model) runs the same kind of agent-like wor
 metadata parsing, program ordering, tool-call keys and TTL lookups — but nothing is held). Only the time spent
 inside the scheduler (``add_request``, ``schedule``, ``update_from_output``, which frees finished requests)
 is counted, per engine step. Phases alternate to cancel drift on a shared machine. The stock phases run with
-vLLM's own ``FCFSRequestQueue`` as the waiting queue, the ctk phases with ctk's ``ProgramOrderQueue``. A
+vLLM's own ``FCFSRequestQueue`` as the waiting queue, the ctk phases with ctk's queue. A
 program's turns arrive one after another, so program FCFS orders the queue as FCFS does: both variants run
 the same schedule (same step count) and the ratio is the plugin's own cost (the order is still computed).
 
@@ -85,7 +85,7 @@ class Switch:
             "stock": {h: getattr(stock_cls, h) for h in HOOKS},
             "ctk": {h: getattr(ctk_cls, h) for h in HOOKS},
         }
-        # stock vLLM's own waiting queue for the stock phases, ctk's ProgramOrderQueue for the ctk phases
+        # stock vLLM's own waiting queue for the stock phases, ctk's (KeyedRequestQueue) for the ctk phases
         self.queues = {"stock": FCFSRequestQueue(), "ctk": sched.waiting}
         self.variant = "ctk"
         for name in HOOKS:

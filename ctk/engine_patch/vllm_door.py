@@ -13,9 +13,11 @@ The seams used, and why:
 
 - **Waiting order**: vLLM's own seam, a ``RequestQueue`` subclass. ``Scheduler.__init__`` builds
   ``self.waiting`` with ``create_request_queue`` (no injection point), so the door replaces the (still
-  empty) ``FCFSRequestQueue`` by :class:`ProgramOrderQueue`, an ``FCFSRequestQueue`` that can re-order
-  itself in place. vLLM only ever calls the ``RequestQueue`` API on it. With
-  ``--scheduling-policy priority`` the priority queue is kept and ctk does not re-order.
+  empty) ``FCFSRequestQueue``: by :class:`KeyedRequestQueue` while the policy's order has no age bound
+  (ttl's default: the queue holds its requests in the order by their keys, fixed while they wait), else by
+  :class:`ProgramOrderQueue`, an ``FCFSRequestQueue`` the driver re-orders in place each step
+  (``EngineView.keep_waiting_order`` switches between them). vLLM only ever calls the ``RequestQueue`` API
+  on either. With ``--scheduling-policy priority`` the priority queue is kept and ctk does not re-order.
 - **Pressure valve**: ``kv_cache_manager.allocate_slots`` is wrapped on the instance, only for a step in
   which pins are held and an allocation can fail (fewer free blocks than the step could ask for: its token
   budget plus two blocks and the lookahead per run slot, per KV-cache group; the class method otherwise:
@@ -77,6 +79,7 @@ _KV = "vllm.v1.core.kv_cache_manager:KVCacheManager"
 _REQ = "vllm.v1.request:Request"
 _STATUS = "vllm.v1.request:RequestStatus"
 _QUEUE = "vllm.v1.core.sched.request_queue:FCFSRequestQueue"
+_BASE_QUEUE = "vllm.v1.core.sched.request_queue:RequestQueue"
 _COORD = "vllm.v1.core.kv_cache_coordinator:KVCacheCoordinator"
 _TYPE_MGR = "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager"
 _BLOCK = "vllm.v1.core.kv_cache_utils:KVCacheBlock"
@@ -85,7 +88,7 @@ _BLOCK = "vllm.v1.core.kv_cache_utils:KVCacheBlock"
 @dataclass(frozen=True)
 class Internal:
     """One vLLM name the door relies on. ``kind``: ``hook`` (a method the mixin overrides), ``override`` (a
-    method :class:`ProgramOrderQueue` overrides), ``method``,
+    method :class:`ProgramOrderQueue` overrides or :class:`KeyedRequestQueue` implements), ``method``,
     ``attribute`` (class attribute, property, dataclass field or ``self.<name>`` set in ``__init__``),
     ``member`` (enum member), ``param`` (constructor parameter), ``base`` (``owner`` subclasses ``name``),
     ``before-super`` (``owner``'s ``__init__`` sets ``self.<name>`` before calling ``super().__init__``)."""
@@ -117,7 +120,7 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
     Internal(_SCHED, "_free_request_blocks", "method", "free a held request's blocks at release"),
     Internal(_SCHED, "has_unfinished_requests", "method", "busy: schedule(), not has_requests, steps"),
     Internal(_SCHED, "requests", "attribute", "a held request leaves it without its blocks being freed"),
-    Internal(_SCHED, "waiting", "attribute", "replaced (empty) by ProgramOrderQueue; its length, ids"),
+    Internal(_SCHED, "waiting", "attribute", "replaced (empty) by ctk's queue; its length, ids"),
     Internal(_SCHED, "running", "attribute", "ordered so the preemption victim (last) is the core's"),
     Internal(_SCHED, "kv_cache_manager", "attribute", "free blocks, block ids, the valve"),
     Internal(_SCHED, "block_size", "attribute", "tokens per block"),
@@ -132,6 +135,21 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
     Internal(_QUEUE, "prepend_requests", "override", "ProgramOrderQueue: running demand sums"),
     Internal(_QUEUE, "remove_request", "override", "ProgramOrderQueue: sums stale"),
     Internal(_QUEUE, "remove_requests", "override", "ProgramOrderQueue: sums stale"),
+    *(
+        Internal(_BASE_QUEUE, name, "override", "KeyedRequestQueue implements vLLM's queue API")
+        for name in (
+            "add_request",
+            "pop_request",
+            "peek_request",
+            "prepend_request",
+            "prepend_requests",
+            "remove_request",
+            "remove_requests",
+            "__len__",
+            "__bool__",
+            "__iter__",
+        )
+    ),
     Internal(_SCHED, "_request_blocks_can_be_freed", "method", "valve: a deferred free will not help"),
     # KV cache
     Internal(_KV, "allocate_slots", "method", "wrapped on the instance while pins are held: the valve"),
@@ -251,7 +269,7 @@ VLLM_PREMISES: tuple[Premise, ...] = (
     ),
     Premise(
         "the scheduler changes the waiting queue only through the RequestQueue API (ProgramOrderQueue's "
-        "demand sums follow add/pop/prepend/remove)",
+        "demand sums follow add/pop/prepend/remove; KeyedRequestQueue implements nothing else)",
         _SCHED_MODULE,
         absent=("self.waiting.append", "self.waiting.popleft", "self.waiting.extend", "self.waiting.clear"),
     ),

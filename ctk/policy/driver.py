@@ -22,6 +22,12 @@ shutdown / cache reset                       :meth:`PolicyDriver.shutdown`
 
 With no pin held and nothing to reorder, every per-step call is a few attribute reads: the waiting demand
 (a walk over the waiting queue) is computed only while pins exist or a pin is being decided.
+
+The waiting order reaches the engine one of two ways. While the order's keys are fixed (no age bound:
+``ttl``'s strict order) and the view offers ``keep_waiting_order``, the engine's queue holds itself in the
+order, reading each request's key from the core (``PolicyCore.waiting_keys``): nothing is done per step but
+re-keying the requests whose program gained or lost a pin. Otherwise (an age bound, or a view without it:
+the simulator) the core mirrors the engine's FIFO queue and each step applies its changes as moves.
 """
 
 from __future__ import annotations
@@ -75,6 +81,10 @@ class EngineView(Protocol):
     orders the whole queue again. Resets on reading.
     An optional attribute ``reuses_every_full_block`` True says ``reusable_tokens`` answers None for every
     request (the driver does not ask then).
+    An optional method ``keep_waiting_order(key_of)``: from now on the engine's queue holds itself in the
+    order of ``key_of(request_id)`` (a key; None: unknown, last) and the method returns a
+    ``rekey(request_ids)`` to call when keys change (never while the engine walks the queue); None when it
+    cannot. ``keep_waiting_order(None)``: back to a FIFO queue the driver re-orders (``waiting_changed``).
     ``frees_now(request_id)``: releasing the held request gives its blocks back at once (an engine may have to
     defer the free while a step in flight still writes them; such a release cannot help a failed allocation).
     """
