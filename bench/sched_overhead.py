@@ -473,6 +473,7 @@ def run_scale(
 
     from ctk.engine_patch import emulation as em
     from ctk.engine_patch.scheduler import CTKScheduler
+    from ctk.engine_patch.vllm_door import QUEUE_CALLS
 
     block = 16
     base = EngineArgs(
@@ -564,7 +565,7 @@ def run_scale(
             # the waiting queue's methods vLLM calls (ctk's keeps the policy's order: counted as ctk's own
             # time, whole, outside ctk's other calls; stock's FCFS deque timed the same way, for reference)
             queue_time = {"step": 0.0}
-            for method in QUEUE_METHODS:
+            for method in QUEUE_CALLS:
                 queue_calls = calls if name == "ctk" else None
                 timed_method = _queue_timed(getattr(s.waiting, method), queue_time, ctx, queue_calls, method)
                 setattr(s.waiting, method, timed_method)
@@ -726,18 +727,6 @@ class _CallRanks:
         first = name not in self.rank
         self.rank.add(name)
         self.times.setdefault((name, first), []).append(dt)
-
-
-#: ``--scale``: the waiting queue's methods vLLM's scheduler calls (``RequestQueue``'s API), timed.
-QUEUE_METHODS = (
-    "add_request",
-    "pop_request",
-    "peek_request",
-    "prepend_request",
-    "prepend_requests",
-    "remove_request",
-    "remove_requests",
-)
 
 
 def _queue_timed(fn, acc: dict[str, float], ctx: dict, calls: _CallRanks | None = None, name: str = ""):

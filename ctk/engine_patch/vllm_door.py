@@ -80,6 +80,17 @@ _REQ = "vllm.v1.request:Request"
 _STATUS = "vllm.v1.request:RequestStatus"
 _QUEUE = "vllm.v1.core.sched.request_queue:FCFSRequestQueue"
 _BASE_QUEUE = "vllm.v1.core.sched.request_queue:RequestQueue"
+#: The methods of vLLM's ``RequestQueue`` API the scheduler calls on its waiting queue (besides ``len``,
+#: ``bool`` and iteration): what ctk's queues implement, and what ``bench/sched_overhead.py`` times.
+QUEUE_CALLS = (
+    "add_request",
+    "pop_request",
+    "peek_request",
+    "prepend_request",
+    "prepend_requests",
+    "remove_request",
+    "remove_requests",
+)
 _COORD = "vllm.v1.core.kv_cache_coordinator:KVCacheCoordinator"
 _TYPE_MGR = "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager"
 _BLOCK = "vllm.v1.core.kv_cache_utils:KVCacheBlock"
@@ -137,18 +148,7 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
     Internal(_QUEUE, "remove_requests", "override", "ProgramOrderQueue: sums stale"),
     *(
         Internal(_BASE_QUEUE, name, "override", "KeyedRequestQueue implements vLLM's queue API")
-        for name in (
-            "add_request",
-            "pop_request",
-            "peek_request",
-            "prepend_request",
-            "prepend_requests",
-            "remove_request",
-            "remove_requests",
-            "__len__",
-            "__bool__",
-            "__iter__",
-        )
+        for name in (*QUEUE_CALLS, "__len__", "__bool__", "__iter__")
     ),
     Internal(_SCHED, "_request_blocks_can_be_freed", "method", "valve: a deferred free will not help"),
     # KV cache
@@ -597,20 +597,11 @@ def keyed_queue_class():
                 self._front = 0  # ... or put back at its front (a decreasing seq)
 
             def add_request(self, request) -> None:
-                rid = request.request_id
-                key = self.key_of(rid)
+                key = self.key_of(request.request_id)
                 if key is None:
                     self._seq += 1
                     key = (UNKNOWN_CLASS, self._seq)
-                c = key[0]
-                seg = self._segments[c]
-                tokens = len(request._all_token_ids) - request.num_computed_tokens
-                if not seg or key > seg[-1][0]:
-                    seg.append((key, request, tokens))
-                else:
-                    seg.insert(bisect_left(seg, (key,)), (key, request, tokens))
-                self._key[rid] = key
-                self._tokens[c] += tokens
+                self._place(request, key)
 
             def pop_request(self):
                 for c, seg in enumerate(self._segments):
@@ -641,7 +632,7 @@ def keyed_queue_class():
                     self.prepend_request(request)
 
             def _place(self, request, key: tuple) -> None:
-                """(add_request's placement, which does it inline: an arrival is the hot path.)"""
+                """At ``key``'s place in its class (an append when it sorts last there)."""
                 c = key[0]
                 seg = self._segments[c]
                 tokens = len(request._all_token_ids) - request.num_computed_tokens
