@@ -259,6 +259,13 @@ def main() -> None:
         "built; the bench before 2026-12-07 did not)",
     )
     ap.add_argument(
+        "--hints-in-step",
+        action="store_true",
+        help="--scale: parse each request's hints in the scheduler's add_request, as an in-process engine "
+        "does; by default they are parsed where the engine core process parses them, in vLLM's input thread "
+        "(preprocess_add_request, in parallel with the model's forward pass): off the step, timed apart",
+    )
+    ap.add_argument(
         "--by-call",
         action="store_true",
         help="--scale diagnostics: per ctk hook, the median time of its first call in a step and of the "
@@ -287,6 +294,7 @@ def main() -> None:
                 args.workload,
                 extra,
                 not args.no_gc_freeze,
+                not args.hints_in_step,
             )
         from vllm import LLM
         from vllm.v1.core.sched.scheduler import Scheduler
@@ -450,6 +458,7 @@ def run_scale(
     workload: str = "agents",
     extra: dict | None = None,
     freeze_gc: bool = True,
+    hints_ahead: bool = True,
 ) -> None:
     """vLLM's scheduler at H100 scale without a model (``ctk.engine_patch.emulation``): ``running`` requests
     decoding, ``waiting`` more queued (``max_num_seqs`` = ``running``), 8,192 batched tokens, 16-token
@@ -466,7 +475,12 @@ def run_scale(
     per finish, the time in ``_free_blocks`` (where ctk decides a pin). Prints ctk minus stock (inside the
     noise of a 40 ms CPU step), and ctk's own time in its driver calls and the door's conversions, per step
     and per finished request, with a PASS/FAIL line each against the targets (<= 50 us each,
-    :data:`SCALE_TARGET_US`), and the per-step time by the step's events (:func:`by_events`)."""
+    :data:`SCALE_TARGET_US`), and the per-step time by the step's events (:func:`by_events`). ctk's time
+    includes the waiting queue's methods vLLM calls (ctk's queue keeps the policy's order there). With
+    ``hints_ahead`` (the default) each ctk request's hints are parsed when it is made, as an engine core
+    process parses them in vLLM's input thread in parallel with the model's forward pass
+    (``VllmDoor.hints_ahead``): off the step, timed and printed apart; without, in ``add_request`` (as an
+    in-process engine does)."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.gc_utils import freeze_gc_heap
     from vllm.v1.core.sched.scheduler import Scheduler
@@ -498,6 +512,7 @@ def run_scale(
     per_step: dict[str, list[float]] = {"stock": [], "ctk": []}
     per_finish: dict[str, list[float]] = {"stock": [], "ctk": []}
     own_step: list[float] = []
+    ahead = [0.0, 0]  # hints parsed ahead (vLLM's input thread): time, requests
     queue_us: dict[str, list[float]] = {"stock": [], "ctk": []}  # the waiting queue's methods, per step
     own_finish: list[float] = []
     gc_step: list[float] = []  # of ctk's own time, the cyclic garbage collector's runs inside its calls
@@ -511,6 +526,8 @@ def run_scale(
             cls = Scheduler if name == "stock" else CTKScheduler
             s = em.build_scheduler(cls, cfg, em.kv_layout(200_000, block), block)
             load = ScaleWorkload(em.RequestMaker(cfg, block), random.Random(r), workload, waiting)
+            if name == "ctk" and hints_ahead:  # as vLLM's input thread does (VllmDoor's preprocess wrapper)
+                load.make = _parsed_ahead(load.make, s.ctk_door.hints_ahead, ahead)
             if freeze_gc:
                 freeze_gc_heap()  # as vLLM's engine core does once it is built: the startup heap is static
 
@@ -557,7 +574,7 @@ def run_scale(
                     (s.ctk_driver, "step_end", "step"),
                     (s.ctk_driver, "request_added", "step"),
                     (s.ctk_door, "arm_valve", "step"),
-                    (s.ctk_door, "hints", "step"),
+                    (s.ctk_door, "take_hints", "step"),  # (hints parsed in the step, or taken)
                     (s.ctk_driver, "request_finished", "finish"),
                     (s.ctk_door, "end_of", "finish"),
                 ):
@@ -645,6 +662,11 @@ def run_scale(
         " "
         f"(stock's FCFS queue: {statistics.median(queue_us['stock']):.1f} us/step)"
     )
+    if ahead[1]:
+        print(
+            f"  not counted: hints parsed ahead, in vLLM's input thread (off the step): "
+            f"{ahead[0] / ahead[1] * 1e6:.1f} us per request ({ahead[1]} requests; --hints-in-step: counted)"
+        )
     print(
         f"  of which Python's cyclic garbage collector, run inside ctk's calls: "
         f"{statistics.median(gc_step):.1f} us/step ({min(gc_step):.1f}..{max(gc_step):.1f}), "
@@ -727,6 +749,22 @@ class _CallRanks:
         first = name not in self.rank
         self.rank.add(name)
         self.times.setdefault((name, first), []).append(dt)
+
+
+def _parsed_ahead(make, hints_ahead, acc: list):
+    """``make`` whose requests get their hints parsed as vLLM's input thread parses them in an engine core
+    process (``VllmDoor.hints_ahead``), timed into ``acc`` (time, requests)."""
+    clock = time.perf_counter
+
+    def made(*args, **kwargs):
+        request = make(*args, **kwargs)
+        t0 = clock()
+        hints_ahead(request)
+        acc[0] += clock() - t0
+        acc[1] += 1
+        return request
+
+    return made
 
 
 def _queue_timed(fn, acc: dict[str, float], ctx: dict, calls: _CallRanks | None = None, name: str = ""):

@@ -136,6 +136,31 @@ def test_age_bounded_order_goes_through_the_request_queue(engine_llm, sched):
         eng.step()
 
 
+def test_hints_parsed_ahead_are_taken_not_parsed_again(engine_llm, sched, monkeypatch):
+    """A request whose hints were parsed in vLLM's input thread (``VllmDoor.hints_ahead``, what the engine
+    core process's ``preprocess_add_request`` runs) reaches the core with those hints, and the scheduler's
+    ``add_request`` parses nothing; a request without them is parsed there."""
+    from vllm.v1.request import RequestStatus
+
+    from ctk.engine_patch import emulation as em
+
+    door = sched.ctk_door
+    make = em.RequestMaker(sched.vllm_config, sched.block_size)
+    ahead = make("ahead-1", [5] * 40, 4, extra_args={"program_id": "pa", "tool": "make", "turn_index": 3})
+    late = make("late-1", [6] * 40, 4, extra_args={"program_id": "pb", "last_turn": True})
+    door.hints_ahead(ahead)
+    parsed = ahead.ctk_hints
+    assert (parsed.program_id, parsed.tool, parsed.turn_index) == ("pa", "make", 3)
+    calls = _count_calls(monkeypatch, door, "hints")
+    sched.add_request(ahead)
+    assert calls[0] == 0 and sched.ctk_driver.requests["ahead-1"].hints is parsed
+    assert not hasattr(ahead, "ctk_hints")  # taken off the request
+    sched.add_request(late)
+    assert calls[0] == 1 and sched.ctk_driver.requests["late-1"].hints.last_turn is True
+    sched.finish_requests(["ahead-1", "late-1"], RequestStatus.FINISHED_ABORTED)
+    assert not sched.ctk_driver.requests
+
+
 def test_objects_built_without_init_carry_every_field(engine_llm, sched, monkeypatch):
     """The hot path builds Finished, EngineState, RequestHints and RequestEnd without their ``__init__``:
     each must still carry every field, so a field added to one of them fails here, not in a server."""

@@ -149,6 +149,10 @@ def test_the_server_log_names_the_scheduler_class_and_its_settings(served):
     name, is_async = found
     assert name == scheduler_class(is_async).__name__
     assert re.search(r"\(EngineCore pid=\d+\) INFO .* ctk scheduler: policy=ttl ", log), log[-2000:]
+    # the engine core process parses each request's hints in its input thread, off the scheduler's step
+    from ctk.engine_patch.vllm_door import AHEAD_LINE
+
+    assert AHEAD_LINE in log, log[-2000:]
 
 
 def test_recorded_tool_durations_land_in_the_trace_store(served):

@@ -12,7 +12,8 @@ come from ``CTK_*`` environment variables and ``additional_config["ctk"]``
 =========================  ===========================================================================
 vLLM hook                  driver call
 =========================  ===========================================================================
-``add_request``            :meth:`~PolicyDriver.request_added` (hints from ``session_id`` + ``vllm_xargs``)
+``add_request``            :meth:`~PolicyDriver.request_added` (hints from ``session_id`` + ``vllm_xargs``,
+                           parsed in vLLM's input thread when the engine core has one)
 ``schedule``               :meth:`~PolicyDriver.step_begin`, vLLM schedules, :meth:`~PolicyDriver.step_end`
 allocation failure         :meth:`~PolicyDriver.allocation_failed` (the door's valve, armed for a step
                            only when pins are held and memory could run short in it; retried per pin)
@@ -114,6 +115,7 @@ class CTKSchedulerMixin:
             unix_offset_s=time.time() - time.monotonic(),  # the recorder's wall-clock timestamps
         )
         self.ctk_driver = PolicyDriver(core, door)
+        door.parse_ahead = self.ctk_driver.tracking  # (stock vLLM reads no hints)
         door.valve = self.ctk_driver.allocation_failed
         agent_prefix = door.set_agent_prefix(cfg.agent_prefix_tokens if core.reads_agent else 0)
         if core.pins_enabled:
@@ -148,7 +150,7 @@ class CTKSchedulerMixin:
         rid = request.request_id
         if not door.is_known(rid):  # (a streaming update of a known request is not an arrival)
             # told before vLLM queues it: a queue that keeps the policy's order asks the core for its key
-            driver.request_added(rid, door.hints(request), _now(), request.num_prompt_tokens)
+            driver.request_added(rid, door.take_hints(request), _now(), request.num_prompt_tokens)
         self._ctk_add_request(request)
 
     def schedule(self, throttle_prefills: bool = False):

@@ -203,6 +203,8 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.v1.core.sched.output:NewRequestData", "num_computed_tokens", "attribute", "prefix hit"),
     # idle wake-up
     Internal("vllm.v1.engine.core:EngineCoreProc", "input_queue", "before-super", "idle wake-up"),
+    # hints parsed in vLLM's input thread (wrapped on the engine core instance)
+    Internal("vllm.v1.engine.core:EngineCore", "preprocess_add_request", "method", "hints parsed ahead"),
     Internal("vllm.v1.engine:EngineCoreRequestType", "WAKEUP", "member", "idle wake-up message"),
     # tokenizer (tool-call detection when the client gives no 'tool' hint)
     Internal("vllm.tokenizers.registry:cached_tokenizer_from_config", "model_config", "param", "decode"),
@@ -266,6 +268,12 @@ VLLM_PREMISES: tuple[Premise, ...] = (
             "self.kv_cache_manager.allocate_slots(",
             "self._request_blocks_can_be_freed(preempted_req)",
         ),
+    ),
+    Premise(
+        "the engine core process sets each added request up in its input thread (preprocess_add_request, "
+        "looked up on the instance per request), before the request reaches the scheduler",
+        "vllm.v1.engine.core:EngineCoreProc.process_input_sockets",
+        contains=("request = self.preprocess_add_request(req)",),
     ),
     Premise(
         "the scheduler changes the waiting queue only through the RequestQueue API (ProgramOrderQueue's "
@@ -560,6 +568,9 @@ def program_order_queue_class():
 
 ProgramOrderQueue = None
 _new = object.__new__
+
+#: The engine's log line saying hints are parsed in vLLM's input thread (:meth:`VllmDoor.hints_ahead`).
+AHEAD_LINE = "ctk: request hints parsed in vLLM's input thread, in parallel with the model's forward pass"
 
 #: :class:`KeyedRequestQueue`'s class of a request the policy does not know: after every keyed class
 #: (``ctk.policy.ordering``'s keys have classes 0-4).
@@ -991,6 +1002,10 @@ class VllmDoor:
         # through its own C-level ``__contains__`` (no Python frame per arrival).
         self.is_known: Callable[[str], bool] = scheduler.requests.__contains__
         self._timer = _WakeTimer(weakref.ref(engine_core)) if engine_core is not None else None
+        #: parse each request's hints ahead, in vLLM's input thread (the mixin sets it while ctk tracks)
+        self.parse_ahead = False
+        if engine_core is not None:
+            self._parse_in_input_thread(engine_core)
 
     # -- EngineView --------------------------------------------------------------------------------------
 
@@ -1128,6 +1143,36 @@ class VllmDoor:
             logger.info("ctk: prefix caching off: a request naming no agent gets no class from its prompt")
             return 0
         return blocks * self._hash_block
+
+    def _parse_in_input_thread(self, engine_core) -> None:
+        """Wrap the engine core's ``preprocess_add_request`` on the instance: vLLM runs it in its input
+        thread, in parallel with the model's forward pass (its own request set-up, block hashes included),
+        so a request's hints are parsed there (:meth:`hints_ahead`) instead of in the scheduler's step. A
+        request that comes without them (in-process engines, a failed parse) is parsed in ``add_request``."""
+        original = engine_core.preprocess_add_request
+        ahead = self.hints_ahead
+
+        def preprocess_add_request(request):
+            req, wave = original(request)
+            if self.parse_ahead:
+                try:
+                    ahead(req)
+                except Exception:  # never fail a request here: add_request parses it again
+                    logger.debug("ctk: hints not parsed ahead", exc_info=True)
+            return req, wave
+
+        engine_core.preprocess_add_request = preprocess_add_request
+        logger.info(AHEAD_LINE)
+
+    def hints_ahead(self, request) -> None:
+        """Parse a request's hints before it reaches the scheduler (vLLM's input thread): kept on the request
+        until :meth:`take_hints`."""
+        request.ctk_hints = self.hints(request)
+
+    def take_hints(self, request) -> RequestHints:
+        """The request's hints: parsed ahead (:meth:`hints_ahead`, dropped from the request now), else now."""
+        hints = request.__dict__.pop("ctk_hints", None)
+        return hints if hints is not None else self.hints(request)
 
     def hints(self, request) -> RequestHints:
         """The request's hints (``session_id``, ``vllm_xargs``); with no agent named, the agent is the class
