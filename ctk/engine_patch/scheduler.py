@@ -38,6 +38,7 @@ import time
 
 from ctk.engine_patch.logs import follow_vllm_logging
 from ctk.engine_patch.vllm_door import (  # noqa: F401 (re-exported for callers of the old module)
+    AHEAD_LINE,
     SUPPORTED_VLLM,
     VllmContractError,
     VllmDoor,
@@ -116,6 +117,8 @@ class CTKSchedulerMixin:
         )
         self.ctk_driver = PolicyDriver(core, door)
         door.parse_ahead = self.ctk_driver.tracking  # (stock vLLM reads no hints)
+        if door.parse_ahead and door.parses_in_input_thread:
+            logger.info(AHEAD_LINE)
         door.valve = self.ctk_driver.allocation_failed
         agent_prefix = door.set_agent_prefix(cfg.agent_prefix_tokens if core.reads_agent else 0)
         if core.pins_enabled:

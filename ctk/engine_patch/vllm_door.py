@@ -595,9 +595,8 @@ def keyed_queue_class():
             arrival), others are bisected in. A skipped or preempted request put back goes to its key's
             place (for one taken from the head: the head again). :meth:`rekey` moves the requests whose
             program gained or lost a pin; never while vLLM walks the queue (the driver calls it before the
-            step). Each class keeps the sum of its requests' uncomputed tokens (each request's counted
-            as the requests entered, so the demand of the head is whole classes plus a walk of one from its
-            nearer end."""
+            step). Each class keeps the sum of its requests' uncomputed tokens (each counted as it entered),
+            so the demand of the head is whole classes plus a walk of one from its nearer end."""
 
             def __init__(self, key_of):
                 self.key_of = key_of
@@ -685,7 +684,7 @@ def keyed_queue_class():
                         seg = self._segments[key[0]]
                         request = seg[bisect_left(seg, (key,))][1]
                         self.remove_request(request)
-                        self.prepend_request(request)  # (by its new key; a request without one: unmoved)
+                        self.prepend_request(request)  # (at its new key's place)
 
             def head_demand(self, slots: int) -> tuple[int, int]:
                 """(requests, uncomputed tokens) of the first ``slots`` requests (``head_demand``'s rule):
@@ -1004,6 +1003,7 @@ class VllmDoor:
         self._timer = _WakeTimer(weakref.ref(engine_core)) if engine_core is not None else None
         #: parse each request's hints ahead, in vLLM's input thread (the mixin sets it while ctk tracks)
         self.parse_ahead = False
+        self.parses_in_input_thread = False  # the engine core has an input thread and parses there
         if engine_core is not None:
             self._parse_in_input_thread(engine_core)
 
@@ -1162,7 +1162,7 @@ class VllmDoor:
             return req, wave
 
         engine_core.preprocess_add_request = preprocess_add_request
-        logger.info(AHEAD_LINE)
+        self.parses_in_input_thread = True
 
     def hints_ahead(self, request) -> None:
         """Parse a request's hints before it reaches the scheduler (vLLM's input thread): kept on the request

@@ -248,7 +248,7 @@ class PolicyDriver:
                 self._queue_rekey(self._rekeys)
                 self._rekeys.clear()
             if not core.keys_stay_fixed():
-                self._order_in_core()  # the mirror orders from the next step
+                self._order_in_core()  # (then the whole queue is ordered below, and mirrored from now on)
             moves = None
         else:
             moves = core.waiting_moves(view.num_waiting(), now, view.waiting_changed())
@@ -272,7 +272,7 @@ class PolicyDriver:
 
     def _order_in_core(self) -> None:
         """The order's keys now depend on time (strict order relaxed to an age bound): the engine's queue
-        goes back to FIFO in its current order, and the core mirrors it (a whole order next step)."""
+        goes back to FIFO in its current order, and the core mirrors it (after a whole order)."""
         self.view.keep_waiting_order(None)
         self.core.order_in_core()
         self._keyed = False
