@@ -654,15 +654,21 @@ def keyed_queue_class():
                 self._tokens[c] += tokens
 
             def remove_request(self, request) -> None:
-                key = self._key.pop(request.request_id)
+                """(ValueError when not in the queue, as ``deque.remove``.)"""
+                key = self._key.pop(request.request_id, None)
+                if key is None:
+                    raise ValueError(f"{request.request_id} is not in the waiting queue")
                 seg = self._segments[key[0]]
                 i = bisect_left(seg, (key,))
                 self._tokens[key[0]] -= seg[i][2]
                 del seg[i]
 
             def remove_requests(self, requests) -> None:
+                """Those of ``requests`` in the queue (vLLM passes every waiting request it stops or aborts,
+                some held in its other queue or in none, as its FCFS queue's filter allows)."""
                 for request in list(requests):
-                    self.remove_request(request)
+                    if request.request_id in self._key:
+                        self.remove_request(request)
 
             def __len__(self) -> int:
                 return len(self._key)
