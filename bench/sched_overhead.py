@@ -483,11 +483,11 @@ def run_scale(
     in-process engine does)."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.gc_utils import freeze_gc_heap
+    from vllm.v1.core.sched.request_queue import RequestQueue
     from vllm.v1.core.sched.scheduler import Scheduler
 
     from ctk.engine_patch import emulation as em
     from ctk.engine_patch.scheduler import CTKScheduler
-    from ctk.engine_patch.vllm_door import QUEUE_CALLS
 
     block = 16
     base = EngineArgs(
@@ -582,7 +582,7 @@ def run_scale(
             # the waiting queue's methods vLLM calls (ctk's keeps the policy's order: counted as ctk's own
             # time, whole, outside ctk's other calls; stock's FCFS deque timed the same way, for reference)
             queue_time = {"step": 0.0}
-            for method in QUEUE_CALLS:
+            for method in sorted(m for m in RequestQueue.__abstractmethods__ if not m.startswith("__")):
                 queue_calls = calls if name == "ctk" else None
                 timed_method = _queue_timed(getattr(s.waiting, method), queue_time, ctx, queue_calls, method)
                 setattr(s.waiting, method, timed_method)

@@ -48,7 +48,6 @@ import sys
 import threading
 import time
 import weakref
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,6 +58,7 @@ from ctk.policy.config import ConfigError
 from ctk.policy.detect import CALL_CHARS, detect_tool_call
 from ctk.policy.driver import RequestEnd, head_demand
 from ctk.policy.hints import RequestHints, parse_hints, prefix_agent
+from ctk.policy.keyed_queue import KeyedQueue
 
 logger = logging.getLogger("ctk.engine_patch")
 
@@ -80,17 +80,6 @@ _REQ = "vllm.v1.request:Request"
 _STATUS = "vllm.v1.request:RequestStatus"
 _QUEUE = "vllm.v1.core.sched.request_queue:FCFSRequestQueue"
 _BASE_QUEUE = "vllm.v1.core.sched.request_queue:RequestQueue"
-#: The methods of vLLM's ``RequestQueue`` API the scheduler calls on its waiting queue (besides ``len``,
-#: ``bool`` and iteration): what ctk's queues implement, and what ``bench/sched_overhead.py`` times.
-QUEUE_CALLS = (
-    "add_request",
-    "pop_request",
-    "peek_request",
-    "prepend_request",
-    "prepend_requests",
-    "remove_request",
-    "remove_requests",
-)
 _COORD = "vllm.v1.core.kv_cache_coordinator:KVCacheCoordinator"
 _TYPE_MGR = "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager"
 _BLOCK = "vllm.v1.core.kv_cache_utils:KVCacheBlock"
@@ -146,10 +135,10 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
     Internal(_QUEUE, "prepend_requests", "override", "ProgramOrderQueue: running demand sums"),
     Internal(_QUEUE, "remove_request", "override", "ProgramOrderQueue: sums stale"),
     Internal(_QUEUE, "remove_requests", "override", "ProgramOrderQueue: sums stale"),
-    *(
-        Internal(_BASE_QUEUE, name, "override", "KeyedRequestQueue implements vLLM's queue API")
-        for name in (*QUEUE_CALLS, "__len__", "__bool__", "__iter__")
-    ),
+    # (KeyedRequestQueue implements the rest of RequestQueue's abstract API in ctk.policy.keyed_queue: a
+    # method vLLM adds to it makes the class fail to instantiate)
+    Internal(_BASE_QUEUE, "add_request", "override", "KeyedRequestQueue: its tokens for the head's demand"),
+    Internal(_BASE_QUEUE, "prepend_request", "override", "KeyedRequestQueue: the same"),
     Internal(_SCHED, "_request_blocks_can_be_freed", "method", "valve: a deferred free will not help"),
     # KV cache
     Internal(_KV, "allocate_slots", "method", "wrapped on the instance while pins are held: the valve"),
@@ -572,149 +561,23 @@ _new = object.__new__
 #: The engine's log line saying hints are parsed in vLLM's input thread (:meth:`VllmDoor.hints_ahead`).
 AHEAD_LINE = "ctk: request hints parsed in vLLM's input thread, in parallel with the model's forward pass"
 
-#: :class:`KeyedRequestQueue`'s class of a request the policy does not know: after every keyed class
-#: (``ctk.policy.ordering``'s keys have classes 0-4).
-UNKNOWN_CLASS = 5
-
-
 def keyed_queue_class():
     """:class:`KeyedRequestQueue`, built on first use (it subclasses a vLLM class)."""
     global KeyedRequestQueue
     if KeyedRequestQueue is None:
         from vllm.v1.core.sched.request_queue import RequestQueue
 
-        class _KeyedRequestQueue(RequestQueue):
-            """vLLM's waiting queue holding its requests in the policy's scheduling order by itself: a
-            request gets its key (``key_of(request_id)``: the order class's key, fixed while it waits; None
-            for a request the policy does not know, which goes last in arrival order) when it enters, and
-            vLLM takes the head. Used while the order has no age bound (the policy's keys never change with
-            time): no per-step order, no mirror of the queue. See ``PolicyDriver``.
-
-            One sorted segment of (key, request) per key class (the key's first item); an arrival that sorts
-            last in its class is an append (every arrival under ``ResumeFirstOrder``: its classes grow with
-            arrival), others are bisected in. A skipped or preempted request put back goes to its key's
-            place (for one taken from the head: the head again). :meth:`rekey` moves the requests whose
-            program gained or lost a pin; never while vLLM walks the queue (the driver calls it before the
-            step). Each class keeps the sum of its requests' uncomputed tokens (each counted as it entered),
-            so the demand of the head is whole classes plus a walk of one from its nearer end."""
-
-            def __init__(self, key_of):
-                self.key_of = key_of
-                self._segments = tuple(deque() for _ in range(UNKNOWN_CLASS + 1))
-                self._tokens = [0] * (UNKNOWN_CLASS + 1)  # per class: its requests' uncomputed tokens
-                self._key: dict[str, tuple] = {}  # request id -> key, for the requests in the queue
-                self._seq = 0  # the unknown class's keys: (UNKNOWN_CLASS, seq), appended ...
-                self._front = 0  # ... or put back at its front (a decreasing seq)
+        class _KeyedRequestQueue(KeyedQueue, RequestQueue):
+            """vLLM's waiting queue holding its requests in the policy's scheduling order by itself
+            (:class:`~ctk.policy.keyed_queue.KeyedQueue`), used while the order has no age bound; vLLM
+            takes the head. A request's uncomputed tokens (for the head's demand): ``num_tokens -
+            num_computed_tokens``, vLLM's ``num_tokens`` read as ``len(_all_token_ids)``."""
 
             def add_request(self, request) -> None:
-                key = self.key_of(request.request_id)
-                if key is None:
-                    self._seq += 1
-                    key = (UNKNOWN_CLASS, self._seq)
-                self._place(request, key)
-
-            def pop_request(self):
-                for c, seg in enumerate(self._segments):
-                    if seg:
-                        _, request, tokens = seg.popleft()
-                        del self._key[request.request_id]
-                        self._tokens[c] -= tokens
-                        return request
-                raise IndexError("pop from an empty queue")
-
-            def peek_request(self):
-                for seg in self._segments:
-                    if seg:
-                        return seg[0][1]
-                raise IndexError("peek from an empty queue")
+                self._add(request, len(request._all_token_ids) - request.num_computed_tokens)
 
             def prepend_request(self, request) -> None:
-                """Back at its key's place: the head again for one taken from there (a request without a key:
-                the front of its class, as vLLM's FIFO puts it back)."""
-                key = self.key_of(request.request_id)
-                if key is None:
-                    self._front -= 1
-                    key = (UNKNOWN_CLASS, self._front)
-                self._place(request, key)
-
-            def prepend_requests(self, requests) -> None:
-                for request in requests:
-                    self.prepend_request(request)
-
-            def _place(self, request, key: tuple) -> None:
-                """At ``key``'s place in its class (an append when it sorts last there)."""
-                c = key[0]
-                seg = self._segments[c]
-                tokens = len(request._all_token_ids) - request.num_computed_tokens
-                if not seg or key > seg[-1][0]:
-                    seg.append((key, request, tokens))
-                else:
-                    seg.insert(bisect_left(seg, (key,)), (key, request, tokens))
-                self._key[request.request_id] = key
-                self._tokens[c] += tokens
-
-            def remove_request(self, request) -> None:
-                """(ValueError when not in the queue, as ``deque.remove``.)"""
-                key = self._key.pop(request.request_id, None)
-                if key is None:
-                    raise ValueError(f"{request.request_id} is not in the waiting queue")
-                seg = self._segments[key[0]]
-                i = bisect_left(seg, (key,))
-                self._tokens[key[0]] -= seg[i][2]
-                del seg[i]
-
-            def remove_requests(self, requests) -> None:
-                """Those of ``requests`` in the queue (vLLM passes every waiting request it stops or aborts,
-                some held in its other queue or in none, as its FCFS queue's filter allows)."""
-                for request in list(requests):
-                    if request.request_id in self._key:
-                        self.remove_request(request)
-
-            def __len__(self) -> int:
-                return len(self._key)
-
-            def __bool__(self) -> bool:
-                return bool(self._key)
-
-            def __iter__(self):
-                for seg in self._segments:
-                    for _, request, _ in seg:
-                        yield request
-
-            def rekey(self, request_ids) -> None:
-                """These requests' keys changed (their program gained or lost a pin): each to its new place.
-                Ids not in the queue (running, finished) are skipped."""
-                for rid in request_ids:
-                    key = self._key.get(rid)
-                    if key is not None:
-                        seg = self._segments[key[0]]
-                        request = seg[bisect_left(seg, (key,))][1]
-                        self.remove_request(request)
-                        self.prepend_request(request)  # (at its new key's place)
-
-            def head_demand(self, slots: int) -> tuple[int, int]:
-                """(requests, uncomputed tokens) of the first ``slots`` requests (``head_demand``'s rule):
-                the classes that fit whole by their sums, the one cut by a walk from its nearer end."""
-                n = min(slots, len(self._key))
-                if n <= 0:
-                    return 0, 0
-                left, tokens = n, 0
-                for c, seg in enumerate(self._segments):
-                    size = len(seg)
-                    if size <= left:
-                        tokens += self._tokens[c]
-                        left -= size
-                        if not left:
-                            break
-                        continue
-                    if left <= size - left:
-                        tokens += sum([t for _, _, t in itertools.islice(seg, left)])
-                    else:
-                        tokens += self._tokens[c] - sum(
-                            [t for _, _, t in itertools.islice(reversed(seg), size - left)]
-                        )
-                    break
-                return n, tokens
+                self._put_back(request, len(request._all_token_ids) - request.num_computed_tokens)
 
         _KeyedRequestQueue.__name__ = _KeyedRequestQueue.__qualname__ = "KeyedRequestQueue"
         _KeyedRequestQueue.__module__ = __name__
