@@ -238,3 +238,43 @@ def test_an_arm_does_not_start_from_another_arms_online_adaptation():
     # the rule itself adapts (keys learned online): what the copy keeps from the next arm
     simulate(programs(), prof, "ttl", dataclasses.replace(cfg, serve={"ttl_model": "x"}), tables=tables)
     assert tables.quantiles_s != before
+
+
+KV_BLOCKS = 20  # (128-token blocks) about a tenth of 12 programs' contexts: the valve and preemptions
+
+
+@pytest.mark.parametrize("policy", ["continuum", "oracle"])
+def test_the_queue_that_keeps_the_order_simulates_as_the_mirror_does(policy, monkeypatch):
+    """Under a strict order the simulated engine's waiting queue keeps the order itself (``KeyedSimQueue``,
+    as vLLM's ``KeyedRequestQueue``); the same simulation with the core's mirror of a FIFO queue instead
+    (``WaitingList`` and per-step moves, what an age bound uses) gives the same result, program by program,
+    through pins, the valve and preemptions. (Tool pauses jittered: requests arriving at the same instant
+    are tie-broken by arrival in the keyed queue, by queue position at the last full sort in the mirror.
+    ttl is left out: its memory price reads the head of the queue, which the mirror orders only after.)"""
+    import random
+
+    from ctk.simulate.engine import KeyedSimQueue
+
+    rng = random.Random(4)
+    specs = programs(24, 8)
+    for spec in specs:
+        for turn in spec.turns[:-1]:
+            turn.tool_duration_s *= rng.uniform(0.8, 1.2)
+    prof = load_profile("cpu", "tiny")
+    used = []
+    keep = SimEngine.keep_waiting_order
+
+    def run():
+        cfg = SimConfig(arrivals=Arrivals(concurrency=12), kv_blocks=KV_BLOCKS, shared_prefix_tokens=512)
+        res = simulate(specs, prof, policy, cfg)
+        used.append(isinstance(res.engines[0].waiting, KeyedSimQueue))
+        summary = res.summary()
+        summary.pop("wall_s")
+        return summary, [c.jct_s for c in res.clients]
+
+    keyed = run()
+    monkeypatch.setattr(SimEngine, "keep_waiting_order", lambda self, key_of: keep(self, None))
+    mirrored = run()
+    assert used == [True, False]
+    assert keyed[0]["failed_programs"] == 0 and keyed[0]["preemptions"] > 0 and keyed[0]["pins"] > 0
+    assert keyed == mirrored

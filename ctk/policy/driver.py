@@ -26,8 +26,9 @@ With no pin held and nothing to reorder, every per-step call is a few attribute 
 The waiting order reaches the engine one of two ways. While the order's keys are fixed (no age bound:
 ``ttl``'s strict order) and the view offers ``keep_waiting_order``, the engine's queue holds itself in the
 order, reading each request's key from the core (``PolicyCore.waiting_keys``): nothing is done per step but
-re-keying the requests whose program gained or lost a pin. Otherwise (an age bound, or a view without it:
-the simulator) the core mirrors the engine's FIFO queue and each step applies its changes as moves.
+re-keying the requests whose program gained or lost a pin (vLLM's adapter and the simulator both offer it,
+with the same :class:`~ctk.policy.keyed_queue.KeyedQueue`). Otherwise (an age bound, or a view without it)
+the core mirrors the engine's FIFO queue and each step applies its changes as moves.
 """
 
 from __future__ import annotations

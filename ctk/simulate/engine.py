@@ -6,8 +6,9 @@ The scheduling step follows ``vllm/v1/core/sched/scheduler.py`` (0.32.0) where i
 - RUNNING requests first, in list order: each gets ``num_tokens - num_computed`` new tokens (a prefill chunk
   or one decode token) capped by the remaining budget (chunked prefill); when its blocks cannot be
   allocated the LAST running request is preempted (recompute: its blocks are freed, still cached, and it
-  goes to the FRONT of the waiting queue), repeatedly, until the allocation fits or the request itself was
-  the victim;
+  goes back to the waiting queue: to its FRONT in a FIFO queue, to its key's place in the queue that keeps
+  the policy's order, as in vLLM with ctk's queues), repeatedly, until the allocation fits or the request
+  itself was the victim;
 - WAITING requests only when nothing was preempted this step, in queue order, skipping those the policy
   holds back (``driver.may_admit``; vLLM's waiting loop skips them the same way); a request's prefix-cache hit
   (full blocks, at most ``num_tokens - 1`` tokens) is looked up, its whole prompt must fit the free blocks
@@ -30,6 +31,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ctk.policy.driver import head_demand
+from ctk.policy.keyed_queue import KeyedQueue
 from ctk.simulate.blocks import BlockPool, Chain
 
 
@@ -125,6 +128,33 @@ class NullDriver:
         return None
 
 
+class FifoQueue(deque):
+    """The simulator's FIFO waiting queue with vLLM's ``RequestQueue`` names (as its ``FCFSRequestQueue``);
+    the driver re-orders it through the core's mirror."""
+
+    add_request = deque.append
+    pop_request = deque.popleft
+    prepend_request = deque.appendleft
+
+    def peek_request(self) -> SimRequest:
+        return self[0]
+
+    def head_demand(self, slots: int) -> tuple[int, int]:
+        """``EngineView.waiting_demand``'s head (:func:`~ctk.policy.driver.head_demand`)."""
+        return head_demand((r.num_tokens - r.num_computed for r in self), slots)
+
+
+class KeyedSimQueue(KeyedQueue):
+    """The waiting queue holding itself in the policy's order (:class:`~ctk.policy.keyed_queue.KeyedQueue`,
+    as vLLM's ``KeyedRequestQueue``), while the order's keys are fixed."""
+
+    def add_request(self, r: SimRequest) -> None:
+        self._add(r, r.num_tokens - r.num_computed)
+
+    def prepend_request(self, r: SimRequest) -> None:
+        self._put_back(r, r.num_tokens - r.num_computed)
+
+
 class SimEngine:
     """A vLLM 0.32 engine in virtual time; implements ctk's ``EngineView`` protocol."""
 
@@ -138,7 +168,7 @@ class SimEngine:
         self.pool = BlockPool(
             cfg.num_blocks, cfg.block_size, reserved=self.shared_blocks * cfg.shared_prefixes
         )
-        self.waiting: deque[SimRequest] = deque()
+        self.waiting: FifoQueue | KeyedSimQueue = FifoQueue()  # (keep_waiting_order picks which)
         self.running: list[SimRequest] = []
         self.held: dict[str, SimRequest] = {}
         self.requests: dict[str, SimRequest] = {}
@@ -173,7 +203,19 @@ class SimEngine:
 
     def reorder_waiting(self, order: list[int]) -> None:
         reqs = list(self.waiting)
-        self.waiting = deque(reqs[i] for i in order)
+        self.waiting = FifoQueue(reqs[i] for i in order)
+
+    def keep_waiting_order(self, key_of):
+        """``EngineView.keep_waiting_order``: the waiting queue holds itself in the order of ``key_of``
+        (:class:`KeyedSimQueue`, as the vLLM adapter's); None: back to FIFO, re-ordered by the driver."""
+        queue: FifoQueue | KeyedSimQueue = KeyedSimQueue(key_of) if key_of is not None else FifoQueue()
+        for r in self.waiting:
+            queue.add_request(r)
+        self.waiting = queue
+        if key_of is None:
+            self._waiting_changed = True
+            return None
+        return queue.rekey
 
     def move_waiting(self, src: int, dst: int) -> None:
         waiting = self.waiting
@@ -194,10 +236,7 @@ class SimEngine:
     def waiting_demand(self) -> tuple[int, int]:
         """(requests, uncomputed tokens) of the waiting requests the engine would admit next if memory
         allowed: the head of the queue, one per free run slot (as ``VllmDoor.waiting_demand``)."""
-        from ctk.policy.driver import head_demand
-
-        uncomputed = (r.num_tokens - r.num_computed for r in self.waiting)
-        return head_demand(uncomputed, self.cfg.max_num_seqs - len(self.running))
+        return self.waiting.head_demand(self.cfg.max_num_seqs - len(self.running))
 
     def blocks_of(self, request_id: str) -> int:
         r = self.requests.get(request_id) or self.held.get(request_id)
@@ -247,8 +286,9 @@ class SimEngine:
             cap = -(-(req.prompt_tokens + req.max_tokens) // self.block_size) + 2
             req.chain = self.pool.chain(req.program_id, cap)
         self.requests[req.request_id] = req
-        self.waiting.append(req)
+        # (the driver first, as the vLLM adapter: a queue that keeps the order reads the request's key)
         self.driver.request_added(req.request_id, req.hints, now, req.prompt_tokens)
+        self.waiting.add_request(req)
 
     def _blocks_for(self, tokens: int) -> int:
         """Chain blocks (after the shared prefix) that ``tokens`` tokens occupy."""
@@ -268,7 +308,7 @@ class SimEngine:
         r.num_computed = 0
         r.preemptions += 1
         self.preemptions += 1
-        self.waiting.appendleft(r)
+        self.waiting.prepend_request(r)
         self._waiting_changed = True
 
     def _grow(self, r: SimRequest, num_new: int) -> bool:
@@ -323,10 +363,11 @@ class SimEngine:
         skipped: list[SimRequest] = []  # held back by the policy: back at the queue's front (as vLLM does)
         if not preempted:
             pool, bs, shared = self.pool, self.block_size, self.shared_blocks
-            while self.waiting and budget > 0 and len(running) < self.cfg.max_num_seqs:
-                r = self.waiting[0]
+            waiting = self.waiting
+            while waiting and budget > 0 and len(running) < self.cfg.max_num_seqs:
+                r = waiting.peek_request()
                 if not driver.may_admit(r.request_id):
-                    skipped.append(self.waiting.popleft())
+                    skipped.append(waiting.pop_request())
                     continue
                 # prefix-cache lookup: full blocks, at most num_tokens - 1 tokens
                 max_hit = (r.num_tokens - 1) // bs
@@ -347,7 +388,7 @@ class SimEngine:
                 if step_blocks > 0:
                     pool.allocate(step_blocks)
                     r.n_blocks += step_blocks
-                self.waiting.popleft()
+                waiting.pop_request()
                 running.append(r)
                 scheduled.append((r, num_new))
                 budget -= num_new
@@ -356,8 +397,8 @@ class SimEngine:
                     admitted.append((r.request_id, computed))
                 else:
                     self._waiting_changed = True
-            if skipped:
-                self.waiting.extendleft(reversed(skipped))
+            for r in reversed(skipped):  # back at the front, in their order
+                waiting.prepend_request(r)
         driver.step_end(admitted, now)
         if not scheduled:
             self._scheduled = []
