@@ -6,7 +6,8 @@ Serves a local model (default: a tiny random-weight model built by ``ctk tiny-mo
 ``ctk serve``'s own launch code and prints one PASS or FAIL line per check:
 
 1. platform: the CUDA platform was picked (``ctk.engine_patch.device.pick_device``);
-2. scheduler: the class matches vLLM's async scheduling (the engine's "ctk scheduler: ..." log line);
+2. scheduler: the class matches vLLM's async scheduling (the engine's "ctk scheduler: ..." log line), and
+   request hints are parsed in vLLM's input thread (its log line);
 3. pin: a pinned turn survives a flood of other prompts bigger than the KV cache and its next turn hits;
 4. leaks: after 200 random requests (some with stop strings, some aborted by their client) and the end of
    every pin (``ctk:pins_active`` 0; at most 2 minutes), no KV block is in use (``vllm:kv_cache_usage_perc``
@@ -199,7 +200,7 @@ def main() -> int:
     ap.add_argument("--allow-cpu", action="store_true", help="run checks 2-5 on the CPU build")
     args = ap.parse_args()
     from ctk.engine_patch.device import pick_device
-    from ctk.engine_patch.scheduler import class_in_log, scheduler_class
+    from ctk.engine_patch.scheduler import AHEAD_LINE, class_in_log, scheduler_class
     from ctk.policy.config import ConfigError
 
     try:
@@ -233,7 +234,10 @@ def main() -> int:
         else:
             name, is_async = found
             ok = name == scheduler_class(is_async).__name__ and (cpu or is_async)  # CUDA's default: async
-            report("scheduler", ok, f"{name}, vLLM's async scheduling {'on' if is_async else 'off'}")
+            ahead = AHEAD_LINE in srv.log()  # hints parsed in vLLM's input thread, off the step
+            detail = f"{name}, vLLM's async scheduling {'on' if is_async else 'off'}"
+            detail += "" if ahead else "; hints not parsed in the input thread"
+            report("scheduler", ok and ahead, detail)
         report("pin", *guarded(check_pin, srv.url, rng))
         report("leaks", *guarded(check_leaks, srv.url, rng))
     finally:
