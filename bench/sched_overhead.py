@@ -657,10 +657,10 @@ def run_scale(
         f"{statistics.median(own_finish):.1f} us/finish ({min(own_finish):.1f}..{max(own_finish):.1f}); "
         "targets <= 50 us each"
     )
+    ctk_queue, stock_queue = statistics.median(queue_us["ctk"]), statistics.median(queue_us["stock"])
     print(
-        f"  of which the waiting queue's methods vLLM calls: {statistics.median(queue_us['ctk']):.1f} us/step"
-        " "
-        f"(stock's FCFS queue: {statistics.median(queue_us['stock']):.1f} us/step)"
+        f"  of which the waiting queue's methods vLLM calls: {ctk_queue:.1f} us/step "
+        f"(stock's FCFS queue: {stock_queue:.1f} us/step)"
     )
     if ahead[1]:
         print(

@@ -214,11 +214,20 @@ class PolicyCore:
             self._rekey(request_ids)
 
     def _key_of(self, request_id: str) -> None:
-        """(Re)make a pending request's :attr:`waiting_keys` entry: the order's key of its inputs now."""
-        item = self._order_inputs(request_id)
-        if item is not None:
+        """(Re)make a pending request's :attr:`waiting_keys` entry from its order inputs now (the engine keeps
+        the order: no mirror)."""
+        inputs = self._order_inputs(request_id)
+        if inputs is not None:
+            self._enter_order(request_id, inputs)
+
+    def _enter_order(self, request_id: str, inputs: tuple[float, float | None, bool, int]) -> None:
+        """A request enters the waiting order with ``inputs`` (:meth:`_order_inputs`'s shape): the mirror's
+        tail, or, when the engine keeps the order, its :attr:`waiting_keys` entry with a new tie-break."""
+        if self.waitlist is not None:
+            self.waitlist.add(request_id, inputs)
+        elif self.waiting_keys is not None:
             self._key_seq += 1
-            self.waiting_keys[request_id] = self.order.key(*item, self._key_seq)
+            self.waiting_keys[request_id] = self.order.key(*inputs, self._key_seq)
 
     def _hit(self, pin: Pin) -> Release:
         self.stats.pin_hits += 1
@@ -249,13 +258,9 @@ class PolicyCore:
             self.order.arrived(now)
             if self._queue is not None:
                 self._queue[request_id] = now
-        wl = self.waitlist
         if pid is None:
-            if wl is not None:
-                wl.add(request_id, (now, None, False, 0))  # (_order_inputs's answer)
-            elif self.waiting_keys is not None:
-                self._key_seq += 1
-                self.waiting_keys[request_id] = self.order.key(now, None, False, 0, self._key_seq)
+            if reorders:
+                self._enter_order(request_id, (now, None, False, 0))  # (_order_inputs's answer)
             return []
         if self.gate is not None:
             self.gate.arrived(pid, prompt_tokens, now)
@@ -274,12 +279,8 @@ class PolicyCore:
         prog.turns += 1
         prog.pending.add(request_id)
         prog.done = False
-        if wl is not None:  # (_order_inputs's answer now; asked again if the program gains or loses a pin)
-            wl.add(request_id, (now, prog.first_arrival, prog.pin is not None, prog.rank))
-        elif self.waiting_keys is not None:
-            self._key_seq += 1
-            key = self.order.key(now, prog.first_arrival, prog.pin is not None, prog.rank, self._key_seq)
-            self.waiting_keys[request_id] = key
+        if reorders:  # (_order_inputs's answer now; made again if the program gains or loses a pin)
+            self._enter_order(request_id, (now, prog.first_arrival, prog.pin is not None, prog.rank))
         if prog.last_finish is not None:
             gap = now - prog.last_finish
             if 0.0 <= gap <= self.config.max_observed_gap_s:

@@ -248,16 +248,18 @@ class PolicyDriver:
             if self._rekeys:
                 self._queue_rekey(self._rekeys)
                 self._rekeys.clear()
-            if not core.keys_stay_fixed():
-                self._order_in_core()  # (then the whole queue is ordered below, and mirrored from now on)
-            moves = None
+            if core.keys_stay_fixed():
+                moves = []  # the engine's queue is in order
+            else:
+                self._order_in_core()
+                moves = None  # (the whole queue is ordered below, and mirrored from now on)
         else:
             moves = core.waiting_moves(view.num_waiting(), now, view.waiting_changed())
         if moves:
             move = view.move_waiting
             for src, dst in moves:
                 move(src, dst)
-        elif moves is None and not self._keyed:  # the queue changed behind the core's back: order all of it
+        elif moves is None:  # the queue changed behind the core's back: order all of it (the core resyncs)
             n_waiting = view.num_waiting()
             if n_waiting < 2 or core.needs_reorder(n_waiting, now):
                 order = core.order_waiting(view.waiting_ids(), now)
