@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ctk.engine_patch.metrics import FLUSH_S
+
 
 def build_inputs(tmp: Path, model: str | None) -> tuple[str, str]:
     from ctk.engine_patch.serve.tiny_model import build_tiny_model
@@ -515,6 +517,7 @@ def run_scale(
     ahead = [0.0, 0]  # hints parsed ahead (vLLM's input thread): time, requests
     queue_us: dict[str, list[float]] = {"stock": [], "ctk": []}  # the waiting queue's methods, per step
     own_finish: list[float] = []
+    flush_us: list[float] = []  # the metrics flusher thread's writes, per step
     gc_step: list[float] = []  # of ctk's own time, the cyclic garbage collector's runs inside its calls
     gc_finish: list[float] = []
     gc_runs: list[int] = []  # collections during ctk's measured steps, inside its calls or not
@@ -551,6 +554,11 @@ def run_scale(
                 _acc[1] += 1
 
             s._free_blocks = timed_free
+            # ctk's metrics flusher thread (PrometheusSink): its writes count as ctk's own time per step
+            flushed = [0.0]
+            if name == "ctk":
+                sink = s._ctk_metrics
+                sink.flush = _flush_timed(sink.flush, flushed)
             own = {"step": 0.0, "finish": 0.0}  # ctk's own time: its driver calls and the door's conversions
             # vLLM's free of a pinned request's blocks when its pin ends: the free stock vLLM makes at the
             # finish, made later. Counted with the frees (per finish), out of the step and of ctk's own time.
@@ -600,6 +608,7 @@ def run_scale(
             moved.update(step=0.0, finish=0.0, n=0)
             gc_clock.reset()
             queue_time["step"] = 0.0
+            flushed[0] = 0.0
             gc.callbacks.append(gc_clock)
             done = len(loop.stats.finished)
             if calls is not None:
@@ -630,7 +639,8 @@ def run_scale(
             queue_us[name].append(queue_time["step"] / steps * 1e6)
             if name == "ctk":
                 step_events.append(events)
-                own_step.append((own["step"] - moved["step"] + queue_time["step"]) / steps * 1e6)
+                own_step.append((own["step"] - moved["step"] + queue_time["step"] + flushed[0]) / steps * 1e6)
+                flush_us.append(flushed[0] / steps * 1e6)
                 own_finish.append((own["finish"] - moved["finish"]) / max(1, free_time[1]) * 1e6)
                 gc_step.append(gc_clock.total["step"] / steps * 1e6)
                 gc_runs.append(gc_clock.runs)
@@ -661,6 +671,10 @@ def run_scale(
     print(
         f"  of which the waiting queue's methods vLLM calls: {ctk_queue:.1f} us/step "
         f"(stock's FCFS queue: {stock_queue:.1f} us/step)"
+    )
+    print(
+        f"  of which the metrics flusher thread's writes (every {FLUSH_S} s, off the step): "
+        f"{statistics.median(flush_us):.1f} us/step"
     )
     if ahead[1]:
         print(
@@ -765,6 +779,20 @@ def _parsed_ahead(make, hints_ahead, acc: list):
         return request
 
     return made
+
+
+def _flush_timed(flush, acc: list[float]):
+    """The metrics sink's ``flush`` (called by its thread), timed into ``acc[0]``."""
+    clock = time.perf_counter
+
+    def timed():
+        t0 = clock()
+        try:
+            return flush()
+        finally:
+            acc[0] += clock() - t0
+
+    return timed
 
 
 def _queue_timed(fn, acc: dict[str, float], ctx: dict, calls: _CallRanks | None = None, name: str = ""):

@@ -159,6 +159,19 @@ def flood_during_tool(base: str, tag: str, n_programs: int = 1, seed: int = 0) -
     return cached
 
 
+def settled(read, at_least: float, timeout_s: float = 15.0) -> float:
+    """``read()`` once it gives at least ``at_least`` (or at ``timeout_s``): a served engine's pin metrics
+    reach ``/metrics`` through a flusher thread (``ctk.engine_patch.metrics.FLUSH_S`` late)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    value = read()
+    while value < at_least and time.monotonic() < deadline:
+        time.sleep(0.05)
+        value = read()
+    return value
+
+
 def pin_releases(base: str) -> dict[str, float]:
     """``ctk:pin_releases_total`` at ``base`` by reason (why pins ended, for a failure's message)."""
     import httpx

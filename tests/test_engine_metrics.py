@@ -1,21 +1,27 @@
-"""The Prometheus sink writes prometheus_client's internals directly (each child's value objects, resolved
-once): what it exposes is what the public API gives for the same events."""
+"""The Prometheus sink queues the core's events on the engine's step and writes them from a flusher thread:
+what a scrape shows once they are written is every event, counted as the metrics' names say."""
 
 from __future__ import annotations
 
 import math
 import random
+import time
 
-from ctk.engine_patch import metrics as metrics_mod
 from ctk.engine_patch.metrics import PrometheusSink
 from ctk.policy.events import Pin, Release, ReleaseReason, ToolObservation
 
 
-def _exposed(registry) -> list[str]:
-    from prometheus_client import generate_latest
+def _samples(registry) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in registry.collect():
+        for s in family.samples:
+            if not s.name.endswith("_created"):  # (the collectors' creation times)
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
 
-    # (the *_created samples are the collectors' creation times)
-    return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
+
+def _value(registry, name: str, **labels) -> float:
+    return _samples(registry).get((name, tuple(sorted({"policy": "ttl", **labels}.items()))), 0.0)
 
 
 def _pin(rng: random.Random, i: int) -> Pin:
@@ -23,74 +29,111 @@ def _pin(rng: random.Random, i: int) -> Pin:
     return Pin(f"r{i}", f"p{i}", rng.randrange(1, 50), 100, ttl, 0.0, ttl, 0.5, 1.0, "make", None)
 
 
-def _feed(sinks, seed: int = 0, n: int = 400) -> None:
+def _feed(sink, seed: int = 0, n: int = 400) -> dict:
+    """Random events into ``sink``; returns what a scrape must show for them."""
     rng = random.Random(seed)
     reasons = list(ReleaseReason)
+    want = {"created": 0, "hits": 0, "by_reason": {}, "active": 0, "blocks": 0, "ttl": [], "tool": []}
     held = 0
     for i in range(n):
         op = rng.random()
         pin = _pin(rng, i)
         if op < 0.35:
             held += pin.blocks
-            events = [("pin_created", pin)]
+            sink.pin_created(pin)
+            want["created"] += 1
+            want["active"] += 1
+            want["blocks"] += pin.blocks
+            want["ttl"].append(pin.ttl_s)
         elif op < 0.7:
             held = max(0, held - pin.blocks)
-            events = [("pin_released", Release(pin.request_id, rng.choice(reasons), pin.blocks), held)]
+            reason = rng.choice(reasons)
+            sink.pin_released(Release(pin.request_id, reason, pin.blocks), held)
+            want["by_reason"][reason] = want["by_reason"].get(reason, 0) + 1
+            want["active"] = max(0, want["active"] - 1)
+            want["blocks"] = held
         elif op < 0.85:
-            events = [("pin_hit", pin)]
+            sink.pin_hit(pin)
+            want["hits"] += 1
         else:
-            d = rng.choice([0.0, 0.05, 2.0, 1e5, math.nan, rng.uniform(0, 1000)])
-            events = [("tool_observed", ToolObservation(f"p{i}", 1, None, [], d, 0.0, 10, 5))]
-        for name, *args in events:
-            for sink in sinks:
-                getattr(sink, name)(*args)
+            d = rng.choice([0.0, 0.05, 2.0, 1e5, rng.uniform(0, 1000)])
+            sink.tool_observed(ToolObservation(f"p{i}", 1, None, [], d, 0.0, 10, 5))
+            want["tool"].append(d)
+    return want
 
 
-def test_the_sink_exposes_what_the_public_api_gives():
+def _check(registry, want: dict) -> None:
+    assert _value(registry, "ctk:pins_created_total") == want["created"]
+    assert _value(registry, "ctk:pin_hits_total") == want["hits"]
+    for reason, n in want["by_reason"].items():
+        assert _value(registry, "ctk:pin_releases_total", reason=str(reason)) == n
+    assert _value(registry, "ctk:pin_expirations_total") == want["by_reason"].get(ReleaseReason.EXPIRED, 0)
+    assert _value(registry, "ctk:pin_pressure_releases_total") == want["by_reason"].get(
+        ReleaseReason.PRESSURE, 0
+    )
+    assert _value(registry, "ctk:pins_active") == want["active"]
+    assert _value(registry, "ctk:pinned_blocks") == want["blocks"]
+    for name, values in (("ctk:ttl_seconds", want["ttl"]), ("ctk:tool_duration_seconds", want["tool"])):
+        assert _value(registry, f"{name}_count") == len(values)
+        assert math.isclose(_value(registry, f"{name}_sum"), sum(values), rel_tol=1e-9)
+        assert _value(registry, f"{name}_bucket", le="1.0") == sum(v <= 1.0 for v in values)
+
+
+def test_events_reach_the_collectors_only_when_flushed():
     from prometheus_client import CollectorRegistry
-
-    fast_reg, public_reg = CollectorRegistry(), CollectorRegistry()
-    fast = PrometheusSink("ttl", registry=fast_reg)
-    public = PrometheusSink("ttl", registry=public_reg, fast=False)
-    # the internals are as expected here: every write bypasses the public methods
-    assert fast._ttl_parts is not None and fast._tool_parts is not None
-    assert fast._created_inc != fast._created.inc and fast._active_set != fast._active.set
-    assert public._ttl_parts is None and public._created_inc == public._created.inc
-    assert _exposed(fast_reg) == _exposed(public_reg)
-    _feed([fast, public])
-    text = _exposed(fast_reg)
-    assert text == _exposed(public_reg)
-    assert any(line.startswith("ctk:pin_releases_total{") for line in text)
-    assert any(line.startswith('ctk:ttl_seconds_bucket{le="+Inf"') for line in text)
-
-
-def test_unexpected_internals_fall_back_to_the_public_api():
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
     reg = CollectorRegistry()
-    counter = Counter("c", "c", ["x"], registry=reg).labels("a")
-    gauge = Gauge("g", "g", ["x"], registry=reg).labels("a")
-    hist = Histogram("h", "h", ["x"], registry=reg).labels("a")
-    assert metrics_mod._counter_inc(counter) == counter._value.inc
-    assert metrics_mod._gauge_parts(gauge) == (gauge._value.inc, gauge._value.set)
-    assert metrics_mod._histogram_parts(hist) is not None
-    del counter._value  # (an instance attribute: another prometheus_client could lack it)
-    assert metrics_mod._counter_inc(counter) == counter.inc
-    mostrecent = Gauge("m", "m", ["x"], multiprocess_mode="mostrecent", registry=reg).labels("a")
-    assert metrics_mod._gauge_parts(mostrecent) is None  # its set stamps the time
-    hist._buckets = hist._buckets[:-1]
-    assert metrics_mod._histogram_parts(hist) is None
+    sink = PrometheusSink("ttl", registry=reg, flush_s=None)
+    before = _samples(reg)
+    want = _feed(sink)
+    assert _samples(reg) == before  # the step wrote nothing
+    assert sink.flush() == 400
+    _check(reg, want)
+    assert sink.flush() == 0
+    _check(reg, want)  # (nothing counted twice)
 
 
-def test_a_sink_on_the_public_api_when_internals_differ(monkeypatch):
+def test_the_flusher_thread_writes_events_and_close_writes_the_rest():
     from prometheus_client import CollectorRegistry
 
-    monkeypatch.setattr(metrics_mod, "_histogram_parts", lambda child: None)
-    monkeypatch.setattr(metrics_mod, "_gauge_parts", lambda child: None)
-    monkeypatch.setattr(metrics_mod, "_counter_inc", lambda child: child.inc)
-    a_reg, b_reg = CollectorRegistry(), CollectorRegistry()
-    a = PrometheusSink("ttl", registry=a_reg)
-    b = PrometheusSink("ttl", registry=b_reg, fast=False)
-    assert a._ttl_parts is None and a._blocks_set == a._blocks.set
-    _feed([a, b], seed=3, n=200)
-    assert _exposed(a_reg) == _exposed(b_reg)
+    reg = CollectorRegistry()
+    sink = PrometheusSink("ttl", registry=reg, flush_s=0.02)
+    assert sink._thread is not None and sink._thread.is_alive()
+    want = _feed(sink, seed=1, n=50)
+    deadline = time.monotonic() + 10
+    while _value(reg, "ctk:pin_hits_total") < want["hits"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    _check(reg, want)  # written by the thread, no flush() called
+    sink._stop.set()  # the thread stops: events queued now are written by close()
+    sink._thread.join(5)
+    more = _feed(sink, seed=2, n=50)
+    assert _value(reg, "ctk:pins_created_total") == want["created"]
+    sink.close()
+    assert _value(reg, "ctk:pins_created_total") == want["created"] + more["created"]
+    assert not sink._thread.is_alive()
+
+
+def test_a_failed_write_does_not_stop_the_flusher(monkeypatch):
+    from prometheus_client import CollectorRegistry
+
+    reg = CollectorRegistry()
+    sink = PrometheusSink("ttl", registry=reg, flush_s=0.02)
+    fails = {"n": 1}
+    real_inc = sink._hits.inc
+
+    def inc(*args):
+        if fails["n"]:
+            fails["n"] -= 1
+            raise RuntimeError("disk full")
+        real_inc(*args)
+
+    monkeypatch.setattr(sink._hits, "inc", inc)
+    sink.pin_hit(_pin(random.Random(0), 0))  # lost with the failed write
+    time.sleep(0.1)
+    sink.pin_hit(_pin(random.Random(0), 1))
+    deadline = time.monotonic() + 10
+    while _value(reg, "ctk:pin_hits_total") < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _value(reg, "ctk:pin_hits_total") == 1
+    assert sink._thread.is_alive()
+    sink.close()

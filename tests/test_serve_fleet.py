@@ -30,6 +30,7 @@ from engine_fixtures import (
     block_size_args,
     flood_during_tool,
     pin_releases,
+    settled,
 )
 
 # turn 1's prompt and output fill exactly 512 tokens of computed KV (the last output token is never computed):
@@ -267,7 +268,7 @@ def test_metadata_vllm_refuses_passes_through_ctk_serve_and_the_router(fleet):
     before = _pins_created(fleet)
     xargs = {"agentic_context": {"program_id": "ac-1", "kv_retention_ttl_seconds": 5}, "tool": LONG_TTL_KEY}
     _complete(fleet["url"], None, _ids(np.random.default_rng(7), 300), 4, xargs)
-    assert _pins_created(fleet) == before + 1
+    assert settled(lambda: _pins_created(fleet), before + 1) == before + 1
 
 
 def _pins_created(fleet) -> float:

@@ -16,6 +16,7 @@ from engine_fixtures import (
     TEST_TTLS,
     block_size_args,
     served_block_size,
+    settled,
 )
 
 pytestmark = pytest.mark.engine
@@ -94,7 +95,7 @@ def test_session_pin_hit_over_http_and_metrics(served):
     msgs = [{"role": "user", "content": long_text(rng)}]
     first = chat(served, "S1", msgs, tool=LONG_TTL_KEY)
     assert first["usage"]["prompt_tokens"] > 1024
-    assert metric(base, "ctk:pins_created_total") >= 1
+    assert settled(lambda: metric(base, "ctk:pins_created_total"), 1) >= 1
     assert metric(base, "ctk:pinned_blocks") > 0
     msgs += [
         {"role": "assistant", "content": first["choices"][0]["message"]["content"]},
@@ -105,7 +106,7 @@ def test_session_pin_hit_over_http_and_metrics(served):
     cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
     block = served_block_size(base)  # the platform's (CPU 128, CUDA 16) or CTK_TEST_BLOCK_SIZE's
     assert cached >= (first["usage"]["prompt_tokens"] // block - 1) * block
-    assert metric(base, "ctk:pin_hits_total") >= 1
+    assert settled(lambda: metric(base, "ctk:pin_hits_total"), 1) >= 1
     assert metric(base, "ctk:tool_duration_seconds_count") >= 1
     assert metric(base, "ctk:tool_duration_seconds_sum") >= 0.3
     assert metric(base, "ctk:ttl_seconds_count") >= 1

@@ -9,14 +9,19 @@ they land in the default registry.
 Metrics: ``ctk:pins_created_total``, ``ctk:pin_hits_total``, ``ctk:pin_expirations_total``,
 ``ctk:pin_pressure_releases_total``, ``ctk:pin_releases_total{reason}``, ``ctk:pinned_blocks``,
 ``ctk:pins_active``, ``ctk:ttl_seconds`` (histogram of chosen TTLs), ``ctk:tool_duration_seconds``
-(histogram of observed tool durations), all labelled with the ``policy``.
+(histogram of observed tool durations), all labelled with the ``policy``. Events reach the collectors
+through a flusher thread, at most :data:`FLUSH_S` late (see :class:`PrometheusSink`).
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
+import logging
+import threading
+from collections import deque
 
 from ctk.policy.events import Pin, Release, ToolObservation
+
+logger = logging.getLogger("ctk.engine_patch")
 
 BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600)
 _METRICS: dict | None = None
@@ -58,87 +63,26 @@ def _metrics(registry=None) -> dict:
     return _METRICS
 
 
-# -- prometheus_client's internals, written directly ------------------------------------------------------
-# A public call (``Counter.inc``, ``Gauge.set``, ``Histogram.observe``) runs two Python frames before it
-# reaches the child's value object (the method, its observability check; ``observe`` a loop over the
-# buckets), and the sink runs in the engine's step with cold caches, where each frame costs about a
-# microsecond. The sink binds the value objects' own ``inc`` / ``set`` (prometheus_client's ``ValueClass``:
-# a float under a lock, or its multiprocess file) once, per child, and does what the public method does with
-# them. :func:`_fast_parts` checks the internals first; the public API is used when they are not as expected.
+# -- the sink: events queued on the engine's step, written to Prometheus by a flusher thread -----------------
+# A Prometheus write in the engine's step (``Counter.inc`` & co: a lock, its value object, in ``ctk serve``
+# an mmap file of the multiprocess mode) costs 8-15 us each: the step touches them cold (bench
+# sched_overhead --scale). The sink only appends each event to a deque (atomic, thread-safe); a daemon thread
+# drains it into the collectors every :data:`FLUSH_S` through the public API. /metrics lags by that much.
 
+#: Seconds between the flusher's writes (a scrape sees events at most this old as not yet counted).
+FLUSH_S = 0.25
 
-def _value_of(child, *methods: str):
-    """The child's value object when it has the methods the public call uses, else None."""
-    value = getattr(child, "_value", None)
-    if value is None or not all(callable(getattr(value, m, None)) for m in methods):
-        return None
-    return value
-
-
-def _observe(histogram, parts, value: float) -> None:
-    """``histogram.observe(value)``; with ``parts`` (its sum's add, bucket bounds and bucket adds, resolved
-    once) written directly, as Histogram.observe does."""
-    if parts is None:
-        histogram.observe(value)
-        return
-    add, bounds, buckets = parts
-    add(value)
-    i = bisect_left(bounds, value)
-    if i < len(bounds) and value <= bounds[i]:  # NaN counts in no bucket, as in Histogram.observe
-        buckets[i](1)
-
-
-def _counter_inc(child):
-    """``child.inc`` without its frames (``Counter.inc(amount)``: ``_value.inc(amount)``, amount >= 0)."""
-    from prometheus_client import Counter
-
-    value = _value_of(child, "inc") if type(child) is Counter else None
-    return value.inc if value is not None else child.inc
-
-
-def _gauge_parts(child):
-    """(``inc``, ``set``) of a gauge child's value: ``Gauge.inc`` is ``_value.inc(amount)``, ``Gauge.set``
-    ``_value.set(float(value))`` (not in the ``mostrecent`` modes, which stamp the time); None when not so."""
-    from prometheus_client import Gauge
-
-    if type(child) is not Gauge or getattr(child, "_is_most_recent", True):
-        return None
-    value = _value_of(child, "inc", "set")
-    return (value.inc, value.set) if value is not None else None
-
-
-def _histogram_parts(child):
-    """``Histogram.observe`` of one child on its internals: (the sum's ``inc``, the sorted upper bounds, the
-    buckets' ``inc``), used as ``observe`` does: the sum, then the first bucket whose bound holds the amount
-    (a bisection; none for NaN, as the public loop); None when the internals are not as expected."""
-    from prometheus_client import Histogram
-
-    if type(child) is not Histogram:
-        return None
-    bounds = getattr(child, "_upper_bounds", None)
-    buckets = getattr(child, "_buckets", None)
-    total = getattr(child, "_sum", None)
-    if (
-        not isinstance(bounds, list)
-        or not isinstance(buckets, list)
-        or len(bounds) != len(buckets)
-        or not bounds
-        or bounds != sorted(bounds)
-        or not callable(getattr(total, "inc", None))
-        or not all(callable(getattr(b, "inc", None)) for b in buckets)
-    ):
-        return None
-    return total.inc, tuple(bounds), tuple(b.inc for b in buckets)
+_CREATED, _RELEASED, _HIT, _TOOL = range(4)
 
 
 class PrometheusSink:
-    """Mirrors the core's events into Prometheus collectors (on their internals, see above; ``fast=False``:
-    the public API only)."""
+    """Mirrors the core's events into Prometheus collectors: queued on the engine's step, written by a
+    daemon thread every ``flush_s`` (None: only by :meth:`flush`, e.g. tests). :meth:`close` writes what is
+    queued and stops the thread."""
 
-    def __init__(self, policy: str, registry=None, fast: bool = True):
+    def __init__(self, policy: str, registry=None, flush_s: float | None = FLUSH_S):
         m = _metrics(registry)
         self.policy = policy
-        self._fast = fast
         self._created = m["created"].labels(policy)
         self._hits = m["hits"].labels(policy)
         self._expired = m["expired"].labels(policy)
@@ -155,55 +99,99 @@ class PrometheusSink:
         # Touch the counters so they are exported (as 0) before the first event.
         for c in (self._created, self._hits, self._expired, self._pressure):
             c.inc(0)
-        # the calls of each event, resolved once (the public methods when the internals are not as expected)
-        inc = _counter_inc if fast else (lambda child: child.inc)
-        self._created_inc = inc(self._created)
-        self._hits_inc = inc(self._hits)
-        self._expired_inc = inc(self._expired)
-        self._pressure_inc = inc(self._pressure)
-        self._ttl_parts = _histogram_parts(self._ttl) if fast else None
-        self._tool_parts = _histogram_parts(self._tool) if fast else None
-        # gauges: set(float(n)) is Gauge.set(n) on its value (both take a float)
-        blocks = _gauge_parts(self._blocks) if fast else None
-        active = _gauge_parts(self._active) if fast else None
-        if blocks is not None and active is not None:
-            (self._blocks_inc, self._blocks_set), (_, self._active_set) = blocks, active
-        else:
-            self._blocks_inc, self._blocks_set, self._active_set = (
-                self._blocks.inc,
-                self._blocks.set,
-                self._active.set,
+        self._events: deque[tuple] = deque()
+        self._add = self._events.append  # (the one call an event makes on the engine's step)
+        self._flushing = threading.Lock()  # one writer at a time (the thread, or flush() / close())
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if flush_s is not None:
+            self._thread = threading.Thread(
+                target=self._run, args=(flush_s,), name="ctk-metrics", daemon=True
             )
+            self._thread.start()
 
-    def _reason_inc(self, reason):
-        # labels() takes a lock and builds a key: once per reason
-        child = self._released.labels(self.policy, reason)
-        inc = self._by_reason[reason] = _counter_inc(child) if self._fast else child.inc
-        return inc
+    # -- events (the engine's step) ------------------------------------------------------------------------
 
     def pin_created(self, pin: Pin) -> None:
-        self._created_inc(1)
-        _observe(self._ttl, self._ttl_parts, pin.ttl_s)
-        self._n_active += 1
-        self._active_set(float(self._n_active))
-        self._blocks_inc(pin.blocks)
+        self._add((_CREATED, pin.ttl_s, pin.blocks))
 
     def pin_released(self, release: Release, pinned_blocks: int) -> None:
-        reason = release.reason
-        inc = self._by_reason.get(reason)
-        if inc is None:
-            inc = self._reason_inc(reason)
-        inc(1)
-        if reason == "expired":
-            self._expired_inc(1)
-        elif reason == "pressure":
-            self._pressure_inc(1)
-        self._n_active = max(0, self._n_active - 1)
-        self._active_set(float(self._n_active))
-        self._blocks_set(float(pinned_blocks))
+        self._add((_RELEASED, release.reason, pinned_blocks))
 
     def pin_hit(self, pin: Pin) -> None:
-        self._hits_inc(1)
+        self._add((_HIT,))
 
     def tool_observed(self, obs: ToolObservation) -> None:
-        _observe(self._tool, self._tool_parts, obs.duration_s)
+        self._add((_TOOL, obs.duration_s))
+
+    # -- writes (the flusher thread) -----------------------------------------------------------------------
+
+    def flush(self) -> int:
+        """Write the queued events to the collectors, each collector once (a histogram once per value);
+        returns how many events."""
+        events = self._events
+        with self._flushing:
+            n = created = hits = 0
+            released: dict[str, int] = {}
+            ttls: list[float] = []
+            tools: list[float] = []
+            blocks_inc, blocks_set = 0, None  # pinned blocks: added since the last set, the last set
+            active = self._n_active
+            while events:
+                event = events.popleft()
+                n += 1
+                kind = event[0]
+                if kind == _CREATED:
+                    created += 1
+                    ttls.append(event[1])
+                    active += 1
+                    blocks_inc += event[2]
+                elif kind == _RELEASED:
+                    released[event[1]] = released.get(event[1], 0) + 1
+                    active = max(0, active - 1)
+                    blocks_set, blocks_inc = event[2], 0
+                elif kind == _HIT:
+                    hits += 1
+                else:
+                    tools.append(event[1])
+            if not n:
+                return 0
+            if created:
+                self._created.inc(created)
+            if hits:
+                self._hits.inc(hits)
+            for reason, count in released.items():
+                counter = self._by_reason.get(reason)
+                if counter is None:  # (labels() takes a lock and builds a key: once per reason)
+                    counter = self._by_reason[reason] = self._released.labels(self.policy, reason)
+                counter.inc(count)
+                if reason == "expired":
+                    self._expired.inc(count)
+                elif reason == "pressure":
+                    self._pressure.inc(count)
+            for ttl in ttls:
+                self._ttl.observe(ttl)
+            for duration in tools:
+                self._tool.observe(duration)
+            if active != self._n_active:
+                self._n_active = active
+                self._active.set(active)
+            if blocks_set is not None:
+                self._blocks.set(blocks_set)
+            if blocks_inc:
+                self._blocks.inc(blocks_inc)
+        return n
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                self.flush()
+            except Exception:  # a metrics write must never take the engine down
+                logger.exception("ctk: writing the pin metrics failed")
+
+    def close(self) -> None:
+        """Stop the flusher and write what is queued (shutdown, reconfiguration)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self.flush()

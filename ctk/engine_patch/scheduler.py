@@ -98,7 +98,8 @@ class CTKSchedulerMixin:
             from ctk.predict.modelfile import load_ttl_tables
 
             tables = load_ttl_tables(cfg.ttl_model)
-        sinks = [PrometheusSink(cfg.policy)]
+        self._ctk_metrics = PrometheusSink(cfg.policy)
+        sinks = [self._ctk_metrics]
         if cfg.record:
             from ctk.engine_patch.recorder import TraceRecorder
 
@@ -138,6 +139,7 @@ class CTKSchedulerMixin:
     def ctk_reconfigure(self, **settings) -> None:
         """Switch policy / settings on a live engine (tests, benchmarks): pins are released first."""
         self.ctk_driver.shutdown(ReleaseReason.RECONFIGURE)
+        self._ctk_metrics.close()
         if self._ctk_recorder is not None:
             self._ctk_recorder.close()
             self._ctk_recorder = None
@@ -200,6 +202,7 @@ class CTKSchedulerMixin:
 
     def shutdown(self) -> None:
         self.ctk_driver.shutdown(ReleaseReason.SHUTDOWN)
+        self._ctk_metrics.close()
         self.ctk_door.close()
         if self._ctk_recorder is not None:
             self._ctk_recorder.close()

@@ -280,6 +280,7 @@ class Replayer:
             if progress is not None:
                 progress.stop()
             self.result.finished_unix_s = time.time()
+        await asyncio.sleep(server_metrics.SETTLE_S)  # the last step's pin events reach /metrics
         after = await asyncio.to_thread(server_metrics.scrape, cfg.base_url)
         self.result.server_metrics = server_metrics.delta(before, after)
         return self.result

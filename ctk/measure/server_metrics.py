@@ -5,6 +5,12 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from ctk.engine_patch.metrics import FLUSH_S
+
+#: How long after a run's last response its pin events are surely on ``/metrics``: ``ctk serve`` writes them
+#: from a flusher thread every ``FLUSH_S`` (twice that, for a thread woken late on a busy host).
+SETTLE_S = 2 * FLUSH_S
+
 #: Short name -> Prometheus sample names (first found wins; counters appear with ``_total``).
 COUNTERS = {
     "prefix_cache_queries": ("vllm:prefix_cache_queries_total",),
