@@ -316,14 +316,45 @@ def test_fixed_ttl_tables_of_the_engine_tests_keep_their_meaning(tmp_path):
     rule = make_rule("ttl", ServeConfig(policy="ttl", ttl_model="x", online_min_samples=1), tables)
     for i in range(40):  # observations (once they win their duel) rewrite the quantiles of 'sleep' ...
         rule.observe(ToolObservation("p", i, None, ["sleep", "*"], 50.0, 0.0, 100, 10), now=float(i))
-    assert tables.quantiles_s["sleep"][0] > 1.0
+    assert tables.quantiles_s["sleep"][0] <= 1.0  # (learned when the tables are next read: a decision)
     for price in (0.0, 1e-6):  # ... but the hand-set TTLs still decide
         assert rule.decide(call(["ls", "*"]), state(), price).ttl_s == TEST_TTLS["ls"] == 30.0
+        assert tables.quantiles_s["sleep"][0] > 1.0
         assert rule.decide(call(["sleep", "*"]), state(), price).ttl_s == TEST_TTLS["sleep"] == 1.0
         assert rule.decide(call(["make", "*"]), state(), price).ttl_s == 0.0
     # a trained file (with a cost profile) round-trips as priced tables
     again = TTLTables.from_dict(priced_tables().to_dict())
     assert not again.fixed_pins and again.quantiles_s["slow"] == [5.0, 30.0, 120.0]
+
+
+def test_online_learning_when_the_tables_are_read_decides_as_learning_each_call_as_it_comes():
+    """The ttl rule queues observed calls and learns them before its next decision: every decision, and the
+    tables after, are those of a rule that learned each call at its arrival."""
+    import random
+
+    settings = dict(policy="ttl", ttl_model="x", online_min_samples=2, online_prior_weight=3)
+    lazy = make_rule("ttl", ServeConfig(**settings), priced_tables(), COST)
+    eager = make_rule("ttl", ServeConfig(**settings), priced_tables(), COST)
+    rng = random.Random(5)
+    chains = [["fast", "*"], ["slow", "*"], ["new:x", "new", "*"], ["*"]]
+    now, decided = 0.0, 0
+    for i in range(600):
+        now += rng.expovariate(4.0)  # (calls closer than the refresh interval, and further)
+        if rng.random() < 0.6:
+            obs = ToolObservation("p", i, None, rng.choice(chains), rng.lognormvariate(0, 2), now, 100, 10)
+            lazy.observe(obs, now)
+            eager.observe(obs, now)
+            eager._learn()
+        else:
+            c = call(rng.choice(chains), tokens=rng.randrange(100, 8000))
+            price = rng.choice([0.0, 1e-6, 1e-5])
+            a, b = lazy.decide(c, state(now), price), eager.decide(c, state(now), price)
+            assert (a.ttl_s, a.p_hit, a.key) == (b.ttl_s, b.p_hit, b.key), i
+            decided += a.ttl_s > 0
+    assert lazy._unlearned and not eager._unlearned  # (the last calls wait for a decision)
+    lazy._learn()
+    assert lazy.tables.quantiles_s == eager.tables.quantiles_s
+    assert lazy.online.recomputes == eager.online.recomputes > 10 and decided > 10
 
 
 def test_hand_set_files_of_version_1_decide_as_before(tmp_path):
@@ -605,13 +636,19 @@ def test_oracle_orders_strictly_only_while_its_programs_come_back():
         ("continuum", {}, False),
     ):
         c = make_core(policy, priced_tables() if policy == "ttl" else None, **settings)
-        assert c.order.age_bound_s == math.inf
+        assert c.order.age_bound_s == math.inf and c.keys_stay_fixed()
         c.returns = scattered()
         c.arrived("a", h("a"), now=0.0)
         c.arrived("b", h("b"), now=0.1)
         c.arrived("w", h("warm-up"), now=0.0)
         c.admitted("w", 0, now=0.0)  # one wait measured (the test cores need one)
-        c.order_waiting(["a", "b"], now=0.2)
+        assert c.order.age_bound_s == math.inf  # the share is read as a pin ends
+        assert finish(c, "p1", h("p", tool="make fast", tool_duration_s=0.5), now=0.2)[0], policy
+        c.step(state(now=1e4))  # the pin expires: its program came back to another replica
+        assert c.stats.releases.get("expired") == 1, policy
+        assert (c.order.age_bound_s < math.inf) is relaxes, policy
+        assert c.keys_stay_fixed() is not relaxes, policy
+        c.order_waiting(["a", "b"], now=1e4)
         assert (c.order.age_bound_s < math.inf) is relaxes, policy
 
 

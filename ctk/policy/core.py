@@ -137,6 +137,8 @@ class PolicyCore:
         self.reorders = rule.program_fcfs
         self.gate = rule.gate  # holds back fitting waiting requests (None: never; see may_admit)
         self._strict_needs_returns = not rule.age_bound and rule.strict_needs_returns
+        #: :meth:`keys_stay_fixed`'s answer, kept current (read by the driver every step)
+        self.keys_fixed = self.reorders and math.isinf(self.order.age_factor)
         # waiting (not yet admitted) request id -> arrival, oldest first: the head's age, read only under an
         # age bound. None until first read with a finite bound (strict order never reads it: nothing is
         # overdue), then built from ``requests`` (arrival order) and kept (_head_overdue)
@@ -200,18 +202,26 @@ class PolicyCore:
         self._order_dirty = True
         self.stats.releases[reason] = self.stats.releases.get(reason, 0) + 1
         self.returns.pin_ended(pin, reason)
+        if self._strict_needs_returns and self.returns.share < RETURNS_TO_DEFER:
+            self._relax_if_returns_elsewhere()  # (the share moves only here)
         rel = Release(pin.request_id, reason, pin.blocks)
         self.sink.pin_released(rel, self.pinned_blocks)
         return rel
 
     def _touch(self, request_ids: set[str]) -> None:
-        """These pending requests' program gained or lost a pin: their waiting order key changed."""
+        """These pending requests' program gained or lost a pin: their waiting order key changed. When the
+        engine keeps the order, only the waiting ones are re-keyed: an admitted request keeps the key it was
+        admitted at (a pin hit's own request, the usual case; preempted, it goes back at that key, ahead of
+        where its program's new pin state would put it, as vLLM puts a preempted request first)."""
         if self.waitlist is not None:
             self.waitlist.touch(request_ids)
         elif self.waiting_keys is not None:
-            for rid in request_ids:
-                self._key_of(rid)
-            self._rekey(request_ids)
+            requests = self.requests
+            waiting = [rid for rid in request_ids if (p := requests.get(rid)) is not None and not p.admitted]
+            if waiting:
+                for rid in waiting:
+                    self._key_of(rid)
+                self._rekey(waiting)
 
     def _key_of(self, request_id: str) -> None:
         """(Re)make a pending request's :attr:`waiting_keys` entry from its order inputs now (the engine keeps
@@ -745,6 +755,7 @@ class PolicyCore:
             self._strict_needs_returns = False  # programs mostly return elsewhere: strict order keeps nothing
             self.order.relax(self.config.age_factor)
             self._order_bound = self.order.age_bound_s
+            self.keys_fixed = self.reorders and math.isinf(self.order.age_factor)
 
     # -- the waiting order kept by the engine's queue (no age bound) -------------------------------------
 
@@ -769,11 +780,9 @@ class PolicyCore:
     def keys_stay_fixed(self) -> bool:
         """Whether the order's keys change only when a program gains or loses a pin, never with time (no age
         bound), so that an engine queue can keep the order itself (:meth:`order_in_engine`). Asked per step
-        while it does: strict order may relax (programs mostly return elsewhere, as in
-        :meth:`waiting_moves`); False from then on (:meth:`order_in_core`)."""
-        if self._strict_needs_returns and self.returns.share < RETURNS_TO_DEFER:
-            self._relax_if_returns_elsewhere()
-        return self.reorders and math.isinf(self.order.age_factor)
+        while it does: strict order relaxes when pins' programs mostly return elsewhere (:class:`ReturnShare`,
+        as a pin ends); False from then on (:meth:`order_in_core`). The same as :attr:`keys_fixed`."""
+        return self.keys_fixed
 
     def waiting_moves(
         self, n_waiting: int, now: float, changed: bool = False
@@ -789,8 +798,6 @@ class PolicyCore:
         if changed:
             wl.valid = False
             return None
-        if self._strict_needs_returns and self.returns.share < RETURNS_TO_DEFER:
-            self._relax_if_returns_elsewhere()
         return wl.sync(n_waiting, now, self.order.age_bound_s)
 
     def order_waiting(self, request_ids: Sequence[str], now: float) -> list[int] | None:
@@ -804,7 +811,6 @@ class PolicyCore:
         inputs = self._order_inputs
         unknown = (now, None, False, 0)  # a request the core does not know: ordered by the time of this order
         items = [inputs(rid) or unknown for rid in request_ids]
-        self._relax_if_returns_elsewhere()
         order, self._next_overdue = self.order.order(items, now)
         self._order_bound = self.order.age_bound_s
         self._order_dirty = False

@@ -32,6 +32,8 @@ from ctk.predict.cost import CDF, CONTINUUM_PIN_S, CostModel, live_ttl
 from ctk.predict.features import continuum_tool_name
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ctk.predict.online import OnlineDurations
     from ctk.predict.tables import TTLTables
 
@@ -420,6 +422,9 @@ class TTLRule:
         self.program_fcfs = True
         self.valve_horizon_s = math.inf  # the valve judges a pin's value over this much of its hold ahead
         self._cdfs: dict[str, tuple[list[float], CDF]] = {}
+        #: observed tool calls not learned yet: (keys, duration, time), learned in order before the tables are
+        #: next read (:meth:`decide`), so every decision sees what it would had each been learned as it came
+        self._unlearned: deque[tuple[Sequence[str], float, float]] = deque()
 
     def _cdf(self, keys) -> tuple[str, CDF | None] | None:
         """The first key the tables know, with its return-time distribution (None: a fixed pin of 0 s)."""
@@ -446,6 +451,8 @@ class TTLRule:
     def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision:
         if self.tables is None:
             return NO_PIN
+        if self._unlearned:
+            self._learn()
         found = self._cdf(call.keys)
         if found is None:
             return NO_PIN
@@ -466,8 +473,16 @@ class TTLRule:
         return PinDecision(ttl, f, key, benefit, cdf)
 
     def observe(self, obs: ToolObservation, now: float) -> None:
+        """Queue the call for online learning: the learning (15-60 us each) runs where the tables are read,
+        not in the arrival that measured it (the engine's step)."""
         if self.online is not None and obs.keys:
-            self.online.observe(obs.keys, obs.duration_s, now)
+            self._unlearned.append((obs.keys, obs.duration_s, now))
+
+    def _learn(self) -> None:
+        """Learn the queued calls, oldest first, each at its own time."""
+        observe, queue = self.online.observe, self._unlearned
+        while queue:
+            observe(*queue.popleft())
 
     def keep(self, pin: Pin, state: EngineState, price: float) -> bool:
         return keep_by_cdf(pin, state.now, price)
