@@ -55,15 +55,19 @@ def build_inputs(tmp: Path, model: str | None) -> tuple[str, str]:
 
 
 def build_pin_table(tmp: Path) -> Path:
-    """TTL tables for ``--scale``: the hinted tool ``make`` is pinned 30 s, nothing else."""
+    """TTL tables for ``--scale``: the hinted tool ``make`` is pinned 30 s, nothing else. Each key also has
+    quantiles at ``ctk train``'s default levels, which the online adaptation (on, as ``ctk serve``'s default)
+    learns from the observed tool calls as it does on a trained file (it never rewrites a fixed pin)."""
+    from ctk.predict.commands import DEFAULT_LEVELS_TEXT
     from ctk.predict.modelfile import save_model
     from ctk.predict.tables import FixedPin, TTLTables
 
     ttls = {"make": 30.0, "*": 0.0}
+    levels = [float(x) for x in DEFAULT_LEVELS_TEXT.split(",")]
     tables = TTLTables(
-        quantile_levels=[0.5],
+        quantile_levels=levels,
         fixed_pins={k: FixedPin(v, 0.9 if v else 0.0) for k, v in ttls.items()},
-        quantiles_s={k: [v or 10.0] for k, v in ttls.items()},
+        quantiles_s={k: [(v or 10.0) * (0.2 + lv) for lv in levels] for k, v in ttls.items()},
         n_samples={k: 10 for k in ttls},
     )
     return save_model({"ttl_tables": tables.to_dict()}, tmp / "pins-make.pkl")
@@ -503,7 +507,6 @@ def run_scale(
     settings = {
         "policy": "ttl",
         "ttl_model": pins_file,
-        "online": False,
         "max_pin_share": 0.5,
         **(extra or {}),
     }

@@ -318,26 +318,29 @@ def test_fixed_ttl_tables_of_the_engine_tests_keep_their_meaning(tmp_path):
         rule.observe(ToolObservation("p", i, None, ["sleep", "*"], 50.0, 0.0, 100, 10), now=float(i))
     assert tables.quantiles_s["sleep"][0] <= 1.0  # (learned when the tables are next read: a decision)
     for price in (0.0, 1e-6):  # ... but the hand-set TTLs still decide
-        assert rule.decide(call(["ls", "*"]), state(), price).ttl_s == TEST_TTLS["ls"] == 30.0
+        assert rule.decide(call(["ls", "*"]), state(now=60.0), price).ttl_s == TEST_TTLS["ls"] == 30.0
         assert tables.quantiles_s["sleep"][0] > 1.0
-        assert rule.decide(call(["sleep", "*"]), state(), price).ttl_s == TEST_TTLS["sleep"] == 1.0
-        assert rule.decide(call(["make", "*"]), state(), price).ttl_s == 0.0
+        assert rule.decide(call(["sleep", "*"]), state(now=60.0), price).ttl_s == TEST_TTLS["sleep"] == 1.0
+        assert rule.decide(call(["make", "*"]), state(now=60.0), price).ttl_s == 0.0
     # a trained file (with a cost profile) round-trips as priced tables
     again = TTLTables.from_dict(priced_tables().to_dict())
     assert not again.fixed_pins and again.quantiles_s["slow"] == [5.0, 30.0, 120.0]
 
 
-def test_online_learning_when_the_tables_are_read_decides_as_learning_each_call_as_it_comes():
-    """The ttl rule queues observed calls and learns them before its next decision: every decision, and the
-    tables after, are those of a rule that learned each call at its arrival."""
+def test_online_learning_in_batches_learns_what_each_call_learned_at_once_would():
+    """The ttl rule queues observed calls and learns them at a decision once the oldest is the learner's
+    refresh interval old: a decision sees every call older than that; the learner's state is, call for
+    call, that of a rule learning each call as it comes."""
     import random
 
     settings = dict(policy="ttl", ttl_model="x", online_min_samples=2, online_prior_weight=3)
     lazy = make_rule("ttl", ServeConfig(**settings), priced_tables(), COST)
     eager = make_rule("ttl", ServeConfig(**settings), priced_tables(), COST)
+    every = lazy.online.min_interval_s
+    assert every > 0
     rng = random.Random(5)
     chains = [["fast", "*"], ["slow", "*"], ["new:x", "new", "*"], ["*"]]
-    now, decided = 0.0, 0
+    now, learned, batches = 0.0, [], 0
     for i in range(600):
         now += rng.expovariate(4.0)  # (calls closer than the refresh interval, and further)
         if rng.random() < 0.6:
@@ -345,16 +348,20 @@ def test_online_learning_when_the_tables_are_read_decides_as_learning_each_call_
             lazy.observe(obs, now)
             eager.observe(obs, now)
             eager._learn()
+            learned.append(now)
         else:
-            c = call(rng.choice(chains), tokens=rng.randrange(100, 8000))
-            price = rng.choice([0.0, 1e-6, 1e-5])
-            a, b = lazy.decide(c, state(now), price), eager.decide(c, state(now), price)
-            assert (a.ttl_s, a.p_hit, a.key) == (b.ttl_s, b.p_hit, b.key), i
-            decided += a.ttl_s > 0
-    assert lazy._unlearned and not eager._unlearned  # (the last calls wait for a decision)
+            waiting = len(lazy._unlearned)
+            lazy.decide(call(rng.choice(chains), tokens=rng.randrange(100, 8000)), state(now), 1e-6)
+            if waiting and not lazy._unlearned:
+                batches += 1
+            # every call at least the interval old is learned; none is dropped
+            assert all(now - t < every for _, _, t in lazy._unlearned), i
+            assert [t for _, _, t in lazy._unlearned] == learned[len(learned) - len(lazy._unlearned) :]
+    assert batches > 20 and lazy._unlearned  # (the last calls wait for a decision)
     lazy._learn()
-    assert lazy.tables.quantiles_s == eager.tables.quantiles_s
-    assert lazy.online.recomputes == eager.online.recomputes > 10 and decided > 10
+    assert lazy.tables.quantiles_s == eager.tables.quantiles_s and lazy.online.recomputes > 10
+    assert lazy.online.recomputes == eager.online.recomputes
+    assert lazy.online.global_cal.shifts == eager.online.global_cal.shifts
 
 
 def test_hand_set_files_of_version_1_decide_as_before(tmp_path):

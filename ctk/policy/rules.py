@@ -376,6 +376,10 @@ class ProgressTTLRule:
     budget_value = victim_value
 
 
+#: :class:`TTLRule`: observed calls queued for learning, at most (a batch is learned at the next decision)
+MAX_UNLEARNED = 256
+
+
 class TTLRule:
     """ctk: τ from the key's return-time distribution (the tables' quantiles, online-adapted) under the live
     price: maximise ``F(τ)·B − price·N·H(τ)`` with ``B`` the re-prefill time of the context plus the re-queue
@@ -422,9 +426,11 @@ class TTLRule:
         self.program_fcfs = True
         self.valve_horizon_s = math.inf  # the valve judges a pin's value over this much of its hold ahead
         self._cdfs: dict[str, tuple[list[float], CDF]] = {}
-        #: observed tool calls not learned yet: (keys, duration, time), learned in order before the tables are
-        #: next read (:meth:`decide`), so every decision sees what it would had each been learned as it came
+        #: observed tool calls not learned yet: (keys, duration, time), learned in a batch, in order and each
+        #: at its own time, by the first decision once the oldest is the learner's refresh interval old
+        #: (:meth:`decide`)
         self._unlearned: deque[tuple[Sequence[str], float, float]] = deque()
+        self._learn_after_s = online.min_interval_s if online is not None else 0.0
 
     def _cdf(self, keys) -> tuple[str, CDF | None] | None:
         """The first key the tables know, with its return-time distribution (None: a fixed pin of 0 s)."""
@@ -451,7 +457,10 @@ class TTLRule:
     def decide(self, call: PinCall, state: EngineState, price: float) -> PinDecision:
         if self.tables is None:
             return NO_PIN
-        if self._unlearned:
+        unlearned = self._unlearned
+        if unlearned and (
+            state.now - unlearned[0][2] >= self._learn_after_s or len(unlearned) >= MAX_UNLEARNED
+        ):
             self._learn()
         found = self._cdf(call.keys)
         if found is None:
@@ -473,8 +482,11 @@ class TTLRule:
         return PinDecision(ttl, f, key, benefit, cdf)
 
     def observe(self, obs: ToolObservation, now: float) -> None:
-        """Queue the call for online learning: the learning (15-60 us each) runs where the tables are read,
-        not in the arrival that measured it (the engine's step)."""
+        """Queue the call for online learning. The learning (15-60 us a call, each touching the learner's
+        state cold in the engine's step) runs in batches, where the tables are read (:meth:`decide`), at most
+        the learner's refresh interval (``OnlineDurations.min_interval_s``, 0.5 s; a key's quantiles are
+        refreshed at most that often anyway) after the oldest call came. The batch learns what learning each
+        call at its arrival would: the same state, in the same order."""
         if self.online is not None and obs.keys:
             self._unlearned.append((obs.keys, obs.duration_s, now))
 
