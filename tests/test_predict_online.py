@@ -182,3 +182,34 @@ def test_online_falls_back_to_offline_until_the_key_has_calls():
         online.observe(["k", "*"], 0.2, float(i), [0.3, 0.6])
     assert online.quantiles(["k", "*"], [0.3, 0.6]) == [0.3, 0.6]
     assert tables.quantiles_s["k"] == [5.0, 5.0]  # the engine's row too: the model file's until won
+
+
+def test_blend_quantiles_is_the_smallest_candidate_whose_mixture_cdf_reaches_each_level():
+    """The blend's search (bisections that start from the lower level's answer, the prior's F computed
+    in place) against a plain scan of every candidate with the prior's CDF object: the same floats, on
+    random windows, priors and level orders (unsorted levels included)."""
+    import random
+
+    rng = random.Random(3)
+    for case in range(300):
+        levels = sorted(rng.sample([0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99], rng.randrange(1, 8)))
+        if case % 5 == 0:
+            rng.shuffle(levels)
+        n = rng.choice([0, 1, 3, 50])
+        observed = [rng.choice([0.0, 0.5, rng.lognormvariate(0, 2)]) for _ in range(n)]
+        prior = None if n and rng.random() < 0.2 else sorted(rng.lognormvariate(0, 1) for _ in levels)
+        weight = rng.choice([1, 5, 20])
+        w = weight if prior is not None else 0.0
+        obs = sorted(observed)
+        prior_cdf = CDF.from_quantiles(levels, prior, floor_s=0.0) if prior is not None else None
+
+        def mixture(t: float) -> float:
+            f_obs = sum(x <= t for x in obs) / n if n else 0.0
+            f_pri = prior_cdf.at(t)[0] if prior_cdf is not None else 0.0
+            return (w * f_pri + n * f_obs) / (w + n)
+
+        cands = sorted(set(obs) | set(prior or ()) | {0.0})
+        want = [next((c for c in cands if mixture(c) >= lvl - 1e-12), cands[-1]) for lvl in levels]
+        for i in range(1, len(want)):
+            want[i] = max(want[i], want[i - 1])
+        assert blend_quantiles(levels, prior, weight, observed) == want, case

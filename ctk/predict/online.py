@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ctk.predict.cost import CDF
+from ctk.predict.cost import cdf_knots
 from ctk.predict.tables import TTLTables
 
 #: Keys tracked at most (bounds memory against unbounded key sets).
@@ -52,24 +52,36 @@ def blend_quantiles(
     levels: Sequence[float], prior: Sequence[float] | None, prior_weight: float, observed: Sequence[float]
 ) -> list[float]:
     """Quantiles at ``levels`` of the prior/empirical mixture (see module docstring)."""
-    obs = sorted(float(x) for x in observed)
+    obs = sorted(map(float, observed))
     n = len(obs)
     w = prior_weight if prior is not None else 0.0
     if n == 0 and w == 0:
         raise ValueError("nothing to blend")
-    cands = sorted(set(obs) | set(float(q) for q in (prior or ())) | {0.0})
+    cands = sorted(set(obs).union(map(float, prior or ()), (0.0,)))
     # the prior: piecewise linear through (0, 0) and its (quantile, level) knots, flat after the last
-    prior_cdf = CDF.from_quantiles(levels, prior, floor_s=0.0) if prior is not None and levels else None
+    # (``CDF.from_quantiles(levels, prior, floor_s=0.0).at(t)[0]``, its F alone, computed as ``at`` does)
+    ts, fs = cdf_knots(levels, prior, floor_s=0.0) if prior is not None and levels else ([], [])
+    t_end, f_end = (ts[-1], fs[-1]) if ts else (0.0, 0.0)
+    bisect_right = bisect.bisect_right
 
     def cdf(t: float) -> float:
-        f_obs = bisect.bisect_right(obs, t) / n if n else 0.0
-        f_pri = prior_cdf.at(t)[0] if prior_cdf is not None else 0.0
+        f_obs = bisect_right(obs, t) / n if n else 0.0
+        if not ts or t < 0.0:
+            f_pri = 0.0
+        elif t >= t_end:
+            f_pri = f_end
+        else:
+            i = bisect_right(ts, t)
+            t0, f0 = ts[i - 1], fs[i - 1]
+            dt = ts[i] - t0
+            f_pri = f0 + (fs[i] - f0) * (t - t0) / dt if dt > 0 else fs[i]
         return (w * f_pri + n * f_obs) / (w + n)
 
     out = []
     last = len(cands) - 1
-    for lvl in levels:  # the smallest candidate whose mixture CDF reaches the level (CDF is monotone)
-        lo, hi = 0, last
+    lo = 0
+    for lvl in levels:  # the smallest candidate whose mixture CDF reaches the level (CDF is monotone) ...
+        hi = last  # ... at or after the previous level's: what the non-crossing rule makes of it anyway
         while lo < hi:
             mid = (lo + hi) // 2
             if cdf(cands[mid]) >= lvl - 1e-12:
@@ -77,8 +89,6 @@ def blend_quantiles(
             else:
                 lo = mid + 1
         out.append(cands[lo])
-    for i in range(1, len(out)):  # non-crossing
-        out[i] = max(out[i], out[i - 1])
     return out
 
 
@@ -110,11 +120,33 @@ class LogShiftCalibrator:
 
     def update(self, base: Sequence[float], duration_s: float) -> None:
         """One call: ``base`` are the quantiles before this calibrator's shift."""
-        log_d = math.log(max(duration_s, MIN_DURATION_S))
-        for j, (lvl, b) in enumerate(zip(self.levels, base, strict=True)):
-            miss = log_d > math.log(max(b, MIN_DURATION_S)) + self.shifts[j]
-            self.shifts[j] += self.learning_rate * ((1.0 if miss else 0.0) - (1.0 - lvl))
+        self.update_logs(log_row(base), math.log(max(duration_s, MIN_DURATION_S)))
+
+    def update_logs(self, log_base: Sequence[float], log_d: float) -> None:
+        """:meth:`update` on the logs of the floored base (:func:`log_row`) and of the floored duration."""
+        moves, shifts = self._moves, self.shifts
+        if len(log_base) != len(moves):
+            raise ValueError(f"a row of {len(log_base)} quantiles for {len(moves)} levels")
+        for j, lb in enumerate(log_base):
+            # shift += rate * (miss - (1 - level)): the two values per level, computed once
+            shifts[j] += moves[j][0] if log_d > lb + shifts[j] else moves[j][1]
         self.n += 1
+
+    @property
+    def _moves(self) -> list[tuple[float, float]]:
+        """Per level: the shift's move on a miss and on a hit (for the ``learning_rate`` and levels now)."""
+        key = (self.learning_rate, self.levels)
+        cached = self.__dict__.get("_moves_cache")
+        if cached is None or cached[0][0] != key[0] or cached[0][1] is not key[1]:
+            lr = self.learning_rate
+            moves = [(lr * (1.0 - (1.0 - lvl)), lr * (0.0 - (1.0 - lvl))) for lvl in self.levels]
+            cached = self.__dict__["_moves_cache"] = (key, moves)
+        return cached[1]
+
+
+def log_row(base: Sequence[float]) -> list[float]:
+    """The logs of a quantile row floored at :data:`MIN_DURATION_S` (what the calibrators compare with)."""
+    return [math.log(max(b, MIN_DURATION_S)) for b in base]
 
 
 def pinball_loss(level: float, duration_s: float, q: float) -> float:
@@ -138,9 +170,12 @@ class Scoreboard:
         self.offline = self.offline or [0.0] * len(self.levels)
 
     def update(self, adapted: Sequence[float], offline: Sequence[float], duration_s: float) -> None:
-        for j, lvl in enumerate(self.levels):
-            self.adapted[j] += pinball_loss(lvl, duration_s, adapted[j])
-            self.offline[j] += pinball_loss(lvl, duration_s, offline[j])
+        acc_a, acc_o = self.adapted, self.offline
+        for j, lvl in enumerate(self.levels):  # (pinball_loss, inline: the learner's hot loop)
+            d = duration_s - adapted[j]
+            acc_a[j] += lvl * d if d >= 0 else (lvl - 1.0) * d
+            d = duration_s - offline[j]
+            acc_o[j] += lvl * d if d >= 0 else (lvl - 1.0) * d
         self.n += 1
 
     def wins(self, min_calls: int) -> list[bool] | None:
@@ -196,6 +231,9 @@ class OnlineDurations:
                 k: (list(v), int(tables.n_samples.get(k, 0))) for k, v in tables.quantiles_s.items()
             }
         self._base: dict[str, list[float]] = {}  # keys whose base was re-blended from observations
+        # the calibrators' inputs, logged once: the model file's rows, and each key's base row (_log_base)
+        self._exported_logs = {k: log_row(q) for k, (q, _) in self._exported.items()}
+        self._base_logs: dict[str, tuple[list[float], list[float]]] = {}
         self._global_applied = [0.0] * len(levels)
         self._adapted: dict[str, list[float]] = {}  # per key: the adapted row (blend x calibration)
         self.duels: dict[str, Scoreboard] = {}  # per key: adapted vs offline, level by level
@@ -250,10 +288,21 @@ class OnlineDurations:
         self.tables.set_quantiles(key, row, n_samples)
 
     def _base_of(self, key: str) -> list[float] | None:
+        """The row ``key``'s calibrator shifts (read only: the model file's own row, not a copy)."""
         if key in self._base:
             return self._base[key]
         exp = self._exported.get(key)
-        return list(exp[0]) if exp is not None else None
+        return exp[0] if exp is not None else None
+
+    def _log_base(self, key: str) -> list[float] | None:
+        """:func:`log_row` of :meth:`_base_of`, kept per key while its row stays the same object."""
+        row = self._base_of(key)
+        if row is None:
+            return None
+        hit = self._base_logs.get(key)
+        if hit is None or hit[0] is not row:
+            hit = self._base_logs[key] = (row, log_row(row))
+        return hit[1]
 
     def _shifts_for(self, key: str) -> list[float]:
         cal = self.key_cal.get(key)
@@ -296,11 +345,18 @@ class OnlineDurations:
     def _duel(self, keys: Sequence[str], duration_s: float, offline: Sequence[float] | None) -> None:
         """Score, before learning from it, each chain key's adapted row against the offline prediction."""
         decisive = self.lookup_key(keys)
+        exported = self._exported
         for k in keys:
             adapted = self._adapted.get(k)
-            off = offline if offline is not None else self._offline_row(k)
-            if adapted is None or off is None:
+            if adapted is None:
                 continue
+            if offline is not None:
+                off = offline
+            else:  # (the model file's row, read only)
+                exp = exported.get(k)
+                if exp is None:
+                    continue
+                off = exp[0]
             d = self.duels.get(k)
             if d is None:
                 if len(self.duels) >= MAX_KEYS:
@@ -314,14 +370,15 @@ class OnlineDurations:
         """Update the calibrators before this call is learned: the global one against the model file's own
         prediction for the call (how far this deployment is from the model: the shift for keys that have no
         calls yet), each chain key's against the base its row holds now."""
-        exported = next((self._exported[k][0] for k in keys if k in self._exported), None)
+        log_d = math.log(max(duration_s, MIN_DURATION_S))
+        exported = next((k for k in keys if k in self._exported), None)
         if exported is not None:
-            self.global_cal.update(exported, duration_s)
+            self.global_cal.update_logs(self._exported_logs[exported], log_d)
         for i, k in enumerate(keys):
-            own = self._base_of(k)
+            own = self._log_base(k)
             if own is None:
                 lk = self.lookup_key(keys[i + 1 :])
-                own = self._base_of(lk) if lk is not None else None
+                own = self._log_base(lk) if lk is not None else None
             if own is None:
                 continue
             cal = self.key_cal.get(k)
@@ -331,7 +388,7 @@ class OnlineDurations:
                 cal = self.key_cal[k] = LogShiftCalibrator(
                     self.tables.quantile_levels, self.learning_rate, list(self.global_cal.shifts)
                 )
-            cal.update(own, duration_s)
+            cal.update_logs(own, log_d)
 
     def _reblend(self, key: str, keys: Sequence[str], st: KeyStats, now: float) -> str | None:
         prior, n_prior = self._prior(keys)
@@ -353,10 +410,9 @@ class OnlineDurations:
     def _refresh_global(self, now: float) -> None:
         """Re-derive the quantiles of keys on the global shift once it has moved by ``refresh_log_step``."""
         g = self.global_cal.shifts
-        if (
+        if now - self._last_refresh < self.min_interval_s or (
             max((abs(a - b) for a, b in zip(g, self._global_applied, strict=True)), default=0.0)
             < (self.refresh_log_step)
-            or now - self._last_refresh < self.min_interval_s
         ):
             return
         for k in list(self.tables.quantiles_s):
