@@ -190,3 +190,40 @@ def test_objects_built_without_init_carry_every_field(engine_llm, sched, monkeyp
             assert {f.name for f in fields(cls)} <= set(vars(obj)), cls.__name__
         rebuilt = cls(**{f.name: getattr(obj, f.name) for f in fields(cls) if f.init})
         assert rebuilt == obj, cls.__name__
+
+
+def test_only_an_earlier_deadline_reaches_the_wake_timer_and_it_wakes_the_engine_then():
+    """The door forwards a pin deadline to its timer thread only when it is earlier than the pending one; the
+    timer puts one WAKEUP on the engine's input queue at that deadline (the idle engine then re-arms)."""
+    import queue
+    import time
+    import types
+    import weakref
+
+    from vllm.v1.engine import EngineCoreRequestType
+
+    from ctk.engine_patch.vllm_door import VllmDoor, _WakeTimer
+
+    class Engine:  # (what the timer uses of vLLM's engine core)
+        input_queue: queue.Queue = queue.Queue()
+
+    engine = Engine()
+    timer = _WakeTimer(weakref.ref(engine))
+    door = types.SimpleNamespace(_timer=timer)
+    try:
+        now = time.monotonic()
+        VllmDoor.wake_at(door, now + 0.3)
+        assert timer.deadline == now + 0.3
+        VllmDoor.wake_at(door, now + 5.0)  # later (a released pin's successor): the pending one holds
+        VllmDoor.wake_at(door, None)  # no pin left: the pending one wakes the engine early at worst
+        assert timer.deadline == now + 0.3
+        VllmDoor.wake_at(door, now + 0.2)  # earlier (a new pin): forwarded
+        assert timer.deadline == now + 0.2
+        msg = engine.input_queue.get(timeout=10)
+        assert msg == (EngineCoreRequestType.WAKEUP, None) and time.monotonic() >= now + 0.2
+        assert timer.deadline is None  # fired: the next deadline is forwarded whatever it is
+        VllmDoor.wake_at(door, time.monotonic() + 0.05)
+        assert engine.input_queue.get(timeout=10) == (EngineCoreRequestType.WAKEUP, None)
+        assert engine.input_queue.empty()
+    finally:
+        timer.stop()

@@ -203,7 +203,7 @@ def test_blend_quantiles_is_the_smallest_candidate_whose_mixture_cdf_reaches_eac
         obs = sorted(observed)
         prior_cdf = CDF.from_quantiles(levels, prior, floor_s=0.0) if prior is not None else None
 
-        def mixture(t: float) -> float:
+        def mixture(t: float, obs=obs, n=n, w=w, prior_cdf=prior_cdf) -> float:
             f_obs = sum(x <= t for x in obs) / n if n else 0.0
             f_pri = prior_cdf.at(t)[0] if prior_cdf is not None else 0.0
             return (w * f_pri + n * f_obs) / (w + n)

@@ -70,7 +70,7 @@ def _metrics(registry=None) -> dict:
 # drains it into the collectors every :data:`FLUSH_S` through the public API. /metrics lags by that much.
 
 #: Seconds between the flusher's writes (a scrape sees events at most this old as not yet counted).
-FLUSH_S = 0.25
+FLUSH_S = 0.5
 
 _CREATED, _RELEASED, _HIT, _TOOL = range(4)
 

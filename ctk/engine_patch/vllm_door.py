@@ -990,8 +990,15 @@ class VllmDoor:
         return self.text_of(request) if request is not None else None
 
     def wake_at(self, deadline: float | None) -> None:
-        if self._timer is not None:
-            self._timer.set(deadline)
+        """Only a deadline earlier than the pending one reaches the timer thread (its lock, a switch of
+        threads per pin event at GPU scale): a pending one that is earlier than needed wakes the idle engine
+        early, where the driver's ``idle`` arms the next one."""
+        timer = self._timer
+        if timer is None or deadline is None:
+            return
+        pending = timer.deadline
+        if pending is None or deadline < pending:
+            timer.set(deadline)
 
     # -- conversions for the mixin -------------------------------------------------------------------
 

@@ -33,7 +33,6 @@ the core mirrors the engine's FIFO queue and each step applies its changes as mo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -134,7 +133,6 @@ class PolicyDriver:
         #: the requests the core tracks (waiting or running): its own registry, the one place they are kept
         self.requests: dict[str, Pending] = core.requests
         self._armed = False  # a wake-up deadline is set on the view
-        self._armed_at = math.inf  # ... this one (inf: none)
         self._preempt_free_blocks = preempt_order_free_share * view.total_blocks
         self._pins = bool(core.pins_enabled)
         # the view says its reusable_tokens answers None for every request (see EngineView)
@@ -186,18 +184,20 @@ class PolicyDriver:
         return st
 
     def _apply(self, releases: Iterable[Release]) -> None:
-        """Free the released pins' blocks. The wake-up deadline is left as it is: a released pin's deadline
-        wakes an idle engine early at worst, where :meth:`idle` arms the next one."""
+        """Free the released pins' blocks; the wake-up deadline follows the pins."""
+        freed = False
         for rel in releases:
             if rel.request_id in self.held:
                 self.held.remove(rel.request_id)
                 self.view.free_held(rel.request_id)
+                freed = True
+        if freed:
+            self._rearm()
 
     def _rearm(self) -> None:
         if self.held or self._armed or self.gate is not None:
             deadline = self.next_deadline()
             self._armed = deadline is not None
-            self._armed_at = deadline if deadline is not None else math.inf
             self.view.wake_at(deadline)
 
     # -- hooks ----------------------------------------------------------------------------------------
@@ -355,8 +355,7 @@ class PolicyDriver:
         if pinned:
             self.held.add(request_id)
             self.view.hold(request_id)
-            if self.core.pins[request_id].expires < self._armed_at:  # (a later one: the armed deadline holds)
-                self._rearm()
+            self._rearm()
         return pinned
 
     def idle(self, now: float) -> None:
