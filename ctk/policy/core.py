@@ -190,7 +190,8 @@ class PolicyCore:
             else:
                 return
 
-    def _release(self, pin: Pin, reason: ReleaseReason) -> Release:
+    def _release(self, pin: Pin, reason: ReleaseReason, admitting: str | None = None) -> Release:
+        """``admitting``: the program's request whose admission ends the pin (just taken from the queue)."""
         self.pins.pop(pin.request_id, None)
         self._returned.pop(pin.request_id, None)
         self.pinned_blocks -= pin.blocks
@@ -198,7 +199,7 @@ class PolicyCore:
         if prog is not None and prog.pin is pin:
             prog.pin = None
             if prog.pending:
-                self._touch(prog.pending)
+                self._touch(prog.pending, admitting)
         self._order_dirty = True
         self.stats.releases[reason] = self.stats.releases.get(reason, 0) + 1
         self.returns.pin_ended(pin, reason)
@@ -208,20 +209,19 @@ class PolicyCore:
         self.sink.pin_released(rel, self.pinned_blocks)
         return rel
 
-    def _touch(self, request_ids: set[str]) -> None:
-        """These pending requests' program gained or lost a pin: their waiting order key changed. When the
-        engine keeps the order, only the waiting ones are re-keyed: an admitted request keeps the key it was
-        admitted at (a pin hit's own request, the usual case; preempted, it goes back at that key, ahead of
-        where its program's new pin state would put it, as vLLM puts a preempted request first)."""
+    def _touch(self, request_ids: set[str], admitting: str | None = None) -> None:
+        """These pending requests' program gained or lost a pin: their waiting order key changed (each is
+        remade: a running request preempted later goes back at its new key). The engine's queue re-keys
+        them all but ``admitting``, the request being admitted (just taken from the queue: a pin hit's own,
+        the usual case; then nothing is left to re-key)."""
         if self.waitlist is not None:
             self.waitlist.touch(request_ids)
         elif self.waiting_keys is not None:
-            requests = self.requests
-            waiting = [rid for rid in request_ids if (p := requests.get(rid)) is not None and not p.admitted]
-            if waiting:
-                for rid in waiting:
-                    self._key_of(rid)
-                self._rekey(waiting)
+            for rid in request_ids:
+                self._key_of(rid)
+            queued = [rid for rid in request_ids if rid != admitting]
+            if queued:
+                self._rekey(queued)
 
     def _key_of(self, request_id: str) -> None:
         """(Re)make a pending request's :attr:`waiting_keys` entry from its order inputs now (the engine keeps
@@ -239,10 +239,10 @@ class PolicyCore:
             self._key_seq += 1
             self.waiting_keys[request_id] = self.order.key(*inputs, self._key_seq)
 
-    def _hit(self, pin: Pin) -> Release:
+    def _hit(self, pin: Pin, admitting: str | None = None) -> Release:
         self.stats.pin_hits += 1
         self.sink.pin_hit(pin)
-        return self._release(pin, ReleaseReason.HIT)
+        return self._release(pin, ReleaseReason.HIT, admitting)
 
     def _held_for_next(self, pin: Pin) -> bool:
         """The program's next request waits for admission: the pin does not expire meanwhile (its hit is
@@ -349,9 +349,9 @@ class PolicyCore:
         if reusable is None:
             reusable = ((pin.context_tokens - 1) // self.block_size) * self.block_size
         if cached_tokens >= reusable and cached_tokens > 0:
-            return [self._hit(pin)]
+            return [self._hit(pin, request_id)]
         self.stats.pin_misses += 1
-        return [self._release(pin, ReleaseReason.MISS)]
+        return [self._release(pin, ReleaseReason.MISS, request_id)]
 
     def finished(self, ev: Finished, state: EngineState) -> tuple[bool, list[Release]]:
         """Decide whether to pin ``ev``'s blocks. Returns (pin?, releases to apply first)."""
