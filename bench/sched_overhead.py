@@ -482,7 +482,9 @@ def run_scale(
     noise of a 40 ms CPU step), and ctk's own time in its driver calls and the door's conversions, per step
     and per finished request, with a PASS/FAIL line each against the targets (<= 50 us each,
     :data:`SCALE_TARGET_US`), and the per-step time by the step's events (:func:`by_events`). ctk's time
-    includes the waiting queue's methods vLLM calls (ctk's queue keeps the policy's order there). With
+    includes the waiting queue's methods vLLM calls (ctk's queue keeps the policy's order there) and the
+    writes of its metrics flusher thread (off the step, counted per step). ctk runs ``ctk serve``'s defaults:
+    online learning of the tool durations on (the table has ``ctk train``'s quantile levels). With
     ``hints_ahead`` (the default) each ctk request's hints are parsed when it is made, as an engine core
     process parses them in vLLM's input thread in parallel with the model's forward pass
     (``VllmDoor.hints_ahead``): off the step, timed and printed apart; without, in ``add_request`` (as an
