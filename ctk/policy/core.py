@@ -137,8 +137,6 @@ class PolicyCore:
         self.reorders = rule.program_fcfs
         self.gate = rule.gate  # holds back fitting waiting requests (None: never; see may_admit)
         self._strict_needs_returns = not rule.age_bound and rule.strict_needs_returns
-        #: :meth:`keys_stay_fixed`'s answer, kept current (read by the driver every step)
-        self.keys_fixed = self.reorders and math.isinf(self.order.age_factor)
         # waiting (not yet admitted) request id -> arrival, oldest first: the head's age, read only under an
         # age bound. None until first read with a finite bound (strict order never reads it: nothing is
         # overdue), then built from ``requests`` (arrival order) and kept (_head_overdue)
@@ -203,8 +201,6 @@ class PolicyCore:
         self._order_dirty = True
         self.stats.releases[reason] = self.stats.releases.get(reason, 0) + 1
         self.returns.pin_ended(pin, reason)
-        if self._strict_needs_returns and self.returns.share < RETURNS_TO_DEFER:
-            self._relax_if_returns_elsewhere()  # (the share moves only here)
         rel = Release(pin.request_id, reason, pin.blocks)
         self.sink.pin_released(rel, self.pinned_blocks)
         return rel
@@ -755,7 +751,6 @@ class PolicyCore:
             self._strict_needs_returns = False  # programs mostly return elsewhere: strict order keeps nothing
             self.order.relax(self.config.age_factor)
             self._order_bound = self.order.age_bound_s
-            self.keys_fixed = self.reorders and math.isinf(self.order.age_factor)
 
     # -- the waiting order kept by the engine's queue (no age bound) -------------------------------------
 
@@ -780,9 +775,11 @@ class PolicyCore:
     def keys_stay_fixed(self) -> bool:
         """Whether the order's keys change only when a program gains or loses a pin, never with time (no age
         bound), so that an engine queue can keep the order itself (:meth:`order_in_engine`). Asked per step
-        while it does: strict order relaxes when pins' programs mostly return elsewhere (:class:`ReturnShare`,
-        as a pin ends); False from then on (:meth:`order_in_core`). The same as :attr:`keys_fixed`."""
-        return self.keys_fixed
+        while it does: strict order may relax (programs mostly return elsewhere, as in
+        :meth:`waiting_moves`); False from then on (:meth:`order_in_core`)."""
+        if self._strict_needs_returns and self.returns.share < RETURNS_TO_DEFER:
+            self._relax_if_returns_elsewhere()
+        return self.reorders and math.isinf(self.order.age_factor)
 
     def waiting_moves(
         self, n_waiting: int, now: float, changed: bool = False
@@ -798,6 +795,8 @@ class PolicyCore:
         if changed:
             wl.valid = False
             return None
+        if self._strict_needs_returns and self.returns.share < RETURNS_TO_DEFER:
+            self._relax_if_returns_elsewhere()
         return wl.sync(n_waiting, now, self.order.age_bound_s)
 
     def order_waiting(self, request_ids: Sequence[str], now: float) -> list[int] | None:
@@ -811,6 +810,7 @@ class PolicyCore:
         inputs = self._order_inputs
         unknown = (now, None, False, 0)  # a request the core does not know: ordered by the time of this order
         items = [inputs(rid) or unknown for rid in request_ids]
+        self._relax_if_returns_elsewhere()
         order, self._next_overdue = self.order.order(items, now)
         self._order_bound = self.order.age_bound_s
         self._order_dirty = False

@@ -248,7 +248,7 @@ class PolicyDriver:
             if self._rekeys:
                 self._queue_rekey(self._rekeys)
                 self._rekeys.clear()
-            if core.keys_fixed:
+            if core.keys_stay_fixed():
                 moves = []  # the engine's queue is in order
             else:
                 self._order_in_core()
