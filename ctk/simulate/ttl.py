@@ -9,9 +9,11 @@ one the simulated engine pays.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from ctk.files import write_atomically
 from ctk.measure.workload import ProgramSpec
 from ctk.predict.train import train_ttl_model, training_store
 from ctk.simulate.profiles import HardwareProfile
@@ -33,11 +35,14 @@ def ttl_tables(
         work_dir = Path(work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
         prof_path = work_dir / f"prefill-{profile.name}.json"
-        prof_path.write_text(json.dumps(profile.prefill_profile(), indent=1))
+        text = json.dumps(profile.prefill_profile(), indent=1)
+        write_atomically(prof_path, lambda tmp: tmp.write_text(text))
         exclude = {p.program_id for p in programs}
-        train_db = training_store(db, exclude, time_scale, work_dir / "train.duckdb")
         model_path = work_dir / f"model-{profile.name}.pkl"
-        ttl_model = train_ttl_model(train_db, model_path, prof_path, profile.block_size)
+        # the training copy in a directory of this run's own: runs sharing a work dir do not collide
+        with tempfile.TemporaryDirectory(prefix=".train-", dir=work_dir) as tmp:
+            train_db = training_store(db, exclude, time_scale, Path(tmp) / "train.duckdb")
+            ttl_model = train_ttl_model(train_db, model_path, prof_path, profile.block_size)
         if log is not None:
             n = len(exclude)
             log(f"trained {ttl_model} on {db} minus the {n} simulated programs ({profile.name} costs)")
