@@ -13,7 +13,8 @@ Serves a local model (default: a tiny random-weight model built by ``ctk tiny-mo
    every pin (``ctk:pins_active`` 0; at most 2 minutes), no KV block is in use (``vllm:kv_cache_usage_perc``
    is 0);
 5. overhead: ctk with a TTL table that never pins serves the same requests within 3% of stock vLLM's
-   throughput (same server settings, started one after the other).
+   throughput (same server settings; the median ratio of :data:`OVERHEAD_PAIRS` pairs of servers started
+   one after the other, the order alternating: a fixed order and a best-of-n let a drifting host decide).
 
 Exit codes: 0 all passed, 1 a check failed, 2 no GPU here (one line, "no GPU"). ``--allow-cpu`` runs checks
 2-5 on the CPU build (how this script itself was exercised on a machine without a GPU; check 1 then fails).
@@ -26,12 +27,15 @@ import collections
 import concurrent.futures as cf
 import random
 import re
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 BLOCKS = 256  # --num-gpu-blocks-override: a small cache, so the flood evicts what is not pinned
+#: overhead: pairs of servers (stock, ctk), in alternating order (the median ratio is the verdict)
+OVERHEAD_PAIRS = 3
 PIN_TOOL, SHORT_TOOL = "ls", "sleep"  # pinned 30 s / 1 s by the smoke test's TTL table
 
 
@@ -243,16 +247,26 @@ def main() -> int:
     finally:
         srv.stop()
     prompts = [toks(random.Random(i), 500) for i in range(64)]
-    rates: dict[str, list[float]] = {"vllm": [], "ctk": []}
-    for name, policy, table in (("vllm", "vllm", None), ("ctk", "ttl", ttl_table(out / "never.pkl", False))):
-        srv = Server(model, out, f"rate-{name}", policy, table, cpu)
-        try:
-            throughput(srv.url, prompts[:16])  # warm-up
-            rates[name] += [throughput(srv.url, prompts) for _ in range(3)]
-        finally:
-            srv.stop()
-    ratio = max(rates["ctk"]) / max(rates["vllm"])
-    report("overhead", ratio >= 0.97, f"ctk/stock throughput {ratio:.3f} (best of 3 each; >= 0.97 needed)")
+    arms = (("vllm", "vllm", None), ("ctk", "ttl", ttl_table(out / "never.pkl", False)))
+    ratios = []
+    for pair in range(OVERHEAD_PAIRS):  # the order alternates: a host that drifts favours neither arm
+        rates: dict[str, float] = {}
+        for name, policy, table in arms if pair % 2 == 0 else arms[::-1]:
+            srv = Server(model, out, f"rate-{name}-{pair}", policy, table, cpu)
+            try:
+                throughput(srv.url, prompts[:16])  # warm-up
+                rates[name] = max(throughput(srv.url, prompts) for _ in range(2))
+            finally:
+                srv.stop()
+        ratios.append(rates["ctk"] / rates["vllm"])
+    ratio = statistics.median(ratios)
+    spread = f"{min(ratios):.3f}..{max(ratios):.3f}"
+    report(
+        "overhead",
+        ratio >= 0.97,
+        f"ctk/stock throughput {ratio:.3f} (median of {OVERHEAD_PAIRS} pairs in alternating order, {spread}; "
+        ">= 0.97 needed)",
+    )
     print(f"logs: {out}")
     return 0 if all(ok for _, ok, _ in results) else 1
 
