@@ -1,4 +1,4 @@
-"""The 5-minute smoke test of ctk on one GPU (issue 23; README "On a GPU"). No internet needed.
+"""The smoke test of ctk on one GPU (about 7 minutes) (issue 23; README "On a GPU"). No internet needed.
 
     .venv-gpu/bin/python bench/gpu_smoke.py [--model PATH] [--out DIR]   (or: VLLM_EXTRA=gpu make gpu-smoke)
 
