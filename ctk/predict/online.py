@@ -117,6 +117,9 @@ class LogShiftCalibrator:
     def __post_init__(self) -> None:
         if not self.shifts:
             self.shifts = [0.0] * len(self.levels)
+        # per level: the shift's move on a miss and on a hit, rate * (miss - (1 - level)), computed once
+        lr = self.learning_rate
+        self._moves = [(lr * (1.0 - (1.0 - lvl)), lr * (0.0 - (1.0 - lvl))) for lvl in self.levels]
 
     def update(self, base: Sequence[float], duration_s: float) -> None:
         """One call: ``base`` are the quantiles before this calibrator's shift."""
@@ -128,20 +131,8 @@ class LogShiftCalibrator:
         if len(log_base) != len(moves):
             raise ValueError(f"a row of {len(log_base)} quantiles for {len(moves)} levels")
         for j, lb in enumerate(log_base):
-            # shift += rate * (miss - (1 - level)): the two values per level, computed once
             shifts[j] += moves[j][0] if log_d > lb + shifts[j] else moves[j][1]
         self.n += 1
-
-    @property
-    def _moves(self) -> list[tuple[float, float]]:
-        """Per level: the shift's move on a miss and on a hit (for the ``learning_rate`` and levels now)."""
-        key = (self.learning_rate, self.levels)
-        cached = self.__dict__.get("_moves_cache")
-        if cached is None or cached[0][0] != key[0] or cached[0][1] is not key[1]:
-            lr = self.learning_rate
-            moves = [(lr * (1.0 - (1.0 - lvl)), lr * (0.0 - (1.0 - lvl))) for lvl in self.levels]
-            cached = self.__dict__["_moves_cache"] = (key, moves)
-        return cached[1]
 
 
 def log_row(base: Sequence[float]) -> list[float]:
@@ -276,8 +267,9 @@ class OnlineDurations:
         return w if w is not None else [False] * len(self.tables.quantile_levels)
 
     def _offline_row(self, key: str) -> list[float] | None:
+        """The model file's row of ``key`` (read only: its own list, not a copy)."""
         exp = self._exported.get(key)
-        return list(exp[0]) if exp is not None else None
+        return exp[0] if exp is not None else None
 
     def _write(self, key: str, adapted: list[float], n_samples: int) -> None:
         """Put ``key``'s row into the tables: per level the adapted quantile where it won its duel, else the
@@ -291,8 +283,7 @@ class OnlineDurations:
         """The row ``key``'s calibrator shifts (read only: the model file's own row, not a copy)."""
         if key in self._base:
             return self._base[key]
-        exp = self._exported.get(key)
-        return exp[0] if exp is not None else None
+        return self._offline_row(key)
 
     def _log_base(self, key: str) -> list[float] | None:
         """:func:`log_row` of :meth:`_base_of`, kept per key while its row stays the same object."""
@@ -345,18 +336,11 @@ class OnlineDurations:
     def _duel(self, keys: Sequence[str], duration_s: float, offline: Sequence[float] | None) -> None:
         """Score, before learning from it, each chain key's adapted row against the offline prediction."""
         decisive = self.lookup_key(keys)
-        exported = self._exported
         for k in keys:
             adapted = self._adapted.get(k)
-            if adapted is None:
+            off = offline if offline is not None else self._offline_row(k)
+            if adapted is None or off is None:
                 continue
-            if offline is not None:
-                off = offline
-            else:  # (the model file's row, read only)
-                exp = exported.get(k)
-                if exp is None:
-                    continue
-                off = exp[0]
             d = self.duels.get(k)
             if d is None:
                 if len(self.duels) >= MAX_KEYS:
