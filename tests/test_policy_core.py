@@ -816,3 +816,40 @@ def test_default_admits_a_request_without_a_program_ahead_of_new_agent_programs(
     waiting = ["chat1", "new1", "chat2", "r-t1"]
     assert c.order_waiting(waiting, now=6.0) == [3, 0, 2, 1]
     assert core(admit_order="arrival").order.key(5.0, None, False, 0, 0)[0] == 3  # the arrival order's class
+
+
+@pytest.mark.parametrize("policy", ["ttl", "continuum", "progress-ttl", "thunderagent", "vllm"])
+def test_an_arrival_never_releases_a_pin(policy):
+    """The driver hands the engine's arrivals to ``PolicyCore.arrived`` directly (no frame of its own to
+    apply releases): an arrival must release nothing, whatever pins are held (random programs, tool calls,
+    admissions, finishes and aborts)."""
+    c = core(policy)
+    rng = random.Random(7)
+    now, seq, pending = 0.0, 0, []
+    for _ in range(600):
+        now += rng.uniform(0.0, 0.5)
+        step = rng.random()
+        if step < 0.4 or not pending:
+            seq += 1
+            rid, h = (
+                f"r{seq}",
+                hints(f"p{rng.randrange(12)}", **({"last_turn": True} if rng.random() < 0.1 else {})),
+            )
+            assert c.arrived(rid, h, now=now, prompt_tokens=rng.randrange(100, 4000)) == []
+            pending.append((rid, h))
+        elif step < 0.6:
+            rid, _ = rng.choice(pending)
+            c.admitted(rid, rng.randrange(0, 4000), now=now)
+        elif step < 0.95:
+            rid, h = pending.pop(rng.randrange(len(pending)))
+            c.admitted(rid, 0, now=now)
+            text = rng.choice(["```bash\nls -la\n```", "```bash\nsleep 1\n```", "done"])
+            c.finished(
+                fin(rid, h, text, tokens=rng.randrange(64, 4000)), state(now, free=rng.randrange(0, 100))
+            )
+        else:
+            rid, _ = pending.pop(rng.randrange(len(pending)))
+            c.aborted(rid, now)
+        c.step(state(now, free=rng.randrange(0, 100)))
+    if policy in ("ttl", "continuum"):  # (these pin in this setting: pins were held as programs came back)
+        assert c.stats.pins_created > 0 and c.stats.pin_hits + c.stats.pin_misses > 0

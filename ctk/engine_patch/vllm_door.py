@@ -48,17 +48,18 @@ import sys
 import threading
 import time
 import weakref
+from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 
 from ctk.errors import CtkError
 from ctk.policy.config import ConfigError
 from ctk.policy.detect import CALL_CHARS, detect_tool_call
 from ctk.policy.driver import RequestEnd, head_demand
 from ctk.policy.hints import RequestHints, parse_hints, prefix_agent
-from ctk.policy.keyed_queue import KeyedQueue
+from ctk.policy.keyed_queue import UNKNOWN_CLASS, KeyedQueue
 
 logger = logging.getLogger("ctk.engine_patch")
 
@@ -558,8 +559,12 @@ def program_order_queue_class():
 ProgramOrderQueue = None
 _new = object.__new__
 
+#: (request id, prefix-cached tokens) of one of a step's ``scheduled_new_reqs`` (``VllmDoor.admissions``)
+_ADMISSION = attrgetter("req_id", "num_computed_tokens")
+
 #: The engine's log line saying hints are parsed in vLLM's input thread (:meth:`VllmDoor.hints_ahead`).
 AHEAD_LINE = "ctk: request hints parsed in vLLM's input thread, in parallel with the model's forward pass"
+
 
 def keyed_queue_class():
     """:class:`KeyedRequestQueue`, built on first use (it subclasses a vLLM class)."""
@@ -574,7 +579,21 @@ def keyed_queue_class():
             num_computed_tokens``, vLLM's ``num_tokens`` read as ``len(_all_token_ids)``."""
 
             def add_request(self, request) -> None:
-                self._add(request, len(request._all_token_ids) - request.num_computed_tokens)
+                # (KeyedQueue._add and _place, without their frames: once per arrival)
+                rid = request.request_id
+                tokens = len(request._all_token_ids) - request.num_computed_tokens
+                key = self.key_of(rid)
+                if key is None:
+                    self._seq += 1
+                    key = (UNKNOWN_CLASS, self._seq)
+                c = key[0]
+                seg = self._segments[c]
+                if not seg or key > seg[-1][0]:
+                    seg.append((key, request, tokens))
+                else:
+                    seg.insert(bisect_left(seg, (key,)), (key, request, tokens))
+                self._key[rid] = key
+                self._tokens[c] += tokens
 
             def prepend_request(self, request) -> None:
                 self._put_back(request, len(request._all_token_ids) - request.num_computed_tokens)
@@ -1065,9 +1084,10 @@ class VllmDoor:
                 hints.__dict__["agent"] = prefix_agent(hashes[k - 1])
         return hints
 
-    def admissions(self, out) -> list[tuple[str, int]]:
-        """(request id, prefix-cached tokens) of the requests scheduled for the first time this step."""
-        return [(new.req_id, new.num_computed_tokens) for new in out.scheduled_new_reqs]
+    def admissions(self, out) -> Iterator[tuple[str, int]]:
+        """(request id, prefix-cached tokens) of the requests scheduled for the first time this step: a
+        ``map`` of a C-level getter, no Python frame per request (read once, by the driver's ``step_end``)."""
+        return map(_ADMISSION, out.scheduled_new_reqs)
 
     def end_of(self, request) -> RequestEnd | None:
         """How a request left: None when aborted by its client.

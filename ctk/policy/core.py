@@ -54,6 +54,8 @@ from ctk.policy.rules import PinRule
 from ctk.policy.waitlist import WaitingList
 from ctk.predict.features import command_keys
 
+_new = object.__new__
+
 
 @dataclass(slots=True)
 class Program:
@@ -157,6 +159,7 @@ class PolicyCore:
         #: engine's queue (``waiting_keys.get``)
         self.waiting_keys: dict[str, tuple] | None = None
         self._key_seq = 0  # tie-breaks of waiting_keys
+        self._order_key = self.order.key  # (bound once: read per arrival)
 
     # -- helpers -----------------------------------------------------------------------------------------
 
@@ -253,12 +256,15 @@ class PolicyCore:
     def arrived(
         self, request_id: str, hints: RequestHints, now: float, prompt_tokens: int = 0
     ) -> list[Release]:
-        """A request entered the engine."""
+        """A request entered the engine. Releases nothing (the list is always empty: the driver hands the
+        engine's arrivals to this method directly)."""
         self._order_dirty = True
         if hints.warnings:
             self.stats.ignored_metadata += 1
         pid = hints.program_id
-        self.requests[request_id] = pend = Pending(now, hints)
+        pend = _new(Pending)  # Pending(now, hints) without its __init__ frame (once per arrival)
+        pend.arrival, pend.hints, pend.admitted, pend.program = now, hints, False, None
+        self.requests[request_id] = pend
         reorders = self.reorders
         if reorders:
             self.order.arrived(now)
@@ -286,7 +292,14 @@ class PolicyCore:
         prog.pending.add(request_id)
         prog.done = False
         if reorders:  # (_order_inputs's answer now; made again if the program gains or loses a pin)
-            self._enter_order(request_id, (now, prog.first_arrival, prog.pin is not None, prog.rank))
+            keys = self.waiting_keys
+            if keys is not None:  # (_enter_order's keyed case, without its frame: the usual one)
+                self._key_seq += 1
+                keys[request_id] = self._order_key(
+                    now, prog.first_arrival, prog.pin is not None, prog.rank, self._key_seq
+                )
+            else:
+                self._enter_order(request_id, (now, prog.first_arrival, prog.pin is not None, prog.rank))
         if prog.last_finish is not None:
             gap = now - prog.last_finish
             if 0.0 <= gap <= self.config.max_observed_gap_s:
