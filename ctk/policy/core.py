@@ -7,9 +7,9 @@ and applies the :class:`~ctk.policy.events.Release` list each method returns (fr
 - :meth:`PolicyCore.arrived` — a request entered the engine. Registers its program; if the program's previous
   turn ended in a tool call, the tool's duration (finish -> this arrival) is observed (the rule learns, the
   sink records). A pin of the program now awaits this request's admission and no longer expires.
-- :meth:`PolicyCore.admitted` — the request got KV blocks: the program's pin is released (hit when the
-  request found the pinned full blocks in the cache, else miss) — unless the rule releases on the next
-  request's finish (Continuum).
+- :meth:`PolicyCore.admitted` (:meth:`~PolicyCore.admitted_all`: a step's admissions in one call) — the
+  request got KV blocks: the program's pin is released (hit when the request found the pinned full blocks
+  in the cache, else miss) — unless the rule releases on the next request's finish (Continuum).
 - :meth:`PolicyCore.finished` — the rule decides at the live price whether and how long to pin; never after
   an abort, the last turn, without a program id or without a detected / hinted tool call. Pins stay within
   the rule's ``max_pin_share`` of the cache: less valuable pins make room, or the new one is skipped.
@@ -329,38 +329,50 @@ class PolicyCore:
 
     def admitted(self, request_id: str, cached_tokens: int, now: float) -> list[Release]:
         """The request was scheduled for the first time with ``cached_tokens`` prefix-cache hits."""
-        pend = self.requests.get(request_id)
-        if self.waitlist is not None:
-            self.waitlist.discard(request_id)
-        if pend is None or pend.admitted:
-            return []
-        pend.admitted = True
-        if self.reorders:
-            self.order.admitted(now)
-            if self._queue is not None:
-                self._queue.pop(request_id, None)
-        # Leaving the queue keeps the order of the others; only a moved age bound makes it stale.
-        self._order_len -= 1
-        bound = self.order.age_bound_s
-        old = self._order_bound
-        # (an unmoved bound, inf under strict order, is the usual case: one comparison)
-        if bound != old and (math.isinf(bound) != math.isinf(old) or abs(bound - old) > 0.1 * old):
-            self._order_dirty = True
-        prog = pend.program
-        if prog is None or self.rule.release_on_next_finish:
-            return []
-        pin = prog.pin
-        if pin is None or pin.next_request_id != request_id:
-            return []
-        # What the engine can reuse of the held blocks (EAGLE/MTP, sliding-window groups: less than every
-        # full block); by default every full block: the last sampled token's KV is never computed.
-        reusable = pin.reusable_tokens
-        if reusable is None:
-            reusable = ((pin.context_tokens - 1) // self.block_size) * self.block_size
-        if cached_tokens >= reusable and cached_tokens > 0:
-            return [self._hit(pin, request_id)]
-        self.stats.pin_misses += 1
-        return [self._release(pin, ReleaseReason.MISS, request_id)]
+        return self.admitted_all(((request_id, cached_tokens),), now)
+
+    def admitted_all(self, admissions: Iterable[tuple[str, int]], now: float) -> list[Release]:
+        """:meth:`admitted` for each of an engine step's first admissions, (request id, prefix-cached tokens),
+        in order: one call per step (each Python frame costs about a microsecond in the engine's step, with
+        the caches cold after vLLM's own work)."""
+        out: list[Release] = []
+        requests, waitlist, order = self.requests, self.waitlist, self.order
+        reorders, release_on_next_finish = self.reorders, self.rule.release_on_next_finish
+        for request_id, cached_tokens in admissions:
+            pend = requests.get(request_id)
+            if waitlist is not None:
+                waitlist.discard(request_id)
+            if pend is None or pend.admitted:
+                continue
+            pend.admitted = True
+            if reorders:
+                order.admitted(now)
+                if self._queue is not None:
+                    self._queue.pop(request_id, None)
+            # Leaving the queue keeps the order of the others; only a moved age bound makes it stale.
+            self._order_len -= 1
+            bound = order.age_bound_s
+            old = self._order_bound
+            # (an unmoved bound, inf under strict order, is the usual case: one comparison)
+            if bound != old and (math.isinf(bound) != math.isinf(old) or abs(bound - old) > 0.1 * old):
+                self._order_dirty = True
+            prog = pend.program
+            if prog is None or release_on_next_finish:
+                continue
+            pin = prog.pin
+            if pin is None or pin.next_request_id != request_id:
+                continue
+            # What the engine can reuse of the held blocks (EAGLE/MTP, sliding-window groups: less than every
+            # full block); by default every full block: the last sampled token's KV is never computed.
+            reusable = pin.reusable_tokens
+            if reusable is None:
+                reusable = ((pin.context_tokens - 1) // self.block_size) * self.block_size
+            if cached_tokens >= reusable and cached_tokens > 0:
+                out.append(self._hit(pin, request_id))
+            else:
+                self.stats.pin_misses += 1
+                out.append(self._release(pin, ReleaseReason.MISS, request_id))
+        return out
 
     def finished(self, ev: Finished, state: EngineState) -> tuple[bool, list[Release]]:
         """Decide whether to pin ``ev``'s blocks. Returns (pin?, releases to apply first)."""

@@ -296,12 +296,10 @@ class PolicyDriver:
     def step_end(self, admitted: Iterable[tuple[str, int]], now: float) -> None:
         """After the engine scheduled: ``admitted`` = (request id, prefix-cached tokens) of the requests
         that got KV blocks this step (a preempted request coming back is not a new admission)."""
-        core = self.core
-        for rid, cached in admitted:
-            # (the core answers an unknown request, or a second admission: a preempted one back, with [])
-            releases = core.admitted(rid, cached, now)
-            if releases:
-                self._apply(releases)
+        # (the core skips an unknown request, or a second admission: a preempted one back)
+        releases = self.core.admitted_all(admitted, now)
+        if releases:
+            self._apply(releases)
 
     def allocation_failed(self, request_id: str, running: bool, now: float) -> bool:
         """The engine could not get blocks for ``request_id`` (``running``: it would preempt; otherwise the
