@@ -479,15 +479,16 @@ def run_scale(
     case). With ``agents`` (the default) programs come back after tool pauses: resumed turns are placed ahead
     of new programs and pinned ones hit their pins at admission; ``one-turn`` replaces each finished request
     by a new program. The queue stays full. Stock vLLM's ``Scheduler`` and ``CTKScheduler`` run the same
-    requests in alternating
-    rounds; per step, the time in ``schedule`` + ``update_from_output`` + ``add_request`` outside the free;
-    per finish, the time in ``_free_blocks`` (where ctk decides a pin). Prints ctk minus stock (inside the
-    noise of a 40 ms CPU step), and ctk's own time in its driver calls and the door's conversions, per step
-    and per finished request, with a PASS/FAIL line each against the targets (<= 50 us each,
+    requests in alternating rounds; per step, the time in ``schedule`` + ``update_from_output`` +
+    ``add_request`` outside the free; per finish, the time in ``_free_blocks`` (where ctk decides a pin).
+    Prints ctk minus stock (inside the noise of a 40 ms CPU step), and ctk's own time, per step and per
+    finished request: the time in ctk's hooks (the mixin's overrides of ``add_request``, ``schedule``,
+    ``_free_blocks``: their frames, the door's conversions, the driver's calls) less the vLLM method each
+    calls inside (:func:`_time_hooks`), with a PASS/FAIL line each against the targets (<= 50 us each,
     :data:`SCALE_TARGET_US`), and the per-step time by the step's events (:func:`by_events`). ctk's time
     includes the waiting queue's methods vLLM calls (ctk's queue keeps the policy's order there) and the
-    writes of its metrics flusher thread (off the step, counted per step). ctk runs ``ctk serve``'s defaults:
-    online learning of the tool durations on (the table has ``ctk train``'s quantile levels). With
+    writes of its metrics flusher thread (off the step, counted per step). ctk runs ``ctk serve``'s
+    defaults: online learning of the tool durations on (the table has ``ctk train``'s quantile levels). With
     ``hints_ahead`` (the default) each ctk request's hints are parsed when it is made, as an engine core
     process parses them in vLLM's input thread in parallel with the model's forward pass
     (``VllmDoor.hints_ahead``): off the step, timed and printed apart; without, in ``add_request`` (as an
@@ -542,14 +543,14 @@ def run_scale(
             if freeze_gc:
                 freeze_gc_heap()  # as vLLM's engine core does once it is built: the startup heap is static
 
+            # in vLLM's free; the part of ctk's hook running now; in ctk's own code (not in vLLM's inside it)
+            ctx = {"in_free": False, "part": "step", "inside": False}
+            gc_clock = GcClock(ctx)
+            own = {"step": 0.0, "finish": 0.0}  # ctk's own time: in its hooks, less vLLM's methods they call
+            if name == "ctk":  # (before the free is timed below: that timer wraps this one)
+                _time_hooks(s, own, ctx)
             free_time = [0.0, 0]
             original_free = s._free_blocks
-            ctx = {
-                "in_free": False,
-                "part": "step",
-                "inside": False,
-            }  # in vLLM's free; the ctk call timed now
-            gc_clock = GcClock(ctx)
 
             def timed_free(request, _orig=original_free, _acc=free_time, _ctx=ctx):
                 t0 = time.perf_counter()
@@ -567,7 +568,6 @@ def run_scale(
             if name == "ctk":
                 sink = s._ctk_metrics
                 sink.flush = _flush_timed(sink.flush, flushed)
-            own = {"step": 0.0, "finish": 0.0}  # ctk's own time: its driver calls and the door's conversions
             # vLLM's free of a pinned request's blocks when its pin ends: the free stock vLLM makes at the
             # finish, made later. Counted with the frees (per finish), out of the step and of ctk's own time.
             moved = {"step": 0.0, "finish": 0.0, "n": 0}
@@ -585,16 +585,16 @@ def run_scale(
                     _moved["n"] += 1
 
                 s._free_request_blocks = timed_release
-                for obj, method, part in (
-                    (s.ctk_driver, "step_begin", "step"),
-                    (s.ctk_driver, "step_end", "step"),
-                    (s.ctk_driver, "request_added", "step"),
-                    (s.ctk_door, "arm_valve", "step"),
-                    (s.ctk_door, "take_hints", "step"),  # (hints parsed in the step, or taken)
-                    (s.ctk_driver, "request_finished", "finish"),
-                    (s.ctk_door, "end_of", "finish"),
-                ):
-                    setattr(obj, method, _timed(getattr(obj, method), own, part, calls, method, ctx))
+                if calls is not None:  # --by-call: the driver's calls and the door's conversions, one by one
+                    for obj, method in (
+                        (s.ctk_driver, "step_begin"),
+                        (s.ctk_driver, "step_end"),
+                        (s.ctk_driver, "request_added"),
+                        (s.ctk_door, "arm_valve"),
+                        (s.ctk_driver, "request_finished"),
+                        (s.ctk_door, "end_of"),
+                    ):
+                        setattr(obj, method, _timed(getattr(obj, method), calls, method))
             # the waiting queue's methods vLLM calls (ctk's keeps the policy's order: counted as ctk's own
             # time, whole, outside ctk's other calls; stock's FCFS deque timed the same way, for reference)
             queue_time = {"step": 0.0}
@@ -670,7 +670,7 @@ def run_scale(
         "targets <= 50 us each"
     )
     print(
-        f"ctk's own time (its driver calls and the door's conversions), median over {rounds} rounds: "
+        f"ctk's own time (in its hooks, less vLLM's methods they call), median over {rounds} rounds: "
         f"{statistics.median(own_step):.1f} us/step ({min(own_step):.1f}..{max(own_step):.1f}), "
         f"{statistics.median(own_finish):.1f} us/finish ({min(own_finish):.1f}..{max(own_finish):.1f}); "
         "targets <= 50 us each"
@@ -823,32 +823,58 @@ def _queue_timed(fn, acc: dict[str, float], ctx: dict, calls: _CallRanks | None 
     return timed
 
 
-def _timed(
-    fn,
-    acc: dict[str, float],
-    part: str,
-    calls: _CallRanks | None = None,
-    name: str = "",
-    ctx: dict | None = None,
-):
+def _timed(fn, calls: _CallRanks, name: str):
+    """``--by-call``: ``fn`` timed into ``calls`` (inside a hook, whose own timing counts it already)."""
     clock = time.perf_counter
-    ctx = {} if ctx is None else ctx
 
     def timed(*args, **kwargs):
-        ctx["part"] = part  # (where vLLM's free of a held request, made inside this call, is subtracted)
-        ctx["inside"] = True
         t0 = clock()
         try:
             return fn(*args, **kwargs)
         finally:
-            dt = clock() - t0
-            ctx["part"] = "step"
-            ctx["inside"] = False
-            acc[part] += dt
-            if calls is not None:
-                calls.add(name, dt)
+            calls.add(name, clock() - t0)
 
     return timed
+
+
+#: ctk's hooks (the mixin's overrides of vLLM's scheduler methods), the bound vLLM method each calls inside
+#: (``CTKSchedulerMixin.__init__`` binds them), and the part of ctk's time they count in
+HOOKS_TIMED = (
+    ("add_request", "_ctk_add_request", "step"),
+    ("schedule", "_ctk_schedule", "step"),
+    ("_free_blocks", "_ctk_free_blocks", "finish"),
+)
+
+
+def _time_hooks(sched, own: dict[str, float], ctx: dict) -> None:
+    """ctk's own time, whole: the time in each of ctk's hooks (the mixin's frame, the door's conversions, the
+    driver's calls) less the time in the vLLM method it calls inside (``HOOKS_TIMED``), into ``own[part]``.
+    ``ctx["inside"]`` is True while ctk's own code runs (the queue methods timed apart skip those calls: the
+    hook counts them), ``ctx["part"]`` names the hook's part (vLLM's free of a held request made in it is
+    subtracted)."""
+    clock = time.perf_counter
+    for hook, inner, part in HOOKS_TIMED:
+
+        def outer(*args, _fn=getattr(sched, hook), _part=part):
+            ctx["part"], ctx["inside"] = _part, True
+            t0 = clock()
+            try:
+                return _fn(*args)
+            finally:
+                own[_part] += clock() - t0
+                ctx["part"], ctx["inside"] = "step", False
+
+        def vllm_own(*args, _fn=getattr(sched, inner), _part=part):
+            ctx["inside"] = False
+            t0 = clock()
+            try:
+                return _fn(*args)
+            finally:
+                own[_part] -= clock() - t0
+                ctx["inside"] = True
+
+        setattr(sched, hook, outer)
+        setattr(sched, inner, vllm_own)
 
 
 if __name__ == "__main__":
