@@ -33,6 +33,11 @@ def _attribute_uses(path: Path) -> tuple[set[str], set[str], set[str]]:
             (on_self if is_self else foreign).add(node.attr)
         elif isinstance(node, ast.keyword) and node.arg:
             every.add(node.arg)
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "attrgetter":
+            # operator.attrgetter("name", ...): attributes read without an attribute node (on other objects)
+            names = {a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)}
+            every |= names
+            foreign |= names
         elif isinstance(node, ast.FunctionDef):  # an override of a vLLM method
             every.add(node.name)
     return every, foreign, on_self

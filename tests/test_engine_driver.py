@@ -162,8 +162,9 @@ def test_hints_parsed_ahead_are_taken_not_parsed_again(engine_llm, sched, monkey
 
 
 def test_objects_built_without_init_carry_every_field(engine_llm, sched, monkeypatch):
-    """The hot path builds Finished, EngineState, RequestHints and RequestEnd without their ``__init__``:
-    each must still carry every field, so a field added to one of them fails here, not in a server."""
+    """The hot path builds Finished, EngineState, RequestHints, RequestEnd and Pending without their
+    ``__init__``: each must still carry every field, so a field added to one of them fails here, not in a
+    server."""
     from dataclasses import fields
 
     seen = []
@@ -171,7 +172,7 @@ def test_objects_built_without_init_carry_every_field(engine_llm, sched, monkeyp
     finished, request_finished = core.finished, driver.request_finished
 
     def spy_finished(ev, state):
-        seen.extend((ev, state, ev.hints))
+        seen.extend((ev, state, ev.hints, core.requests[ev.request_id]))  # (the request's Pending)
         return finished(ev, state)
 
     def spy_request_finished(request_id, end, now):
@@ -183,7 +184,7 @@ def test_objects_built_without_init_carry_every_field(engine_llm, sched, monkeyp
     monkeypatch.setattr(driver, "request_finished", spy_request_finished)
     _run(engine_llm, random.Random(23), 3, program_id="fields", tool=LONG_TTL_KEY)
     kinds = {type(obj).__name__ for obj in seen}
-    assert kinds == {"Finished", "EngineState", "RequestHints", "RequestEnd"}
+    assert kinds == {"Finished", "EngineState", "RequestHints", "RequestEnd", "Pending"}
     for obj in seen:
         cls = type(obj)
         if hasattr(obj, "__dict__"):  # every field set on the object itself, not read from a class default
