@@ -48,7 +48,6 @@ import sys
 import threading
 import time
 import weakref
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -59,7 +58,7 @@ from ctk.policy.config import ConfigError
 from ctk.policy.detect import CALL_CHARS, detect_tool_call
 from ctk.policy.driver import RequestEnd, head_demand
 from ctk.policy.hints import RequestHints, parse_hints, prefix_agent
-from ctk.policy.keyed_queue import UNKNOWN_CLASS, KeyedQueue
+from ctk.policy.keyed_queue import KeyedQueue
 
 logger = logging.getLogger("ctk.engine_patch")
 
@@ -579,21 +578,7 @@ def keyed_queue_class():
             num_computed_tokens``, vLLM's ``num_tokens`` read as ``len(_all_token_ids)``."""
 
             def add_request(self, request) -> None:
-                # (KeyedQueue._add and _place, without their frames: once per arrival)
-                rid = request.request_id
-                tokens = len(request._all_token_ids) - request.num_computed_tokens
-                key = self.key_of(rid)
-                if key is None:
-                    self._seq += 1
-                    key = (UNKNOWN_CLASS, self._seq)
-                c = key[0]
-                seg = self._segments[c]
-                if not seg or key > seg[-1][0]:
-                    seg.append((key, request, tokens))
-                else:
-                    seg.insert(bisect_left(seg, (key,)), (key, request, tokens))
-                self._key[rid] = key
-                self._tokens[c] += tokens
+                self._add(request, len(request._all_token_ids) - request.num_computed_tokens)
 
             def prepend_request(self, request) -> None:
                 self._put_back(request, len(request._all_token_ids) - request.num_computed_tokens)

@@ -159,7 +159,6 @@ class PolicyCore:
         #: engine's queue (``waiting_keys.get``)
         self.waiting_keys: dict[str, tuple] | None = None
         self._key_seq = 0  # tie-breaks of waiting_keys
-        self._order_key = self.order.key  # (bound once: read per arrival)
 
     # -- helpers -----------------------------------------------------------------------------------------
 
@@ -292,14 +291,7 @@ class PolicyCore:
         prog.pending.add(request_id)
         prog.done = False
         if reorders:  # (_order_inputs's answer now; made again if the program gains or loses a pin)
-            keys = self.waiting_keys
-            if keys is not None:  # (_enter_order's keyed case, without its frame: the usual one)
-                self._key_seq += 1
-                keys[request_id] = self._order_key(
-                    now, prog.first_arrival, prog.pin is not None, prog.rank, self._key_seq
-                )
-            else:
-                self._enter_order(request_id, (now, prog.first_arrival, prog.pin is not None, prog.rank))
+            self._enter_order(request_id, (now, prog.first_arrival, prog.pin is not None, prog.rank))
         if prog.last_finish is not None:
             gap = now - prog.last_finish
             if 0.0 <= gap <= self.config.max_observed_gap_s:

@@ -241,9 +241,9 @@ class SizeFirstOrder(ResumeFirstOrder):
         self.attained: dict[int, float] | None = {} if attained else None
 
     def key(self, arrival: float, first: float | None, pinned: bool, rank: int, i: int) -> tuple:  # type: ignore[override]
-        if first is not None and first < arrival:  # (resumed_turn's test, without its frame)
-            if self.attained is None:  # (ResumeFirstOrder.key's answer)
-                return (1 if pinned else 2, arrival, 0, arrival, i)
+        if resumed_turn(arrival, first):
+            if self.attained is None:
+                return ResumeFirstOrder.key(arrival, first, pinned, rank, i)
             return (1 if pinned else 2, self.attained.get(rank, 0.0), 0, arrival, i)
         if first is None:  # no program: a one-turn program of size 0 (see the class doc)
             return (3, self.aging * arrival, 0, arrival, i)
