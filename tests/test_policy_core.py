@@ -820,9 +820,8 @@ def test_default_admits_a_request_without_a_program_ahead_of_new_agent_programs(
 
 @pytest.mark.parametrize("policy", ["ttl", "continuum", "progress-ttl", "thunderagent", "vllm"])
 def test_an_arrival_never_releases_a_pin(policy):
-    """The driver hands the engine's arrivals to ``PolicyCore.arrived`` directly (no frame of its own to
-    apply releases): an arrival must release nothing, whatever pins are held (random programs, tool calls,
-    admissions, finishes and aborts)."""
+    """A program's pin awaits its next request's admission (hit or miss there): the request's arrival releases
+    nothing, whatever pins are held (random programs, tool calls, admissions, finishes and aborts)."""
     c = core(policy)
     rng = random.Random(7)
     now, seq, pending = 0.0, 0, []

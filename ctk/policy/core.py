@@ -255,8 +255,7 @@ class PolicyCore:
     def arrived(
         self, request_id: str, hints: RequestHints, now: float, prompt_tokens: int = 0
     ) -> list[Release]:
-        """A request entered the engine. Releases nothing (the list is always empty: the driver hands the
-        engine's arrivals to this method directly)."""
+        """A request entered the engine. Releases nothing: a pin of its program now awaits its admission."""
         self._order_dirty = True
         if hints.warnings:
             self.stats.ignored_metadata += 1

@@ -143,8 +143,6 @@ class PolicyDriver:
             self.gate.capacity_tokens = view.total_blocks * view.block_size
         # Stock vLLM (no pins, no reordering, no gate): the driver tracks nothing at all.
         self.tracking = self._pins or self._reorders or self.gate is not None
-        if self.tracking:  # an arrival releases nothing: the core's own method, without a frame here
-            self.request_added = core.arrived
         # The waiting order: kept by the engine's queue itself while the order's keys are fixed and the view
         # offers it (``keep_waiting_order``); else mirrored by the core and applied as moves each step.
         self._keyed = False
