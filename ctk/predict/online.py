@@ -338,8 +338,10 @@ class OnlineDurations:
         decisive = self.lookup_key(keys)
         for k in keys:
             adapted = self._adapted.get(k)
+            if adapted is None:
+                continue
             off = offline if offline is not None else self._offline_row(k)
-            if adapted is None or off is None:
+            if off is None:
                 continue
             d = self.duels.get(k)
             if d is None:
